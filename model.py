@@ -1,0 +1,536 @@
+"""
+model.py -- the LLaMA transformer, on one device, in plain PyTorch.
+
+This file is the single-device reference for the whole project: the architecture of the LLaMA
+paper [LLaMA §2.2], with the parameter names of Meta's release so that a Meta
+`consolidated.00.pth` loads into it unchanged. It knows nothing of processes or GPUs counts:
+parallel.py splits these very modules across devices, train.py trains them, generate.py samples
+from them. It imports no other file of the project and never `torch.distributed`.
+
+    python model.py                 # prints the presets: parameters and FLOPs per token
+
+Reading order
+  1. ModelArgs and PRESETS     the architecture as a dataclass; Table 2 of the paper
+  2. RMSNorm                   pre-normalization, computed in fp32
+  3. Rotary embeddings         Meta's interleaved-pair layout, as real 2x2 rotations
+  4. Attention                 grouped KV heads, a KV cache, three backends (xformers/sdpa/math)
+  5. FeedForward               SwiGLU, with an optional hand-written backward [LLaMA §2.4]
+  6. TransformerBlock, Transformer
+  7. Counting                  exact parameters and model FLOPs per token (for MFU)
+  8. Meta's checkpoint layout  which weights are split along which dimension
+
+One block, pre-normalized (no biases anywhere, no dropout):
+
+    h   = x + wo( attention( rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x)) ) )
+    out = h + w2( silu(w1(norm(h))) * w3(norm(h)) )
+
+Shape legend: B batch, T sequence (this call), S positions in the KV cache, D model width,
+H query heads, K key/value heads, E head dim (D / H), F FFN hidden, V vocab.
+
+What this file leaves out: dropout (LLaMA uses none), biases, tied embeddings (LLaMA unties them),
+and anything parallel. The initialization is ours: Meta did not publish theirs (see Transformer).
+
+Papers: LLaMA (arXiv 2302.13971), RoFormer (2104.09864), GLU variants (2002.05202),
+RMSNorm (1910.07467), GQA (2305.13245), Megatron-LM (1909.08053) for the initialization.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. ModelArgs and PRESETS
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArgs:
+    """The architecture. Field names are Meta's, so `params.json` of a release reads directly."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None      # None: as many as n_heads (LLaMA-1 has no GQA)
+    vocab_size: int = 32000               # Meta writes -1, "take it from the tokenizer"
+    multiple_of: int = 256                # FFN hidden width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # Llama-2 70B scales the FFN; LLaMA-1 does not
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name}={getattr(self, name)} must be a positive integer")
+        if self.vocab_size <= 0:
+            raise ValueError(f"ModelArgs.vocab_size={self.vocab_size} must be positive; Meta's "
+                             "params.json says -1: replace it by the tokenizer's n_words")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}; "
+                             f"choose n_heads among the divisors of {self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads="
+                             f"{self.n_kv_heads}: each KV head serves a whole group of query heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim dim/n_heads={self.head_dim} must be even: rotary "
+                             "embeddings rotate pairs of features")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # PAPER: SwiGLU uses 2/3 of 4d so that its three matrices cost what two 4d ones would
+        # [LLaMA §2.2]; Meta then rounds up to a multiple of 256: 11008 for dim 4096.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, params: dict, **overrides) -> "ModelArgs":
+        """Read a `params.json` (ours or Meta's); unknown keys are ignored, overrides win."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in params.items() if k in known}
+        values.update(overrides)
+        return cls(**values)
+
+
+# PAPER: Table 2 of LLaMA; all share vocab 32000, head dim 128 and context 2048. `tiny` trains on
+# a laptop CPU in minutes and admits tensor parallelism 1, 2 and 4 (heads and KV heads divisible
+# by 4); `1b` is a GPU benchmark size with the same head dim as the paper's models.
+PRESETS = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=32,
+                 max_seq_len=256),
+    "1b":  dict(dim=2048, n_layers=18, n_heads=16),
+    "7b":  dict(dim=4096, n_layers=32, n_heads=32),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "33b": dict(dim=6656, n_layers=60, n_heads=52),
+    "65b": dict(dim=8192, n_layers=80, n_heads=64),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. RMSNorm
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias [RMSNorm]."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # NOTE: the mean of squares is taken in fp32 even under bf16 autocast (bf16 keeps 8
+        # mantissa bits, too few for a sum over 4096 features), then cast back, as Meta does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Rotary embeddings
+# ---------------------------------------------------------------------------------------------
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    """cos and sin of angle m * theta^(-2i/E) for position m and pair i: two (max_seq_len, E/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (E/2,)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)               # (S, E/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each consecutive pair (x0, x1), (x2, x3), ... of the head dim by its angle.
+
+    This is Meta's layout: the pair (x[2i], x[2i+1]) is the complex number x[2i] + j x[2i+1],
+    multiplied by e^{j m theta_i}. Written out as a 2x2 rotation:
+
+        [x'_2i  ]   [cos  -sin] [x_2i  ]
+        [x'_2i+1] = [sin   cos] [x_2i+1]
+
+    Hugging Face pairs feature i with feature i + E/2 instead ("rotate half"); the two agree only
+    after permuting the rows of wq and wk, which is why Meta checkpoints load here unpermuted.
+    x: (B, T, heads, E); cos, sin: (T, E/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))                    # (B, T, heads, E/2, 2)
+    x_even, x_odd = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]              # (T, 1, E/2): broadcast over heads
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)                        # (B, T, heads, E)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Attention
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+_xformers_ops = None
+
+
+def _load_xformers():
+    """xformers.ops, or None when the package is absent or has no usable build here."""
+    global _xformers_ops
+    if _xformers_ops is None:
+        try:
+            import xformers.ops as xops
+            _xformers_ops = xops
+        except Exception:  # ImportError, or a build whose CUDA extension does not load
+            _xformers_ops = False
+    return _xformers_ops or None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto` picks xformers on CUDA when it loads, else torch's fused SDPA."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    if name == "auto":
+        return "xformers" if device.type == "cuda" and _load_xformers() else "sdpa"
+    if name == "xformers" and (device.type != "cuda" or not _load_xformers()):
+        raise ValueError("attention backend 'xformers' needs CUDA and the xformers package; "
+                         "use 'sdpa' or 'math' on this machine")
+    return name
+
+
+def repeat_kv(x, n_rep: int):
+    """(B, S, K, E) -> (B, S, K * n_rep, E): each KV head serves n_rep consecutive query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+def attend(q, k, v, backend: str):
+    """Causal attention of T new queries over S >= T keys, the last T of which are the queries'.
+
+    q: (B, T, H, E); k, v: (B, S, K, E) -> (B, T, H, E). Query t sits at position S - T + t and
+    sees keys 0 .. S - T + t ("bottom-right" causal mask), which covers training (S = T) and
+    decoding with a KV cache (S = start_pos + T) with one rule.
+    """
+    T, S, E = q.shape[1], k.shape[1], q.shape[-1]
+    n_rep = q.shape[2] // k.shape[2]
+    if backend == "xformers":
+        # PAPER: the memory-efficient kernel neither stores the T x S weights nor computes the
+        # masked scores [LLaMA §2.4]. It takes (B, T, H, E) as it is.
+        from xformers.ops.fmha.attn_bias import LowerTriangularFromBottomRightMask
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        bias = LowerTriangularFromBottomRightMask() if T > 1 else None
+        return _xformers_ops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    q, k, v = q.transpose(1, 2), repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)
+    if backend == "sdpa":
+        # NOTE: SDPA's is_causal aligns the mask top-left, right only when S == T; a cached
+        # prefill (S > T > 1) needs the explicit bottom-right mask. One query sees every key.
+        if T == S:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:  # "math": the equation itself, softmax(q k^T / sqrt(E) + mask) v, in fp32
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(E)       # (B, H, T, S)
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = (scores.softmax(dim=-1) @ v.float()).type_as(q)                   # (B, H, T, E)
+    return out.transpose(1, 2)                                                  # (B, T, H, E)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped key/value heads and an optional KV cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.backend = "auto"
+        self.cache_k = self.cache_v = None     # (B_max, S_max, K, E) each, see Transformer.setup_cache
+
+    def forward(self, x, cos, sin, start_pos: int = 0):
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        # NOTE: shapes are read off the projections, not the args, so that parallel.py can hand
+        # this module a slice of the heads (H/tp, K/tp) without changing this code.
+        B, T = q.shape[:2]
+        q = q.view(B, T, -1, self.head_dim)                           # (B, T, H, E)
+        k = k.view(B, T, -1, self.head_dim)                           # (B, T, K, E)
+        v = v.view(B, T, -1, self.head_dim)                           # (B, T, K, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache_k is not None:
+            # Decoding: write the new keys and values at their positions, attend over all so far.
+            self.cache_k[:B, start_pos:start_pos + T] = k
+            self.cache_v[:B, start_pos:start_pos + T] = v
+            k = self.cache_k[:B, :start_pos + T]                      # (B, S, K, E)
+            v = self.cache_v[:B, :start_pos + T]
+        out = self.core(q, k, v)                                      # (B, T, H, E)
+        return self.wo(out.flatten(2))                                # (B, T, D)
+
+    def core(self, q, k, v):
+        """The part with no weights: softmax(q k^T / sqrt(E)) v. parallel.py recomputes it."""
+        return attend(q, k, v, resolve_backend(self.backend, q.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. FeedForward (SwiGLU)
+# ---------------------------------------------------------------------------------------------
+
+class SwiGLUFunction(torch.autograd.Function):
+    """w2(silu(x w1^T) * (x w3^T)) with a hand-written backward [LLaMA §2.4].
+
+    Autograd keeps five tensors for this expression: x, a = x w1^T, silu(a), b = x w3^T and the
+    product h = silu(a) * b -- one of width D and four of width F. The backward below keeps only
+    x, a and b (the outputs of the two expensive matmuls) and recomputes silu(a) and h, which
+    are cheap elementwise ops: 1 D + 2 F instead of 1 D + 4 F per token. With
+    s = sigmoid(a) and silu(a) = a s, the chain rule gives
+
+        dh = dy w2          dw2 = dy^T h
+        db = dh * silu(a)   da  = dh * b * s (1 + a (1 - s))
+        dx = da w1 + db w3  dw1 = da^T x     dw3 = db^T x
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, w1, w2, w3):
+        a, b = F.linear(x, w1), F.linear(x, w3)                    # (B, T, F) each
+        ctx.save_for_backward(x, w1, w2, w3, a, b)
+        return F.linear(F.silu(a) * b, w2)                          # (B, T, D)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        # NOTE: custom_bwd re-enters the forward's autocast state, so under bf16 autocast the
+        # matmuls below run in bf16 like autograd's would; gradients are cast back at the end.
+        x, w1, w2, w3, a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        silu_a = a * s                                              # recomputed, not stored
+        h = silu_a * b                                              # recomputed, not stored
+        dh = dy @ w2                                                # (B, T, F)
+        db = dh * silu_a
+        da = dh * b * s * (1 + a * (1 - s))
+        dx = da @ w1 + db @ w3                                      # (B, T, D)
+        x2, dy2 = x.flatten(0, -2), dy.flatten(0, -2)               # (B*T, D) each
+        dw1 = da.flatten(0, -2).t() @ x2                            # (F, D)
+        dw3 = db.flatten(0, -2).t() @ x2                            # (F, D)
+        dw2 = dy2.t() @ h.flatten(0, -2)                            # (D, F)
+        return dx.to(x.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dw3.to(w3.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU [GLU variants]: w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+        self.manual_backward = False   # True: SwiGLUFunction (fewer saved bytes, same gradients)
+
+    def forward(self, x):
+        if self.manual_backward and torch.is_grad_enabled():
+            return SwiGLUFunction.apply(x, self.w1.weight, self.w2.weight, self.w3.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))             # (B, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. TransformerBlock and Transformer
+# ---------------------------------------------------------------------------------------------
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos: int = 0):
+        # PAPER: pre-normalization: each sub-layer sees a normalized input, the residual stream
+        # itself is never normalized until the final norm [LLaMA §2.2, after GPT-3].
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens (B, T) -> fp32 logits (B, T, V). `state_dict()` keys are exactly Meta's.
+
+    Initialization (Meta did not publish theirs; we use Megatron-LM's, which is also GPT-2's):
+    every matrix ~ N(0, 0.02^2), except the two projections that write into the residual stream,
+    `wo` and `w2`, whose std is divided by sqrt(2 * n_layers) so that the variance of the residual
+    stream stays about constant with depth (each block adds two terms to it). Norm weights are 1.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # The rotary tables are derived, not learned: non-persistent, so they stay out of the
+        # state_dict (Meta's files sometimes carry a stray `rope.freqs`; load_meta_state drops it).
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)       # (S_max, E/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02):
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def set_attention_backend(self, name: str):
+        """'auto' (xformers on CUDA if it loads, else sdpa), 'xformers', 'sdpa' or 'math'."""
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+        for layer in self.layers:
+            layer.attention.backend = name
+
+    def set_manual_ffn_backward(self, enabled: bool = True):
+        for layer in self.layers:
+            layer.feed_forward.manual_backward = enabled
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None, dtype=None):
+        """Preallocate the KV cache for generation; forward() then writes to it at start_pos."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache of {max_seq_len} positions exceeds max_seq_len="
+                             f"{self.args.max_seq_len}; raise ModelArgs.max_seq_len")
+        for layer in self.layers:
+            attn = layer.attention
+            shape = (max_batch_size, max_seq_len, attn.wk.weight.shape[0] // attn.head_dim,
+                     attn.head_dim)                                   # (B_max, S_max, K, E)
+            kw = dict(device=attn.wk.weight.device, dtype=dtype or attn.wk.weight.dtype)
+            attn.cache_k, attn.cache_v = torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    def forward(self, tokens, start_pos: int = 0):
+        B, T = tokens.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                             f"{self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)                               # (B, T, D)
+        cos = self.rope_cos[start_pos:start_pos + T]                  # (T, E/2)
+        sin = self.rope_sin[start_pos:start_pos + T]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        return self.output(self.norm(h)).float()                      # (B, T, V)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Counting: parameters and FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def count_parameters(args: ModelArgs, embedding: bool = True) -> int:
+    """Exact parameter count from the architecture alone (no tensors are built).
+
+        per layer = D*(H*E) + 2*D*(K*E) + (H*E)*D     wq, wk, wv, wo
+                  + 3*D*F                             w1, w2, w3
+                  + 2*D                               attention_norm, ffn_norm
+        total     = V*D (tok_embeddings) + L * per layer + D (norm) + V*D (output)
+
+    7b: 6,738,415,616 [LLaMA Table 2 rounds it to 6.7B]. embedding=False leaves out the input
+    embedding table, a lookup that does no matmul.
+    """
+    D, L, V, E, F_ = args.dim, args.n_layers, args.vocab_size, args.head_dim, args.ffn_hidden
+    H, K = args.n_heads, args.n_kv_heads
+    per_layer = D * H * E + 2 * D * K * E + H * E * D + 3 * D * F_ + 2 * D
+    return (V * D if embedding else 0) + L * per_layer + D + V * D
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Model FLOPs to train on one token: 6 N + 12 L D T [PaLM appendix B].
+
+    N = count_parameters(embedding=False): each weight does one multiply-add (2 FLOPs) per token
+    forward and two backward (input and weight gradients), hence 6 N. The attention scores and
+    their use, q k^T and p v, add 2 * 2 * T * D per layer forward, times 3 with the backward:
+    12 L D T, counted as if unmasked (the standard convention; a causal kernel does half).
+    Recomputation is not counted: MFU measures useful work only.
+    """
+    return 6 * count_parameters(args, embedding=False) + 12 * args.n_layers * args.dim * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Meta's checkpoint layout
+# ---------------------------------------------------------------------------------------------
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dimension along which Meta splits `key` across consolidated.NN.pth files.
+
+    Meta's files are exactly Megatron's tensor-parallel shards [PTD-P §2.3]: the matrices that
+    fan out (wq wk wv w1 w3, and output over the vocabulary) are split by output rows, dim 0;
+    the ones that fan in (wo w2) by input columns, dim 1; the embedding by its width, dim 1;
+    norms are replicated (None).
+    """
+    name = key.split(".")[-2] if "." in key else key     # "layers.3.attention.wq.weight" -> "wq"
+    if name in ("wq", "wk", "wv", "w1", "w3", "output"):
+        return 0
+    if name in ("wo", "w2", "tok_embeddings"):
+        return 1
+    return None
+
+
+def split_state_dict(state: dict, n: int) -> list:
+    """One full state dict -> n shards in Meta's split (replicated tensors copied to each)."""
+    shards = [{} for _ in range(n)]
+    for key, tensor in state.items():
+        dim = shard_dim(key)
+        if dim is not None and tensor.shape[dim] % n:
+            raise ValueError(f"{key} of shape {tuple(tensor.shape)} cannot be split in {n} "
+                             f"along dim {dim}; choose a shard count that divides it")
+        pieces = tensor.chunk(n, dim) if dim is not None else [tensor] * n
+        for shard, piece in zip(shards, pieces):
+            shard[key] = piece.clone()
+    return shards
+
+
+def merge_state_dicts(shards: list) -> dict:
+    """n shards in Meta's split -> one full state dict (the inverse of split_state_dict)."""
+    merged = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # a stray buffer in some of Meta's files: derived, not learned
+            continue
+        dim = shard_dim(key)
+        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim)
+    return merged
+
+
+def load_meta_state(model: Transformer, state: dict):
+    """Load a (merged) Meta state dict strictly, after dropping the stray `rope.freqs`."""
+    state = {k: v for k, v in state.items() if k != "rope.freqs"}
+    model.load_state_dict(state, strict=True)
+
+
+def main():
+    print(f"{'preset':>6} {'params':>15} {'non-embed':>15} {'GFLOP/token@seq':>16}")
+    for name in PRESETS:
+        a = preset(name)
+        print(f"{name:>6} {count_parameters(a):>15,} {count_parameters(a, embedding=False):>15,} "
+              f"{flops_per_token(a, a.max_seq_len) / 1e9:>16.2f}")
+
+
+if __name__ == "__main__":
+    main()
