@@ -64,9 +64,10 @@ TRAINER_SPEC = dict(
 
 def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_size: int = 32000,
                     max_sentences: int = 2_000_000, num_threads: int = os.cpu_count() or 1) -> str:
-    """Train a BPE model on text files (a list of paths) or an iterator of strings; return `out`.
+    """Train a BPE model on text files or on strings; return `out`.
 
-    SentencePiece reads "sentences": for files, one per line; from an iterator, one per item.
+    `source` is either a list of file paths, or an iterator (a generator, `iter(texts)`) of
+    strings. SentencePiece reads "sentences": for files, one per line; from an iterator, one each.
     At most `max_sentences` are sampled (the trainer holds them all in memory). The model is
     trained into a temporary folder and moved into place at the end, so an interrupted run never
     leaves a truncated `out` behind.
@@ -74,7 +75,7 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     if vocab_size < 260:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 "
                          "pieces plus <unk>, <s>, </s>; use at least 260")
-    is_files = isinstance(source, (list, tuple)) and all(isinstance(s, str) for s in source)
+    is_files = isinstance(source, (list, tuple))
     if is_files:
         for path in source:
             if not os.path.isfile(path):
@@ -93,9 +94,10 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
         try:
             spm.SentencePieceTrainer.train(**kwargs)
         except RuntimeError as e:
-            # The usual one: "Vocabulary size is too high (32000). Please set it to a value <= N."
-            raise ValueError(f"SentencePiece could not train on this text: {e}; give more text "
-                             "or a smaller --vocab-size") from None
+            # SentencePiece's own message says what to change ("Vocabulary size is too high
+            # (32000). Please set it to a value <= 1234."); keep it, drop its C++ source location.
+            reason = str(e).rsplit("] ", 1)[-1]
+            raise ValueError(f"SentencePiece could not train on this text: {reason}") from None
         os.replace(prefix + ".model", out)
     return out
 

@@ -1,0 +1,295 @@
+"""Tests for model.py: golden parameter counts, parity with a plain re-derivation of the LLaMA
+equations, attention backends, the KV cache, the hand-written SwiGLU backward, Meta's key names,
+and refusal of impossible architectures."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+
+def small_args(**kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                max_seq_len=32)
+    return M.ModelArgs(**{**base, **kw})
+
+
+def build(args, seed=0):
+    torch.manual_seed(seed)
+    return M.Transformer(args).eval()
+
+
+# --- golden numbers ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected", [
+    ("7b", 6_738_415_616), ("13b", 13_015_864_320),
+    ("33b", 32_528_943_616), ("65b", 65_285_660_672),
+])
+def test_paper_parameter_counts(name, expected):
+    args = M.preset(name)
+    with torch.device("meta"):       # no memory: shapes only
+        model = M.Transformer(args)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert M.count_parameters(args) == expected
+
+
+def test_paper_shapes():
+    assert M.preset("7b").ffn_hidden == 11008
+    assert M.preset("13b").ffn_hidden == 13824
+    assert M.preset("33b").ffn_hidden == 17920
+    assert M.preset("65b").ffn_hidden == 22016
+    for name in ("7b", "13b", "33b", "65b"):
+        assert M.preset(name).head_dim == 128
+
+
+def test_flops_per_token_formula():
+    args = M.preset("7b")
+    n = M.count_parameters(args, embedding=False)
+    assert n == M.count_parameters(args) - 32000 * 4096
+    assert M.flops_per_token(args, 2048) == 6 * n + 12 * 32 * 4096 * 2048
+
+
+def test_tiny_preset_admits_tp_1_2_4():
+    a = M.preset("tiny")
+    for tp in (1, 2, 4):
+        assert a.n_heads % tp == 0 and a.n_kv_heads % tp == 0 and a.vocab_size % tp == 0
+        assert a.ffn_hidden % tp == 0
+
+
+# --- an independent plain implementation of the equations -------------------------------------
+
+def reference_forward(state, args, tokens):
+    """LLaMA written out with explicit loops over heads and explicit 2x2 rotations of each pair."""
+    D, H, K, E = args.dim, args.n_heads, args.n_kv_heads, args.dim // args.n_heads
+    B, T = tokens.shape
+
+    def rmsnorm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * w
+
+    def rotate(x, pos):                         # x: (E,) one head at one position
+        out = torch.empty_like(x)
+        for i in range(E // 2):
+            angle = pos * args.rope_theta ** (-2 * i / E)
+            c, s = math.cos(angle), math.sin(angle)
+            out[2 * i] = c * x[2 * i] - s * x[2 * i + 1]
+            out[2 * i + 1] = s * x[2 * i] + c * x[2 * i + 1]
+        return out
+
+    x = state["tok_embeddings.weight"][tokens]  # (B, T, D)
+    for l in range(args.n_layers):
+        p = lambda n: state[f"layers.{l}.{n}.weight"]
+        h = rmsnorm(x, p("attention_norm"))
+        q = h @ p("attention.wq").T
+        k = h @ p("attention.wk").T
+        v = h @ p("attention.wv").T
+        heads = []
+        for head in range(H):
+            kv = head // (H // K)               # the KV head this query head shares
+            qh = q[..., head * E:(head + 1) * E]
+            kh = k[..., kv * E:(kv + 1) * E]
+            vh = v[..., kv * E:(kv + 1) * E]
+            qr = torch.stack([torch.stack([rotate(qh[b, t], t) for t in range(T)]) for b in range(B)])
+            kr = torch.stack([torch.stack([rotate(kh[b, t], t) for t in range(T)]) for b in range(B)])
+            scores = qr @ kr.transpose(1, 2) / math.sqrt(E)
+            scores = scores + torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+            heads.append(torch.softmax(scores, -1) @ vh)
+        x = x + torch.cat(heads, -1) @ p("attention.wo").T
+        h = rmsnorm(x, p("ffn_norm"))
+        gate = h @ p("feed_forward.w1").T
+        x = x + ((gate * torch.sigmoid(gate)) * (h @ p("feed_forward.w3").T)) @ p("feed_forward.w2").T
+    return rmsnorm(x, state["norm.weight"]) @ state["output.weight"].T
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_parity_with_plain_equations(n_kv_heads):
+    args = small_args(n_kv_heads=n_kv_heads)
+    model = build(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = reference_forward(model.state_dict(), args, tokens)
+    for backend in ("math", "sdpa"):
+        model.set_attention_backend(backend)
+        with torch.no_grad():
+            out = model(tokens)
+        assert out.dtype == torch.float32 and out.shape == (2, 9, args.vocab_size)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_is_meta_interleaved_layout():
+    # Meta computes the rotation as a complex product of consecutive pairs.
+    E, T = 8, 5
+    x = torch.randn(1, T, 2, E)
+    cos, sin = M.rope_tables(E, T)
+    freqs = torch.polar(torch.ones(T, E // 2), torch.outer(torch.arange(T).float(),
+                        1.0 / 10000 ** (torch.arange(0, E, 2).float() / E)))
+    xc = torch.view_as_complex(x.reshape(1, T, 2, E // 2, 2))
+    expected = torch.view_as_real(xc * freqs[None, :, None, :]).flatten(-2)
+    torch.testing.assert_close(M.apply_rope(x, cos, sin), expected)
+
+
+def test_backends_agree_with_cache_offset():
+    # Queries at positions 3..6 over keys 0..6: the bottom-right causal mask of a cached prefill.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 4, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    math_out = M.attend(q, k, v, "math")
+    torch.testing.assert_close(M.attend(q, k, v, "sdpa"), math_out, rtol=1e-5, atol=1e-5)
+    # query 0 (position 3) must ignore keys 4..6: changing them leaves its output unchanged
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 4:], v2[:, 4:] = 0.0, 1e3
+    torch.testing.assert_close(M.attend(q, k2, v2, "math")[:, 0], math_out[:, 0])
+
+
+def test_auto_backend_on_cpu_is_sdpa():
+    assert M.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="xformers"):
+        M.resolve_backend("xformers", torch.device("cpu"))
+    with pytest.raises(ValueError, match="choose one of"):
+        M.resolve_backend("flash9", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_kv_cache_decoding_equals_full_forward(backend):
+    args = small_args()
+    model = build(args)
+    model.set_attention_backend(backend)
+    tokens = torch.randint(0, args.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(max_batch_size=4, max_seq_len=16)
+        pieces = [model(tokens[:, :5], start_pos=0)]          # a prefill of 5 tokens
+        pieces += [model(tokens[:, 5:8], start_pos=5)]        # a chunk of 3 (S > T > 1)
+        pieces += [model(tokens[:, t:t + 1], start_pos=t) for t in range(8, 12)]  # one by one
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+# --- the hand-written SwiGLU backward ----------------------------------------------------------
+
+def saved_bytes(fn, params):
+    """Bytes of activations autograd keeps for backward (parameters excluded)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_manual_swiglu_backward_equals_autograd_and_saves_less():
+    args = small_args(dim=64, multiple_of=64)
+    torch.manual_seed(0)
+    ffn = M.FeedForward(args)
+    x = torch.randn(3, 10, args.dim)
+    grads, sizes = {}, {}
+    for manual in (False, True):
+        ffn.manual_backward = manual
+        ffn.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, sizes[manual] = saved_bytes(lambda: ffn(xi), list(ffn.parameters()))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[manual] = [xi.grad] + [p.grad.clone() for p in ffn.parameters()]
+    for g_auto, g_manual in zip(grads[False], grads[True]):
+        torch.testing.assert_close(g_manual, g_auto, rtol=1e-5, atol=1e-6)
+    n, D, Fh = 3 * 10, args.dim, args.ffn_hidden
+    assert sizes[True] == 4 * n * (D + 2 * Fh)        # x, a, b
+    assert sizes[True] < sizes[False]
+    assert sizes[False] >= 4 * n * (D + 4 * Fh)       # x, a, silu(a), b, h at least
+
+
+def test_manual_backward_in_the_whole_model():
+    args = small_args()
+    model = build(args).train()
+    tokens = torch.randint(0, args.vocab_size, (2, 8))
+    grads = []
+    for manual in (False, True):
+        model.set_manual_ffn_backward(manual)
+        model.zero_grad()
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- Meta's checkpoint format ------------------------------------------------------------------
+
+def test_meta_key_names_and_strict_load(tmp_path):
+    args = small_args()
+    model = build(args, seed=0)
+    keys = set(model.state_dict())
+    assert {"tok_embeddings.weight", "norm.weight", "output.weight",
+            "layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
+            "layers.0.attention.wv.weight", "layers.0.attention.wo.weight",
+            "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w2.weight",
+            "layers.0.feed_forward.w3.weight", "layers.0.attention_norm.weight",
+            "layers.1.ffn_norm.weight"} <= keys
+    assert len(keys) == 3 + 9 * args.n_layers
+    # A file as Meta writes it: plain tensors under these names plus the stray rope.freqs.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["rope.freqs"] = torch.zeros(args.head_dim // 2)
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    other = build(args, seed=1)
+    M.load_meta_state(other, torch.load(tmp_path / "consolidated.00.pth", weights_only=True))
+    tokens = torch.randint(0, args.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(other(tokens), model(tokens))
+
+
+def test_shard_split_follows_meta_and_round_trips():
+    args = small_args(vocab_size=98)
+    state = build(args).state_dict()
+    shards = M.split_state_dict(state, 2)
+    assert shards[0]["layers.0.attention.wq.weight"].shape == (args.dim // 2, args.dim)
+    assert shards[0]["layers.0.attention.wo.weight"].shape == (args.dim, args.dim // 2)
+    assert shards[0]["layers.0.feed_forward.w2.weight"].shape == (args.dim, args.ffn_hidden // 2)
+    assert shards[0]["tok_embeddings.weight"].shape == (args.vocab_size, args.dim // 2)
+    assert shards[1]["norm.weight"].shape == (args.dim,)
+    merged = M.merge_state_dicts(shards)
+    assert merged.keys() == state.keys()
+    for k in state:
+        assert torch.equal(merged[k], state[k])
+
+
+def test_params_json_round_trip():
+    args = small_args(ffn_dim_multiplier=1.3)
+    import json
+    again = M.ModelArgs.from_dict(json.loads(args.to_json()))
+    assert again == args
+    meta = {"dim": 64, "multiple_of": 16, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-6,
+            "vocab_size": -1}
+    assert M.ModelArgs.from_dict(meta, vocab_size=97).vocab_size == 97
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(dim=100, n_heads=8), "dim=100 must be divisible by n_heads=8"),
+    (dict(n_heads=4, n_kv_heads=3), "n_heads=4 must be divisible by n_kv_heads=3"),
+    (dict(n_layers=0), "n_layers=0 must be a positive"),
+    (dict(dim=-64), "dim=-64 must be a positive"),
+    (dict(vocab_size=-1), "tokenizer's n_words"),
+    (dict(dim=12, n_heads=4), "must be even"),
+])
+def test_bad_model_args_say_what_to_change(kw, message):
+    with pytest.raises(ValueError, match=message):
+        small_args(**kw)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="choose one of tiny"):
+        M.preset("3b")
+
+
+def test_positions_beyond_max_seq_len_refused():
+    model = build(small_args(max_seq_len=8))
+    with pytest.raises(ValueError, match="exceed max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
