@@ -1,0 +1,181 @@
+"""Tests for train.py: the schedule, accumulation equality, exact resume after a crash, a crash in
+the middle of a save, non-finite steps, refused configurations, and a falling loss."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import parallel as P
+import train as T
+
+
+def base_argv(data_dir, out, *extra):
+    return ["--data", data_dir, "--out", str(out), "--preset", "tiny", "--seq-len", "32",
+            "--batch-size", "4", "--steps", "12", "--warmup", "3", "--lr", "3e-3",
+            "--eval-every", "100", "--eval-windows", "8", "--save-every", "100", "--samples", "0",
+            "--device", "cpu", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+# --- the schedule ------------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_peak_cosine_floor():
+    cfg = T.TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert T.lr_at(0, cfg) == pytest.approx(0.1)            # 1/10 of the way up
+    assert T.lr_at(4, cfg) == pytest.approx(0.5)
+    assert T.lr_at(9, cfg) == pytest.approx(1.0)            # the peak ends the warmup
+    assert T.lr_at(10, cfg) == pytest.approx(1.0)           # cosine starts at the peak
+    mid = 10 + (110 - 1 - 10) / 2
+    assert T.lr_at(mid, cfg) == pytest.approx(0.55)         # halfway: (peak + floor) / 2
+    assert T.lr_at(109, cfg) == pytest.approx(0.1)          # last step: the 10% floor
+    lrs = [T.lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))        # monotone decay
+    assert min(lrs) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    import model as M
+    m = M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=8))
+    opt = T.make_optimizer(m, T.TrainConfig(), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 + 7
+    assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 3
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def test_accumulation_equals_larger_batch_and_loss_falls(demo_data, tmp_path):
+    one = T.main(base_argv(demo_data, tmp_path / "a", "--batch-size", "8"))
+    two = T.main(base_argv(demo_data, tmp_path / "b", "--batch-size", "4", "--grad-accum", "2"))
+    for step in one["losses"]:
+        assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-5)
+    assert one["val_losses"][12] < one["val_losses"][0] - 0.5
+    rows = read_metrics(tmp_path / "a")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_by_source"):
+        assert key in train_rows[0]
+    assert sum(train_rows[-1]["tokens_by_source"].values()) == 12 * 8 * 33
+
+
+def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatch):
+    straight = T.main(base_argv(demo_data, tmp_path / "straight"))
+    out = tmp_path / "crashed"
+    real_clip, calls = P.clip_grad_norm, []
+
+    def crash_at_step_8(*a, **k):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt("simulated crash")         # not caught by main
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(P, "clip_grad_norm", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(base_argv(demo_data, out, "--save-every", "6"))
+    monkeypatch.setattr(P, "clip_grad_norm", real_clip)
+    assert T.latest_checkpoint(T.TrainConfig(out=str(out))).endswith("step-000006")
+    resumed = T.main(base_argv(demo_data, out, "--save-every", "6", "--resume"))
+    assert sorted(resumed["losses"]) == list(range(7, 13))
+    for step, loss in resumed["losses"].items():
+        assert loss == pytest.approx(straight["losses"][step], rel=1e-6, abs=0)
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == list(range(1, 13))        # step 7 of the crashed run is logged once
+
+
+def test_checkpoint_is_meta_layout(demo_data, tmp_path):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
+    assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "params.json", "tokenizer.model",
+                                        "train_state.00.pth"]
+    params = json.load(open(os.path.join(ckpt, "params.json")))
+    assert params["dim"] == 256 and params["n_layers"] == 4
+    state = torch.load(os.path.join(ckpt, "consolidated.00.pth"), weights_only=True)
+    assert "layers.3.feed_forward.w2.weight" in state and "output.weight" in state
+
+
+def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def dies_on_second_train_state(obj, path, *a, **k):
+        if "step-000004" in str(path) and "train_state" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dies_on_second_train_state)
+    with pytest.raises(OSError):
+        T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2"))
+    monkeypatch.setattr(torch, "save", real_save)
+    root = tmp_path / "checkpoints"
+    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+    assert (root / ".tmp-step-000004").exists() and not (root / "step-000004").exists()
+    resumed = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2", "--resume"))
+    assert sorted(resumed["losses"]) == [3, 4, 5, 6]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, monkeypatch):
+    real_loss, calls = P.loss_fn, []
+
+    def nan_on_steps_3_and_4(logits, targets, grid):
+        loss = real_loss(logits, targets, grid)
+        if logits.requires_grad:
+            calls.append(1)
+            if len(calls) in (3, 4):
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(P, "loss_fn", nan_on_steps_3_and_4)
+    result = T.main(base_argv(demo_data, tmp_path / "a", "--steps", "6"))
+    rows = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, False, False]
+    assert all(math.isfinite(result["losses"][s]) for s in (1, 2, 5, 6))
+
+    monkeypatch.setattr(P, "loss_fn", lambda lo, ta, g: real_loss(lo, ta, g) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path / "b", "--steps", "6", "--max-bad-steps", "3"))
+    assert e.value.code == 1
+
+
+# --- refused before any work -------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tp", "3"], "not divisible by --tp 3"),
+    (["--sp"], "add --tp 2"),
+    (["--recompute", "some"], "choose none, selective or full"),
+    (["--preset", "huge"], "choose one of tiny"),
+    (["--batch-size", "0"], "--batch-size=0 must be positive"),
+    (["--resume"], "no complete checkpoint"),
+    (["--resume", "--init-from", "x"], "give one of them"),
+])
+def test_bad_configs_are_refused_in_one_line(demo_data, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path, *extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_existing_run_is_not_overwritten_and_incompatible_resume_refused(demo_data, tmp_path, capsys):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(SystemExit):
+        T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+    assert "pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--resume", "--seq-len", "512"))
+    assert "cannot resume" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_missing_data_dir_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,695 @@
+"""
+train.py -- the LLaMA training recipe, from token windows to a checkpoint, on one CPU or many GPUs.
+
+This is the story a reader follows end to end: data.py serves a Table-1-weighted mixture of token
+windows, model.py's Transformer predicts the next token, AdamW with warmup and cosine decay
+[LLaMA §2.3] updates the weights, and the run is saved so it can resume exactly after a crash.
+parallel.py is used when torchrun starts several processes; with one process every parallel step
+is the identity.
+
+    python train.py                                   # the demo: tiny model, built-in corpus, CPU
+    python train.py --preset tiny --steps 200 --out out/run1
+    python train.py --out out/run1 --resume           # continue exactly where run1 stopped
+    torchrun --nproc_per_node=4 train.py --tp 2 --sp  # tensor+sequence parallel x2, data parallel x2
+    python train.py --bench --preset 1b --device cuda --seq-len 2048
+
+Reading order
+  1. TrainConfig          every option once; the CLI is derived from it
+  2. Recipe               learning-rate schedule, optimizer with its decay groups
+  3. Checkpoints          Meta's layout + training state, written atomically
+  4. Measuring            peak FLOP/s for MFU, progress, metrics.jsonl
+  5. train()              the loop: accumulate, synchronize, clip, step, log, validate, save
+  6. bench()              our step against a plain reference loop, as a ratio
+  7. main()
+
+A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus training state:
+
+    params.json  consolidated.00.pth .. consolidated.{tp-1}.pth  tokenizer.model   <- the model
+    train_state.00.pth .. train_state.{tp-1}.pth                                   <- optimizer,
+                                                          step, sampler, RNG, config (per tp rank)
+
+It is written as `.tmp-step-000600/` and renamed when complete; OUT/checkpoints/latest names the
+newest complete one and is replaced last. A kill at any moment leaves at worst a `.tmp-` folder
+that nothing reads.
+
+Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
+
+What this file leaves out: pipeline parallelism (parallel.py's grid has room for it), resuming
+at a different tensor-parallel degree with the optimizer state (use --init-from: weights only),
+and mixed precision other than bf16 autocast (no fp16 loss scaling).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import model as M
+import parallel as P
+from tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every option of a run. `--batch-size` is sequences per micro-batch *per data-parallel rank*:
+    the global batch is batch_size * grad_accum * dp sequences of seq_len tokens."""
+    preset: str = "tiny"            # a name from model.PRESETS; vocab_size comes from the tokenizer
+    steps: int = 400                # optimizer steps (the demo: about five minutes on 2 CPU cores)
+    batch_size: int = 16            # sequences per micro-batch per rank
+    grad_accum: int = 1             # micro-batches per optimizer step
+    seq_len: int = 128
+    lr: float = 3e-3                # peak; LLaMA 7B used 3e-4 at 4M tokens per batch [Table 2]
+    warmup: int = 40                # linear warmup steps (LLaMA: 2000)
+    min_lr_ratio: float = 0.1       # cosine decays to this fraction of the peak [LLaMA §2.3]
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0               # global gradient norm
+    seed: int = 0
+    out: str = "out/demo"
+    resume: bool = False            # continue from OUT/checkpoints/latest
+    init_from: str = ""             # start from any model checkpoint (ours, Meta's, HF) with a fresh optimizer
+    data: str = "data/demo"         # a folder made by `python data.py prepare`; the demo is built if missing
+    mix: str = ""                   # source weights "name=w,..."; empty: the dataset's defaults
+    eval_every: int = 100
+    eval_windows: int = 64          # held-out windows for validation loss
+    save_every: int = 200
+    keep: int = 2                   # complete checkpoints kept
+    log_every: int = 10
+    samples: int = 3                # continuations printed at the end
+    tp: int = 1                     # tensor-parallel degree (torchrun: world = tp * dp)
+    sp: bool = False                # sequence parallelism (needs tp > 1)
+    recompute: str = "none"         # none | selective | full
+    bucket_mb: float = 25.0         # data-parallel gradient bucket size
+    overlap: bool = True            # overlap data-parallel all-reduce with the backward pass
+    attention: str = "auto"         # auto | xformers | sdpa | math
+    manual_ffn_backward: bool = True  # SwiGLU's hand-written backward [LLaMA §2.4]
+    compile: bool = False
+    device: str = "auto"            # auto | cpu | cuda
+    dtype: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
+    bench: bool = False             # measure tokens/s and MFU against a plain loop, then exit
+
+    def global_batch(self, dp: int) -> int:
+        return self.batch_size * self.grad_accum * dp
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under torchrun."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work: reported in one line before any work is done."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
+
+
+def check_config(cfg: TrainConfig, world_size: int):
+    if cfg.preset not in M.PRESETS:
+        raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "tp", "eval_windows", "keep",
+                 "log_every", "eval_every", "save_every"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
+    if cfg.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"--recompute {cfg.recompute!r}: choose none, selective or full")
+    if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+    if world_size % cfg.tp:
+        raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp}; launch "
+                          f"a multiple of {cfg.tp} processes")
+    if cfg.sp and cfg.tp == 1:
+        raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one: give one of them")
+    if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0 or cfg.warmup < 0:
+        raise ConfigError("need --lr > 0, --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
+    if not cfg.init_from:                      # heads and sequence against tp, before the data
+        P.check_config(M.preset(cfg.preset), cfg.tp, cfg.sp, cfg.seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The recipe: schedule and optimizer [LLaMA §2.3]
+# ---------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak over `warmup` steps, then cosine decay to min_lr_ratio * peak.
+
+    step counts from 0; the last step (steps - 1) gets exactly the floor.
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_steps = max(1, cfg.steps - 1 - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / decay_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device):
+    """AdamW(0.9, 0.95); weight decay 0.1 on matrices (linears and embeddings) only.
+
+    NOTE: the RMSNorm gains are left undecayed: they are scales around 1, and pulling them to 0
+    would shrink every activation rather than regularize a mapping (the usual GPT/Megatron rule:
+    decay tensors of 2 or more dimensions).
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    # PERF: the fused CUDA kernel updates all tensors in one launch; foreach elsewhere.
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_root(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.out, "checkpoints")
+
+
+def latest_checkpoint(cfg: TrainConfig) -> Optional[str]:
+    """The folder named by OUT/checkpoints/latest, or None. Only complete folders are named."""
+    pointer = os.path.join(checkpoint_root(cfg), "latest")
+    if not os.path.isfile(pointer):
+        return None
+    path = os.path.join(checkpoint_root(cfg), open(pointer).read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def _write_atomic(path: str, write):
+    """Write through `write(tmp_path)`, flush to disk, then rename over `path`."""
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(cfg, step, model, optimizer, sampler, grid, args: M.ModelArgs, tok_path):
+    """Every rank calls this. dp rank 0 of each tp rank writes its shard; global rank 0 renames."""
+    root = checkpoint_root(cfg)
+    name = f"step-{step:06d}"
+    tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
+    if grid.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)      # a leftover of a save killed midway
+        os.makedirs(tmp)
+    _barrier(grid)
+    shard = P.shard_state_dict(model, grid)         # collective-free: this rank's tp slice
+    if grid.dp_rank == 0:
+        r = grid.tp_rank
+        torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+        torch.save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
+                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp),
+                   os.path.join(tmp, f"train_state.{r:02d}.pth"))
+        if r == 0:
+            with open(os.path.join(tmp, "params.json"), "w") as fh:
+                fh.write(args.to_json())
+            shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
+        for f in os.listdir(tmp):                   # flush before the rename makes it visible
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    _barrier(grid)
+    if grid.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)                      # the folder appears complete, or not at all
+        _write_atomic(os.path.join(root, "latest"), lambda p: open(p, "w").write(name))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+        for old in done[:-cfg.keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier(grid)
+    return final
+
+
+def load_checkpoint(path, model, optimizer, sampler, grid):
+    """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
+    state = torch.load(os.path.join(path, f"train_state.{grid.tp_rank:02d}.pth"),
+                       map_location="cpu", weights_only=True)
+    P.load_sharded(model, read_model_state(path), grid)
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    _set_rng_state(state["rng"])
+    return state["step"]
+
+
+def read_model_state(path) -> dict:
+    """All consolidated.NN.pth of a folder merged into one full state dict (Meta's split)."""
+    n = len([f for f in os.listdir(path) if f.startswith("consolidated.")])
+    return M.merge_state_dicts([torch.load(os.path.join(path, f"consolidated.{i:02d}.pth"),
+                                           map_location="cpu", weights_only=True)
+                                for i in range(n)])
+
+
+def _rng_state():
+    """Every generator a step could touch, so that a resumed run draws what the original drew."""
+    np_state = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       *np_state[2:]],
+                python=list(random.getstate()[1]))
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((3, tuple(s["python"]), None))
+
+
+def _barrier(grid):
+    if grid.world_size > 1:
+        dist.barrier()
+# ---------------------------------------------------------------------------------------------
+# 4. Measuring: peak FLOP/s, progress, metrics
+# ---------------------------------------------------------------------------------------------
+
+# Dense bf16 peaks from the vendors' data sheets, for MFU on known GPUs.
+GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
+    """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{key} data sheet, dense bf16"
+    n = 2048 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b                                                  # warm-up
+    _sync(device)
+    t, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t), f"measured {n}x{n} {dtype} matmul"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Progress:
+    """One line per log interval: a bar, the step, the loss, throughput. Rank 0 only."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.tty = total, enabled, sys.stdout.isatty()
+
+    def update(self, step: int, text: str):
+        if not self.enabled:
+            return
+        done = int(20 * step / self.total)
+        line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total} {text}"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print()
+
+
+def log_metrics(path: str, record: dict):
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str, last_step: int):
+    """On resume, drop entries the crashed run logged after its last checkpoint."""
+    if os.path.isfile(path):
+        keep = [l for l in open(path) if json.loads(l).get("step", 0) <= last_step]
+        _write_atomic(path, lambda p: open(p, "w").writelines(keep))
+
+
+def plot_losses(metrics_path: str, png_path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in open(metrics_path)]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
+    ax.legend()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The training loop
+# ---------------------------------------------------------------------------------------------
+
+def setup_data(cfg: TrainConfig, grid):
+    """The token windows and the tokenizer; the demo corpus is built on first use."""
+    if not os.path.isdir(cfg.data):
+        if cfg.data != TrainConfig.data:
+            raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
+                              "prepare ... --out DIR`")
+        if grid.rank == 0:
+            data.prepare_demo(cfg.data)
+        _barrier(grid)
+    tok_path = os.path.join(cfg.data, "tokenizer.model")
+    weights = data.parse_mix(cfg.mix) if cfg.mix else None
+    sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
+    return sampler, Tokenizer(tok_path), tok_path
+
+
+def model_args(cfg: TrainConfig, tokenizer) -> tuple:
+    """(ModelArgs, full state or None): a preset sized to the tokenizer, or --init-from's model."""
+    state = None
+    if cfg.init_from:
+        import generate                            # the one loader for ours, Meta's and HF's
+        args, state, _ = generate.read_checkpoint(cfg.init_from)
+        if args.vocab_size != tokenizer.n_words:
+            raise ConfigError(f"--init-from model has vocab {args.vocab_size} but --data was "
+                              f"tokenized with {tokenizer.n_words} pieces; prepare the data with "
+                              "the checkpoint's tokenizer.model")
+    else:
+        args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
+    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
+    P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
+    return args, state
+
+
+def check_resumable(ckpt: str, args: M.ModelArgs, grid):
+    saved = M.ModelArgs.from_dict(json.load(open(os.path.join(ckpt, "params.json"))))
+    if saved != args:
+        diff = [f"{f.name}={getattr(saved, f.name)} (now {getattr(args, f.name)})"
+                for f in fields(M.ModelArgs) if getattr(saved, f.name) != getattr(args, f.name)]
+        raise ConfigError(f"cannot resume from {ckpt}: its model has {', '.join(diff)}; "
+                          "use the same --preset, --seq-len and data, or a new --out")
+    n = len([f for f in os.listdir(ckpt) if f.startswith("train_state.")])
+    if n != grid.tp:
+        raise ConfigError(f"{ckpt} was trained with --tp {n}; resume with the same --tp, or "
+                          "start a new run from its weights with --init-from")
+
+
+def build_model(cfg: TrainConfig, args: M.ModelArgs, state, grid):
+    # NOTE: every rank builds the same full model from the same seed, and parallel.py keeps each
+    # rank's slice: the tensor-parallel shards are pieces of one initialization (so the result
+    # does not depend on tp), and the data-parallel replicas start identical.
+    torch.manual_seed(cfg.seed)
+    model = M.Transformer(args)
+    if state is not None:
+        M.load_meta_state(model, state)
+    model.set_attention_backend(cfg.attention)
+    model.set_manual_ffn_backward(cfg.manual_ffn_backward)
+    model = P.parallelize(model, grid, sp=cfg.sp).to(grid.device)
+    P.apply_recompute(model, cfg.recompute)
+    return model, make_optimizer(model, cfg, grid.device)
+
+
+def train(cfg: TrainConfig, dist_env) -> dict:
+    """The loop. Returns the per-step losses and validation losses (for tests and the caller)."""
+    grid = P.make_grid(dist_env, tp=cfg.tp)
+    main_rank = grid.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    device = grid.device
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+           else contextlib.nullcontext())
+
+    root, ckpt = checkpoint_root(cfg), latest_checkpoint(cfg)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own
+    if cfg.resume and ckpt is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {root}; run without --resume")
+    if ckpt and not (cfg.resume or restarted):
+        raise ConfigError(f"{cfg.out} already holds a run (latest {ckpt}); pass --resume to "
+                          "continue it, or choose another --out")
+
+    sampler, tokenizer, tok_path = setup_data(cfg, grid)
+    args, init_state = model_args(cfg, tokenizer)
+    resuming = ckpt is not None and (cfg.resume or restarted)
+    if resuming:
+        check_resumable(ckpt, args, grid)
+    model, optimizer = build_model(cfg, args, init_state, grid)
+    start = 0                                # optimizer steps already done
+    if resuming:
+        start = load_checkpoint(ckpt, model, optimizer, sampler, grid)
+        say(f"resumed from {ckpt} at step {start}")
+    step_fn = torch.compile(model) if cfg.compile else model
+    sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    if main_rank:
+        if start == 0 and os.path.exists(metrics):
+            os.remove(metrics)
+        truncate_metrics(metrics, start)
+    tokens_per_step = cfg.global_batch(grid.dp) * cfg.seq_len
+    flops_token = M.flops_per_token(args, cfg.seq_len)
+    peak, peak_source = peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
+    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
+        f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
+    say(f"grid: world {grid.world_size} = dp {grid.dp} x tp {grid.tp}; global batch "
+        f"{cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} tokens")
+    say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
+        f"TFLOP/s peak per device [{peak_source}] * {grid.world_size} devices)")
+
+    val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
+
+    def validate() -> float:
+        """Mean loss over fixed held-out windows; every rank evaluates the same windows."""
+        model.eval()
+        total = 0.0
+        with torch.no_grad(), amp:
+            for chunk in val.split(cfg.batch_size):
+                chunk = chunk.to(device)
+                total += P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid).item() * len(chunk)
+        model.train()
+        return total / len(val)
+
+    stop = {"signal": None}                  # set by SIGTERM/SIGINT, honoured between steps
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # `step` counts optimizer updates done: step 1 is the first update, checkpoints and metrics
+    # are named by it, and validation at step 0 is the untrained model.
+    losses, val_losses, bad_in_a_row = {}, {}, 0
+    progress = Progress(cfg.steps, main_rank)
+    if start == 0:
+        val_losses[0] = validate()
+        say(f"step 0: validation loss {val_losses[0]:.4f}")
+        if main_rank:
+            log_metrics(metrics, dict(step=0, val_loss=val_losses[0]))
+    model.train()
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sampler.next_batch(cfg.global_batch(grid.dp), grid.dp_rank, grid.dp).to(device)
+            loss_sum = torch.zeros((), device=device)
+            for micro, chunk in enumerate(batch.split(cfg.batch_size)):   # (B, T+1) each
+                last = micro == cfg.grad_accum - 1
+                # COMM: the data-parallel all-reduce runs only on the last micro-batch.
+                with (contextlib.nullcontext() if last else sync.no_sync()), amp:
+                    loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            sync.finish()
+            if grid.dp > 1:                                   # for logging: mean over replicas
+                dist.all_reduce(loss_sum, group=grid.dp_group)
+                loss_sum /= grid.dp
+            step_loss = loss_sum.item()
+            grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1                             # skip: weights stay as they were
+                say(f"\nstep {step}: non-finite loss {step_loss} or grad norm {grad_norm}; skipped")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                     "lower --lr, or resume from an earlier checkpoint")
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            losses[step] = step_loss
+            tps = tokens_per_step / dt
+            mfu = tps * flops_token / (peak * grid.world_size)
+            if main_rank:
+                log_metrics(metrics, dict(step=step, loss=step_loss if math.isfinite(step_loss)
+                                          else None, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
+                                          mfu=mfu, skipped=not math.isfinite(step_loss),
+                                          tokens_by_source=sampler.tokens_by_source()))
+            if step % cfg.log_every == 0 or step in (1, cfg.steps):
+                progress.update(step, f"loss {step_loss:.4f} lr {lr:.2e} |g| {grad_norm:.3f} "
+                                      f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}%")
+            is_last = step == cfg.steps
+            if step % cfg.eval_every == 0 or is_last:
+                val_losses[step] = validate()
+                say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
+                if main_rank:
+                    log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
+            if _agree_to_stop(stop["signal"] is not None, grid):
+                say(f"\nsignal received: saving step {step} and stopping")
+                save_checkpoint(cfg, step, model, optimizer, sampler, grid, args, tok_path)
+                return dict(losses=losses, val_losses=val_losses, stopped_at=step)
+            if step % cfg.save_every == 0 or is_last:
+                save_checkpoint(cfg, step, model, optimizer, sampler, grid, args, tok_path)
+    finally:
+        progress.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if main_rank:
+        png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
+        say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
+    if cfg.samples and grid.tp == 1:
+        print_samples(model, tokenizer, cfg, say)
+    return dict(losses=losses, val_losses=val_losses, stopped_at=None)
+
+
+def _agree_to_stop(local: bool, grid) -> bool:
+    """All ranks must stop at the same step, or the checkpoint's collectives would hang."""
+    if grid.world_size == 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=grid.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)              # COMM: world, max of one float
+    return bool(flag.item())
+
+
+def print_samples(model, tokenizer, cfg, say):
+    import generate
+    prompts = ["def ", "import ", "The "][:cfg.samples]
+    model.eval()
+    texts = generate.generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.8,
+                              top_p=0.95, seed=cfg.seed)
+    for p, t in zip(prompts, texts):
+        say(f"--- sample: {p!r}\n{p}{t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Benchmark: our step against a plain reference loop
+# ---------------------------------------------------------------------------------------------
+
+def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int = 3) -> dict:
+    """tokens/s and MFU of our training step next to a plain loop, on random tokens.
+
+    plain: the same Transformer with the `math` attention (the equation, materializing T x T
+    scores), autograd's SwiGLU, F.cross_entropy, unfused AdamW. ours: the configured backend,
+    the hand-written SwiGLU backward, fused AdamW on CUDA, torch.compile with --compile.
+    Single process; bf16 autocast on CUDA, fp32 on CPU.
+    """
+    args = M.preset(cfg.preset)
+    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+           else contextlib.nullcontext())
+    flops_token = M.flops_per_token(args, cfg.seq_len)
+    peak, peak_source = peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, args.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=gen)
+    tokens = tokens.to(device)
+    results = {}
+    for name in ("plain", "ours"):
+        torch.manual_seed(cfg.seed)
+        model = M.Transformer(args).to(device)
+        if name == "plain":
+            model.set_attention_backend("math")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=False)
+            fwd = model
+        else:
+            model.set_attention_backend(cfg.attention)
+            model.set_manual_ffn_backward(cfg.manual_ffn_backward)
+            opt = make_optimizer(model, cfg, device)
+            fwd = torch.compile(model) if cfg.compile else model
+        times = []
+        for i in range(warmup + steps):
+            _sync(device)
+            t = time.perf_counter()
+            with amp:
+                logits = fwd(tokens[:, :-1])                              # (B, T, V)
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        tps = cfg.batch_size * cfg.seq_len / (sum(times) / len(times))
+        results[name] = dict(tokens_per_s=tps, mfu=tps * flops_token / peak)
+        print(f"{name:>6}: {tps:12,.0f} tokens/s  MFU {100 * results[name]['mfu']:5.1f}%")
+        del model, opt, fwd
+    ratio = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    print(f"ours / plain = {ratio:.2f}x   [{cfg.preset}, batch {cfg.batch_size} x seq "
+          f"{cfg.seq_len}, {'bf16' if use_bf16 else 'fp32'}, {device}]")
+    print(f"MFU = tokens/s * {flops_token:,} FLOP/token (6N + 12*L*D*T, N without the input "
+          f"embedding) / {peak / 1e12:.2f} TFLOP/s [{peak_source}]")
+    return dict(results, ratio=ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    dist_env = None
+    try:
+        world = P.world_size_from_env()
+        check_config(cfg, world)
+        if cfg.bench:
+            if world > 1:
+                raise ConfigError("--bench measures one process; run it with python, not torchrun")
+            device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available()
+                                  else "cpu")
+            return bench(cfg, device)
+        dist_env = P.init_distributed(cpu=cfg.device == "cpu")
+        return train(cfg, dist_env)
+    except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
+        if dist_env is None or dist_env.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, RunStopped) else 2)
+    finally:
+        if dist_env is not None:
+            P.destroy(dist_env)
+
+
+if __name__ == "__main__":
+    main()
