@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from generate import generate, load_model
+from generate import generate_tokens, load_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch in progress(batches, "answering"):
         prompts = [tok.encode(e.contexts[0], bos=True) for e in batch]
-        outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+        outs = generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
         for e, out in zip(batch, outs):
             # PERF: the answer is cut at the first line break after the fact; a stop-string
             # check inside the decoding loop would save the remaining steps.

@@ -406,9 +406,10 @@ def _static_decoder(model: Transformer, batch: int, cuda_graph: bool):
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature: float = 0.8,
-             top_p: float = 0.95, top_k: int = 0, eos_id=None, seed=None, static: bool = False,
-             cuda_graph: bool = False, on_token=None, stats=None) -> list:
+def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
+                    temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, eos_id=None,
+                    seed=None, static: bool = False, cuda_graph: bool = False, on_token=None,
+                    stats=None) -> list:
     """Token-id prompts (lists, each starting with BOS) -> the new tokens of each, EOS excluded.
 
     Each row stops at `eos_id` or after max_new_tokens. `static` decodes with static_step (and
@@ -470,6 +471,20 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     return out
 
 
+def generate(model: Transformer, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 64,
+             temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed=None,
+             **options) -> list:
+    """Text prompts -> the text each continues with (its leading space kept), stopping at EOS.
+
+    `options` go to generate_tokens (static, cuda_graph, on_token, stats).
+    """
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    outs = generate_tokens(model, ids, max_new_tokens, temperature, top_p, top_k,
+                           eos_id=tokenizer.eos_id, seed=seed, **options)
+    # NOTE: decoding the new ids alone would drop the space their first piece starts with.
+    return [tokenizer.decode(p + o)[len(tokenizer.decode(p)):] for p, o in zip(ids, outs)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. The weight-read bound
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +518,31 @@ def weight_bytes(model: Transformer) -> int:
 # 7. Command line
 # ---------------------------------------------------------------------------------------------
 
+class Streamer:
+    """on_token callback that prints a single prompt's continuation as it is decoded."""
+
+    def __init__(self, tok: Tokenizer, prompt: list):
+        self.tok, self.prompt, self.new = tok, prompt, []
+        self.shown = tok.decode(prompt)
+
+    def __call__(self, new: list):
+        if new[0] is not None and new[0] != self.tok.eos_id:
+            self.new.append(new[0])
+            self.show(final=False)
+
+    def show(self, final: bool):
+        # Decode prompt + new tokens together: a lone piece loses its leading space, and a
+        # byte-fallback character is incomplete ("\ufffd") until its last byte arrives.
+        text = self.tok.decode(self.prompt + self.new)
+        if final or not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self):
+        self.show(final=True)
+        print()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (ours, Meta's or HF's).")
     p.add_argument("--ckpt", required=True, help="checkpoint folder")
@@ -530,40 +570,27 @@ def main(argv=None):
         dtype = getattr(torch, a.dtype) if a.dtype else None
         model, tok = load_model(a.ckpt, a.device, dtype, max_seq_len=a.max_seq_len)
         prompts = [tok.encode(text, bos=True) for text in a.prompt]
-        on_token = None
-        if len(prompts) == 1:                     # stream: print each piece as it arrives
+        stream = Streamer(tok, prompts[0]) if len(prompts) == 1 else None
+        if stream:
             print(a.prompt[0], end="", flush=True)
-            shown, new_ids = tok.decode(prompts[0]), []
-
-            def on_token(new):
-                nonlocal shown
-                if new[0] is None or new[0] == tok.eos_id:
-                    return
-                new_ids.append(new[0])
-                # Decode prompt + new tokens together: a lone piece loses its leading space,
-                # and a byte-fallback character is incomplete ("\ufffd") until its last byte.
-                text = tok.decode(prompts[0] + new_ids)
-                if not text.endswith("\ufffd"):
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-        stats = {}
-        fast = torch.device(a.device).type == "cuda"
-        outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, a.top_k,
-                        eos_id=tok.eos_id, seed=a.seed, static=fast,
-                        cuda_graph=fast and not a.no_cuda_graph, on_token=on_token, stats=stats)
-        print()
-        if len(prompts) > 1:
+        stats, fast = {}, torch.device(a.device).type == "cuda"
+        outs = generate_tokens(model, prompts, a.max_new_tokens, a.temperature, a.top_p,
+                               a.top_k, eos_id=tok.eos_id, seed=a.seed, static=fast,
+                               cuda_graph=fast and not a.no_cuda_graph, on_token=stream,
+                               stats=stats)
+        if stream:
+            stream.finish()
+        else:
             for i, (prompt, out) in enumerate(zip(prompts, outs)):
                 print(f"[{i}] {tok.decode(prompt + out)}")
         steps, B = stats["decode_steps"], len(prompts)
         rate = steps / max(stats["decode_s"], 1e-9)
         bw, wb = memory_bandwidth(a.device), weight_bytes(model)
-        bound = bw / wb
         print(f"prefill {stats['prefill_s']:.3f} s; decode {steps} steps x {B} sequences in "
               f"{stats['decode_s']:.3f} s = {rate:.1f} steps/s, {rate * B:.1f} tokens/s")
         print(f"weight-read bound at batch 1: tokens/s <= memory bandwidth / weight bytes = "
-              f"{bw / 1e9:.1f} GB/s / {wb / 1e9:.3f} GB = {bound:.1f} tokens/s "
-              f"(measured {100 * rate / bound:.0f}% of it)")
+              f"{bw / 1e9:.1f} GB/s / {wb / 1e6:.1f} MB = {bw / wb:.1f} tokens/s "
+              f"(decoding ran at {100 * rate * wb / bw:.0f}% of it)")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

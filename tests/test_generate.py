@@ -1,0 +1,327 @@
+"""Tests for generate.py: cached decoding against full recomputation, the static (CUDA-graph)
+step against model.forward, sampling rules, Meta's sharded layout, the Hugging Face export
+against an independent rotate-half forward written here, and one-line errors on bad input."""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+from tokenizer import Tokenizer, train_tokenizer
+
+WORDS = ("the a cat dog sat on mat question answer yes no is it true that sun moon water fire "
+         "tree house bird fish runs jumps eats big small red blue green because when where what "
+         "who why how one two three and or but with").split()
+
+
+def tiny_text(n_lines=400, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + rng.choice(".?!")
+            for _ in range(n_lines)]
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    return train_tokenizer(iter(tiny_text()), path, vocab_size=320)
+
+
+def tiny_model(seed=0, **kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16,
+                max_seq_len=64)
+    torch.manual_seed(seed)
+    return M.Transformer(M.ModelArgs(**{**base, **kw})).eval()
+
+
+def write_checkpoint(folder, model, tok_path, n_shards=1, meta=False):
+    """Our layout (params.json = asdict(ModelArgs)), or Meta's release layout: only Meta's keys
+    in params.json, vocab_size -1, tokenizer.model in the parent folder."""
+    os.makedirs(folder, exist_ok=True)
+    params = asdict(model.args)
+    if meta:
+        params = {k: params[k] for k in ("dim", "multiple_of", "n_heads", "n_layers", "norm_eps")}
+        params["vocab_size"] = -1
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params, f)
+    for i, shard in enumerate(M.split_state_dict(model.state_dict(), n_shards)):
+        torch.save(shard, os.path.join(folder, f"consolidated.{i:02d}.pth"))
+    where = os.path.dirname(os.path.abspath(folder)) if meta else folder
+    shutil.copyfile(tok_path, os.path.join(where, "tokenizer.model"))
+    return str(folder)
+
+
+def greedy_by_recomputation(model, prompt, n):
+    """The plain definition: run the whole sequence again for every new token, no cache."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))                    # (1, T, V)
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_batched_decoding_equals_full_recomputation(static):
+    model = tiny_model()
+    prompts = [[1, 5, 9, 200, 17, 3, 44, 81, 12], [1], [1, 77, 78, 79]]   # different lengths
+    outs = G.generate_tokens(model, prompts, 8, temperature=0.0, static=static)
+    for prompt, out in zip(prompts, outs):
+        assert out == greedy_by_recomputation(model, prompt, 8)
+    assert model.layers[0].attention.cache_k is None              # the cache is released
+
+
+def test_static_step_equals_forward_logits():
+    model = tiny_model()
+    with torch.inference_mode():
+        model.setup_cache(2, 16)
+        model(torch.tensor([[1, 4, 9, 16], [1, 8, 27, 64]]), 0)
+        tok = torch.tensor([[25], [125]])
+        expected = model(tok, 4)                                   # (2, 1, V)
+        got = G.static_step(model, tok, torch.tensor(4))           # rewrites position 4 alike
+        model.clear_cache()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_stops_each_row_and_is_excluded():
+    model = tiny_model()
+    prompts = [[1, 10, 11], [1, 12]]
+    free = G.generate_tokens(model, prompts, 10, temperature=0.0)
+    eos = free[0][3]
+    outs = G.generate_tokens(model, prompts, 10, temperature=0.0, eos_id=eos)
+    assert outs[0] == free[0][:free[0].index(eos)]
+    assert outs[1] == (free[1][:free[1].index(eos)] if eos in free[1] else free[1])
+    assert all(len(o) == 10 for o in free)                        # max_new_tokens per row
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    assert torch.equal(G.sample(logits, temperature=0), logits.argmax(-1))
+    assert torch.equal(G.sample(logits, 1.0, top_p=1.0, top_k=1, generator=g), logits.argmax(-1))
+    # probabilities 0.5 0.3 0.15 0.05: the nucleus of p=0.7 is {0, 1} (0.5 < 0.7 <= 0.8)
+    row = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    drawn = G.sample(row, 1.0, top_p=0.7, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.04   # renormalized
+    assert set(G.sample(row, 1.0, top_p=1.0, top_k=3, generator=g).tolist()) == {0, 1, 2}
+    assert set(G.sample(row, 1.0, top_p=1.0, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+def test_seed_makes_sampling_reproducible():
+    model = tiny_model()
+    prompts = [[1, 3, 5], [1, 7]]
+    a = G.generate_tokens(model, prompts, 12, temperature=1.0, top_p=0.95, seed=3)
+    b = G.generate_tokens(model, prompts, 12, temperature=1.0, top_p=0.95, seed=3)
+    c = G.generate_tokens(model, prompts, 12, temperature=1.0, top_p=0.95, seed=4)
+    assert a == b and a != c
+
+
+def test_text_api_keeps_the_leading_space(tok_path):
+    model, tok = tiny_model(), Tokenizer(tok_path)
+    texts = G.generate(model, tok, ["the cat sat", "a dog"], max_new_tokens=6, temperature=0)
+    ids = G.generate_tokens(model, [tok.encode(p) for p in ["the cat sat", "a dog"]], 6,
+                            temperature=0, eos_id=tok.eos_id)
+    for prompt, text, new in zip(["the cat sat", "a dog"], texts, ids):
+        assert prompt + text == tok.decode(tok.encode(prompt) + new)
+
+
+def test_prompt_too_long_is_refused():
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        G.generate_tokens(tiny_model(), [[1] * 60], 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decoding_equals_plain_decoding():
+    model = tiny_model(max_seq_len=128).cuda()
+    prompts = [[1, 5, 9, 200], [1], [1, 77, 78, 79, 80, 81]]
+    plain = G.generate_tokens(model, prompts, 16, temperature=0.0)
+    graph = G.generate_tokens(model, prompts, 16, temperature=0.0, static=True, cuda_graph=True)
+    assert plain == graph
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def test_ours_loads_with_same_logits_and_fp32_rope(tmp_path, tok_path):
+    model = tiny_model()
+    ckpt = write_checkpoint(tmp_path / "ours", model, tok_path)
+    loaded, tok = G.load_model(ckpt)
+    x = torch.tensor([[1, 5, 9, 13]])
+    assert torch.equal(loaded(x), model(x)) and tok.n_words == 320
+    half, _ = G.load_model(ckpt, dtype=torch.bfloat16, max_seq_len=32)
+    assert half.output.weight.dtype == torch.bfloat16 and half.rope_cos.dtype == torch.float32
+    assert half.rope_cos.shape[0] == 32 and not half.training
+
+
+def test_meta_two_shards_equal_one_shard(tmp_path, tok_path):
+    model = tiny_model(n_kv_heads=4)                   # LLaMA-1: no grouped KV heads
+    one = write_checkpoint(tmp_path / "release" / "7B", model, tok_path, 1, meta=True)
+    two = write_checkpoint(tmp_path / "release" / "7B-tp2", model, tok_path, 2, meta=True)
+    half = torch.load(os.path.join(two, "consolidated.01.pth"), weights_only=True)
+    assert half["layers.0.attention.wq.weight"].shape == (32, 64)      # really split
+    texts = []
+    for ckpt in (one, two):
+        m, tok = G.load_model(ckpt)
+        assert m.args.vocab_size == 320 and m.args.max_seq_len == 2048   # Meta's defaults
+        texts.append(G.generate(m, tok, ["the cat", "is it true that the sun"], 12,
+                                temperature=0))
+    assert texts[0] == texts[1]
+    args, state, _ = G.read_checkpoint(two)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_permute_rows_is_the_rotate_half_layout():
+    w = torch.arange(6.0)[:, None].expand(6, 2)        # one head, E = 6: row i holds i
+    assert G.permute_rows(w, 1, to_hf=True)[:, 0].tolist() == [0, 2, 4, 1, 3, 5]
+    w = torch.randn(4 * 8, 5)
+    assert torch.equal(G.permute_rows(G.permute_rows(w, 4, True), 4, False), w)
+
+
+def hf_style_logits(folder, ids):
+    """An independent Llama forward in Hugging Face's layout and names: rotate-half rotary
+    embeddings, q/k/v/o_proj, gate/up/down_proj. Written from the HF modeling equations."""
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    W = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            W.update(load_file(os.path.join(folder, name)))
+    D, H, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E, T = D // H, len(ids)
+    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, E, 2).float() / E)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate_half(x):
+        return torch.cat([-x[..., E // 2:], x[..., :E // 2]], -1)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"]) * w
+
+    h = W["model.embed_tokens.weight"][torch.tensor(ids)]                # (T, D)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, W[p + "input_layernorm.weight"])
+        q = (x @ W[p + "self_attn.q_proj.weight"].T).view(T, H, E).transpose(0, 1)
+        k = (x @ W[p + "self_attn.k_proj.weight"].T).view(T, K, E).transpose(0, 1)
+        v = (x @ W[p + "self_attn.v_proj.weight"].T).view(T, K, E).transpose(0, 1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(H // K, 0), v.repeat_interleave(H // K, 0)
+        att = (q @ k.transpose(-1, -2) / E ** 0.5).masked_fill(~causal, float("-inf"))
+        out = (att.softmax(-1) @ v).transpose(0, 1).reshape(T, D)
+        h = h + out @ W[p + "self_attn.o_proj.weight"].T
+        x = rms(h, W[p + "post_attention_layernorm.weight"])
+        gate, up = x @ W[p + "mlp.gate_proj.weight"].T, x @ W[p + "mlp.up_proj.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * up) @ W[p + "mlp.down_proj.weight"].T
+    return rms(h, W["model.norm.weight"]) @ W["lm_head.weight"].T       # (T, V)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [5 << 30, 100_000])
+def test_hf_export_matches_independent_forward_and_reads_back(tmp_path, tok_path, max_shard_bytes):
+    model = tiny_model()
+    ckpt = write_checkpoint(tmp_path / "ours", model, tok_path)
+    out = str(tmp_path / "hf")
+    G.export_hf(*G.read_checkpoint(ckpt), out, max_shard_bytes=max_shard_bytes)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert cfg["intermediate_size"] == model.args.ffn_hidden and cfg["num_key_value_heads"] == 2
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    if max_shard_bytes < 1 << 20:
+        index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+        assert len(files) > 1 and set(index["weight_map"].values()) == set(files)
+    else:
+        assert files == ["model.safetensors"]
+    ids = [1, 7, 42, 99, 5, 300, 2, 18]
+    ours = model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(hf_style_logits(out, ids), ours, rtol=1e-4, atol=1e-4)
+    back, tok = G.load_model(out)
+    assert torch.equal(back(torch.tensor([ids]))[0], ours)
+    assert back.args.ffn_hidden == model.args.ffn_hidden and tok.n_words == 320
+
+
+@pytest.mark.parametrize("dim,hidden", [(4096, 11008), (64, 176), (64, 96), (2048, 5632)])
+def test_hf_intermediate_size_is_reproduced(dim, hidden):
+    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G._ffn_args(dim, hidden))
+    assert args.ffn_hidden == hidden
+
+
+# --- bad input: one-line errors that say what is wrong -----------------------------------------
+
+def one_line_error(exc_type, fn, *args):
+    with pytest.raises(exc_type) as info:
+        fn(*args)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_missing_files(tmp_path, tok_path):
+    assert "does not exist" in one_line_error(FileNotFoundError, G.load_model, str(tmp_path / "no"))
+    (tmp_path / "empty").mkdir()
+    assert "neither params.json" in one_line_error(FileNotFoundError, G.read_checkpoint,
+                                                   str(tmp_path / "empty"))
+    ckpt = write_checkpoint(tmp_path / "a" / "b", tiny_model(), tok_path, 3 - 1)
+    os.remove(os.path.join(ckpt, "tokenizer.model"))
+    assert "no tokenizer.model" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+    shutil.copyfile(tok_path, os.path.join(ckpt, "tokenizer.model"))
+    os.rename(os.path.join(ckpt, "consolidated.01.pth"), os.path.join(ckpt, "consolidated.02.pth"))
+    assert "must all be present" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+    for f in os.listdir(ckpt):
+        if f.endswith(".pth"):
+            os.remove(os.path.join(ckpt, f))
+    assert "no consolidated" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+
+
+def test_shapes_that_do_not_match_params_json(tmp_path, tok_path):
+    ckpt = write_checkpoint(tmp_path / "c", tiny_model(), tok_path)
+    params = json.load(open(os.path.join(ckpt, "params.json")))
+    json.dump({**params, "dim": 128}, open(os.path.join(ckpt, "params.json"), "w"))
+    msg = one_line_error(ValueError, G.load_model, ckpt)
+    assert "params.json" in msg and "(320, 64)" in msg and "implies (320, 128)" in msg
+    assert "different models" in msg
+
+
+def test_tokenizer_of_another_model(tmp_path, tok_path):
+    ckpt = write_checkpoint(tmp_path / "d", tiny_model(), tok_path)
+    train_tokenizer(iter(tiny_text(seed=1)), os.path.join(ckpt, "tokenizer.model"), vocab_size=300)
+    msg = one_line_error(ValueError, G.load_model, ckpt)
+    assert "300 pieces" in msg and "embeds 320" in msg
+
+
+def test_hf_folder_without_weights(tmp_path, tok_path):
+    out = str(tmp_path / "hf")
+    G.export_hf(*G.read_checkpoint(write_checkpoint(tmp_path / "e", tiny_model(), tok_path)), out)
+    os.remove(os.path.join(out, "model.safetensors"))
+    assert "no *.safetensors" in one_line_error(FileNotFoundError, G.load_model, out)
+
+
+# --- the command line and the speed bound ------------------------------------------------------
+
+def test_weight_bytes_leave_out_the_embedding():
+    model = tiny_model()
+    assert G.weight_bytes(model) == 4 * M.count_parameters(model.args, embedding=False)
+    assert G.memory_bandwidth("cpu", nbytes=8 << 20, reps=2) > 1e8     # > 0.1 GB/s on anything
+
+
+def test_main_streams_prints_rates_and_exports(tmp_path, tok_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "f", tiny_model(), tok_path)
+    G.main(["--ckpt", ckpt, "--prompt", "the cat", "--max-new-tokens", "5", "--temperature", "0"])
+    out = capsys.readouterr().out
+    model, tok = G.load_model(ckpt)
+    expected = G.generate(model, tok, ["the cat"], 5, temperature=0)[0]
+    assert out.startswith("the cat" + expected + "\n")
+    assert "tokens/s" in out and "memory bandwidth / weight bytes" in out
+    G.main(["--ckpt", ckpt, "--prompt", "a", "--prompt", "the dog", "--max-new-tokens", "3",
+            "--export-hf", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert "[0] a" in out and "[1] the dog" in out
+    assert os.path.isfile(tmp_path / "hf" / "config.json")
+    with pytest.raises(SystemExit, match="error: checkpoint folder .* does not exist"):
+        G.main(["--ckpt", str(tmp_path / "missing"), "--prompt", "x"])
