@@ -219,15 +219,16 @@ def _write_atomic(path: str, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(cfg, step, model, optimizer, sampler, grid, args: M.ModelArgs, tok_path):
+def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
+                    tok_path):
     """Every rank calls this. dp rank 0 of each tp rank writes its shard; global rank 0 renames."""
     root = checkpoint_root(cfg)
     name = f"step-{step:06d}"
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
-    if grid.rank == 0:
+    if world.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)      # a leftover of a save killed midway
         os.makedirs(tmp)
-    _barrier(grid)
+    _barrier(world)
     shard = P.shard_state_dict(model, grid)         # collective-free: this rank's tp slice
     if grid.dp_rank == 0:
         r = grid.tp_rank
@@ -242,15 +243,15 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, grid, args: M.ModelArg
         for f in os.listdir(tmp):                   # flush before the rename makes it visible
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
-    _barrier(grid)
-    if grid.rank == 0:
+    _barrier(world)
+    if world.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                      # the folder appears complete, or not at all
         _write_atomic(os.path.join(root, "latest"), lambda p: open(p, "w").write(name))
         done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
         for old in done[:-cfg.keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier(grid)
+    _barrier(world)
     return final
 
 
@@ -292,8 +293,8 @@ def _set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
-def _barrier(grid):
-    if grid.world_size > 1:
+def _barrier(world):
+    if world.world_size > 1:
         dist.barrier()
 # ---------------------------------------------------------------------------------------------
 # 4. Measuring: peak FLOP/s, progress, metrics
@@ -381,15 +382,15 @@ def plot_losses(metrics_path: str, png_path: str):
 # 5. The training loop
 # ---------------------------------------------------------------------------------------------
 
-def setup_data(cfg: TrainConfig, grid):
+def setup_data(cfg: TrainConfig, world):
     """The token windows and the tokenizer; the demo corpus is built on first use."""
     if not os.path.isdir(cfg.data):
         if cfg.data != TrainConfig.data:
             raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
                               "prepare ... --out DIR`")
-        if grid.rank == 0:
+        if world.rank == 0:
             data.prepare_demo(cfg.data)
-        _barrier(grid)
+        _barrier(world)
     tok_path = os.path.join(cfg.data, "tokenizer.model")
     weights = data.parse_mix(cfg.mix) if cfg.mix else None
     sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
@@ -426,7 +427,7 @@ def check_resumable(ckpt: str, args: M.ModelArgs, grid):
                           "start a new run from its weights with --init-from")
 
 
-def build_model(cfg: TrainConfig, args: M.ModelArgs, state, grid):
+def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     # NOTE: every rank builds the same full model from the same seed, and parallel.py keeps each
     # rank's slice: the tensor-parallel shards are pieces of one initialization (so the result
     # does not depend on tp), and the data-parallel replicas start identical.
@@ -436,17 +437,17 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, grid):
         M.load_meta_state(model, state)
     model.set_attention_backend(cfg.attention)
     model.set_manual_ffn_backward(cfg.manual_ffn_backward)
-    model = P.parallelize(model, grid, sp=cfg.sp).to(grid.device)
+    model = P.parallelize(model, grid, sp=cfg.sp).to(world.device)
     P.apply_recompute(model, cfg.recompute)
-    return model, make_optimizer(model, cfg, grid.device)
+    return model, make_optimizer(model, cfg, world.device)
 
 
-def train(cfg: TrainConfig, dist_env) -> dict:
+def train(cfg: TrainConfig, world) -> dict:
     """The loop. Returns the per-step losses and validation losses (for tests and the caller)."""
-    grid = P.make_grid(dist_env, tp=cfg.tp)
-    main_rank = grid.rank == 0
+    grid = P.make_grid(world, tp=cfg.tp)
+    main_rank = world.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
-    device = grid.device
+    device = world.device
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
            else contextlib.nullcontext())
@@ -459,12 +460,12 @@ def train(cfg: TrainConfig, dist_env) -> dict:
         raise ConfigError(f"{cfg.out} already holds a run (latest {ckpt}); pass --resume to "
                           "continue it, or choose another --out")
 
-    sampler, tokenizer, tok_path = setup_data(cfg, grid)
+    sampler, tokenizer, tok_path = setup_data(cfg, world)
     args, init_state = model_args(cfg, tokenizer)
     resuming = ckpt is not None and (cfg.resume or restarted)
     if resuming:
         check_resumable(ckpt, args, grid)
-    model, optimizer = build_model(cfg, args, init_state, grid)
+    model, optimizer = build_model(cfg, args, init_state, world, grid)
     start = 0                                # optimizer steps already done
     if resuming:
         start = load_checkpoint(ckpt, model, optimizer, sampler, grid)
@@ -484,10 +485,10 @@ def train(cfg: TrainConfig, dist_env) -> dict:
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
         f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
-    say(f"grid: world {grid.world_size} = dp {grid.dp} x tp {grid.tp}; global batch "
+    say(f"grid: world {world.world_size} = dp {grid.dp} x tp {grid.tp}; global batch "
         f"{cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} tokens")
     say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
-        f"TFLOP/s peak per device [{peak_source}] * {grid.world_size} devices)")
+        f"TFLOP/s peak per device [{peak_source}] * {world.world_size} devices)")
 
     val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
 
@@ -552,7 +553,7 @@ def train(cfg: TrainConfig, dist_env) -> dict:
             dt = time.perf_counter() - t0
             losses[step] = step_loss
             tps = tokens_per_step / dt
-            mfu = tps * flops_token / (peak * grid.world_size)
+            mfu = tps * flops_token / (peak * world.world_size)
             if main_rank:
                 log_metrics(metrics, dict(step=step, loss=step_loss if math.isfinite(step_loss)
                                           else None, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
@@ -567,12 +568,12 @@ def train(cfg: TrainConfig, dist_env) -> dict:
                 say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
                 if main_rank:
                     log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
-            if _agree_to_stop(stop["signal"] is not None, grid):
+            if _agree_to_stop(stop["signal"] is not None, world):
                 say(f"\nsignal received: saving step {step} and stopping")
-                save_checkpoint(cfg, step, model, optimizer, sampler, grid, args, tok_path)
+                save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
                 return dict(losses=losses, val_losses=val_losses, stopped_at=step)
             if step % cfg.save_every == 0 or is_last:
-                save_checkpoint(cfg, step, model, optimizer, sampler, grid, args, tok_path)
+                save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
     finally:
         progress.close()
         for s, h in old_handlers.items():
@@ -585,11 +586,11 @@ def train(cfg: TrainConfig, dist_env) -> dict:
     return dict(losses=losses, val_losses=val_losses, stopped_at=None)
 
 
-def _agree_to_stop(local: bool, grid) -> bool:
+def _agree_to_stop(local: bool, world) -> bool:
     """All ranks must stop at the same step, or the checkpoint's collectives would hang."""
-    if grid.world_size == 1:
+    if world.world_size == 1:
         return local
-    flag = torch.tensor([1.0 if local else 0.0], device=grid.device)
+    flag = torch.tensor([1.0 if local else 0.0], device=world.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)              # COMM: world, max of one float
     return bool(flag.item())
 
@@ -670,25 +671,22 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    dist_env = None
+    world = None
     try:
-        world = P.world_size_from_env()
-        check_config(cfg, world)
+        world = P.init_distributed(device=cfg.device)
+        check_config(cfg, world.world_size)
         if cfg.bench:
-            if world > 1:
+            if world.world_size > 1:
                 raise ConfigError("--bench measures one process; run it with python, not torchrun")
-            device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available()
-                                  else "cpu")
-            return bench(cfg, device)
-        dist_env = P.init_distributed(cpu=cfg.device == "cpu")
-        return train(cfg, dist_env)
+            return bench(cfg, world.device)
+        return train(cfg, world)
     except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
-        if dist_env is None or dist_env.rank == 0:
+        if world is None or world.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, RunStopped) else 2)
     finally:
-        if dist_env is not None:
-            P.destroy(dist_env)
+        if world is not None:
+            P.destroy(world)
 
 
 if __name__ == "__main__":
