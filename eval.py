@@ -110,7 +110,8 @@ def _clean_wikihow(text: str) -> str:
 
 
 def read_hellaswag(get):
-    ctx = _clean_wikihow(f"{get('activity_label')}: {get('ctx_a')} {get('ctx_b').capitalize()}")
+    ctx_b = _clean_wikihow(get("ctx_b"))             # clean first: "[step] pour" -> "Pour"
+    ctx = _clean_wikihow(f"{get('activity_label')}: {get('ctx_a')} {ctx_b[:1].upper()}{ctx_b[1:]}")
     endings = [" " + _clean_wikihow(e) for e in get("endings")]
     return Example([ctx] * len(endings), endings, int(get("label")))
 
