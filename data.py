@@ -47,8 +47,8 @@ filter and "Wikipedia-reference" classifier need downloaded models; `prepare` ta
 languages and GitHub's repository licenses are metadata: the license is honored when a record
 carries it, never guessed. Dedup state (line hashes, MinHash signatures) is held in memory per
 source, which is fine for millions of documents, not for CommonCrawl: at that scale the work is
-sharded as CCNet does. Documents are not split across the train/val boundary by topic, so
-near-identical text can still sit on both sides.
+sharded as CCNet does. Dedup runs within a source, not across sources. Tokenization runs in
+one process (a few MB/s); a corpus of terabytes would tokenize its files in parallel.
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -61,6 +61,7 @@ import contextlib
 import gzip
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -151,13 +152,16 @@ def read_records(path: str, dropped: Counter):
     if os.path.getsize(path) == 0:
         dropped["empty_file"] += 1
         return
-    with open(path, "rb") as raw, (gzip.open(raw) if path.endswith(".gz") else raw) as f:
+    with open(path, "rb") as raw:
+        f = gzip.open(raw) if path.endswith(".gz") else raw  # raw.tell(): bytes read from disk
         try:
             if path.endswith(".txt"):
                 try:
-                    yield {"text": f.read().decode("utf-8")}, raw.tell()
+                    text = f.read().decode("utf-8")
                 except UnicodeDecodeError:
                     dropped["bad_utf8"] += 1
+                    return
+                yield {"text": text}, raw.tell()
                 return
             for line in f:
                 if not line.strip():
@@ -198,7 +202,7 @@ def _is_record(record) -> bool:
 def web_line_dedup(text: str, seen: set) -> str:
     """Drop every line already seen earlier in this source; blank lines stay as separators.
     PAPER: CCNet removes duplicated paragraphs across a shard: menus, cookie banners, footers
-    repeated on every page of a site [CCNet §3.1]. Lines are compared after lower-casing,
+    repeated on every page of a site [CCNet §3]. Lines are compared after lower-casing,
     mapping digits to 0 and dropping punctuation, so "© 2019" and "© 2020" are one line."""
     kept = []
     for line in text.split("\n"):
@@ -246,8 +250,8 @@ ENGLISH_WORDS = frozenset("the of and to a in is that for it as was with be by o
 
 
 def looks_english(text: str) -> bool:
-    """The stand-in for fastText language id [CCNet §3.2]: English prose is written in ASCII
-    letters, and about a third of its words are among the 30 most common English words; German
+    """The stand-in for fastText language id [CCNet §3]: English prose is written in ASCII
+    letters, and about a third of its words are among some 30 very common English words; German
     or French text scores under 10% on the second test, lists of names and numbers lower still."""
     words = re.findall(r"[^\W\d_]+", text.lower())
     if not words:
@@ -275,7 +279,7 @@ def code_license_ok(record: dict) -> bool:
 
 def code_license_header(text: str) -> str:
     """Remove the leading comment block when it is a license or copyright notice: it repeats in
-    every file of a project and teaches nothing [LLaMA §2.1: "boilerplate, such as headers"]."""
+    every file of a project and teaches nothing [LLaMA §2.1]."""
     lines = text.split("\n")
     i = 0
     while i < len(lines) and COMMENT_OR_BLANK.match(lines[i]):
@@ -315,7 +319,7 @@ def wiki_templates(text: str) -> str:
 
 def wiki_links(text: str) -> str:
     """[[target|label]] -> label, [[target]] -> target, [http://x label] -> label; file and
-    category links are dropped [LLaMA §2.1: "we remove hyperlinks"]."""
+    category links are dropped [LLaMA §2.1]."""
     text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text,
                   flags=re.I)
     text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
@@ -444,14 +448,15 @@ class Deduplicator:
     Exact: a 128-bit hash of the text. Near: each document is a set of 5-word shingles; its
     MinHash signature holds, for each of 128 random hash functions, the smallest hash over the
     set. Two signatures agree at a position with probability equal to the sets' Jaccard
-    similarity J. Checking every pair would be quadratic, so the signature is cut into 16 bands
-    of 8 values and only documents that agree on a whole band are compared (LSH): a pair with
-    J = 0.8 becomes a candidate with probability 1 - (1 - 0.8**8)**16 = 0.98, a pair with
-    J = 0.3 with probability 0.001. A candidate's overlap follows from J and the set sizes:
-    |A n B| = J (|A| + |B|) / (1 + J), divided by the smaller size.
+    similarity J. Checking every pair would be quadratic, so the signature is cut into 32 bands
+    of 4 values and only documents that agree on a whole band are compared (LSH). A candidate's
+    overlap follows from J and the set sizes: |A n B| = J (|A| + |B|) / (1 + J), divided by the
+    smaller size. Two equal-sized documents at the 0.8 threshold have J = 2/3 and become
+    candidates with probability 1 - (1 - (2/3)**4)**32 = 0.999; unrelated ones (J < 0.1) with
+    probability under 0.004.
     """
 
-    def __init__(self, overlap: float = DEFAULT_OVERLAP, num_perm: int = 128, bands: int = 16,
+    def __init__(self, overlap: float = DEFAULT_OVERLAP, num_perm: int = 128, bands: int = 32,
                  shingle: int = 5, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd
@@ -587,7 +592,7 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
         raise ValueError(f"give one or more sources with distinct names, got {names}")
     files = {name: source_files(folder) for name, _, folder in specs}
     tok = Tokenizer(tokenizer) if tokenizer else None
-    if weights is not None and set(weights) - set(names):
+    if set(weights or {}) - set(names):
         raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
                          f"the sources are {names}")
     if val_every < 2:
@@ -595,84 +600,68 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
     if os.path.exists(os.path.join(out_dir, "manifest.json")):
         raise FileExistsError(f"{out_dir!r} already holds a prepared dataset; delete it or choose "
                               "another --out")
-    created_out = not os.path.exists(out_dir)
+    created = [] if os.path.isdir(out_dir) else [out_dir]  # removed again if anything fails
     os.makedirs(out_dir, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".work-", dir=out_dir)
-    written = []
     try:
-        report = _prepare(specs, files, out_dir, work, tok, vocab_size, weights, val_every,
-                          language_id, quality, quiet, written)
-    except BaseException:
-        for path in reversed(written):  # this call's output only; a pre-existing folder stays
+        with tempfile.TemporaryDirectory(prefix=".work-", dir=out_dir) as work:
+            clock = [time.perf_counter()]
+            stats = {}
+            for name, kind, _ in specs:  # pass 1: clean and dedup into work/NAME.{train,val}
+                stats[name] = _clean_source(name, kind, files[name], work, val_every,
+                                            rules_for(kind, language_id, quality), quiet)
+                if stats[name]["kept"] == 0:
+                    raise ValueError(f"source {name!r}: no documents left after filtering (read "
+                                     f"{stats[name]['read']}, dropped {stats[name]['dropped']}); "
+                                     "check its folder and its kind")
+            clock.append(time.perf_counter())
+            created.append(os.path.join(out_dir, "tokenizer.model"))
+            if tok is None:  # SentencePiece learns from the cleaned training text, line by line
+                lines = (line for name in names for doc in _read_docs(work, name, "train")
+                         for line in doc.split("\n") if line.strip())
+                tok = Tokenizer(train_tokenizer(lines, created[-1], vocab_size=vocab_size))
+            else:
+                with open(tok.path, "rb") as src, atomic_write(created[-1]) as dst:
+                    shutil.copyfileobj(src, dst)
+            clock.append(time.perf_counter())
+            dtype = "uint16" if tok.n_words <= 2**16 else "uint32"
+            clean_bytes = sum(os.path.getsize(os.path.join(work, f)) for f in os.listdir(work))
+            bar, done = Progress("tokenize", clean_bytes, quiet), 0
+            for name in names:  # pass 2: tokenize into out_dir/NAME/{train,val}.{bin,idx}
+                created.append(os.path.join(out_dir, name))
+                os.makedirs(created[-1], exist_ok=True)
+                for split in ("train", "val"):
+                    stats[name][split] = _write_shard(work, name, split, created[-1], tok, dtype)
+                    done += os.path.getsize(os.path.join(work, f"{name}.{split}"))
+                    bar.show(done)
+            bar.show(done, final=True)
+            clock.append(time.perf_counter())
+            if weights is None:
+                table1 = all(name in TABLE1 for name in names)
+                weights = {n: TABLE1[n][0] if table1 else stats[n]["train"]["tokens"] for n in names}
+            seconds = dict(zip(("clean", "tokenizer", "tokenize"), np.diff(clock).tolist()))
+            report = dict(sources=stats, seconds=seconds, tokenizer_trained=tokenizer is None,
+                          tokenize_mb_per_s=clean_bytes / 1e6 / max(seconds["tokenize"], 1e-9))
+            manifest = dict(format=1, tokenizer="tokenizer.model", vocab_size=tok.n_words,
+                            dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id, weights=weights,
+                            sources={n: dict(kind=stats[n]["kind"], train=stats[n]["train"],
+                                             val=stats[n]["val"]) for n in names})
+            for filename, content in (("stats.json", report), ("manifest.json", manifest)):
+                created.append(os.path.join(out_dir, filename))  # the manifest last: it marks
+                with atomic_write(created[-1]) as f:             # the build complete
+                    f.write(json.dumps(content, indent=2).encode())
+    except BaseException:  # Ctrl-C included: remove this call's output, leave the user's files
+        for path in reversed(created):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             elif os.path.exists(path):
                 os.remove(path)
         raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if created_out and not os.listdir(out_dir):
-            os.rmdir(out_dir)
     return report
 
 
-def _prepare(specs, files, out_dir, work, tok, vocab_size, weights, val_every, language_id,
-             quality, quiet, written):
-    t0 = time.perf_counter()
-    stats = {}
-    for name, kind, _ in specs:  # pass 1: clean and dedup each source into work/NAME.{train,val}
-        stats[name] = _clean_source(name, kind, files[name], work, val_every, language_id,
-                                    quality, quiet)
-        if stats[name]["kept"] == 0:
-            raise ValueError(f"source {name!r}: no documents left after filtering (read "
-                             f"{stats[name]['read']}, dropped {dict(stats[name]['dropped'])}); "
-                             "check its folder and its kind")
-    tok_path = os.path.join(out_dir, "tokenizer.model")
-    written.append(tok_path)
-    t1 = time.perf_counter()
-    trained = tok is None
-    if trained:  # the cleaned training text, line by line, is what SentencePiece learns from
-        lines = (line for name, _, _ in specs for doc in _read_docs(work, name, "train")
-                 for line in doc.split("\n") if line.strip())
-        tok = Tokenizer(train_tokenizer(lines, tok_path, vocab_size=vocab_size))
-    else:
-        shutil.copyfile(tok.path, tok_path + ".tmp")
-        os.replace(tok_path + ".tmp", tok_path)
-    t2 = time.perf_counter()
-    dtype = "uint16" if tok.n_words <= 2**16 else "uint32"
-    clean_bytes = sum(os.path.getsize(os.path.join(work, f)) for f in os.listdir(work))
-    bar, done = Progress("tokenize", clean_bytes, quiet), 0
-    for name, _, _ in specs:  # pass 2: tokenize into out_dir/NAME/{train,val}.{bin,idx}
-        written.append(os.path.join(out_dir, name))
-        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-        for split in ("train", "val"):
-            stats[name][split] = _write_shard(work, name, split, os.path.join(out_dir, name),
-                                              tok, dtype)
-            done += os.path.getsize(os.path.join(work, f"{name}.{split}"))
-            bar.show(done)
-    bar.show(done, final=True)
-    t3 = time.perf_counter()
-    if weights is None:
-        table1 = all(name in TABLE1 for name in stats)
-        weights = {n: TABLE1[n][0] if table1 else s["train"]["tokens"] for n, s in stats.items()}
-    report = dict(sources=stats, seconds=dict(clean=t1 - t0, tokenizer=t2 - t1, tokenize=t3 - t2),
-                  tokenize_mb_per_s=clean_bytes / 1e6 / max(t3 - t2, 1e-9),
-                  tokenizer=dict(trained=trained, pieces=tok.n_words))
-    manifest = dict(format=1, tokenizer="tokenizer.model", vocab_size=tok.n_words, dtype=dtype,
-                    bos_id=tok.bos_id, eos_id=tok.eos_id, weights=weights,
-                    sources={n: dict(kind=s["kind"], train=s["train"], val=s["val"])
-                             for n, s in stats.items()})
-    for filename, content in (("stats.json", report), ("manifest.json", manifest)):
-        written.append(os.path.join(out_dir, filename))
-        with atomic_write(written[-1]) as f:  # the manifest last: it marks the build complete
-            f.write(json.dumps(content, indent=2).encode())
-    return report
-
-
-def _clean_source(name, kind, files, work, val_every, language_id, quality, quiet) -> dict:
+def _clean_source(name, kind, files, work, val_every, rules, quiet) -> dict:
     """Pass 1 for one source: read, clean, dedup; kept documents go to work/NAME.{train,val}
     as one JSON string per line. Every document read is either kept or counted under a rule."""
-    rules = rules_for(kind, language_id, quality)
     dedup = Deduplicator(NEAR_DUP_OVERLAP.get(kind, DEFAULT_OVERLAP))
     dropped, removed, read, kept = Counter(), Counter(), 0, 0
     total = sum(os.path.getsize(p) for p in files)
@@ -709,15 +698,15 @@ def _write_shard(work, name, split, folder, tok, dtype) -> dict:
     """Tokenize one split as <s> doc </s> per document into SPLIT.bin, offsets into SPLIT.idx."""
     offsets, docs = [0], _read_docs(work, name, split)
     with atomic_write(os.path.join(folder, f"{split}.bin")) as f:
-        while batch := [text for _, text in zip(range(512), docs)]:
-            # PERF: one batched call lets SentencePiece's C++ run over 512 documents at once;
-            # Tokenizer.encode(text, bos=True, eos=True) is the same, one document at a time.
-            pieces = [[tok.bos_id] + ids + [tok.eos_id] for ids in tok.sp.encode(batch)]
-            offsets += (offsets[-1] + np.cumsum([len(p) for p in pieces])).tolist()
-            f.write(np.array([t for p in pieces for t in p], dtype=dtype).tobytes())
+        while batch := list(itertools.islice(docs, 512)):
+            # PERF: one call encodes 512 documents in SentencePiece's C++; the same ids as
+            # Tokenizer.encode(text, bos=True, eos=True), one document at a time.
+            ids = tok.sp.encode(batch, add_bos=True, add_eos=True)
+            offsets += (offsets[-1] + np.cumsum([len(x) for x in ids])).tolist()
+            f.write(np.concatenate([np.array(x, dtype=dtype) for x in ids]).tobytes())
     with atomic_write(os.path.join(folder, f"{split}.idx")) as f:
         f.write(np.array(offsets, dtype=np.int64).tobytes())
-    return dict(tokens=int(offsets[-1]), documents=len(offsets) - 1)
+    return dict(tokens=offsets[-1], documents=len(offsets) - 1)
 
 
 def read_document(data_dir: str, source: str, split: str, i: int) -> np.ndarray:
@@ -736,13 +725,15 @@ class MixtureSampler:
     """Windows of T+1 tokens from a prepared folder, mixed by weight, the same for any dp.
 
     Each source's token stream is cut into windows starting every T tokens (consecutive windows
-    share one token, so every token is predicted once per epoch); an epoch visits all of them in
+    share one token, so each token but a last partial window is predicted once per epoch); an
+    epoch visits all of them in
     an order reshuffled from (seed, source, epoch). Which source serves the next window is not
     random: it is the one furthest below its target share, weight * windows served so far. The
     realized shares are then exact to within one window, and the whole stream is a function of
     the counts of windows served per source -- which is all `state_dict` needs to hold.
 
-    The global batch is the next B windows of that one stream; rank r of dp takes rows
+    Documents are packed: a window may end one document (</s>) and begin the next (<s>), so no
+    token is padding. The global batch is the next B windows of that one stream; rank r takes rows
     [r B/dp, (r+1) B/dp). Every rank computes the same schedule (a few microseconds per window)
     and reads only its own rows, so dp = 1, 2, 4 train on identical global batches.
     """
@@ -837,7 +828,8 @@ class MixtureSampler:
 
 def validation_windows(data_dir: str, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
     """(n_windows, T+1) fixed windows of the held-out documents, mixed by the default weights
-    over the sources whose val split holds at least one window."""
+    over the sources whose val split holds at least one window (a source whose val windows run
+    out repeats them, as the training stream repeats a small source)."""
     manifest = load_manifest(data_dir)
     weights = {n: w for n, w in manifest["weights"].items()
                if w > 0 and manifest["sources"][n]["val"]["tokens"] > seq_len}
@@ -852,9 +844,11 @@ def validation_windows(data_dir: str, seq_len: int, n_windows: int, seed: int = 
 # ---------------------------------------------------------------------------------------------
 
 # Three sources that every Python installation carries, offline. Their weights mirror Table 1 in
-# miniature: the small, clean `reference` is up-weighted and repeats (about 2.5 epochs in a
-# five-minute CPU run, like Wikipedia's 2.45), the large `code` is seen less than once.
+# miniature: over a run as long as the training split (1.7M tokens with Python 3.11), the small
+# `reference` is seen 2.7 times, like Wikipedia's 2.45, and the large `code` 0.7 times, like
+# GitHub's 0.64 (`python data.py stats data/demo` prints these epochs).
 DEMO_WEIGHTS = {"code": 0.5, "docs": 0.3, "reference": 0.2}
+DEMO_KINDS = {"code": "code", "docs": "text", "reference": "text"}
 DEMO_MB = {"code": 4.0, "docs": 1.5, "reference": 1.0}  # caps, in MB of raw text
 DEMO_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
              "pydoc_data", "__pycache__"}  # tests are huge and repetitive; pydoc_data is `reference`
@@ -904,17 +898,20 @@ def demo_records(scale: float = 1.0) -> dict:
             source = f.read().decode("utf-8", errors="replace")
         module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
         if size["code"] + len(source) <= caps["code"]:
-            records["code"].append({"text": source, "meta": {"path": module}})
+            records["code"].append({"text": source, "meta": {"module": module}})
             size["code"] += len(source)
         elif size["docs"] < caps["docs"]:
             try:
                 tree = ast.parse(source)
             except SyntaxError:
                 continue
-            entries = [f"Module {module}\n\n{ast.get_docstring(tree) or ''}".rstrip()]
-            text = "\n\n".join(entries + _module_docs(tree, ""))
-            records["docs"].append({"text": text, "meta": {"module": module}})
-            size["docs"] += len(text)
+            entries = [ast.get_docstring(tree) or ""] + _module_docs(tree, "")
+            if any(entries):
+                text = f"Module {module}\n\n" + "\n\n".join(e for e in entries if e)
+                records["docs"].append({"text": text, "meta": {"module": module}})
+                size["docs"] += len(text)
+        else:
+            break
     for name in sorted(topics):
         if size["reference"] < caps["reference"]:
             records["reference"].append({"text": topics[name], "meta": {"topic": name}})
@@ -936,7 +933,7 @@ def prepare_demo(out_dir: str, vocab_size: int = 4096, scale: float = 1.0,
             os.makedirs(os.path.join(raw, name), exist_ok=True)
             with atomic_write(os.path.join(raw, name, "part-00000.jsonl")) as f:
                 f.write("".join(json.dumps(r) + "\n" for r in records).encode())
-            sources.append(f"{name}:{'code' if name == 'code' else 'text'}={raw}/{name}")
+            sources.append(f"{name}:{DEMO_KINDS[name]}={raw}/{name}")
         prepare(sources, out_dir, vocab_size=vocab_size, weights=DEMO_WEIGHTS, quiet=quiet)
     except BaseException:
         shutil.rmtree(out_dir if created_out else raw, ignore_errors=True)

@@ -147,6 +147,16 @@ def test_web_rules_in_order_on_a_page():
     assert data.clean_document(german, "web", rules, Counter()) == (None, "language_id")
 
 
+def test_language_and_quality_hooks_replace_the_heuristics():
+    page = {"text": "Der Rat hat beschlossen, eine neue Bibliothek zu bauen. Sie wird im nächsten "
+                    "Jahr eröffnet. Kinder haben eine eigene Etage mit vielen Büchern."}
+    german = data.rules_for("web", language_id=lambda text: "Rat" in text)
+    assert data.clean_document(page, "web", german, Counter())[1] is None
+    strict = data.rules_for("web", language_id=lambda text: True,
+                            quality=lambda text: len(text) > 1000)
+    assert data.clean_document(page, "web", strict, Counter()) == (None, "quality")
+
+
 # ---------------------------------------------------------------------------------------------
 # Deduplication
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +170,7 @@ def _random_docs(n, words=300, seed=0):
 def test_exact_and_near_duplicates_found_distinct_kept():
     docs = _random_docs(20)
     near = list(docs[5])
-    near[100:115] = ["edited"] * 15  # 15 of 300 words changed: ~95% of the text shared
+    near[100:115] = [f"new{i}" for i in range(15)]  # 15 of 300 words changed: ~95% shared
     half = docs[7][:150] + docs[8][150:]  # 50% from each of two documents: not a duplicate
     stream = [" ".join(d) for d in docs] + [" ".join(docs[3]), " ".join(near), " ".join(half)]
     dedup = data.Deduplicator()
@@ -170,9 +180,9 @@ def test_exact_and_near_duplicates_found_distinct_kept():
 
 
 def test_books_threshold_is_ninety_percent_overlap():
-    book = _random_docs(1, words=2000, seed=1)[0]
-    copy97 = book[:1940] + ["new"] * 60       # 97% overlap: dropped at 0.9
-    copy70 = book[:1400] + ["other"] * 600    # 70% overlap: kept at 0.9
+    book, other = _random_docs(2, words=2000, seed=1)
+    copy97 = book[:1940] + other[:60]     # 97% overlap: dropped at 0.9
+    copy70 = book[:1400] + other[:600]    # 70% overlap: kept at 0.9
     for variant, expected in ((copy97, "near_dup"), (copy70, None)):
         dedup = data.Deduplicator(data.NEAR_DUP_OVERLAP["books"])
         assert dedup.check(" ".join(book)) is None
@@ -241,11 +251,13 @@ def test_bad_input_is_counted_and_reported(corpus, tmp_path):
     (src / "bad.jsonl").write_bytes(b'{"text": "caf\xe9 in latin-1"}\n{"text": "cut off\n'
                                     b'{"meta": {"no": "text"}}\n{"text": ""}\n')
     (src / "latin1.txt").write_bytes("Schlo\xdf".encode("latin-1"))
+    whole = gzip.compress(b'{"text": "A document in a file that was cut short."}\n')
+    (src / "truncated.jsonl.gz").write_bytes(whole[:-12])  # the end-of-stream marker is lost
     (src / "empty.txt").write_bytes(b"")
     report = data.prepare([f"misc={src}"], str(tmp_path / "out"), tokenizer=model, quiet=True)
     stats = report["sources"]["misc"]
     assert stats["kept"] == 5
-    assert stats["dropped"] == {"bad_utf8": 2, "bad_json": 2, "empty_file": 1,
+    assert stats["dropped"] == {"bad_utf8": 2, "bad_json": 2, "empty_file": 1, "bad_gzip": 1,
                                 "empty_document": 1}
     assert json.load(open(tmp_path / "out" / "stats.json"))["sources"]["misc"]["dropped"] == \
         stats["dropped"]
