@@ -101,7 +101,8 @@ TABLE1 = {  # name: (share %, epochs, kind of cleaning)
     "stackexchange": (2.0, 1.03, "stackexchange"),
 }
 KINDS = ("web", "code", "wikipedia", "arxiv", "stackexchange", "books", "text")  # text: no rule
-VAL_EVERY = 50          # every 50th kept document of a source is held out for validation
+VAL_EVERY = 50  # kept documents 1, 51, 101, ... of each source are held out for validation, so
+                # that even a source of two documents has a validation split
 
 
 def parse_mix(text: str) -> Dict[str, float]:
@@ -560,19 +561,8 @@ def load_manifest(data_dir: str) -> dict:
 
 
 def is_complete(data_dir: str) -> bool:
-    """True when the manifest exists and every shard it lists has the size it records."""
-    try:
-        manifest = load_manifest(data_dir)
-    except FileNotFoundError:
-        return False
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for name, source in manifest["sources"].items():
-        for split in ("train", "val"):
-            base = os.path.join(data_dir, name, split)
-            if (not os.path.isfile(base + ".idx") or not os.path.isfile(base + ".bin")
-                    or os.path.getsize(base + ".bin") != source[split]["tokens"] * itemsize):
-                return False
-    return os.path.isfile(os.path.join(data_dir, "tokenizer.model"))
+    """A build is complete when its manifest exists: `prepare` writes it last, atomically."""
+    return os.path.isfile(os.path.join(data_dir, "manifest.json"))
 
 
 def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
@@ -676,7 +666,7 @@ def _clean_source(name, kind, files, work, val_every, rules, quiet) -> dict:
                 if rule:
                     dropped[rule] += 1
                     continue
-                split = val if kept % val_every == val_every // 2 else train
+                split = val if kept % val_every == 1 else train
                 split.write(json.dumps(text) + "\n")
                 kept += 1
                 bar.show(done + position)
