@@ -437,8 +437,9 @@ def clean_document(record: dict, kind: str, rules: list, removed: Counter):
 # 4. Deduplication
 # ---------------------------------------------------------------------------------------------
 
-# PAPER: books overlapping by more than 90% are dropped [LLaMA §2.1]; the other sources use the
-# usual 0.8. Overlap is the share of the smaller document's 5-word shingles found in the other.
+# PAPER: books overlapping by more than 90% are dropped [LLaMA §2.1]; the paper gives no threshold
+# for the other sources, and 0.8 is our choice. Overlap is the share of the smaller document's
+# 5-word shingles that the other also holds.
 NEAR_DUP_OVERLAP = {"books": 0.9}
 DEFAULT_OVERLAP = 0.8
 
@@ -448,7 +449,7 @@ class Deduplicator:
 
     Exact: a 128-bit hash of the text. Near: each document is a set of 5-word shingles; its
     MinHash signature holds, for each of 128 random hash functions, the smallest hash over the
-    set. Two signatures agree at a position with probability equal to the sets' Jaccard
+    set. Two signatures agree at a position with probability (about) the sets' Jaccard
     similarity J. Checking every pair would be quadratic, so the signature is cut into 32 bands
     of 4 values and only documents that agree on a whole band are compared (LSH). A candidate's
     overlap follows from J and the set sizes: |A n B| = J (|A| + |B|) / (1 + J), divided by the
@@ -476,7 +477,7 @@ class Deduplicator:
             shingles = shingles * np.uint64(1_000_003) + words[j:len(words) - k + 1 + j]
         shingles = np.unique((shingles ^ (shingles >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
         sig = np.full(len(self.a), 2**32 - 1, dtype=np.uint64)
-        for i in range(0, len(shingles), 4096):  # PERF: chunks bound memory to 128 x 4096 words
+        for i in range(0, len(shingles), 4096):  # PERF: chunks bound memory to 128 x 4096 values
             x = shingles[None, i:i + 4096]
             # multiply-add-shift: a universal hash of 32-bit keys into 32 bits (Dietzfelbinger)
             sig = np.minimum(sig, ((self.a[:, None] * x + self.b[:, None]) >> np.uint64(32)).min(1))
