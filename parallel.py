@@ -1,0 +1,912 @@
+"""
+parallel.py -- tensor, sequence and data parallelism for model.py's Transformer, proven equal to
+one process.
+
+model.py is the single-device reference and stays that way. This file takes a Transformer built
+on every rank from the same seed and, in place, swaps its modules for sharded ones (a short
+visible table, TP_PLAN), so that each rank of a tensor-parallel group holds one slice of the very
+same full initialization. Every collective is a named call with a `COMM:` tag saying its group
+and direction: `grep COMM: parallel.py` prints the communication schedule. Every parallel path
+degrades to the plain one when its axis has size 1, and one process is the default.
+
+    torchrun --nproc_per_node=4 train.py --preset tiny --tp 2 --sp     # how it is used
+    python -m pytest -q tests/test_parallel.py                         # proven equal to 1 process
+    python parallel.py                                                 # the accounting tables
+
+Reading order
+  1. The process grid        init_distributed, Grid (tp innermost; room for pp), make_grid
+  2. Checks                  check_config: refuse impossible splits before any work
+  3. Collectives             all_reduce, all_gather, reduce_scatter: the only calls to the wire
+  4. Conjugate operators     f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp [Korthikanti]
+  5. Parallel layers         column/row-parallel linears, the Region around a module, the
+                             vocabulary-parallel embedding; TP_PLAN and parallelize()
+  6. The loss                vocabulary-parallel cross-entropy: full logits are never gathered
+  7. Recomputation           none | selective | full, correct with any use of the RNG
+  8. Data parallelism        GradSync: naive all-reduce and overlapped buckets, side by side
+  9. Clipping                the global norm, each parameter counted once
+ 10. Checkpoints             shards in Meta's split; any tp degree loads any other
+ 11. Accounting              activation bytes per layer and bytes on the wire per step
+
+How one transformer block is split over tp = 2 ranks, with sequence parallelism (sp). Column-
+parallel matrices (wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by
+input columns, exactly Meta's shard split (model.shard_dim), so a shard here is a shard of
+`consolidated.NN.pth` (the embedding is the one exception, see VocabParallelEmbedding):
+
+      residual (B, T/tp, D)                           wq (H*E, D)          wo (D, H*E)
+        |  norm                                       +--------+           +----+----+
+        |  f_sp: all-gather T  (fwd)                  | rank 0 |  heads    |    |    |
+        |        reduce-scatter (bwd)                 +--------+  0..H/2   | r0 | r1 |
+      (B, T, D) ---> wq wk wv (this rank's heads)     | rank 1 |  H/2..H   |    |    |
+                     attention on H/tp, K/tp heads    +--------+           +----+----+
+                     wo -> partial sums (B, T, D)     split dim 0          split dim 1
+        |  g_sp: reduce-scatter T (fwd)
+        |        all-gather (bwd)
+      (B, T/tp, D) + residual                         same for the FFN: w1 w3 dim 0, w2 dim 1
+
+Without sp the residual stream is replicated, f is the identity forward (all-reduce backward) and
+g an all-reduce forward (identity backward) [PTD-P §2.3, Fig. 3]. With sp the residual stream,
+the norms and their saved activations are split along T, and each all-reduce becomes an
+all-gather plus a reduce-scatter: the same bytes, a tp-th of the activation memory [Korthikanti
+§4.2.2].
+
+Shape legend: B batch, T sequence, D model width, H query heads, K key/value heads, E head dim,
+F FFN hidden, V vocab, N = B*T tokens; a split dimension carries its divisor, (B, T/tp, D).
+
+Seed policy, stated once: tensor-parallel peers hold shards of one full initialization (every rank
+builds the full model from the same seed, then parallelize() slices it), so results do not depend
+on tp; data-parallel replicas are identical and differ only in their data.
+
+What this file leaves out: pipeline parallelism (the grid has its axis, of size 1 for now),
+ZeRO/FSDP sharding of optimizer state, fused or compute-overlapped tp collectives (Megatron
+overlaps the all-gather with the matmul), gradient buckets that are views into one flat buffer
+(we copy), and ignored target positions in the loss (every position is a target).
+
+Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
+Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
+"""
+
+import inspect
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from model import ModelArgs, SwiGLUFunction, Transformer, shard_dim
+
+# NOTE: model.py's hand-written SwiGLU backward (used by selective recomputation) takes the FFN
+# input x and the three weights, bypassing the w1/w3 modules: under sp it keeps the gathered
+# (B, T, D) input instead of the shard. If it takes the matmul outputs a, b instead (w1 and w3
+# then run as modules), the shard is kept. The accounting reads which one model.py has.
+SWIGLU_KEEPS_INPUT = "x" in inspect.signature(SwiGLUFunction.forward).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The process grid
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process in the world: what torchrun told it, and the device it computes on."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join the process group torchrun describes; one process when WORLD_SIZE is unset.
+
+    The only place torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+    are read. NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
+    """
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def destroy(world: Dist) -> None:
+    """Leave the process group (call it in a `finally`)."""
+    if world.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class Grid:
+    """The axes this rank sits on: sizes, its coordinate on each, and the group along each.
+
+    A group is None when its axis has size 1 (nothing to talk to). Passed explicitly to
+    everything that communicates; there is no global grid.
+    """
+    tp: int = 1
+    dp: int = 1
+    pp: int = 1
+    tp_rank: int = 0
+    dp_rank: int = 0
+    pp_rank: int = 0
+    tp_group: Any = None
+    dp_group: Any = None
+    pp_group: Any = None
+
+
+def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
+    """Lay the world out as a (pp, dp, tp) mesh, tensor parallel innermost.
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank. Tensor parallelism talks twice per sub-layer
+    in forward and twice in backward, on the critical path; consecutive ranks share a node (and
+    NVLink), so tp goes innermost. Data parallelism talks once per step and overlaps with
+    backward; pipeline parallelism sends one activation per micro-batch: both tolerate the
+    slower links between nodes. Eight ranks, tp=2, dp=4, pp=1:
+
+        tp groups [0 1] [2 3] [4 5] [6 7]        dp groups [0 2 4 6] [1 3 5 7]
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp={tp} and pp={pp} must be positive integers")
+    if world.world_size % (tp * pp):
+        raise ValueError(f"world size {world.world_size} is not divisible by tp*pp={tp * pp}; "
+                         f"launch a multiple of {tp * pp} processes or change --tp")
+    dp = world.world_size // (tp * pp)
+    r = world.rank
+    mesh = torch.arange(world.world_size).view(pp, dp, tp)
+
+    def group_along(axis: int):
+        # NOTE: new_group is collective: every rank creates every group, in the same order,
+        # including the groups it is not a member of.
+        size, mine = mesh.shape[axis], None
+        if size == 1:
+            return None
+        for ranks in mesh.movedim(axis, -1).reshape(-1, size).tolist():
+            group = dist.new_group(ranks)
+            if r in ranks:
+                mine = group
+        return mine
+
+    return Grid(tp=tp, dp=dp, pp=pp, tp_rank=r % tp, dp_rank=(r // tp) % dp,
+                pp_rank=r // (tp * dp), tp_group=group_along(2), dp_group=group_along(1),
+                pp_group=group_along(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Checks
+# ---------------------------------------------------------------------------------------------
+
+def check_config(args: ModelArgs, tp: int, sp: bool = False, seq_len: Optional[int] = None):
+    """Refuse, in one line, a split that cannot work. Needs no process group: call it first."""
+    if tp < 1:
+        raise ValueError(f"tp={tp} must be a positive integer")
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+             "vocab_size": args.vocab_size, "FFN hidden": args.ffn_hidden}
+    ok = [d for d in range(1, args.n_kv_heads + 1) if all(n % d == 0 for n in sizes.values())]
+    for name, n in sizes.items():
+        if n % tp:
+            raise ValueError(f"tp={tp} must divide {name}={n}; use one of "
+                             f"{', '.join(map(str, ok))}")
+    if sp and seq_len is not None and seq_len % tp:
+        raise ValueError(f"sequence parallelism splits the sequence over tp={tp}: seq_len="
+                         f"{seq_len} is not divisible; use a multiple of {tp}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Collectives
+# ---------------------------------------------------------------------------------------------
+# The three calls below (and GradSync's asynchronous all-reduce) are the only places bytes
+# leave this process. The tests count them by patching torch.distributed.
+#
+# PERF: all-gather and reduce-scatter concatenate along dim 0; the sequence is dim 1 of our
+# (B, T, D) activations, so each call transposes once. Megatron keeps activations (T, B, D) to
+# avoid the copy; we keep model.py's layout.
+
+def all_reduce(x, group, op=dist.ReduceOp.SUM):
+    """Sum (or max) of x over the group, in place; returns x."""
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def all_gather(x, dim: int, group):
+    """Concatenate every rank's x along dim: (.., n/tp, ..) -> (.., n, ..)."""
+    size = dist.get_world_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def reduce_scatter(x, dim: int, group):
+    """Sum x over the group and keep this rank's slice of dim: (.., n, ..) -> (.., n/tp, ..)."""
+    size = dist.get_world_size(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"cannot scatter dim {dim} of size {x.shape[dim]} over {size} ranks; "
+                         f"make it a multiple of {size}")
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    dist.reduce_scatter_single(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Conjugate operators
+# ---------------------------------------------------------------------------------------------
+# PAPER: f and g are conjugate: what one does forward, the other does backward [PTD-P §2.3,
+# Fig. 3]. A tensor-parallel region opens with f and closes with g. Under sequence parallelism
+# they become f_sp and g_sp, which Korthikanti calls g and g-bar [Korthikanti §4.2.2, Fig. 5];
+# we name them after the side of the region they sit on.
+
+class f(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient over tp backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_reduce(dy.clone(), ctx.group), None          # COMM: tp all-reduce, backward (f)
+
+
+class g(torch.autograd.Function):
+    """All-reduce over tp forward (sums the partial outputs); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.clone(), group)                      # COMM: tp all-reduce, forward (g)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+class f_sp(torch.autograd.Function):
+    """All-gather along T forward, (B, T/tp, D) -> (B, T, D); reduce-scatter backward.
+
+    `region`, when given, is told that its backward is over (see Region.regather).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, region=None):
+        ctx.group, ctx.region = group, region
+        return all_gather(x, 1, group)                           # COMM: tp all-gather, forward (f_sp)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.region is not None:
+            ctx.region.regathered = None                         # every column linear is done
+        return reduce_scatter(dy, 1, ctx.group), None, None      # COMM: tp reduce-scatter, backward (f_sp)
+
+
+class g_sp(torch.autograd.Function):
+    """Reduce-scatter along T forward, (B, T, D) partial -> (B, T/tp, D) summed; all-gather back."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, 1, group)                       # COMM: tp reduce-scatter, forward (g_sp)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather(dy, 1, ctx.group), None                # COMM: tp all-gather, backward (g_sp)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Parallel layers
+# ---------------------------------------------------------------------------------------------
+
+def shard(full: torch.Tensor, dim: int, grid: Grid) -> torch.Tensor:
+    """This tp rank's slice of a full tensor along dim (a copy, so the full one can be freed)."""
+    return full.detach().chunk(grid.tp, dim)[grid.tp_rank].clone()
+
+
+class Region:
+    """Where one module's input enters tensor-parallel work and where its output leaves it.
+
+    Installed as a forward pre-hook (enter: f, or f_sp under sp) and a forward hook (leave: g, or
+    g_sp) on an unchanged model.py module, so the module's own forward and its state_dict keys
+    stay as they are. Several column-parallel linears read the one entered input (wq wk wv, or
+    w1 w3), so the forward gather and the backward reduction happen once per module, not once
+    per linear: the gradients of the three meet in autograd before f's backward runs.
+
+    keep_shard (sp only): the gathered (B, T, D) input would be saved by each column linear for
+    its weight gradient; instead they save this rank's (B, T/tp, D) shard and gather it again in
+    backward, once for all of them [Korthikanti §4.2.2]. keep_shard=False is the naive version
+    (more memory, one all-gather fewer); both are tested equal.
+    """
+
+    def __init__(self, grid: Grid, sp: bool, leaves: bool = True, keep_shard: bool = True):
+        self.grid, self.sp, self.leaves, self.keep_shard = grid, sp, leaves, keep_shard
+        self.entered = None        # (full, shard) while the module runs forward, under sp
+        self.regathered = None     # (shard, full) rebuilt in backward, until f_sp's backward
+
+    def enter(self, module, args):
+        x = args[0]
+        if not self.sp:
+            return (f.apply(x, self.grid.tp_group), *args[1:])
+        full = f_sp.apply(x, self.grid.tp_group, self)           # (B, T/tp, D) -> (B, T, D)
+        self.entered = (full, x) if self.keep_shard else None
+        return (full, *args[1:])
+
+    def leave(self, module, args, out):
+        self.entered = None
+        if not self.leaves:
+            return out
+        return (g_sp if self.sp else g).apply(out, self.grid.tp_group)
+
+    def shard_of(self, x):
+        """The shard x was gathered from, if x is this region's entered input; else None."""
+        return self.entered[1] if self.entered is not None and x is self.entered[0] else None
+
+    def regather(self, shard):
+        if self.regathered is None or self.regathered[0] is not shard:
+            full = all_gather(shard, 1, self.grid.tp_group)      # COMM: tp all-gather, backward (keep_shard)
+            self.regathered = (shard, full)
+        return self.regathered[1]
+
+
+class LinearKeepShard(torch.autograd.Function):
+    """y = full W^T, saving the (B, T/tp, D) shard instead of full; full is regathered backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, full, shard_, weight, region):
+        ctx.region = region
+        ctx.save_for_backward(shard_, weight)
+        return F.linear(full, weight)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        shard_, weight = ctx.saved_tensors
+        full = ctx.region.regather(shard_)                       # (B, T, D)
+        dx = dy @ weight                                         # (B, T, D), this rank's part
+        dw = dy.flatten(0, -2).t() @ full.flatten(0, -2).to(dy.dtype)
+        return dx.to(full.dtype), None, dw.to(weight.dtype), None
+
+
+class ColumnParallelLinear(nn.Module):
+    """A Linear whose output features (rows of W) are split: y_r = x W_r^T, (.., out/tp).
+
+    No communication of its own: its input has already entered the region (replicated, or
+    gathered under sp), and its output stays split (heads, FFN columns, vocabulary).
+    """
+
+    def __init__(self, full: nn.Linear, grid: Grid, region: Optional[Region] = None):
+        super().__init__()
+        self.weight = nn.Parameter(shard(full.weight, 0, grid))  # (out/tp, in)
+        self.region = region
+
+    def forward(self, x):
+        shard_ = self.region.shard_of(x) if self.region is not None else None
+        if shard_ is None:
+            return F.linear(x, self.weight)
+        return LinearKeepShard.apply(x, shard_, self.weight, self.region)
+
+
+class RowParallelLinear(nn.Module):
+    """A Linear whose input features (columns of W) are split: y = sum_r x_r W_r^T.
+
+    Each rank computes one term of the sum, a partial (B, T, D); the region's exit (g or g_sp)
+    adds the terms. Input split = the previous column-parallel output: no communication between.
+    """
+
+    def __init__(self, full: nn.Linear, grid: Grid, region: Optional[Region] = None):
+        super().__init__()
+        self.weight = nn.Parameter(shard(full.weight, 1, grid))  # (out, in/tp)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)                          # (B, T, D), partial sum
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary rows; each rank looks up the tokens it owns.
+
+    A rank holds rows [start, start + V/tp); other tokens get zero vectors; g (all-reduce) adds
+    the per-rank tables' answers, or under sp g_sp adds them and keeps this rank's T/tp
+    positions, which is where the residual stream starts. NOTE: Meta splits this table by width
+    (dim 1) in its files; rows need no gather of the whole (B, T, D) in backward. Checkpoints are
+    converted to Meta's split on save (shard_state_dict) and sliced by rows on load.
+    """
+
+    def __init__(self, full: nn.Embedding, grid: Grid, sp: bool):
+        super().__init__()
+        self.weight = nn.Parameter(shard(full.weight, 0, grid))  # (V/tp, D)
+        self.grid, self.sp = grid, sp
+        self.start = grid.tp_rank * self.weight.shape[0]
+
+    def forward(self, tokens):
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside[..., None], 0.0)               # (B, T, D), partial
+        return (g_sp if self.sp else g).apply(h, self.grid.tp_group)
+
+
+# The swap table: for each module of model.py's Transformer, which Linear becomes which. Read it
+# with the sketch in the docstring. Column = split by output rows (dim 0: heads, FFN columns,
+# vocabulary); row = split by input columns (dim 1).
+TP_PLAN = {
+    "tok_embeddings":        VocabParallelEmbedding,     # rows (vocab); leaves through g / g_sp
+    "layers.*.attention":    {"wq": ColumnParallelLinear, "wk": ColumnParallelLinear,
+                              "wv": ColumnParallelLinear, "wo": RowParallelLinear},
+    "layers.*.feed_forward": {"w1": ColumnParallelLinear, "w3": ColumnParallelLinear,
+                              "w2": RowParallelLinear},
+    "output":                ColumnParallelLinear,       # vocab; enters, logits stay (B, T, V/tp)
+}
+
+
+def parallelize(model: Transformer, grid: Grid, sp: bool = False,
+                keep_shard: bool = True) -> Transformer:
+    """Swap model's modules for their tensor-parallel shards, in place, following TP_PLAN.
+
+    model must be the full model, built identically on every rank (same seed). Build the
+    optimizer after this call: the parameters are new objects. A no-op at tp=1 (sp included).
+    """
+    check_config(model.args, grid.tp, sp)
+    if getattr(model, "grid", None) is not None:
+        raise ValueError("this model is already parallelized; build a fresh one")
+    model.grid, model.sequence_parallel = grid, sp and grid.tp > 1
+    if grid.tp == 1:
+        return model
+    model.tok_embeddings = TP_PLAN["tok_embeddings"](model.tok_embeddings, grid, sp)
+    for layer in model.layers:
+        for key in ("layers.*.attention", "layers.*.feed_forward"):
+            module = getattr(layer, key.split(".")[-1])
+            region = Region(grid, sp, keep_shard=keep_shard)
+            for name, cls in TP_PLAN[key].items():
+                setattr(module, name, cls(getattr(module, name), grid, region))
+            module.register_forward_pre_hook(region.enter)
+            module.register_forward_hook(region.leave)
+    region = Region(grid, sp, leaves=False, keep_shard=keep_shard)
+    model.output = TP_PLAN["output"](model.output, grid, region)
+    model.output.register_forward_pre_hook(region.enter)
+    model.output.register_forward_hook(region.leave)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The loss
+# ---------------------------------------------------------------------------------------------
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy per token from logits split over the vocabulary, (N, V/tp) -> (N,).
+
+    loss = log sum_v exp(z_v) - z_target needs, from all ranks, only three numbers per token: the
+    max (for a stable exp), the sum of exponentials, and the target's logit, which lives on one
+    rank. Three all-reduces of N floats instead of an all-gather of N*V. The gradient is local:
+    softmax(z) - onehot(target), this rank's columns of it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, vocab_start):
+        n_local = logits.shape[-1]
+        zmax = all_reduce(logits.max(-1).values, group, dist.ReduceOp.MAX)  # COMM: tp all-reduce (max), forward
+        z = logits - zmax[:, None]                               # (N, V/tp), <= 0
+        exp = z.exp()
+        sum_exp = all_reduce(exp.sum(-1), group)                 # COMM: tp all-reduce (sum exp), forward
+        local = targets - vocab_start
+        mine = (local >= 0) & (local < n_local)
+        local = local.clamp(0, n_local - 1)
+        z_target = all_reduce(z.gather(1, local[:, None]).squeeze(1) * mine, group)  # COMM: tp all-reduce (target logit), forward
+        ctx.save_for_backward(exp / sum_exp[:, None], local, mine)
+        return sum_exp.log() - z_target                          # (N,)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        softmax, local, mine = ctx.saved_tensors
+        dz = softmax * dloss[:, None]
+        dz.scatter_add_(1, local[:, None], -(dloss * mine)[:, None])
+        return dz, None, None, None
+
+
+def loss_fn(logits, targets, grid: Grid):
+    """Mean cross-entropy over all B*T positions. logits (B, T, V) at tp=1, (B, T, V/tp) beyond."""
+    logits, targets = logits.flatten(0, 1), targets.flatten()
+    if grid.tp == 1:
+        return F.cross_entropy(logits, targets)
+    start = grid.tp_rank * logits.shape[-1]
+    return VocabParallelCrossEntropy.apply(logits, targets, grid.tp_group, start).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Recomputation
+# ---------------------------------------------------------------------------------------------
+
+class Recompute(torch.autograd.Function):
+    """Run fn keeping only its tensor inputs; run it again in backward to differentiate it.
+
+    The RNG state (CPU, and the device's) is recorded before the forward run and restored for the
+    second one, so a dropout inside fn draws the same mask twice; the caller's RNG stream is left
+    where it was. The autocast state of the forward is re-entered too.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        ctx.fn, ctx.is_tensor = fn, [torch.is_tensor(a) for a in args]
+        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        ctx.save_for_backward(*[a for a in args if torch.is_tensor(a)])
+        device = next(a.device for a in args if torch.is_tensor(a))
+        ctx.cuda = device if device.type == "cuda" else None
+        ctx.rng = (torch.get_rng_state(), ctx.cuda and torch.cuda.get_rng_state(ctx.cuda))
+        ctx.amp = (device.type, torch.is_autocast_enabled(device.type),
+                   torch.get_autocast_dtype(device.type))
+        return fn(*args)                                         # grad is off inside forward
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = iter(t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+        args = [next(saved) if t else a for a, t in zip(ctx.others, ctx.is_tensor)]
+        device_type, amp_on, amp_dtype = ctx.amp
+        with torch.random.fork_rng(devices=[ctx.cuda] if ctx.cuda else []), torch.enable_grad(), \
+                torch.autocast(device_type, dtype=amp_dtype, enabled=amp_on):
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], ctx.cuda)
+            out = ctx.fn(*args)
+        torch.autograd.backward(out, grads)
+        return (None, *[a.grad if t and a.requires_grad else None
+                        for a, t in zip(args, ctx.is_tensor)])
+
+
+def recompute(fn, *args):
+    return Recompute.apply(fn, *args)
+
+
+def _plain(fn):
+    """fn without a recompute wrapper (apply_recompute may be called again with another mode)."""
+    return fn.args[0] if isinstance(fn, partial) and fn.func is recompute else fn
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def apply_recompute(model: Transformer, mode: str) -> None:
+    """Trade compute for activation memory [Korthikanti §5, LLaMA §2.4].
+
+    none       autograd keeps what it keeps.
+    selective  keep what is expensive to recompute, the outputs of the linear layers; recompute
+               the rest of the attention (the weight-free core: softmax(q k^T) v, with the GQA
+               repeat of K and V) and SwiGLU's elementwise silu(a) * b, through model.py's
+               hand-written FFN backward [LLaMA §2.4]. Cost: the core's forward again, no matmul
+               with a weight.
+    full       keep only each block's input; run the whole block again in backward (its tp
+               collectives included): about one more forward pass.
+    apply_recompute owns `feed_forward.manual_backward` (on for selective only). Works at any tp.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is unknown; choose none, selective or full")
+    for layer in model.layers:
+        layer.forward, layer.attention.core = _plain(layer.forward), _plain(layer.attention.core)
+        layer.feed_forward.manual_backward = mode == "selective"
+        if mode == "selective":
+            layer.attention.core = partial(recompute, layer.attention.core)
+        if mode == "full":
+            layer.forward = partial(recompute, layer.forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Data parallelism
+# ---------------------------------------------------------------------------------------------
+
+def make_buckets(numels: list, bucket_bytes: float, bytes_per_el: int) -> list:
+    """Group consecutive parameters (indices into numels) into buckets of about bucket_bytes."""
+    buckets, size = [[]], 0
+    for i, n in enumerate(numels):
+        if buckets[-1] and size + n * bytes_per_el > bucket_bytes:
+            buckets, size = buckets + [[]], 0
+        buckets[-1].append(i)
+        size += n * bytes_per_el
+    return [b for b in buckets if b]
+
+
+class GradSync:
+    """Data-parallel gradient averaging, two versions side by side (tests prove them equal).
+
+    naive (overlap=False): after backward, one all-reduce per parameter. Simple; the wire is idle
+      during backward and the compute idle during the all-reduces.
+    bucketed (overlap=True): parameters are grouped, in reverse order of definition (roughly the
+      order backward produces their gradients), into buckets of bucket_mb. A hook fires when a
+      parameter's gradient is complete; when a bucket's last gradient arrives, its asynchronous
+      all-reduce is launched while backward goes on with the layers below. finish() waits once.
+      [PTD-P §2.1; LLaMA §2.4: "overlap the computation of activations and the communication"]
+
+    Per optimizer step: `with sync.no_sync():` around the backward of every micro-batch but the
+    last (gradients accumulate locally, no communication), then the last backward, then
+    `sync.finish()`. After it every dp rank holds the dp-mean gradient. Under sp finish() also
+    sums the norm weights' gradients over tp: each rank saw only T/tp positions.
+    """
+
+    def __init__(self, model, grid: Grid, bucket_mb: float = 25.0, overlap: bool = True):
+        self.grid, self.overlap, self.syncing = grid, overlap, True
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.tp_partial = [p for name, p in model.named_parameters()
+                           if getattr(model, "sequence_parallel", False) and shard_dim(name) is None]
+        self.buckets, self.inflight = [], []
+        if grid.dp > 1 and overlap:
+            backward_order = self.params[::-1]
+            self.buckets = [[backward_order[i] for i in b] for b in make_buckets(
+                [p.numel() for p in backward_order], bucket_mb * 2**20, self.params[0].element_size())]
+            self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+            self.waiting = [len(b) for b in self.buckets]
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    @contextmanager
+    def no_sync(self):
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
+
+    def _grad_ready(self, p):
+        if not self.syncing:
+            return
+        i = self.bucket_of[p]
+        self.waiting[i] -= 1
+        if self.waiting[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i):
+        bucket = self.buckets[i]
+        flat = torch.cat([_grad(p).flatten() for p in bucket])
+        work = dist.all_reduce(flat, group=self.grid.dp_group, async_op=True)  # COMM: dp all-reduce, async during backward (bucketed)
+        self.inflight.append((bucket, flat, work))
+        self.waiting[i] = -1                                     # launched
+
+    def finish(self) -> None:
+        grid = self.grid
+        if grid.dp > 1 and self.overlap:
+            for i, waiting in enumerate(self.waiting):
+                if waiting > 0:                                  # a parameter got no gradient
+                    self._launch(i)
+            for bucket, flat, work in self.inflight:
+                work.wait()
+                for p, g_ in zip(bucket, flat.div_(grid.dp).split([p.numel() for p in bucket])):
+                    p.grad.copy_(g_.view_as(p))
+            self.inflight, self.waiting = [], [len(b) for b in self.buckets]
+        elif grid.dp > 1:
+            for p in self.params:
+                all_reduce(_grad(p), grid.dp_group).div_(grid.dp)  # COMM: dp all-reduce, after backward (naive)
+        if self.tp_partial:
+            flat = all_reduce(torch.cat([_grad(p).flatten() for p in self.tp_partial]),
+                              grid.tp_group)                     # COMM: tp all-reduce, norm weight grads (sp), after backward
+            for p, g_ in zip(self.tp_partial, flat.split([p.numel() for p in self.tp_partial])):
+                p.grad.copy_(g_.view_as(p))
+
+
+def _grad(p):
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Clipping
+# ---------------------------------------------------------------------------------------------
+
+def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
+    """Scale all gradients so that their global 2-norm is at most max_norm; return the norm before.
+
+    The global norm is over the full model, each parameter counted once: split parameters add
+    their shards' squares over tp; replicated ones (the norms) are counted by tp rank 0 only.
+    Data-parallel replicas hold the same (averaged) gradients: nothing to add over dp. Call it
+    after GradSync.finish(). Same eps as torch.nn.utils.clip_grad_norm_.
+    """
+    squares = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for name, p in model.named_parameters():
+        if p.grad is not None and (shard_dim(name) is not None or grid.tp_rank == 0):
+            squares += p.grad.float().pow(2).sum()
+    if grid.tp > 1:
+        all_reduce(squares, grid.tp_group)                       # COMM: tp all-reduce, one scalar (clipping)
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return norm.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Checkpoints
+# ---------------------------------------------------------------------------------------------
+# A file per tp rank, `consolidated.{tp_rank:02d}.pth`, holding exactly what Meta's file of that
+# rank would hold (model.shard_dim). Loading goes through the full state dict (merge the files
+# with model.merge_state_dicts), so a checkpoint saved at one tp degree loads at any other.
+
+def _runtime_dim(key: str) -> Optional[int]:
+    """How parallelize() splits key: Meta's dim, except the embedding, split by vocab rows."""
+    return 0 if key.startswith("tok_embeddings") else shard_dim(key)
+
+
+def shard_state_dict(model, grid: Grid) -> dict:
+    """This tp rank's shard in Meta's split (CPU copies): what consolidated.{tp_rank:02d}.pth holds."""
+    out = {}
+    for key, t in model.state_dict().items():
+        if grid.tp > 1 and _runtime_dim(key) != shard_dim(key):  # the embedding: rows -> width
+            full = all_gather(t, _runtime_dim(key), grid.tp_group)  # COMM: tp all-gather, checkpoint save
+            t = full.chunk(grid.tp, shard_dim(key))[grid.tp_rank]
+        out[key] = t.detach().cpu().clone()
+    return out
+
+
+def full_state_dict(model, grid: Grid) -> Optional[dict]:
+    """The whole model, Meta's keys, on tp rank 0 of dp rank 0 (None on the other ranks)."""
+    state = shard_state_dict(model, grid)
+    if grid.tp > 1:
+        for key, t in state.items():
+            if shard_dim(key) is not None:
+                state[key] = all_gather(t, shard_dim(key), grid.tp_group)  # COMM: tp all-gather, checkpoint save
+    return state if grid.tp_rank == 0 and grid.dp_rank == 0 and grid.pp_rank == 0 else None
+
+
+def load_sharded(model, full_state: dict, grid: Grid) -> None:
+    """Load a full (merged) Meta state dict into a parallelized model: each rank takes its slice."""
+    pieces = {}
+    for key, t in full_state.items():
+        if key == "rope.freqs":                                  # a stray buffer in Meta's files
+            continue
+        dim = _runtime_dim(key)
+        pieces[key] = t if dim is None or grid.tp == 1 else t.chunk(grid.tp, dim)[grid.tp_rank]
+    model.load_state_dict(pieces, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Accounting
+# ---------------------------------------------------------------------------------------------
+# Two predictions from the configuration alone, checked by tests/test_parallel.py against what the
+# code really does: saved tensors counted with saved_tensors_hooks, collectives by patching
+# torch.distributed. `python parallel.py` prints both for a few configurations.
+
+def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
+                               sp: bool = False, recompute: str = "none",
+                               bytes_per_el: int = 4, keep_shard: bool = True) -> float:
+    """Bytes that autograd keeps, per transformer layer, between forward and backward.
+
+    Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for a model held in
+    one dtype of b bytes per element (b = 4 in fp32; under bf16 autocast the residual stream stays
+    fp32 and autocast keeps bf16 copies of the linear inputs: measure). Per token, t = tp:
+
+      RMSNorm        its input in fp32 (4D), the normalized x (bD), 1/rms in fp32 (4)   (4+b)D + 4
+      attention      the wq/wk/wv input y (bD); SDPA's q, k, v (at H heads: the GQA repeat
+                     happens before the kernel), its output, also wo's input (4bD), and the
+                     log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
+      SwiGLU         y (bD); a = w1 y, b = w3 y, silu(a), silu(a) * b (4bF)
+
+      none                 (8 + 8b) D + 4b F + 4H + 8
+      tp                   (8 + 4b) D + 8  +  (4b D + 4b F + 4H) / t
+      tp + sp              [(8 + 8b) D + 4b F + 4H + 8] / t                (everything split)
+      tp + sp + selective  [(8 + 5b) D + 2b K E + 2b F + 8] / t  +  b D
+      full                 b D / t with sp, b D without                   (the block's input)
+
+    Selective keeps q, wo's input and the core's k and v before the repeat (K heads), a and b;
+    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. The
+    b D that is not divided by t under sp+selective: model.py's hand-written SwiGLU backward
+    takes the FFN input itself, so it keeps the gathered (B, T, D) and not the shard (it becomes
+    b D / t if that function takes a and b instead: SWIGLU_KEEPS_INPUT). In bf16
+    (b = 2) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token, where
+    Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: the kernel is fused).
+    keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
+    """
+    D, F_, H, K, E, b, t = (args.dim, args.ffn_hidden, args.n_heads, args.n_kv_heads,
+                            args.head_dim, bytes_per_el, tp)
+    seq_div = t if sp else 1                                     # residual stream: split under sp
+    norm = (4 + b) * D + 4
+    y = b * D / t if sp and keep_shard else b * D                # a sub-layer's column input
+    if recompute == "full":
+        per_token = b * D / seq_div
+    elif recompute == "selective":
+        ffn_x = b * D if SWIGLU_KEEPS_INPUT else y               # see SWIGLU_KEEPS_INPUT
+        per_token = 2 * norm / seq_div + y + ffn_x + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
+    else:
+        per_token = 2 * norm / seq_div + 2 * y + (4 * b * D + 4 * H + 4 * b * F_) / t
+    return per_token * batch * seq_len
+
+
+def _local_param_numels(args: ModelArgs, tp: int) -> list:
+    """(name, elements) of one tp rank's parameters, in model.parameters() order."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return [(name, p.numel() // (tp if _runtime_dim(name) is not None else 1))
+            for name, p in model.named_parameters()]
+
+
+def wire_bytes(op: str, n: int, payload: float) -> float:
+    """Bytes one rank sends with a ring algorithm: 2 (n-1)/n for all-reduce, (n-1)/n otherwise.
+
+    payload: the all-reduced tensor, or the full (gathered / pre-scatter) tensor.
+    """
+    return (2 if op == "all_reduce" else 1) * (n - 1) / n * payload
+
+
+def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
+                  sp: bool = False, recompute: str = "none", grad_accum: int = 1,
+                  bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
+                  keep_shard: bool = True) -> dict:
+    """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
+
+    batch is this rank's micro-batch. A step = grad_accum forward+backward passes, GradSync.finish
+    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation; per pass:
+
+      tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
+                  + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
+      tp + sp     all-gather: 2L + 1 fwd (f_sp) + 2L + 1 bwd (g_sp, embedding included)
+                  + one regather per region whose column linears kept the shard (attention,
+                  FFN unless selective's hand-written FFN bypasses them, the output)
+                  reduce-scatter: 2L + 1 fwd (g_sp) + 2L + 1 bwd (f_sp); full: + 2L of each
+      loss        3 all-reduces of N fp32 numbers (max, sum of exp, target logit)
+      per step    sp: one all-reduce of the 2L+1 norm weight gradients; clipping: one scalar
+      dp          one all-reduce per bucket (bucketed) or per parameter (naive) of all local
+                  gradients: P/tp elements (norms whole), once per step whatever grad_accum
+
+    The bytes on the wire follow from `wire_bytes`: the same A crosses the wire for one
+    all-reduce as for one all-gather plus one reduce-scatter, which is why sp is free [Korthikanti
+    §4.2.2]: it turns 4 all-reduces per layer into 4 all-gathers and 4 reduce-scatters.
+    """
+    L, A, N = args.n_layers, batch * seq_len * args.dim * bytes_per_el, batch * seq_len
+    m, full = grad_accum, int(recompute == "full")
+    out = {}
+
+    def add(key, calls, payload):
+        c, p = out.get(key, (0, 0))
+        out[key] = (c + calls, p + calls * payload)
+
+    if tp > 1:
+        if not sp:
+            add("tp all_reduce", m * (2 + 4 * L + 2 * L * full), A)
+        else:
+            ffn_bypassed = recompute == "selective" and SWIGLU_KEEPS_INPUT
+            regathers = (L * (2 - int(ffn_bypassed)) + 1) if keep_shard else 0
+            add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
+            add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
+            add("tp all_reduce", 1, (2 * L + 1) * args.dim * bytes_per_el)
+        add("tp all_reduce", 3 * m, N * 4)
+        add("tp all_reduce", 1, 4)
+    if dp > 1:
+        numels = [n for _, n in _local_param_numels(args, tp)]
+        calls = (len(make_buckets(numels[::-1], bucket_mb * 2**20, bytes_per_el)) if overlap
+                 else len(numels))
+        add("dp all_reduce", calls, sum(numels) * bytes_per_el / calls)
+    return out
+
+
+def main():
+    """Print the two accounting tables for the `tiny` preset and for 7b (predictions only)."""
+    from model import preset
+    for name, batch, seq_len, tp in (("tiny", 8, 256, 2), ("7b", 1, 2048, 8)):
+        args = preset(name)
+        print(f"\n{name}: micro-batch {batch}, seq {seq_len}, tp {tp}; activation MiB per layer "
+              f"(fp32 | bf16)")
+        for label, kw in (("none", dict(tp=1)), ("tp", dict(tp=tp)),
+                          ("tp+sp", dict(tp=tp, sp=True)),
+                          ("tp+sp+selective", dict(tp=tp, sp=True, recompute="selective")),
+                          ("tp+sp+full", dict(tp=tp, sp=True, recompute="full"))):
+            mib = [activation_bytes_per_layer(args, batch, seq_len, bytes_per_el=b, **kw) / 2**20
+                   for b in (4, 2)]
+            print(f"  {label:<18} {mib[0]:10.2f} | {mib[1]:10.2f}")
+        print(f"  bytes on the wire per step and rank (fp32, dp 2):")
+        for label, kw in (("tp", dict(tp=tp)), ("tp+sp", dict(tp=tp, sp=True))):
+            for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=2, **kw).items():
+                group, op = key.split()
+                n = tp if group == "tp" else 2
+                print(f"  {label:<6} {key:<18} {calls:5d} calls  {payload / 2**20:10.2f} MiB "
+                      f"payload  {wire_bytes(op, n, payload) / 2**20:10.2f} MiB sent")
+
+
+if __name__ == "__main__":
+    main()

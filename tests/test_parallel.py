@@ -1,0 +1,572 @@
+"""Tests for parallel.py, on CPU with gloo workers spawned from inside pytest (tests/distributed.py).
+
+Three groups of 4 workers, each running many checks, keep the file fast:
+  1. operators and layers: the collectives, f, g, f_sp, g_sp against closed forms; every parallel
+     layer and the vocabulary-parallel cross-entropy against the unsharded module, both passes.
+  2. training: per-step losses of tp 4, tp 2 (+sp), dp 4, dp 2 x tp 2 and each recompute mode equal
+     those of one plain process (written out below, no parallel.py in it); naive and bucketed
+     data parallelism give equal gradients; the first bucket's all-reduce starts before backward
+     reaches the first layer.
+  3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal the
+     predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
+Plus, in this process: recomputation with random ops, bad configurations refused in one line.
+"""
+
+from contextlib import contextmanager, nullcontext
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.graph import saved_tensors_hooks
+
+import model as M
+import parallel as P
+from distributed import spawn
+
+pytestmark = pytest.mark.slow
+
+WORLD = 4
+STEPS, GLOBAL_BATCH, SEQ, LR, CLIP = 6, 8, 16, 1e-2, 1.0
+
+
+def tiny(kv_heads: int) -> M.ModelArgs:
+    return M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=256,
+                       multiple_of=32, max_seq_len=SEQ)
+
+
+def close(actual, expected, what, rtol=1e-4, atol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@contextmanager
+def record_collectives(grid, events=None):
+    """Patch torch.distributed to log (axis, op, payload bytes) for every collective launched."""
+    events = [] if events is None else events
+    real = {name: getattr(dist, name) for name in
+            ("all_reduce", "all_gather_single", "reduce_scatter_single")}
+
+    def logged(name):
+        def call(*args, **kwargs):
+            group = kwargs.get("group")
+            axis = "tp" if group is grid.tp_group else "dp" if group is grid.dp_group else "?"
+            payload = args[1] if name == "reduce_scatter_single" else args[0]  # the full tensor
+            events.append((axis, name.replace("_single", ""), payload.numel() * payload.element_size()))
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in real:
+        setattr(dist, name, logged(name))
+    try:
+        yield events
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+
+
+def saved_bytes_of_layer(model, tokens, index=0):
+    """Bytes of the distinct storages autograd saves during the forward of layers[index]."""
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen, recording = {}, [False]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if recording[0] and storage.data_ptr() not in static:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layer = model.layers[index]
+    hooks = [layer.register_forward_pre_hook(lambda *_: recording.__setitem__(0, True)),
+             layer.register_forward_hook(lambda *_: recording.__setitem__(0, False))]
+    with saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values())
+
+
+def batches(args):
+    """The global batch of every training step, (STEPS, GLOBAL_BATCH, SEQ + 1) tokens: one fixed
+    batch, repeated, so that the model learns it (random tokens would leave the loss at log V)."""
+    gen = torch.Generator().manual_seed(1234)
+    batch = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    return batch.expand(STEPS, -1, -1)
+
+
+def perturbed_model(args, seed=0):
+    """The seeded model with its norms and matrices moved off their initial values."""
+    torch.manual_seed(seed)
+    model = M.Transformer(args)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+# --- 1. operators and layers -------------------------------------------------------------------
+
+def check_collectives(grid):
+    n, r, group = grid.tp, grid.tp_rank, grid.tp_group
+    total = n * (n + 1) / 2                                       # sum of (rank + 1)
+    close(P.all_reduce(torch.full((3,), r + 1.0), group), torch.full((3,), total), "all_reduce")
+    gathered = P.all_gather(torch.full((2, 3, 5), float(r)), 1, group)
+    close(gathered, torch.arange(n).float().repeat_interleave(3)[None, :, None].expand(2, -1, 5),
+          "all_gather along dim 1")
+    base = torch.arange(2 * 4 * n * 3).float().view(2, 4 * n, 3)
+    close(P.reduce_scatter(base * (r + 1), 1, group), base[:, 4 * r:4 * r + 4] * total,
+          "reduce_scatter along dim 1")
+
+
+def check_operators(grid):
+    n, r, group = grid.tp, grid.tp_rank, grid.tp_group
+    total = n * (n + 1) / 2
+    pos = torch.arange(4 * n).float()[None, :, None]              # (1, T, 1), T = 4n
+    # f: identity forward, sum of the ranks' gradients backward
+    x = torch.randn(2, 4 * n, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = P.f.apply(x, group)
+    close(y, x.detach(), "f forward")
+    (y * (r + 1)).sum().backward()
+    close(x.grad, torch.full_like(x, total), "f backward")
+    # g: sum forward, identity backward
+    x = torch.full((2, 4 * n, 3), r + 1.0, requires_grad=True)
+    y = P.g.apply(x, group)
+    close(y, torch.full_like(x, total), "g forward")
+    (y * pos).sum().backward()
+    close(x.grad, pos.expand_as(x), "g backward")
+    # f_sp: all-gather along T forward, reduce-scatter backward
+    x = (pos[:, 4 * r:4 * r + 4] * 10 + r).expand(2, 4, 3).clone().requires_grad_()
+    y = P.f_sp.apply(x, group)
+    expected = pos * 10 + torch.arange(n).float().repeat_interleave(4)[None, :, None]
+    close(y, expected.expand(2, -1, 3), "f_sp forward")
+    (y * pos * (r + 1)).sum().backward()
+    close(x.grad, (pos[:, 4 * r:4 * r + 4] * total).expand(2, 4, 3), "f_sp backward")
+    # g_sp: reduce-scatter along T forward, all-gather backward
+    x = (pos * (r + 1)).expand(2, -1, 3).clone().requires_grad_()
+    y = P.g_sp.apply(x, group)
+    close(y, (pos[:, 4 * r:4 * r + 4] * total).expand(2, 4, 3), "g_sp forward")
+    (y * (r + 1)).sum().backward()
+    close(x.grad, torch.arange(1, n + 1).float().repeat_interleave(4)[None, :, None].expand(2, -1, 3),
+          "g_sp backward")
+
+
+def check_layers(grid, kv_heads, sp, keep_shard=True):
+    """Attention, FFN, embedding and output(+loss) against the unsharded modules, both passes."""
+    args, r, B = tiny(kv_heads), grid.tp_rank, 2
+    what = f"tp={grid.tp} sp={sp} keep_shard={keep_shard}"
+    full = perturbed_model(args)
+    par = P.parallelize(perturbed_model(args), grid, sp=sp, keep_shard=keep_shard)
+    gen = torch.Generator().manual_seed(7)
+    x, dy = torch.randn(B, SEQ, args.dim, generator=gen), torch.randn(B, SEQ, args.dim, generator=gen)
+    tokens = torch.randint(0, args.vocab_size, (B, SEQ + 1), generator=gen)
+    local = (lambda t: t.chunk(grid.tp, 1)[r]) if sp else (lambda t: t)   # this rank's positions
+    cos, sin = full.rope_cos[:SEQ], full.rope_sin[:SEQ]
+
+    for name in ("attention", "feed_forward"):
+        ref_mod, par_mod = getattr(full.layers[0], name), getattr(par.layers[0], name)
+        extra = (cos, sin) if name == "attention" else ()
+        xr = x.clone().requires_grad_()
+        (ref_mod(xr, *extra) * dy).sum().backward()
+        xp = local(x).clone().requires_grad_()
+        out = par_mod(xp, *extra)
+        (out * local(dy)).sum().backward()
+        close(out, local(ref_mod(x, *extra)), f"{name} forward, {what}")
+        close(xp.grad, local(xr.grad), f"{name} input grad, {what}")
+        for key, p in par_mod.named_parameters():
+            ref_grad = ref_mod.get_parameter(key).grad
+            close(p.grad, P.shard(ref_grad, M.shard_dim(key), grid), f"{name}.{key} grad, {what}")
+
+    # the embedding: split by vocabulary rows
+    emb = par.tok_embeddings(tokens[:, :-1])
+    (emb * local(dy)).sum().backward()
+    (full.tok_embeddings(tokens[:, :-1]) * dy).sum().backward()
+    close(emb, local(full.tok_embeddings(tokens[:, :-1])), f"embedding forward, {what}")
+    close(par.tok_embeddings.weight.grad, P.shard(full.tok_embeddings.weight.grad, 0, grid),
+          f"embedding grad, {what}")
+
+    # the output layer over the vocabulary, and the loss that never gathers the logits
+    hr = x.clone().requires_grad_()
+    ref_logits = full.output(hr)
+    F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    hp = local(x).clone().requires_grad_()
+    logits = par.output(hp)
+    with record_collectives(grid) as calls:
+        loss = P.loss_fn(logits, tokens[:, 1:], grid)
+    assert logits.shape == (B, SEQ, args.vocab_size // grid.tp)
+    assert calls == [("tp", "all_reduce", B * SEQ * 4)] * 3, calls  # N numbers, never N x V
+    loss.backward()
+    close(logits, P.shard(ref_logits.detach(), 2, grid), f"output forward, {what}")
+    close(loss, F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()), f"loss, {what}")
+    close(hp.grad, local(hr.grad), f"output input grad, {what}")
+    close(par.output.weight.grad, P.shard(full.output.weight.grad, 0, grid), f"output grad, {what}")
+
+
+def worker_operators_and_layers():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (2, 4)}
+        for grid in grids.values():
+            check_collectives(grid)
+            check_operators(grid)
+        for (tp, kv), sp in [((2, 2), False), ((2, 2), True), ((4, 4), False), ((4, 4), True)]:
+            check_layers(grids[tp], kv, sp)
+        check_layers(grids[2], 2, sp=True, keep_shard=False)     # the naive sp version
+        return "ok"
+    finally:
+        P.destroy(world)
+
+
+def test_operators_and_layers_match_closed_forms_and_unsharded_modules():
+    assert spawn(worker_operators_and_layers, WORLD) == ["ok"] * WORLD
+
+
+# --- 2. training equals one process -------------------------------------------------------------
+
+def train(args, grid, sp=False, recompute="none", accum=2, overlap=True, bucket_mb=0.05):
+    """AdamW steps on the fixed global batch; each dp rank takes its rows, in accum micro-batches."""
+    torch.manual_seed(0)
+    model = P.parallelize(M.Transformer(args), grid, sp=sp)
+    P.apply_recompute(model, recompute)
+    sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=overlap)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches(args):
+        rows, total = batch.chunk(grid.dp)[grid.dp_rank], torch.zeros(())
+        for i, micro in enumerate(rows.chunk(accum)):
+            with sync.no_sync() if i < accum - 1 else nullcontext():
+                loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
+                loss.backward()
+            total += loss.detach()
+        sync.finish()
+        norms.append(P.clip_grad_norm(model, CLIP, grid))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if grid.dp > 1:                                          # for logging only
+            total = P.all_reduce(total, grid.dp_group) / grid.dp
+        losses.append(total.item())
+    return losses, norms
+
+
+def reference(args):
+    """One plain process, the whole global batch at once: the numbers to match."""
+    torch.manual_seed(0)
+    model = M.Transformer(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches(args):
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, norms
+
+
+# (name, tp, kv heads, sp, recompute, overlap); the rest of the 4 ranks is dp
+CONFIGS = [
+    ("tp4+sp", 4, 4, True, "none", True),
+    ("tp4", 4, 4, False, "none", True),
+    ("dp2 x tp2+sp", 2, 2, True, "none", True),
+    ("dp2 x tp2", 2, 2, False, "none", True),
+    ("dp4", 1, 2, False, "none", True),
+    ("dp2 x tp2+sp naive dp", 2, 2, True, "none", False),
+    ("dp2 x tp2+sp selective", 2, 2, True, "selective", True),
+    ("dp2 x tp2+sp full", 2, 2, True, "full", True),
+    ("dp2 x tp2 selective", 2, 2, False, "selective", True),
+    ("tp4+sp selective", 4, 4, True, "selective", True),
+    ("dp4 selective", 1, 2, False, "selective", True),
+    ("dp4 full", 1, 2, False, "full", True),
+]
+
+
+def worker_training():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
+        out = {name: train(tiny(kv), grids[tp], sp, recompute, overlap=overlap)
+               for name, tp, kv, sp, recompute, overlap in CONFIGS}
+
+        # naive and bucketed data parallelism: the same gradients after finish()
+        grid, args = grids[2], tiny(2)
+        micro = batches(args)[0].chunk(grid.dp)[grid.dp_rank]
+        grads = []
+        for overlap in (False, True):
+            torch.manual_seed(0)
+            model = P.parallelize(M.Transformer(args), grid, sp=True)
+            sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=overlap)
+            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
+            sync.finish()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        out["naive - bucketed"] = max((a - b).abs().max().item() for a, b in zip(*grads))
+        out["bucketed grad norm"] = sum(g.pow(2).sum().item() for g in grads[1])
+
+        # overlap, shown: the order of collective launches and of backward reaching layers[0]
+        torch.manual_seed(0)
+        model = P.parallelize(M.Transformer(args), grid, sp=True)
+        sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=True)
+        events = []
+        model.layers[0].register_full_backward_pre_hook(
+            lambda *_: events.append("backward reaches layers[0]"))
+        with record_collectives(grid, events):
+            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
+            events.append("backward done")
+            sync.finish()
+        out["events"] = [e if isinstance(e, str) else f"{e[0]} {e[1]}" for e in events]
+        out["buckets"] = len(sync.buckets)
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return spawn(worker_training, WORLD, timeout=240)
+
+
+def test_training_losses_equal_one_process(trained):
+    refs = {kv: reference(tiny(kv)) for kv in (2, 4)}
+    for kv, (losses, _) in refs.items():
+        assert losses[-1] < losses[0] - 1.0, "the reference must learn, or equality proves little"
+    for name, tp, kv, sp, recompute, overlap in CONFIGS:
+        ref_losses, ref_norms = refs[kv]
+        for rank in range(WORLD):
+            losses, norms = trained[rank][name]
+            assert losses == pytest.approx(ref_losses, rel=1e-4), f"{name}, rank {rank}: losses"
+            assert norms == pytest.approx(ref_norms, rel=1e-4), f"{name}, rank {rank}: grad norms"
+
+
+def test_naive_and_bucketed_data_parallel_give_equal_gradients(trained):
+    for rank in range(WORLD):
+        assert trained[rank]["bucketed grad norm"] > 0
+        assert trained[rank]["naive - bucketed"] < 1e-7
+
+
+def test_first_bucket_all_reduce_starts_before_backward_reaches_first_layer(trained):
+    events = trained[0]["events"]
+    dp_launches = [i for i, e in enumerate(events) if e == "dp all_reduce"]
+    reach_first = events.index("backward reaches layers[0]")
+    assert trained[0]["buckets"] >= 3 and len(dp_launches) == trained[0]["buckets"]
+    assert dp_launches[0] < reach_first, events
+    assert sum(i < reach_first for i in dp_launches) >= 2, events     # several, overlapping
+    assert dp_launches[-1] < events.index("backward done"), events    # all launched in backward
+
+
+# --- 3. accounting and checkpoints --------------------------------------------------------------
+
+# (label, tp, kv heads, sp, recompute, keep_shard) for the activation bytes of one layer
+ACTIVATION_CONFIGS = [
+    ("tp", 2, 2, False, "none", True),
+    ("tp+sp", 2, 2, True, "none", True),
+    ("tp+sp naive", 2, 2, True, "none", False),
+    ("tp+sp+selective", 2, 2, True, "selective", True),
+    ("tp+sp+full", 2, 2, True, "full", True),
+    ("tp+selective", 2, 2, False, "selective", True),
+    ("tp4+sp", 4, 4, True, "none", True),
+    ("tp4+sp+selective", 4, 4, True, "selective", True),
+]
+# (label, tp, sp, recompute, overlap) for the collectives of one optimizer step (accum 2)
+COMM_CONFIGS = [
+    ("dp2 x tp2", 2, False, "none", True),
+    ("dp2 x tp2 full", 2, False, "full", True),
+    ("dp2 x tp2+sp", 2, True, "none", True),
+    ("dp2 x tp2+sp selective", 2, True, "selective", True),
+    ("dp2 x tp2+sp full", 2, True, "full", True),
+    ("dp2 x tp2+sp naive dp", 2, True, "none", False),
+    ("tp4+sp", 4, True, "none", True),
+    ("dp4", 1, False, "none", True),
+]
+ACC_BATCH, COMM_KV = 2, {1: 2, 2: 2, 4: 4}
+
+
+def one_step(model, grid, sync, accum=2):
+    rows = batches(model.args)[0].chunk(grid.dp)[grid.dp_rank][:ACC_BATCH * accum]
+    for i, micro in enumerate(rows.chunk(accum)):
+        with sync.no_sync() if i < accum - 1 else nullcontext():
+            (P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum).backward()
+    sync.finish()
+    P.clip_grad_norm(model, CLIP, grid)
+
+
+def worker_accounting_and_checkpoints():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
+        out = {"activations": {}, "comm": {}}
+        tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
+        for label, tp, kv, sp, recompute, keep_shard in ACTIVATION_CONFIGS:
+            torch.manual_seed(0)
+            model = P.parallelize(M.Transformer(tiny(kv)), grids[tp], sp=sp, keep_shard=keep_shard)
+            P.apply_recompute(model, recompute)
+            out["activations"][label] = saved_bytes_of_layer(model, tokens)
+        for label, tp, sp, recompute, overlap in COMM_CONFIGS:
+            torch.manual_seed(0)
+            model = P.parallelize(M.Transformer(tiny(COMM_KV[tp])), grids[tp], sp=sp)
+            P.apply_recompute(model, recompute)
+            sync = P.GradSync(model, grids[tp], bucket_mb=0.05, overlap=overlap)
+            with record_collectives(grids[tp]) as calls:
+                one_step(model, grids[tp], sync)
+            table = {}
+            for axis, op, nbytes in calls:
+                c, b = table.get(f"{axis} {op}", (0, 0))
+                table[f"{axis} {op}"] = (c + 1, b + nbytes)
+            out["comm"][label] = table
+
+        # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
+        grid = grids[2]
+        saved = P.parallelize(perturbed_model(tiny(4)), grid, sp=True)
+        out["shard"] = P.shard_state_dict(saved, grid)
+        out["full"] = P.full_state_dict(saved, grid)
+        shards = [None] * grid.tp
+        dist.all_gather_object(shards, out["shard"], group=grid.tp_group)
+        merged = M.merge_state_dicts(shards)
+        loaded = P.parallelize(M.Transformer(tiny(4)), grids[4], sp=False)
+        P.load_sharded(loaded, merged, grids[4])
+        with torch.no_grad():
+            out["logits at tp 4"] = P.all_gather(loaded(tokens), 2, grids[4].tp_group)
+            out["logits at tp 2"] = P.all_gather(saved(tokens), 2, grid.tp_group)
+        out["merged"] = merged
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def accounted():
+    return spawn(worker_accounting_and_checkpoints, WORLD, timeout=240)
+
+
+def test_activation_bytes_measured_equal_prediction(accounted):
+    tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
+    rows = []                                      # (label, kv, tp, sp, recompute, keep_shard, got)
+    for recompute in ("none", "selective", "full"):               # tp = 1, in this process
+        torch.manual_seed(0)
+        model = M.Transformer(tiny(2))
+        P.apply_recompute(model, recompute)
+        rows.append((recompute, 2, 1, False, recompute, True, saved_bytes_of_layer(model, tokens)))
+    for label, tp, kv, sp, recompute, keep_shard in ACTIVATION_CONFIGS:
+        for rank in range(WORLD):
+            rows.append((label, kv, tp, sp, recompute, keep_shard,
+                         accounted[rank]["activations"][label]))
+    for label, kv, tp, sp, recompute, keep_shard, got in rows:
+        want = P.activation_bytes_per_layer(tiny(kv), ACC_BATCH, SEQ, tp=tp, sp=sp,
+                                            recompute=recompute, keep_shard=keep_shard)
+        assert abs(got - want) <= 0.05 * want, f"{label}: measured {got}, predicted {want}"
+    got = {row[0]: row[-1] for row in rows}
+    assert got["none"] > got["tp"] > got["tp+sp"] > got["tp+sp+selective"] > got["tp+sp+full"]
+    assert got["tp+sp naive"] > got["tp+sp"]                      # what keep_shard saves
+
+
+def test_collective_calls_and_bytes_equal_prediction(accounted):
+    for label, tp, sp, recompute, overlap in COMM_CONFIGS:
+        want = P.comm_per_step(tiny(COMM_KV[tp]), ACC_BATCH, SEQ, tp=tp, dp=WORLD // tp, sp=sp,
+                               recompute=recompute, grad_accum=2, bucket_mb=0.05, overlap=overlap)
+        for rank in range(WORLD):
+            got = accounted[rank]["comm"][label]
+            assert set(got) == set(want), f"{label}, rank {rank}: {got} vs {want}"
+            for key, (calls, payload) in want.items():
+                assert got[key][0] == calls, f"{label} {key}: {got[key][0]} calls, predicted {calls}"
+                assert abs(got[key][1] - payload) <= 0.05 * payload, f"{label} {key}: bytes"
+
+
+def test_sequence_parallelism_moves_the_same_bytes_as_all_reduce():
+    args, batch, L = tiny(2), 4, tiny(2).n_layers
+    plain = P.comm_per_step(args, batch, SEQ, tp=2)
+    sp = P.comm_per_step(args, batch, SEQ, tp=2, sp=True, keep_shard=False)
+    activation, small = batch * SEQ * args.dim * 4, 3 * batch * SEQ * 4 + 4   # loss and clip
+    assert plain["tp all_reduce"] == (2 + 4 * L + 4, (2 + 4 * L) * activation + small)
+    all_reduce_wire = P.wire_bytes("all_reduce", 2, plain["tp all_reduce"][1] - small)
+    sp_wire = (P.wire_bytes("all_gather", 2, sp["tp all_gather"][1])
+               + P.wire_bytes("reduce_scatter", 2, sp["tp reduce_scatter"][1]))
+    assert sp_wire == all_reduce_wire == (2 + 4 * L) * activation
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp4_and_tp1(accounted):
+    expected = perturbed_model(tiny(4))
+    state = expected.state_dict()
+    merged = accounted[0]["merged"]
+    assert set(merged) == set(state)
+    for key, t in state.items():
+        assert torch.equal(merged[key], t), key                   # saving lost nothing
+        assert torch.equal(accounted[0]["full"][key], t), key     # full_state_dict, the same
+    assert all(accounted[r]["full"] is None for r in range(1, WORLD))
+    meta_split = M.split_state_dict(state, 2)                     # each file is Meta's shard
+    for rank in range(WORLD):
+        tp_rank = rank % 2
+        for key, t in meta_split[tp_rank].items():
+            assert torch.equal(accounted[rank]["shard"][key], t), (rank, key)
+    plain = M.Transformer(tiny(4))
+    M.load_meta_state(plain, merged)
+    tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
+    with torch.no_grad():
+        logits = plain(tokens)
+    for rank in range(WORLD):
+        close(accounted[rank]["logits at tp 4"], logits, "tp 2 checkpoint run at tp 4")
+        close(accounted[rank]["logits at tp 2"], logits, "tp 2 model against tp 1")
+
+
+# --- in this process ----------------------------------------------------------------------------
+
+def test_recompute_modes_give_equal_gradients_with_random_ops():
+    """A dropout inside the recomputed regions draws the same mask twice: gradients agree."""
+    args, tokens = tiny(2), batches(tiny(2))[0][:2]
+    grads = {}
+    for mode in ("none", "selective", "full", "no dropout"):
+        torch.manual_seed(0)
+        model = M.Transformer(args)
+        for layer in model.layers:
+            if mode != "no dropout":
+                core = layer.attention.core
+                layer.attention.core = lambda q, k, v, core=core: F.dropout(core(q, k, v), 0.3)
+        P.apply_recompute(model, "none" if mode == "no dropout" else mode)
+        torch.manual_seed(1)
+        loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid())
+        loss.backward()
+        grads[mode] = (loss.item(), torch.rand(()).item(),   # the RNG stream after the step
+                       [p.grad for p in model.parameters()])
+    for mode in ("selective", "full"):
+        assert grads[mode][:2] == grads["none"][:2], mode
+        for a, b in zip(grads[mode][2], grads["none"][2]):
+            close(a, b, f"{mode} recompute grads")
+    assert grads["no dropout"][0] != grads["none"][0]              # the dropout did something
+
+
+def test_single_process_degrades_to_the_plain_model():
+    world = P.init_distributed(device="cpu")
+    grid = P.make_grid(world)
+    assert (grid.tp, grid.dp, grid.pp, grid.tp_group, grid.dp_group) == (1, 1, 1, None, None)
+    args, tokens = tiny(2), batches(tiny(2))[0][:2]
+    torch.manual_seed(0)
+    plain = M.Transformer(args)
+    torch.manual_seed(0)
+    model = P.parallelize(M.Transformer(args), grid, sp=True)
+    assert all(type(a) is type(b) for a, b in zip(plain.modules(), model.modules()))
+    sync = P.GradSync(model, grid)
+    for m in (plain, model):
+        P.loss_fn(m(tokens[:, :-1]), tokens[:, 1:], grid).backward()
+    sync.finish()
+    norm = P.clip_grad_norm(model, CLIP, grid)
+    assert norm == pytest.approx(torch.nn.utils.clip_grad_norm_(plain.parameters(), CLIP).item())
+    for a, b in zip(model.parameters(), plain.parameters()):
+        close(a.grad, b.grad, "tp=1 gradients")
+    P.destroy(world)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: P.check_config(M.preset("tiny"), 3), "tp=3 must divide n_heads=8; use one of 1, 2, 4"),
+    (lambda: P.check_config(tiny(2), 4), "tp=4 must divide n_kv_heads=2; use one of 1, 2"),
+    (lambda: P.check_config(M.ModelArgs(dim=64, n_heads=4, vocab_size=250, multiple_of=32), 4),
+     "tp=4 must divide vocab_size=250"),
+    (lambda: P.check_config(tiny(2), 2, sp=True, seq_len=15), "seq_len=15 is not divisible"),
+    (lambda: P.make_grid(P.Dist(rank=0, world_size=6), tp=4), "world size 6 is not divisible"),
+    (lambda: P.apply_recompute(M.Transformer(tiny(2)), "some"), "choose none, selective or full"),
+])
+def test_bad_input_is_refused_in_one_line(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_presets_admit_tp_1_2_4():
+    for tp in (1, 2, 4):
+        P.check_config(M.preset("tiny"), tp, sp=True, seq_len=M.preset("tiny").max_seq_len)
