@@ -27,7 +27,8 @@ Files to download (one JSON object per line, as published) and the fields read:
     task           file                                          fields
     boolq          SuperGLUE BoolQ val.jsonl (or BoolQ dev.jsonl) passage, question, label|answer
     piqa           PIQA valid.jsonl + valid-labels.lst            goal, sol1, sol2; 0|1 a line
-    siqa           Social IQa dev.jsonl + dev-labels.lst          context, question, answerA..C; 1..3
+    siqa           Social IQa dev.jsonl + dev-labels.lst          context, question,
+                                                                  answerA..C; 1..3 a line
     hellaswag      hellaswag_val.jsonl                            activity_label, ctx_a, ctx_b,
                                                                   endings, label
     winogrande     WinoGrande 1.1 dev.jsonl                       sentence (blank "_"), option1,
@@ -436,8 +437,8 @@ def main(argv=None):
                        for k, v in report["metrics"].items())
     print(f"{name} ({report['n']} examples): {scores}")
     if name != "perplexity":
-        print(f"the paper's table uses {report['paper_metric']}: ours {100 * report['paper_value']:.1f}"
-              f", LLaMA-7B {report['llama_7b_paper']}")
+        print(f"the paper's table uses {report['paper_metric']}: ours "
+              f"{100 * report['paper_value']:.1f}, LLaMA-7B {report['llama_7b_paper']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -12,14 +12,16 @@ score benchmarks (eval.py does).
 
 Reading order
   1. Reading checkpoints   which layout a folder holds; ours and Meta's (params.json +
-                           consolidated.NN.pth), Hugging Face's (config.json + safetensors)
-  2. Hugging Face layout   key names, the q/k row permutation, reading and writing
-  3. load_model            checkpoint -> Transformer on a device, in fp32 (CPU) or bf16 (CUDA)
+                           consolidated.NN.pth), Hugging Face's (config.json + safetensors);
+                           read_checkpoint, the core that train.py's --init-from shares
+  2. Hugging Face layout   key names, the q/k row permutation, reading and export_hf
+  3. load_model            checkpoint -> Transformer on a device, in fp32 (CPU) or bf16 (CUDA),
+                           sliced over tensor-parallel ranks by parallel.py when tp > 1
   4. Sampling              greedy, temperature, top-k, top-p (nucleus)
-  5. Decoding              batched prompts of different lengths over one KV cache; a
-                           static-shape step that CUDA graphs can replay
-  6. The weight-read bound measured memory bandwidth / bytes of weights
-  7. main                  the command line
+  5. Decoding              generate_tokens: batched prompts of different lengths over one KV
+                           cache; static_step, which a CUDA graph replays; generate: text in/out
+  6. The weight-read bound memory bandwidth (measured by a copy) / bytes of weights
+  7. main                  the command line, streaming a single prompt as it decodes
 
 How prompts of different lengths share one cache (what Meta's reference does): prompts are
 left-aligned in a (B, T_total) grid. The first forward covers the columns every prompt fills;
@@ -33,13 +35,24 @@ their true positions, so no attention mask or position offset is needed:
 
 Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
 
+Speed. At batch 1 a decoding step multiplies one vector by every weight matrix, so it is bound
+by reading the weights once: tokens/s <= memory bandwidth / bytes of weights (the embedding
+table excluded: a step reads one row of it). main prints that bound beside the measured rate.
+On CUDA (bf16) the step is static_step captured once in a CUDA graph and replayed: one launch
+per token instead of ~15 kernel launches per layer, which is what keeps a small model near the
+bound. On CPU (fp32) the plain forward is used.
+
 Shape legend: B batch, T sequence, S cache positions, D model width, H query heads, K key/value
 heads, E head dim, V vocab.
 
-What this file leaves out: tensor parallelism is delegated to parallel.py (load_model calls its
-`apply_tensor_parallel(model, tp_rank, tp_size)` when tp_size > 1; generation under torchrun is
-not wired up here); HF checkpoints with `rope_scaling` (Llama 3.1) or biases; speculative
-decoding and continuous batching.
+Tensor parallelism (`torchrun --nproc_per_node 2 generate.py --tp 2 ...`): every rank loads the
+full weights, parallel.parallelize keeps its slice, and the vocabulary-parallel logits are
+gathered so that every rank samples the same token from the same seeded generator.
+
+What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1) or biases, or in
+`.bin` files (convert them to safetensors); sharded HF export (one file); CUDA graphs
+under tensor parallelism (the plain forward is used there); loading only this rank's shard file
+(each rank reads all of them); speculative decoding and continuous batching.
 """
 
 import argparse
@@ -77,20 +90,25 @@ def find_tokenizer(folder: str) -> str:
 
 def _meta_shards(folder: str) -> list:
     """consolidated.00.pth ... consolidated.{N-1}.pth, checked to be complete."""
-    paths = glob.glob(os.path.join(folder, "consolidated.*.pth"))
-    if not paths:
-        raise FileNotFoundError(f"{folder} has params.json but no consolidated.*.pth weight files")
-    numbered = {int(re.search(r"consolidated\.(\d+)\.pth$", p).group(1)): p for p in paths}
-    if sorted(numbered) != list(range(len(numbered))):
-        raise FileNotFoundError(f"{folder} has shards {sorted(numbered)}: consolidated.00 .. "
-                                f"{len(numbered) - 1:02d} must all be present; re-download them")
-    return [numbered[i] for i in range(len(numbered))]
+    n = len(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    paths = [os.path.join(folder, f"consolidated.{i:02d}.pth") for i in range(n)]
+    if n == 0:
+        raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth weights")
+    if not all(os.path.isfile(p) for p in paths):
+        raise FileNotFoundError(f"{folder} has {n} consolidated.NN.pth files, not numbered 00 .. "
+                                f"{n - 1:02d}: a shard is missing; re-download or re-save them")
+    return paths
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    """Meta's key -> shape, for this architecture, read off a model on the meta device."""
+    with torch.device("meta"):                  # shapes only: no memory, no initialization
+        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
 
 
 def _check_shapes(args: ModelArgs, state: dict, source: str, config: str):
     """Every tensor the architecture needs, with the shape it implies, and nothing else."""
-    with torch.device("meta"):                  # shapes only: no memory, no initialization
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    expected = expected_shapes(args)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing): not a "
@@ -187,7 +205,7 @@ def _ffn_args(dim: int, hidden: int) -> dict:
 
 
 def read_hf(folder: str):
-    """config.json + *.safetensors (or pytorch_model*.bin) -> (ModelArgs, Meta-named state)."""
+    """config.json + *.safetensors (one file or several) -> (ModelArgs, Meta-named state)."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
@@ -201,20 +219,13 @@ def read_hf(folder: str):
                      max_seq_len=cfg.get("max_position_embeddings", 2048),
                      **_ffn_args(dim, cfg["intermediate_size"]))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    hf = {}
-    if files:
-        from safetensors.torch import load_file
-        for path in files:
-            hf.update(load_file(path))
-    else:
-        files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
-        if not files:
-            raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
-        for path in files:
-            hf.update(torch.load(path, map_location="cpu", weights_only=True))
+    if not files:
+        raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
+    from safetensors.torch import load_file
+    hf = {name: w for path in files for name, w in load_file(path).items()}
     if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings"):
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-    to_meta = {hf_name(k): k for k in _meta_keys(args)}
+    to_meta = {hf_name(k): k for k in expected_shapes(args)}
     state = {}
     for name, w in hf.items():
         if name.endswith("rotary_emb.inv_freq"):     # a derived buffer some exports carry
@@ -226,13 +237,7 @@ def read_hf(folder: str):
     return args, state
 
 
-def _meta_keys(args: ModelArgs) -> list:
-    with torch.device("meta"):
-        return list(Transformer(args).state_dict())
-
-
-def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str,
-              max_shard_bytes: int = 5 << 30):
+def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     """Write a folder that `LlamaForCausalLM.from_pretrained(out)` loads with the same logits."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
@@ -252,22 +257,8 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str,
         if key.endswith(("wq.weight", "wk.weight")):
             w = permute_rows(w, args.n_heads if "wq" in key else args.n_kv_heads, to_hf=True)
         tensors[hf_name(key)] = w.contiguous()
-    # Files of at most max_shard_bytes, plus the index that maps each tensor to its file.
-    files, size = [{}], 0
-    for name, w in tensors.items():
-        nbytes = w.numel() * w.element_size()
-        if files[-1] and size + nbytes > max_shard_bytes:
-            files, size = files + [{}], 0
-        files[-1][name], size = w, size + nbytes
-    names = (["model.safetensors"] if len(files) == 1 else
-             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
-    for name, part in zip(names, files):
-        save_file(part, os.path.join(out, name), metadata={"format": "pt"})
-    if len(files) > 1:
-        index = {"metadata": {"total_size": sum(w.numel() * w.element_size() for w in tensors.values())},
-                 "weight_map": {t: n for n, part in zip(names, files) for t in part}}
-        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+    # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
@@ -281,18 +272,14 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str,
 # 3. load_model
 # ---------------------------------------------------------------------------------------------
 
-def default_dtype(device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls there are slow and inexact); bf16 on CUDA, as Meta serves."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def load_model(ckpt: str, device="cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,
                max_seq_len=None):
     """Any LLaMA checkpoint folder -> (Transformer in eval mode on `device`, Tokenizer)."""
     args, state, tok_path = read_checkpoint(ckpt)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
-    dtype = dtype or default_dtype(device)
+    # fp32 on CPU (its bf16 matmuls are slow and inexact), bf16 on CUDA as Meta serves it.
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     # PERF: build on the meta device and adopt the checkpoint's tensors (assign=True) instead
     # of initializing 7B random weights first only to overwrite them.
     with torch.device("meta"):
@@ -304,16 +291,28 @@ def load_model(ckpt: str, device="cpu", dtype=None, tp_rank: int = 0, tp_size: i
         args.head_dim, args.max_seq_len, args.rope_theta))
     model.eval().requires_grad_(False)
     if tp_size > 1:
-        try:
-            import parallel
-        except ImportError:
-            raise ValueError(f"tp_size={tp_size} needs parallel.py, which this checkout lacks; "
-                             "load with tp_size=1") from None
-        if not hasattr(parallel, "apply_tensor_parallel"):
-            raise ValueError("parallel.py has no apply_tensor_parallel(model, tp_rank, tp_size); "
-                             "load with tp_size=1")
-        model = parallel.apply_tensor_parallel(model, tp_rank, tp_size) or model
+        _tensor_parallel(model, device, tp_rank, tp_size)
     return model, Tokenizer(tok_path)
+
+
+def _tensor_parallel(model: Transformer, device, tp_rank: int, tp_size: int):
+    """Slice the loaded full model over the tp group, in place (parallel.parallelize)."""
+    import torch.distributed as dist
+    try:
+        import parallel as P
+    except ImportError:
+        raise ValueError(f"tp_size={tp_size} needs parallel.py, which this checkout lacks; "
+                         "load with tp_size=1") from None
+    if not dist.is_initialized():
+        raise ValueError(f"tp_size={tp_size} needs a process group: launch with torchrun and "
+                         "call parallel.init_distributed() before load_model")
+    world = P.Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   device=torch.device(device))
+    grid = P.make_grid(world, tp=tp_size)          # NOTE: collective: every rank calls load_model
+    if grid.tp_rank != tp_rank:
+        raise ValueError(f"tp_rank={tp_rank} but global rank {world.rank} is tp rank "
+                         f"{grid.tp_rank} of a tp={tp_size} grid; pass rank % tp_size")
+    P.parallelize(model, grid)          # every rank held the full weights: each keeps its slice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +427,11 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
                          f"{max_new_tokens} exceeds max_seq_len={model.args.max_seq_len}; "
                          "shorten one or the other")
     device = model.output.weight.device
+    grid = getattr(model, "grid", None)                     # set by parallel.parallelize
+    tp_group = grid.tp_group if grid is not None and grid.tp > 1 else None
+    if tp_group is not None:
+        from parallel import all_gather
+        static = False          # static_step calls the linears directly, bypassing tp's hooks
     tokens = torch.full((B, total), -1, dtype=torch.long, device=device)   # (B, T_total)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
@@ -447,6 +451,8 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
                 logits = model(tokens[:, prev:cur], prev)                   # (B, cur-prev, V)
             else:
                 logits = step(tokens[:, prev:cur], prev)                    # (B, 1, V)
+            if tp_group is not None:  # vocab-parallel output: every rank samples from all of V
+                logits = all_gather(logits[:, -1:], -1, tp_group)           # COMM: tp all-gather
             nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)   # (B,)
             nxt = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)       # keep prompt tokens
             tokens[:, cur] = nxt
@@ -544,7 +550,7 @@ class Streamer:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (ours, Meta's or HF's).")
+    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (ours, Meta's, HF's).")
     p.add_argument("--ckpt", required=True, help="checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -553,46 +559,56 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="0 to disable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--max-seq-len", type=int, default=None, help="override params.json")
-    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, use plain forward()")
+    p.add_argument("--max-seq-len", type=int, help="override the checkpoint's")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, plain forward()")
     p.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face Llama folder")
     a = p.parse_args(argv)
     if not a.prompt and not a.export_hf:
         p.error("nothing to do: give --prompt TEXT and/or --export-hf DIR")
+    world, device = None, a.device
     try:
-        if a.export_hf:
+        if a.tp > 1:
+            import parallel as P                  # reads torchrun's RANK, WORLD_SIZE, ...
+            world = P.init_distributed(a.device)
+            device = world.device
+        is_main = world is None or world.is_main
+        say = print if is_main else (lambda *args, **kw: None)   # rank 0 prints, alone
+        if a.export_hf and is_main:
             export_hf(*read_checkpoint(a.ckpt), a.export_hf)
-            print(f"wrote {a.export_hf} (Hugging Face LlamaForCausalLM layout)")
+            say(f"wrote {a.export_hf} (Hugging Face LlamaForCausalLM layout)")
         if not a.prompt:
             return
-        dtype = getattr(torch, a.dtype) if a.dtype else None
-        model, tok = load_model(a.ckpt, a.device, dtype, max_seq_len=a.max_seq_len)
+        model, tok = load_model(a.ckpt, device, a.dtype and getattr(torch, a.dtype),
+                                world.rank % a.tp if world else 0, a.tp, a.max_seq_len)
         prompts = [tok.encode(text, bos=True) for text in a.prompt]
-        stream = Streamer(tok, prompts[0]) if len(prompts) == 1 else None
-        if stream:
-            print(a.prompt[0], end="", flush=True)
-        stats, fast = {}, torch.device(a.device).type == "cuda"
+        stream = Streamer(tok, prompts[0]) if len(prompts) == 1 and is_main else None
+        say(a.prompt[0] if stream else "", end="", flush=True)
+        stats, cuda = {}, torch.device(device).type == "cuda"
         outs = generate_tokens(model, prompts, a.max_new_tokens, a.temperature, a.top_p,
-                               a.top_k, eos_id=tok.eos_id, seed=a.seed, static=fast,
-                               cuda_graph=fast and not a.no_cuda_graph, on_token=stream,
+                               a.top_k, tok.eos_id, a.seed, static=cuda,
+                               cuda_graph=cuda and not a.no_cuda_graph, on_token=stream,
                                stats=stats)
         if stream:
             stream.finish()
         else:
             for i, (prompt, out) in enumerate(zip(prompts, outs)):
-                print(f"[{i}] {tok.decode(prompt + out)}")
+                say(f"[{i}] {tok.decode(prompt + out)}")
         steps, B = stats["decode_steps"], len(prompts)
         rate = steps / max(stats["decode_s"], 1e-9)
-        bw, wb = memory_bandwidth(a.device), weight_bytes(model)
-        print(f"prefill {stats['prefill_s']:.3f} s; decode {steps} steps x {B} sequences in "
-              f"{stats['decode_s']:.3f} s = {rate:.1f} steps/s, {rate * B:.1f} tokens/s")
-        print(f"weight-read bound at batch 1: tokens/s <= memory bandwidth / weight bytes = "
-              f"{bw / 1e9:.1f} GB/s / {wb / 1e6:.1f} MB = {bw / wb:.1f} tokens/s "
-              f"(decoding ran at {100 * rate * wb / bw:.0f}% of it)")
+        bw, wb = memory_bandwidth(device), weight_bytes(model)    # wb: this rank's share
+        say(f"prefill {stats['prefill_s']:.3f} s; decode {steps} steps x {B} sequences in "
+            f"{stats['decode_s']:.3f} s = {rate:.1f} steps/s, {rate * B:.1f} tokens/s")
+        say(f"weight-read bound at batch 1: tokens/s <= memory bandwidth / weight bytes = "
+            f"{bw / 1e9:.1f} GB/s / {wb / 1e6:.1f} MB = {bw / wb:.1f} tokens/s "
+            f"(decoding ran at {100 * rate * wb / bw:.0f}% of it)")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if world is not None:
+            P.destroy(world)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,16 @@ def test_reader_details():
                              "The cat sat on the mat because the mat"]
     assert wino.continuations == [" was soft.", " was soft."]        # partial evaluation
     hella = E.read_task("hellaswag", fixture("hellaswag.jsonl"))[1]
-    assert "[" not in hella.contexts[0] and hella.contexts[0].endswith("Fill a can with water. Pour")
+    assert "[" not in hella.contexts[0]
+    assert hella.contexts[0].endswith("How to water a tree. Fill a can with water. Pour")
     boolq = E.read_task("boolq", fixture("boolq.jsonl"))[0]
     assert boolq.contexts[0].endswith("Question: is the sun a star?\nAnswer:")
     assert boolq.continuations == [" no", " yes"]
     trivia = E.read_task("triviaqa", fixture("triviaqa.jsonl"))
-    assert trivia[0].answers == ["Fish", "fish", "Fishes"] and trivia[1].answers == ["The Sun", "sun"]
-    assert E.read_task("nq", fixture("nq.jsonl"))[0].contexts[0].endswith("Q: who sat on the mat\nA:")
+    assert trivia[0].answers == ["Fish", "fish", "Fishes"]
+    assert trivia[1].answers == ["The Sun", "sun"]
+    nq = E.read_task("nq", fixture("nq.jsonl"))[0]
+    assert nq.contexts[0].endswith("Q: who sat on the mat\nA:") and nq.answers[0] == "the cat"
 
 
 # --- scoring -----------------------------------------------------------------------------------
