@@ -5,8 +5,8 @@ one process.
 model.py is the single-device reference and stays that way. This file takes a Transformer built
 on every rank from the same seed and, in place, swaps its modules for sharded ones (a short
 visible table, TP_PLAN), so that each rank of a tensor-parallel group holds one slice of the very
-same full initialization. Every collective is a named call with a `COMM:` tag saying its group
-and direction: `grep COMM: parallel.py` prints the communication schedule. Every parallel path
+same full initialization. Every collective is a named call tagged with its group and direction,
+so that `grep COMM: parallel.py` prints the communication schedule. Every parallel path
 degrades to the plain one when its axis has size 1, and one process is the default.
 
     torchrun --nproc_per_node=4 train.py --preset tiny --tp 2 --sp     # how it is used
@@ -283,13 +283,15 @@ class f_sp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, region=None):
         ctx.group, ctx.region = group, region
-        return all_gather(x, 1, group)                           # COMM: tp all-gather, forward (f_sp)
+        # COMM: tp all-gather, forward (f_sp)
+        return all_gather(x, 1, group)
 
     @staticmethod
     def backward(ctx, dy):
         if ctx.region is not None:
             ctx.region.regathered = None                         # every column linear is done
-        return reduce_scatter(dy, 1, ctx.group), None, None      # COMM: tp reduce-scatter, backward (f_sp)
+        # COMM: tp reduce-scatter, backward (f_sp)
+        return reduce_scatter(dy, 1, ctx.group), None, None
 
 
 class g_sp(torch.autograd.Function):
@@ -298,11 +300,13 @@ class g_sp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return reduce_scatter(x, 1, group)                       # COMM: tp reduce-scatter, forward (g_sp)
+        # COMM: tp reduce-scatter, forward (g_sp)
+        return reduce_scatter(x, 1, group)
 
     @staticmethod
     def backward(ctx, dy):
-        return all_gather(dy, 1, ctx.group), None                # COMM: tp all-gather, backward (g_sp)
+        # COMM: tp all-gather, backward (g_sp)
+        return all_gather(dy, 1, ctx.group), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +358,8 @@ class Region:
 
     def regather(self, shard):
         if self.regathered is None or self.regathered[0] is not shard:
-            full = all_gather(shard, 1, self.grid.tp_group)      # COMM: tp all-gather, backward (keep_shard)
+            # COMM: tp all-gather, backward (keep_shard)
+            full = all_gather(shard, 1, self.grid.tp_group)
             self.regathered = (shard, full)
         return self.regathered[1]
 
@@ -417,10 +422,11 @@ class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows; each rank looks up the tokens it owns.
 
     A rank holds rows [start, start + V/tp); other tokens get zero vectors; g (all-reduce) adds
-    the per-rank tables' answers, or under sp g_sp adds them and keeps this rank's T/tp
-    positions, which is where the residual stream starts. NOTE: Meta splits this table by width
-    (dim 1) in its files; rows need no gather of the whole (B, T, D) in backward. Checkpoints are
-    converted to Meta's split on save (shard_state_dict) and sliced by rows on load.
+    the per-rank answers, or under sp g_sp adds them and keeps this rank's T/tp positions, where
+    the residual stream starts. NOTE: Meta's files split this table by width (dim 1). We split
+    rows, as Megatron does: the answers are then partial sums closed by the same g / g_sp as every
+    region, where a width split needs an all-gather along D (and, under sp, a reshuffle from a D
+    split to a T split). shard_state_dict converts to Meta's split; load_sharded slices rows.
     """
 
     def __init__(self, full: nn.Embedding, grid: Grid, sp: bool):
@@ -495,14 +501,17 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, vocab_start):
         n_local = logits.shape[-1]
-        zmax = all_reduce(logits.max(-1).values, group, dist.ReduceOp.MAX)  # COMM: tp all-reduce (max), forward
+        # COMM: tp all-reduce (max), forward
+        zmax = all_reduce(logits.max(-1).values, group, dist.ReduceOp.MAX)
         z = logits - zmax[:, None]                               # (N, V/tp), <= 0
         exp = z.exp()
-        sum_exp = all_reduce(exp.sum(-1), group)                 # COMM: tp all-reduce (sum exp), forward
+        # COMM: tp all-reduce (sum exp), forward
+        sum_exp = all_reduce(exp.sum(-1), group)
         local = targets - vocab_start
         mine = (local >= 0) & (local < n_local)
         local = local.clamp(0, n_local - 1)
-        z_target = all_reduce(z.gather(1, local[:, None]).squeeze(1) * mine, group)  # COMM: tp all-reduce (target logit), forward
+        # COMM: tp all-reduce (target logit), forward
+        z_target = all_reduce(z.gather(1, local[:, None]).squeeze(1) * mine, group)
         ctx.save_for_backward(exp / sum_exp[:, None], local, mine)
         return sum_exp.log() - z_target                          # (N,)
 
@@ -627,20 +636,23 @@ class GradSync:
 
     Per optimizer step: `with sync.no_sync():` around the backward of every micro-batch but the
     last (gradients accumulate locally, no communication), then the last backward, then
-    `sync.finish()`. After it every dp rank holds the dp-mean gradient. Under sp finish() also
-    sums the norm weights' gradients over tp: each rank saw only T/tp positions.
+    `sync.finish()` (also on a step whose update is then skipped). After it every dp rank holds
+    the dp-mean gradient. Under sp finish() also sums the norm weights' gradients over tp: each
+    rank saw only T/tp positions. One GradSync per model: its hooks stay on the parameters.
     """
 
     def __init__(self, model, grid: Grid, bucket_mb: float = 25.0, overlap: bool = True):
         self.grid, self.overlap, self.syncing = grid, overlap, True
         self.params = [p for p in model.parameters() if p.requires_grad]
+        sp = getattr(model, "sequence_parallel", False)                  # set by parallelize()
         self.tp_partial = [p for name, p in model.named_parameters()
-                           if getattr(model, "sequence_parallel", False) and shard_dim(name) is None]
+                           if sp and shard_dim(name) is None]
         self.buckets, self.inflight = [], []
         if grid.dp > 1 and overlap:
-            backward_order = self.params[::-1]
-            self.buckets = [[backward_order[i] for i in b] for b in make_buckets(
-                [p.numel() for p in backward_order], bucket_mb * 2**20, self.params[0].element_size())]
+            order = self.params[::-1]                            # about the order of backward
+            sizes, el = [p.numel() for p in order], self.params[0].element_size()
+            self.buckets = [[order[i] for i in bucket]
+                            for bucket in make_buckets(sizes, bucket_mb * 2**20, el)]
             self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
             self.waiting = [len(b) for b in self.buckets]
             for p in self.params:
@@ -658,6 +670,9 @@ class GradSync:
         if not self.syncing:
             return
         i = self.bucket_of[p]
+        if self.waiting[i] <= 0:
+            raise RuntimeError("a gradient arrived for a bucket already sent: call "
+                               "GradSync.finish() after every backward outside no_sync()")
         self.waiting[i] -= 1
         if self.waiting[i] == 0:
             self._launch(i)
@@ -665,7 +680,8 @@ class GradSync:
     def _launch(self, i):
         bucket = self.buckets[i]
         flat = torch.cat([_grad(p).flatten() for p in bucket])
-        work = dist.all_reduce(flat, group=self.grid.dp_group, async_op=True)  # COMM: dp all-reduce, async during backward (bucketed)
+        # COMM: dp all-reduce, async during backward (bucketed)
+        work = dist.all_reduce(flat, group=self.grid.dp_group, async_op=True)
         self.inflight.append((bucket, flat, work))
         self.waiting[i] = -1                                     # launched
 
@@ -682,10 +698,12 @@ class GradSync:
             self.inflight, self.waiting = [], [len(b) for b in self.buckets]
         elif grid.dp > 1:
             for p in self.params:
-                all_reduce(_grad(p), grid.dp_group).div_(grid.dp)  # COMM: dp all-reduce, after backward (naive)
+                # COMM: dp all-reduce, after backward (naive)
+                all_reduce(_grad(p), grid.dp_group).div_(grid.dp)
         if self.tp_partial:
-            flat = all_reduce(torch.cat([_grad(p).flatten() for p in self.tp_partial]),
-                              grid.tp_group)                     # COMM: tp all-reduce, norm weight grads (sp), after backward
+            flat = torch.cat([_grad(p).flatten() for p in self.tp_partial])
+            # COMM: tp all-reduce, norm weight grads (sp), after backward
+            all_reduce(flat, grid.tp_group)
             for p, g_ in zip(self.tp_partial, flat.split([p.numel() for p in self.tp_partial])):
                 p.grad.copy_(g_.view_as(p))
 
@@ -713,7 +731,8 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
         if p.grad is not None and (shard_dim(name) is not None or grid.tp_rank == 0):
             squares += p.grad.float().pow(2).sum()
     if grid.tp > 1:
-        all_reduce(squares, grid.tp_group)                       # COMM: tp all-reduce, one scalar (clipping)
+        # COMM: tp all-reduce, one scalar (clipping)
+        all_reduce(squares, grid.tp_group)
     norm = squares.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
@@ -735,11 +754,12 @@ def _runtime_dim(key: str) -> Optional[int]:
 
 
 def shard_state_dict(model, grid: Grid) -> dict:
-    """This tp rank's shard in Meta's split (CPU copies): what consolidated.{tp_rank:02d}.pth holds."""
+    """This tp rank's shard in Meta's split, as CPU copies: consolidated.{tp_rank:02d}.pth."""
     out = {}
     for key, t in model.state_dict().items():
         if grid.tp > 1 and _runtime_dim(key) != shard_dim(key):  # the embedding: rows -> width
-            full = all_gather(t, _runtime_dim(key), grid.tp_group)  # COMM: tp all-gather, checkpoint save
+            # COMM: tp all-gather, checkpoint save
+            full = all_gather(t, _runtime_dim(key), grid.tp_group)
             t = full.chunk(grid.tp, shard_dim(key))[grid.tp_rank]
         out[key] = t.detach().cpu().clone()
     return out
@@ -751,7 +771,8 @@ def full_state_dict(model, grid: Grid) -> Optional[dict]:
     if grid.tp > 1:
         for key, t in state.items():
             if shard_dim(key) is not None:
-                state[key] = all_gather(t, shard_dim(key), grid.tp_group)  # COMM: tp all-gather, checkpoint save
+                # COMM: tp all-gather, checkpoint save
+                state[key] = all_gather(t, shard_dim(key), grid.tp_group)
     return state if grid.tp_rank == 0 and grid.dp_rank == 0 and grid.pp_rank == 0 else None
 
 

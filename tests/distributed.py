@@ -65,7 +65,8 @@ def spawn(fn, world_size: int, *args, timeout: float = 180.0) -> list:
             try:
                 rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                dead = [r for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in out]
                 if dead:
                     raise RuntimeError(f"worker rank {dead[0]} died with exit code "
                                        f"{procs[dead[0]].exitcode} before reporting")

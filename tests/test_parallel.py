@@ -1,4 +1,4 @@
-"""Tests for parallel.py, on CPU with gloo workers spawned from inside pytest (tests/distributed.py).
+"""Tests for parallel.py, on CPU, with gloo workers spawned from inside pytest (distributed.py).
 
 Three groups of 4 workers, each running many checks, keep the file fast:
   1. operators and layers: the collectives, f, g, f_sp, g_sp against closed forms; every parallel
@@ -51,7 +51,8 @@ def record_collectives(grid, events=None):
             group = kwargs.get("group")
             axis = "tp" if group is grid.tp_group else "dp" if group is grid.dp_group else "?"
             payload = args[1] if name == "reduce_scatter_single" else args[0]  # the full tensor
-            events.append((axis, name.replace("_single", ""), payload.numel() * payload.element_size()))
+            nbytes = payload.numel() * payload.element_size()
+            events.append((axis, name.replace("_single", ""), nbytes))
             return real[name](*args, **kwargs)
         return call
 
@@ -146,8 +147,8 @@ def check_operators(grid):
     y = P.g_sp.apply(x, group)
     close(y, (pos[:, 4 * r:4 * r + 4] * total).expand(2, 4, 3), "g_sp forward")
     (y * (r + 1)).sum().backward()
-    close(x.grad, torch.arange(1, n + 1).float().repeat_interleave(4)[None, :, None].expand(2, -1, 3),
-          "g_sp backward")
+    ranks_plus_one = torch.arange(1, n + 1).float().repeat_interleave(4)[None, :, None]
+    close(x.grad, ranks_plus_one.expand(2, -1, 3), "g_sp backward")
 
 
 def check_layers(grid, kv_heads, sp, keep_shard=True):
@@ -157,7 +158,8 @@ def check_layers(grid, kv_heads, sp, keep_shard=True):
     full = perturbed_model(args)
     par = P.parallelize(perturbed_model(args), grid, sp=sp, keep_shard=keep_shard)
     gen = torch.Generator().manual_seed(7)
-    x, dy = torch.randn(B, SEQ, args.dim, generator=gen), torch.randn(B, SEQ, args.dim, generator=gen)
+    x = torch.randn(B, SEQ, args.dim, generator=gen)
+    dy = torch.randn(B, SEQ, args.dim, generator=gen)
     tokens = torch.randint(0, args.vocab_size, (B, SEQ + 1), generator=gen)
     local = (lambda t: t.chunk(grid.tp, 1)[r]) if sp else (lambda t: t)   # this rank's positions
     cos, sin = full.rope_cos[:SEQ], full.rope_sin[:SEQ]
@@ -223,7 +225,7 @@ def test_operators_and_layers_match_closed_forms_and_unsharded_modules():
 # --- 2. training equals one process -------------------------------------------------------------
 
 def train(args, grid, sp=False, recompute="none", accum=2, overlap=True, bucket_mb=0.05):
-    """AdamW steps on the fixed global batch; each dp rank takes its rows, in accum micro-batches."""
+    """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches."""
     torch.manual_seed(0)
     model = P.parallelize(M.Transformer(args), grid, sp=sp)
     P.apply_recompute(model, recompute)
@@ -465,7 +467,7 @@ def test_collective_calls_and_bytes_equal_prediction(accounted):
             got = accounted[rank]["comm"][label]
             assert set(got) == set(want), f"{label}, rank {rank}: {got} vs {want}"
             for key, (calls, payload) in want.items():
-                assert got[key][0] == calls, f"{label} {key}: {got[key][0]} calls, predicted {calls}"
+                assert got[key][0] == calls, f"{label} {key}: {got[key][0]} calls, not {calls}"
                 assert abs(got[key][1] - payload) <= 0.05 * payload, f"{label} {key}: bytes"
 
 
