@@ -15,7 +15,8 @@ paper's LLaMA-7B number next to ours. Context and continuation are tokenized tog
 continuation's tokens are those after the longest prefix the joint encoding shares with the
 context's own encoding, so the tokens scored are the ones the model would really see.
 WinoGrande uses partial evaluation: the option fills the blank and ends the context, and the
-rest of the sentence, identical for both options, is the scored continuation.
+rest of the sentence, identical for both options, is the scored continuation (so there acc and
+acc_norm coincide).
 Closed-book QA (NaturalQuestions, TriviaQA) is greedy generation with exact match after
 normalization; perplexity is measured on held-out text or a prepared token shard.
 
@@ -43,6 +44,10 @@ Files to download (one JSON object per line, as published) and the fields read:
                    (.npy, or .bin of uint16 / uint32 ids)
 
 A `*-labels.lst` file is looked for beside the jsonl, named after it, when records carry no label.
+
+The JSON report (--out) holds the metrics, the one the paper's table uses and its rule in words,
+LLaMA-7B's published score, and for each example every choice's log-likelihood (and its
+log-likelihood after "Answer:" where that rule applies), the choice each rule picked, the label.
 
 Reading order
   1. Examples and readers     one small function per benchmark format, one table of tasks
@@ -149,6 +154,15 @@ def read_qa(get):
                    answers=answers)
 
 
+RULES = {   # what each metric means, written into every report
+    "acc": "argmax log P(continuation | context)",
+    "acc_norm": "argmax log P(continuation | context) / characters of the continuation",
+    "acc_answer": "argmax P(continuation | context) / P(continuation | 'Answer:')",
+    "exact_match": "greedy answer == a gold answer, after SQuAD normalization",
+    "perplexity": "exp(mean negative log-likelihood per token)",
+}
+
+
 @dataclass
 class Task:
     read: object          # record accessor -> Example
@@ -164,14 +178,14 @@ TASKS = {
                  "context, question, answerA, answerB, answerC (+ label 1-3 or X-labels.lst)"),
     "hellaswag": Task(read_hellaswag, "acc_norm", 76.1,
                       "activity_label, ctx_a, ctx_b, endings, label"),
-    "winogrande": Task(read_winogrande, "acc", 70.1,
+    "winogrande": Task(read_winogrande, "acc_norm", 70.1,    # = acc: one shared continuation
                        "sentence with '_', option1, option2, answer ('1' or '2')"),
     "arc_easy": Task(read_arc, "acc_norm", 72.8, "question.stem, question.choices, answerKey"),
     "arc_challenge": Task(read_arc, "acc_norm", 47.6, "question.stem, question.choices, answerKey"),
     "openbookqa": Task(read_arc, "acc_answer", 57.2, "question.stem, question.choices, answerKey"),
     "nq": Task(read_qa, "exact_match", 16.8, "question, answer (a list of strings)"),
     "triviaqa": Task(read_qa, "exact_match", 50.0, "question, answer (a list of strings)"),
-    "perplexity": Task(None, "perplexity", float("nan"), "text, or a .npy/.bin token shard"),
+    "perplexity": Task(None, "perplexity", None, "text, or a .npy/.bin token shard"),
 }
 
 
@@ -432,13 +446,14 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     report = dict(task=name, ckpt=a.ckpt, data=a.data, n=len(report["examples"]),
-                  llama_7b_paper=TASKS[name].llama_7b, **report)
+                  paper_rule=RULES[report["paper_metric"]], llama_7b_paper=TASKS[name].llama_7b,
+                  **report)
     scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in report["metrics"].items())
     print(f"{name} ({report['n']} examples): {scores}")
     if name != "perplexity":
-        print(f"the paper's table uses {report['paper_metric']}: ours "
-              f"{100 * report['paper_value']:.1f}, LLaMA-7B {report['llama_7b_paper']}")
+        print(f"the paper's table uses {report['paper_metric']} ({report['paper_rule']}): "
+              f"ours {100 * report['paper_value']:.1f}, LLaMA-7B {report['llama_7b_paper']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

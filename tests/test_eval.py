@@ -186,6 +186,7 @@ def test_main_writes_the_report(ckpt, tmp_path, capsys):
     assert set(report["metrics"]) == {"acc", "acc_norm", "acc_answer"}
     for row in report["examples"]:
         assert len(row["loglik"]) == len(row["loglik_answer"]) == 2
+    assert report["paper_rule"] == "argmax P(continuation | context) / P(continuation | 'Answer:')"
     assert "the paper's table uses acc_answer" in capsys.readouterr().out
     E.main(["--ckpt", ckpt, "--task", "arc-challenge", "--data", fixture("arc_challenge.jsonl"),
             "--limit", "1", "--out", out])
