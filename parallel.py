@@ -634,15 +634,17 @@ class GradSync:
       all-reduce is launched while backward goes on with the layers below. finish() waits once.
       [PTD-P §2.1; LLaMA §2.4: "overlap the computation of activations and the communication"]
 
-    Per optimizer step: `with sync.no_sync():` around the backward of every micro-batch but the
-    last (gradients accumulate locally, no communication), then the last backward, then
-    `sync.finish()` (also on a step whose update is then skipped). After it every dp rank holds
+    Per optimizer step: `with sync.no_sync():` around every micro-batch but the last (gradients
+    accumulate locally, no communication), then the last one, then `sync.finish()` (also on a
+    step whose update is then skipped). As in DDP, a backward is local when its forward ran
+    inside no_sync(), so the context may hold the forward alone or forward and backward. After
+    it every dp rank holds
     the dp-mean gradient. Under sp finish() also sums the norm weights' gradients over tp: each
     rank saw only T/tp positions. One GradSync per model: its hooks stay on the parameters.
     """
 
     def __init__(self, model, grid: Grid, bucket_mb: float = 25.0, overlap: bool = True):
-        self.grid, self.overlap, self.syncing = grid, overlap, True
+        self.grid, self.overlap, self.syncing, self.sync_backward = grid, overlap, True, True
         self.params = [p for p in model.parameters() if p.requires_grad]
         sp = getattr(model, "sequence_parallel", False)                  # set by parallelize()
         self.tp_partial = [p for name, p in model.named_parameters()
@@ -657,6 +659,7 @@ class GradSync:
             self.waiting = [len(b) for b in self.buckets]
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
+            model.register_forward_pre_hook(self._forward_starts)
 
     @contextmanager
     def no_sync(self):
@@ -666,13 +669,16 @@ class GradSync:
         finally:
             self.syncing = True
 
+    def _forward_starts(self, model, args):
+        self.sync_backward = self.syncing                        # decided here, as DDP does
+
     def _grad_ready(self, p):
-        if not self.syncing:
+        if not (self.syncing and self.sync_backward):
             return
         i = self.bucket_of[p]
         if self.waiting[i] <= 0:
             raise RuntimeError("a gradient arrived for a bucket already sent: call "
-                               "GradSync.finish() after every backward outside no_sync()")
+                               "GradSync.finish() after each step's last backward")
         self.waiting[i] -= 1
         if self.waiting[i] == 0:
             self._launch(i)
