@@ -59,7 +59,9 @@ on tp; data-parallel replicas are identical and differ only in their data.
 What this file leaves out: pipeline parallelism (the grid has its axis, of size 1 for now),
 ZeRO/FSDP sharding of optimizer state, fused or compute-overlapped tp collectives (Megatron
 overlaps the all-gather with the matmul), gradient buckets that are views into one flat buffer
-(we copy), and ignored target positions in the loss (every position is a target).
+(we copy), and ignored target positions in the loss (every position is a target). Decoding with
+a KV cache works under tp but not sp (one new token cannot be split over T): parallelize with
+sp=False for generation.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
