@@ -14,7 +14,7 @@ import torch
 
 import eval as E
 import generate as G
-from test_generate import tiny_model, tok_path, write_checkpoint  # noqa: F401 (fixture)
+from test_generate import one_thread, tiny_model, tok_path, write_checkpoint  # noqa: F401
 from tokenizer import Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
@@ -71,12 +71,9 @@ def test_reader_details():
 # --- scoring -----------------------------------------------------------------------------------
 
 def brute_force_loglik(model, ids, n):
-    """Sum of log p over the last n tokens, each by its own forward over its own prefix."""
-    total = 0.0
-    for t in range(len(ids) - n, len(ids)):
-        logits = model(torch.tensor([ids[:t]]))[0, -1]
-        total += torch.log_softmax(logits.double(), -1)[ids[t]].item()
-    return total
+    """Sum of log p over the last n tokens: one example alone, unpadded, token by token."""
+    logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)   # (T-1, V)
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
 
 
 def test_encode_pair_splits_at_the_context(loaded):
@@ -146,8 +143,7 @@ def test_perplexity_equals_plain_computation_on_text_and_shards(loaded, tmp_path
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, 128):            # each window alone, unpadded
         window = ids[s:s + 129]
-        logp = torch.log_softmax(model(torch.tensor([window[:-1]]))[0].double(), -1)
-        nll -= sum(logp[t, window[t + 1]].item() for t in range(len(window) - 1))
+        nll -= brute_force_loglik(model, window, len(window) - 1)
         count += len(window) - 1
     report = E.evaluate_perplexity(model, tok, fixture("heldout.txt"), batch_size=2)
     assert report["metrics"]["tokens"] == count == len(ids) - 1

@@ -28,6 +28,16 @@ def tiny_text(n_lines=400, seed=0):
             for _ in range(n_lines)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine an OpenMP
+    barrier waiting for a descheduled thread makes a 2 ms forward take 100 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
@@ -153,6 +163,7 @@ def _tp_worker(rank, port, argv, out_dir):
     """One torchrun-like rank: the environment torchrun would set, then generate.main."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)                          # two ranks on two cores
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f, contextlib.redirect_stdout(f):
         G.main(argv)
 
