@@ -39,18 +39,19 @@ Speed. At batch 1 a decoding step multiplies one vector by every weight matrix, 
 by reading the weights once: tokens/s <= memory bandwidth / bytes of weights (the embedding
 table excluded: a step reads one row of it). main prints that bound beside the measured rate.
 On CUDA (bf16) the step is static_step captured once in a CUDA graph and replayed: one launch
-per token instead of ~15 kernel launches per layer, which is what keeps a small model near the
-bound. On CPU (fp32) the plain forward is used.
+per token instead of ~15 kernel launches per layer, whose CPU-side overhead would otherwise
+dominate a step of a small model. On CPU (fp32) the plain forward is used.
 
 Shape legend: B batch, T sequence, S cache positions, D model width, H query heads, K key/value
 heads, E head dim, V vocab.
 
 Tensor parallelism (`torchrun --nproc_per_node 2 generate.py --tp 2 ...`): every rank loads the
-full weights, parallel.parallelize keeps its slice, and the vocabulary-parallel logits are
-gathered so that every rank samples the same token from the same seeded generator.
+full weights on the CPU, parallel.parallelize keeps its slice, and the vocabulary-parallel
+logits are gathered so that every rank samples the same token from the same seeded generator.
 
-What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1) or biases, or in
-`.bin` files (convert them to safetensors); sharded HF export (one file); CUDA graphs
+What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, added tokens
+(an embedding larger than the tokenizer is refused), or `.bin` weights (convert them to
+safetensors); sharded HF export (one file); Llama 3's tiktoken tokenizer; CUDA graphs
 under tensor parallelism (the plain forward is used there); loading only this rank's shard file
 (each rank reads all of them); speculative decoding and continuous batching.
 """
@@ -102,7 +103,7 @@ def _meta_shards(folder: str) -> list:
 
 def expected_shapes(args: ModelArgs) -> dict:
     """Meta's key -> shape, for this architecture, read off a model on the meta device."""
-    with torch.device("meta"):                  # shapes only: no memory, no initialization
+    with torch.device("meta"):                  # shapes only: no memory, no random numbers
         return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
 
 
@@ -188,8 +189,8 @@ def permute_rows(w, n_heads: int, to_hf: bool):
     Meta rotates consecutive pairs of features (0,1), (2,3), ...; HF rotates feature i with
     feature i + E/2 ("rotate half"). Reading each head's E rows as a (E/2, 2) grid, Meta's order
     is row-major and HF's column-major, so the conversion is a transpose of that grid:
-        Meta rows 0 1 2 3 4 5  <->  HF rows 0 2 4 1 3 5      (E = 6, one head)
-    q.k products are unchanged because q and k are permuted alike.
+        HF's rows 0..5 are Meta's rows 0 2 4 1 3 5      (E = 6, one head)
+    Each pair thus keeps its rotation angle, and q.k is unchanged: q and k are permuted alike.
     """
     E, D = w.shape[0] // n_heads, w.shape[1]
     grid = (n_heads, E // 2, 2, D) if to_hf else (n_heads, 2, E // 2, D)
@@ -280,19 +281,19 @@ def load_model(ckpt: str, device="cpu", dtype=None, tp_rank: int = 0, tp_size: i
         args = replace(args, max_seq_len=max_seq_len)
     # fp32 on CPU (its bf16 matmuls are slow and inexact), bf16 on CUDA as Meta serves it.
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    # NOTE: under tp the full model is sliced on the CPU: it may not fit on one GPU.
+    where = device if tp_size == 1 else "cpu"
     # PERF: build on the meta device and adopt the checkpoint's tensors (assign=True) instead
     # of initializing 7B random weights first only to overwrite them.
     with torch.device("meta"):
         model = Transformer(args)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+    model.load_state_dict({k: v.to(device=where, dtype=dtype) for k, v in state.items()},
                           strict=True, assign=True)
     # The rotary tables are not in the state dict: compute them for real, and keep them in fp32.
-    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(
-        args.head_dim, args.max_seq_len, args.rope_theta))
-    model.eval().requires_grad_(False)
+    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     if tp_size > 1:
         _tensor_parallel(model, device, tp_rank, tp_size)
-    return model, Tokenizer(tok_path)
+    return model.to(device).eval().requires_grad_(False), Tokenizer(tok_path)
 
 
 def _tensor_parallel(model: Transformer, device, tp_rank: int, tp_size: int):
