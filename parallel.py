@@ -67,7 +67,6 @@ Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., 
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
 """
 
-import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,13 +79,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model import ModelArgs, SwiGLUFunction, Transformer, shard_dim
-
-# NOTE: model.py's hand-written SwiGLU backward (used by selective recomputation) takes the FFN
-# input x and the three weights, bypassing the w1/w3 modules: under sp it keeps the gathered
-# (B, T, D) input instead of the shard. If it takes the matmul outputs a, b instead (w1 and w3
-# then run as modules), the shard is kept. The accounting reads which one model.py has.
-SWIGLU_KEEPS_INPUT = "x" in inspect.signature(SwiGLUFunction.forward).parameters
+from model import ModelArgs, Transformer, shard_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,14 +813,11 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
       none                 (8 + 8b) D + 4b F + 4H + 8
       tp                   (8 + 4b) D + 8  +  (4b D + 4b F + 4H) / t
       tp + sp              [(8 + 8b) D + 4b F + 4H + 8] / t                (everything split)
-      tp + sp + selective  [(8 + 5b) D + 2b K E + 2b F + 8] / t  +  b D
+      tp + sp + selective  [(8 + 6b) D + 2b K E + 2b F + 8] / t
       full                 b D / t with sp, b D without                   (the block's input)
 
     Selective keeps q, wo's input and the core's k and v before the repeat (K heads), a and b;
-    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. The
-    b D that is not divided by t under sp+selective: model.py's hand-written SwiGLU backward
-    takes the FFN input itself, so it keeps the gathered (B, T, D) and not the shard (it becomes
-    b D / t if that function takes a and b instead: SWIGLU_KEEPS_INPUT). In bf16
+    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. In bf16
     (b = 2) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token, where
     Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: the kernel is fused).
     keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
@@ -840,8 +830,7 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
     if recompute == "full":
         per_token = b * D / seq_div
     elif recompute == "selective":
-        ffn_x = b * D if SWIGLU_KEEPS_INPUT else y               # see SWIGLU_KEEPS_INPUT
-        per_token = 2 * norm / seq_div + y + ffn_x + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
+        per_token = 2 * norm / seq_div + 2 * y + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
     else:
         per_token = 2 * norm / seq_div + 2 * y + (4 * b * D + 4 * H + 4 * b * F_) / t
     return per_token * batch * seq_len
@@ -899,8 +888,7 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
         if not sp:
             add("tp all_reduce", m * (2 + 4 * L + 2 * L * full), A)
         else:
-            ffn_bypassed = recompute == "selective" and SWIGLU_KEEPS_INPUT
-            regathers = (L * (2 - int(ffn_bypassed)) + 1) if keep_shard else 0
+            regathers = (2 * L + 1) if keep_shard else 0
             add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
             add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
             add("tp all_reduce", 1, (2 * L + 1) * args.dim * bytes_per_el)
