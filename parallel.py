@@ -68,7 +68,7 @@ Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.
 """
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -157,7 +157,7 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
         raise ValueError(f"tp={tp} and pp={pp} must be positive integers")
     if world.world_size % (tp * pp):
         raise ValueError(f"world size {world.world_size} is not divisible by tp*pp={tp * pp}; "
-                         f"launch a multiple of {tp * pp} processes or change --tp")
+                         f"launch a multiple of {tp * pp} processes or change --tp/--pp")
     dp = world.world_size // (tp * pp)
     r = world.rank
     mesh = torch.arange(world.world_size).view(pp, dp, tp)
@@ -567,6 +567,11 @@ class Recompute(torch.autograd.Function):
                         for a, t in zip(args, ctx.is_tensor)])
 
 
+def _blocks(model):
+    """The transformer blocks of a Transformer or of a PipelineStage (whose layers are keyed)."""
+    return model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+
+
 def recompute(fn, *args):
     return Recompute.apply(fn, *args)
 
@@ -594,7 +599,7 @@ def apply_recompute(model: Transformer, mode: str) -> None:
     """
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"recompute mode {mode!r} is unknown; choose none, selective or full")
-    for layer in model.layers:
+    for layer in _blocks(model):
         layer.forward, layer.attention.core = _plain(layer.forward), _plain(layer.attention.core)
         layer.feed_forward.manual_backward = mode == "selective"
         if mode == "selective":
@@ -716,16 +721,257 @@ def _grad(p):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Clipping
+# 9. Pipeline parallelism
+# ---------------------------------------------------------------------------------------------
+# PAPER: the layers are cut into pp * v chunks of consecutive layers; pipeline rank r holds chunks
+# r, r + pp, r + 2 pp, ... (v "virtual stages" per rank) [PTD-P §2.2]. Chunk 0 begins with the
+# embedding, the last chunk ends with the final norm, the output and the loss. A step's batch is
+# cut into m micro-batches; an activation crosses to the next chunk's rank with a point-to-point
+# send, its gradient comes back with another. Every rank can compute every rank's schedule, so
+# each knows in which order its peers send: no tags are needed (NCCL has none).
+
+PIPELINE_SCHEDULES = ("afab", "1f1b", "interleaved")
+
+
+def default_schedule(virtual_stages: int) -> str:
+    return "interleaved" if virtual_stages > 1 else "1f1b"
+
+
+def check_pipeline(n_layers: int, pp: int, virtual_stages: int = 1,
+                   micro_batches: Optional[int] = None, schedule: Optional[str] = None):
+    """Refuse, in one line, a pipeline that cannot run. Needs no process group: call it first."""
+    v = virtual_stages
+    schedule = schedule or default_schedule(v)
+    if pp < 1 or v < 1:
+        raise ValueError(f"pp={pp} and virtual stages={v} must be positive integers")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"pipeline schedule {schedule!r} is unknown; choose one of "
+                         f"{', '.join(PIPELINE_SCHEDULES)}")
+    if n_layers % (pp * v):
+        ok = ", ".join(str(d) for d in range(1, n_layers + 1) if n_layers % d == 0)
+        raise ValueError(f"n_layers={n_layers} cannot be cut into pp={pp} x virtual stages={v} "
+                         f"= {pp * v} equal chunks; choose pp x v among {ok}")
+    if schedule == "interleaved" and v == 1:
+        raise ValueError("the interleaved schedule needs 2 or more virtual stages per rank; "
+                         "raise --virtual-stages or use the 1f1b schedule")
+    if schedule != "interleaved" and v > 1:
+        raise ValueError(f"the {schedule} schedule runs one chunk per rank; virtual stages={v} "
+                         "need the interleaved schedule")
+    if v > 1 and pp == 1:
+        raise ValueError(f"virtual stages={v} interleave chunks over pipeline ranks; add pp > 1 "
+                         "or use one virtual stage")
+    if schedule == "interleaved" and micro_batches is not None and micro_batches % pp:
+        raise ValueError(f"the interleaved schedule runs micro-batches in groups of pp={pp}: "
+                         f"micro-batches={micro_batches} must be a multiple of {pp}")
+
+
+def schedule_order(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
+                   rank: int = 0) -> list:
+    """The (op, micro-batch, chunk) a pipeline rank runs, in order: op "F" or "B", chunk 0..v-1.
+
+    Every schedule is: `warmup` forwards, then one forward and one backward in turn, then the
+    remaining backwards. Only the warmup differs. Below, pp = 4 and m = 4, each F or B drawn one
+    unit long (`timeline` draws them; a test holds these drawings to the code); in the last one
+    every rank has v = 2 chunks of half the layers, F for chunk 0 and f for chunk 1:
+
+    afab, all forwards then all backwards (GPipe): warmup = m. Bubble (pp-1)/m; m in flight.
+      rank 0  F0 F1 F2 F3                   B0 B1 B2 B3
+      rank 1     F0 F1 F2 F3             B0 B1 B2 B3
+      rank 2        F0 F1 F2 F3       B0 B1 B2 B3
+      rank 3           F0 F1 F2 F3 B0 B1 B2 B3
+    1f1b: warmup = pp - 1 - rank. The same bubble, but at most pp - rank micro-batches in flight
+    whatever m: the backward of micro-batch i frees its activations before i + pp starts.
+      rank 0  F0 F1 F2 F3          B0    B1    B2    B3
+      rank 1     F0 F1 F2       B0 F3 B1    B2    B3
+      rank 2        F0 F1    B0 F2 B1 F3 B2    B3
+      rank 3           F0 B0 F1 B1 F2 B2 F3 B3
+    interleaved 1f1b: micro-batches go through chunk 0 in groups of pp, then through chunk 1...
+    warmup = 2 (pp - 1 - rank) + (v - 1) pp: micro-batch 0 must reach the last chunk, and its
+    gradient travel back, before this rank's first backward. Bubble (pp-1)/(v m), for v times
+    the point-to-point messages [PTD-P §2.2.2, Fig. 4].
+      rank 0  F0 F1 F2 F3 f0 f1 f2 f3          b0    b1    b2    b3 B0 B1 B2 B3
+      rank 1     F0 F1 F2 F3 f0 f1 f2 f3    b0    b1    b2    b3 B0 B1 B2 B3
+      rank 2        F0 F1 F2 F3 f0 f1 f2 b0 f3 b1    b2    b3 B0 B1 B2 B3
+      rank 3           F0 F1 F2 F3 f0 b0 f1 b1 f2 b2 f3 b3 B0 B1 B2 B3
+    """
+    m, v = micro_batches, virtual_stages
+    if v == 1:
+        forward = [(i, 0) for i in range(m)]
+    else:
+        forward = [(g + i, k) for g in range(0, m, pp) for k in range(v) for i in range(pp)]
+    backward = [(i, v - 1 - k) for i, k in forward]                 # chunks in reverse
+    n = m * v
+    warmup = min(n, {"afab": n, "1f1b": pp - 1 - rank,
+                     "interleaved": 2 * (pp - 1 - rank) + (v - 1) * pp}[schedule])
+    order = [("F", *fw) for fw in forward[:warmup]]
+    for fw, bw in zip(forward[warmup:], backward):
+        order += [("F", *fw), ("B", *bw)]
+    return order + [("B", *bw) for bw in backward[n - warmup:]]
+
+
+def timeline(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1) -> list:
+    """Each rank's row of the schedule played with unit-time F and B and instant messages.
+
+    A rank starts its next op when the op it waits for (the forward of the chunk before, the
+    backward of the chunk after) has finished; a deadlocked schedule raises. v <= 2 to draw.
+    """
+    v, last, width = virtual_stages, pp * virtual_stages - 1, len(str(micro_batches - 1)) + 1
+    todo = [schedule_order(schedule, pp, micro_batches, v, r) for r in range(pp)]
+    done, rows = set(), [[] for _ in range(pp)]
+    while any(todo):
+        started = []
+        for r in range(pp):
+            cell = " " * width
+            if todo[r]:
+                op, i, k = todo[r][0]
+                c = k * pp + r
+                waits_for = ("F", i, c - 1) if op == "F" else ("B", i, c + 1)
+                if (op, c) in (("F", 0), ("B", last)) or waits_for in done:
+                    started.append((op, i, c))
+                    todo[r].pop(0)
+                    cell = ((op if k == 0 else op.lower()) + str(i)).ljust(width)
+            rows[r].append(cell)
+        if not started:
+            raise RuntimeError(f"the {schedule} schedule deadlocks at pp={pp}, v={v}")
+        done.update(started)
+    return [f"rank {r}  " + " ".join(row).rstrip() for r, row in enumerate(rows)]
+
+
+def in_flight(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
+              rank: int = 0, sizes: Optional[list] = None):
+    """The most chunk-forwards a rank holds at once, waiting for their backward; sizes[k], when
+    given, weighs chunk k (its bytes, say)."""
+    held = most = 0
+    for op, _, k in schedule_order(schedule, pp, micro_batches, virtual_stages, rank):
+        held += (1 if sizes is None else sizes[k]) * (1 if op == "F" else -1)
+        most = max(most, held)
+    return most
+
+
+class PipelineStage(nn.Module):
+    """One pipeline rank's chunks of a Transformer, its state_dict keys still Meta's.
+
+    Made from a full (possibly tensor-parallel) model built on every rank: keeps layers of its
+    chunks under their global numbers (`layers.13.attention.wq.weight`), the embedding on rank 0,
+    the final norm and output on the last rank, and drops the rest. forward(x, chunk) runs one
+    chunk: tokens (B, T) in for chunk 0, else the residual stream (B, T, D), or (B, T/tp, D)
+    under sp; logits out of the last chunk, the residual stream out of the others.
+    """
+
+    def __init__(self, model: Transformer, grid: Grid, virtual_stages: int = 1):
+        super().__init__()
+        pp, r, v = grid.pp, grid.pp_rank, virtual_stages
+        check_pipeline(model.args.n_layers, pp, v)
+        self.args, self.grid, self.virtual_stages = model.args, grid, v
+        self.sequence_parallel = getattr(model, "sequence_parallel", False)
+        n = model.args.n_layers // (pp * v)                     # layers per chunk
+        self.chunks = [range((k * pp + r) * n, (k * pp + r + 1) * n) for k in range(v)]
+        self.tok_embeddings = model.tok_embeddings if r == 0 else None   # model.py's order
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for c in self.chunks for i in c})
+        self.norm = model.norm if r == pp - 1 else None
+        self.output = model.output if r == pp - 1 else None
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x, chunk: int = 0):
+        grid = self.grid
+        c = chunk * grid.pp + grid.pp_rank                      # the chunk's global number
+        seq_len = x.shape[1] * (grid.tp if self.sequence_parallel and c > 0 else 1)
+        if c == 0:
+            x = self.tok_embeddings(x)                          # (B, T, D) or (B, T/tp, D)
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        for i in self.chunks[chunk]:
+            x = self.layers[str(i)](x, cos, sin)
+        if c == grid.pp * self.virtual_stages - 1:
+            return self.output(self.norm(x)).float()            # (B, T, V) or (B, T, V/tp)
+        return x
+
+
+def _pp_peer(grid: Grid, step: int) -> int:
+    """Global rank of the pipeline rank `step` away (mod pp), at this rank's dp and tp place."""
+    return (((grid.pp_rank + step) % grid.pp) * grid.dp + grid.dp_rank) * grid.tp + grid.tp_rank
+
+
+def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
+                  schedule: Optional[str] = None, sync: Optional["GradSync"] = None,
+                  amp=nullcontext()):
+    """Forward and backward of one step's batch (B, T+1) through the pipeline; the mean loss.
+
+    batch is this data-parallel rank's rows, cut into micro_batches along B; every pipeline rank
+    passes the same batch (only the first reads the inputs, only the last the targets).
+    Gradients are left accumulated, the mean over micro-batches, as one pass over the batch
+    would leave them: with a GradSync call sync.finish() next. Returns the loss, on every rank.
+    With pp = 1 and the 1f1b schedule this is plain gradient accumulation.
+    """
+    m, v, pp = micro_batches, stage.virtual_stages, grid.pp
+    schedule = schedule or default_schedule(v)
+    check_pipeline(stage.args.n_layers, pp, v, m, schedule)
+    if batch.shape[0] % m:
+        raise ValueError(f"a batch of {batch.shape[0]} sequences per data-parallel rank cannot "
+                         f"be cut into {m} micro-batches; make it a multiple of {m}")
+    micro = batch.chunk(m)                                      # m x (B/m, T+1)
+    b, seq_len = micro[0].shape[0], micro[0].shape[1] - 1
+    shape = (b, seq_len // (grid.tp if stage.sequence_parallel else 1), stage.args.dim)
+    dtype, device = next(stage.parameters()).dtype, batch.device
+    last = pp * v - 1
+    order = schedule_order(schedule, pp, m, v, grid.pp_rank)
+    # COMM: the dp all-reduce must see complete gradients: forwards run under no_sync(), except
+    # one whose backward is this rank's last op (1f1b's last rank, and pp = 1); GradSync.finish
+    # sends the rest after the flush, as PTD-P does.
+    overlap_at = len(order) - 2 if order[-2][0] == "F" and order[-2][1:] == order[-1][1:] else -1
+    held, sends, loss = {}, [], torch.zeros((), device=device)
+    for step, (op, i, k) in enumerate(order):
+        c = k * pp + grid.pp_rank
+        if op == "F":
+            if c == 0:
+                x = micro[i][:, :-1]
+            else:
+                x = torch.empty(shape, dtype=dtype, device=device)
+                # COMM: pp recv, forward: the activation from the previous chunk's rank
+                dist.recv(x, _pp_peer(grid, -1), group=grid.pp_group)
+                x.requires_grad_()
+            no_sync = sync.no_sync() if sync is not None and step != overlap_at else nullcontext()
+            with no_sync, amp:
+                y = stage(x, k)
+                if c == last:
+                    y = loss_fn(y, micro[i][:, 1:], grid) / m
+            if c == last:
+                loss += y.detach()
+            else:
+                # COMM: pp send (async), forward: the activation to the next chunk's rank
+                sends.append(dist.isend(y.detach(), _pp_peer(grid, 1), group=grid.pp_group))
+            held[i, k] = (x, y)
+        else:
+            x, y = held.pop((i, k))
+            dy = None
+            if c < last:
+                dy = torch.empty_like(y)
+                # COMM: pp recv, backward: the gradient from the next chunk's rank
+                dist.recv(dy, _pp_peer(grid, 1), group=grid.pp_group)
+            torch.autograd.backward(y, dy)
+            if c > 0:
+                # COMM: pp send (async), backward: the input's gradient to the previous chunk
+                sends.append(dist.isend(x.grad, _pp_peer(grid, -1), group=grid.pp_group))
+    for work in sends:
+        work.wait()
+    if pp > 1:
+        # COMM: pp broadcast, the step's loss (one number) from the last rank to the others
+        dist.broadcast(loss, _pp_peer(grid, pp - 1 - grid.pp_rank), group=grid.pp_group)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Clipping
 # ---------------------------------------------------------------------------------------------
 
 def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
     """Scale all gradients so that their global 2-norm is at most max_norm; return the norm before.
 
     The global norm is over the full model, each parameter counted once: split parameters add
-    their shards' squares over tp; replicated ones (the norms) are counted by tp rank 0 only.
-    Data-parallel replicas hold the same (averaged) gradients: nothing to add over dp. Call it
-    after GradSync.finish(). Same eps as torch.nn.utils.clip_grad_norm_.
+    their shards' squares over tp; replicated ones (the norms) are counted by tp rank 0 only;
+    pipeline stages hold different layers, whose squares add over pp. Data-parallel replicas
+    hold the same (averaged) gradients: nothing to add over dp. Call it after GradSync.finish().
+    Same eps as torch.nn.utils.clip_grad_norm_.
     """
     squares = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     for name, p in model.named_parameters():
@@ -734,6 +980,9 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
     if grid.tp > 1:
         # COMM: tp all-reduce, one scalar (clipping)
         all_reduce(squares, grid.tp_group)
+    if grid.pp > 1:
+        # COMM: pp all-reduce, one scalar (clipping)
+        all_reduce(squares, grid.pp_group)
     norm = squares.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
@@ -743,11 +992,13 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Checkpoints
+# 11. Checkpoints
 # ---------------------------------------------------------------------------------------------
 # A file per tp rank, `consolidated.{tp_rank:02d}.pth`, holding exactly what Meta's file of that
-# rank would hold (model.shard_dim). Loading goes through the full state dict (merge the files
-# with model.merge_state_dicts), so a checkpoint saved at one tp degree loads at any other.
+# rank would hold (model.shard_dim), all layers: under pp, merge_stages gathers the stages' parts
+# first. Loading goes through the full state dict (merge the files with model.merge_state_dicts),
+# and each rank takes its slice and its layers: a checkpoint saved at one tp x pp layout loads
+# at any other.
 
 def _runtime_dim(key: str) -> Optional[int]:
     """How parallelize() splits key: Meta's dim, except the embedding, split by vocab rows."""
@@ -766,9 +1017,21 @@ def shard_state_dict(model, grid: Grid) -> dict:
     return out
 
 
+def merge_stages(state: dict, grid: Grid) -> Optional[dict]:
+    """Every pipeline stage's part of a state dict, merged on pp rank 0 (None on the others)."""
+    if grid.pp == 1:
+        return state
+    parts = [None] * grid.pp if grid.pp_rank == 0 else None
+    # COMM: pp gather of the stages' state dicts to pp rank 0, checkpoint save
+    dist.gather_object(state, parts, dst=_pp_peer(grid, -grid.pp_rank), group=grid.pp_group)
+    return {key: t for part in parts for key, t in part.items()} if parts else None
+
+
 def full_state_dict(model, grid: Grid) -> Optional[dict]:
-    """The whole model, Meta's keys, on tp rank 0 of dp rank 0 (None on the other ranks)."""
-    state = shard_state_dict(model, grid)
+    """The whole model, Meta's keys, on rank 0: tp, pp and dp rank 0 (None on the others)."""
+    state = merge_stages(shard_state_dict(model, grid), grid)
+    if grid.pp_rank > 0:
+        return None
     if grid.tp > 1:
         for key, t in state.items():
             if shard_dim(key) is not None:
@@ -778,10 +1041,11 @@ def full_state_dict(model, grid: Grid) -> Optional[dict]:
 
 
 def load_sharded(model, full_state: dict, grid: Grid) -> None:
-    """Load a full (merged) Meta state dict into a parallelized model: each rank takes its slice."""
-    pieces = {}
+    """Load a full (merged) Meta state dict into a parallelized model: each rank takes its slice
+    (and, under pp, only the keys of its stage)."""
+    pieces, own = {}, model.state_dict()
     for key, t in full_state.items():
-        if key == "rope.freqs":                                  # a stray buffer in Meta's files
+        if key == "rope.freqs" or (grid.pp > 1 and key not in own):  # rope.freqs: a stray buffer
             continue
         dim = _runtime_dim(key)
         pieces[key] = t if dim is None or grid.tp == 1 else t.chunk(grid.tp, dim)[grid.tp_rank]
@@ -789,7 +1053,7 @@ def load_sharded(model, full_state: dict, grid: Grid) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Accounting
+# 12. Accounting
 # ---------------------------------------------------------------------------------------------
 # Two predictions from the configuration alone, checked by tests/test_parallel.py against what the
 # code really does: saved tensors counted with saved_tensors_hooks, collectives by patching
