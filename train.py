@@ -537,7 +537,8 @@ def train(cfg: TrainConfig, world) -> dict:
                 loss_sum /= grid.dp
             step_loss = loss_sum.item()
             grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
-            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
                 optimizer.step()
                 bad_in_a_row = 0
             else:
@@ -555,7 +556,7 @@ def train(cfg: TrainConfig, world) -> dict:
             if main_rank:
                 log_metrics(metrics, dict(step=step, loss=step_loss if math.isfinite(step_loss)
                                           else None, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
-                                          mfu=mfu, skipped=not math.isfinite(step_loss),
+                                          mfu=mfu, skipped=not finite,
                                           tokens_by_source=sampler.tokens_by_source()))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
                 progress.update(step, f"loss {step_loss:.4f} lr {lr:.2e} |g| {grad_norm:.3f} "
