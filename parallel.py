@@ -1,20 +1,24 @@
 """
-parallel.py -- tensor, sequence and data parallelism for model.py's Transformer, proven equal to
-one process.
+parallel.py -- tensor, sequence, data and pipeline parallelism for model.py's Transformer,
+proven equal to one process.
 
 model.py is the single-device reference and stays that way. This file takes a Transformer built
 on every rank from the same seed and, in place, swaps its modules for sharded ones (a short
 visible table, TP_PLAN), so that each rank of a tensor-parallel group holds one slice of the very
 same full initialization. Every collective is a named call tagged with its group and direction,
 so that `grep COMM: parallel.py` prints the communication schedule. Every parallel path
-degrades to the plain one when its axis has size 1, and one process is the default.
+degrades to the plain one when its axis has size 1, and one process is the default. Pipeline
+parallelism then keeps, on each rank, the chunks of layers of its stage (PipelineStage) and runs
+a step's micro-batches through them in the order of a schedule (pipeline_step).
 
     torchrun --nproc_per_node=4 train.py --preset tiny --tp 2 --sp     # how it is used
-    python -m pytest -q tests/test_parallel.py                         # proven equal to 1 process
+    torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4
+    python -m pytest -q tests/test_parallel.py tests/test_pipeline.py  # proven equal to 1 process
     python parallel.py                                                 # the accounting tables
+    python planner.py --help                   # the same accounting, scaled to a cluster
 
 Reading order
-  1. The process grid        init_distributed, Grid (tp innermost; room for pp), make_grid
+  1. The process grid        init_distributed, Grid: a (pp, dp, tp) mesh, tp innermost
   2. Checks                  check_config: refuse impossible splits before any work
   3. Collectives             all_reduce, all_gather, reduce_scatter: the only calls to the wire
   4. Conjugate operators     f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp [Korthikanti]
@@ -23,9 +27,11 @@ Reading order
   6. The loss                vocabulary-parallel cross-entropy: full logits are never gathered
   7. Recomputation           none | selective | full, correct with any use of the RNG
   8. Data parallelism        GradSync: naive all-reduce and overlapped buckets, side by side
-  9. Clipping                the global norm, each parameter counted once
- 10. Checkpoints             shards in Meta's split; any tp degree loads any other
- 11. Accounting              activation bytes per layer and bytes on the wire per step
+  9. Pipeline parallelism    three schedules (afab, 1f1b, interleaved) drawn and played;
+                             PipelineStage; pipeline_step with point-to-point sends
+ 10. Clipping                the global norm, each parameter counted once
+ 11. Checkpoints             shards in Meta's split; any tp x pp layout loads any other
+ 12. Accounting              activation bytes per layer and bytes on the wire per step
 
 How one transformer block is split over tp = 2 ranks, with sequence parallelism (sp). Column-
 parallel matrices (wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by
@@ -54,14 +60,18 @@ F FFN hidden, V vocab, N = B*T tokens; a split dimension carries its divisor, (B
 
 Seed policy, stated once: tensor-parallel peers hold shards of one full initialization (every rank
 builds the full model from the same seed, then parallelize() slices it), so results do not depend
-on tp; data-parallel replicas are identical and differ only in their data.
+on tp; pipeline stages keep their layers of that same initialization, so results do not depend on
+pp; data-parallel replicas are identical and differ only in their data.
 
-What this file leaves out: pipeline parallelism (the grid has its axis, of size 1 for now),
-ZeRO/FSDP sharding of optimizer state, fused or compute-overlapped tp collectives (Megatron
-overlaps the all-gather with the matmul), gradient buckets that are views into one flat buffer
-(we copy), and ignored target positions in the loss (every position is a target). Decoding with
-a KV cache works under tp but not sp (one new token cannot be split over T): parallelize with
-sp=False for generation.
+What this file leaves out: ZeRO/FSDP sharding of optimizer state, fused or compute-overlapped
+tp collectives (Megatron overlaps the all-gather with the matmul), gradient buckets that are
+views into one flat buffer (we copy), and ignored target positions in the loss (every position
+is a target). Decoding with a KV cache works under tp but not sp (one new token cannot be split
+over T): parallelize with sp=False for generation. Of pipelining: a chunk's output stays allocated until its backward
+(Megatron frees the data once sent), without sp every tp rank sends the whole activation
+(Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it anyway), sends overlap
+compute only as far as isend allows, interleaving needs micro-batches in multiples of pp, and
+every rank builds the full model before it keeps its stage, as it does before its tp slice.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
@@ -149,9 +159,10 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
     in forward and twice in backward, on the critical path; consecutive ranks share a node (and
     NVLink), so tp goes innermost. Data parallelism talks once per step and overlaps with
     backward; pipeline parallelism sends one activation per micro-batch: both tolerate the
-    slower links between nodes. Eight ranks, tp=2, dp=4, pp=1:
+    slower links between nodes. Eight ranks, tp=2, dp=2, pp=2:
 
-        tp groups [0 1] [2 3] [4 5] [6 7]        dp groups [0 2 4 6] [1 3 5 7]
+        tp groups [0 1] [2 3] [4 5] [6 7]    dp groups [0 2] [1 3] [4 6] [5 7]
+        pp groups [0 4] [1 5] [2 6] [3 7]    (ranks 0-3 hold the first stage, 4-7 the second)
     """
     if tp < 1 or pp < 1:
         raise ValueError(f"tp={tp} and pp={pp} must be positive integers")
@@ -893,7 +904,7 @@ def _pp_peer(grid: Grid, step: int) -> int:
 
 
 def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
-                  schedule: Optional[str] = None, sync: Optional["GradSync"] = None,
+                  schedule: Optional[str] = None, sync: Optional[GradSync] = None,
                   amp=nullcontext()):
     """Forward and backward of one step's batch (B, T+1) through the pipeline; the mean loss.
 
@@ -922,6 +933,7 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     held, sends, loss = {}, [], torch.zeros((), device=device)
     for step, (op, i, k) in enumerate(order):
         c = k * pp + grid.pp_rank
+        sends = [work for work in sends if not work.is_completed()]     # frees what was sent
         if op == "F":
             if c == 0:
                 x = micro[i][:, :-1]

@@ -86,6 +86,21 @@ PRECISIONS = {  # bytes per parameter (weights, gradients, optimizer) and per ac
 }
 
 
+# The published runs the assumptions must reproduce (`--check`; tests/test_pipeline.py):
+# (model, layout as plan() keywords, {figure: published value}). Both with our sp, which splits
+# the pipeline's messages over tp as Megatron's scatter/gather does [PTD-P §4.1].
+PUBLISHED = {
+    "LLaMA-65B on 2048 A100-80GB [LLaMA §2.4]": (
+        PRESETS["65b"], dict(gpus=2048, tp=8, pp=4, recompute="selective", train_tokens=1.4e12),
+        dict(tokens_per_s_per_gpu=380, days=21)),
+    "Megatron 1T on 3072 A100 [PTD-P Table 1]": (
+        dict(dim=25600, n_layers=128, n_heads=160, vocab_size=51200),
+        dict(gpus=3072, tp=8, pp=64, virtual_stages=2, recompute="full",
+             global_batch_tokens=3072 * 2048),
+        dict(megatron_tflops_per_gpu=163)),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Memory
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +192,10 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     layer_fwd = N * (2 * matmul + 4 * seq_len * D) / tp                 # FLOPs, one GPU
     extra = {"none": 0, "selective": N * 4 * seq_len * D / tp, "full": layer_fwd}[recompute]
     speed = hw.peak * a["compute_efficiency"]
-    compute = (L // pp * (3 * layer_fwd + extra) + 3 * 2 * N * args.vocab_size * D / tp) / speed
-    tp_link = (hw.nvlink if tp <= a["gpus_per_node"] else hw.network) * a["link_efficiency"]
+    output_layer = 3 * 2 * N * args.vocab_size * D / tp                 # forward and backward
+    compute = (L // pp * (3 * layer_fwd + extra) + output_layer) / speed  # the last stage
+    tp_within_node = tp <= a["gpus_per_node"]
+    tp_link = (hw.nvlink if tp_within_node else hw.network) * a["link_efficiency"]
     net = hw.network * a["link_efficiency"]
     stage_args = replace(args, n_layers=max(1, L // pp))
     tp_comm = {key: wire_bytes(key.split()[1], tp, payload) for key, (_, payload) in
@@ -193,14 +210,15 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
 
     tokens_per_s = sequences * seq_len / step / gpus
     mfu = tokens_per_s * flops_per_token(args, seq_len) / hw.peak
-    h, V = D, args.vocab_size                  # Megatron's formula, full recompute counted
+    h, V = D, args.vocab_size                  # PTD-P's formula: counts a full recompute
     megatron = 96 * sequences * seq_len * L * h * h * (1 + seq_len / (6 * h) + V / (16 * L * h))
     out = dict(
         model=dict(parameters=count_parameters(args), **asdict(args)),
         layout=dict(gpus=gpus, gpu=gpu, tp=tp, pp=pp, dp=dp, virtual_stages=v, sp=sp,
                     schedule=schedule, micro_batch=micro_batch, micro_batches=m,
                     recompute=recompute, precision=precision, seq_len=seq_len,
-                    global_batch_sequences=sequences),
+                    global_batch_sequences=sequences,
+                    tp_link="NVLink" if tp_within_node else "network"),
         memory=dict(stages=stages, busiest_rank=busiest["rank"], per_gpu=busiest["total"],
                     usable=hw.memory * a["usable_memory"],
                     fits=busiest["total"] <= hw.memory * a["usable_memory"]),
@@ -246,50 +264,47 @@ def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
 
 def format_plan(p: dict) -> str:
     """The plan as the text `python planner.py` prints."""
-    lay, mem, t, a = p["layout"], p["memory"], p["time"], p["assumptions"]
-    GiB, m = 2**30, lay["micro_batches"]
+    model, lay, mem, t, a = p["model"], p["layout"], p["memory"], p["time"], p["assumptions"]
+    GiB, m, c = 2**30, lay["micro_batches"], p["comm_bytes_per_step"]
     lines = [
-        f"model: {p['model']['parameters'] / 1e9:.1f}B parameters, {p['model']['n_layers']} "
-        f"layers, dim {p['model']['dim']}, {p['model']['n_heads']} heads, vocab "
-        f"{p['model']['vocab_size']}",
-        f"layout: {lay['gpus']} x {lay['gpu']} = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}"
-        f"; sp {'on' if lay['sp'] else 'off'}; {lay['schedule']} schedule, v {lay['virtual_stages']}"
-        f"; recompute {lay['recompute']}; {lay['precision']}",
-        f"batch: {lay['global_batch_sequences']} sequences x {lay['seq_len']} tokens = "
-        f"{lay['global_batch_sequences'] * lay['seq_len']:,} per step; {m} micro-batches of "
-        f"{lay['micro_batch']} per pipeline",
-        "",
-        f"memory per GPU, GiB (the busiest stage is pp rank {mem['busiest_rank']})"]
+        f"model   {model['parameters'] / 1e9:.1f}B parameters: {model['n_layers']} layers, dim "
+        f"{model['dim']}, {model['n_heads']} heads, vocab {model['vocab_size']}",
+        f"layout  {lay['gpus']} x {lay['gpu']} = tp {lay['tp']} x pp {lay['pp']} x dp "
+        f"{lay['dp']}; sp {'on' if lay['sp'] else 'off'}; {lay['schedule']}, v "
+        f"{lay['virtual_stages']}; recompute {lay['recompute']}; {lay['precision']}",
+        f"batch   {lay['global_batch_sequences']} x {lay['seq_len']} = "
+        f"{lay['global_batch_sequences'] * lay['seq_len']:,} tokens per step; {m} micro-batches "
+        f"of {lay['micro_batch']} per pipeline", "",
+        "memory per GPU, GiB  weights  gradients  optimizer  activations  in flight   total"]
     for s in mem["stages"]:
-        parts = "  ".join(f"{k} {v / GiB:.1f}" for k, v in s["memory"].items())
-        lines.append(f"  pp rank {s['rank']:<3} {parts}  ({s['in_flight']} chunk-forwards in "
-                     f"flight)  total {s['total'] / GiB:.1f}")
+        lines.append(f"  pp rank {s['rank']:<10}" + "".join(
+            f"{s['memory'][k] / GiB:{w}.1f}" for k, w in (("weights", 9), ("gradients", 11),
+                                                           ("optimizer", 11), ("activations", 13)))
+            + f"{s['in_flight']:11d}{s['total'] / GiB:8.1f}")
     lines += [f"  {'fits' if mem['fits'] else 'DOES NOT FIT'}: {mem['per_gpu'] / GiB:.1f} of "
               f"{mem['usable'] / GiB:.1f} usable GiB", "",
-              "communication per step and GPU (bytes on the wire, ring algorithms)"]
-    c = p["comm_bytes_per_step"]
-    for key, nbytes in c["tp"].items():
-        lines.append(f"  {key:<18} {nbytes / 1e9:9.2f} GB   NVLink, overlapped with compute")
-    lines += [f"  {'pp send/recv':<18} {c['pp_send'] / 1e9:9.2f} GB   network, exposed",
-              f"  {'dp all_reduce':<18} {c['dp_all_reduce'] / 1e9:9.2f} GB   network, exposed, "
-              "after the flush", "",
-              "time per step",
-              f"  one micro-batch on the slowest stage: compute {t['compute_per_micro_batch'] * 1e3:.1f}"
-              f" ms, tp {t['tp_per_micro_batch'] * 1e3:.1f} ms (hidden up to compute), pp "
-              f"{t['pp_per_micro_batch'] * 1e3:.1f} ms",
-              f"  bubble (pp-1)/(v m) = {100 * t['bubble']:.1f}% of the {m} micro-batches; dp "
-              f"all-reduce {t['dp_all_reduce']:.2f} s; step {t['step']:.2f} s", "",
-              f"throughput: {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU "
-              f"{100 * p['mfu']:.1f}% (tokens/s x (6N + 12 L D T) / peak); Megatron's 96 B s l "
-              f"h^2 (1 + s/6h + V/16lh) gives {p['megatron_tflops_per_gpu']:.0f} TFLOP/s/GPU"]
+              "communication per step and GPU, bytes on the wire (ring algorithms)"]
+    lines += [f"  {key:<18}{nbytes / 1e9:9.2f} GB  {lay['tp_link']}, overlapped with compute"
+              for key, nbytes in c["tp"].items()]
+    lines += [f"  {'pp send/recv':<18}{c['pp_send'] / 1e9:9.2f} GB  network, exposed",
+              f"  {'dp all_reduce':<18}{c['dp_all_reduce'] / 1e9:9.2f} GB  network, exposed, "
+              "after the pipeline flush", "",
+              f"time    a micro-batch on the slowest stage: compute "
+              f"{t['compute_per_micro_batch'] * 1e3:.1f} ms (tp {t['tp_per_micro_batch'] * 1e3:.1f}"
+              f" ms under it), pp sends {t['pp_per_micro_batch'] * 1e3:.1f} ms",
+              f"        bubble (pp-1)/(v m) = {100 * t['bubble']:.1f}%; dp all-reduce "
+              f"{t['dp_all_reduce']:.2f} s; step {t['step']:.2f} s",
+              f"speed   {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU {100 * p['mfu']:.1f}% = "
+              "tokens/s x (6N + 12 L D T) / peak",
+              f"        {p['megatron_tflops_per_gpu']:.0f} TFLOP/s/GPU by PTD-P's count, "
+              "96 B s l h^2 (1 + s/6h + V/16lh) per step (a full recompute included)"]
     if "days" in p:
-        lines.append(f"training: {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days "
-                     f"on {lay['gpus']} GPUs")
-    lines += ["", "assumptions: compute at {:.0%} of {:.0f} TFLOP/s peak; links at {:.0%} of "
-              "NVLink {:.0f} GB/s and network {:.0f} GB/s per GPU and direction; tp within a node "
-              "of {}; {:.0%} of memory usable".format(
-                  a["compute_efficiency"], a["peak"] / 1e12, a["link_efficiency"],
-                  a["nvlink"] / 1e9, a["network"] / 1e9, a["gpus_per_node"], a["usable_memory"])]
+        lines.append(f"        {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days")
+    lines += ["", f"assumptions: compute at {a['compute_efficiency']:.0%} of {a['peak'] / 1e12:.0f}"
+              f" TFLOP/s; links at {a['link_efficiency']:.0%} of NVLink {a['nvlink'] / 1e9:.0f} "
+              f"GB/s and network {a['network'] / 1e9:.0f} GB/s",
+              f"  (per GPU and direction); tp within a node of {a['gpus_per_node']}; "
+              f"{a['usable_memory']:.0%} of memory usable"]
     return "\n".join(lines)
 
 
@@ -327,6 +342,7 @@ def main(argv=None):
     p.add_argument("--serve", action="store_true", help="inference: weights + KV cache")
     p.add_argument("--batch", type=int, default=1, help="--serve: sequences decoded at once")
     p.add_argument("--context", type=int, default=2048, help="--serve: positions cached")
+    p.add_argument("--check", action="store_true", help="the published runs, predicted")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
@@ -334,6 +350,13 @@ def main(argv=None):
     try:
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         hw = GPUS[a.gpu]
+        if a.check:
+            for name, (model, layout, figures) in PUBLISHED.items():
+                q = plan(ModelArgs(**model), **layout)
+                print(name + ": " + "; ".join(f"{k} {q[k]:.1f}, published {want} "
+                                               f"({100 * (q[k] / want - 1):+.0f}%)"
+                                               for k, want in figures.items()))
+            return
         if a.serve:
             rows = {tp: serve_memory(args, a.batch, a.context, tp) for tp in (1, 2, 4, 8)}
             if a.json:

@@ -476,3 +476,6 @@ def test_planner_cli_prints_and_answers_json(capsys):
     with pytest.raises(SystemExit):
         planner.main(["--preset", "65b", "--gpus", "100", "--tp", "8"])
     assert "does not divide 100 GPUs" in capsys.readouterr().err
+    planner.main(["--check"])                                    # the published runs
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(planner.PUBLISHED) and all("published" in line for line in lines)
