@@ -179,3 +179,31 @@ def test_missing_data_dir_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_torchrun_restart_resumes_by_itself(demo_data, tmp_path, monkeypatch):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")          # what torchrun sets on restart
+    resumed = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2"))
+    assert sorted(resumed["losses"]) == [5, 6]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "train.py", *base_argv(demo_data, tmp_path, "--steps", "100000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, output
+    assert "saving step" in output
+    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
+    last = max(r["step"] for r in read_metrics(tmp_path) if "loss" in r)
+    assert ckpt.endswith(f"step-{last:06d}")
