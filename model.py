@@ -3,7 +3,7 @@ model.py -- the LLaMA transformer, on one device, in plain PyTorch.
 
 This file is the single-device reference for the whole project: the architecture of the LLaMA
 paper [LLaMA §2.2], with the parameter names of Meta's release so that a Meta
-`consolidated.00.pth` loads into it unchanged. It knows nothing of processes or GPUs counts:
+`consolidated.00.pth` loads into it unchanged. It knows nothing of processes or device counts:
 parallel.py splits these very modules across devices, train.py trains them, generate.py samples
 from them. It imports no other file of the project and never `torch.distributed`.
 
