@@ -67,11 +67,12 @@ What this file leaves out: ZeRO/FSDP sharding of optimizer state, fused or compu
 tp collectives (Megatron overlaps the all-gather with the matmul), gradient buckets that are
 views into one flat buffer (we copy), and ignored target positions in the loss (every position
 is a target). Decoding with a KV cache works under tp but not sp (one new token cannot be split
-over T): parallelize with sp=False for generation. Of pipelining: a chunk's output stays allocated until its backward
-(Megatron frees the data once sent), without sp every tp rank sends the whole activation
-(Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it anyway), sends overlap
-compute only as far as isend allows, interleaving needs micro-batches in multiples of pp, and
-every rank builds the full model before it keeps its stage, as it does before its tp slice.
+over T): parallelize with sp=False for generation. Of pipelining: a chunk's output stays
+allocated until its backward (Megatron frees the data once sent), without sp every tp rank sends
+the whole activation (Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it
+anyway), sends overlap compute only as far as isend allows, interleaving needs micro-batches in
+multiples of pp, and every rank builds the full model before it keeps its stage, as it does
+before its tp slice.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
@@ -809,7 +810,8 @@ def schedule_order(schedule: str, pp: int, micro_batches: int, virtual_stages: i
     if v == 1:
         forward = [(i, 0) for i in range(m)]
     else:
-        forward = [(g + i, k) for g in range(0, m, pp) for k in range(v) for i in range(pp)]
+        forward = [(g + i, k) for g in range(0, m, pp) for k in range(v)
+                   for i in range(min(pp, m - g))]     # a last group shorter: forwards alone
     backward = [(i, v - 1 - k) for i, k in forward]                 # chunks in reverse
     n = m * v
     warmup = min(n, {"afab": n, "1f1b": pp - 1 - rank,
@@ -905,18 +907,19 @@ def _pp_peer(grid: Grid, step: int) -> int:
 
 def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
                   schedule: Optional[str] = None, sync: Optional[GradSync] = None,
-                  amp=nullcontext()):
+                  amp=nullcontext(), backward: bool = True):
     """Forward and backward of one step's batch (B, T+1) through the pipeline; the mean loss.
 
     batch is this data-parallel rank's rows, cut into micro_batches along B; every pipeline rank
     passes the same batch (only the first reads the inputs, only the last the targets).
     Gradients are left accumulated, the mean over micro-batches, as one pass over the batch
     would leave them: with a GradSync call sync.finish() next. Returns the loss, on every rank.
-    With pp = 1 and the 1f1b schedule this is plain gradient accumulation.
+    With pp = 1 and the 1f1b schedule this is plain gradient accumulation. backward=False runs
+    the forwards alone, without autograd (validation). amp: a context entered for each forward.
     """
     m, v, pp = micro_batches, stage.virtual_stages, grid.pp
     schedule = schedule or default_schedule(v)
-    check_pipeline(stage.args.n_layers, pp, v, m, schedule)
+    check_pipeline(stage.args.n_layers, pp, v, m if backward else None, schedule)
     if batch.shape[0] % m:
         raise ValueError(f"a batch of {batch.shape[0]} sequences per data-parallel rank cannot "
                          f"be cut into {m} micro-batches; make it a multiple of {m}")
@@ -926,10 +929,12 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     dtype, device = next(stage.parameters()).dtype, batch.device
     last = pp * v - 1
     order = schedule_order(schedule, pp, m, v, grid.pp_rank)
+    order = order if backward else [o for o in order if o[0] == "F"]
     # COMM: the dp all-reduce must see complete gradients: forwards run under no_sync(), except
     # one whose backward is this rank's last op (1f1b's last rank, and pp = 1); GradSync.finish
     # sends the rest after the flush, as PTD-P does.
-    overlap_at = len(order) - 2 if order[-2][0] == "F" and order[-2][1:] == order[-1][1:] else -1
+    i, k = order[-1][1:]
+    overlap_at = len(order) - 2 if order[-2:] == [("F", i, k), ("B", i, k)] else -1
     held, sends, loss = {}, [], torch.zeros((), device=device)
     for step, (op, i, k) in enumerate(order):
         c = k * pp + grid.pp_rank
@@ -941,9 +946,9 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
                 x = torch.empty(shape, dtype=dtype, device=device)
                 # COMM: pp recv, forward: the activation from the previous chunk's rank
                 dist.recv(x, _pp_peer(grid, -1), group=grid.pp_group)
-                x.requires_grad_()
+                x.requires_grad_(backward)
             no_sync = sync.no_sync() if sync is not None and step != overlap_at else nullcontext()
-            with no_sync, amp:
+            with no_sync, amp, torch.set_grad_enabled(backward):
                 y = stage(x, k)
                 if c == last:
                     y = loss_fn(y, micro[i][:, 1:], grid) / m
@@ -952,7 +957,8 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
             else:
                 # COMM: pp send (async), forward: the activation to the next chunk's rank
                 sends.append(dist.isend(y.detach(), _pp_peer(grid, 1), group=grid.pp_group))
-            held[i, k] = (x, y)
+            if backward:
+                held[i, k] = (x, y)
         else:
             x, y = held.pop((i, k))
             dy = None

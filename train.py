@@ -11,6 +11,7 @@ is the identity.
     python train.py --preset tiny --steps 200 --out out/run1
     python train.py --out out/run1 --resume           # continue exactly where run1 stopped
     torchrun --nproc_per_node=4 train.py --tp 2 --sp  # tensor+sequence parallel x2, data parallel x2
+    torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4  # pipeline
     python train.py --bench --preset 1b --device cuda --seq-len 2048
 
 Reading order
@@ -28,15 +29,19 @@ A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus
     train_state.00.pth .. train_state.{tp-1}.pth                                   <- optimizer,
                                                           step, sampler, RNG, config (per tp rank)
 
+Under pipeline parallelism the first stage gathers every stage's layers before it writes, so the
+model files are the same whatever --pp; each stage writes its own optimizer state,
+train_state.{tp_rank}.stage{pp_rank}.pth.
+
 It is written as `.tmp-step-000600/` and renamed when complete; OUT/checkpoints/latest names the
 newest complete one and is replaced last. A kill at any moment leaves at worst a `.tmp-` folder
 that nothing reads.
 
 Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
 
-What this file leaves out: pipeline parallelism (parallel.py's grid has room for it), resuming
-at a different tensor-parallel degree with the optimizer state (use --init-from: weights only),
-and mixed precision other than bf16 autocast (no fp16 loss scaling).
+What this file leaves out: resuming at a different tensor- or pipeline-parallel layout with the
+optimizer state (use --init-from: weights only, any layout), --compile and samples at the end
+under pipeline parallelism, and mixed precision other than bf16 autocast (no fp16 loss scaling).
 """
 
 import argparse
@@ -71,7 +76,9 @@ from tokenizer import Tokenizer
 @dataclass
 class TrainConfig:
     """Every option of a run. `--batch-size` is sequences per micro-batch *per data-parallel rank*:
-    the global batch is batch_size * grad_accum * dp sequences of seq_len tokens."""
+    the global batch is batch_size * grad_accum * dp sequences of seq_len tokens. --micro-batches
+    is the pipeline's name for --grad-accum (give one of the two): batch_size * micro_batches * dp
+    sequences, each pipeline running micro_batches micro-batches per step through its stages."""
     preset: str = "tiny"            # a name from model.PRESETS; vocab_size comes from the tokenizer
     steps: int = 400                # optimizer steps (the demo: about five minutes on 2 CPU cores)
     batch_size: int = 16            # sequences per micro-batch per rank
@@ -96,7 +103,11 @@ class TrainConfig:
     keep: int = 2                   # complete checkpoints kept
     log_every: int = 10
     samples: int = 3                # continuations printed at the end
-    tp: int = 1                     # tensor-parallel degree (torchrun: world = tp * dp)
+    tp: int = 1                     # tensor-parallel degree (torchrun: world = tp * pp * dp)
+    pp: int = 1                     # pipeline-parallel degree: stages of consecutive layers
+    virtual_stages: int = 1         # chunks per pipeline rank (> 1: the interleaved schedule)
+    micro_batches: int = 1          # per step, through the pipeline (= --grad-accum, give one)
+    pp_schedule: str = "auto"       # auto (1f1b, interleaved with virtual stages) | afab | 1f1b
     sp: bool = False                # sequence parallelism (needs tp > 1)
     recompute: str = "none"         # none | selective | full
     bucket_mb: float = 25.0         # data-parallel gradient bucket size
@@ -108,8 +119,18 @@ class TrainConfig:
     max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
     bench: bool = False             # measure tokens/s and MFU against a plain loop, then exit
 
+    @property
+    def n_micro(self) -> int:
+        """Micro-batches per optimizer step: --grad-accum or --micro-batches, whichever is set."""
+        return self.grad_accum * self.micro_batches
+
+    @property
+    def pipeline_schedule(self) -> Optional[str]:
+        """--pp-schedule for parallel.py: None picks 1f1b, or interleaved with virtual stages."""
+        return None if self.pp_schedule == "auto" else self.pp_schedule
+
     def global_batch(self, dp: int) -> int:
-        return self.batch_size * self.grad_accum * dp
+        return self.batch_size * self.n_micro * dp
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -137,7 +158,7 @@ def check_config(cfg: TrainConfig, world_size: int):
     if cfg.preset not in M.PRESETS:
         raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "tp", "eval_windows", "keep",
-                 "log_every", "eval_every", "save_every"):
+                 "log_every", "eval_every", "save_every", "pp", "virtual_stages", "micro_batches"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
     if cfg.recompute not in ("none", "selective", "full"):
@@ -146,17 +167,25 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
-    if world_size % cfg.tp:
-        raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp}; launch "
-                          f"a multiple of {cfg.tp} processes")
+    if world_size % (cfg.tp * cfg.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
+                          f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
+                          "processes")
+    if cfg.grad_accum > 1 and cfg.micro_batches > 1:
+        raise ConfigError("--grad-accum and --micro-batches both count micro-batches per step; "
+                          "give one of them")
+    if cfg.pp > 1 and cfg.compile:
+        raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
     if cfg.sp and cfg.tp == 1:
         raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume continues a run, --init-from starts a new one: give one of them")
     if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0 or cfg.warmup < 0:
         raise ConfigError("need --lr > 0, --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
-    if not cfg.init_from:                      # heads and sequence against tp, before the data
+    if not cfg.init_from:           # heads, layers, sequence against the grid, before the data
         P.check_config(M.preset(cfg.preset), cfg.tp, cfg.sp, cfg.seq_len)
+        P.check_pipeline(M.preset(cfg.preset).n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
+                         cfg.pipeline_schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +249,8 @@ def _write_atomic(path: str, write):
 
 def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
                     tok_path):
-    """Every rank calls this. dp rank 0 of each tp rank writes its shard; global rank 0 renames."""
+    """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
+    stages' layers first); each stage writes its optimizer state; global rank 0 renames."""
     root = checkpoint_root(cfg)
     name = f"step-{step:06d}"
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
@@ -229,13 +259,15 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
         os.makedirs(tmp)
     _barrier(world)
     shard = P.shard_state_dict(model, grid)         # this rank's tp slice (a tp all-gather inside)
+    shard = P.merge_stages(shard, grid)             # all layers on pp rank 0, None elsewhere
     if grid.dp_rank == 0:
         r = grid.tp_rank
-        torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+        if grid.pp_rank == 0:
+            torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
-                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp),
-                   os.path.join(tmp, f"train_state.{r:02d}.pth"))
-        if r == 0:
+                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
+                        pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
+        if r == 0 and grid.pp_rank == 0:
             with open(os.path.join(tmp, "params.json"), "w") as fh:
                 fh.write(args.to_json())
             shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
@@ -254,10 +286,16 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     return final
 
 
+def train_state_name(grid) -> str:
+    """This rank's optimizer file: one per tp rank, and per pipeline stage under pp."""
+    stage = f".stage{grid.pp_rank:02d}" if grid.pp > 1 else ""
+    return f"train_state.{grid.tp_rank:02d}{stage}.pth"
+
+
 def load_checkpoint(path, model, optimizer, sampler, grid):
     """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
-    state = torch.load(os.path.join(path, f"train_state.{grid.tp_rank:02d}.pth"),
-                       map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(path, train_state_name(grid)), map_location="cpu",
+                       weights_only=True)
     P.load_sharded(model, read_model_state(path), grid)
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
@@ -410,26 +448,32 @@ def model_args(cfg: TrainConfig, tokenizer) -> tuple:
         args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
     P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
+    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
+                     cfg.pipeline_schedule)
     return args, state
 
 
-def check_resumable(ckpt: str, args: M.ModelArgs, grid):
+def check_resumable(ckpt: str, args: M.ModelArgs, grid, cfg: TrainConfig):
     saved = M.ModelArgs.from_dict(json.load(open(os.path.join(ckpt, "params.json"))))
     if saved != args:
         diff = [f"{f.name}={getattr(saved, f.name)} (now {getattr(args, f.name)})"
                 for f in fields(M.ModelArgs) if getattr(saved, f.name) != getattr(args, f.name)]
         raise ConfigError(f"cannot resume from {ckpt}: its model has {', '.join(diff)}; "
                           "use the same --preset, --seq-len and data, or a new --out")
-    n = len([f for f in os.listdir(ckpt) if f.startswith("train_state.")])
-    if n != grid.tp:
-        raise ConfigError(f"{ckpt} was trained with --tp {n}; resume with the same --tp, or "
-                          "start a new run from its weights with --init-from")
+    first = min(f for f in os.listdir(ckpt) if f.startswith("train_state."))
+    saved = torch.load(os.path.join(ckpt, first), map_location="cpu", weights_only=True)["config"]
+    was = (saved["tp"], saved.get("pp", 1), saved.get("virtual_stages", 1))
+    if was != (grid.tp, grid.pp, cfg.virtual_stages):
+        raise ConfigError(f"{ckpt} was trained with --tp {was[0]} --pp {was[1]} --virtual-stages "
+                          f"{was[2]}; resume with the same, or start a new run from its weights "
+                          "with --init-from (any layout)")
 
 
 def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     # NOTE: every rank builds the same full model from the same seed, and parallel.py keeps each
-    # rank's slice: the tensor-parallel shards are pieces of one initialization (so the result
-    # does not depend on tp), and the data-parallel replicas start identical.
+    # rank's slice: the tensor-parallel shards and the pipeline stages are pieces of one
+    # initialization (so the result depends on neither), and the data-parallel replicas start
+    # identical.
     torch.manual_seed(cfg.seed)
     model = M.Transformer(args)
     if state is not None:
@@ -437,12 +481,14 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     model.set_attention_backend(cfg.attention)
     model = P.parallelize(model, grid, sp=cfg.sp).to(world.device)
     P.apply_recompute(model, cfg.recompute)
+    if grid.pp > 1:                              # keep this rank's stage: its chunks of layers
+        model = P.PipelineStage(model, grid, cfg.virtual_stages)
     return model, make_optimizer(model, cfg, world.device)
 
 
 def train(cfg: TrainConfig, world) -> dict:
     """The loop. Returns the per-step losses and validation losses (for tests and the caller)."""
-    grid = P.make_grid(world, tp=cfg.tp)
+    grid = P.make_grid(world, tp=cfg.tp, pp=cfg.pp)
     main_rank = world.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
     device = world.device
@@ -462,7 +508,7 @@ def train(cfg: TrainConfig, world) -> dict:
     args, init_state = model_args(cfg, tokenizer)
     resuming = ckpt is not None and (cfg.resume or restarted)
     if resuming:
-        check_resumable(ckpt, args, grid)
+        check_resumable(ckpt, args, grid, cfg)
     model, optimizer = build_model(cfg, args, init_state, world, grid)
     start = 0                                # optimizer steps already done
     if resuming:
@@ -483,8 +529,9 @@ def train(cfg: TrainConfig, world) -> dict:
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
         f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
-    say(f"grid: world {world.world_size} = dp {grid.dp} x tp {grid.tp}; global batch "
-        f"{cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} tokens")
+    say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
+        f"batch {cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} "
+        f"tokens in {cfg.n_micro} micro-batches of {cfg.batch_size} per rank")
     say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
         f"TFLOP/s peak per device [{peak_source}] * {world.world_size} devices)")
 
@@ -497,7 +544,11 @@ def train(cfg: TrainConfig, world) -> dict:
         with torch.no_grad(), amp:
             for chunk in val.split(cfg.batch_size):
                 chunk = chunk.to(device)
-                total += P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid).item() * len(chunk)
+                if grid.pp > 1:                          # the forwards through the stages
+                    loss = P.pipeline_step(model, chunk, grid, 1, backward=False)
+                else:
+                    loss = P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid)
+                total += loss.item() * len(chunk)
         model.train()
         return total / len(val)
 
@@ -523,14 +574,18 @@ def train(cfg: TrainConfig, world) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch(cfg.global_batch(grid.dp), grid.dp_rank, grid.dp).to(device)
-            loss_sum = torch.zeros((), device=device)
-            for micro, chunk in enumerate(batch.split(cfg.batch_size)):   # (B, T+1) each
-                last = micro == cfg.grad_accum - 1
-                # COMM: the data-parallel all-reduce runs only on the last micro-batch.
-                with (contextlib.nullcontext() if last else sync.no_sync()), amp:
-                    loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
+            if grid.pp > 1:                   # the micro-batches in the schedule's order
+                loss_sum = P.pipeline_step(model, batch, grid, cfg.n_micro,
+                                           cfg.pipeline_schedule, sync, amp)
+            else:
+                loss_sum = torch.zeros((), device=device)
+                for micro, chunk in enumerate(batch.split(cfg.batch_size)):   # (B, T+1) each
+                    last = micro == cfg.n_micro - 1
+                    # COMM: the data-parallel all-reduce runs only on the last micro-batch.
+                    with (contextlib.nullcontext() if last else sync.no_sync()), amp:
+                        loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.n_micro
+                    loss.backward()
+                    loss_sum += loss.detach()
             sync.finish()
             if grid.dp > 1:                                   # for logging: mean over replicas
                 dist.all_reduce(loss_sum, group=grid.dp_group)
@@ -580,7 +635,7 @@ def train(cfg: TrainConfig, world) -> dict:
     if main_rank:
         png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
         say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
-    if cfg.samples and grid.tp == 1:
+    if cfg.samples and grid.tp == 1 and grid.pp == 1:
         print_samples(model, tokenizer, cfg, say)
     return dict(losses=losses, val_losses=val_losses, stopped_at=None)
 

@@ -23,10 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
+import data
 import model as M
 import parallel as P
 import planner
-from distributed import spawn
+import train as T
+from distributed import free_port, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -297,7 +299,7 @@ def ran():
 
 def test_pipeline_training_equals_one_process(ran):
     ref_losses, ref_norms = reference(tiny())
-    assert ref_losses[-1] < ref_losses[0] - 1.0, "the reference must learn, or equality proves little"
+    assert ref_losses[-1] < ref_losses[0] - 1.0, "the reference must learn, or equality is weak"
     for name, *_ in CONFIGS:
         for rank in range(WORLD):
             losses, norms = ran[rank]["train"][name]
@@ -426,12 +428,89 @@ def test_bad_pipelines_are_refused_in_one_line(call, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+# --- through train.py ---------------------------------------------------------------------------
+
+def train_argv(data_dir, out, batch_size, *extra):
+    return ["--data", data_dir, "--out", str(out), "--preset", "tiny", "--seq-len", "32",
+            "--batch-size", str(batch_size), "--steps", "6", "--warmup", "2", "--eval-every", "100",
+            "--eval-windows", "4", "--save-every", "100", "--samples", "0", "--device", "cpu",
+            "--log-every", "100", *extra]
+
+
+# (name, extra flags, batch size per rank); 4 workers, a global batch of 8 sequences
+TRAIN_RUNS = [
+    ("pp2 x dp2", ["--pp", "2", "--micro-batches", "2"], 2),
+    ("pp2 v2 x tp2+sp", ["--pp", "2", "--virtual-stages", "2", "--micro-batches", "2", "--tp",
+                         "2", "--sp", "--recompute", "selective"], 4),
+]
+
+
+def run_train(data_dir, root, ports):
+    """In each worker: train.main() for each run, each in a fresh process group (own port)."""
+    import os
+    out = {}
+    for (name, extra, batch_size), port in zip(TRAIN_RUNS, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        out[name] = T.main(train_argv(data_dir, f"{root}/{name}", batch_size, *extra))
+    return out
+
+
+def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_path):
+    one = T.main(train_argv(demo_data, tmp_path / "one", 8))
+    ran = spawn(run_train, WORLD, demo_data, str(tmp_path), [free_port() for _ in TRAIN_RUNS],
+                timeout=300)
+    assert one["losses"][6] < one["losses"][1] - 0.5            # it learns
+    for name, *_ in TRAIN_RUNS:
+        for rank in range(WORLD):
+            for step, loss in one["losses"].items():
+                assert ran[rank][name]["losses"][step] == pytest.approx(loss, rel=1e-4), name
+            for step, loss in one["val_losses"].items():              # forward-only pipeline
+                assert ran[rank][name]["val_losses"][step] == pytest.approx(loss, rel=1e-4), name
+    # saved at pp 2 x tp 2: Meta's files, one per tp rank, every layer in each; loads at pp 1
+    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path / "pp2 v2 x tp2+sp")))
+    files = sorted(f for f in __import__("os").listdir(ckpt) if f.endswith(".pth"))
+    assert files == ["consolidated.00.pth", "consolidated.01.pth", "train_state.00.stage00.pth",
+                     "train_state.00.stage01.pth", "train_state.01.stage00.pth",
+                     "train_state.01.stage01.pth"]
+    state = T.read_model_state(ckpt)
+    args = M.ModelArgs.from_dict(__import__("json").load(open(f"{ckpt}/params.json")))
+    model = M.Transformer(args)
+    M.load_meta_state(model, state)
+    val = data.validation_windows(demo_data, 32, 4, seed=0)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(val[:, :-1]).flatten(0, 1), val[:, 1:].flatten()).item()
+    assert loss == pytest.approx(ran[0]["pp2 v2 x tp2+sp"]["val_losses"][6], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["--pp", "3"], 4, "world size 4 is not divisible by --tp 1 x --pp 3"),
+    (["--pp", "2", "--virtual-stages", "3"], 4, "n_layers=4 cannot be cut into pp=2 x virtual"),
+    (["--pp", "4", "--virtual-stages", "2"], 4, "n_layers=4 cannot be cut into pp=4 x virtual"),
+    (["--pp", "2", "--virtual-stages", "2", "--micro-batches", "3"], 4,
+     "micro-batches=3 must be a multiple of 2"),
+    (["--pp", "2", "--pp-schedule", "gpipe"], 2, "pipeline schedule 'gpipe' is unknown"),
+    (["--pp", "2", "--grad-accum", "2", "--micro-batches", "2"], 2, "give one of them"),
+    (["--pp", "0"], 2, "--pp=0 must be positive"),
+])
+def test_train_py_refuses_bad_pipelines_before_any_work(demo_data, tmp_path, capsys, monkeypatch,
+                                                       extra, world, message):
+    # as if torchrun had started `world` processes: main refuses before it joins any group
+    monkeypatch.setattr(P, "init_distributed", lambda device: P.Dist(0, world))
+    with pytest.raises(SystemExit) as e:
+        T.main(train_argv(demo_data, tmp_path, 4, *extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 # --- in this process: the planner ----------------------------------------------------------------
 
 def test_planner_reproduces_llama_65b():
-    """LLaMA-65B: about 380 tokens/s/GPU on 2048 A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4]."""
-    p = planner.plan(M.preset("65b"), 2048, "a100-80gb", seq_len=2048, global_batch_tokens=4 * 2**20,
-                     tp=8, pp=4, recompute="selective", train_tokens=1.4e12)
+    """LLaMA-65B: about 380 tokens/s/GPU on 2048 A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4]"""
+    p = planner.plan(M.preset("65b"), 2048, "a100-80gb", seq_len=2048,
+                     global_batch_tokens=4 * 2**20, tp=8, pp=4, recompute="selective",
+                     train_tokens=1.4e12)
     assert p["memory"]["fits"]
     assert p["tokens_per_s_per_gpu"] == pytest.approx(380, rel=0.15)
     assert p["days"] == pytest.approx(21, rel=0.15)
