@@ -10,9 +10,12 @@ pays for one spawn:
   3. memory: the activation bytes each stage holds at its worst moment, and its weights,
      gradients and optimizer state, equal planner.py's prediction;
   4. checkpoints: saved at pp 2 x tp 2, the files are Meta's; loaded at pp 4, the loss is the same.
+A second group runs train.py itself at pp 2 x dp 2 and pp 2 (2 virtual stages) x tp 2 + sp: its
+losses and validation losses equal one process, its checkpoint is Meta's files, read at pp 1.
 In this process: the drawn timelines are the code's, their bubble is PTD-P's formula, pp = 1 is
-plain gradient accumulation, bad pipelines are refused in one line, and the planner reproduces
-the published LLaMA-65B and Megatron-1T figures within 15%.
+plain gradient accumulation, bad pipelines are refused in one line (by parallel.py, by train.py
+before any work, by the planner), and the planner reproduces the published LLaMA-65B and
+Megatron-1T figures within 15%.
 """
 
 import re
@@ -400,6 +403,10 @@ def test_pp1_is_plain_gradient_accumulation():
         with torch.no_grad():
             want = F.cross_entropy(plain(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
         assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        grads = [p.grad.clone() for p in stage.parameters()]
+        forward_only = P.pipeline_step(stage, rows, grid, 4, backward=False)
+        assert forward_only.item() == pytest.approx(want.item(), rel=1e-5)
+        assert all(torch.equal(p.grad, g) for p, g in zip(stage.parameters(), grads))
         for (name, a), b in zip(stage.named_parameters(), plain.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -492,16 +499,17 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
     (["--pp", "2", "--grad-accum", "2", "--micro-batches", "2"], 2, "give one of them"),
     (["--pp", "0"], 2, "--pp=0 must be positive"),
 ])
-def test_train_py_refuses_bad_pipelines_before_any_work(demo_data, tmp_path, capsys, monkeypatch,
-                                                       extra, world, message):
-    # as if torchrun had started `world` processes: main refuses before it joins any group
+def test_train_py_refuses_bad_pipelines_before_any_work(tmp_path, capsys, monkeypatch, extra,
+                                                       world, message):
+    # as if torchrun had started `world` processes: main refuses before it joins any group, and
+    # before it reads the data (there is none here)
     monkeypatch.setattr(P, "init_distributed", lambda device: P.Dist(0, world))
     with pytest.raises(SystemExit) as e:
-        T.main(train_argv(demo_data, tmp_path, 4, *extra))
+        T.main(train_argv(str(tmp_path / "no-data"), tmp_path / "out", 4, *extra))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())                          # nothing written
 
 
 # --- in this process: the planner ----------------------------------------------------------------
