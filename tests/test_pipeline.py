@@ -18,6 +18,8 @@ before any work, by the planner), and the planner reproduces the published LLaMA
 Megatron-1T figures within 15%.
 """
 
+import json
+import os
 import re
 
 import pytest
@@ -454,7 +456,6 @@ TRAIN_RUNS = [
 
 def run_train(data_dir, root, ports):
     """In each worker: train.main() for each run, each in a fresh process group (own port)."""
-    import os
     out = {}
     for (name, extra, batch_size), port in zip(TRAIN_RUNS, ports):
         os.environ["MASTER_PORT"] = str(port)
@@ -475,12 +476,12 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
                 assert ran[rank][name]["val_losses"][step] == pytest.approx(loss, rel=1e-4), name
     # saved at pp 2 x tp 2: Meta's files, one per tp rank, every layer in each; loads at pp 1
     ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path / "pp2 v2 x tp2+sp")))
-    files = sorted(f for f in __import__("os").listdir(ckpt) if f.endswith(".pth"))
+    files = sorted(f for f in os.listdir(ckpt) if f.endswith(".pth"))
     assert files == ["consolidated.00.pth", "consolidated.01.pth", "train_state.00.stage00.pth",
                      "train_state.00.stage01.pth", "train_state.01.stage00.pth",
                      "train_state.01.stage01.pth"]
     state = T.read_model_state(ckpt)
-    args = M.ModelArgs.from_dict(__import__("json").load(open(f"{ckpt}/params.json")))
+    args = M.ModelArgs.from_dict(json.load(open(os.path.join(ckpt, "params.json"))))
     model = M.Transformer(args)
     M.load_meta_state(model, state)
     val = data.validation_windows(demo_data, 32, 4, seed=0)
@@ -557,7 +558,6 @@ def test_planner_cli_prints_and_answers_json(capsys):
     for expected in ("tp 8 x pp 4 x dp 64", "fits", "bubble (pp-1)/(v m) = 9.4%", "tokens/s/GPU",
                      "MFU", "days", "assumptions:"):
         assert expected in text, expected
-    import json
     planner.main(["--preset", "7b", "--gpus", "64", "--tp", "2", "--pp", "2", "--json"])
     assert json.loads(capsys.readouterr().out)["layout"]["dp"] == 16
     with pytest.raises(SystemExit):
