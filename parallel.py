@@ -79,6 +79,7 @@ Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.
 """
 
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -1184,8 +1185,16 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
     return out
 
 
-def main():
-    """Print the two accounting tables for the `tiny` preset and for 7b (predictions only)."""
+def main(argv=None):
+    """Print the two accounting tables for the `tiny` preset and for 7b (predictions only).
+
+    `python parallel.py plan ...` is planner.py's command line: the planner scales these counts
+    to a cluster and lives in its own file (it only predicts; it touches no process group).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        import planner                    # NOTE: a CLI convenience; planner.py imports this file
+        return planner.main(argv[1:])
     from model import preset
     for name, batch, seq_len, tp in (("tiny", 8, 256, 2), ("7b", 1, 2048, 8)):
         args = preset(name)
