@@ -64,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import generate                  # the one checkpoint reader: ours, Meta's and Hugging Face's
 import model as M
 import parallel as P
 from tokenizer import Tokenizer
@@ -294,21 +295,13 @@ def train_state_name(grid) -> str:
 
 def load_checkpoint(path, model, optimizer, sampler, grid):
     """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
-    state = torch.load(os.path.join(path, train_state_name(grid)), map_location="cpu",
-                       weights_only=True)
-    P.load_sharded(model, read_model_state(path), grid)
+    path_state = os.path.join(path, train_state_name(grid))
+    state = torch.load(path_state, map_location="cpu", weights_only=True)
+    P.load_sharded(model, generate.read_checkpoint(path)[1], grid)   # all shards, merged
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"])
     return state["step"]
-
-
-def read_model_state(path) -> dict:
-    """All consolidated.NN.pth of a folder merged into one full state dict (Meta's split)."""
-    n = len([f for f in os.listdir(path) if f.startswith("consolidated.")])
-    return M.merge_state_dicts([torch.load(os.path.join(path, f"consolidated.{i:02d}.pth"),
-                                           map_location="cpu", weights_only=True)
-                                for i in range(n)])
 
 
 def _rng_state():
@@ -438,7 +431,6 @@ def model_args(cfg: TrainConfig, tokenizer) -> tuple:
     """(ModelArgs, full state or None): a preset sized to the tokenizer, or --init-from's model."""
     state = None
     if cfg.init_from:
-        import generate                            # the one loader for ours, Meta's and HF's
         args, state, _ = generate.read_checkpoint(cfg.init_from)
         if args.vocab_size != tokenizer.n_words:
             raise ConfigError(f"--init-from model has vocab {args.vocab_size} but --data was "
@@ -650,7 +642,6 @@ def _agree_to_stop(local: bool, world) -> bool:
 
 
 def print_samples(model, tokenizer, cfg, say):
-    import generate
     prompts = ["def ", "import ", "The "][:cfg.samples]
     model.eval()
     texts = generate.generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.8,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
 import data
+import generate
 import model as M
 import parallel as P
 import planner
@@ -480,8 +481,7 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
     assert files == ["consolidated.00.pth", "consolidated.01.pth", "train_state.00.stage00.pth",
                      "train_state.00.stage01.pth", "train_state.01.stage00.pth",
                      "train_state.01.stage01.pth"]
-    state = T.read_model_state(ckpt)
-    args = M.ModelArgs.from_dict(json.load(open(os.path.join(ckpt, "params.json"))))
+    args, state, _ = generate.read_checkpoint(ckpt)
     model = M.Transformer(args)
     M.load_meta_state(model, state)
     val = data.validation_windows(demo_data, 32, 4, seed=0)
