@@ -47,6 +47,7 @@ under pipeline parallelism, and mixed precision other than bf16 autocast (no fp1
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -334,22 +335,28 @@ def _barrier(world):
 GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
+@functools.lru_cache(maxsize=None)
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
-    """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul."""
+    """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
+
+    Measured once per process. NOTE: on a shared machine one timing can be far off; the fastest
+    of a few large matmuls is the figure least disturbed by neighbours.
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{key} data sheet, dense bf16"
-    n = 4096 if device.type == "cuda" else 512
+    n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b                                                  # warm-up
-    _sync(device)
-    t, reps = time.perf_counter(), 10
-    for _ in range(reps):
+    best = float("inf")
+    for _ in range(6):
+        _sync(device)
+        t = time.perf_counter()
         a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t), f"measured {n}x{n} {dtype} matmul"
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best, f"fastest of 6 timed {n}x{n} {dtype} matmuls"
 
 
 def _sync(device):
