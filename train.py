@@ -573,23 +573,7 @@ def train(cfg: TrainConfig, world) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch(cfg.global_batch(grid.dp), grid.dp_rank, grid.dp).to(device)
-            if grid.pp > 1:                   # the micro-batches in the schedule's order
-                loss_sum = P.pipeline_step(model, batch, grid, cfg.n_micro,
-                                           cfg.pipeline_schedule, sync, amp)
-            else:
-                loss_sum = torch.zeros((), device=device)
-                for micro, chunk in enumerate(batch.split(cfg.batch_size)):   # (B, T+1) each
-                    last = micro == cfg.n_micro - 1
-                    # COMM: the data-parallel all-reduce runs only on the last micro-batch.
-                    with (contextlib.nullcontext() if last else sync.no_sync()), amp:
-                        loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.n_micro
-                    loss.backward()
-                    loss_sum += loss.detach()
-            sync.finish()
-            if grid.dp > 1:                                   # for logging: mean over replicas
-                dist.all_reduce(loss_sum, group=grid.dp_group)
-                loss_sum /= grid.dp
-            step_loss = loss_sum.item()
+            step_loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
             grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
@@ -637,6 +621,27 @@ def train(cfg: TrainConfig, world) -> dict:
     if cfg.samples and grid.tp == 1 and grid.pp == 1:
         print_samples(model, tokenizer, cfg, say)
     return dict(losses=losses, val_losses=val_losses, stopped_at=None)
+
+
+def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -> float:
+    """Gradients of one step's batch (B * micro-batches, T+1) summed into .grad, synchronized
+    over data parallelism; returns the step's mean loss (over micro-batches and replicas)."""
+    if grid.pp > 1:                           # the micro-batches in the schedule's order
+        loss_sum = P.pipeline_step(model, batch, grid, cfg.n_micro, cfg.pipeline_schedule, sync, amp)
+    else:
+        loss_sum = torch.zeros((), device=batch.device)
+        for micro, chunk in enumerate(batch.split(cfg.batch_size)):           # (B, T+1) each
+            last = micro == cfg.n_micro - 1
+            # COMM: the data-parallel all-reduce runs only on the last micro-batch.
+            with (contextlib.nullcontext() if last else sync.no_sync()), amp:
+                loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.n_micro
+            loss.backward()
+            loss_sum += loss.detach()
+    sync.finish()
+    if grid.dp > 1:                                           # for logging: mean over replicas
+        dist.all_reduce(loss_sum, group=grid.dp_group)        # COMM: dp all-reduce, one float
+        loss_sum /= grid.dp
+    return loss_sum.item()
 
 
 def _agree_to_stop(local: bool, world) -> bool:
