@@ -67,7 +67,8 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name}={getattr(self, name)} must be a positive integer")
+                raise ValueError(f"ModelArgs.{name}={getattr(self, name)} must be a positive "
+                                 "integer")
         if self.vocab_size <= 0:
             raise ValueError(f"ModelArgs.vocab_size={self.vocab_size} must be positive; Meta's "
                              "params.json says -1: replace it by the tokenizer's n_words")
@@ -232,7 +233,8 @@ def attend(q, k, v, backend: str):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         bias = LowerTriangularFromBottomRightMask() if T > 1 else None
         return _xformers_ops.memory_efficient_attention(q, k, v, attn_bias=bias)
-    q, k, v = q.transpose(1, 2), repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)
+    q = q.transpose(1, 2)                                                       # (B, H, T, E)
+    k, v = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)  # (B, H, S, E)
     if backend == "sdpa":
         # NOTE: SDPA's is_causal aligns the mask top-left, right only when S == T; a cached
         # prefill (S > T > 1) needs the explicit bottom-right mask. One query sees every key.
