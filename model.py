@@ -264,7 +264,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.backend = "auto"
-        self.cache_k = self.cache_v = None     # (B_max, S_max, K, E) each, see Transformer.setup_cache
+        self.cache_k = self.cache_v = None     # (B_max, S_max, K, E) each: Transformer.setup_cache
 
     def forward(self, x, cos, sin, start_pos: int = 0):
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -398,7 +398,8 @@ class Transformer(nn.Module):
     def set_attention_backend(self, name: str):
         """'auto' (xformers on CUDA if it loads, else sdpa), 'xformers', 'sdpa' or 'math'."""
         if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+            raise ValueError(f"unknown attention backend {name!r}; choose one of "
+                             f"{ATTENTION_BACKENDS}")
         for layer in self.layers:
             layer.attention.backend = name
 
