@@ -69,7 +69,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, apply_rope, merge_state_dicts, rope_tables
+from model import (ModelArgs, Transformer, apply_rope, merge_state_dicts, repeat_kv,
+                   rope_tables)
 from tokenizer import Tokenizer
 
 
@@ -347,6 +348,10 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
 # 5. Decoding
 # ---------------------------------------------------------------------------------------------
 
+# SDPA shares each KV head with its group of query heads itself from torch 2.5 on.
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def static_step(model: Transformer, tok, pos):
     """One decoding step whose tensor shapes never change: tok (B, 1), pos a 0-d long tensor.
 
@@ -370,9 +375,13 @@ def static_step(model: Transformer, tok, pos):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn.cache_k[:B].index_copy_(1, pos.view(1), k)
         attn.cache_v[:B].index_copy_(1, pos.view(1), v)
+        k_all, v_all = attn.cache_k[:B], attn.cache_v[:B]                 # (B, S, K, E)
+        if not SDPA_GQA:          # NOTE: torch 2.4's SDPA has no enable_gqa: repeat the heads
+            n_rep = q.shape[2] // k_all.shape[2]
+            k_all, v_all = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), attn.cache_k[:B].transpose(1, 2), attn.cache_v[:B].transpose(1, 2),
-            attn_mask=visible, enable_gqa=True)                           # (B, H, 1, E)
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=visible,
+            **({"enable_gqa": True} if SDPA_GQA else {}))                 # (B, H, 1, E)
         h = h + attn.wo(out.transpose(1, 2).flatten(2))                   # (B, 1, D)
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.output(model.norm(h)).float()                            # (B, 1, V)

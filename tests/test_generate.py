@@ -89,7 +89,9 @@ def test_cached_batched_decoding_equals_full_recomputation(static):
     assert model.layers[0].attention.cache_k is None              # the cache is released
 
 
-def test_static_step_equals_forward_logits():
+@pytest.mark.parametrize("sdpa_gqa", [True, False])        # False: torch 2.4's SDPA
+def test_static_step_equals_forward_logits(sdpa_gqa, monkeypatch):
+    monkeypatch.setattr(G, "SDPA_GQA", sdpa_gqa and G.SDPA_GQA)
     model = tiny_model()
     with torch.inference_mode():
         model.setup_cache(2, 16)
