@@ -86,12 +86,12 @@ def saved_bytes_of_layer(model, tokens, index=0):
     return sum(seen.values())
 
 
-def batches(args):
-    """The global batch of every training step, (STEPS, GLOBAL_BATCH, SEQ + 1) tokens: one fixed
+def batches(args, steps=STEPS):
+    """The global batch of every training step, (steps, GLOBAL_BATCH, SEQ + 1) tokens: one fixed
     batch, repeated, so that the model learns it (random tokens would leave the loss at log V)."""
     gen = torch.Generator().manual_seed(1234)
     batch = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
-    return batch.expand(STEPS, -1, -1)
+    return batch.expand(steps, -1, -1)
 
 
 def perturbed_model(args, seed=0):

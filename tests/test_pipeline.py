@@ -34,7 +34,9 @@ import model as M
 import parallel as P
 import planner
 import train as T
+import test_parallel as parallel_tests
 from distributed import free_port, spawn
+from test_parallel import perturbed_model
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +50,8 @@ def tiny(n_layers: int = 4) -> M.ModelArgs:
 
 
 def batches(args):
-    """The global batch of every step, (STEPS, GLOBAL_BATCH, SEQ + 1): one fixed batch, repeated,
-    so that the model learns it (random tokens would leave the loss at log V)."""
-    gen = torch.Generator().manual_seed(1234)
-    batch = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
-    return batch.expand(STEPS, -1, -1)
-
-
-def perturbed_model(args, seed=0):
-    torch.manual_seed(seed)
-    model = M.Transformer(args)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=gen))
-    return model
+    """test_parallel's fixed global batch, repeated for this file's STEPS."""
+    return parallel_tests.batches(args, STEPS)
 
 
 def reference(args):
