@@ -255,13 +255,13 @@ def train(args, grid, sp=False, recompute="none", overlap=True, backward_in_no_s
     return losses, norms
 
 
-def reference(args):
+def reference(args, steps=STEPS, lr=LR):
     """One plain process, the whole global batch at once: the numbers to match."""
     torch.manual_seed(0)
     model = M.Transformer(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     losses, norms = [], []
-    for batch in batches(args):
+    for batch in batches(args, steps):
         loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())

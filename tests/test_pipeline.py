@@ -55,19 +55,9 @@ def batches(args):
 
 
 def reference(args):
-    """One plain process, the whole global batch at once: the numbers to match."""
-    torch.manual_seed(0)
-    model = M.Transformer(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, norms = [], []
-    for batch in batches(args):
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, norms
+    """One plain process, the whole global batch at once: test_parallel's, at this file's STEPS
+    and LR."""
+    return parallel_tests.reference(args, STEPS, LR)
 
 
 def build_stage(args, grid, v=1, sp=False, recompute="none", model=None):
