@@ -1207,7 +1207,7 @@ def main(argv=None):
             mib = [activation_bytes_per_layer(args, batch, seq_len, bytes_per_el=b, **kw) / 2**20
                    for b in (4, 2)]
             print(f"  {label:<18} {mib[0]:10.2f} | {mib[1]:10.2f}")
-        print(f"  bytes on the wire per step and rank (fp32, dp 2):")
+        print("  bytes on the wire per step and rank (fp32, dp 2):")
         for label, kw in (("tp", dict(tp=tp)), ("tp+sp", dict(tp=tp, sp=True))):
             for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=2, **kw).items():
                 group, op = key.split()

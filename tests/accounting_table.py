@@ -40,7 +40,7 @@ if __name__ == "__main__":
     act, comm = spawn(worker, 4, timeout=600)[0]
     args = M.preset("tiny")
     print(f"activation bytes saved per layer, tiny preset, B={B} T={T}, fp32 (MiB)")
-    print(f"| config | predicted | measured | ratio |")
+    print("| config | predicted | measured | ratio |")
     for label, tp, sp, rc in ROWS:
         pred = P.activation_bytes_per_layer(args, B, T, tp=tp, sp=sp, recompute=rc)
         print(f"| {label} | {pred/2**20:.3f} | {act[label]/2**20:.3f} | {act[label]/pred:.4f} |")

@@ -32,7 +32,6 @@ def free_port() -> int:
 def _run(rank, world_size, port, fn, args, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
     torch.set_num_threads(1)
     try:
         # NOTE: sent as bytes: a tensor put on a torch.multiprocessing queue travels as a shared

@@ -15,7 +15,6 @@ import torch
 import eval as E
 import generate as G
 from test_generate import one_thread, tiny_model, tok_path, write_checkpoint  # noqa: F401
-from tokenizer import Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 CHOICE_TASKS = {           # task -> labels of the fixture's examples, as written by hand

@@ -63,7 +63,7 @@ def test_tiny_preset_admits_tp_1_2_4():
 
 def reference_forward(state, args, tokens):
     """LLaMA written out with explicit loops over heads and explicit 2x2 rotations of each pair."""
-    D, H, K, E = args.dim, args.n_heads, args.n_kv_heads, args.dim // args.n_heads
+    H, K, E = args.n_heads, args.n_kv_heads, args.dim // args.n_heads
     B, T = tokens.shape
 
     def rmsnorm(x, w):
