@@ -15,7 +15,7 @@ a step's micro-batches through them in the order of a schedule (pipeline_step).
     torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4
     python -m pytest -q tests/test_parallel.py tests/test_pipeline.py  # proven equal to 1 process
     python parallel.py                                                 # the accounting tables
-    python planner.py --help                   # the same accounting, scaled to a cluster
+    python parallel.py plan --preset 65b --gpus 2048 --tp 8 --pp 4   # = planner.py: at cluster scale
 
 Reading order
   1. The process grid        init_distributed, Grid: a (pp, dp, tp) mesh, tp innermost
