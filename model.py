@@ -307,25 +307,26 @@ class SwiGLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, a, b, w2):
+        # Under autocast the linear below runs in bf16 like any other (a and b already are).
         ctx.save_for_backward(a, b, w2)
         return F.linear(F.silu(a) * b, w2)                          # (B, T, D)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        # NOTE: custom_bwd re-enters the forward's autocast state, so under bf16 autocast the
-        # matmuls below run in bf16 like autograd's would; gradients are cast back at the end.
-        a, b, w2 = ctx.saved_tensors
+        # NOTE: the backward may run outside the forward's autocast (it does on CPU), so the
+        # dtypes are explicit: everything in dy's dtype, as autograd does for an autocast
+        # forward (bf16 matmuls), each gradient cast back to its input's dtype.
+        a, b, w2_saved = ctx.saved_tensors
+        w2 = w2_saved.to(dy.dtype)
         s = torch.sigmoid(a)
         silu_a = a * s                                              # recomputed, not stored
-        h = silu_a * b                                              # recomputed, not stored
+        h = (silu_a * b).to(dy.dtype)                               # recomputed, not stored
         dh = dy @ w2                                                # (B, T, F)
         db = dh * silu_a
         da = dh * b * s * (1 + a * (1 - s))
         dw2 = dy.flatten(0, -2).t() @ h.flatten(0, -2)              # (D, F)
-        return da.to(a.dtype), db.to(b.dtype), dw2.to(w2.dtype)
+        return da.to(a.dtype), db.to(b.dtype), dw2.to(w2_saved.dtype)
 
 
 class FeedForward(nn.Module):
@@ -385,6 +386,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)       # (S_max, E/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .cuda(), .to_empty() and friends, with the rotary tables kept in fp32.
+
+        NOTE: `model.to(torch.bfloat16)` would round cos and sin to 8 bits of mantissa (errors
+        of ~2e-3); Meta keeps freqs_cis in fp32. The tables are derived, so they are rebuilt in
+        fp32 on the device the buffers moved to (which also gives real values after to_empty).
+        """
+        super()._apply(fn, *args, **kwargs)
+        cos, sin = rope_tables(self.args.head_dim, self.rope_cos.shape[0], self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     def reset_parameters(self, std: float = 0.02):
         for name, p in self.named_parameters():

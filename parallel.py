@@ -376,18 +376,18 @@ class LinearKeepShard(torch.autograd.Function):
     """y = full W^T, saving the (B, T/tp, D) shard instead of full; full is regathered backward."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, full, shard_, weight, region):
         ctx.region = region
         ctx.save_for_backward(shard_, weight)
-        return F.linear(full, weight)
+        return F.linear(full, weight)                            # autocast applies as usual
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
+        # NOTE: the backward may run outside the forward's autocast (it does on CPU): the
+        # matmuls run in dy's dtype explicitly, as autograd does for an autocast forward.
         shard_, weight = ctx.saved_tensors
         full = ctx.region.regather(shard_)                       # (B, T, D)
-        dx = dy @ weight                                         # (B, T, D), this rank's part
+        dx = dy @ weight.to(dy.dtype)                            # (B, T, D), this rank's part
         dw = dy.flatten(0, -2).t() @ full.flatten(0, -2).to(dy.dtype)
         return dx.to(full.dtype), None, dw.to(weight.dtype), None
 

@@ -1,0 +1,317 @@
+"""
+gpu_check.py -- the whole project measured on one CUDA GPU, by one command, into one report.
+
+A green CPU suite does not prove the CUDA paths, and a GPU is not always at hand. This script is
+what to run the moment one is: it checks, times and writes down everything that only a GPU can
+show, in one go, in well under eight minutes on one H100.
+
+    bash .ci/gpu out/gpu                                  # on a CUDA machine (see .ci/gpu)
+    python tests/gpu_check.py --out out/gpu               # the same, xformers already installed
+    python tests/gpu_check.py --dry-run --out /tmp/gpu    # CPU, tiny shapes: CI runs this
+
+It writes OUT/report.md (the tables, as they are measured, so a run cut short keeps what it
+measured) and OUT/results.json. Sections, in order:
+  1. The CUDA tests       tests/test_gpu.py under pytest (skipped in the dry run: no CUDA)
+  2. Training step        the `1b` preset at sequence 2048 in bf16: tokens/s and MFU for sdpa
+                          and xformers, eager and torch.compile, recompute none and selective,
+                          and train.bench's plain loop at the same shapes
+  3. Decoding             batch 1 on a 7b-shaped model of random bf16 weights: tokens/s against
+                          the weight-read bound (weight bytes / measured copy bandwidth), with
+                          model.forward, with the static step, and replayed from a CUDA graph
+  4. Kill and resume      train.py on the device: saves, is killed with SIGKILL, resumes; its
+                          losses against an uninterrupted run, and two uninterrupted runs
+                          against each other (the device's own run-to-run noise)
+
+MFU = tokens/s * (6N + 12 L D T) FLOP/token / peak FLOP/s (model.flops_per_token; the peak is
+the data sheet's dense bf16 figure, train.peak_flops).
+
+Each section catches its own failure and reports it, so one broken path does not hide the rest;
+the exit code is 1 if any check failed.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data                      # noqa: E402  (after the path: the repository's own files)
+import generate as G             # noqa: E402
+import model as M                # noqa: E402
+import train as T                # noqa: E402
+
+
+class Report:
+    """Markdown lines appended to OUT/report.md as they come, and printed; results.json at
+    each save."""
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.md, self.json_path = os.path.join(out, "report.md"), os.path.join(out, "results.json")
+        self.results, self.failed = {}, []
+        open(self.md, "w").close()
+
+    def __call__(self, text: str = ""):
+        print(text, flush=True)
+        with open(self.md, "a") as fh:
+            fh.write(text + "\n")
+
+    def save(self, key: str, value):
+        self.results[key] = value
+        with open(self.json_path, "w") as fh:
+            json.dump(dict(self.results, failed=self.failed), fh, indent=2)
+
+    def fail(self, check: str, why: str):
+        self.failed.append(check)
+        self(f"\n**FAILED: {check}**: {why}")
+        self.save("failed", self.failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The CUDA tests
+# ---------------------------------------------------------------------------------------------
+
+def cuda_tests(report: Report, dry: bool):
+    report("\n## 1. tests/test_gpu.py\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    report("```\n" + "\n".join(tail) + "\n```")
+    report.save("cuda_tests", dict(returncode=proc.returncode, summary=tail[-1] if tail else ""))
+    if proc.returncode != 0:
+        report.fail("tests/test_gpu.py", f"pytest exit code {proc.returncode}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Training step
+# ---------------------------------------------------------------------------------------------
+
+def training_step(report: Report, device, dry: bool, budget_s: float):
+    preset, seq, batch = ("tiny", 64, 2) if dry else ("1b", 2048, 4)
+    args = M.preset(preset)
+    flops = M.flops_per_token(args, seq)
+    peak, source = T.peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    report(f"\n## 2. Training step: `{preset}`, batch {batch} x sequence {seq}, "
+           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}\n")
+    report(f"MFU = tokens/s x {flops:,} FLOP/token (6N + 12*L*D*T) / {peak / 1e12:.0f} TFLOP/s "
+           f"[{source}]. Each row: 3 warm-up steps (compilation included), then the mean of "
+           f"{2 if dry else 10}; AdamW step included.\n")
+    report("| step | attention | compile | recompute | tokens/s | MFU |")
+    report("|---|---|---|---|---:|---:|")
+    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M._load_xformers() else [])
+    rows = [("ours", b, False, r) for r in ("none", "selective") for b in backends]
+    rows.append(("plain", "math", False, "none"))
+    rows += [("ours", b, True, r) for r in ("none", "selective") for b in backends]
+    start, results = time.perf_counter(), []
+    for kind, backend, compiled, recompute in rows:
+        label = f"| {kind} | {backend} | {'on' if compiled else 'off'} | {recompute} |"
+        if time.perf_counter() - start > budget_s:
+            report(f"{label} skipped: past this section's {budget_s:.0f} s | |")
+            continue
+        cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention=backend,
+                            recompute=recompute, compile=compiled)
+        try:
+            r = T.bench(cfg, device, steps=2 if dry else 10, warmup=3,
+                        variants=(kind,))[kind]
+        except torch.cuda.OutOfMemoryError:
+            report(f"{label} out of memory | |")
+            torch.cuda.empty_cache()
+            continue
+        except Exception as e:                      # report it, go on with the other rows
+            report(f"{label} error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | |")
+            report.failed.append(f"training step {kind} {backend} compile={compiled} {recompute}")
+            continue
+        report(f"{label} {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% |")
+        results.append(dict(step=kind, attention=backend, compile=compiled, recompute=recompute,
+                            **r))
+    report.save("training_step", dict(preset=preset, seq_len=seq, batch_size=batch,
+                                      flops_per_token=flops, peak_flops=peak, rows=results))
+    plain = [r for r in results if r["step"] == "plain"]
+    ours = [r for r in results if r["step"] == "ours"]
+    if plain and ours:
+        best = max(ours, key=lambda r: r["tokens_per_s"])
+        report(f"\nBest of ours / plain = {best['tokens_per_s'] / plain[0]['tokens_per_s']:.2f}x "
+               f"({best['attention']}, compile {'on' if best['compile'] else 'off'}, recompute "
+               f"{best['recompute']}); best MFU {100 * best['mfu']:.1f}%.")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Decoding
+# ---------------------------------------------------------------------------------------------
+
+def decoding(report: Report, device, dry: bool):
+    preset = "tiny" if dry else "7b"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = M.preset(preset)
+    with torch.device("meta"):                      # no 27 GB of fp32 first: straight to bf16
+        model = M.Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    model.reset_parameters()                        # random weights: speed does not need real ones
+    model.eval().requires_grad_(False)
+    bandwidth, weights = G.memory_bandwidth(device), G.weight_bytes(model)
+    bound = bandwidth / weights
+    report(f"\n## 3. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "
+           "weights, greedy\n")
+    report(f"Weight-read bound = copy bandwidth / weight bytes = {bandwidth / 1e9:,.0f} GB/s / "
+           f"{weights / 1e9:.2f} GB = {bound:,.1f} tokens/s (the embedding table excluded: a "
+           "step reads one row of it).\n")
+    report("| decoder | tokens/s | % of bound |")
+    report("|---|---:|---:|")
+    prompt, new = [list(range(1, 9))], 16 if dry else 256
+    modes = [("model.forward", dict()), ("static step", dict(static=True))]
+    if device.type == "cuda":
+        modes.append(("static step in a CUDA graph", dict(static=True, cuda_graph=True)))
+    rows, outputs = [], {}
+    for name, options in modes:
+        G.generate_tokens(model, prompt, 8, temperature=0, **options)        # warm-up
+        stats = {}
+        outputs[name] = G.generate_tokens(model, prompt, new, temperature=0, stats=stats,
+                                          **options)[0]
+        rate = stats["decode_steps"] / stats["decode_s"]
+        report(f"| {name} | {rate:,.1f} | {100 * rate / bound:.0f}% |")
+        rows.append(dict(decoder=name, tokens_per_s=rate, fraction_of_bound=rate / bound))
+    agree = {name: sum(a == b for a, b in zip(out, outputs["model.forward"]))
+             for name, out in outputs.items()}
+    report(f"\nGreedy tokens equal to model.forward's (of {new}): " +
+           ", ".join(f"{k} {v}" for k, v in agree.items()))
+    report.save("decoding", dict(preset=preset, bandwidth=bandwidth, weight_bytes=weights,
+                                 bound_tokens_per_s=bound, rows=rows, agree=agree))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Kill and resume
+# ---------------------------------------------------------------------------------------------
+
+def _losses(out: str) -> dict:
+    losses = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:                # a line torn by the kill
+            continue
+        if row.get("loss") is not None:
+            losses[row["step"]] = row["loss"]
+    return losses
+
+
+def kill_and_resume(report: Report, device, dry: bool, work: str):
+    steps, save, kill_after = (40, 10, 12) if dry else (200, 50, 55)
+    data_dir = data.prepare_demo(os.path.join(work, "data"), vocab_size=512, scale=0.05,
+                                 quiet=True)
+
+    def argv(out, *extra):
+        return [sys.executable, "train.py", "--data", data_dir, "--out", out, "--preset", "tiny",
+                "--seq-len", "32" if dry else "128", "--batch-size", "4" if dry else "8",
+                "--steps", str(steps), "--warmup", "10", "--save-every", str(save),
+                "--eval-every", "1000", "--eval-windows", "8", "--samples", "0",
+                "--log-every", "1000", "--device", device.type, *extra]
+
+    def run(out, *extra):
+        proc = subprocess.run(argv(out, *extra), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+
+    report(f"\n## 4. train.py on {device.type}: save every {save} steps, SIGKILL after step "
+           f"{kill_after}, resume to step {steps}\n")
+    a, a2, b = (os.path.join(work, n) for n in ("straight", "straight-again", "killed"))
+    run(a)
+    run(a2)
+    proc = subprocess.Popen(argv(b), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics, deadline = os.path.join(b, "metrics.jsonl"), time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(metrics) and max(_losses(b), default=0) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    killed_at = max(_losses(b), default=0)
+    if proc.returncode != -signal.SIGKILL:
+        report.fail("kill and resume", f"the run was not killed (exit {proc.returncode}, last "
+                                       f"step {killed_at}): it ran too fast or failed")
+        return
+    latest = T.latest_checkpoint(T.TrainConfig(out=b))
+    run(b, "--resume")
+    straight, again, resumed = _losses(a), _losses(a2), _losses(b)
+    after = [s for s in range(save + 1, steps + 1)]
+
+    def worst(x, y, at):
+        return max(abs(x[s] - y[s]) for s in at)
+    diff_resume, diff_noise = worst(resumed, straight, after), worst(again, straight, after)
+    report(f"Killed at step {killed_at} (latest checkpoint {os.path.basename(latest)}); resumed "
+           f"to step {max(resumed)}.\n")
+    report("| comparison, steps " + f"{after[0]}-{after[-1]} | max abs loss difference |")
+    report("|---|---:|")
+    report(f"| resumed vs uninterrupted | {diff_resume:.3g} |")
+    report(f"| uninterrupted vs uninterrupted (device noise) | {diff_noise:.3g} |")
+    report.save("kill_and_resume", dict(killed_at=killed_at, latest=latest, steps=steps,
+                                        max_diff_resumed=diff_resume, max_diff_noise=diff_noise))
+    if sorted(resumed) != list(range(1, steps + 1)):
+        report.fail("kill and resume", f"metrics hold steps {sorted(resumed)[:3]}..., not 1.."
+                                       f"{steps} once each")
+    elif diff_resume > max(diff_noise, 0.0):
+        report.fail("kill and resume", "the resumed losses differ from an uninterrupted run by "
+                                       "more than two uninterrupted runs differ")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> Report:
+    p = argparse.ArgumentParser(description="Check and time the CUDA paths; write a report.")
+    p.add_argument("--out", default="out/gpu_check", help="folder for report.md, results.json")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (what CI runs)")
+    p.add_argument("--train-budget", type=float, default=240.0,
+                   help="seconds for section 2; the rows after it are skipped")
+    a = p.parse_args(argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device visible; run with --dry-run to check the script on CPU")
+    device = torch.device("cpu" if a.dry_run else "cuda")
+    report = Report(a.out)
+    xf = M._load_xformers()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
+    report(f"# GPU check: {name}\n")
+    xf_version = getattr(sys.modules.get("xformers"), "__version__", "?")
+    report(f"torch {torch.__version__}, CUDA {torch.version.cuda}, xformers "
+           f"{xf_version if xf else 'not available'}, python "
+           f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}")
+    report.save("device", dict(name=name, torch=torch.__version__, cuda=torch.version.cuda,
+                               xformers=bool(xf)))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        sections = [("tests/test_gpu.py", lambda: cuda_tests(report, a.dry_run)),
+                    ("training step", lambda: training_step(report, device, a.dry_run,
+                                                            a.train_budget)),
+                    ("decoding", lambda: decoding(report, device, a.dry_run)),
+                    ("kill and resume", lambda: kill_and_resume(report, device, a.dry_run, work))]
+        for title, section in sections:
+            t = time.perf_counter()
+            try:
+                section()
+            except Exception as e:
+                traceback.print_exc()
+                report.fail(title, f"{type(e).__name__}: {e}")
+            report(f"\n({title}: {time.perf_counter() - t:.0f} s)")
+    report(f"\nTotal {time.perf_counter() - t0:.0f} s; "
+           + (f"FAILED: {', '.join(report.failed)}" if report.failed else "every check passed"))
+    report.save("total_s", time.perf_counter() - t0)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main().failed else 0)
