@@ -189,11 +189,19 @@ _xformers_ops = None
 
 
 def _load_xformers():
-    """xformers.ops, or None when the package is absent or has no usable build here."""
+    """xformers.ops, or None when the package is absent or has no usable kernel here.
+
+    NOTE: the package can import while its CUDA extension does not load (a wheel built for
+    another torch or CUDA); its kernels then refuse every call. With a GPU present, one tiny call
+    decides, so that `auto` falls back to sdpa instead of failing mid-run.
+    """
     global _xformers_ops
     if _xformers_ops is None:
         try:
             import xformers.ops as xops
+            if torch.cuda.is_available():
+                x = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+                xops.memory_efficient_attention(x, x, x)
             _xformers_ops = xops
         except Exception:  # ImportError, or a build whose CUDA extension does not load
             _xformers_ops = False
