@@ -1,0 +1,31 @@
+"""The GPU check (tests/gpu_check.py) in its dry run: CPU, tiny shapes, every section, so that
+the one command a lent GPU runs cannot rot between GPUs."""
+
+import json
+import os
+
+import pytest
+
+import gpu_check
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_dry_run_measures_every_section(tmp_path):
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    assert report.failed == []
+    results = json.load(open(tmp_path / "results.json"))
+    steps = results["training_step"]["rows"]
+    assert [(r["step"], r["compile"]) for r in steps] == [("ours", False), ("ours", False),
+                                                          ("plain", False), ("ours", True)]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
+    decoders = results["decoding"]["rows"]
+    assert [r["decoder"] for r in decoders] == ["model.forward", "static step",
+                                                "compiled static step"]
+    assert set(results["decoding"]["agree"].values()) == {16}      # fp32: the same greedy tokens
+    resume = results["kill_and_resume"]
+    assert resume["killed_at"] < resume["steps"]                   # really killed mid-run
+    assert resume["max_diff_resumed"] == 0.0                       # and resumed exactly
+    text = open(tmp_path / "report.md").read()
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "every check passed"):
+        assert title in text
