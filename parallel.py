@@ -28,7 +28,8 @@ Reading order
   7. Recomputation           none | selective | full, correct with any use of the RNG
   8. Data parallelism        GradSync: naive all-reduce and overlapped buckets, side by side
   9. Pipeline parallelism    three schedules (afab, 1f1b, interleaved) drawn and played;
-                             PipelineStage; pipeline_step with point-to-point sends
+                             PipelineStage; pipeline_step, its sends and receives
+                             batched by the ticks of the timeline
  10. Clipping                the global norm, each parameter counted once
  11. Checkpoints             shards in Meta's split; any tp x pp layout loads any other
  12. Accounting              activation bytes per layer and bytes on the wire per step
@@ -70,8 +71,8 @@ is a target). Decoding with a KV cache works under tp but not sp (one new token 
 over T): parallelize with sp=False for generation. Of pipelining: a chunk's output stays
 allocated until its backward (Megatron frees the data once sent), without sp every tp rank sends
 the whole activation (Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it
-anyway), sends overlap compute only as far as isend allows, interleaving needs micro-batches in
-multiples of pp, and every rank builds the full model before it keeps its stage, as it does
+anyway), a message is received at the tick it is sent and held until its op runs (Megatron
+receives just in time), interleaving needs micro-batches in multiples of pp, and every rank builds the full model before it keeps its stage, as it does
 before its tp slice.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
@@ -823,32 +824,70 @@ def schedule_order(schedule: str, pp: int, micro_batches: int, virtual_stages: i
     return order + [("B", *bw) for bw in backward[n - warmup:]]
 
 
-def timeline(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1) -> list:
-    """Each rank's row of the schedule played with unit-time F and B and instant messages.
-
-    A rank starts its next op when the op it waits for (the forward of the chunk before, the
-    backward of the chunk after) has finished; a deadlocked schedule raises. v <= 2 to draw.
-    """
-    v, last, width = virtual_stages, pp * virtual_stages - 1, len(str(micro_batches - 1)) + 1
-    todo = [schedule_order(schedule, pp, micro_batches, v, r) for r in range(pp)]
-    done, rows = set(), [[] for _ in range(pp)]
+def play(orders: list, pp: int, virtual_stages: int = 1) -> list:
+    """Each rank's `order` (schedule_order's list) played with unit-time ops and instant
+    messages: per rank, [(tick, op, micro-batch, chunk), ...]. A rank starts its next op at the
+    first tick after the op it waits for (the forward of the chunk before, the backward of the
+    chunk after) has run; a schedule that deadlocks raises. Every rank can play every rank's
+    order, so all agree on the ticks without a message: pipeline_step exchanges by them."""
+    last = pp * virtual_stages - 1
+    todo, done, ticks, tick = [list(o) for o in orders], set(), [[] for _ in range(pp)], 0
     while any(todo):
         started = []
         for r in range(pp):
-            cell = " " * width
             if todo[r]:
                 op, i, k = todo[r][0]
                 c = k * pp + r
                 waits_for = ("F", i, c - 1) if op == "F" else ("B", i, c + 1)
                 if (op, c) in (("F", 0), ("B", last)) or waits_for in done:
                     started.append((op, i, c))
-                    todo[r].pop(0)
-                    cell = ((op if k == 0 else op.lower()) + str(i)).ljust(width)
-            rows[r].append(cell)
+                    ticks[r].append((tick, *todo[r].pop(0)))
         if not started:
-            raise RuntimeError(f"the {schedule} schedule deadlocks at pp={pp}, v={v}")
+            raise RuntimeError(f"the schedule deadlocks at pp={pp}, v={virtual_stages}")
         done.update(started)
-    return [f"rank {r}  " + " ".join(row).rstrip() for r, row in enumerate(rows)]
+        tick += 1
+    return ticks
+
+
+def timeline(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1) -> list:
+    """Each rank's row of the schedule as `play` runs it, one cell per tick; v <= 2 to draw."""
+    width = len(str(micro_batches - 1)) + 1
+    ticks = play([schedule_order(schedule, pp, micro_batches, virtual_stages, r)
+                  for r in range(pp)], pp, virtual_stages)
+    n = max(row[-1][0] for row in ticks) + 1
+    rows = []
+    for r, row in enumerate(ticks):
+        cells = [" " * width] * n
+        for t, op, i, k in row:
+            cells[t] = ((op if k == 0 else op.lower()) + str(i)).ljust(width)
+        rows.append(f"rank {r}  " + " ".join(cells).rstrip())
+    return rows
+
+
+def exchanges(ticks: list, pp: int, virtual_stages: int, rank: int) -> dict:
+    """What `rank` sends and receives after each tick of `play`'s ticks: {tick: [(kind, step,
+    message)]}, kind "send" or "recv", step +1 or -1 (the peer's place in the pipeline ring).
+
+    A message names the op that will read it: ("F", i, c) is the activation that chunk c's
+    forward of micro-batch i reads, ("B", i, c) the gradient that its backward reads. Whatever
+    the ops at tick t send travels in one exchange after tick t, and its receiver posts the
+    matching receive in its own exchange of tick t, however long before it needs the data.
+    """
+    last, plan = pp * virtual_stages - 1, {}
+    for q, row in enumerate(ticks):
+        for t, op, i, k in row:
+            c = k * pp + q
+            if op == "F" and c < last:
+                message, step = ("F", i, c + 1), 1
+            elif op == "B" and c > 0:
+                message, step = ("B", i, c - 1), -1
+            else:
+                continue
+            if q == rank:
+                plan.setdefault(t, []).append(("send", step, message))
+            if (q + step) % pp == rank:
+                plan.setdefault(t, []).append(("recv", -step, message))
+    return plan
 
 
 def in_flight(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
@@ -906,6 +945,18 @@ def _pp_peer(grid: Grid, step: int) -> int:
     return (((grid.pp_rank + step) % grid.pp) * grid.dp + grid.dp_rank) * grid.tp + grid.tp_rank
 
 
+def _arrived(inbox: dict, message: tuple) -> torch.Tensor:
+    """The tensor of a message received in an earlier exchange, once its batch has completed.
+
+    NOTE: the messages of one batch share its list of works, and each work is waited once and
+    dropped from the list (a second wait on a completed gloo receive can block).
+    """
+    tensor, works = inbox.pop(message)
+    while works:
+        works.pop().wait()
+    return tensor
+
+
 def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
                   schedule: Optional[str] = None, sync: Optional[GradSync] = None,
                   amp=nullcontext(), backward: bool = True):
@@ -917,6 +968,15 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     would leave them: with a GradSync call sync.finish() next. Returns the loss, on every rank.
     With pp = 1 and the 1f1b schedule this is plain gradient accumulation. backward=False runs
     the forwards alone, without autograd (validation). amp: a context entered for each forward.
+
+    The ops run in the schedule's order, and the messages travel by the ticks of `play`: after
+    tick t every rank makes one batch_isend_irecv holding what its op of tick t sends and a
+    receive for each message its neighbours send at tick t (see exchanges). NOTE: NCCL may hold
+    a send until its receive is posted, and runs a rank's calls in the order they were made; in
+    1F1B's steady state neighbours send to each other at the same moment, so one send and one
+    receive at a time (isend, then recv) can hang both. Batched by tick, every send's receive is
+    in the peer's batch of the same tick, which each rank reaches after the batches before it:
+    by induction on t, every batch completes. A message waits in `inbox` until its op reads it.
     """
     m, v, pp = micro_batches, stage.virtual_stages, grid.pp
     schedule = schedule or default_schedule(v)
@@ -929,50 +989,66 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     shape = (b, seq_len // (grid.tp if stage.sequence_parallel else 1), stage.args.dim)
     dtype, device = next(stage.parameters()).dtype, batch.device
     last = pp * v - 1
-    order = schedule_order(schedule, pp, m, v, grid.pp_rank)
-    order = order if backward else [o for o in order if o[0] == "F"]
+    orders = [schedule_order(schedule, pp, m, v, r) for r in range(pp)]
+    if not backward:
+        orders = [[o for o in order if o[0] == "F"] for order in orders]
+    ticks = play(orders, pp, v)
+    mine, plan = ticks[grid.pp_rank], exchanges(ticks, pp, v, grid.pp_rank)
     # COMM: the dp all-reduce must see complete gradients: forwards run under no_sync(), except
     # one whose backward is this rank's last op (1f1b's last rank, and pp = 1); GradSync.finish
     # sends the rest after the flush, as PTD-P does.
+    order = [o[1:] for o in mine]
     i, k = order[-1][1:]
     overlap_at = len(order) - 2 if order[-2:] == [("F", i, k), ("B", i, k)] else -1
-    held, sends, loss = {}, [], torch.zeros((), device=device)
-    for step, (op, i, k) in enumerate(order):
-        c = k * pp + grid.pp_rank
-        sends = [work for work in sends if not work.is_completed()]     # frees what was sent
-        if op == "F":
-            if c == 0:
-                x = micro[i][:, :-1]
-            else:
-                x = torch.empty(shape, dtype=dtype, device=device)
-                # COMM: pp recv, forward: the activation from the previous chunk's rank
-                dist.recv(x, _pp_peer(grid, -1), group=grid.pp_group)
-                x.requires_grad_(backward)
-            no_sync = sync.no_sync() if sync is not None and step != overlap_at else nullcontext()
-            with no_sync, amp, torch.set_grad_enabled(backward):
-                y = stage(x, k)
+    ops_at = {t: (n, op, i, k) for n, (t, op, i, k) in enumerate(mine)}
+    held, inbox, sending, loss = {}, {}, [], torch.zeros((), device=device)
+    for tick in range(max((row[-1][0] for row in ticks), default=-1) + 1):
+        out = None                              # what this rank's op of this tick sends on
+        if tick in ops_at:
+            n, op, i, k = ops_at[tick]
+            c = k * pp + grid.pp_rank
+            if op == "F":
+                if c == 0:
+                    x = micro[i][:, :-1]
+                else:
+                    x = _arrived(inbox, ("F", i, c)).requires_grad_(backward)
+                no_sync = sync.no_sync() if sync is not None and n != overlap_at else nullcontext()
+                with no_sync, amp, torch.set_grad_enabled(backward):
+                    y = stage(x, k)
+                    if c == last:
+                        y = loss_fn(y, micro[i][:, 1:], grid) / m
                 if c == last:
-                    y = loss_fn(y, micro[i][:, 1:], grid) / m
-            if c == last:
-                loss += y.detach()
+                    loss += y.detach()
+                else:
+                    out = y.detach()
+                if backward:
+                    held[i, k] = (x, y)
             else:
-                # COMM: pp send (async), forward: the activation to the next chunk's rank
-                sends.append(dist.isend(y.detach(), _pp_peer(grid, 1), group=grid.pp_group))
-            if backward:
-                held[i, k] = (x, y)
-        else:
-            x, y = held.pop((i, k))
-            dy = None
-            if c < last:
-                dy = torch.empty_like(y)
-                # COMM: pp recv, backward: the gradient from the next chunk's rank
-                dist.recv(dy, _pp_peer(grid, 1), group=grid.pp_group)
-            torch.autograd.backward(y, dy)
-            if c > 0:
-                # COMM: pp send (async), backward: the input's gradient to the previous chunk
-                sends.append(dist.isend(x.grad, _pp_peer(grid, -1), group=grid.pp_group))
-    for work in sends:
-        work.wait()
+                x, y = held.pop((i, k))
+                torch.autograd.backward(y, _arrived(inbox, ("B", i, c)) if c < last else None)
+                out = x.grad if c > 0 else None
+        if tick in plan:
+            # COMM: pp send and receive, one batch per tick: this tick's activation or gradient
+            # to its neighbour, and whatever the neighbours send at this tick (see exchanges).
+            ops, received = [], []
+            for kind, step, message in plan[tick]:
+                if kind == "send":
+                    ops.append(dist.P2POp(dist.isend, out, _pp_peer(grid, step),
+                                          grid.pp_group))
+                else:
+                    buffer = torch.empty(shape, dtype=dtype, device=device)
+                    received.append((message, buffer))
+                    ops.append(dist.P2POp(dist.irecv, buffer, _pp_peer(grid, step),
+                                          grid.pp_group))
+            works = dist.batch_isend_irecv(ops)
+            for message, buffer in received:
+                inbox[message] = (buffer, works)
+            sending = [(t_, w) for t_, w in sending if not all(w_.is_completed() for w_ in w)]
+            if out is not None:
+                sending.append((out, works))    # kept alive until it has left
+    for _, works in sending:
+        while works:
+            works.pop().wait()
     if pp > 1:
         # COMM: pp broadcast, the step's loss (one number) from the last rank to the others
         dist.broadcast(loss, _pp_peer(grid, pp - 1 - grid.pp_rank), group=grid.pp_group)

@@ -5,8 +5,10 @@ pays for one spawn:
   1. training: per-step losses and gradient norms of pp 2 under each schedule, pp 2 with 2
      virtual stages, pp 2 x tp 2 (+sp), pp 2 x dp 2, with recomputation, equal those of one plain
      process (written out below, no parallel.py in it) over 10 steps;
-  2. schedules: at pp 4, the sends and receives each rank makes, in order, are the ones read off
-     the timelines drawn in schedule_order's docstring;
+  2. schedules: at pp 4, the sends and receives each rank exchanges, batch by batch, are the ones
+     read off the timelines drawn in schedule_order's docstring, column by column; and every
+     rank's recorded point-to-point calls, in every configuration here, replay without deadlock
+     under NCCL's rules (p2p_rules.py: no buffered sends, one call at a time);
   3. memory: the activation bytes each stage holds at its worst moment, and its weights,
      gradients and optimizer state, equal planner.py's prediction;
   4. checkpoints: saved at pp 2 x tp 2, the files are Meta's; loaded at pp 4, the loss is the same.
@@ -36,6 +38,7 @@ import planner
 import train as T
 import test_parallel as parallel_tests
 from distributed import free_port, spawn
+from p2p_rules import Deadlock, P2PRecorder, replay
 from test_parallel import perturbed_model
 
 pytestmark = pytest.mark.slow
@@ -117,41 +120,43 @@ def train(args, grid, v, schedule, m, sp, recompute, data_parallel):
 
 # --- 2. the order of sends and receives ---------------------------------------------------------
 
-def record_p2p(grid, events):
-    """Patch torch.distributed's send and receive to log ("send"/"recv", peer's pp rank)."""
-    real = {name: getattr(dist, name) for name in ("isend", "recv")}
-    span = grid.dp * grid.tp
-
-    def logged(name):
-        def call(tensor, peer, *args, **kwargs):
-            events.append(("send" if name == "isend" else "recv", peer // span))
-            return real[name](tensor, peer, *args, **kwargs)
-        return call
-
-    for name in real:
-        setattr(dist, name, logged(name))
-    return lambda: [setattr(dist, name, fn) for name, fn in real.items()]
+def cells_by_tick(rows: list) -> list:
+    """Timeline rows ("rank r  F0 F1 ...", three characters a tick) -> per rank, {tick: cell}."""
+    ticks = []
+    for line in rows:
+        cells = line.split("rank ", 1)[1][3:]                   # after "rank r  "
+        ticks.append({t: cells[3 * t:3 * t + 2].strip() for t in range((len(cells) + 1) // 3)
+                      if cells[3 * t:3 * t + 2].strip()})
+    return ticks
 
 
 def drawn_timelines() -> dict:
-    """The timelines of schedule_order's docstring: {schedule: [row of cells per rank]}."""
-    rows = [line.split()[2:] for line in P.schedule_order.__doc__.splitlines()
-            if re.match(r"\s+rank \d", line)]
-    return {name: rows[4 * i:4 * i + 4] for i, name in enumerate(P.PIPELINE_SCHEDULES)}
+    """The timelines of schedule_order's docstring: {schedule: per rank, {tick: cell}}."""
+    rows = [line for line in P.schedule_order.__doc__.splitlines() if re.match(r"\s+rank \d", line)]
+    ticks = cells_by_tick(rows)
+    return {name: ticks[4 * i:4 * i + 4] for i, name in enumerate(P.PIPELINE_SCHEDULES)}
 
 
-def expected_p2p(cells, rank, pp, v):
-    """The sends and receives a rank must make to run these timeline cells, in order."""
-    out, last = [], pp * v - 1
-    for cell in cells:
-        op, c = cell[0].upper(), (0 if cell[0].isupper() else 1) * pp + rank
-        if op == "F":
-            out += [("recv", (rank - 1) % pp)] if c > 0 else []
-            out += [("send", (rank + 1) % pp)] if c < last else []
-        else:
-            out += [("recv", (rank + 1) % pp)] if c < last else []
-            out += [("send", (rank - 1) % pp)] if c > 0 else []
-    return out
+def expected_exchanges(drawn, rank, pp, v):
+    """The batches a rank must exchange to run the drawn timelines, read off column by column:
+    at each tick, what its own cell sends and what its neighbours' cells send to it."""
+    last, batches_ = pp * v - 1, []
+    for t in range(max(max(row) for row in drawn) + 1):
+        batch = []
+        for q, row in enumerate(drawn):
+            cell = row.get(t)
+            if cell is None:
+                continue
+            op, c = cell[0].upper(), (0 if cell[0].isupper() else 1) * pp + q
+            to = (q + 1) % pp if op == "F" and c < last else (q - 1) % pp if op == "B" and c > 0 \
+                else None
+            if to is not None and q == rank:
+                batch.append(("send", to))
+            if to == rank:
+                batch.append(("recv", q))
+        if batch:
+            batches_.append(sorted(batch))
+    return batches_
 
 
 # --- 3. memory ---------------------------------------------------------------------------------
@@ -233,21 +238,30 @@ def worker():
         grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp) for tp, pp in ((1, 2), (2, 2), (1, 4))}
         args = tiny()
         out = {"train": {}, "p2p": {}, "memory": {}}
+        out["traffic"] = {}                  # every point-to-point call, replayed in the test
         for name, tp, v, schedule, m, sp, recompute, data_parallel in CONFIGS:
-            out["train"][name] = train(args, grids[tp, 2], v, schedule, m, sp, recompute,
-                                       data_parallel)
+            with P2PRecorder() as calls:
+                out["train"][name] = train(args, grids[tp, 2], v, schedule, m, sp, recompute,
+                                           data_parallel)
+            out["traffic"][name] = calls
+        for name, tp, v, m in (("pp2 validation", 1, 1, 4), ("pp2 v2 x tp2 validation", 2, 2, 2)):
+            with P2PRecorder() as calls, torch.no_grad():
+                P.pipeline_step(build_stage(args, grids[tp, 2], v), batches(args)[0],
+                                grids[tp, 2], m, backward=False)
+            out["traffic"][name] = calls
+        six = tiny(n_layers=6)                  # 3 virtual stages of 1 layer on each of 2 ranks
+        with P2PRecorder() as calls:
+            P.pipeline_step(build_stage(six, grids[1, 2], 3), batches(six)[0], grids[1, 2], 4)
+        out["traffic"]["pp2 v3 interleaved"] = calls
 
         # the order of sends and receives at pp 4, 8 layers (2 chunks of 1 layer per rank)
         grid, deep = grids[1, 4], tiny(n_layers=8)
         for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
-            events = []
-            restore = record_p2p(grid, events)
-            try:
+            with P2PRecorder() as calls:
                 loss = P.pipeline_step(build_stage(deep, grid, v), batches(deep)[0], grid, 4,
                                        schedule)
-            finally:
-                restore()
-            out["p2p"][schedule] = (events, loss.item())
+            out["p2p"][schedule] = (calls, loss.item())
+            out["traffic"][f"pp4 {schedule}"] = calls
 
         # memory: activations held at the worst moment; weights, gradients, optimizer state
         rows = batches(args)[0][:4]
@@ -300,10 +314,58 @@ def test_sends_and_receives_follow_the_drawn_timelines(ran):
     loss = F.cross_entropy(plain(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
     for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
         for rank in range(WORLD):
-            events, got_loss = ran[rank]["p2p"][schedule]
-            assert events == expected_p2p(drawn[schedule][rank], rank, 4, v), (schedule, rank)
+            calls, got_loss = ran[rank]["p2p"][schedule]
+            got = [sorted((kind, peer) for kind, peer, *_ in call) for call in calls]
+            assert got == expected_exchanges(drawn[schedule], rank, 4, v), (schedule, rank)
             assert got_loss == pytest.approx(loss, rel=1e-5), schedule
-    assert len(ran[1]["p2p"]["interleaved"][0]) == 2 * len(ran[1]["p2p"]["1f1b"][0])  # v x messages
+    count = lambda schedule: sum(len(c) for c in ran[1]["p2p"][schedule][0])
+    assert count("interleaved") == 2 * count("1f1b")                        # v x messages
+
+
+def test_recorded_traffic_cannot_deadlock_under_nccl_rules(ran):
+    names = list(ran[0]["traffic"])
+    assert len(names) == len(CONFIGS) + 3 + 3          # + validation x2, v3, pp 4 x 3 schedules
+    for name in names:
+        calls = {rank: ran[rank]["traffic"][name] for rank in range(WORLD)}
+        assert all(calls.values()), name                                  # traffic was recorded
+        assert all(len(call) >= 1 for seq in calls.values() for call in seq)
+        assert replay(calls) == sum(len(seq) for seq in calls.values()), name
+
+
+def sends_then_receives(schedule, pp, m, v=1):
+    """Each rank's calls as pipeline_step made them before it exchanged by ticks: per op, a
+    blocking receive of its input, then an isend of its output, one call each."""
+    last, calls = pp * v - 1, {}
+    for rank in range(pp):
+        seq = []
+        for op, i, k in P.schedule_order(schedule, pp, m, v, rank):
+            c = k * pp + rank
+            if op == "F":
+                seq += [[("recv", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
+                seq += [[("send", (rank + 1) % pp, 8, "f32")]] if c < last else []
+            else:
+                seq += [[("recv", (rank + 1) % pp, 8, "f32")]] if c < last else []
+                seq += [[("send", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
+        calls[rank] = seq
+    return calls
+
+
+def test_the_checker_finds_deadlocks():
+    send, recv = (lambda p: ("send", p, 8, "f32")), (lambda p: ("recv", p, 8, "f32"))
+    crossing = {0: [[send(1)], [recv(1)]], 1: [[send(0)], [recv(0)]]}
+    with pytest.raises(Deadlock, match="rank 0 at call 0.*rank 1 at call 0"):
+        replay(crossing)
+    assert replay({0: [[send(1), recv(1)]], 1: [[send(0), recv(0)]]}) == 2    # batched: fine
+    assert replay({0: [[send(1)], [recv(1)]], 1: [[recv(0)], [send(0)]]}) == 4
+    with pytest.raises(Deadlock, match="expects"):                          # sizes must agree
+        replay({0: [[send(1)]], 1: [[("recv", 0, 9, "f32")]]})
+    with pytest.raises(Deadlock):                                           # a send nobody takes
+        replay({0: [[send(1)]], 1: []})
+    # the issue itself: one call at a time, neighbours both send first in 1f1b's steady state
+    # (pp 2, m 4: rank 0 sends act 2 and then waits for grad 1; rank 1 sends grad 1 first)
+    with pytest.raises(Deadlock):
+        replay(sends_then_receives("1f1b", 2, 4))
+    assert replay(sends_then_receives("afab", 2, 4)) > 0        # no crossing: all sends first
 
 
 def test_memory_prediction_equals_measured_bytes(ran):
@@ -350,8 +412,7 @@ def test_checkpoint_saved_at_pp2_tp2_loads_at_pp4(ran):
 def test_drawn_timelines_are_the_codes():
     drawn = drawn_timelines()
     for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
-        rows = [row.split()[2:] for row in P.timeline(schedule, 4, 4, v)]
-        assert rows == drawn[schedule], schedule
+        assert cells_by_tick(P.timeline(schedule, 4, 4, v)) == drawn[schedule], schedule
 
 
 @pytest.mark.parametrize("schedule,pp,m,v", [
