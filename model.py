@@ -133,6 +133,18 @@ def preset(name: str, **overrides) -> ModelArgs:
 # 2. RMSNorm
 # ---------------------------------------------------------------------------------------------
 
+def activation_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype activations are kept in: autocast's (bf16) where it is on, else `dtype`.
+
+    NOTE: this is Megatron's choice under mixed precision: the residual stream, the norms'
+    outputs and every tensor sent between ranks are bf16, and fp32 lives in the weights and the
+    optimizer. Without it, fp32 weights under autocast make the residual stream fp32 (the
+    embedding's output, then fp32 + bf16 at each residual add), 4 bytes a value instead of 2.
+    """
+    on = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else dtype
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias [RMSNorm]."""
 
@@ -143,10 +155,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # NOTE: the mean of squares is taken in fp32 even under bf16 autocast (bf16 keeps 8
-        # mantissa bits, too few for a sum over 4096 features), then cast back, as Meta does.
+        # mantissa bits, too few for a sum over 4096 features), then cast back, as Meta does;
+        # the gain too, so that a bf16 stream stays bf16 with fp32 weights.
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return normed.type_as(x) * self.weight.type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +464,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
                              f"{self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)                               # (B, T, D)
+        h = h.to(activation_dtype(h.device, h.dtype))                 # bf16 under autocast
         cos = self.rope_cos[start_pos:start_pos + T]                  # (T, E/2)
         sin = self.rope_sin[start_pos:start_pos + T]
         for layer in self.layers:

@@ -92,7 +92,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model import ModelArgs, Transformer, shard_dim
+from model import ModelArgs, Transformer, activation_dtype, shard_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +449,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
         h = h.masked_fill(outside[..., None], 0.0)               # (B, T, D), partial
+        h = h.to(activation_dtype(h.device, h.dtype))            # bf16 on the wire under autocast
         return (g_sp if self.sp else g).apply(h, self.grid.tp_group)
 
 
@@ -932,6 +933,7 @@ class PipelineStage(nn.Module):
         seq_len = x.shape[1] * (grid.tp if self.sequence_parallel and c > 0 else 1)
         if c == 0:
             x = self.tok_embeddings(x)                          # (B, T, D) or (B, T/tp, D)
+            x = x.to(activation_dtype(x.device, x.dtype))       # bf16 under autocast
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         for i in self.chunks[chunk]:
             x = self.layers[str(i)](x, cos, sin)
@@ -987,7 +989,9 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     micro = batch.chunk(m)                                      # m x (B/m, T+1)
     b, seq_len = micro[0].shape[0], micro[0].shape[1] - 1
     shape = (b, seq_len // (grid.tp if stage.sequence_parallel else 1), stage.args.dim)
-    dtype, device = next(stage.parameters()).dtype, batch.device
+    device = batch.device
+    with amp:                                   # what the stages send: bf16 under autocast
+        dtype = activation_dtype(device, next(stage.parameters()).dtype)
     last = pp * v - 1
     orders = [schedule_order(schedule, pp, m, v, r) for r in range(pp)]
     if not backward:
@@ -1159,9 +1163,11 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
                                bytes_per_el: int = 4, keep_shard: bool = True) -> float:
     """Bytes that autograd keeps, per transformer layer, between forward and backward.
 
-    Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for a model held in
-    one dtype of b bytes per element (b = 4 in fp32; under bf16 autocast the residual stream stays
-    fp32 and autocast keeps bf16 copies of the linear inputs: measure). Per token, t = tp:
+    Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for activations of b
+    bytes per element: b = 4 in fp32, b = 2 under bf16 autocast, where model.activation_dtype
+    keeps the residual stream and every activation in bf16 (Megatron's choice); what stays fp32
+    is written as 4 below. Autocast's bf16 copies of the weights are not activations (per layer,
+    not per token): planner.py counts them with the weights. Per token, t = tp:
 
       RMSNorm        its input in fp32 (4D), the normalized x (bD), 1/rms in fp32 (4)   (4+b)D + 4
       attention      the wq/wk/wv input y (bD); SDPA's q, k, v (at H heads: the GQA repeat
@@ -1214,11 +1220,12 @@ def wire_bytes(op: str, n: int, payload: float) -> float:
 def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
                   sp: bool = False, recompute: str = "none", grad_accum: int = 1,
                   bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
-                  keep_shard: bool = True) -> dict:
+                  keep_shard: bool = True, grad_bytes: int = 4) -> dict:
     """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
 
     batch is this rank's micro-batch. A step = grad_accum forward+backward passes, GradSync.finish
-    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation; per pass:
+    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation (b =
+    bytes_per_el: 2 under bf16 autocast); gradients are fp32 whatever b (grad_bytes); per pass:
 
       tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
                   + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
@@ -1250,14 +1257,14 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
             regathers = (2 * L + 1) if keep_shard else 0
             add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
             add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
-            add("tp all_reduce", 1, (2 * L + 1) * args.dim * bytes_per_el)
+            add("tp all_reduce", 1, (2 * L + 1) * args.dim * grad_bytes)
         add("tp all_reduce", 3 * m, N * 4)
         add("tp all_reduce", 1, 4)
     if dp > 1:
         numels = [n for _, n in _local_param_numels(args, tp)]
-        calls = (len(make_buckets(numels[::-1], bucket_mb * 2**20, bytes_per_el)) if overlap
+        calls = (len(make_buckets(numels[::-1], bucket_mb * 2**20, grad_bytes)) if overlap
                  else len(numels))
-        add("dp all_reduce", calls, sum(numels) * bytes_per_el / calls)
+        add("dp all_reduce", calls, sum(numels) * grad_bytes / calls)
     return out
 
 

@@ -80,6 +80,9 @@ ASSUMPTIONS = dict(
     gpus_per_node=8,           # tp within a node (NVLink); pp and dp between nodes (network)
     usable_memory=0.90,        # of a GPU's memory; the rest: CUDA context, fragmentation
 )
+# NOTE: this code's bf16 is fp32 weights under autocast, which keeps bf16 copies of them through
+# forward and backward: 4 + 2 bytes of weights and 8 of AdamW state where Megatron counts 2 and
+# 4 + 8 (its fp32 master copy in the optimizer): the same 18 bytes per parameter in all.
 PRECISIONS = {  # bytes per parameter (weights, gradients, optimizer) and per activation element
     "bf16": (2, 4, 12, 2),     # Megatron's mixed precision: fp32 gradients, master weights, m, v
     "fp32": (4, 4, 8, 4),      # this code on CPU: fp32 everything, AdamW's m and v

@@ -23,6 +23,7 @@ def worker():
             torch.manual_seed(0)
             m = P.parallelize(M.Transformer(args), grids[tp], sp=sp); P.apply_recompute(m, rc)
             act[label] = saved_bytes_of_layer(m, tokens[:, :-1])
+            act[label, "bf16"] = saved_bytes_of_layer(m, tokens[:, :-1], amp=True)
             m.zero_grad()
             sync = P.GradSync(m, grids[tp], overlap=True)
             with record_collectives(grids[tp]) as calls:
@@ -39,11 +40,11 @@ def worker():
 if __name__ == "__main__":
     act, comm = spawn(worker, 4, timeout=600)[0]
     args = M.preset("tiny")
-    print(f"activation bytes saved per layer, tiny preset, B={B} T={T}, fp32 (MiB)")
-    print("| config | predicted | measured | ratio |")
+    print(f"activation bytes saved per layer, tiny preset, B={B} T={T} (MiB)")
+    print("| config | fp32 predicted | fp32 measured | bf16 autocast predicted | bf16 measured |")
     for label, tp, sp, rc in ROWS:
-        pred = P.activation_bytes_per_layer(args, B, T, tp=tp, sp=sp, recompute=rc)
-        print(f"| {label} | {pred/2**20:.3f} | {act[label]/2**20:.3f} | {act[label]/pred:.4f} |")
+        pred = [P.activation_bytes_per_layer(args, B, T, tp=tp, sp=sp, recompute=rc, bytes_per_el=b) for b in (4, 2)]
+        print(f"| {label} | {pred[0]/2**20:.3f} | {act[label]/2**20:.3f} | {pred[1]/2**20:.3f} | {act[label, 'bf16']/2**20:.3f} |")
     print("\ncollectives per step (one micro-batch), per rank; payload MiB; wire MiB = ring formula")
     for label, tp, sp, rc in ROWS:
         dp = 4 // tp

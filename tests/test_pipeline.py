@@ -161,18 +161,20 @@ def expected_exchanges(drawn, rank, pp, v):
 
 # --- 3. memory ---------------------------------------------------------------------------------
 
-def held_bytes(stage, rows, grid, m, schedule):
+def held_bytes(stage, rows, grid, m, schedule, amp=False):
     """One pipeline step; the most bytes of activations the stage holds at once, measured.
 
     Each chunk-forward is charged the floating-point storages autograd saves while it and its
     loss run (not parameters or buffers) and its output, held by pipeline_step until its
     backward; the schedule's order then says which are held together."""
     static = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
+    is_copy = parallel_tests.weight_copies(list(stage.parameters()))
     charged, recording = [], [False]
 
     def charge(t):
         storage = t.untyped_storage()
-        if recording[0] and t.is_floating_point() and storage.data_ptr() not in static:
+        if recording[0] and t.is_floating_point() and storage.data_ptr() not in static \
+                and not is_copy(t):
             charged[-1][storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -195,7 +197,8 @@ def held_bytes(stage, rows, grid, m, schedule):
     torch.autograd.backward = backward
     try:
         with saved_tensors_hooks(charge, lambda t: t):
-            P.pipeline_step(stage, rows, grid, m, schedule)
+            P.pipeline_step(stage, rows, grid, m, schedule,
+                            amp=torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
     finally:
         torch.autograd.backward = real_backward
         for h in hooks:
@@ -219,14 +222,17 @@ def state_bytes(stage, opt):
             nbytes(moments))
 
 
-# (label, tp, v, schedule, micro-batches, sp, recompute); pp = 2, one pipeline per dp rank
+# (label, tp, v, schedule, micro-batches, sp, recompute, bf16 autocast); pp = 2, one pipeline
+# per dp rank
 MEMORY_CONFIGS = [
-    ("1f1b", 1, 1, "1f1b", 4, False, "none"),
-    ("afab", 1, 1, "afab", 4, False, "none"),
-    ("interleaved selective", 1, 2, "interleaved", 4, False, "selective"),
-    ("interleaved full", 1, 2, "interleaved", 4, False, "full"),
-    ("tp2+sp 1f1b", 2, 1, "1f1b", 4, True, "none"),
-    ("tp2 afab", 2, 1, "afab", 2, False, "none"),
+    ("1f1b", 1, 1, "1f1b", 4, False, "none", False),
+    ("afab", 1, 1, "afab", 4, False, "none", False),
+    ("interleaved selective", 1, 2, "interleaved", 4, False, "selective", False),
+    ("interleaved full", 1, 2, "interleaved", 4, False, "full", False),
+    ("tp2+sp 1f1b", 2, 1, "1f1b", 4, True, "none", False),
+    ("tp2 afab", 2, 1, "afab", 2, False, "none", False),
+    ("1f1b bf16", 1, 1, "1f1b", 4, False, "none", True),
+    ("tp2+sp interleaved selective bf16", 2, 2, "interleaved", 2, True, "selective", True),
 ]
 
 
@@ -265,9 +271,9 @@ def worker():
 
         # memory: activations held at the worst moment; weights, gradients, optimizer state
         rows = batches(args)[0][:4]
-        for label, tp, v, schedule, m, sp, recompute in MEMORY_CONFIGS:
+        for label, tp, v, schedule, m, sp, recompute, amp in MEMORY_CONFIGS:
             stage = build_stage(args, grids[tp, 2], v, sp, recompute)
-            out["memory"][label] = held_bytes(stage, rows, grids[tp, 2], m, schedule)
+            out["memory"][label] = held_bytes(stage, rows, grids[tp, 2], m, schedule, amp)
         grid = grids[2, 2]
         stage = build_stage(args, grid, 1, sp=True)
         opt = torch.optim.AdamW(stage.parameters())
@@ -370,11 +376,12 @@ def test_the_checker_finds_deadlocks():
 
 def test_memory_prediction_equals_measured_bytes(ran):
     args = tiny()
-    for label, tp, v, schedule, m, sp, recompute in MEMORY_CONFIGS:
+    for label, tp, v, schedule, m, sp, recompute, amp in MEMORY_CONFIGS:
         for rank in range(WORLD):
             pp_rank = rank // (WORLD // 2)
             want = planner.stage_activation_bytes(args, 4 // m, SEQ, tp, 2, v, m, schedule, sp,
-                                                  recompute, bytes_per_el=4, rank=pp_rank)
+                                                  recompute, bytes_per_el=2 if amp else 4,
+                                                  rank=pp_rank)
             got = ran[rank]["memory"][label]
             assert abs(got - want) <= 0.03 * want, f"{label}, rank {rank}: {got} vs {want}"
     measured = {r: ran[r]["memory"] for r in range(WORLD)}
