@@ -126,6 +126,36 @@ def _check_shapes(args: ModelArgs, state: dict, source: str, config: str):
                              f"{config} come from different models")
 
 
+def _load_file(path: str) -> dict:
+    """One weights file, or a one-line error naming it (truncated, corrupt, not torch's)."""
+    try:
+        # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:                   # NOTE: zipfile, pickle and torch raise many kinds
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read {path} ({why}): it is truncated, corrupt, or not a "
+                         "torch.save zip file; copy or convert it again") from None
+
+
+def read_params(ckpt: str) -> ModelArgs:
+    """params.json of a Meta-layout folder (ours, Meta's) as ModelArgs, validated; Meta's
+    vocab_size -1 ("take it from the tokenizer") is read off the folder's tokenizer."""
+    path = os.path.join(ckpt, "params.json")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the release") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object of ModelArgs fields")
+    if params.get("vocab_size", -1) == -1:
+        params = {**params, "vocab_size": Tokenizer(find_tokenizer(ckpt)).n_words}
+    try:
+        return ModelArgs.from_dict(params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def read_checkpoint(ckpt: str):
     """(ModelArgs, full Meta-named state dict on CPU, tokenizer path), validated, no model built.
 
@@ -139,20 +169,13 @@ def read_checkpoint(ckpt: str):
         source, config = ckpt, "config.json"
     elif os.path.isfile(os.path.join(ckpt, "params.json")):
         shards = _meta_shards(ckpt)
-        with open(os.path.join(ckpt, "params.json")) as f:
-            params = json.load(f)
-        # PERF: mmap maps the files instead of reading them; only the tensors used get paged in.
-        state = merge_state_dicts([torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-                                   for p in shards])
-        args, source, config = params, shards[0], "params.json"
+        state = merge_state_dicts([_load_file(p) for p in shards])
+        args, source, config = read_params(ckpt), shards[0], "params.json"
     else:
         raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth (Meta's "
                                 "or ours) nor config.json + *.safetensors (Hugging Face's)")
     tok_path = find_tokenizer(ckpt)
     n_words = Tokenizer(tok_path).n_words
-    if isinstance(args, dict):  # NOTE: Meta writes vocab_size -1: "take it from the tokenizer"
-        args = ModelArgs.from_dict(args, **({"vocab_size": n_words}
-                                            if args.get("vocab_size", -1) <= 0 else {}))
     rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
     if rows != n_words:
         raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
@@ -208,23 +231,37 @@ def _ffn_args(dim: int, hidden: int) -> dict:
 
 def read_hf(folder: str):
     """config.json + *.safetensors (one file or several) -> (ModelArgs, Meta-named state)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
-        raise ValueError(f"{folder}/config.json describes model_type={cfg.get('model_type')!r} "
-                         f"rope_scaling={cfg.get('rope_scaling')}: only plain Llama is supported")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 1e4),
-                     max_seq_len=cfg.get("max_position_embeddings", 2048),
-                     **_ffn_args(dim, cfg["intermediate_size"]))
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
+            raise ValueError(f"it describes model_type={cfg.get('model_type')!r} rope_scaling="
+                             f"{cfg.get('rope_scaling')}: only plain Llama is supported")
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
+                         norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                         rope_theta=cfg.get("rope_theta", 1e4),
+                         max_seq_len=cfg.get("max_position_embeddings", 2048),
+                         **_ffn_args(dim, cfg["intermediate_size"]))
+    except KeyError as e:
+        raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
     from safetensors.torch import load_file
-    hf = {name: w for path in files for name, w in load_file(path).items()}
+
+    def load(path):
+        try:
+            return load_file(path)
+        except Exception as e:               # NOTE: safetensors raises its own error types
+            raise ValueError(f"cannot read {path} ({str(e).splitlines()[0][:80]}): it is "
+                             "truncated or not a safetensors file; download it again") from None
+    hf = {name: w for path in files for name, w in load(path).items()}
     if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings"):
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
     to_meta = {hf_name(k): k for k in expected_shapes(args)}

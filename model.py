@@ -65,6 +65,15 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for f in fields(self):                # a params.json may hold "4096" or true
+            value, whole = getattr(self, f.name), f.name not in ("norm_eps", "rope_theta",
+                                                                  "ffn_dim_multiplier")
+            if value is None and f.name == "ffn_dim_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"ModelArgs.{f.name}={value!r} must be "
+                                 f"{'an integer' if whole else 'a finite number'}")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs.{name}={getattr(self, name)} must be a positive "

@@ -112,8 +112,11 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     """Join the process group torchrun describes; one process when WORLD_SIZE is unset.
+
+    timeout_s: how long any collective or send may wait for its peers before it raises
+    (is_collective_failure tells those errors apart), instead of holding the job forever.
 
     The only place torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
     are read. NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
@@ -129,6 +132,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world_size, local_rank, dev)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an error is a collective giving up: a peer silent past the process group's
+    timeout, or gone (what gloo and NCCL report then, in their own words)."""
+    markers = ("Timed out", "timed out", "timeout", "Connection closed by peer", "Connection reset",
+               "pair closure", "NCCL error", "Broken pipe")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers)
 
 
 def destroy(world: Dist) -> None:

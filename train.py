@@ -52,8 +52,10 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -119,6 +121,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
+    timeout: float = 600.0          # seconds a collective may wait on a stuck or dead rank
     bench: bool = False             # measure tokens/s and MFU against a plain loop, then exit
 
     @property
@@ -135,17 +138,27 @@ class TrainConfig:
         return self.batch_size * self.n_micro * dp
 
 
+def _parser(defaults: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None if defaults else argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default) if defaults else {}
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=type(f.default), **kw)
+    return p
+
+
 def parse_args(argv=None) -> TrainConfig:
     """The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under torchrun."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return TrainConfig(**vars(_parser().parse_args(argv)))
+
+
+def given_flags(argv=None) -> dict:
+    """The options a command line names itself, {field: value}: what --resume may override."""
+    return vars(_parser(defaults=False).parse_args(argv))
 
 
 class ConfigError(ValueError):
@@ -156,7 +169,8 @@ class RunStopped(RuntimeError):
     """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
 
 
-def check_config(cfg: TrainConfig, world_size: int):
+def check_flags(cfg: TrainConfig):
+    """Every number and name on its own, before any process group or file is touched."""
     if cfg.preset not in M.PRESETS:
         raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "tp", "eval_windows", "keep",
@@ -169,6 +183,31 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+    # NOTE: `not x > 0` also refuses nan, which every comparison fails.
+    for name, ok, rule in (
+            ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number, e.g. 3e-4"),
+            ("clip", math.isfinite(cfg.clip) and cfg.clip > 0,
+             "a positive global norm, e.g. 1.0 (a huge one, 1e9, turns clipping off)"),
+            ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+             "0 or more, e.g. 0.1"),
+            ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1), e.g. 0.9"),
+            ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1), e.g. 0.95"),
+            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], e.g. 0.1"),
+            ("warmup", cfg.warmup >= 0, "0 or more steps"),
+            ("bucket_mb", math.isfinite(cfg.bucket_mb) and cfg.bucket_mb > 0, "positive, e.g. 25"),
+            ("max_bad_steps", cfg.max_bad_steps >= 1, "1 or more"),
+            ("samples", 0 <= cfg.samples <= 3, "0 to 3"),
+            ("seed", cfg.seed >= 0, "0 or more"),
+            ("timeout", math.isfinite(cfg.timeout) and cfg.timeout > 0,
+             "positive seconds, e.g. 600")):
+        if not ok:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be {rule}")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one: give one of them")
+
+
+def check_config(cfg: TrainConfig, world_size: int):
+    """The flags together, and against the number of processes torchrun started."""
     if world_size % (cfg.tp * cfg.pp):
         raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
                           f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
@@ -180,10 +219,6 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
     if cfg.sp and cfg.tp == 1:
         raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
-    if cfg.resume and cfg.init_from:
-        raise ConfigError("--resume continues a run, --init-from starts a new one: give one of them")
-    if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0 or cfg.warmup < 0:
-        raise ConfigError("need --lr > 0, --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
     if not cfg.init_from:           # heads, layers, sequence against the grid, before the data
         P.check_config(M.preset(cfg.preset), cfg.tp, cfg.sp, cfg.seq_len)
         P.check_pipeline(M.preset(cfg.preset).n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
@@ -240,50 +275,157 @@ def latest_checkpoint(cfg: TrainConfig) -> Optional[str]:
     return path if os.path.isdir(path) else None
 
 
-def _write_atomic(path: str, write):
-    """Write through `write(tmp_path)`, flush to disk, then rename over `path`."""
+def _step_of(name: str) -> int:
+    return int(name[len("step-"):]) if re.fullmatch(r"step-\d+", name) else -1
+
+
+def checkpoints(cfg: TrainConfig) -> list:
+    """Every complete checkpoint folder, the one to resume from first: the folder `latest`
+    names, then the others, newest step first (a kill between a folder's rename and the
+    `latest` update, or a lost `latest`, leaves complete folders that `latest` does not name)."""
+    root = checkpoint_root(cfg)
+    names = os.listdir(root) if os.path.isdir(root) else []
+    found = [os.path.join(root, n) for n in sorted((n for n in names if _step_of(n) >= 0),
+                                                   key=_step_of, reverse=True)]
+    latest = latest_checkpoint(cfg)
+    return [latest] + [p for p in found if p != latest] if latest in found else found
+
+
+def holds_a_run(cfg: TrainConfig) -> Optional[str]:
+    """What in OUT shows that a run was there (metrics, a checkpoint, `latest`), or None."""
+    for path in (os.path.join(cfg.out, "metrics.jsonl"), os.path.join(checkpoint_root(cfg),
+                                                                        "latest")):
+        if os.path.exists(path):
+            return path
+    found = checkpoints(cfg)
+    return found[0] if found else None
+
+
+def _write_atomic(path: str, text: str):
+    """Write text to path.tmp, flush it to disk, close it, then rename it over path: readers
+    see the old file or the new one, never a part. A full disk raises here, before the rename."""
     tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def _save(obj, path: str):
+    """torch.save, with a failed write reported as the OSError it is (on a full disk torch says
+    only `inline_container.cc ... unexpected pos`)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0][:60]}...): is the disk "
+                      "full?") from None
+
+
+class RunLock:
+    """OUT/train.lock, holding its owner's pid and host: one run per --out at a time.
+
+    Made with O_EXCL, so of two runs started together exactly one gets it. A kill -9 leaves the
+    file behind: a lock whose pid no longer runs on this host is stale and is taken over.
+    """
+
+    def __init__(self, out: str):
+        self.path, self.owned = os.path.join(out, "train.lock"), False
+
+    def acquire(self):
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = open(self.path).read().split()
+                if self._alive(owner):
+                    raise ConfigError(
+                        f"{os.path.dirname(self.path)} is in use by another run (pid {owner[0]} "
+                        f"on {owner[1]}); wait for it to end, or choose another --out") from None
+                os.remove(self.path)                # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.owned = True
+            return
+        raise ConfigError(f"could not take {self.path}; another run started at the same moment?")
+
+    @staticmethod
+    def _alive(owner: list) -> bool:
+        if len(owner) != 2 or not owner[0].isdigit():
+            return False                            # torn by a kill while being written
+        if owner[1] != socket.gethostname():
+            return True                             # another machine's: cannot tell, keep it
+        try:
+            os.kill(int(owner[0]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self):
+        if self.owned:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.owned = False
 
 
 def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
                     tok_path):
     """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
-    stages' layers first); each stage writes its optimizer state; global rank 0 renames."""
+    stages' layers first); each stage writes its optimizer state; global rank 0 renames.
+
+    Weights that are not finite are never saved (on any rank: the ranks agree first), and a
+    write that fails on any rank leaves `latest` where it was."""
     root = checkpoint_root(cfg)
     name = f"step-{step:06d}"
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if not _all_ranks(finite, world):
+        raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
+                         f"checkpoint is still {latest_checkpoint(cfg)}; lower --lr and resume")
     if world.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)      # a leftover of a save killed midway
         os.makedirs(tmp)
     _barrier(world)
     shard = P.shard_state_dict(model, grid)         # this rank's tp slice (a tp all-gather inside)
     shard = P.merge_stages(shard, grid)             # all layers on pp rank 0, None elsewhere
+    failed = None
     if grid.dp_rank == 0:
-        r = grid.tp_rank
-        if grid.pp_rank == 0:
-            torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
-        torch.save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
-                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
-                        pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
-        if r == 0 and grid.pp_rank == 0:
-            with open(os.path.join(tmp, "params.json"), "w") as fh:
-                fh.write(args.to_json())
-            shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
-        for f in os.listdir(tmp):                   # flush before the rename makes it visible
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
-    _barrier(world)
+        try:
+            r = grid.tp_rank
+            if grid.pp_rank == 0:
+                _save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+            _save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
+                       rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
+                       pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
+            if r == 0 and grid.pp_rank == 0:
+                _write_atomic(os.path.join(tmp, "params.json"), args.to_json())
+                _write_atomic(os.path.join(tmp, "train_config.json"),
+                              json.dumps(dataclasses.asdict(cfg), indent=2))
+                shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
+            for f in os.listdir(tmp):               # flush before the rename makes it visible
+                with open(os.path.join(tmp, f), "rb") as fh:
+                    os.fsync(fh.fileno())
+        except OSError as e:
+            failed = e
+    if not _all_ranks(failed is None, world):
+        raise failed or OSError(f"another rank could not write {tmp}; see its message")
     if world.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                      # the folder appears complete, or not at all
-        _write_atomic(os.path.join(root, "latest"), lambda p: open(p, "w").write(name))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+        _write_atomic(os.path.join(root, "latest"), name)
+        done = sorted((d for d in os.listdir(root) if _step_of(d) >= 0), key=_step_of)
         for old in done[:-cfg.keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            if old != name:                         # never the one just written
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier(world)
     return final
 
@@ -327,6 +469,16 @@ def _set_rng_state(s):
 def _barrier(world):
     if world.world_size > 1:
         dist.barrier()
+
+
+def _all_ranks(ok: bool, world) -> bool:
+    """True on every rank if `ok` is true on every rank: one decision, so no rank is left
+    waiting in a collective that the others skipped."""
+    if world.world_size == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=world.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)              # COMM: world, min of one float
+    return bool(flag.item())
 # ---------------------------------------------------------------------------------------------
 # 4. Measuring: peak FLOP/s, progress, metrics
 # ---------------------------------------------------------------------------------------------
@@ -383,15 +535,27 @@ class Progress:
 
 
 def log_metrics(path: str, record: dict):
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    with open(path, "a") as fh:                      # closed (and flushed) at once: a full disk
+        fh.write(json.dumps(record) + "\n")          # raises here, not at exit
 
 
 def truncate_metrics(path: str, last_step: int):
-    """On resume, drop entries the crashed run logged after its last checkpoint."""
-    if os.path.isfile(path):
-        keep = [l for l in open(path) if json.loads(l).get("step", 0) <= last_step]
-        _write_atomic(path, lambda p: open(p, "w").writelines(keep))
+    """On resume, drop entries the crashed run logged after its last checkpoint, and a last
+    line torn by a kill in the middle of its write."""
+    if not os.path.isfile(path):
+        return
+    lines, keep = open(path).readlines(), []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break                                # torn by the kill: dropped
+            raise ConfigError(f"{path} line {i + 1} is not JSON: the file is damaged; move it "
+                              "away and --resume again (a new one is started)") from None
+        if row.get("step", 0) <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    _write_atomic(path, "".join(keep))
 
 
 def plot_losses(metrics_path: str, png_path: str):
@@ -434,17 +598,22 @@ def setup_data(cfg: TrainConfig, world):
     return sampler, Tokenizer(tok_path), tok_path
 
 
-def model_args(cfg: TrainConfig, tokenizer) -> tuple:
-    """(ModelArgs, full state or None): a preset sized to the tokenizer, or --init-from's model."""
+def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
+    """(ModelArgs, full state or None): a resumed run's own, a preset sized to the tokenizer, or
+    --init-from's model."""
     state = None
-    if cfg.init_from:
+    if ckpt:                                 # resuming: the checkpoint's model, loaded later
+        args = generate.read_params(ckpt)
+        where = f"{ckpt} has a model of vocab {args.vocab_size}"
+    elif cfg.init_from:
         args, state, _ = generate.read_checkpoint(cfg.init_from)
-        if args.vocab_size != tokenizer.n_words:
-            raise ConfigError(f"--init-from model has vocab {args.vocab_size} but --data was "
-                              f"tokenized with {tokenizer.n_words} pieces; prepare the data with "
-                              "the checkpoint's tokenizer.model")
+        where = f"--init-from model has vocab {args.vocab_size}"
     else:
         args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
+        where = ""
+    if args.vocab_size != tokenizer.n_words:
+        raise ConfigError(f"{where} but --data {cfg.data} was tokenized with {tokenizer.n_words} "
+                          "pieces; prepare the data with the checkpoint's tokenizer.model")
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
     P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
     P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
@@ -452,20 +621,61 @@ def model_args(cfg: TrainConfig, tokenizer) -> tuple:
     return args, state
 
 
-def check_resumable(ckpt: str, args: M.ModelArgs, grid, cfg: TrainConfig):
-    saved = M.ModelArgs.from_dict(json.load(open(os.path.join(ckpt, "params.json"))))
-    if saved != args:
-        diff = [f"{f.name}={getattr(saved, f.name)} (now {getattr(args, f.name)})"
-                for f in fields(M.ModelArgs) if getattr(saved, f.name) != getattr(args, f.name)]
-        raise ConfigError(f"cannot resume from {ckpt}: its model has {', '.join(diff)}; "
-                          "use the same --preset, --seq-len and data, or a new --out")
-    first = min(f for f in os.listdir(ckpt) if f.startswith("train_state."))
-    saved = torch.load(os.path.join(ckpt, first), map_location="cpu", weights_only=True)["config"]
-    was = (saved["tp"], saved.get("pp", 1), saved.get("virtual_stages", 1))
-    if was != (grid.tp, grid.pp, cfg.virtual_stages):
-        raise ConfigError(f"{ckpt} was trained with --tp {was[0]} --pp {was[1]} --virtual-stages "
-                          f"{was[2]}; resume with the same, or start a new run from its weights "
-                          "with --init-from (any layout)")
+# What makes a run the run it is: resuming with another value would not continue it exactly.
+FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "grad_accum",
+                   "micro_batches", "lr", "warmup", "min_lr_ratio", "weight_decay", "beta1",
+                   "beta2", "clip", "seed", "init_from", "dtype", "tp", "pp", "virtual_stages",
+                   "pp_schedule", "sp")
+
+
+def saved_config(ckpt: str) -> dict:
+    """The run's configuration as its checkpoint recorded it (train_config.json)."""
+    path = os.path.join(ckpt, "train_config.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    first = min(f for f in os.listdir(ckpt) if f.startswith("train_state."))  # older checkpoints
+    return torch.load(os.path.join(ckpt, first), map_location="cpu", weights_only=True)["config"]
+
+
+def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
+    """The saved run's configuration, with the flags this command line names itself where they
+    leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
+
+    A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
+    ones the run would have had. A path is compared as the folder it names.
+    """
+    saved = saved_config(ckpt)
+    same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
+            "mix": lambda m: m and data.parse_mix(m)}
+    for name, value in given.items():
+        norm = same.get(name, lambda v: v)
+        if name in FIXED_ON_RESUME and name in saved and norm(saved[name]) != norm(value):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"cannot resume {ckpt} with {flag} {value}: the run was trained "
+                              f"with {flag} {saved[name]!r}, and another value would not continue "
+                              f"it; drop {flag}, or start a new run from these weights with "
+                              f"--init-from {ckpt}")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    return TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out,
+                          "bench": False})
+
+
+def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -> tuple:
+    """(path, steps done) of the newest checkpoint that every rank reads whole. One that does
+    not load (a truncated or corrupt file) is passed over, saying so, for the one before it."""
+    for path in candidates:
+        why = None
+        try:
+            start = load_checkpoint(path, model, optimizer, sampler, grid)
+        except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        if _all_ranks(why is None, world):
+            return path, start
+        say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "
+            "complete checkpoint before it")
+    raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
+                      "start a new run with another --out")
 
 
 def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
@@ -485,38 +695,79 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     return model, make_optimizer(model, cfg, world.device)
 
 
-def train(cfg: TrainConfig, world) -> dict:
+def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
+    """(configuration, checkpoints to resume from, lock): what this launch continues or starts.
+
+    --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
+    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
+    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
+    """
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own
+    found = checkpoints(cfg)
+    if cfg.resume and not found:
+        raise ConfigError(f"--resume: no complete checkpoint under {checkpoint_root(cfg)}; run "
+                          "without --resume")
+    if found and (cfg.resume or restarted):
+        cfg = restore_config(cfg, given, found[0])
+        done = _step_of(os.path.basename(found[0]))
+        if "steps" in given and done < cfg.steps != saved_config(found[0])["steps"]:
+            old = dataclasses.replace(cfg, steps=saved_config(found[0])["steps"])
+            say(f"--steps {cfg.steps}: the run was planned for {old.steps} steps; the cosine decay "
+                f"is recomputed over {cfg.steps}, so the learning rate goes from "
+                f"{lr_at(done - 1, old):.3g} at step {done} to {lr_at(done, cfg):.3g} at step "
+                f"{done + 1}, and reaches its floor at step {cfg.steps}")
+    elif not restarted and holds_a_run(cfg):
+        raise ConfigError(f"{cfg.out} already holds a run ({holds_a_run(cfg)}); pass --resume to "
+                          "continue it, or choose another --out")
+    check_config(cfg, world.world_size)
+    lock, refused = RunLock(cfg.out), None
+    if world.rank == 0:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            lock.acquire()
+        except ConfigError as e:
+            refused = e
+        except OSError as e:
+            refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
+                                  "writable folder")
+    if not _all_ranks(refused is None, world):
+        raise refused or ConfigError("rank 0 refused the run (its message says why)")
+    return cfg, found if (cfg.resume or restarted) else [], lock
+
+
+def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     """The loop. Returns the per-step losses and validation losses (for tests and the caller)."""
-    grid = P.make_grid(world, tp=cfg.tp, pp=cfg.pp)
     main_rank = world.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
+    cfg, found, lock = open_run(cfg, given or {}, world, say)
+    try:
+        if found and _step_of(os.path.basename(found[0])) >= cfg.steps:
+            say(f"{cfg.out} is finished: it trained {_step_of(os.path.basename(found[0]))} steps "
+                f"of --steps {cfg.steps}; give --steps N (more than that) to train it further")
+            return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
+        return _train(cfg, world, found, say)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, world, found: list, say) -> dict:
+    grid = P.make_grid(world, tp=cfg.tp, pp=cfg.pp)
+    main_rank = world.rank == 0
     device = world.device
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
            else contextlib.nullcontext())
 
-    root, ckpt = checkpoint_root(cfg), latest_checkpoint(cfg)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: no complete checkpoint under {root}; run without --resume")
-    if ckpt and not (cfg.resume or restarted):
-        raise ConfigError(f"{cfg.out} already holds a run (latest {ckpt}); pass --resume to "
-                          "continue it, or choose another --out")
-
     sampler, tokenizer, tok_path = setup_data(cfg, world)
-    args, init_state = model_args(cfg, tokenizer)
-    resuming = ckpt is not None and (cfg.resume or restarted)
-    if resuming:
-        check_resumable(ckpt, args, grid, cfg)
+    args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
     model, optimizer = build_model(cfg, args, init_state, world, grid)
     start = 0                                # optimizer steps already done
-    if resuming:
-        start = load_checkpoint(ckpt, model, optimizer, sampler, grid)
+    if found:
+        ckpt, start = resume_from(found, model, optimizer, sampler, world, grid, say)
         say(f"resumed from {ckpt} at step {start}")
     step_fn = torch.compile(model) if cfg.compile else model
     sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
 
-    os.makedirs(cfg.out, exist_ok=True)
     metrics = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
         if start == 0 and os.path.exists(metrics):
@@ -733,20 +984,31 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    cfg = parse_args(argv)
+    cfg, given = parse_args(argv), given_flags(argv)
     world = None
     try:
-        world = P.init_distributed(device=cfg.device)
-        check_config(cfg, world.world_size)
+        check_flags(cfg)
+        world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
         if cfg.bench:
+            check_config(cfg, world.world_size)
             if world.world_size > 1:
                 raise ConfigError("--bench measures one process; run it with python, not torchrun")
             return bench(cfg, world.device)
-        return train(cfg, world)
-    except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
+        return train(cfg, world, given)
+    except (ConfigError, ValueError, OSError, RunStopped) as e:
         if world is None or world.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, RunStopped) else 2)
+            again = (" (then --resume continues the run)"
+                     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
+            print(f"error: {e}{again}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, (RunStopped, OSError)) else 2)
+    except RuntimeError as e:
+        if world is None or world.world_size == 1 or not P.is_collective_failure(e):
+            raise
+        # Every rank says it: the stuck or dead rank may be rank 0.
+        print(f"error: rank {world.rank}: {str(e).splitlines()[0][:200]}; a rank is stuck (more "
+              f"than --timeout {cfg.timeout:g} s) or gone: see the other ranks' messages, then "
+              "--resume", file=sys.stderr)
+        sys.exit(1)
     finally:
         if world is not None:
             P.destroy(world)

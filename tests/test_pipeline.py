@@ -551,7 +551,7 @@ def test_train_py_refuses_bad_pipelines_before_any_work(tmp_path, capsys, monkey
                                                        world, message):
     # as if torchrun had started `world` processes: main refuses before it joins any group, and
     # before it reads the data (there is none here)
-    monkeypatch.setattr(P, "init_distributed", lambda device: P.Dist(0, world))
+    monkeypatch.setattr(P, "init_distributed", lambda device, timeout_s: P.Dist(0, world))
     with pytest.raises(SystemExit) as e:
         T.main(train_argv(str(tmp_path / "no-data"), tmp_path / "out", 4, *extra))
     assert e.value.code == 2

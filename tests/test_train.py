@@ -94,14 +94,14 @@ def test_checkpoint_is_meta_layout(demo_data, tmp_path):
     T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
     ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
     assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "params.json", "tokenizer.model",
-                                        "train_state.00.pth"]
+                                        "train_config.json", "train_state.00.pth"]
     params = json.load(open(os.path.join(ckpt, "params.json")))
     assert params["dim"] == 256 and params["n_layers"] == 4
     state = torch.load(os.path.join(ckpt, "consolidated.00.pth"), weights_only=True)
     assert "layers.3.feed_forward.w2.weight" in state and "output.weight" in state
 
 
-def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkeypatch):
+def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkeypatch, capsys):
     real_save = torch.save
 
     def dies_on_second_train_state(obj, path, *a, **k):
@@ -110,8 +110,11 @@ def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkey
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", dies_on_second_train_state)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as e:
         T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2"))
+    assert e.value.code == 1
+    assert capsys.readouterr().err == ("error: disk full (simulated) (then --resume continues the "
+                                       "run)\n")
     monkeypatch.setattr(torch, "save", real_save)
     root = tmp_path / "checkpoints"
     assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
