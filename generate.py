@@ -59,6 +59,7 @@ under tensor parallelism (the plain forward is used there); loading only this ra
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -605,6 +606,46 @@ class Streamer:
         print()
 
 
+def check_options(a):
+    """Every flag on its own, and the output folder, before any weights are read."""
+    for name, ok, rule in (
+            ("max_new_tokens", a.max_new_tokens >= 1, "1 or more"),
+            ("temperature", math.isfinite(a.temperature) and a.temperature >= 0,
+             "0 (greedy) or more"),
+            ("top_p", 0 < a.top_p <= 1, "in (0, 1]; 1 turns it off"),
+            ("top_k", a.top_k >= 0, "0 (off) or more"),
+            ("seed", a.seed >= 0, "0 or more"),
+            ("tp", a.tp >= 1, "1 or more"),
+            ("max_seq_len", a.max_seq_len is None or a.max_seq_len >= 1, "1 or more")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(a, name)} must be {rule}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    for text in a.prompt:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:           # bytes that are not UTF-8 arrive as surrogates
+            raise ValueError(f"--prompt {text!r} is not valid UTF-8 text; give it as UTF-8") \
+                from None
+    if a.export_hf:
+        if os.path.exists(a.export_hf) and (not os.path.isdir(a.export_hf)
+                                            or os.listdir(a.export_hf)):
+            raise ValueError(f"--export-hf {a.export_hf} exists and is not an empty folder; give "
+                             "a new folder (nothing is overwritten)")
+        try:
+            os.makedirs(a.export_hf, exist_ok=True)
+            probe = os.path.join(a.export_hf, ".write-test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"--export-hf {a.export_hf} cannot be written ({e.strerror}); "
+                             "choose a writable folder") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (ours, Meta's, HF's).")
     p.add_argument("--ckpt", required=True, help="checkpoint folder")
@@ -629,6 +670,7 @@ def main(argv=None):
         p.error("nothing to do: give --prompt TEXT and/or --export-hf DIR")
     world, device = None, a.device
     try:
+        check_options(a)
         if a.tp > 1:
             import parallel as P                  # reads torchrun's RANK, WORLD_SIZE, ...
             world = P.init_distributed(a.device)
@@ -664,7 +706,7 @@ def main(argv=None):
         say(f"weight-read bound at batch 1: tokens/s <= memory bandwidth / weight bytes = "
             f"{bw / 1e9:.1f} GB/s / {wb / 1e6:.1f} MB = {bw / wb:.1f} tokens/s "
             f"(decoding ran at {100 * rate * wb / bw:.0f}% of it)")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     finally:
         if world is not None:

@@ -106,6 +106,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 600.0        # how long a collective waits for its peers, in every group
 
     @property
     def is_main(self) -> bool:
@@ -131,7 +132,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
-    return Dist(rank, world_size, local_rank, dev)
+    return Dist(rank, world_size, local_rank, dev, timeout_s)
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -194,7 +195,7 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
         if size == 1:
             return None
         for ranks in mesh.movedim(axis, -1).reshape(-1, size).tolist():
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timedelta(seconds=world.timeout_s))
             if r in ranks:
                 mine = group
         return mine

@@ -47,6 +47,7 @@ Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.1
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -311,12 +312,16 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def _count(text: str, binary: bool = False) -> float:
+def _count(text: str, binary: bool = False, flag: str = "count") -> float:
     """'4M' -> 4 * 2**20 when binary (a batch: LLaMA's 4M is 2048 x 2048), else 4e6; '1.4T'."""
-    scale = {"K": 1, "M": 2, "G": 3, "B": 3, "T": 4}.get(text[-1:].upper())
-    if scale is None:
-        return float(text)
-    return float(text[:-1]) * (2**10 if binary else 1e3) ** scale
+    scale = {"K": 1, "M": 2, "G": 3, "B": 3, "T": 4}.get(text[-1:].upper(), 0)
+    try:
+        value = float(text[:-1] if scale else text) * (2**10 if binary else 1e3) ** scale
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{flag} {text!r} must be a positive count such as 4M or 1.4T")
+    return value
 
 
 def main(argv=None):
@@ -351,6 +356,11 @@ def main(argv=None):
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                             "vocab_size") if getattr(a, k) is not None}
     try:
+        for name in ("gpus", "tp", "pp", "virtual_stages", "micro_batch", "seq_len", "top",
+                     "batch", "context", *overrides):
+            if getattr(a, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(a, name)} must be 1 or "
+                                 "more")
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         hw = GPUS[a.gpu]
         if a.check:
@@ -372,8 +382,9 @@ def main(argv=None):
                       f"{r['kv_cache'] / 2**30:6.1f} = {r['total'] / 2**30:7.1f}  {fits}")
             return rows
         common = dict(gpu=a.gpu, seq_len=a.seq_len, precision=a.precision,
-                      global_batch_tokens=int(_count(a.global_batch_tokens, binary=True)),
-                      train_tokens=_count(a.train_tokens))
+                      global_batch_tokens=int(_count(a.global_batch_tokens, True,
+                                                     "--global-batch-tokens")),
+                      train_tokens=_count(a.train_tokens, flag="--train-tokens"))
         if a.search:
             plans = search(args, a.gpus, a.top, **common)
             if a.json:

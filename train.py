@@ -669,7 +669,7 @@ def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -
         try:
             start = load_checkpoint(path, model, optimizer, sampler, grid)
         except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         if _all_ranks(why is None, world):
             return path, start
         say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "

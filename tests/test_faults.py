@@ -1,0 +1,414 @@
+"""Runs as users run them: the README's resume commands verbatim, kills, full disks, two runs on
+one folder, damaged files and bad numbers, for train.py, generate.py and planner.py (data.py's and
+eval.py's own cases sit in their test files).
+
+Each case checks three things: the exact one-line message, the exit code, and what is (still) on
+disk. A full disk is the kernel's own: writes into /dev/full fail with ENOSPC.
+"""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import generate as G
+import parallel as P
+import planner
+import train as T
+from distributed import free_port
+from test_generate import tiny_model, tok_path, write_checkpoint  # noqa: F401 (a fixture)
+from test_train import base_argv, read_metrics
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python(*args, **kw):
+    """Run `python *args` from the repository root, as a user would type it."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def losses(out) -> dict:
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
+    while not (os.path.exists(metrics) and max(losses(out), default=0) >= step):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def one_error_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# --- 1. --resume continues the saved run -------------------------------------------------------
+
+# The README's pair, `python train.py --preset tiny --steps 1000 --out out/run1 --data data/demo
+# --mix code=0.7,docs=0.3` then `python train.py --out out/run1 --resume`, at test sizes: the flags
+# after SMALL only make it fast, and the resume command is the README's, word for word.
+SMALL = ["--seq-len", "32", "--batch-size", "4", "--warmup", "3", "--eval-every", "100",
+         "--eval-windows", "4", "--save-every", "100", "--samples", "0", "--device", "cpu",
+         "--log-every", "1"]
+
+
+def readme_run(out, data_dir):
+    return ["train.py", "--preset", "tiny", "--steps", "12", "--out", str(out), "--data",
+            data_dir, "--mix", "code=0.7,docs=0.3", *SMALL]
+
+
+def test_readme_resume_pair_with_a_sigterm_finishes_the_run_exactly(demo_data, tmp_path):
+    straight = T.main(readme_run(tmp_path / "straight", demo_data)[1:])["losses"]
+    out = tmp_path / "run1"
+    proc = subprocess.Popen([sys.executable, *readme_run(out, demo_data)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0 and "saving step" in proc.stdout.read()
+    stopped = max(losses(out))
+    assert stopped < 12                                       # really stopped in the middle
+    resumed = python("train.py", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out}/checkpoints/step-{stopped:06d} at step {stopped}" in resumed.stdout
+    assert losses(out) == pytest.approx(straight, rel=1e-6)   # steps 1..12, once each, equal
+    assert sorted(losses(out)) == list(range(1, 13))
+    config = json.load(open(T.latest_checkpoint(T.TrainConfig(out=str(out)))
+                            + "/train_config.json"))
+    assert config["mix"] == "code=0.7,docs=0.3" and config["steps"] == 12
+
+
+@pytest.mark.parametrize("flag,value,shown,saved", [
+    ("--lr", "1e-3", "0.001", "0.003"), ("--mix", "code=1", "code=1", "'code=0.7,docs=0.3'"),
+    ("--seq-len", "64", "64", "32"), ("--seed", "1", "1", "0")])
+def test_resume_refuses_a_flag_that_would_change_the_run(demo_data, tmp_path, capsys, flag,
+                                                         value, shown, saved):
+    T.main(readme_run(tmp_path, demo_data)[1:] + ["--steps", "2", "--save-every", "2"])
+    before = (sorted(os.listdir(tmp_path / "checkpoints")), losses(tmp_path))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume", flag, value])
+    assert e.value.code == 2
+    ckpt = f"{tmp_path}/checkpoints/step-000002"
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: cannot resume {ckpt} with {flag} {shown}: the run was trained with {flag} "
+        f"{saved}, and another value would not continue it; drop {flag}, or start a new run "
+        f"from these weights with --init-from {ckpt}")
+    assert (sorted(os.listdir(tmp_path / "checkpoints")), losses(tmp_path)) == before
+
+
+def test_resume_extends_steps_and_a_finished_run_says_so(demo_data, tmp_path, capsys):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    capsys.readouterr()
+    done = T.main(["--out", str(tmp_path), "--resume"])
+    assert done["finished"] and done["losses"] == {}
+    assert capsys.readouterr().out.strip() == (
+        f"{tmp_path} is finished: it trained 4 steps of --steps 4; give --steps N (more than "
+        "that) to train it further")
+    more = T.main(["--out", str(tmp_path), "--resume", "--steps", "6"])
+    cfg6 = T.TrainConfig(steps=6, lr=3e-3, warmup=3)
+    cfg4 = T.TrainConfig(steps=4, lr=3e-3, warmup=3)
+    assert (f"--steps 6: the run was planned for 4 steps; the cosine decay is recomputed over 6, "
+            f"so the learning rate goes from {T.lr_at(3, cfg4):.3g} at step 4 to "
+            f"{T.lr_at(4, cfg6):.3g} at step 5, and reaches its floor at step 6"
+            in capsys.readouterr().out)
+    assert sorted(more["losses"]) == [5, 6]
+    rows = [r for r in read_metrics(tmp_path) if "lr" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["lr"] == pytest.approx(T.lr_at(5, cfg6))
+
+
+# --- 2. nothing on disk is lost ----------------------------------------------------------------
+
+def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path):
+    path = tmp_path / "latest"
+    path.write_text("step-000002")
+    os.symlink("/dev/full", str(path) + ".tmp")           # the kernel's full disk
+    with pytest.raises(OSError) as e:
+        T._write_atomic(str(path), "step-000004")
+    assert e.value.errno == errno.ENOSPC
+    assert path.read_text() == "step-000002" and not os.path.lexists(str(path) + ".tmp")
+    with pytest.raises(OSError):
+        T.log_metrics("/dev/full", dict(step=1, loss=2.0))   # appends fail loudly too
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_path, monkeypatch,
+                                                             capsys):
+    real_save = torch.save
+
+    def into_full_disk(obj, path, *a, **k):
+        if "step-000004" in str(path):
+            return real_save(obj, "/dev/full", *a, **k)     # torch's own error on ENOSPC
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", into_full_disk)
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2"))
+    assert e.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: could not write {tmp_path}/checkpoints/.tmp-step-000004/")
+    assert line.endswith("is the disk full? (then --resume continues the run)")
+    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(demo_data, tmp_path):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "lo')                           # a kill in the middle of a write
+    T.main(["--out", str(tmp_path), "--resume", "--steps", "6"])
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, tmp_path, capsys):
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(tmp_path / "busy")
+        (tmp_path / "busy" / "train.lock").write_text(f"{owner.pid} {socket.gethostname()}")
+        with pytest.raises(SystemExit) as e:
+            T.main(base_argv(demo_data, tmp_path / "busy"))
+        assert e.value.code == 2
+        assert one_error_line(capsys.readouterr().err) == (
+            f"error: {tmp_path}/busy is in use by another run (pid {owner.pid} on "
+            f"{socket.gethostname()}); wait for it to end, or choose another --out")
+        assert os.listdir(tmp_path / "busy") == ["train.lock"]
+    finally:
+        owner.kill()
+        owner.wait()
+    # the owner is gone (as after kill -9): its lock is stale, taken over, and released at the end
+    T.main(base_argv(demo_data, tmp_path / "busy", "--steps", "2"))
+    assert not (tmp_path / "busy" / "train.lock").exists()
+
+
+def test_two_runs_started_together_on_one_out(demo_data, tmp_path):
+    argv = ["train.py", *base_argv(demo_data, tmp_path, "--steps", "30")]
+    first = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = python(*argv)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 2
+    line = one_error_line(second.stderr)
+    assert "is in use by another run" in line or "already holds a run" in line
+    assert sorted(losses(tmp_path)) == list(range(1, 31))     # one run's steps, once each
+
+
+@pytest.mark.parametrize("damage", ["missing", "dangling"])
+def test_a_lost_latest_neither_lets_a_new_run_in_nor_stops_resume(demo_data, tmp_path, capsys,
+                                                                  damage):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    pointer = tmp_path / "checkpoints" / "latest"
+    pointer.unlink() if damage == "missing" else pointer.write_text("step-000099")
+    before = losses(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path, "--steps", "4"))
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err).endswith(
+        "; pass --resume to continue it, or choose another --out")
+    assert losses(tmp_path) == before                          # nothing deleted
+    resumed = T.main(["--out", str(tmp_path), "--resume", "--steps", "6"])
+    assert sorted(resumed["losses"]) == [5, 6]                 # from step-000004, the newest
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000004",
+                                                            "step-000006"]
+
+
+def test_a_corrupt_latest_falls_back_to_the_one_before(demo_data, tmp_path, monkeypatch,
+                                                       capsys):
+    straight = T.main(base_argv(demo_data, tmp_path / "straight", "--steps", "8"))["losses"]
+    out = tmp_path / "run"
+    real_clip, calls = P.clip_grad_norm, []
+
+    def crash_at_step_7(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(P, "clip_grad_norm", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(base_argv(demo_data, out, "--steps", "8", "--save-every", "2"))
+    monkeypatch.setattr(P, "clip_grad_norm", real_clip)
+    weights = out / "checkpoints" / "step-000006" / "consolidated.00.pth"
+    weights.write_bytes(weights.read_bytes()[:1000])           # truncated
+    capsys.readouterr()
+    resumed = T.main(["--out", str(out), "--resume"])
+    said = capsys.readouterr().out
+    assert f"cannot read checkpoint {out}/checkpoints/step-000006 (ValueError: cannot read " \
+           f"{weights} (" in said
+    assert "it is truncated, corrupt, or not a torch.save zip file; copy or convert it again); " \
+           "falling back to the complete checkpoint before it" in said
+    assert f"resumed from {out}/checkpoints/step-000004 at step 4" in said
+    assert resumed["losses"] == pytest.approx({s: straight[s] for s in (5, 6, 7, 8)}, rel=1e-6)
+
+
+def test_non_finite_weights_never_become_latest(demo_data, tmp_path, monkeypatch, capsys):
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def poisons_on_the_third(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisons_on_the_third)
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2"))
+    assert e.value.code == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: the weights are not finite at step 4: not saved, the latest checkpoint is still "
+        f"{tmp_path}/checkpoints/step-000002; lower --lr and resume")
+    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+    assert not (tmp_path / "checkpoints" / "step-000004").exists()
+
+
+# --- 3, 4. no silent wrong result, one line, never a traceback -----------------------------------
+
+@pytest.mark.parametrize("extra,message", [
+    (["--clip", "-1"], "--clip=-1.0 must be a positive global norm, e.g. 1.0 (a huge one, 1e9, "
+                       "turns clipping off)"),
+    (["--clip", "nan"], "--clip=nan must be a positive global norm, e.g. 1.0 (a huge one, 1e9, "
+                        "turns clipping off)"),
+    (["--lr", "inf"], "--lr=inf must be a positive number, e.g. 3e-4"),
+    (["--weight-decay", "nan"], "--weight-decay=nan must be 0 or more, e.g. 0.1"),
+    (["--beta2", "1"], "--beta2=1.0 must be in [0, 1), e.g. 0.95"),
+    (["--timeout", "0"], "--timeout=0.0 must be positive seconds, e.g. 600"),
+    (["--samples", "-1"], "--samples=-1 must be 0 to 3"),
+    (["--seed", "-1"], "--seed=-1 must be 0 or more"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(str(tmp_path / "no-data"), tmp_path / "out", *extra))
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: {message}"
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_is_refused(demo_data, tmp_path, capsys):
+    (tmp_path / "out").write_text("my notes")
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path / "out"))
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: --out {tmp_path}/out cannot be written (File exists); choose a writable folder")
+    assert (tmp_path / "out").read_text() == "my notes"
+
+
+def generate_error(*argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        G.main(list(argv))
+    assert e.value.code not in (0, None)
+    return e.value.code                                         # sys.exit's one-line message
+
+
+def test_generate_reads_damaged_checkpoints_in_one_line(tmp_path, tok_path):  # noqa: F811
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    weights = os.path.join(ckpt, "consolidated.00.pth")
+    good = open(weights, "rb").read()
+    open(weights, "wb").write(good[:len(good) // 2])
+    assert generate_error("--ckpt", ckpt, "--prompt", "the").startswith(
+        f"error: cannot read {weights} (")
+    torch.save(tiny_model().state_dict(), weights, _use_new_zipfile_serialization=False)
+    assert generate_error("--ckpt", ckpt, "--prompt", "the").endswith(
+        "it is truncated, corrupt, or not a torch.save zip file; copy or convert it again")
+    open(weights, "wb").write(good)
+    params = os.path.join(ckpt, "params.json")
+    json.dump({**json.load(open(params)), "dim": "64"}, open(params, "w"))
+    assert generate_error("--ckpt", ckpt, "--prompt", "the") == (
+        f"error: {params}: ModelArgs.dim='64' must be an integer")
+    open(params, "w").write("{not json")
+    assert generate_error("--ckpt", ckpt, "--prompt", "the").startswith(
+        f"error: {params} is not valid JSON (")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be 1 or more"),
+    (["--temperature", "-1"], "--temperature=-1.0 must be 0 (greedy) or more"),
+    (["--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]; 1 turns it off"),
+    (["--top-k", "-2"], "--top-k=-2 must be 0 (off) or more"),
+    (["--tp", "0"], "--tp=0 must be 1 or more"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a device; use cpu or cuda"),
+    (["--prompt", "caf\udce9"], "--prompt 'caf\\udce9' is not valid UTF-8 text; give it as "
+                                "UTF-8"),
+])
+def test_generate_refuses_bad_options_before_reading_weights(tmp_path, extra, message):
+    assert generate_error("--ckpt", str(tmp_path / "nowhere"), "--prompt", "the",
+                          *extra) == f"error: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_cuda_without_cuda(tmp_path):
+    assert generate_error("--ckpt", str(tmp_path), "--prompt", "x", "--device", "cuda") == (
+        "error: --device cuda but no CUDA device is visible; use --device cpu")
+
+
+def test_export_hf_checks_its_folder_before_any_work(tmp_path, tok_path):  # noqa: F811
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    (tmp_path / "file").write_text("x")
+    assert generate_error("--ckpt", ckpt, "--export-hf", str(tmp_path / "file")) == (
+        f"error: --export-hf {tmp_path}/file exists and is not an empty folder; give a new "
+        "folder (nothing is overwritten)")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
+    assert "is not an empty folder" in generate_error("--ckpt", ckpt, "--export-hf",
+                                                      str(tmp_path / "full"))
+    assert (tmp_path / "file").read_text() == "x"
+    assert os.listdir(tmp_path / "full") == ["config.json"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "0"], "--gpus=0 must be 1 or more"),
+    (["--n-heads", "0"], "--n-heads=0 must be 1 or more"),
+    (["--micro-batch", "-1"], "--micro-batch=-1 must be 1 or more"),
+    (["--train-tokens", "lots"], "--train-tokens 'lots' must be a positive count such as 4M or "
+                                 "1.4T"),
+    (["--global-batch-tokens", "nan"], "--global-batch-tokens 'nan' must be a positive count "
+                                       "such as 4M or 1.4T"),
+])
+def test_planner_refuses_bad_numbers_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        planner.main(argv)
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: {message}"
+
+
+# --- 5. distributed jobs end instead of hanging --------------------------------------------------
+
+def test_a_frozen_rank_ends_the_job_within_the_timeout(demo_data, tmp_path):
+    """Two ranks (dp 2) with --timeout 5; rank 1 is frozen with SIGSTOP mid-run. Rank 0 must
+    stop within the timeout, in one line, instead of waiting 30 minutes."""
+    port, procs = free_port(), []
+    argv = ["train.py", *base_argv(demo_data, tmp_path, "--steps", "100000", "--timeout", "5",
+                                   "--batch-size", "2")]
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        wait_for_step(tmp_path, 3, procs[0])
+        procs[1].send_signal(signal.SIGSTOP)
+        t = time.monotonic()
+        assert procs[0].wait(timeout=120) == 1
+        assert time.monotonic() - t < 60
+        err = procs[0].stderr.read()
+        line = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(line) == 1, err
+        assert line[0].startswith("error: rank 0: ") and line[0].endswith(
+            "; a rank is stuck (more than --timeout 5 s) or gone: see the other ranks' messages, "
+            "then --resume")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
