@@ -107,6 +107,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     timeout_s: float = 600.0        # how long a collective waits for its peers, in every group
+    restart: int = 0                # torchrun's restart round: 0 first, then 1, 2... after failures
 
     @property
     def is_main(self) -> bool:
@@ -119,20 +120,31 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     timeout_s: how long any collective or send may wait for its peers before it raises
     (is_collective_failure tells those errors apart), instead of holding the job forever.
 
-    The only place torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
-    are read. NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
+    The only place torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+    TORCHELASTIC_RESTART_COUNT) are read. NCCL and cuda:LOCAL_RANK when CUDA is there (and device
+    is not "cpu"), else gloo.
     """
     use_cuda = torch.cuda.is_available() and device != "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))   # torchrun --max-restarts
     if world_size == 1:
-        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"), timeout_s=timeout_s,
+                    restart=restart)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    timeout, store = timedelta(seconds=timeout_s), None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # NOTE: torchrun's agent keeps one store for every restart of the job, so a restarted
+        # round could read the addresses the dead round's ranks published, and hang or fail to
+        # connect. Each round's keys go under their own prefix.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              world_size, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"llama-recipe/restart-{restart}", agent)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    return Dist(rank, world_size, local_rank, dev, timeout_s)
+                            timeout=timeout, store=store)
+    return Dist(rank, world_size, local_rank, dev, timeout_s, restart)
 
 
 def is_collective_failure(e: BaseException) -> bool:

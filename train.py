@@ -702,7 +702,7 @@ def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
     otherwise --out must hold no run at all. Then --out must be writable, and no other run may
     be using it: the lock is taken by rank 0, and every rank learns whether it got it.
     """
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own
+    restarted = world.restart > 0            # torchrun started this round after a failure
     found = checkpoints(cfg)
     if cfg.resume and not found:
         raise ConfigError(f"--resume: no complete checkpoint under {checkpoint_root(cfg)}; run "
