@@ -80,6 +80,7 @@ Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.
 """
 
 import os
+import signal
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -114,37 +115,55 @@ class Dist:
         return self.rank == 0
 
 
+def launcher() -> dict:
+    """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset)."""
+    env = os.environ
+    return dict(world_size=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
+                local_rank=int(env.get("LOCAL_RANK", "0")),
+                master=(env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", "0"))),
+                restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),    # --max-restarts
+                max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+                agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     """Join the process group torchrun describes; one process when WORLD_SIZE is unset.
 
     timeout_s: how long any collective or send may wait for its peers before it raises
     (is_collective_failure tells those errors apart), instead of holding the job forever.
-
-    The only place torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
-    TORCHELASTIC_RESTART_COUNT) are read. NCCL and cuda:LOCAL_RANK when CUDA is there (and device
-    is not "cpu"), else gloo.
+    NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
     """
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))   # torchrun --max-restarts
-    if world_size == 1:
+    env = launcher()
+    if env["world_size"] == 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"), timeout_s=timeout_s,
-                    restart=restart)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+                    restart=env["restart"])
+    rank, world_size, local_rank = env["rank"], env["world_size"], env["local_rank"]
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     timeout, store = timedelta(seconds=timeout_s), None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if env["agent_store"]:
         # NOTE: torchrun's agent keeps one store for every restart of the job, so a restarted
         # round could read the addresses the dead round's ranks published, and hang or fail to
         # connect. Each round's keys go under their own prefix.
-        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              world_size, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"llama-recipe/restart-{restart}", agent)
+        agent = dist.TCPStore(*env["master"], world_size, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"llama-recipe/restart-{env['restart']}", agent)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                             timeout=timeout, store=store)
-    return Dist(rank, world_size, local_rank, dev, timeout_s, restart)
+    return Dist(rank, world_size, local_rank, dev, timeout_s, env["restart"])
+
+
+def stop_restarts() -> None:
+    """Ask torchrun not to restart the job: a configuration error would only come back.
+
+    torchrun restarts a job whenever a worker exits non-zero, for whatever reason. Its agent is
+    this process's parent, and SIGTERM makes it stop every worker and exit non-zero at once.
+    Local rank 0 of each node asks, after the error is printed; without restarts, nothing.
+    """
+    env = launcher()
+    if env["max_restarts"] > 0 and env["local_rank"] == 0:
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 def is_collective_failure(e: BaseException) -> bool:

@@ -999,7 +999,9 @@ def main(argv=None) -> dict:
         if world is None or world.rank == 0:
             again = (" (then --resume continues the run)"
                      if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
-            print(f"error: {e}{again}", file=sys.stderr)
+            print(f"error: {e}{again}", file=sys.stderr, flush=True)
+        if not isinstance(e, (RunStopped, OSError)):
+            P.stop_restarts()                # the same configuration would fail every restart
         sys.exit(1 if isinstance(e, (RunStopped, OSError)) else 2)
     except RuntimeError as e:
         if world is None or world.world_size == 1 or not P.is_collective_failure(e):

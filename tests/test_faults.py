@@ -412,3 +412,69 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(demo_data, tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def torchrun(*args, **kw):
+    """`torchrun ARGS` (as python -m torch.distributed.run, the same program) from the root."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
+
+
+def children(pid: int) -> list:
+    """The processes whose parent is pid (read off /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_torchrun_restarts_after_a_killed_worker_and_finishes_the_run(demo_data, tmp_path):
+    one = T.main(base_argv(demo_data, tmp_path / "one", "--steps", "30"))["losses"]
+    out = tmp_path / "two"
+    job = torchrun("--nproc_per_node=2", "--max-restarts=1", "train.py",
+                   *base_argv(demo_data, out, "--steps", "30", "--save-every", "5",
+                              "--batch-size", "2", "--log-every", "1"))
+    wait_for_step(out, 12, job)
+    os.kill(children(job.pid)[-1], signal.SIGKILL)              # one worker dies, hard
+    log = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, log
+    assert log.count("resumed from") == 1                       # once, by the restarted round
+    assert sorted(losses(out)) == list(range(1, 31))
+    assert losses(out) == pytest.approx(one, rel=1e-4)          # dp 2 = one process
+
+
+def test_an_impossible_configuration_does_not_loop_through_restarts(tmp_path):
+    t = time.monotonic()
+    job = torchrun("--nproc_per_node=2", "--max-restarts=3", "train.py", "--data",
+                   str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--tp", "3",
+                   "--device", "cpu")
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode != 0 and time.monotonic() - t < 60
+    message = ("error: world size 2 is not divisible by --tp 3 x --pp 1 = 3; launch a multiple "
+               "of 3 processes")
+    assert log.count(message) == 1, log                          # said once: no restart
+    assert not (tmp_path / "out").exists()
+
+
+# --- 6. beyond one machine -----------------------------------------------------------------------
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_process(demo_data, tmp_path):
+    """The README's multi-node command, its two nodes played by two launchers on localhost."""
+    one = T.main(base_argv(demo_data, tmp_path / "one", "--steps", "6"))["losses"]
+    port = free_port()
+    nodes = [torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=test-job", "train.py",
+                      *base_argv(demo_data, tmp_path / "two", "--steps", "6", "--batch-size",
+                                 "2"))
+             for _ in range(2)]
+    for node in nodes:
+        log = node.communicate(timeout=300)[0]
+        assert node.returncode == 0, log
+    assert losses(tmp_path / "two") == pytest.approx(one, rel=1e-4)
