@@ -28,6 +28,7 @@ A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus
     params.json  consolidated.00.pth .. consolidated.{tp-1}.pth  tokenizer.model   <- the model
     train_state.00.pth .. train_state.{tp-1}.pth                                   <- optimizer,
                                                           step, sampler, RNG, config (per tp rank)
+    train_config.json                                  <- the run's options, which --resume restores
 
 Under pipeline parallelism the first stage gathers every stage's layers before it writes, so the
 model files are the same whatever --pp; each stage writes its own optimizer state,
@@ -35,7 +36,9 @@ train_state.{tp_rank}.stage{pp_rank}.pth.
 
 It is written as `.tmp-step-000600/` and renamed when complete; OUT/checkpoints/latest names the
 newest complete one and is replaced last. A kill at any moment leaves at worst a `.tmp-` folder
-that nothing reads.
+that nothing reads. `--resume` restores the run's own options (a flag that would change what it
+computes is refused), starts from the newest complete checkpoint that every rank can read, and
+one run at a time holds OUT (OUT/train.lock).
 
 Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
 
