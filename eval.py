@@ -119,7 +119,7 @@ from generate import generate_tokens, load_model
 # ---------------------------------------------------------------------------------------------
 
 class BadRecord(ValueError):
-    """A field of one record is missing or malformed; read_task adds the file, the line, the format."""
+    """A field of one record is missing or malformed; read_task adds the file, line, format."""
 
 
 def kind(value) -> str:
@@ -282,7 +282,7 @@ def read_nq(r: Record) -> Example:
 
 
 def read_triviaqa(r: Record) -> Example:
-    if r.find("Answer") is not None:              # the release: {Question, Answer: {Value, Aliases}}
+    if r.find("Answer") is not None:           # the release: {Question, Answer: {Value, Aliases}}
         answers = [r.text("Answer.Value")] + r.texts("Answer.Aliases")
     else:                                         # HF: {question, answer: {value, aliases}}
         answers = [r.text("answer.value")] + r.texts("answer.aliases")
@@ -419,8 +419,8 @@ TASKS = {
     "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
                "question, answer (a list of strings)", max_shots=None),
     "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
-                     "Table 5", "Question + Answer {Value, Aliases}, or question + answer "
-                     "{value, aliases}", max_shots=None),
+                     "Table 5 (filtered dev set)", "Question + Answer {Value, Aliases}, or "
+                     "question + answer {value, aliases}", max_shots=None),
     "mmlu": Task(read_mmlu, "acc", ("acc",), {5: 35.1}, "Table 9",
                  "question, subject, choices (4 strings), answer (A-D or 0-3); CSV rows: "
                  "question, A, B, C, D, answer", max_shots=5),
@@ -756,6 +756,18 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
 # 7. Perplexity
 # ---------------------------------------------------------------------------------------------
 
+def read_text(path: str) -> str:
+    """A text to measure perplexity on: UTF-8, not empty."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        text = decode(f.read(), path)
+    if not text.strip():
+        raise ValueError(f"{path} holds no text to score; give a text file, or a .npy/.bin "
+                         "token shard")
+    return text
+
+
 def read_tokens(path: str, tok) -> tuple:
     """(1-D array of token ids, bytes of text or None): a .npy / .bin shard, else UTF-8 text."""
     if not os.path.isfile(path):
@@ -765,11 +777,7 @@ def read_tokens(path: str, tok) -> tuple:
     elif path.endswith(".bin"):  # NOTE: raw ids, uint16 when the vocabulary fits, as nanoGPT's
         ids = np.memmap(path, mode="r", dtype=np.uint16 if tok.n_words <= 1 << 16 else np.uint32)
     else:
-        with open(path, "rb") as f:
-            text = decode(f.read(), path)
-        if not text.strip():
-            raise ValueError(f"{path} holds no text to score; give a text file, or a .npy/.bin "
-                             "token shard")
+        text = read_text(path)
         return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
     if ids.ndim != 1 or len(ids) < 2 or int(ids.max()) >= tok.n_words:
         raise ValueError(f"{path} must be a 1-D array of at least 2 token ids below the "
@@ -868,8 +876,8 @@ def print_report(report: dict):
         for subject, acc in report["subjects"].items():
             print(f"  {subject:<40} {100 * acc:5.1f}")
         for category, acc in report["categories"].items():
-            paper = MMLU_LLAMA_7B[category] if shots == 5 else "-"
-            print(f"  {category:<40} {100 * acc:5.1f}   LLaMA-7B {paper}")
+            paper = f"   LLaMA-7B {MMLU_LLAMA_7B[category]}" if shots == 5 else ""
+            print(f"  {category:<40} {100 * acc:5.1f}{paper}")
     if name != "perplexity":
         paper = report["llama_7b_paper"]
         paper = f"LLaMA-7B {paper}" if paper is not None else f"no {shots}-shot LLaMA-7B number"
@@ -903,7 +911,9 @@ def main(argv=None):
         tmp_out = reserve_output(a.out)
         # Read the task before the model: a malformed file fails in a second, not a minute.
         examples, pool = None, None
-        if name != "perplexity":
+        if name == "perplexity" and not a.data.endswith((".npy", ".bin")):
+            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
+        elif name != "perplexity":
             examples = read_task(name, a.data, a.limit)
             pool = read_task(name, a.shots_from) if a.shots else None
         if TASKS[name].max_shots != 0:                     # QA and MMLU: the prompts
