@@ -27,49 +27,55 @@ generation, cut at the first line break, dot or comma, matched exactly after nor
     python eval.py --ckpt llama/7B --task mmlu --data data/test --shots-from data/dev
     python eval.py --ckpt out/tiny --task perplexity --data heldout.txt
 
-Files each task reads: the original release, or the Hugging Face dataset exported to JSON lines
-(`datasets.load_dataset(NAME)[SPLIT].to_json("x.jsonl")`); the layout is recognized per record.
+Files each task reads, in the original release's layout or in that of the Hugging Face dataset
+exported to JSON lines (`datasets.load_dataset(NAME, CONFIG)[SPLIT].to_json("x.jsonl")`); the
+layout is recognized record by record:
 
-    task           original release                           Hugging Face dataset (split)
-    boolq          BoolQ dev.jsonl, SuperGLUE BoolQ val.jsonl  google/boolq or super_glue boolq
-                   {passage, question, answer|label: bool}     (validation), label 0/1 or bool
-    piqa           PIQA valid.jsonl + valid-labels.lst         piqa (validation) {.., label}
-                   {goal, sol1, sol2}; 0|1 a line
-    siqa           Social IQa dev.jsonl + dev-labels.lst       allenai/social_i_qa (validation)
-                   {context, question, answerA..C}; 1..3       {.., label "1".."3"}
-    hellaswag      hellaswag_val.jsonl {activity_label, ctx_a, Rowan/hellaswag (validation),
-                   ctx_b, endings: [4], label}                 label "0".."3"
-    winogrande     WinoGrande 1.1 dev.jsonl {sentence with     allenai/winogrande winogrande_xl
-                   one "_", option1, option2, answer "1"|"2"}  (validation), same fields
-    arc_easy,      ARC-V1-Feb2018 ARC-*-Test.jsonl             allenai/ai2_arc (test)
-    arc_challenge  {question: {stem, choices: [{text, label}]},{question, choices: {text: [..],
-                   answerKey}                                   label: [..]}, answerKey}
-    openbookqa     OpenBookQA Data/Main/test.jsonl, as ARC     allenai/openbookqa main (test)
-                                                               {question_stem, choices, answerKey}
-    nq             NQ-open.dev.jsonl {question, answer: [..]}  nq_open (validation), same fields
-    triviaqa       TriviaQA qa/*-dev.json {"Data": [{Question, mandarjoshi/trivia_qa rc.nocontext
-                   Answer: {Value, Aliases}}]}, or a record    (validation) {question,
-                   a line                                       answer: {value, aliases}}
-    mmlu           data/test/*_test.csv (+ data/dev for shots) cais/mmlu all (test; dev for
-                   rows: question, A, B, C, D, answer letter    shots) {question, subject,
-                                                                choices: [4], answer 0..3}
-    perplexity     UTF-8 text, or a token shard (.npy, or .bin of uint16 / uint32 ids)
+    boolq       BoolQ dev.jsonl or SuperGLUE BoolQ val.jsonl: passage, question, answer|label
+                HF google/boolq or super_glue boolq, validation: the same (label 0/1 or bool)
+    piqa        PIQA valid.jsonl: goal, sol1, sol2; labels in valid-labels.lst beside it
+                HF piqa, validation: the same with label 0|1
+    siqa        Social IQa dev.jsonl: context, question, answerA..C; dev-labels.lst (1..3)
+                HF allenai/social_i_qa, validation: the same with label "1".."3"
+    hellaswag   hellaswag_val.jsonl: activity_label, ctx_a, ctx_b, endings [4], label
+                HF Rowan/hellaswag, validation: the same with label "0".."3"
+    winogrande  WinoGrande 1.1 dev.jsonl: sentence (one "_"), option1, option2, answer "1"|"2"
+                HF allenai/winogrande winogrande_xl, validation: the same
+    arc_easy,   ARC-V1-Feb2018 ARC-{Easy,Challenge}-Test.jsonl:
+    arc_challenge question {stem, choices [{text, label}]}, answerKey
+                HF allenai/ai2_arc, test: question, choices {text [..], label [..]}, answerKey
+    openbookqa  OpenBookQA-V1-Sep2018 Data/Main/test.jsonl: as ARC
+                HF allenai/openbookqa main, test: question_stem, choices, answerKey
+    nq          NQ-open.dev.jsonl (3610 questions): question, answer [..]
+                HF google-research-datasets/nq_open, validation: the same
+    triviaqa    TriviaQA qa/wikipedia-dev.json or web-dev.json: {"Data": [{Question,
+                Answer {Value, Aliases}}]}, or such records one a line
+                HF mandarjoshi/trivia_qa rc.nocontext, validation: question, answer {value,
+                aliases}. NOTE: the paper says "filtered dev set" and no more.
+    mmlu        Hendrycks et al.'s data/test (data/dev for the shots): SUBJECT_test.csv, rows of
+                question, A, B, C, D, answer letter
+                HF cais/mmlu all, test (dev for the shots): question, subject, choices [4],
+                answer 0..3
+    perplexity  UTF-8 text, or a token shard (.npy, or .bin of uint16 / uint32 ids)
 
-A `*-labels.lst` file is looked for beside the jsonl, named after it, when records carry no label.
 --shots-from names the file the shots are drawn from: a QA train file, MMLU's dev split.
 
 What differs from EleutherAI's lm-evaluation-harness (0.4), and why it is kept:
   - OpenBookQA and BoolQ also get acc_answer, conditioned on "Answer:" as the paper says; the
     harness reports acc / acc_norm there (its mutual-information rule conditions on <s> alone).
-  - Closed-book QA prompts are the paper's (Figure 3: "Answer these questions:\\n", "Q: ..\\nA:",
-    NQ questions capitalized with a "?"), not the harness's ("Answer these questions:\\n\\n" for
-    nq_open, "Question: ..?\\nAnswer:" for triviaqa); answers are normalized as the paper says
-    (SQuAD's rule). Shots are drawn per question with the harness's seed, not its draw order.
+  - Closed-book QA prompts are the paper's (Figure 3: "Answer these questions:\n", "Q: ..\nA:",
+    NQ questions capitalized with a "?"), not the harness's ("Answer these questions:\n\n" for
+    nq_open, "Question: ..?\nAnswer:" for triviaqa); answers are normalized as the paper says
+    (SQuAD's rule) and TriviaQA's value counts beside its aliases. Shots are drawn per question
+    with the harness's seed, not in its order. The paper's "final dot" is read as the harness
+    reads it, any ".", so "St. Louis" answers "St".
   - The split between context and continuation is the longest shared token prefix, not the
-    length of the context's tokens; for SentencePiece the two agree at a space.
+    length of the context's own tokens; the two agree whenever the joint tokens start with the
+    context's, as they do at a space with SentencePiece.
   - Everything else -- prompts of the multiple-choice tasks and MMLU, HellaSwag's clean-up (its
-    ".." where "[title]" follows a period included), acc_norm, stop strings, left truncation of
-    over-long prompts, <s> first -- is the harness's, string for string.
+    ".." where "[title]" follows a period included), acc_norm, the context's trailing spaces
+    moved to the continuation, left truncation of over-long prompts, <s> first, the stop
+    strings -- is the harness's, string for string.
 
 The JSON report (--out) holds the metrics, the paper's rule in words and its LLaMA-7B number,
 the time taken, and per example, in choice order: the context(s), the choices, every choice's
@@ -162,7 +168,7 @@ class Record:
         return value
 
     def flag(self, *names) -> bool:
-        """JSON true/false, or 1/0. NOTE: a string is refused: "false" would read as true."""
+        """JSON true/false, or 1/0; not a string, where "false" would read as true."""
         name, value = self.get(*names)
         if isinstance(value, bool) or value in (0, 1) and isinstance(value, int):
             return bool(value)
@@ -422,8 +428,8 @@ TASKS = {
                      "Table 5 (filtered dev set)", "Question + Answer {Value, Aliases}, or "
                      "question + answer {value, aliases}", max_shots=None),
     "mmlu": Task(read_mmlu, "acc", ("acc",), {5: 35.1}, "Table 9",
-                 "question, subject, choices (4 strings), answer (A-D or 0-3); CSV rows: "
-                 "question, A, B, C, D, answer", max_shots=5),
+                 "question, subject, choices (4 strings), answer (A-D or 0-3); or CSV rows "
+                 "question, A, B, C, D, answer in SUBJECT_test.csv", max_shots=5),
     "perplexity": Task(None, "perplexity", (), {}, "", "text, or a .npy/.bin token shard"),
 }
 ALIASES = {"nq_open": "nq", "trivia_qa": "triviaqa", "social_iqa": "siqa"}   # HF's names
@@ -501,6 +507,8 @@ def read_task(name: str, path: str, limit=None) -> list:
             labels = decode(f.read(), labels_path).split()
     examples, per_subject = [], Counter()
     for where, record in records(path):
+        if limit is not None and name != "mmlu" and len(examples) >= limit:
+            break                                # the first `limit` examples
         if not isinstance(record, dict):
             raise ValueError(f"{where} is {kind(record)}, not a {name} object")
         if labels is not None and "label" not in record:
@@ -516,9 +524,7 @@ def read_task(name: str, path: str, limit=None) -> list:
             raise ValueError(f"{where}: choice {e.choices.index('')} is empty after the task's "
                              "clean-up; fix or remove the record")
         if limit is not None and per_subject[e.subject] >= limit:
-            if not e.subject:
-                break            # one stream: its first `limit` examples
-            continue             # MMLU: the first `limit` of each subject
+            continue                             # MMLU: the first `limit` of each subject
         per_subject[e.subject] += 1
         examples.append(e)
     if not examples:

@@ -486,6 +486,7 @@ def test_bad_records_are_refused_in_one_line(tmp_path):
     assert refused(base + [path, "--task", "hellaswag"], tmp_path) == (
         f"error: {path} line 2: field label is 7; it must be a number from 0 to 3; hellaswag "
         f"records need {need['hellaswag']}")
+    assert len(E.read_task("hellaswag", path, limit=1)) == 1        # line 2 is never read
     path = write(tmp_path, "hella.jsonl", [json.dumps({**hella, "endings": "a b c d"})])
     assert refused(base + [path, "--task", "hellaswag"], tmp_path) == (
         f"error: {path} line 1: field endings must be a list of strings, not a string; "
