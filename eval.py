@@ -863,7 +863,8 @@ def reserve_output(path):
         raise ValueError(f"--out {path} is a folder; give a file name such as "
                          f"{os.path.join(path, 'report.json')}")
     if not os.path.isdir(folder):
-        raise ValueError(f"--out {path}: folder {folder} does not exist; create it first")
+        raise ValueError(f"--out {path}: {folder} is not a folder; create it, or choose another "
+                         "place")
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eval-", suffix=".json")
     except OSError as e:

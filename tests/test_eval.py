@@ -562,5 +562,27 @@ def test_bad_files_and_outputs(ckpt, tmp_path):
                                f"{tmp_path / 'report.json'}")
     with pytest.raises(SystemExit) as info:
         E.main(argv + [str(tmp_path / "missing" / "r.json")])
-    assert info.value.code == (f"error: --out {tmp_path / 'missing' / 'r.json'}: folder "
-                               f"{tmp_path / 'missing'} does not exist; create it first")
+    assert info.value.code == (f"error: --out {tmp_path / 'missing' / 'r.json'}: "
+                               f"{tmp_path / 'missing'} is not a folder; create it, or choose "
+                               "another place")
+
+
+def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):
+    def refuse(**kwargs):             # what mkstemp meets in a folder we may not write to
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(E.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as info:              # before the missing checkpoint
+        E.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("piqa.jsonl"),
+                "--task", "piqa", "--out", str(tmp_path / "r.json")])
+    assert info.value.code == (f"error: --out {tmp_path / 'r.json'}: cannot write in {tmp_path} "
+                               "(Permission denied); choose another place")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_decoding(ckpt, tmp_path):
+    argv = ["--ckpt", ckpt, "--task", "nq", "--data", fixture("nq.jsonl"), "--shots", "2",
+            "--shots-from", fixture("nq_train.jsonl"), "--max-new-tokens", "100"]
+    message = refused(argv, tmp_path)
+    assert re.fullmatch(r"error: example \d's prompt is \d+ tokens; with --max-new-tokens 100 it "
+                        r"exceeds the model's max_seq_len 128: use fewer --shots or new tokens",
+                        message)
