@@ -322,8 +322,9 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
         # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
         "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-            "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.sp.id_to_piece(tok.bos_id), "eos_token": tok.sp.id_to_piece(tok.eos_id),
+            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
             "add_eos_token": False, "model_max_length": args.max_seq_len},
     }
     for name, content in files.items():
