@@ -316,14 +316,15 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     files = {
         "config.json": config,
-        # generate() stops at eos_token_id only if this file says so.
+        # generate()'s own defaults: <s> first, stop at </s>.
         "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
         "tokenizer.json": hf_tokenizer_json(tokenizer_path),
         # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
         # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
         "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": tok.sp.id_to_piece(tok.bos_id), "eos_token": tok.sp.id_to_piece(tok.eos_id),
+            "bos_token": tok.sp.id_to_piece(tok.bos_id),
+            "eos_token": tok.sp.id_to_piece(tok.eos_id),
             "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
             "add_eos_token": False, "model_max_length": args.max_seq_len},
     }
