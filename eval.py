@@ -1,78 +1,117 @@
 """
-eval.py -- the LLaMA paper's zero-shot benchmarks, scored the way the paper scored them.
+eval.py -- the LLaMA paper's benchmarks, scored as the paper and the public harness score them.
 
-Multiple-choice tasks are scored by likelihood, not by generation [LLaMA §3]: each choice is a
-continuation of the example's context, its log-likelihood is the sum of log p(token) over the
-continuation's tokens, and the prediction is the best choice under one of three rules:
+Multiple-choice tasks are scored by likelihood, not by generation [LLaMA §3]. Each choice is a
+continuation of the example's context, written " " + choice (the harness's target delimiter);
+its log-likelihood is the sum of log p(token) over the continuation's tokens, and the prediction
+is the best choice under one of three rules:
 
     acc         argmax  log P(continuation | context)
-    acc_norm    argmax  log P(continuation | context) / characters of the continuation
+    acc_norm    argmax  log P(continuation | context) / characters of the choice
     acc_answer  argmax  log P(continuation | context) - log P(continuation | "Answer:")
 
-The paper uses acc_norm everywhere except OpenBookQA and BoolQ, where it uses acc_answer
-(after GPT-3) [LLaMA §3]; the report says which one the paper's table uses and prints the
-paper's LLaMA-7B number next to ours. Context and continuation are tokenized together, and the
-continuation's tokens are those after the longest prefix the joint encoding shares with the
-context's own encoding, so the tokens scored are the ones the model would really see.
-WinoGrande uses partial evaluation: the option fills the blank and ends the context, and the
-rest of the sentence, identical for both options, is the scored continuation (so there acc and
-acc_norm coincide).
-Closed-book QA (NaturalQuestions, TriviaQA) is greedy generation with exact match after
-normalization; perplexity is measured on held-out text or a prepared token shard.
+acc_norm is Gao et al.'s (the harness's), which the paper follows: the characters of the choice
+as written, the delimiter's space not counted. The paper uses it everywhere except OpenBookQA and
+BoolQ, where it uses acc_answer (after GPT-3) [LLaMA §3]. Context and continuation are tokenized
+together; the continuation's tokens are those after the longest prefix the joint encoding shares
+with the context's own, so the tokens scored are the ones the model really sees. WinoGrande uses
+partial evaluation: the option fills the blank and ends the context, the rest of the sentence is
+the one continuation both options share (so acc is its only rule). MMLU [LLaMA Table 9] is 5-shot
+multiple choice over the answer letters. Closed-book QA (NaturalQuestions, TriviaQA) is greedy
+generation, cut at the first line break, dot or comma, matched exactly after normalization
+[LLaMA App. A], 0- to 64-shot. Perplexity is measured on held-out text or a token shard.
 
     python eval.py --ckpt llama/7B --task hellaswag --data hellaswag_val.jsonl --limit 500
-    python eval.py --ckpt out/tiny --task perplexity --data heldout.txt --out report.json
+    python eval.py --ckpt llama/7B --task nq --data NQ-open.dev.jsonl --shots 5 \\
+                   --shots-from NQ-open.train.jsonl --out nq5.json
+    python eval.py --ckpt llama/7B --task mmlu --data data/test --shots-from data/dev
+    python eval.py --ckpt out/tiny --task perplexity --data heldout.txt
 
-Files to download (one JSON object per line, as published) and the fields read:
+Files each task reads, in the original release's layout or in that of the Hugging Face dataset
+exported to JSON lines (`datasets.load_dataset(NAME, CONFIG)[SPLIT].to_json("x.jsonl")`); the
+layout is recognized record by record:
 
-    task           file                                          fields
-    boolq          SuperGLUE BoolQ val.jsonl (or BoolQ dev.jsonl) passage, question, label|answer
-    piqa           PIQA valid.jsonl + valid-labels.lst            goal, sol1, sol2; 0|1 a line
-    siqa           Social IQa dev.jsonl + dev-labels.lst          context, question,
-                                                                  answerA..C; 1..3 a line
-    hellaswag      hellaswag_val.jsonl                            activity_label, ctx_a, ctx_b,
-                                                                  endings, label
-    winogrande     WinoGrande 1.1 dev.jsonl                       sentence (blank "_"), option1,
-                                                                  option2, answer "1"|"2"
-    arc_easy       ARC-V1-Feb2018 ARC-Easy-Test.jsonl             question.stem, question.choices
-    arc_challenge  ARC-V1-Feb2018 ARC-Challenge-Test.jsonl          [{text, label}], answerKey
-    openbookqa     OpenBookQA-V1-Sep2018 Data/Main/test.jsonl     same fields as ARC
-    nq             NQ-open.dev.jsonl (nq_open)                    question, answer [list]
-    triviaqa       TriviaQA, one question a line                  question|Question, answer [list]
-                   (e.g. `jq -c '.Data[]' unfiltered-web-dev.json`) or Answer {Value, Aliases}
-    perplexity     text (.txt, one document), or a token shard    -
-                   (.npy, or .bin of uint16 / uint32 ids)
+    boolq       BoolQ dev.jsonl or SuperGLUE BoolQ val.jsonl: passage, question, answer|label
+                HF google/boolq or super_glue boolq, validation: the same (label 0/1 or bool)
+    piqa        PIQA valid.jsonl: goal, sol1, sol2; labels in valid-labels.lst beside it
+                HF piqa, validation: the same with label 0|1
+    siqa        Social IQa dev.jsonl: context, question, answerA..C; dev-labels.lst (1..3)
+                HF allenai/social_i_qa, validation: the same with label "1".."3"
+    hellaswag   hellaswag_val.jsonl: activity_label, ctx_a, ctx_b, endings [4], label
+                HF Rowan/hellaswag, validation: the same with label "0".."3"
+    winogrande  WinoGrande 1.1 dev.jsonl: sentence (one "_"), option1, option2, answer "1"|"2"
+                HF allenai/winogrande winogrande_xl, validation: the same
+    arc_easy,   ARC-V1-Feb2018 ARC-{Easy,Challenge}-Test.jsonl:
+    arc_challenge question {stem, choices [{text, label}]}, answerKey
+                HF allenai/ai2_arc, test: question, choices {text [..], label [..]}, answerKey
+    openbookqa  OpenBookQA-V1-Sep2018 Data/Main/test.jsonl: as ARC
+                HF allenai/openbookqa main, test: question_stem, choices, answerKey
+    nq          NQ-open.dev.jsonl (3610 questions): question, answer [..]
+                HF google-research-datasets/nq_open, validation: the same
+    triviaqa    TriviaQA qa/wikipedia-dev.json or web-dev.json: {"Data": [{Question,
+                Answer {Value, Aliases}}]}, or such records one a line
+                HF mandarjoshi/trivia_qa rc.nocontext, validation: question, answer {value,
+                aliases}. NOTE: the paper says "filtered dev set" and no more.
+    mmlu        Hendrycks et al.'s data/test (data/dev for the shots): SUBJECT_test.csv, rows of
+                question, A, B, C, D, answer letter
+                HF cais/mmlu all, test (dev for the shots): question, subject, choices [4],
+                answer 0..3
+    perplexity  UTF-8 text, or a token shard (.npy, or .bin of uint16 / uint32 ids)
 
-A `*-labels.lst` file is looked for beside the jsonl, named after it, when records carry no label.
+--shots-from names the file the shots are drawn from: a QA train file, MMLU's dev split.
 
-The JSON report (--out) holds the metrics, the one the paper's table uses and its rule in words,
-LLaMA-7B's published score, and for each example every choice's log-likelihood (and its
-log-likelihood after "Answer:" where that rule applies), the choice each rule picked, the label.
+What differs from EleutherAI's lm-evaluation-harness (0.4), and why it is kept:
+  - OpenBookQA and BoolQ also get acc_answer, conditioned on "Answer:" as the paper says; the
+    harness reports acc / acc_norm there (its mutual-information rule conditions on <s> alone).
+  - Closed-book QA prompts are the paper's (Figure 3: "Answer these questions:\n", "Q: ..\nA:",
+    NQ questions capitalized with a "?"), not the harness's ("Answer these questions:\n\n" for
+    nq_open, "Question: ..?\nAnswer:" for triviaqa); answers are normalized as the paper says
+    (SQuAD's rule) and TriviaQA's value counts beside its aliases. Shots are drawn per question
+    with the harness's seed, not in its order. The paper's "final dot" is read as the harness
+    reads it, any ".", so "St. Louis" answers "St".
+  - The split between context and continuation is the longest shared token prefix, not the
+    length of the context's own tokens; the two agree whenever the joint tokens start with the
+    context's, as they do at a space with SentencePiece.
+  - Everything else -- prompts of the multiple-choice tasks and MMLU, HellaSwag's clean-up (its
+    ".." where "[title]" follows a period included), acc_norm, the context's trailing spaces
+    moved to the continuation, left truncation of over-long prompts, <s> first, the stop
+    strings -- is the harness's, string for string.
+
+The JSON report (--out) holds the metrics, the paper's rule in words and its LLaMA-7B number,
+the time taken, and per example, in choice order: the context(s), the choices, every choice's
+log-likelihood (and after "Answer:" where that rule applies), the pick of each rule, the label;
+for QA the prompt, the generation, the extracted answer. It is written only after a run that
+succeeded, by renaming a file checked writable before the work started.
 
 Reading order
-  1. Examples and readers     one small function per benchmark format, one table of tasks
-  2. Scoring                  tokenize together, pad, one forward per batch, sum log-probs
-  3. Multiple choice          the three rules, the report
-  4. Closed-book QA           greedy answers, exact match
-  5. Perplexity               non-overlapping windows of max_seq_len tokens
-  6. main                     the command line
+  1. Records          typed access to one record; errors that name the field
+  2. Readers          one small function per benchmark, the prompts, one table of tasks
+  3. Task files       JSON lines, JSON, CSV -> Examples; few-shot prompts
+  4. Scoring          tokenize together, pad, one forward per batch, sum log-probs
+  5. Multiple choice  the three rules, MMLU's averages
+  6. Closed-book QA   greedy answers that stop at a stop string, exact match
+  7. Perplexity       non-overlapping windows of max_seq_len tokens
+  8. main             the command line, every flag checked before any work
 
 Shape legend: B batch, T sequence, V vocab.
 
-What this file leaves out: few-shot prompting (the paper's Tables 4-5 use 1- to 64-shot QA;
-here everything is zero-shot), the paper's exact prompt strings (unpublished; ours are written
-out in the readers), and tensor-parallel evaluation.
+What this file leaves out: the paper's exact prompts of the multiple-choice tasks (unpublished;
+the harness's are used), RACE, GSM8k, MATH, HumanEval and MBPP, and tensor-parallel evaluation.
 """
 
 import argparse
+import csv
+import io
 import json
 import math
 import os
+import random
 import re
 import string
 import sys
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,163 +121,444 @@ from generate import generate_tokens, load_model
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Examples and readers
+# 1. Records
+# ---------------------------------------------------------------------------------------------
+
+class BadRecord(ValueError):
+    """A field of one record is missing or malformed; read_task adds the file, line, format."""
+
+
+def kind(value) -> str:
+    """What a JSON value is, in words, for error messages."""
+    names = {str: "a string", list: "a list", dict: "an object", bool: "true/false",
+             type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+class Record:
+    """One record of a task file (a JSON object, or a CSV row made into one) with typed getters
+    that refuse a wrong type by the field's name. A dotted name reaches inside: "question.stem"."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def find(self, name: str):
+        value = self.data
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    def get(self, *names):
+        """(name, value) of the first of `names` present."""
+        for name in names:
+            if self.find(name) is not None:
+                return name, self.find(name)
+        raise BadRecord(f"missing field {' or '.join(names)}")
+
+    def text(self, *names) -> str:
+        name, value = self.get(*names)
+        if not isinstance(value, str):
+            raise BadRecord(f"field {name} must be a string, not {kind(value)}")
+        return value
+
+    def texts(self, name: str) -> list:
+        name, value = self.get(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadRecord(f"field {name} must be a list of strings, not {kind(value)}")
+        return value
+
+    def flag(self, *names) -> bool:
+        """JSON true/false, or 1/0; not a string, where "false" would read as true."""
+        name, value = self.get(*names)
+        if isinstance(value, bool) or value in (0, 1) and isinstance(value, int):
+            return bool(value)
+        raise BadRecord(f"field {name} is {value!r}; it must be true or false (or 1 or 0)")
+
+    def label(self, name: str, count: int, first: int = 0) -> int:
+        """An index, written as a number or a string of digits, from `first` on; 0-based."""
+        name, value = self.get(name)
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if (not isinstance(number, int) or isinstance(number, bool)
+                or not first <= number < first + count):
+            raise BadRecord(f"field {name} is {value!r}; it must be a number from {first} to "
+                            f"{first + count - 1}")
+        return number - first
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Readers, prompts and the table of tasks
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Example:
-    contexts: list               # one per choice; all equal except in WinoGrande
-    continuations: list          # one per choice; all equal in WinoGrande
-    label: int = -1              # index of the right choice (-1 for QA)
+    contexts: list                # one per choice; all equal except in WinoGrande
+    choices: list                 # the choices as written; each is scored as " " + choice
+    label: int = -1               # index of the right choice (-1 for QA)
     answers: list = field(default_factory=list)   # closed-book QA: accepted answers
+    question: str = ""            # QA and MMLU: the question alone, to follow the shots
+    subject: str = ""             # MMLU
+
+    @property
+    def continuations(self) -> list:
+        return [" " + c for c in self.choices]
 
 
-def read_boolq(get):
-    ctx = f"{get('passage')}\nQuestion: {get('question')}?\nAnswer:"
-    return Example([ctx] * 2, [" no", " yes"], int(bool(get("label", "answer"))))
+def read_boolq(r: Record) -> Example:
+    ctx = f"{r.text('passage')}\nQuestion: {r.text('question')}?\nAnswer:"
+    return Example([ctx] * 2, ["no", "yes"], int(r.flag("label", "answer")))
 
 
-def read_piqa(get):
-    ctx = f"Question: {get('goal')}\nAnswer:"
-    return Example([ctx] * 2, [" " + get("sol1"), " " + get("sol2")], int(get("label")))
+def read_piqa(r: Record) -> Example:
+    ctx = f"Question: {r.text('goal')}\nAnswer:"
+    return Example([ctx] * 2, [r.text("sol1"), r.text("sol2")], r.label("label", 2))
 
 
-def read_siqa(get):
-    ctx = f"Question: {get('context')} {get('question')}\nAnswer:"
-    options = [" " + get(k) for k in ("answerA", "answerB", "answerC")]
-    return Example([ctx] * 3, options, int(get("label")) - 1)       # NOTE: labels are 1-based
+def read_siqa(r: Record) -> Example:
+    ctx = f"Q: {r.text('context')} {r.text('question')}\nA:"
+    choices = [r.text(k) for k in ("answerA", "answerB", "answerC")]
+    return Example([ctx] * 3, choices, r.label("label", 3, first=1))    # NOTE: 1-based labels
 
 
-def _clean_wikihow(text: str) -> str:
-    """HellaSwag's WikiHow contexts carry markers like "[title]" and "[step]"; drop them."""
-    text = re.sub(r"\s*\[title\]\s*", ". ", text)
-    return re.sub(r"\s+", " ", re.sub(r"\[[a-z]+\]", " ", text)).strip()
+def hellaswag_clean(text: str) -> str:
+    """The harness's clean-up of HellaSwag's WikiHow markup, rule for rule, in its order:
+
+        "[header] How to dry hair [title] Towel it."  ->  " How to dry hair. Towel it."
+
+    " [title]" (a space before it) becomes ". ", any other [tag] is deleted, and one pass turns
+    each double space into one. NOTE: a "[title]" opening the text keeps the space after it, and
+    one after a period leaves ".."; the harness scores those strings, so they are kept.
+    """
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
 
 
-def read_hellaswag(get):
-    ctx_b = _clean_wikihow(get("ctx_b"))             # clean first: "[step] pour" -> "Pour"
-    ctx = _clean_wikihow(f"{get('activity_label')}: {get('ctx_a')} {ctx_b[:1].upper()}{ctx_b[1:]}")
-    endings = [" " + _clean_wikihow(e) for e in get("endings")]
-    return Example([ctx] * len(endings), endings, int(get("label")))
+def read_hellaswag(r: Record) -> Example:
+    endings = r.texts("endings")
+    # NOTE: str.capitalize() also lower-cases the rest of ctx_b, as the harness's does.
+    ctx = f"{r.text('activity_label')}: {r.text('ctx_a')} {r.text('ctx_b').capitalize()}"
+    return Example([hellaswag_clean(ctx)] * len(endings), [hellaswag_clean(e) for e in endings],
+                   r.label("label", len(endings)))
 
 
-def read_winogrande(get):
-    sentence = get("sentence")
+def read_winogrande(r: Record) -> Example:
+    sentence = r.text("sentence")
     if "_" not in sentence:
-        raise KeyError("sentence (with a blank '_')")
-    before, after = sentence.split("_", 1)
+        raise BadRecord("field sentence has no blank '_'")
+    blank = sentence.index("_")
+    options = [r.text("option1"), r.text("option2")]
     # PAPER: partial evaluation: score the words after the blank given each filled-in start.
-    return Example([before + get("option1"), before + get("option2")], [after] * 2,
-                   int(get("answer")) - 1)
+    return Example([sentence[:blank] + o for o in options], [sentence[blank + 1:].strip()] * 2,
+                   r.label("answer", 2, first=1))
 
 
-def read_arc(get):
-    """ARC and OpenBookQA share AI2's layout: a stem, lettered (or numbered) choices, a key."""
-    choices = get("question.choices")
-    keys = [c["label"] for c in choices]
-    if get("answerKey") not in keys:
-        raise KeyError(f"answerKey (one of {keys})")
-    ctx = f"Question: {get('question.stem')}\nAnswer:"
-    return Example([ctx] * len(choices), [" " + c["text"] for c in choices],
-                   keys.index(get("answerKey")))
+def ai2_question(r: Record) -> tuple:
+    """(question, choice texts, label) of ARC or OpenBookQA, in AI2's layout or Hugging Face's."""
+    if r.find("question.choices") is not None:   # AI2: {question: {stem, choices: [{text, label}]}}
+        question, choices = r.text("question.stem"), r.find("question.choices")
+        if not isinstance(choices, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("text"), str)
+                and isinstance(c.get("label"), str) for c in choices):
+            raise BadRecord("field question.choices must be a list of {text, label} strings")
+        texts, keys = [c["text"] for c in choices], [c["label"] for c in choices]
+    else:                                         # HF: {question, choices: {text: [], label: []}}
+        question = r.text("question_stem", "question")
+        texts, keys = r.texts("choices.text"), r.texts("choices.label")
+    key = r.text("answerKey").strip()
+    if key not in keys or len(texts) != len(keys):
+        raise BadRecord(f"field answerKey is {key!r}, not one of the choices' labels {keys}")
+    return question, texts, keys.index(key)
 
 
-def read_qa(get):
-    answer = get("answer", "answers", "Answer")
-    if isinstance(answer, dict):                   # TriviaQA: {"Value": ..., "Aliases": [...]}
-        answer = [answer.get("Value", answer.get("value"))] + list(
-            answer.get("Aliases", answer.get("aliases", [])))
-    answers = [answer] if isinstance(answer, str) else [a for a in answer if a]
-    # PAPER: the zero-shot form of the paper's closed-book QA prompt [LLaMA §3.2, Appendix].
-    return Example([f"Answer these questions:\nQ: {get('question', 'Question')}\nA:"], [],
-                   answers=answers)
+def read_arc(r: Record) -> Example:
+    question, choices, label = ai2_question(r)
+    return Example([f"Question: {question}\nAnswer:"] * len(choices), choices, label)
+
+
+def read_openbookqa(r: Record) -> Example:
+    question, choices, label = ai2_question(r)
+    return Example([question] * len(choices), choices, label)   # the stem alone, as the harness
+
+
+def read_nq(r: Record) -> Example:
+    question, answers = r.text("question"), r.texts("answer")
+    # PAPER: Figure 3 writes NQ's lower-case questions capitalized, with "?" [LLaMA App. A].
+    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+    return Example([], [], answers=answers, question=question)
+
+
+def read_triviaqa(r: Record) -> Example:
+    if r.find("Answer") is not None:           # the release: {Question, Answer: {Value, Aliases}}
+        answers = [r.text("Answer.Value")] + r.texts("Answer.Aliases")
+    else:                                         # HF: {question, answer: {value, aliases}}
+        answers = [r.text("answer.value")] + r.texts("answer.aliases")
+    return Example([], [], answers=list(dict.fromkeys(answers)), question=r.text("Question",
+                                                                                 "question"))
+
+
+QA_HEADER = "Answer these questions:\n"    # PAPER: prepended in every setting [LLaMA App. A]
+
+
+def qa_prompt(question: str, shots: list) -> str:
+    """The paper's closed-book QA prompt (its Figure 3, 1-shot):
+
+        Answer these questions:
+        Q: Who sang who wants to be a millionaire in high society?
+        A: Frank Sinatra
+        Q: Who wrote the book the origin of species?
+        A:
+    """
+    solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n" for s in shots)
+    return f"{QA_HEADER}{solved}Q: {question}\nA:"
+
+
+LETTERS = ["A", "B", "C", "D"]
+
+# MMLU's 57 subjects by the category the paper's Table 16 puts them in (the harness's grouping).
+MMLU_SUBJECTS = {
+    "humanities": (
+        "formal_logic high_school_european_history high_school_us_history "
+        "high_school_world_history international_law jurisprudence logical_fallacies "
+        "moral_disputes moral_scenarios philosophy prehistory professional_law world_religions"
+    ).split(),
+    "stem": (
+        "abstract_algebra anatomy astronomy college_biology college_chemistry "
+        "college_computer_science college_mathematics college_physics computer_security "
+        "conceptual_physics electrical_engineering elementary_mathematics high_school_biology "
+        "high_school_chemistry high_school_computer_science high_school_mathematics "
+        "high_school_physics high_school_statistics machine_learning"
+    ).split(),
+    "social_sciences": (
+        "econometrics high_school_geography high_school_government_and_politics "
+        "high_school_macroeconomics high_school_microeconomics high_school_psychology "
+        "human_sexuality professional_psychology public_relations security_studies sociology "
+        "us_foreign_policy"
+    ).split(),
+    "other": (
+        "business_ethics clinical_knowledge college_medicine global_facts human_aging management "
+        "marketing medical_genetics miscellaneous nutrition professional_accounting "
+        "professional_medicine virology"
+    ).split(),
+}
+MMLU_LLAMA_7B = {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3, "other": 38.1}
+# PAPER: LLaMA-7B 5-shot by category [LLaMA Table 9]; the average, 35.1, is in TASKS.
+
+
+def read_mmlu(r: Record) -> Example:
+    subject = r.text("subject")
+    if not any(subject in subjects for subjects in MMLU_SUBJECTS.values()):
+        raise BadRecord(f"field subject is {subject!r}, not one of MMLU's 57 (eval.MMLU_SUBJECTS)")
+    choices = r.texts("choices")
+    if len(choices) != 4:
+        raise BadRecord(f"field choices holds {len(choices)} strings, not 4")
+    _, answer = r.get("answer")
+    if answer not in LETTERS and (isinstance(answer, bool) or answer not in range(4)):
+        raise BadRecord(f"field answer is {answer!r}; it must be a letter A-D or an index 0-3")
+    block = "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, choices))
+    return Example([], LETTERS, LETTERS.index(answer) if answer in LETTERS else answer,
+                   question=f"{r.text('question').strip()}{block}\nAnswer:", subject=subject)
+
+
+def mmlu_prompt(e: Example, shots: list) -> str:
+    """The standard MMLU prompt, the harness's string for string (Hendrycks et al.'s, with one
+    space after "about"): a header, the solved shots, the question:
+
+        The following are multiple choice questions (with answers) about abstract algebra.
+
+        Find the degree of ...
+        A. 0
+        ...
+        D. 6
+        Answer: B
+
+        ...
+        Answer:
+    """
+    header = ("The following are multiple choice questions (with answers) about "
+              f"{e.subject.replace('_', ' ')}.\n\n")
+    return header + "".join(f"{s.question} {LETTERS[s.label]}\n\n" for s in shots) + e.question
 
 
 RULES = {   # what each metric means, written into every report
     "acc": "argmax log P(continuation | context)",
-    "acc_norm": "argmax log P(continuation | context) / characters of the continuation",
+    "acc_norm": "argmax log P(continuation | context) / characters of the choice",
     "acc_answer": "argmax P(continuation | context) / P(continuation | 'Answer:')",
-    "exact_match": "greedy answer == a gold answer, after SQuAD normalization",
+    "exact_match": "greedy answer, cut at the first line break, dot or comma, == a gold answer "
+                   "after SQuAD normalization",
     "perplexity": "exp(mean negative log-likelihood per token)",
 }
 
 
 @dataclass
 class Task:
-    read: object          # record accessor -> Example
+    read: object          # Record -> Example
     metric: str           # the rule the paper's table uses
-    llama_7b: float       # LLaMA-7B zero-shot score in the paper [LLaMA Tables 3, 4, 5]
+    rules: tuple          # the rules reported
+    llama_7b: dict        # shots -> LLaMA-7B's score in the paper
+    table: str            # where the paper prints it
     fields: str           # the format, for error messages
+    max_shots: int = 0    # None: any number
 
 
+ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
+# PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
 TASKS = {
-    "boolq": Task(read_boolq, "acc_answer", 76.5, "passage, question, label (true/false)"),
-    "piqa": Task(read_piqa, "acc_norm", 79.8, "goal, sol1, sol2 (+ label or X-labels.lst)"),
-    "siqa": Task(read_siqa, "acc_norm", 48.9,
-                 "context, question, answerA, answerB, answerC (+ label 1-3 or X-labels.lst)"),
-    "hellaswag": Task(read_hellaswag, "acc_norm", 76.1,
-                      "activity_label, ctx_a, ctx_b, endings, label"),
-    "winogrande": Task(read_winogrande, "acc_norm", 70.1,    # = acc: one shared continuation
-                       "sentence with '_', option1, option2, answer ('1' or '2')"),
-    "arc_easy": Task(read_arc, "acc_norm", 72.8, "question.stem, question.choices, answerKey"),
-    "arc_challenge": Task(read_arc, "acc_norm", 47.6, "question.stem, question.choices, answerKey"),
-    "openbookqa": Task(read_arc, "acc_answer", 57.2, "question.stem, question.choices, answerKey"),
-    "nq": Task(read_qa, "exact_match", 16.8, "question, answer (a list of strings)"),
-    "triviaqa": Task(read_qa, "exact_match", 50.0, "question, answer (a list of strings)"),
-    "perplexity": Task(None, "perplexity", None, "text, or a .npy/.bin token shard"),
+    "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
+                  "passage, question, label or answer (true/false)"),
+    "piqa": Task(read_piqa, "acc_norm", NORM, {0: 79.8}, "Table 3",
+                 "goal, sol1, sol2, label (0-1) or a X-labels.lst beside X.jsonl"),
+    "siqa": Task(read_siqa, "acc_norm", NORM, {0: 48.9}, "Table 3",
+                 "context, question, answerA, answerB, answerC, label (1-3) or a X-labels.lst"),
+    "hellaswag": Task(read_hellaswag, "acc_norm", NORM, {0: 76.1}, "Table 3",
+                      "activity_label, ctx_a, ctx_b, endings (a list of strings), label"),
+    "winogrande": Task(read_winogrande, "acc", ("acc",), {0: 70.1}, "Table 3",
+                       "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
+    "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3",
+                     "question.stem + question.choices, or question + choices.text/label; "
+                     "answerKey"),
+    "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3",
+                          "question.stem + question.choices, or question + choices.text/label; "
+                          "answerKey"),
+    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3",
+                       "question.stem + question.choices, or question_stem + "
+                       "choices.text/label; answerKey"),
+    "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
+               "question, answer (a list of strings)", max_shots=None),
+    "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
+                     "Table 5 (filtered dev set)", "Question + Answer {Value, Aliases}, or "
+                     "question + answer {value, aliases}", max_shots=None),
+    "mmlu": Task(read_mmlu, "acc", ("acc",), {5: 35.1}, "Table 9",
+                 "question, subject, choices (4 strings), answer (A-D or 0-3); or CSV rows "
+                 "question, A, B, C, D, answer in SUBJECT_test.csv", max_shots=5),
+    "perplexity": Task(None, "perplexity", (), {}, "", "text, or a .npy/.bin token shard"),
 }
+ALIASES = {"nq_open": "nq", "trivia_qa": "triviaqa", "social_iqa": "siqa"}   # HF's names
+FEWSHOT_SEED = 1234     # the harness's; the paper does not say how its shots were drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Task files
+# ---------------------------------------------------------------------------------------------
+
+def decode(raw: bytes, path: str, first_line: int = 1) -> str:
+    """UTF-8 bytes -> str, or a one-line error that says where the first bad byte is."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw[:e.start].count(b"\n")
+        column = e.start - raw.rfind(b"\n", 0, e.start)            # 1-based byte in its line
+        raise ValueError(f"{path} line {line} is not UTF-8 ({e.reason}, byte {column} of the "
+                         "line); re-download the file or convert it to UTF-8") from None
+
+
+def records(path: str):
+    """(where, record) for each record of a task file: JSON lines; one JSON document (a list, or
+    TriviaQA's {"Data": [...]}); an MMLU CSV (question, A, B, C, D, answer), or a folder of them."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".csv"))
+        if not files:
+            raise FileNotFoundError(f"folder {path} holds no .csv files; for MMLU give the "
+                                    "folder of *_test.csv (data/test) or *_dev.csv (data/dev)")
+        for name in files:
+            yield from records(os.path.join(path, name))
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".csv"):            # NOTE: a CSV is MMLU's; its name holds the subject
+        subject = re.sub(r"_(test|dev|val)\.csv$", "", os.path.basename(path))
+        for n, row in enumerate(csv.reader(io.StringIO(decode(raw, path))), 1):
+            if len(row) != 6:
+                raise ValueError(f"{path} row {n} has {len(row)} columns, not 6 (question, A, B, "
+                                 "C, D, answer); is it one of MMLU's CSV files?")
+            yield f"{path} row {n}", dict(question=row[0], choices=row[1:5], answer=row[5],
+                                          subject=subject)
+    elif path.endswith(".json"):
+        try:
+            data = json.loads(decode(raw, path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno} is not valid JSON ({e.msg})") from None
+        items = data.get("Data") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise ValueError(f"{path} holds neither a list of records nor TriviaQA's "
+                             '{"Data": [...]}; give the task file itself')
+        for n, item in enumerate(items, 1):
+            yield f"{path} record {n}", item
+    else:
+        for n, line in enumerate(raw.split(b"\n"), 1):
+            if line.strip():
+                try:
+                    yield f"{path} line {n}", json.loads(decode(line, path, n))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); expect one "
+                                     "object per line") from None
 
 
 def read_task(name: str, path: str, limit=None) -> list:
-    """A benchmark file -> Examples, with a one-line error naming the line and the field."""
+    """A benchmark file -> Examples (MMLU: `limit` of each subject), or a one-line error naming
+    the file, the line or record, and the field."""
     task = TASKS[name]
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"task file {path} does not exist; see eval.py's docstring for "
                                 f"which {name} file to download")
-    stem = os.path.splitext(path)[0]
+    labels_path = os.path.splitext(path)[0] + "-labels.lst"
     labels = None
-    if os.path.isfile(stem + "-labels.lst"):       # PIQA and SIQA ship labels in a side file
-        with open(stem + "-labels.lst") as f:
-            labels = [line.strip() for line in f if line.strip()]
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            where = f"{path} line {n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e.msg}); expect one {name} "
-                                 "object per line") from None
-            if labels is not None and isinstance(record, dict):
-                record.setdefault("label", labels[len(examples)] if len(examples) < len(labels)
-                                  else None)
-
-            def get(*names):
-                """The first field present among `names` ("a.b" reaches inside a dict)."""
-                for dotted in names:
-                    value = record
-                    for part in dotted.split("."):
-                        value = value.get(part) if isinstance(value, dict) else None
-                    if value is not None:
-                        return value
-                raise KeyError(" or ".join(names))
-            try:
-                examples.append(task.read(get))
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                what = e.args[0] if isinstance(e, KeyError) else f"a malformed field ({e})"
-                raise ValueError(f"{where}: missing or bad {what}; {name} records need "
-                                 f"{task.fields}") from None
+    if os.path.isfile(labels_path):              # PIQA and SIQA ship labels in a side file
+        with open(labels_path, "rb") as f:
+            labels = decode(f.read(), labels_path).split()
+    examples, per_subject = [], Counter()
+    for where, record in records(path):
+        if limit is not None and name != "mmlu" and len(examples) >= limit:
+            break                                # the first `limit` examples
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is {kind(record)}, not a {name} object")
+        if labels is not None and "label" not in record:
+            if len(examples) >= len(labels):
+                raise ValueError(f"{labels_path} holds {len(labels)} labels, fewer than the "
+                                 f"records of {path}; use the labels file of the same split")
+            record["label"] = labels[len(examples)]
+        try:
+            e = task.read(Record(record))
+        except BadRecord as err:
+            raise ValueError(f"{where}: {err}; {name} records need {task.fields}") from None
+        if not all(e.choices):
+            raise ValueError(f"{where}: choice {e.choices.index('')} is empty after the task's "
+                             "clean-up; fix or remove the record")
+        if limit is not None and per_subject[e.subject] >= limit:
+            continue                             # MMLU: the first `limit` of each subject
+        per_subject[e.subject] += 1
+        examples.append(e)
     if not examples:
         raise ValueError(f"{path} holds no {name} examples")
     return examples
 
 
+def add_prompts(name: str, examples: list, pool: list, shots: int):
+    """Write the context of each QA or MMLU example: zero-shot, or `shots` solved examples of
+    `pool` (the train / dev file) first. MMLU takes the first of the same subject, in file order
+    (its dev split has 5 a subject); QA draws its own shots for each question."""
+    if name == "mmlu":
+        dev = defaultdict(list)
+        for s in pool or []:
+            dev[s.subject].append(s)
+        for e in examples:
+            if len(dev[e.subject]) < shots:
+                raise ValueError(f"--shots-from holds {len(dev[e.subject])} {e.subject} "
+                                 f"questions; {shots}-shot needs {shots}: give MMLU's dev split")
+            e.contexts = [mmlu_prompt(e, dev[e.subject][:shots])] * len(e.choices)
+        return
+    rng = random.Random(FEWSHOT_SEED)
+    for e in examples:
+        # NOTE: one more than needed, so that the question itself can be left out if drawn.
+        drawn = rng.sample(pool, min(shots + 1, len(pool))) if shots else []
+        solved = [s for s in drawn if s.question != e.question][:shots]
+        if len(solved) < shots:
+            raise ValueError(f"--shots-from holds {len(pool)} questions, too few for "
+                             f"{shots}-shot prompts; give the task's train file")
+        e.contexts = [qa_prompt(e.question, solved)]
+
+
 # ---------------------------------------------------------------------------------------------
-# 2. Scoring
+# 4. Scoring
 # ---------------------------------------------------------------------------------------------
 
 def progress(items: list, label: str):
@@ -253,6 +573,11 @@ def progress(items: list, label: str):
 
 def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
     """(token ids of context + continuation, how many of the last ones are the continuation)."""
+    # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
+    # SentencePiece piece carries the space before its word.
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tok.encode(context + continuation, bos=True)
     ctx = tok.encode(context, bos=True)
     shared = 0
@@ -306,16 +631,15 @@ def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "s
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Multiple choice
+# 5. Multiple choice
 # ---------------------------------------------------------------------------------------------
 
-def choose(lls: list, continuations: list, lls_answer=None) -> dict:
+def choose(lls: list, choices: list, lls_answer=None) -> dict:
     """The choice each rule picks: acc, acc_norm and, given P(c | "Answer:"), acc_answer."""
     def argmax(xs):
         return max(range(len(xs)), key=xs.__getitem__)
-    # NOTE: characters of the continuation as scored, its leading space included.
-    picks = {"acc": argmax(lls),
-             "acc_norm": argmax([ll / len(c) for ll, c in zip(lls, continuations)])}
+    # PAPER: characters of the choice as written, the delimiter's space not counted [Gao et al.].
+    picks = {"acc": argmax(lls), "acc_norm": argmax([ll / len(c) for ll, c in zip(lls, choices)])}
     if lls_answer is not None:
         picks["acc_answer"] = argmax([ll - u for ll, u in zip(lls, lls_answer)])
     return picks
@@ -323,28 +647,62 @@ def choose(lls: list, continuations: list, lls_answer=None) -> dict:
 
 def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8) -> dict:
     task = TASKS[name]
+    # PERF: MMLU's four one-token letters share a context: one forward and four logits would do
+    # (Hendrycks et al.'s way), a quarter of the work; every task takes the one general path.
     pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
     lls = iter(loglikelihoods(model, tok, pairs, batch_size, name))
     uncond = None
-    if task.metric == "acc_answer":
+    if "acc_answer" in task.rules:
         uncond = iter(loglikelihoods(model, tok, [("Answer:", x) for _, x in pairs], batch_size,
                                      name + " | Answer:"))
     hits, rows = Counter(), []
     for i, e in enumerate(examples):
-        ll = [next(lls) for _ in e.continuations]
-        ua = [next(uncond) for _ in e.continuations] if uncond else None
-        picks = choose(ll, e.continuations, ua)
+        ll = [next(lls) for _ in e.choices]
+        ua = [next(uncond) for _ in e.choices] if uncond else None
+        picks = {rule: pick for rule, pick in choose(ll, e.choices, ua).items()
+                 if rule in task.rules}
         hits.update(rule for rule, pick in picks.items() if pick == e.label)
-        rows.append(dict(index=i, label=e.label, contexts=sorted(set(e.contexts)),
-                         continuations=e.continuations, loglik=ll, loglik_answer=ua, picks=picks))
-    metrics = {rule: hits[rule] / len(examples) for rule in rows[0]["picks"]}
-    return dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
-                examples=rows)
+        shared = all(c == e.contexts[0] for c in e.contexts)    # WinoGrande's differ
+        rows.append(dict(index=i, **({"context": e.contexts[0]} if shared else
+                                     {"contexts": e.contexts}),
+                         choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
+                         label=e.label, **({"subject": e.subject} if e.subject else {})))
+    metrics = {rule: hits[rule] / len(examples) for rule in task.rules}
+    report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
+                  examples=rows)
+    if name == "mmlu":
+        report.update(mmlu_averages(rows))
+    return report
+
+
+def mmlu_averages(rows: list) -> dict:
+    """Accuracy per subject, and per category, each over its questions (not a mean of subjects:
+    Hendrycks et al.'s evaluate.py and the harness average this way)."""
+    right = defaultdict(list)
+    for row in rows:
+        right[row["subject"]].append(row["picks"]["acc"] == row["label"])
+    categories = {}
+    for category, subjects in MMLU_SUBJECTS.items():
+        hits = [hit for s in subjects for hit in right.get(s, [])]
+        if hits:
+            categories[category] = sum(hits) / len(hits)
+    return dict(subjects={s: sum(h) / len(h) for s, h in sorted(right.items())},
+                categories=categories)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Closed-book QA
+# 6. Closed-book QA
 # ---------------------------------------------------------------------------------------------
+
+QA_STOPS = ("\n", ".", ",")   # PAPER: "first line break, final dot or comma" [LLaMA App. A]
+
+
+def extract_answer(generation: str) -> str:
+    """The answer in a generation: the text before its first stop string, spaces stripped.
+    NOTE: any dot stops, as in the harness: "St. Louis" answers "St"."""
+    ends = [generation.find(s) for s in QA_STOPS if s in generation]
+    return generation[:min(ends, default=len(generation))].strip()
+
 
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (SQuAD's exact-match rule)."""
@@ -352,28 +710,71 @@ def normalize_answer(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+class AllStopped(Exception):
+    """Raised by greedy_generations' watcher to end generate_tokens' loop early."""
+
+
+def greedy_generations(model, tok, prompts: list, max_new_tokens: int) -> list:
+    """Greedy text after each prompt (token ids); decoding stops as soon as every row has
+    produced a stop string or EOS, not after max_new_tokens."""
+    new, stopped = [[] for _ in prompts], [False] * len(prompts)
+
+    def watch(tokens):                       # generate_tokens' on_token: one step's new tokens
+        for i, t in enumerate(tokens):
+            if t is not None and not stopped[i]:
+                new[i].append(t)
+                stopped[i] = t == tok.eos_id or any(s in tok.decode(new[i]) for s in QA_STOPS)
+        if all(stopped):
+            raise AllStopped          # PERF: a batch ends with its last answer
+    try:
+        generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                        on_token=watch)
+    except AllStopped:
+        pass
+    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in new]
+
+
 def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens: int = 24):
-    rows, hits = [], 0
-    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    for batch in progress(batches, "answering"):
-        prompts = [tok.encode(e.contexts[0], bos=True) for e in batch]
-        outs = generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
-        for e, out in zip(batch, outs):
-            # PERF: the answer is cut at the first line break after the fact; a stop-string
-            # check inside the decoding loop would save the remaining steps.
-            pred = tok.decode(out).split("\n")[0].strip()
-            match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
-            hits += match
-            rows.append(dict(index=len(rows), question=e.contexts[0], prediction=pred,
-                             answers=e.answers, exact_match=match))
-    em = hits / len(examples)
+    prompts = [tok.encode(e.contexts[0], bos=True) for e in examples]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"example {longest + 1}'s prompt is {len(prompts[longest])} tokens; with "
+                         f"--max-new-tokens {max_new_tokens} it exceeds the model's max_seq_len "
+                         f"{model.args.max_seq_len}: use fewer --shots or new tokens")
+    # PERF: prompts of similar length share a batch, so that few steps only read prompt tokens.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    generations = [""] * len(prompts)
+    for batch in progress([order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                          "answering"):
+        texts = greedy_generations(model, tok, [prompts[i] for i in batch], max_new_tokens)
+        for i, text in zip(batch, texts):
+            generations[i] = text
+    rows = []
+    for i, (e, generation) in enumerate(zip(examples, generations)):
+        pred = extract_answer(generation)
+        match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
+        rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
+                         answers=e.answers, exact_match=match))
+    em = sum(r["exact_match"] for r in rows) / len(rows)
     return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
                 examples=rows)
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Perplexity
+# 7. Perplexity
 # ---------------------------------------------------------------------------------------------
+
+def read_text(path: str) -> str:
+    """A text to measure perplexity on: UTF-8, not empty."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        text = decode(f.read(), path)
+    if not text.strip():
+        raise ValueError(f"{path} holds no text to score; give a text file, or a .npy/.bin "
+                         "token shard")
+    return text
+
 
 def read_tokens(path: str, tok) -> tuple:
     """(1-D array of token ids, bytes of text or None): a .npy / .bin shard, else UTF-8 text."""
@@ -384,8 +785,7 @@ def read_tokens(path: str, tok) -> tuple:
     elif path.endswith(".bin"):  # NOTE: raw ids, uint16 when the vocabulary fits, as nanoGPT's
         ids = np.memmap(path, mode="r", dtype=np.uint16 if tok.n_words <= 1 << 16 else np.uint32)
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
         return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
     if ids.ndim != 1 or len(ids) < 2 or int(ids.max()) >= tok.n_words:
         raise ValueError(f"{path} must be a 1-D array of at least 2 token ids below the "
@@ -416,48 +816,145 @@ def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) 
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Command line
+# 8. Command line
 # ---------------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error here (usage is in --help)."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}; see python eval.py --help")
+
+
+def check_args(a, name: str):
+    """Every flag against its range, before a file is read; ValueError says what to do."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
+    task = TASKS[name]
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)")
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit {a.limit}: give at least 1 example, or leave it out for all")
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: give at least 1 (an answer's "
+                         "length in tokens, 24 by default)")
+    if a.shots < 0:
+        raise ValueError(f"--shots {a.shots}: give 0 or more solved examples (the paper: 0, 1, "
+                         "5, 64 for QA, 5 for MMLU)")
+    if task.max_shots == 0 and a.shots > 0:
+        raise ValueError(f"--shots {a.shots}: {name} is zero-shot in the paper; few-shot "
+                         "prompts are for nq, triviaqa and mmlu")
+    if name == "mmlu" and a.shots > task.max_shots:
+        raise ValueError(f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give "
+                         "0 to 5")
+    if a.shots > 0 and a.shots_from is None:
+        raise ValueError(f"--shots {a.shots} needs --shots-from, the file the solved examples "
+                         "come from (a QA train file, or MMLU's dev split)")
+    if a.shots == 0 and a.shots_from is not None:
+        raise ValueError("--shots-from is read only for few-shot prompts: give --shots N too")
+
+
+def reserve_output(path):
+    """Check --out before any work: a file name in a folder we can write to. Returns a temporary
+    file beside it; the report goes there and is renamed onto `path` at the end, so a run that
+    fails leaves an earlier report as it was."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a file name such as "
+                         f"{os.path.join(path, 'report.json')}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: {folder} is not a folder; create it, or choose another "
+                         "place")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eval-", suffix=".json")
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write in {folder} ({e.strerror}); choose "
+                         "another place") from None
+    os.close(fd)
+    return tmp
+
+
+def print_report(report: dict):
+    name, shots, metric = report["task"], report["shots"], report["paper_metric"]
+    scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in report["metrics"].items())
+    print(f"{name}{f' {shots}-shot' if shots else ''} ({report['n']} examples): {scores}")
+    if name == "mmlu":
+        for subject, acc in report["subjects"].items():
+            print(f"  {subject:<40} {100 * acc:5.1f}")
+        for category, acc in report["categories"].items():
+            paper = f"   LLaMA-7B {MMLU_LLAMA_7B[category]}" if shots == 5 else ""
+            print(f"  {category:<40} {100 * acc:5.1f}{paper}")
+    if name != "perplexity":
+        paper = report["llama_7b_paper"]
+        paper = f"LLaMA-7B {paper}" if paper is not None else f"no {shots}-shot LLaMA-7B number"
+        print(f"the paper's {TASKS[name].table} uses {metric} ({RULES[metric]}): ours "
+              f"{100 * report['paper_value']:.1f}, {paper}")
+    print(f"{report['n']} examples in {report['seconds']:.1f} s "
+          f"({report['examples_per_s']:.1f} examples/s)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Zero-shot LLaMA benchmarks, scored as the paper.")
+    p = OneLineParser(description="LLaMA's benchmarks, scored as the paper and the harness do.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--data", required=True, help="the task's file; see the docstring")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples (MMLU: of each subject)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="solved examples before each question: QA 0 (default), 1, 5, 64; MMLU 5")
+    p.add_argument("--shots-from", help="file the shots come from: QA train, MMLU dev")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24, help="closed-book QA answers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    name = a.task.lower().replace("-", "_")
+    key = a.task.lower().replace("-", "_")
+    name = ALIASES.get(key, key)
+    a.shots = a.shots if a.shots is not None else 5 if name == "mmlu" else 0
+    tmp_out = None
     try:
-        if name not in TASKS:
-            raise ValueError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
+        check_args(a, name)
+        tmp_out = reserve_output(a.out)
         # Read the task before the model: a malformed file fails in a second, not a minute.
-        examples = None if name == "perplexity" else read_task(name, a.data, a.limit)
+        examples, pool = None, None
+        if name == "perplexity" and not a.data.endswith((".npy", ".bin")):
+            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
+        elif name != "perplexity":
+            examples = read_task(name, a.data, a.limit)
+            pool = read_task(name, a.shots_from) if a.shots else None
+        if TASKS[name].max_shots != 0:                     # QA and MMLU: the prompts
+            add_prompts(name, examples, pool, a.shots)
         model, tok = load_model(a.ckpt, a.device)
+        t0 = time.perf_counter()
         if name == "perplexity":
             report = evaluate_perplexity(model, tok, a.data, a.batch_size, a.limit)
         elif TASKS[name].metric == "exact_match":
             report = evaluate_qa(model, tok, examples, a.batch_size, a.max_new_tokens)
         else:
             report = evaluate_choices(model, tok, name, examples, a.batch_size)
+        seconds = time.perf_counter() - t0
+        n = len(report["examples"])
+        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots,
+                      shots_from=a.shots_from, n=n,
+                      paper_rule=RULES[report["paper_metric"]],
+                      llama_7b_paper=TASKS[name].llama_7b.get(a.shots), seconds=seconds,
+                      examples_per_s=n / seconds, **report)
+        if name == "mmlu":
+            report["llama_7b_categories"] = MMLU_LLAMA_7B if a.shots == 5 else None
+        print_report(report)
+        if tmp_out:
+            with open(tmp_out, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(tmp_out, a.out)
+        return report
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    report = dict(task=name, ckpt=a.ckpt, data=a.data, n=len(report["examples"]),
-                  paper_rule=RULES[report["paper_metric"]], llama_7b_paper=TASKS[name].llama_7b,
-                  **report)
-    scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in report["metrics"].items())
-    print(f"{name} ({report['n']} examples): {scores}")
-    if name != "perplexity":
-        print(f"the paper's table uses {report['paper_metric']} ({report['paper_rule']}): "
-              f"ours {100 * report['paper_value']:.1f}, LLaMA-7B {report['llama_7b_paper']}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return report
+    finally:
+        if tmp_out and os.path.exists(tmp_out):
+            os.remove(tmp_out)
 
 
 if __name__ == "__main__":

@@ -277,10 +277,62 @@ def read_hf(folder: str):
     return args, state
 
 
+def hf_tokenizer_json(tokenizer_path: str) -> dict:
+    """The SentencePiece model as a `tokenizers` file (tokenizer.json) that encodes as it does.
+
+    SentencePiece's BPE merges the adjacent pair whose joined piece scores best; a `tokenizers`
+    BPE merges the pair of lowest rank; so each way of splitting a piece into two known pieces
+    is a merge, ranked by the piece's score. In front of it, the normalizer writes what
+    SentencePiece does: a "▁" before any non-empty text (the dummy prefix), every space a "▁".
+    NOTE: transformers 5's own LlamaTokenizer adds that "▁" only to a text that does not start
+    with one, so " the" would lose a token; hence this file, loaded as written (see export_hf).
+    """
+    sp = Tokenizer(tokenizer_path).sp
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
+    merges = []                                  # (rank key, "left right")
+    for i, piece in enumerate(pieces):
+        if i in special or sp.is_byte(i):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                merges.append(((-sp.get_score(i), i, cut), f"{left} {right}"))
+    bos = {"SpecialToken": {"id": sp.id_to_piece(sp.bos_id()), "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [dict(id=i, content=pieces[i], single_word=False, lstrip=False,
+                              rstrip=False, normalized=False, special=True) for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,       # SentencePiece's pieces never span a word boundary anyway
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                    bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {pieces[sp.bos_id()]: {
+                               "id": pieces[sp.bos_id()], "ids": [sp.bos_id()],
+                               "tokens": [pieces[sp.bos_id()]]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},   # the dummy prefix
+        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()],
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": True, "byte_fallback": True, "vocab": ids,
+                  "merges": [merge for _, merge in sorted(merges)]},
+    }
+
+
 def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
-    """Write a folder that `LlamaForCausalLM.from_pretrained(out)` loads with the same logits."""
+    """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
+    with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
+    """
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(tokenizer_path)
     dtype = next(iter(state.values())).dtype
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -290,7 +342,8 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).split(".")[-1],
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "torch_dtype": str(dtype).split(".")[-1],
     }
     tensors = {}
     for key, w in state.items():
@@ -299,12 +352,23 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         tensors[hf_name(key)] = w.contiguous()
     # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                   "model_max_length": args.max_seq_len}, f, indent=2)
+    files = {
+        "config.json": config,
+        # generate()'s own defaults: <s> first, stop at </s>.
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+        "tokenizer.json": hf_tokenizer_json(tokenizer_path),
+        # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
+        # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.sp.id_to_piece(tok.bos_id),
+            "eos_token": tok.sp.id_to_piece(tok.eos_id),
+            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
+            "add_eos_token": False, "model_max_length": args.max_seq_len},
+    }
+    for name, content in files.items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
     shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.model"))
 
 

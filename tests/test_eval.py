@@ -1,12 +1,18 @@
-"""Tests for eval.py: the hand-written fixtures of every benchmark format parse to the right
-labels; batched, padded scoring equals a brute-force one-token-at-a-time computation; the three
-choice rules on cases where they disagree; perplexity and exact match; the CLI's JSON report;
-one-line errors on malformed task files."""
+"""Tests for eval.py: every task's fixture in its original layout and in its Hugging Face one
+reads to the same examples; the prompt strings byte for byte (HellaSwag's clean-up, few-shot QA,
+MMLU); batched, padded scoring against a brute-force scorer written here; each rule's picks and
+metrics recomputed plainly (acc_norm's denominator included); MMLU's subject and category
+averages; QA answers cut at each stop string, with decoding that stops once every row has
+answered; perplexity; the report; bad input refused in one line before any work, nothing
+written."""
 
 import json
 import math
 import os
-import shutil
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,10 +23,21 @@ import generate as G
 from test_generate import one_thread, tiny_model, tok_path, write_checkpoint  # noqa: F401
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
-CHOICE_TASKS = {           # task -> labels of the fixture's examples, as written by hand
-    "boolq": [1, 0, 0], "piqa": [0, 1], "siqa": [1, 2], "hellaswag": [0, 1],
-    "winogrande": [1, 1], "arc_easy": [0, 1], "arc_challenge": [1], "openbookqa": [0, 2],
+ORIGINAL_AND_HF = {     # task -> (original release's layout, Hugging Face's), read alike
+    "boolq": ("boolq.jsonl", "hf/boolq.jsonl"), "piqa": ("piqa.jsonl", "hf/piqa.jsonl"),
+    "siqa": ("siqa.jsonl", "hf/siqa.jsonl"), "hellaswag": ("hellaswag.jsonl", "hf/hellaswag.jsonl"),
+    "winogrande": ("winogrande.jsonl", "hf/winogrande.jsonl"),
+    "arc_easy": ("arc_easy.jsonl", "hf/arc_easy.jsonl"),
+    "arc_challenge": ("arc_challenge.jsonl", "hf/arc_challenge.jsonl"),
+    "openbookqa": ("openbookqa.jsonl", "hf/openbookqa.jsonl"), "nq": ("nq.jsonl", "hf/nq.jsonl"),
+    "triviaqa": ("triviaqa.json", "hf/triviaqa.jsonl"), "mmlu": ("mmlu/test", "hf/mmlu_test.jsonl"),
 }
+LABELS = {              # task -> labels of the fixture's examples, as written by hand
+    "boolq": [1, 0, 0], "piqa": [0, 1], "siqa": [1, 2], "hellaswag": [0, 1, 0],
+    "winogrande": [1, 0], "arc_easy": [0, 1], "arc_challenge": [1], "openbookqa": [0, 2],
+    "mmlu": [3, 0, 1, 0, 0, 0],
+}
+CHOICE_TASKS = sorted(set(LABELS) - {"mmlu"})
 
 
 def fixture(name):
@@ -34,45 +51,114 @@ def ckpt(tmp_path_factory, tok_path):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory, tok_path):  # noqa: F811
+    """Room for 5-shot MMLU and few-shot QA prompts: the tiny tokenizer spells words out."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "long",
+                            tiny_model(seed=1, max_seq_len=1024), tok_path)
+
+
+@pytest.fixture(scope="module")
 def loaded(ckpt):
     return G.load_model(ckpt)
 
 
-# --- readers -----------------------------------------------------------------------------------
+# --- readers and prompts -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", sorted(CHOICE_TASKS))
-def test_each_fixture_parses_to_its_labels(task):
-    examples = E.read_task(task, fixture(task + ".jsonl"))
-    assert [e.label for e in examples] == CHOICE_TASKS[task]
-    for e in examples:
-        assert len(e.contexts) == len(e.continuations) >= 2
-    assert len(E.read_task(task, fixture(task + ".jsonl"), limit=1)) == 1
+@pytest.mark.parametrize("task", sorted(ORIGINAL_AND_HF))
+def test_both_layouts_read_to_the_same_examples(task):
+    original, hf = (E.read_task(task, fixture(f)) for f in ORIGINAL_AND_HF[task])
+    assert original == hf
+    if task in LABELS:
+        assert [e.label for e in original] == LABELS[task]
+        assert all(len(e.choices) >= 2 and (e.question or len(e.contexts) == len(e.choices))
+                   for e in original)          # MMLU's contexts wait for the shots
+    else:
+        assert all(e.answers and e.question for e in original)
 
 
-def test_reader_details():
-    wino = E.read_task("winogrande", fixture("winogrande.jsonl"))[0]
-    assert wino.contexts == ["The cat sat on the mat because the cat",
-                             "The cat sat on the mat because the mat"]
-    assert wino.continuations == [" was soft.", " was soft."]        # partial evaluation
-    hella = E.read_task("hellaswag", fixture("hellaswag.jsonl"))[1]
-    assert "[" not in hella.contexts[0]
-    assert hella.contexts[0].endswith("How to water a tree. Fill a can with water. Pour")
+def test_reader_strings():
+    wino = E.read_task("winogrande", fixture("winogrande.jsonl"))
+    assert wino[0].contexts == ["The cat sat on the mat because the cat",
+                                "The cat sat on the mat because the mat"]
+    assert wino[0].continuations == [" was soft.", " was soft."]        # partial evaluation
+    assert wino[1].contexts[0].endswith("because the fish")             # option1 first
     boolq = E.read_task("boolq", fixture("boolq.jsonl"))[0]
-    assert boolq.contexts[0].endswith("Question: is the sun a star?\nAnswer:")
+    assert boolq.contexts[0] == ("The sun is the star at the center of the solar system.\n"
+                                 "Question: is the sun a star?\nAnswer:")
     assert boolq.continuations == [" no", " yes"]
-    trivia = E.read_task("triviaqa", fixture("triviaqa.jsonl"))
+    assert E.read_task("piqa", fixture("piqa.jsonl"))[0].contexts[0] == (
+        "Question: To dry a wet dog,\nAnswer:")
+    assert E.read_task("siqa", fixture("siqa.jsonl"))[0].contexts[0] == (
+        "Q: The dog ate the fish on the mat. How would the cat feel?\nA:")
+    assert E.read_task("arc_easy", fixture("arc_easy.jsonl"))[0].contexts[0] == (
+        "Question: What gives light in the day?\nAnswer:")
+    obqa = E.read_task("openbookqa", fixture("openbookqa.jsonl"))[0]
+    assert obqa.contexts[0] == "A tree needs" and obqa.continuations[0] == " water"
+    trivia = E.read_task("triviaqa", fixture("triviaqa.json"))
     assert trivia[0].answers == ["Fish", "fish", "Fishes"]
-    assert trivia[1].answers == ["The Sun", "sun"]
-    nq = E.read_task("nq", fixture("nq.jsonl"))[0]
-    assert nq.contexts[0].endswith("Q: who sat on the mat\nA:") and nq.answers[0] == "the cat"
+    assert trivia[1].answers == ["The Sun", "Sun", "sun"]
+    nq = E.read_task("nq", fixture("nq.jsonl"))
+    assert nq[0].question == "Who sat on the mat?" and nq[0].answers == ["the cat", "a cat"]
+
+
+def test_hellaswag_strings_are_the_harness():
+    """Worked by hand from the harness's rules: " [title]" -> ". ", other tags deleted, one pass
+    of double spaces -> one; ctx_b capitalized (the rest lower-cased) before the clean-up."""
+    plain, steps, titles = E.read_task("hellaswag", fixture("hellaswag.jsonl"))
+    assert plain.contexts[0] == "Feeding a cat: A man puts food in a bowl. The cat"
+    assert steps.contexts[0] == "Home and Garden: How to water a tree. Fill a can with water. pour"
+    assert steps.continuations[1] == " the water at the roots of the tree."
+    assert titles.contexts[0] == (
+        "Personal Care and Style: How to dry hair. Towel it evenly.. comb it out.")
+    assert titles.choices == [" Unscrew the dryer's cap. Plug it in.", "Comb it gently.",
+                              " Wait an hour.", "Dance."]
+    assert titles.continuations[0] == "  Unscrew the dryer's cap. Plug it in."
+    assert E.hellaswag_clean("[header] How to dry hair [title] Towel it.") == (
+        " How to dry hair. Towel it.")
+
+
+def test_qa_prompts_byte_for_byte():
+    darwin = E.read_task("nq", fixture("nq.jsonl"))[2]
+    sinatra = E.read_task("nq", fixture("nq_train.jsonl"))[0]
+    assert E.qa_prompt(darwin.question, []) == (
+        "Answer these questions:\nQ: Who wrote the book the origin of species?\nA:")
+    assert E.qa_prompt(darwin.question, [sinatra]) == (          # the paper's Figure 3
+        "Answer these questions:\n"
+        "Q: Who sang who wants to be a millionaire in high society?\nA: Frank Sinatra\n"
+        "Q: Who wrote the book the origin of species?\nA:")
+    # The shots come from the pool, never the question itself: here only one shot can be drawn.
+    examples = E.read_task("nq", fixture("nq.jsonl"))
+    E.add_prompts("nq", examples[2:], [examples[2], sinatra], 1)
+    assert examples[2].contexts == [E.qa_prompt(darwin.question, [sinatra])]
+    with pytest.raises(ValueError, match="holds 2 questions, too few for 2-shot"):
+        E.add_prompts("nq", examples[2:], [examples[2], sinatra], 2)
+
+
+def test_mmlu_prompt_byte_for_byte_and_limit_per_subject():
+    test = E.read_task("mmlu", fixture("mmlu/test"), limit=1)
+    assert [e.subject for e in test] == ["abstract_algebra", "world_religions"]
+    E.add_prompts("mmlu", test, E.read_task("mmlu", fixture("mmlu/dev")), 2)
+    assert test[1].contexts == [
+        "The following are multiple choice questions (with answers) about world religions.\n\n"
+        "Where is Mecca?\nA. Saudi Arabia\nB. Italy\nC. Peru\nD. Japan\nAnswer: A\n\n"
+        "What day is the Sabbath in Judaism?\nA. Monday\nB. Saturday\nC. Tuesday\n"
+        "D. Friday noon\nAnswer: B\n\n"
+        "What is the capital of the Vatican?\nA. Vatican City\nB. Rome, Italy\nC. Paris\n"
+        "D. Oslo\nAnswer:"] * 4                       # the question stripped, as the harness
+    assert test[1].continuations == [" A", " B", " C", " D"]
 
 
 # --- scoring -----------------------------------------------------------------------------------
 
-def brute_force_loglik(model, ids, n):
-    """Sum of log p over the last n tokens: one example alone, unpadded, token by token."""
+def brute_force_loglik(model, context, continuation, tok):
+    """log P(continuation | context), plainly: the context's trailing spaces moved to the
+    continuation and the context's own tokens counted off the joint ones (the harness's split),
+    one sequence, token by token, in float64."""
+    stripped = context.rstrip()
+    ids = tok.encode(stripped + context[len(stripped):] + continuation, bos=True)
+    n_context = len(tok.encode(stripped, bos=True))
     logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)   # (T-1, V)
-    return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+    return sum(logp[t - 1, ids[t]].item() for t in range(n_context, len(ids)))
 
 
 def test_encode_pair_splits_at_the_context(loaded):
@@ -83,56 +169,189 @@ def test_encode_pair_splits_at_the_context(loaded):
     assert tok.decode(ids[-n:]).strip() == "yes it is"
     ids, n = E.encode_pair(tok, "the cat sat " * 40, " on the mat", 16)   # over-long: keep the end
     assert len(ids) == 17 and tok.decode(ids[-n:]).strip() == "on the mat"
+    ids, n = E.encode_pair(tok, "A tree needs ", "water", 128)   # the space goes with "water"
+    assert ids[-n:] == tok.encode("A tree needs water", bos=True)[-n:]
+    assert tok.decode(ids[:-n]) == "A tree needs"
 
 
 def test_batched_scores_equal_brute_force(loaded):
     model, tok = loaded
-    pairs = []
+    pairs = [("A tree needs ", "water")]
     for task in ("hellaswag", "winogrande", "boolq", "arc_easy"):
         for e in E.read_task(task, fixture(task + ".jsonl")):
             pairs += list(zip(e.contexts, e.continuations))
-    pairs.append(pairs[0])                                    # a duplicate is scored once
+    pairs.append(pairs[1])                                    # a duplicate is scored once
     batched = E.loglikelihoods(model, tok, pairs, batch_size=5)   # mixed lengths: padding
     for (context, continuation), got in zip(pairs, batched):
-        ids, n = E.encode_pair(tok, context, continuation, 128)
-        assert got == pytest.approx(brute_force_loglik(model, ids, n), abs=1e-3)
+        assert got == pytest.approx(brute_force_loglik(model, context, continuation, tok),
+                                    abs=1e-3)
     assert len(set(len(E.encode_pair(tok, c, x, 128)[0]) for c, x in pairs)) > 3
 
 
-def test_the_rules_on_cases_where_they_disagree():
-    short, long = " a", " a much longer choice"                   # 2 and 21 characters
-    # acc prefers the likelier short choice; per character the long one is better.
+def test_acc_norm_counts_the_choice_not_the_delimiter():
+    # Per character of the choice: -2/1 < -4.2/3, so "abc" wins; counting the continuation's
+    # space (" a" 2, " abc" 4) would give -1 > -1.05 and pick "a".
+    assert E.choose([-2.0, -4.2], ["a", "abc"]) == {"acc": 0, "acc_norm": 1}
+    short, long = "a", "a much longer choice"
     assert E.choose([-3.0, -6.0], [short, long]) == {"acc": 0, "acc_norm": 1}
-    # P(c | "Answer:") says the long choice is likely anywhere: dividing it out flips to 0.
+    # P(c | "Answer:") says the long choice is likely anywhere: dividing it out flips to 0 ...
     picks = E.choose([-3.0, -6.0], [short, long], lls_answer=[-5.0, -1.0])
     assert picks == {"acc": 0, "acc_norm": 1, "acc_answer": 0}
     # ... and the same context likelihoods with another prior flip acc's choice.
     assert E.choose([-3.0, -6.0], [short, long], lls_answer=[-1.0, -8.0])["acc_answer"] == 1
 
 
-@pytest.mark.parametrize("task", ["openbookqa", "hellaswag"])
-def test_report_is_consistent_with_its_logliks(loaded, task):
+@pytest.mark.parametrize("task", CHOICE_TASKS)
+def test_choice_tasks_against_brute_force(loaded, task):
+    """Every log-likelihood, every rule's pick and every metric, recomputed plainly."""
     model, tok = loaded
-    examples = E.read_task(task, fixture(task + ".jsonl"))
+    examples = E.read_task(task, fixture(ORIGINAL_AND_HF[task][1]))
     report = E.evaluate_choices(model, tok, task, examples, batch_size=3)
-    assert report["paper_metric"] == E.TASKS[task].metric
-    for rule in report["metrics"]:
-        hits = 0
-        for row in report["examples"]:
-            scores = row["loglik"]
-            if rule == "acc_norm":
-                scores = [ll / len(c) for ll, c in zip(scores, row["continuations"])]
-            if rule == "acc_answer":
-                scores = [ll - u for ll, u in zip(scores, row["loglik_answer"])]
-            hits += int(np.argmax(scores)) == row["label"]
-        assert report["metrics"][rule] == hits / len(examples)
-    if task == "openbookqa":   # the "Answer:" rule: P(c | "Answer:") is really that
-        row = report["examples"][0]
-        assert row["loglik_answer"] == pytest.approx(
-            E.loglikelihoods(model, tok, [("Answer:", c) for c in row["continuations"]]), abs=1e-4)
-    else:
-        assert "acc_answer" not in report["metrics"]
+    rules = {"winogrande": ["acc"], "boolq": ["acc", "acc_norm", "acc_answer"],
+             "openbookqa": ["acc", "acc_norm", "acc_answer"]}.get(task, ["acc", "acc_norm"])
+    assert list(report["metrics"]) == rules and report["paper_metric"] == E.TASKS[task].metric
+    hits = {rule: 0 for rule in rules}
+    for e, row in zip(examples, report["examples"]):
+        lls = [brute_force_loglik(model, c, " " + x, tok) for c, x in zip(e.contexts, e.choices)]
+        assert row["loglik"] == pytest.approx(lls, abs=1e-3)
+        scores = {"acc": lls, "acc_norm": [ll / len(x) for ll, x in zip(lls, e.choices)]}
+        if "acc_answer" in rules:
+            prior = [brute_force_loglik(model, "Answer:", " " + x, tok) for x in e.choices]
+            assert row["loglik_answer"] == pytest.approx(prior, abs=1e-3)
+            scores["acc_answer"] = [ll - p for ll, p in zip(lls, prior)]
+        for rule in rules:
+            pick = int(np.argmax(scores[rule]))
+            assert row["picks"][rule] == pick
+            hits[rule] += pick == e.label
+        assert row["choices"] == e.choices and row["label"] == e.label    # choice order
+        assert row.get("contexts", [row.get("context")] * len(e.choices)) == e.contexts
+    assert report["metrics"] == {rule: hits[rule] / len(examples) for rule in rules}
 
+
+def test_winogrande_report_keeps_contexts_in_choice_order(loaded):
+    model, tok = loaded
+    examples = E.read_task("winogrande", fixture("winogrande.jsonl"))
+    row = E.evaluate_choices(model, tok, "winogrande", examples)["examples"][1]
+    assert row["contexts"] == ["The dog could not eat the fish because the fish",   # not sorted
+                               "The dog could not eat the fish because the dog"]
+    assert row["choices"] == ["was too big."] * 2
+
+
+def test_mmlu_two_subjects_against_brute_force(long_ckpt, capsys):
+    argv = ["--ckpt", long_ckpt, "--task", "mmlu", "--batch-size", "5"]
+    report = E.main(argv + ["--data", fixture("mmlu/test"), "--shots-from", fixture("mmlu/dev")])
+    model, tok = G.load_model(long_ckpt)
+    test = E.read_task("mmlu", fixture("mmlu/test"))
+    E.add_prompts("mmlu", test, E.read_task("mmlu", fixture("mmlu/dev")), 5)
+    right = {}
+    for e, row in zip(test, report["examples"]):
+        lls = [brute_force_loglik(model, e.contexts[0], " " + x, tok) for x in "ABCD"]
+        assert row["picks"]["acc"] == int(np.argmax(lls)) and row["subject"] == e.subject
+        right.setdefault(e.subject, []).append(int(np.argmax(lls)) == e.label)
+    assert report["subjects"] == {s: np.mean(r) for s, r in right.items()}
+    assert report["categories"] == {"humanities": np.mean(right["world_religions"]),
+                                    "stem": np.mean(right["abstract_algebra"])}
+    assert report["metrics"] == {"acc": np.mean(sum(right.values(), []))}
+    assert report["shots"] == 5 and report["llama_7b_paper"] == 35.1
+    out = capsys.readouterr().out
+    assert re.search(r"\n  humanities +\d+\.\d   LLaMA-7B 34\.0\n"
+                     r"  stem +\d+\.\d   LLaMA-7B 30\.5\n", out)
+    assert "the paper's Table 9 uses acc" in out and "LLaMA-7B 35.1" in out
+    hf = E.main(argv + ["--data", fixture("hf/mmlu_test.jsonl"),
+                        "--shots-from", fixture("hf/mmlu_dev.jsonl")])
+    assert hf["metrics"] == report["metrics"] and hf["subjects"] == report["subjects"]
+
+
+# --- closed-book QA ----------------------------------------------------------------------------
+
+def test_answer_extraction_at_each_stop():
+    assert E.extract_answer(" Paris\nQ: What is the capital of Italy?") == "Paris"
+    assert E.extract_answer(" Frank Sinatra. He sang it in 1956") == "Frank Sinatra"
+    assert E.extract_answer(" Charles Darwin, in 1859") == "Charles Darwin"
+    assert E.extract_answer(" 1859, the year. Then\n") == "1859"      # the first stop wins
+    assert E.extract_answer(" no stop at all ") == "no stop at all"
+    assert E.normalize_answer("The  Sun!") == E.normalize_answer("sun") == "sun"
+    assert E.normalize_answer("an apple, a day") == "apple day"
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in for a Transformer: after each prompt it 'generates' a fixed list of tokens
+    (logits with all the mass on the next one, then EOS), and counts its forward calls."""
+
+    def __init__(self, scripts: dict, vocab_size: int, eos_id: int):
+        super().__init__()
+        self.scripts, self.eos_id, self.calls = scripts, eos_id, 0
+        self.args = SimpleNamespace(max_seq_len=256, vocab_size=vocab_size)
+        self.output = torch.nn.Linear(1, 1)          # generate_tokens reads its device
+
+    def setup_cache(self, batch, seq_len):
+        self.seen = [[] for _ in range(batch)]
+
+    def clear_cache(self):
+        pass
+
+    def forward(self, tokens, start_pos=0):
+        self.calls += 1
+        logits = torch.zeros(*tokens.shape, self.args.vocab_size)          # (B, T, V)
+        for b, seen in enumerate(self.seen):
+            seen += tokens[b].tolist()
+            for prompt, answer in self.scripts.items():
+                k = len(seen) - len(prompt)
+                if k >= 0 and tuple(seen[:len(prompt)]) == prompt:
+                    logits[b, -1, answer[k] if k < len(answer) else self.eos_id] = 1.0
+        return logits
+
+
+def test_decoding_stops_once_every_row_has_answered(loaded):
+    _, tok = loaded
+    texts = {"Q: where?\nA:": " Paris\nQ: What is the capital of Italy?\nA: Rome",
+             "Q: who sang it?\nA:": " Frank Sinatra. He sang it in a film in the fifties",
+             "Q: who wrote it, then?\nA:": " Charles Darwin, who sailed on the Beagle for years"}
+    prompts = [tok.encode(p, bos=True) for p in texts]
+    answers = [tok.encode(t, bos=False) for t in texts.values()]
+    model = ScriptedModel({tuple(p): a for p, a in zip(prompts, answers)}, tok.n_words, tok.eos_id)
+    generations = E.greedy_generations(model, tok, prompts, max_new_tokens=40)
+    assert [E.extract_answer(g) for g in generations] == ["Paris", "Frank Sinatra",
+                                                          "Charles Darwin"]
+    # Row i needs k_i tokens to show its stop, the k-th written at column len_i + k - 1.
+    needed = [min(k for k in range(1, len(a) + 1) if any(s in tok.decode(a[:k]) for s in "\n.,"))
+              for a in answers]
+    last = max(len(p) + k - 1 for p, k in zip(prompts, needed))
+    start = min(len(p) for p in prompts)
+    assert model.calls == last - start + 1 < max(len(p) for p in prompts) + 40 - start
+
+
+def test_qa_answers_equal_plain_greedy_decoding(loaded):
+    model, tok = loaded
+    examples = E.read_task("nq", fixture("nq.jsonl"))
+    E.add_prompts("nq", examples, None, 0)
+    report = E.evaluate_qa(model, tok, examples, batch_size=2, max_new_tokens=12)
+    for e, row in zip(examples, report["examples"]):
+        full = G.generate_tokens(model, [tok.encode(e.contexts[0])], 12, temperature=0.0,
+                                 eos_id=tok.eos_id)[0]
+        assert row["prediction"] == E.extract_answer(tok.decode(full))
+        assert row["prompt"] == e.contexts[0] and "\n" not in row["prediction"]
+    examples[0].answers = ["The " + report["examples"][0]["prediction"].upper() + "!"]
+    examples[1].answers = [report["examples"][1]["prediction"] + " extra words"]
+    again = E.evaluate_qa(model, tok, examples, batch_size=2, max_new_tokens=12)
+    assert [r["exact_match"] for r in again["examples"]][:2] == [True, False]
+
+
+def test_few_shot_qa_from_the_command_line(long_ckpt, capsys):
+    argv = ["--ckpt", long_ckpt, "--task", "nq_open", "--data", fixture("hf/nq.jsonl"),
+            "--shots-from", fixture("nq_train.jsonl"), "--max-new-tokens", "6"]
+    report = E.main(argv + ["--shots", "1"])
+    assert report["task"] == "nq" and report["shots"] == 1 and report["llama_7b_paper"] == 18.7
+    for row in report["examples"]:
+        assert row["prompt"].startswith("Answer these questions:\nQ: ")
+        assert row["prompt"].count("\nA: ") == 1 and row["prompt"].endswith("?\nA:")
+    assert "the paper's Table 4 uses exact_match" in capsys.readouterr().out
+    report = E.main(argv + ["--shots", "2"])
+    assert report["llama_7b_paper"] is None
+    assert "no 2-shot LLaMA-7B number" in capsys.readouterr().out
+
+
+# --- perplexity --------------------------------------------------------------------------------
 
 def test_perplexity_equals_plain_computation_on_text_and_shards(loaded, tmp_path):
     model, tok = loaded
@@ -142,7 +361,8 @@ def test_perplexity_equals_plain_computation_on_text_and_shards(loaded, tmp_path
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, 128):            # each window alone, unpadded
         window = ids[s:s + 129]
-        nll -= brute_force_loglik(model, window, len(window) - 1)
+        logp = torch.log_softmax(model(torch.tensor([window[:-1]]))[0].double(), -1)
+        nll -= sum(logp[t - 1, window[t]].item() for t in range(1, len(window)))
         count += len(window) - 1
     report = E.evaluate_perplexity(model, tok, fixture("heldout.txt"), batch_size=2)
     assert report["metrics"]["tokens"] == count == len(ids) - 1
@@ -156,22 +376,22 @@ def test_perplexity_equals_plain_computation_on_text_and_shards(loaded, tmp_path
         assert other["metrics"]["perplexity"] == pytest.approx(report["metrics"]["perplexity"])
 
 
-def test_exact_match_normalization_and_qa(loaded):
-    assert E.normalize_answer("The  Sun!") == E.normalize_answer("sun") == "sun"
-    assert E.normalize_answer("an apple, a day") == "apple day"
-    model, tok = loaded
-    examples = E.read_task("nq", fixture("nq.jsonl"))
-    first = E.evaluate_qa(model, tok, examples, batch_size=2, max_new_tokens=6)
-    pred = first["examples"][0]["prediction"]
-    assert "\n" not in pred
-    examples[0].answers = ["The " + pred.upper() + "!"]        # right after normalization
-    examples[1].answers = [first["examples"][1]["prediction"] + " extra words"]
-    report = E.evaluate_qa(model, tok, examples, batch_size=2, max_new_tokens=6)
-    assert [r["exact_match"] for r in report["examples"]] == [True, False]
-    assert report["metrics"]["exact_match"] == 0.5
-
-
 # --- the command line --------------------------------------------------------------------------
+
+def test_paper_numbers_are_llama_7b():
+    """LLaMA-7B's published scores [LLaMA Tables 3, 4, 5, 9], as printed in the paper."""
+    table3 = {"boolq": 76.5, "piqa": 79.8, "siqa": 48.9, "hellaswag": 76.1, "winogrande": 70.1,
+              "arc_easy": 72.8, "arc_challenge": 47.6, "openbookqa": 57.2}
+    for task, score in table3.items():
+        assert E.TASKS[task].llama_7b == {0: score}
+    assert E.TASKS["nq"].llama_7b == {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}
+    assert E.TASKS["triviaqa"].llama_7b == {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6}
+    assert E.TASKS["mmlu"].llama_7b == {5: 35.1}
+    assert E.MMLU_LLAMA_7B == {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3,
+                               "other": 38.1}
+    assert sorted(len(s) for s in E.MMLU_SUBJECTS.values()) == [12, 13, 13, 19]
+    assert len(set(sum(E.MMLU_SUBJECTS.values(), []))) == 57
+
 
 def test_main_writes_the_report(ckpt, tmp_path, capsys):
     out = str(tmp_path / "report.json")
@@ -179,39 +399,190 @@ def test_main_writes_the_report(ckpt, tmp_path, capsys):
     report = json.load(open(out))
     assert report["task"] == "boolq" and report["n"] == 3 and report["paper_metric"] == "acc_answer"
     assert set(report["metrics"]) == {"acc", "acc_norm", "acc_answer"}
-    for row in report["examples"]:
-        assert len(row["loglik"]) == len(row["loglik_answer"]) == 2
     assert report["paper_rule"] == "argmax P(continuation | context) / P(continuation | 'Answer:')"
-    assert "the paper's table uses acc_answer" in capsys.readouterr().out
+    assert report["llama_7b_paper"] == 76.5
+    assert report["examples_per_s"] == pytest.approx(3 / report["seconds"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("the paper's Table 3 uses acc_answer")
+    assert re.fullmatch(r"3 examples in \d+\.\d s \(\d+\.\d examples/s\)", lines[2])
+    assert os.listdir(tmp_path) == ["report.json"]            # no temporary file left
     E.main(["--ckpt", ckpt, "--task", "arc-challenge", "--data", fixture("arc_challenge.jsonl"),
             "--limit", "1", "--out", out])
     assert len(json.load(open(out))["examples"][0]["loglik"]) == 4
-    report = E.main(["--ckpt", ckpt, "--task", "triviaqa", "--data", fixture("triviaqa.jsonl"),
+    report = E.main(["--ckpt", ckpt, "--task", "triviaqa", "--data", fixture("triviaqa.json"),
                      "--max-new-tokens", "4"])
-    assert report["n"] == 2 and "exact_match" in report["metrics"]
+    assert report["n"] == 2 and report["llama_7b_paper"] == 50.0
 
 
-def exit_message(argv):
+# --- bad input: one line, a non-zero exit, nothing written -------------------------------------
+
+def refused(argv, tmp_path):
+    """main's one-line error for argv; the report it was given is not written."""
+    out = tmp_path / "report.json"
+    out.write_text("an earlier report")
     with pytest.raises(SystemExit) as info:
-        E.main(argv)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+        E.main(argv + ["--out", str(out)])
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message    # a str exits with status 1
+    assert out.read_text() == "an earlier report"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".eval-")]   # no temporary
     return message
 
 
-def test_bad_task_files_say_what_is_wrong(ckpt, tmp_path):
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "-2", "--batch-size -2: give at least 1 (sequences per forward)"),
+    ("--batch-size", "-1", "--batch-size -1: give at least 1 (sequences per forward)"),
+    ("--batch-size", "0", "--batch-size 0: give at least 1 (sequences per forward)"),
+    ("--limit", "0", "--limit 0: give at least 1 example, or leave it out for all"),
+    ("--max-new-tokens", "0", "--max-new-tokens 0: give at least 1 (an answer's length in "
+                              "tokens, 24 by default)"),
+    ("--shots", "-1", "--shots -1: give 0 or more solved examples (the paper: 0, 1, 5, 64 for "
+                      "QA, 5 for MMLU)"),
+    ("--shots", "5", "--shots 5: boolq is zero-shot in the paper; few-shot prompts are for nq, "
+                     "triviaqa and mmlu"),
+    ("--batch-size", "two", "argument --batch-size: invalid int value: 'two'; see python "
+                            "eval.py --help"),
+])
+def test_numeric_flags_are_checked_before_any_work(tmp_path, flag, value, message):
+    argv = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "boolq",
+            "--data", fixture("boolq.jsonl"), flag, value]
+    assert refused(argv, tmp_path) == f"error: {message}"
+
+
+def test_shots_need_their_file_and_mmlu_has_five(tmp_path):
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("nq.jsonl")]
+    assert refused(base + ["--task", "nq", "--shots", "5"], tmp_path) == (
+        "error: --shots 5 needs --shots-from, the file the solved examples come from (a QA "
+        "train file, or MMLU's dev split)")
+    assert refused(base + ["--task", "nq", "--shots-from", fixture("nq_train.jsonl")],
+                   tmp_path) == ("error: --shots-from is read only for few-shot prompts: give "
+                                 "--shots N too")
+    assert refused(base + ["--task", "mmlu", "--shots", "6"], tmp_path) == (
+        "error: --shots 6: MMLU's dev split has 5 questions a subject; give 0 to 5")
+
+
+def test_a_bad_flag_exits_with_status_1_and_one_line(tmp_path):
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", "x", "--task", "piqa", "--data",
+                          fixture("piqa.jsonl"), "--batch-size", "-2"], cwd=cwd,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == "error: --batch-size -2: give at least 1 (sequences per forward)\n"
+
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_bytes(b"".join(line if isinstance(line, bytes) else (line + "\n").encode()
+                              for line in lines))
+    return str(path)
+
+
+def test_bad_records_are_refused_in_one_line(tmp_path):
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data"]
+    need = {task: E.TASKS[task].fields for task in E.TASKS}
+    hella = {"activity_label": "x", "ctx_a": "A man", "ctx_b": "the cat",
+             "endings": ["a", "b", "c", "d"], "label": 0}
+    path = write(tmp_path, "hella.jsonl", [json.dumps(hella), json.dumps({**hella, "label": 7})])
+    assert refused(base + [path, "--task", "hellaswag"], tmp_path) == (
+        f"error: {path} line 2: field label is 7; it must be a number from 0 to 3; hellaswag "
+        f"records need {need['hellaswag']}")
+    assert len(E.read_task("hellaswag", path, limit=1)) == 1        # line 2 is never read
+    path = write(tmp_path, "hella.jsonl", [json.dumps({**hella, "endings": "a b c d"})])
+    assert refused(base + [path, "--task", "hellaswag"], tmp_path) == (
+        f"error: {path} line 1: field endings must be a list of strings, not a string; "
+        f"hellaswag records need {need['hellaswag']}")
+    boolq = {"question": "is it", "passage": "It is.", "label": "false"}
+    path = write(tmp_path, "boolq.jsonl", [json.dumps(boolq)])
+    assert refused(base + [path, "--task", "boolq"], tmp_path) == (
+        f"error: {path} line 1: field label is 'false'; it must be true or false (or 1 or 0); "
+        f"boolq records need {need['boolq']}")
+    siqa = write(tmp_path, "dev.jsonl", open(fixture("siqa.jsonl")).read().splitlines())
+    write(tmp_path, "dev-labels.lst", ["1", "4"])                  # SIQA's labels are 1-3
+    assert refused(base + [siqa, "--task", "siqa"], tmp_path) == (
+        f"error: {siqa} line 2: field label is '4'; it must be a number from 1 to 3; siqa "
+        f"records need {need['siqa']}")
+    arc = {"question": "Why?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+           "answerKey": "C"}
+    path = write(tmp_path, "arc.jsonl", [json.dumps(arc)])
+    assert refused(base + [path, "--task", "arc_easy"], tmp_path) == (
+        f"error: {path} line 1: field answerKey is 'C', not one of the choices' labels "
+        f"['A', 'B']; arc_easy records need {need['arc_easy']}")
+    path = write(tmp_path, "nq.jsonl", [json.dumps({"question": "who"}), "{broken"])
+    assert refused(base + [path, "--task", "nq"], tmp_path) == (
+        f"error: {path} line 1: missing field answer; nq records need {need['nq']}")
+    path = write(tmp_path, "nq.jsonl", [json.dumps({"question": "who", "answer": ["x"]}),
+                                        "{broken"])
+    assert refused(base + [path, "--task", "nq"], tmp_path) == (
+        f"error: {path} line 2 is not valid JSON (Expecting property name enclosed in double "
+        "quotes); expect one object per line")
+    mmlu = write(tmp_path, "virology_test.csv", ["What is it?,a,b,c,d,E"])
+    assert refused(base + [mmlu, "--task", "mmlu", "--shots", "0"], tmp_path) == (
+        f"error: {mmlu} row 1: field answer is 'E'; it must be a letter A-D or an index 0-3; "
+        f"mmlu records need {need['mmlu']}")
+
+
+def test_invalid_utf8_is_one_line(tmp_path):
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data"]
+    good = json.dumps({"question": "who", "answer": ["x"]})
+    path = write(tmp_path, "nq.jsonl", [good, b'{"question": "caf\xe9"}\n'])
+    assert refused(base + [path, "--task", "nq"], tmp_path) == (
+        f"error: {path} line 2 is not UTF-8 (invalid continuation byte, byte 18 of the line); "
+        "re-download the file or convert it to UTF-8")
+    path = write(tmp_path, "text.txt", ["fine", b"caf\xe9 au lait\n"])
+    assert refused(base + [path, "--task", "perplexity"], tmp_path) == (
+        f"error: {path} line 2 is not UTF-8 (invalid continuation byte, byte 4 of the line); "
+        "re-download the file or convert it to UTF-8")
+
+
+def test_bad_files_and_outputs(ckpt, tmp_path):
     base = ["--ckpt", ckpt, "--data"]
-    msg = exit_message(base + [fixture("bad_json.jsonl"), "--task", "arc_easy"])
-    assert "bad_json.jsonl line 2 is not valid JSON" in msg
-    msg = exit_message(base + [fixture("bad_field.jsonl"), "--task", "hellaswag"])
-    assert "line 1: missing or bad endings" in msg and "ctx_a, ctx_b, endings, label" in msg
-    msg = exit_message(base + [fixture("piqa.jsonl"), "--task", "siqa"])   # another format
-    assert "missing or bad context" in msg
-    shutil.copy(fixture("piqa.jsonl"), tmp_path / "valid.jsonl")           # labels left behind
-    assert "missing or bad label" in exit_message(base + [str(tmp_path / "valid.jsonl"),
-                                                          "--task", "piqa"])
-    assert "does not exist" in exit_message(base + [str(tmp_path / "nope.jsonl"), "--task", "piqa"])
-    assert "unknown task 'mmlu'" in exit_message(base + [fixture("piqa.jsonl"), "--task", "mmlu"])
+    empty = write(tmp_path, "empty.txt", [])
+    assert refused(base + [empty, "--task", "perplexity"], tmp_path) == (
+        f"error: {empty} holds no text to score; give a text file, or a .npy/.bin token shard")
+    nothing = write(tmp_path, "nothing.jsonl", ["", "  "])
+    assert refused(base + [nothing, "--task", "piqa"], tmp_path) == (
+        f"error: {nothing} holds no piqa examples")
+    assert refused(base + [fixture("piqa.jsonl"), "--task", "mmlu", "--shots", "0"],
+                   tmp_path).startswith(
+        f"error: {fixture('piqa.jsonl')} line 1: missing field subject; mmlu records need ")
+    assert refused(base + [fixture("piqa.jsonl"), "--task", "gsm8k"], tmp_path).startswith(
+        "error: unknown task 'gsm8k'; choose one of boolq, piqa")
+    assert refused(base + [str(tmp_path / "no.jsonl"), "--task", "piqa"], tmp_path) == (
+        f"error: task file {tmp_path / 'no.jsonl'} does not exist; see eval.py's docstring for "
+        "which piqa file to download")
     np.save(tmp_path / "bad.npy", np.array([5, 9999]))                    # ids beyond 320
-    assert "another tokenizer" in exit_message(base + [str(tmp_path / "bad.npy"),
-                                                       "--task", "perplexity"])
+    assert "another tokenizer" in refused(base + [str(tmp_path / "bad.npy"), "--task",
+                                                  "perplexity"], tmp_path)
+    # --out is checked first: its error comes before the missing checkpoint's.
+    argv = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("piqa.jsonl"), "--task",
+            "piqa", "--out"]
+    with pytest.raises(SystemExit) as info:
+        E.main(argv + [str(tmp_path)])
+    assert info.value.code == (f"error: --out {tmp_path} is a folder; give a file name such as "
+                               f"{tmp_path / 'report.json'}")
+    with pytest.raises(SystemExit) as info:
+        E.main(argv + [str(tmp_path / "missing" / "r.json")])
+    assert info.value.code == (f"error: --out {tmp_path / 'missing' / 'r.json'}: "
+                               f"{tmp_path / 'missing'} is not a folder; create it, or choose "
+                               "another place")
+
+
+def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):
+    def refuse(**kwargs):             # what mkstemp meets in a folder we may not write to
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(E.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as info:              # before the missing checkpoint
+        E.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("piqa.jsonl"),
+                "--task", "piqa", "--out", str(tmp_path / "r.json")])
+    assert info.value.code == (f"error: --out {tmp_path / 'r.json'}: cannot write in {tmp_path} "
+                               "(Permission denied); choose another place")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_decoding(ckpt, tmp_path):
+    argv = ["--ckpt", ckpt, "--task", "nq", "--data", fixture("nq.jsonl"), "--shots", "2",
+            "--shots-from", fixture("nq_train.jsonl"), "--max-new-tokens", "100"]
+    message = refused(argv, tmp_path)
+    assert re.fullmatch(r"error: example \d's prompt is \d+ tokens; with --max-new-tokens 100 it "
+                        r"exceeds the model's max_seq_len 128: use fewer --shots or new tokens",
+                        message)

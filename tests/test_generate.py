@@ -290,6 +290,86 @@ def test_hf_export_matches_independent_forward_and_reads_back(tmp_path, tok_path
     back, tok = G.load_model(out)
     assert torch.equal(back(torch.tensor([ids]))[0], ours)
     assert back.args.ffn_hidden == model.args.ffn_hidden and tok.n_words == 320
+    assert json.load(open(os.path.join(out, "generation_config.json"))) == {
+        "bos_token_id": 1, "eos_token_id": 2}
+    assert json.load(open(os.path.join(out, "tokenizer.json"))) == G.hf_tokenizer_json(tok_path)
+    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["tokenizer_class"] == (
+        "PreTrainedTokenizerFast")
+
+
+@pytest.fixture(scope="module")
+def spaced_tok_path(tmp_path_factory):
+    """A tokenizer that has also seen indented lines, so that it owns whitespace-only pieces."""
+    rng = random.Random(3)
+    lines = tiny_text() + [" " * rng.choice([2, 4, 8]) + line for line in tiny_text(300, seed=2)]
+    path = str(tmp_path_factory.mktemp("tok") / "spaced.model")
+    return train_tokenizer(iter(lines), path, vocab_size=400)
+
+
+def space_stress_texts(n=300, seed=0):
+    """Texts with leading, trailing and runs of spaces, tabs, newlines, digits, and characters
+    the vocabulary lacks (byte fallback): where tokenizers that emulate SentencePiece slip."""
+    rng = random.Random(seed)
+    parts = WORDS + ["\n", "\t", "2023", "é", "🦙", ",", ".", "The", "Cat"]
+    texts = ["", " ", "  ", "\n", " the cat", "  the  cat   sat "]
+    for _ in range(n):
+        words = [rng.choice(parts) for _ in range(rng.randint(1, 8))]
+        texts.append(rng.choice(["", " ", "  ", "    "]) + "".join(
+            w + rng.choice([" ", " ", "  ", "    ", ""]) for w in words))
+    return texts
+
+
+def bpe_by_hand(spec: dict, text: str) -> list:
+    """tokenizer.json applied as `tokenizers` defines it, written plainly: the normalizer ("▁"
+    before a non-empty text, every space a "▁"), characters, then the adjacent pair of lowest
+    merge rank (the leftmost of equals) merged until none is left; a symbol the vocabulary lacks
+    becomes its UTF-8 bytes."""
+    vocab = spec["model"]["vocab"]
+    rank = {tuple(m.split(" ")): r for r, m in enumerate(spec["model"]["merges"])}
+    symbols = list("▁" + text.replace(" ", "▁")) if text else []
+    while True:
+        pairs = [(rank[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in rank]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [i for s in symbols for i in ([vocab[s]] if s in vocab else
+                                         [vocab[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def test_hf_tokenizer_json_encodes_as_sentencepiece(spaced_tok_path):
+    spec, tok = G.hf_tokenizer_json(spaced_tok_path), Tokenizer(spaced_tok_path)
+    assert {"▁▁", "▁▁▁▁"} <= set(spec["model"]["vocab"])      # whitespace-only pieces exist
+    assert spec["pre_tokenizer"] is None and spec["normalizer"]["normalizers"] == [   # as by hand
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    for text in space_stress_texts():
+        assert bpe_by_hand(spec, text) == tok.encode(text, bos=False), repr(text)
+
+
+def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
+    """Where transformers is installed (4.x or 5.x): AutoTokenizer encodes and decodes as our
+    SentencePiece model, LlamaForCausalLM gives our logits, generate() knows <s> and </s>."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(vocab_size=400)
+    ckpt = write_checkpoint(tmp_path / "ours", model, spaced_tok_path)
+    out = str(tmp_path / "hf")
+    G.export_hf(*G.read_checkpoint(ckpt), out)
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(out), Tokenizer(spaced_tok_path)
+    for text in space_stress_texts(100):
+        ids = hf_tok(text)["input_ids"]
+        assert ids == tok.encode(text, bos=True), repr(text)
+        assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids), repr(text)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = tok.encode("the cat sat on  the mat", bos=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits[0],
+                                   model(torch.tensor([ids]))[0], rtol=1e-4, atol=1e-4)
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    ours = G.generate_tokens(model, [ids], 8, temperature=0.0, eos_id=tok.eos_id)[0]
+    assert new.tolist()[:len(ours)] == ours
+    config = transformers.GenerationConfig.from_pretrained(out)
+    assert (config.bos_token_id, config.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
 
 
 @pytest.mark.parametrize("dim,hidden", [(4096, 11008), (64, 176), (64, 96), (2048, 5632)])
