@@ -403,19 +403,21 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     failed = None
     if grid.dp_rank == 0:
         try:
-            r = grid.tp_rank
-            if grid.pp_rank == 0:
-                _save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+            r, written = grid.tp_rank, [os.path.join(tmp, train_state_name(grid))]
             _save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
-                       pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
+                       pp=grid.pp), written[0])
+            if grid.pp_rank == 0:
+                written.append(os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+                _save(shard, written[-1])
             if r == 0 and grid.pp_rank == 0:
                 _write_atomic(os.path.join(tmp, "params.json"), args.to_json())
                 _write_atomic(os.path.join(tmp, "train_config.json"),
                               json.dumps(dataclasses.asdict(cfg), indent=2))
-                shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
-            for f in os.listdir(tmp):               # flush before the rename makes it visible
-                with open(os.path.join(tmp, f), "rb") as fh:
+                written.append(os.path.join(tmp, "tokenizer.model"))
+                shutil.copyfile(tok_path, written[-1])
+            for path in written:                    # flush before the rename makes it visible
+                with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
         except OSError as e:
             failed = e
