@@ -103,6 +103,16 @@ def test_static_step_equals_forward_logits(sdpa_gqa, monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_decoding_equals_plain_decoding():
+    # On CPU at batch 1 the compiled step multiplies by each weight as a product and a sum
+    # (generate.project); the tokens must be those of the plain forward.
+    model = tiny_model()
+    for prompts in ([[1, 5, 9, 200, 17]], [[1, 5, 9], [1, 77]]):
+        plain = G.generate_tokens(model, prompts, 8, temperature=0.0)
+        assert G.generate_tokens(model, prompts, 8, temperature=0.0, static=True,
+                                 compile=True) == plain
+
+
 def test_eos_stops_each_row_and_is_excluded():
     model = tiny_model()
     prompts = [[1, 10, 11], [1, 12]]

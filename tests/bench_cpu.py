@@ -1,0 +1,122 @@
+"""
+bench_cpu.py -- the two CPU speed figures, each against its baseline measured in the same run.
+
+    PYTHONPATH=. python tests/bench_cpu.py             # both
+    PYTHONPATH=. python tests/bench_cpu.py decode      # or one of them
+    PYTHONPATH=. python tests/bench_cpu.py train
+
+1. decode   Batch-1 decoding of an 85M-parameter model (dim 768, 12 layers, 12 heads: 85M weights
+            in the blocks, plus the 32000-row output layer) with random fp32 weights, greedy,
+            against the weight-read bound: tokens/s <= memory bandwidth (a measured copy) /
+            bytes of weights read per token (all but the input embedding, of which a step reads
+            one row). Rows: model.forward with the KV cache, generate.static_step, and the
+            compiled static step (`generate.py --compile`).
+2. train    One training step (forward, loss, backward, clipping, AdamW) of our Transformer
+            against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
+            8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two
+            alternate, round after round, so that a busy neighbour slows both alike; the ratio
+            is of their median step times. transformers is imported only if it is installed.
+
+MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls (train.py's
+CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import generate as G
+import model as M
+import parallel as P
+import train as T
+
+
+def decode(rounds: int = 3, new_tokens: int = 96):
+    torch.manual_seed(0)
+    args = M.ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=512)
+    model = M.Transformer(args).eval().requires_grad_(False)
+    bandwidth, weights = G.memory_bandwidth("cpu"), G.weight_bytes(model)
+    bound = bandwidth / weights
+    print(f"decode: dim 768, 12 layers, {M.count_parameters(args) / 1e6:.0f}M parameters, "
+          f"batch 1, fp32, {torch.get_num_threads()} threads")
+    print(f"  weight-read bound = {bandwidth / 1e9:.1f} GB/s / {weights / 1e6:.0f} MB = "
+          f"{bound:.1f} tokens/s")
+    prompt = [list(range(1, 9))]
+    for name, options in (("model.forward", {}), ("static step", dict(static=True)),
+                          ("compiled static step", dict(static=True, compile=True))):
+        G.generate_tokens(model, prompt, new_tokens, temperature=0, **options)   # warm-up
+        rates = []
+        for _ in range(rounds):
+            stats = {}
+            G.generate_tokens(model, prompt, new_tokens, temperature=0, stats=stats, **options)
+            rates.append(stats["decode_steps"] / stats["decode_s"])
+        rate = statistics.median(rates)
+        print(f"  {name:<22} {rate:6.1f} tokens/s  {100 * rate / bound:5.1f}% of the bound")
+
+
+def train(rounds: int = 7, steps: int = 3):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("train: transformers is not installed (pip install transformers); skipped")
+        return
+    args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096,
+                       multiple_of=32, max_seq_len=256)
+    B, T_ = 8, 256
+    hf_config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn_hidden,
+                            num_hidden_layers=args.n_layers,
+                            num_attention_heads=args.n_heads,
+                            num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
+                            max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
+                            rope_theta=args.rope_theta, tie_word_embeddings=False,
+                            attn_implementation="sdpa")
+    torch.manual_seed(0)
+    ours, theirs = M.Transformer(args), LlamaForCausalLM(hf_config)
+    cfg = T.TrainConfig()
+    opts = {"ours": T.make_optimizer(ours, cfg, torch.device("cpu")),
+            "transformers": torch.optim.AdamW(theirs.parameters(), lr=cfg.lr,
+                                              betas=(cfg.beta1, cfg.beta2),
+                                              weight_decay=cfg.weight_decay)}
+    tokens = torch.randint(0, args.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
+
+    def step(name):
+        model = ours if name == "ours" else theirs
+        out = model(tokens[:, :-1]) if name == "ours" else model(tokens[:, :-1]).logits
+        loss = F.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        if name == "ours":
+            P.clip_grad_norm(model, cfg.clip, P.Grid())
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    times = {"ours": [], "transformers": []}
+    for name in times:                                   # warm-up: allocator, first-call costs
+        step(name)
+    for _ in range(rounds):
+        for name in times:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            times[name].append((time.perf_counter() - t) / steps)
+    peak, source = T.peak_flops(torch.device("cpu"), torch.float32)
+    flops = M.flops_per_token(args, T_)
+    print(f"train: dim 256, 4 layers, batch {B} x sequence {T_}, fp32, "
+          f"{torch.get_num_threads()} threads; MFU against {peak / 1e9:.0f} GFLOP/s [{source}]")
+    for name, ts in times.items():
+        tps = B * T_ / statistics.median(ts)
+        print(f"  {name:<13} {1000 * statistics.median(ts):7.1f} ms/step  {tps:8,.0f} tokens/s  "
+              f"MFU {100 * tps * flops / peak:5.1f}%")
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
+    print(f"  ours / transformers = {ratio:.2f}x (tokens/s)")
+    return ratio
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["decode", "train"]
+    for name in which:
+        {"decode": decode, "train": train}[name]()
