@@ -70,8 +70,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import (SDPA_GQA, ModelArgs, Transformer, apply_rope, merge_state_dicts,
-                   repeat_kv, rope_tables)
+from model import (ModelArgs, Transformer, apply_rope, merge_state_dicts, repeat_kv,
+                   rope_tables)
 from tokenizer import Tokenizer
 
 
@@ -449,6 +449,10 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
 # ---------------------------------------------------------------------------------------------
 # 5. Decoding
 # ---------------------------------------------------------------------------------------------
+
+# SDPA shares each KV head with its group of query heads itself from torch 2.5 on.
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def project(linear, x):
     """linear(x) for a decoding step, x (B, 1, in) -> (B, 1, out).

@@ -242,10 +242,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-# SDPA shares each KV head with its group of query heads itself from torch 2.5 on.
-SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
 def repeat_kv(x, n_rep: int):
     """(B, S, K, E) -> (B, S, K * n_rep, E): each KV head serves n_rep consecutive query heads."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
@@ -267,25 +263,18 @@ def attend(q, k, v, backend: str):
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         bias = LowerTriangularFromBottomRightMask() if T > 1 else None
         return _xformers_ops.memory_efficient_attention(q, k, v, attn_bias=bias)
-    if backend == "sdpa" and n_rep > 1 and SDPA_GQA and q.device.type == "cpu":
-        # PERF: the CPU kernel reads each KV head for its group of query heads, instead of a
-        # repeated copy of K and V (fwd + bwd of the `tiny` layer: 16 ms against 21). The
-        # repeat stays on CUDA, where this path has not been timed.
-        k, v, n_rep = k.transpose(1, 2), v.transpose(1, 2), 1                   # (B, K, S, E)
-        gqa = dict(enable_gqa=True)
-    else:
-        k, v, gqa = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2), {}
     q = q.transpose(1, 2)                                                       # (B, H, T, E)
+    k, v = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)  # (B, H, S, E)
     if backend == "sdpa":
         # NOTE: SDPA's is_causal aligns the mask top-left, right only when S == T; a cached
         # prefill (S > T > 1) needs the explicit bottom-right mask. One query sees every key.
         if T == S:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
-            out = F.scaled_dot_product_attention(q, k, v, **gqa)
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:  # "math": the equation itself, softmax(q k^T / sqrt(E) + mask) v, in fp32
         scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(E)       # (B, H, T, S)
         visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
