@@ -2,10 +2,16 @@
 dedup, shard round trips, the mixture sampler (shares, epochs, dp independence, resume, speed),
 bad input, and the demo corpus. Corpora are a few kilobytes, built in tmp_path."""
 
+import errno
 import gzip
+import hashlib
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -290,25 +296,34 @@ def test_bad_sources_refused_before_work_and_nothing_left(corpus, tmp_path):
 def test_crash_midway_leaves_no_partial_output(corpus, tmp_path, monkeypatch):
     root, model = corpus
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the user's file")
-    real, calls = data._write_shard, []
+    real, calls = data._tokenize_file, []
 
-    def crash_on_second_source(work, name, *args):
-        calls.append(name)
-        if name == "notes":
+    def crash_on_second_source(task):
+        calls.append(task[0])
+        if task[0].startswith("notes/"):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during tokenization
-        return real(work, name, *args)
-    monkeypatch.setattr(data, "_write_shard", crash_on_second_source)
+        return real(task)
+    monkeypatch.setattr(data, "_tokenize_file", crash_on_second_source)
     with pytest.raises(KeyboardInterrupt):
         data.prepare([f"wiki={root}/wiki", f"notes={root}/notes"], str(out), tokenizer=model,
-                     quiet=True)
-    assert "wiki" in calls and _leftovers(str(out)) == ["keep.txt"]
-    with pytest.raises(RuntimeError):
-        with data.atomic_write(str(tmp_path / "x.bin")) as f:  # atomic: no x.bin, no x.bin.tmp
-            f.write(b"half")
-            raise RuntimeError
-    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.tmp").exists()
+                     quiet=True, workers=1)
+    assert any(c.startswith("wiki/") for c in calls)
+    assert sorted(os.listdir(tmp_path)) == []  # neither OUT nor its .tmp-out folder
+
+
+def test_out_must_be_new_or_empty(corpus, tmp_path):
+    root, model = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's file")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "the user's file"
+    (out / "keep.txt").unlink()  # an empty folder is replaced by the dataset
+    data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
+    assert data.is_complete(str(out))
+    with pytest.raises(FileExistsError, match="already holds a prepared dataset"):
+        data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -319,6 +334,205 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["stats", str(tmp_path)])
     assert "no manifest.json" in str(e.value)
+
+
+def _run_cli(argv, cwd, code):
+    """Run `python data.py ARGV` in a fresh interpreter, after the Python lines `code`."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"import sys; sys.path.insert(0, {repo!r}); import data\n{code}\ndata.main({argv!r})"
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True)
+
+
+def test_killed_prepare_leaves_a_leftover_that_is_never_data_and_the_next_run_removes(
+        corpus, tmp_path):
+    root, model = corpus
+    argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+            "--tokenizer", model, "--out", str(tmp_path / "out"), "--quiet"]
+    killed = _run_cli(argv, tmp_path, "import os, signal\n"
+                      "data._concatenate = lambda *a: os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode == -signal.SIGKILL  # SIGKILL: no handler, no cleanup ran
+    assert sorted(os.listdir(tmp_path)) == [".tmp-out"]  # the leftover, under another name
+    assert not data.is_complete(str(tmp_path / ".tmp-out"))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        data.MixtureSampler(str(tmp_path / "out"), 8)
+    done = _run_cli(argv, tmp_path, "")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the leftover is gone, the dataset is whole
+    assert data.MixtureSampler(str(tmp_path / "out"), 8).next_batch(2).shape == (2, 9)
+
+
+def test_a_build_in_progress_is_not_mistaken_for_a_leftover(tmp_path):
+    with data.building(str(tmp_path / "out")) as tmp:
+        open(os.path.join(tmp, "x"), "w").close()
+        with pytest.raises(FileExistsError, match="another process is building"):
+            with data.building(str(tmp_path / "out")):
+                pass
+        assert os.path.exists(os.path.join(tmp, "x"))  # the running build's files are intact
+    assert os.listdir(tmp_path / "out") == ["x"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path", "a/../../outside"])
+def test_manifest_sources_must_stay_inside_the_dataset(tmp_path, name):
+    folder = make_dataset(tmp_path / "ds", {"a": 100}, {"a": 1})
+    manifest = json.load(open(tmp_path / "ds" / "manifest.json"))
+    manifest["sources"][name] = manifest["sources"].pop("a")
+    manifest["weights"] = {name: 1}
+    json.dump(manifest, open(tmp_path / "ds" / "manifest.json", "w"))
+    with pytest.raises(ValueError, match="is not a folder name"):
+        data.MixtureSampler(folder, 8)
+    with pytest.raises(ValueError, match="is not a folder name"):
+        data.validation_windows(folder, 8, 2)
+
+
+@pytest.fixture
+def prepared(corpus, tmp_path):
+    root, model = corpus
+    out = str(tmp_path / "ds")
+    data.prepare([f"wiki:wikipedia={root}/wiki", f"notes={root}/notes"], out, tokenizer=model,
+                 quiet=True, workers=1)
+    return out
+
+
+def test_a_swapped_tokenizer_is_refused(prepared, tmp_path):
+    data.MixtureSampler(prepared, 8)  # the dataset as built is accepted
+    other = train_tokenizer(iter(WIKI_DOCS * 3), str(tmp_path / "other.model"), vocab_size=320)
+    shutil.copyfile(other, os.path.join(prepared, "tokenizer.model"))  # same vocabulary size
+    for read in (lambda: data.MixtureSampler(prepared, 8),
+                 lambda: data.validation_windows(prepared, 8, 2)):
+        with pytest.raises(ValueError, match="not the tokenizer the shards were made with"):
+            read()
+
+
+def test_a_shard_of_the_wrong_dtype_or_vocabulary_is_refused(prepared):
+    path = os.path.join(prepared, "wiki", "train.bin")
+    ids = np.fromfile(path, dtype=np.uint16)
+    ids.astype(np.uint32).tofile(path)  # the same ids written 4 bytes wide
+    with pytest.raises(ValueError, match=rf"holds {4 * len(ids)} bytes where .* uint16 .* make "
+                                         rf"{2 * len(ids)}"):
+        data.MixtureSampler(prepared, 8)
+    (ids + 320).astype(np.uint16).tofile(path)  # right size, ids of a larger vocabulary
+    with pytest.raises(ValueError, match="tokenizer has 320 pieces: the shard was made with"):
+        data.MixtureSampler(prepared, 8)
+
+
+def test_a_manifest_of_another_format_is_refused(prepared):
+    path = os.path.join(prepared, "manifest.json")
+    manifest = json.load(open(path))
+    json.dump(dict(manifest, format=1), open(path, "w"))
+    with pytest.raises(ValueError, match="format 1, this one reads 2"):
+        data.MixtureSampler(prepared, 8)
+
+
+@pytest.mark.parametrize("make_loop,message", [
+    (lambda src: os.symlink(".", src / "loop"), "leads back to"),            # folder -> itself
+    (lambda src: (os.mkdir(src / "sub"), os.symlink("..", src / "sub" / "up")), "leads back to"),
+    (lambda src: os.symlink("x.jsonl", src / "x.jsonl"), "symlink loop; fix or remove it"),
+    (lambda src: os.symlink("missing.jsonl", src / "gone.jsonl"), "broken symlink"),
+])
+def test_symlink_loops_are_one_line_errors(corpus, tmp_path, make_loop, message):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", ["A document."])
+    make_loop(src)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
+                   "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(corpus, tmp_path, monkeypatch):
+    root, model = corpus
+
+    def fill_up(src, dst, *args):  # the disk fills while the shards are joined
+        dst.write(src.read()[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", dst.name)
+    monkeypatch.setattr(data.shutil, "copyfileobj", fill_up)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"notes={root}/notes", "--tokenizer", model,
+                   "--out", str(tmp_path / "out"), "--quiet"])
+    assert str(e.value).startswith("error: [Errno 28] No space left on device")
+    assert str(e.value).endswith("free some space or choose an --out on another disk")
+    assert os.listdir(tmp_path) == []
+
+
+def _fill_up(task):  # at module level: a Pool sends its function to the workers by name
+    open(task[3] + ".jsonl", "w").write("half")
+    raise OSError(errno.ENOSPC, "No space left on device", task[3] + ".jsonl")
+
+
+def test_a_full_disk_in_a_worker_process(corpus, tmp_path, monkeypatch):
+    root, model = corpus
+    monkeypatch.setattr(data, "_clean_file", _fill_up)  # forked workers inherit the patch
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device"):
+        data.main(["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+                   "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A tmpfs of 32 pages of 4 KB; skipped where mounting one is not allowed (it needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_really_full_disk(corpus, tiny_disk):
+    root, model = corpus  # the 9 files of notes need 4 pages each, 36 in all: more than the disk
+    with pytest.raises(SystemExit, match="No space left on device.*free some space"):
+        data.main(["prepare", "--source", f"notes={root}/notes", "--tokenizer", model,
+                   "--out", str(tiny_disk / "out"), "--quiet", "--workers", "1"])
+    assert os.listdir(tiny_disk) == []
+    data.prepare([f"wiki={root}/wiki"], str(tiny_disk / "out"), tokenizer=model, quiet=True)
+    assert data.is_complete(str(tiny_disk / "out"))  # the 2 files of wiki fit
+
+
+FLAG_CASES = [  # (argv, the flag, what the message asks for)
+    (["prepare", "--demo", "--out", "o", "--vocab-size", "100"], "--vocab-size", "of at least 260"),
+    (["prepare", "--demo", "--out", "o", "--vocab-size", "4k"], "--vocab-size", "of at least 260"),
+    (["prepare", "--demo", "--out", "o", "--scale", "0"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--scale", "nan"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--scale", "inf"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--workers", "0"], "--workers", "of at least 1"),
+    (["prepare", "--demo", "--out", "o", "--val-every", "1"], "--val-every", "of at least 2"),
+    (["prepare", "--source", "a=b", "--out", "o", "--shard", "2/2"], "--shard", "0 <= I < N"),
+    (["prepare", "--source", "a=b", "--out", "o", "--shard=-1/2"], "--shard", "0 <= I < N"),
+    (["merge", "p", "--out", "o", "--workers", "-3"], "--workers", "of at least 1"),
+    (["merge", "p", "--out", "o", "--val-every", "x"], "--val-every", "of at least 2"),
+    (["stats", "d", "--train-tokens", "-5"], "--train-tokens", "a number above 0"),
+    (["bench", "d", "--seq-len", "0"], "--seq-len", "of at least 1"),
+    (["bench", "d", "--batch", "2.5"], "--batch", "of at least 1"),
+    (["bench", "d", "--mb", "0"], "--mb", "a number above 0"),
+    (["bench-prepare", "--workers", "1", "0"], "--workers", "of at least 1"),
+    (["bench-prepare", "--mb", "-1"], "--mb", "a number above 0"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,asks", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
+def test_every_numeric_flag_is_checked_in_one_line(argv, flag, asks, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: argument {flag}: use ") and asks in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_option_clashes_are_one_line(capsys):
+    for argv, says in ((["prepare", "--out", "o"], "either --demo or"),
+                       (["prepare", "--source", "a=b", "--out", "o", "--scale", "2"], "--scale"),
+                       (["prepare", "--source", "a=b", "--out", "o", "--shard", "0/2",
+                         "--vocab-size", "300"], "to `data.py merge`")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
 
 
 def test_parse_mix():
@@ -347,9 +561,10 @@ def make_dataset(folder, train_tokens: dict, weights: dict, val_tokens: int = 0)
             np.array([0, count], dtype=np.int64).tofile(os.path.join(folder, name, f"{split}.idx"))
         sources[name] = {"kind": "text", "train": {"tokens": n, "documents": 1},
                          "val": {"tokens": val_tokens, "documents": 1}}
-    open(os.path.join(folder, "tokenizer.model"), "w").close()
-    manifest = dict(format=1, tokenizer="tokenizer.model", vocab_size=2**20, dtype="uint32",
-                    bos_id=1, eos_id=2, weights=weights, sources=sources)
+    open(os.path.join(folder, "tokenizer.model"), "w").close()  # hash of no bytes: see below
+    manifest = dict(format=data.FORMAT, tokenizer="tokenizer.model",
+                    tokenizer_sha256=hashlib.sha256(b"").hexdigest(), vocab_size=2**32,
+                    dtype="uint32", bos_id=1, eos_id=2, weights=weights, sources=sources)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return str(folder)
