@@ -1348,21 +1348,26 @@ def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = Non
             size += len(texts[-1].encode())
     total = sum(len(t.encode()) for t in texts) / 1e6
     batches = [texts[i:i + 512] for i in range(0, len(texts), 512)]
-    ways = {
-        "sentencepiece, one text a call": (1, lambda: [tok.sp.encode(t) for t in texts]),
-        "encode_batch, 512 texts a call": (1, lambda: [tok.encode_batch(b) for b in batches]),
+    ways = {  # (cores, a run that returns the number of ids)
+        "sentencepiece, one text a call": (
+            1, lambda: sum(len(tok.sp.encode(t, add_bos=True, add_eos=True)) for t in texts)),
+        "encode_batch, 512 texts a call": (
+            1, lambda: sum(len(ids) for b in batches for ids in tok.encode_batch(b, eos=True))),
         f"encode_batch, {workers} C++ threads": (
-            workers, lambda: [tok.encode_batch(b, threads=workers) for b in batches]),
+            workers, lambda: sum(len(ids) for b in batches
+                                 for ids in tok.encode_batch(b, eos=True, threads=workers))),
         f"{workers} processes (prepare)": (
-            workers, lambda: list(_map(_encode_count, [(tok_path, b) for b in batches], workers,
-                                       {}))),
+            workers, lambda: sum(_map(_encode_count, [(tok_path, b) for b in batches], workers,
+                                      {}))),
     }
-    rates = {}
+    rates, counts = {}, set()
     for way, (cores, run) in ways.items():
         start = time.perf_counter()
-        run()
+        counts.add(run())
         rate = total / (time.perf_counter() - start)
         rates[way] = (rate, rate / cores)
+    if len(counts) != 1:
+        raise RuntimeError(f"the ways to tokenize disagree on the number of ids: {counts}")
     return rates
 
 
@@ -1384,21 +1389,22 @@ def _bench_corpus(folder: str, mb: float, files: int = 16) -> List[str]:
     return sources
 
 
-def bench_prepare(mb: float, workers: List[int], vocab_size: int = 8000) -> list:
-    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers, a
-    tokenizer given (trained beforehand, untimed), and check that every run writes the same
-    bytes. Returns one row of figures per run."""
+def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None,
+                  vocab_size: int = 8000) -> list:
+    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers and
+    check that every run writes the same bytes. The tokenizer is given (default: one of
+    `vocab_size` pieces trained on the demo's text beforehand, untimed). One row per run."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sources = _bench_corpus(os.path.join(tmp, "raw"), mb)
-        first = [os.path.join(tmp, "raw", name, "part-00000.jsonl") for name in DEMO_MB]
-        lines = (line for path in first for r in read_records(path, Counter())
-                 for line in r["text"].split("\n") if line.strip())
-        tok = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size=vocab_size)
+        if tokenizer is None:
+            lines = (line for records in demo_records(1.0, default_workers()).values()
+                     for r in records for line in r["text"].split("\n") if line.strip())
+            tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
         for n in workers:
             out = os.path.join(tmp, f"out-{n}")
             start = time.perf_counter()
-            report = prepare(sources, out, tokenizer=tok, workers=n, quiet=True)
+            report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
             raw = sum(s["raw_mb"] for s in report["sources"].values())
             tokens = sum(s[split]["tokens"] for s in report["sources"].values()
@@ -1489,6 +1495,7 @@ def main(argv=None):
     pr = sub.add_parser("bench-prepare", help="time prepare of one corpus with 1, 2, ... workers")
     pr.add_argument("--mb", type=number(float, 0, above=True), default=96.0)
     pr.add_argument("--workers", type=number(int, 1), nargs="+", default=[1, default_workers()])
+    pr.add_argument("--tokenizer", help="a SentencePiece .model (default: train one on the demo)")
     pr.add_argument("--vocab-size", type=number(int, 260), default=8000)
     args = p.parse_args(argv)
     try:
@@ -1528,7 +1535,7 @@ def main(argv=None):
                                                          args.workers).items():
                 print(f"tokenize, {way:<34} {rate:6.2f} MB/s  {per_core:6.2f} MB/s per core")
         else:
-            rows = bench_prepare(args.mb, args.workers, args.vocab_size)
+            rows = bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
             for row in rows:
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items())
                 print(f"prepare {args.mb:g} MB, {row['workers']} workers: {row['seconds']:.1f} s "

@@ -547,6 +547,121 @@ def test_parse_mix():
 
 
 # ---------------------------------------------------------------------------------------------
+# Parallel prepare and shards: the same bytes however the work is divided
+# ---------------------------------------------------------------------------------------------
+
+BOILERPLATE = "Subscribe to our newsletter for the latest news from the town."
+
+
+def _page(rng, i, n=12):
+    nouns = ["council", "bridge", "school", "river", "market", "library", "harbour", "museum"]
+    verbs = ["opened", "closed", "rebuilt", "visited", "praised", "painted", "measured"]
+    return [f"The {rng.choice(nouns)} of town {i} was {rng.choice(verbs)} by {rng.randint(2, 99)} "
+            f"people on day {rng.randint(1, 300)} of the year." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory):
+    """Three sources in 12 files. c4 pages repeat a boilerplate line in every file, except an
+    original (file 0), its exact copy (file 1) and a near copy (file 2): dedup must work across
+    files, and across shards once the files are split among them."""
+    root, rng = tmp_path_factory.mktemp("many"), random.Random(0)
+    pages = ["\n".join([BOILERPLATE] + _page(rng, i)) for i in range(10)]
+    original = _page(rng, 10)
+    near = list(original)
+    near[5] = "A single sentence of this page was changed by an editor, nothing else."
+    original, near = "\n".join(original), "\n".join(near)
+    files = [[original, pages[1], pages[2]], [pages[3], original, pages[4]],
+             [near, pages[5], pages[6]], [pages[7], pages[8], pages[9]]]
+    (root / "c4").mkdir()
+    for f, file_pages in enumerate(files):
+        _write_jsonl(root / "c4" / f"{f}.jsonl", file_pages)
+    (root / "wiki").mkdir()
+    for f in range(3):
+        _write_jsonl(root / "wiki" / f"{f}.jsonl", WIKI_DOCS[4 * f:4 * f + 4])
+    (root / "notes").mkdir()
+    for f in range(5):
+        (root / "notes" / f"{f}.txt").write_text(NOTES[f % 4])  # file 4 repeats file 0
+    return [f"c4={root}/c4", f"wiki:wikipedia={root}/wiki", f"notes={root}/notes"]
+
+
+def _prepare_cli(*argv):
+    data.main(["prepare", *argv, "--quiet"])
+
+
+def test_workers_and_shards_write_the_same_bytes(many_files, tmp_path):
+    sources = [arg for s in many_files for arg in ("--source", s)]
+    options = ["--vocab-size", "330", "--val-every", "3"]
+    _prepare_cli(*sources, *options, "--workers", "1", "--out", str(tmp_path / "one"))
+    _prepare_cli(*sources, *options, "--workers", "2", "--out", str(tmp_path / "two"))
+    for n, workers in ((2, "2"), (3, "1")):
+        parts = [str(tmp_path / f"part{i}of{n}") for i in range(n)]
+        for i in range(n):
+            _prepare_cli(*sources, "--shard", f"{i}/{n}", "--workers", workers, "--out", parts[i])
+        data.main(["merge", *parts[::-1], *options, "--workers", str(3 - int(workers)),
+                   "--out", str(tmp_path / f"merged{n}"), "--quiet"])
+    one = str(tmp_path / "one")
+    for other in ("two", "merged2", "merged3"):
+        assert data._same_files(one, str(tmp_path / other)), other
+    stats = json.load(open(os.path.join(one, "stats.json")))["sources"]
+    assert stats["c4"]["dropped"]["exact_dup"] == 1 and stats["c4"]["dropped"]["near_dup"] == 1
+    assert stats["notes"]["dropped"] == {"exact_dup": 1}
+    assert (stats["c4"]["kept"], stats["wiki"]["kept"], stats["notes"]["kept"]) == (10, 12, 4)
+
+
+def test_web_line_dedup_is_per_file(many_files, tmp_path):
+    out = str(tmp_path / "ds")
+    data.prepare(many_files[:1], out, vocab_size=300, quiet=True, workers=1)
+    tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+    manifest = data.load_manifest(out)
+    texts = [tok.decode(data.read_document(out, "c4", split, i)[1:-1].tolist())
+             for split in ("train", "val") for i in range(manifest["sources"]["c4"][split]["documents"])]
+    # kept in the first page of each file that has it; a dedup across files would keep it once
+    assert len(texts) == 10 and sum(BOILERPLATE in t for t in texts) == 4
+
+
+def test_merge_refuses_parts_that_do_not_fit(many_files, corpus, tmp_path, capsys):
+    parts = [str(tmp_path / f"p{i}") for i in range(3)]
+    for i in range(3):
+        data.prepare_shard(many_files, parts[i], i, 3, quiet=True, workers=1)
+    root, _ = corpus
+    data.prepare_shard([f"notes={root}/notes"], str(tmp_path / "other"), 0, 1, quiet=True)
+    out = str(tmp_path / "out")
+    for given, says in ((parts[:2], "got ['0/3', '1/3']"),
+                        ([parts[0], parts[0], parts[1]], "got ['0/3', '0/3', '1/3']"),
+                        ([parts[0], str(tmp_path / "other")], "different sources or files"),
+                        ([str(tmp_path)], "has no part.json")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["merge", *given, "--out", out])
+        assert str(e.value).startswith("error: ") and says in str(e.value)
+        assert "\n" not in str(e.value) and not os.path.exists(out)
+    part = json.load(open(os.path.join(parts[0], "part.json")))
+    assert sorted(part["counts"]) == ["c4/00000", "c4/00003", "notes/00002", "wiki/00002"]
+
+
+def test_a_fingerprint_is_532_bytes():
+    dedup = data.Deduplicator()
+    assert dedup.record.itemsize == 532 == len(dedup.fingerprint("any text at all, " * 1000))
+
+
+def test_bench_prints_the_four_ways_to_tokenize(demo_data, capsys):
+    data.main(["bench", demo_data, "--seq-len", "16", "--batch", "4", "--mb", "0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("MixtureSampler: ") and len(lines) == 5
+    for line, way in zip(lines[1:], ("sentencepiece, one text a call", "encode_batch, 512 texts",
+                                     "C++ threads", "processes (prepare)")):
+        assert way in line and float(line.split()[-6]) > 0
+
+
+def test_bench_prepare_checks_its_runs_agree(demo_data, capsys):
+    data.main(["bench-prepare", "--mb", "0.2", "--workers", "1", "2",
+               "--tokenizer", os.path.join(demo_data, "tokenizer.model")])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.endswith("same bytes as 1 worker(s): True")
+                                   for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # MixtureSampler on synthetic shards: source k holds tokens k*100000 + 0, 1, 2, ...
 # ---------------------------------------------------------------------------------------------
 
