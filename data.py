@@ -13,30 +13,62 @@ train.py calls `MixtureSampler` and `validation_windows`.
     python data.py prepare --source c4=/rp/c4 --source github=/rp/github \\
                            --tokenizer tokenizer.model --out data/rp
     python data.py stats data/demo                       # what was kept, dropped, tokenized
-    python data.py bench data/demo --seq-len 256         # sampler throughput, tokens/s
+    python data.py bench data/demo --seq-len 256         # sampler tokens/s, tokenizer MB/s
+    python data.py bench-prepare --mb 96 --workers 1 2   # prepare's speed, 1 and 2 processes
 
 Reading order
   1. The mixture       Table 1, source kinds, parse_mix
   2. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
   3. Cleaning rules    one small function per rule, grouped by source kind, each citing its paper
   4. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
-  5. prepare           clean -> (train a tokenizer) -> tokenize -> shards -> manifest.json
-  6. MixtureSampler    a deterministic mixture of windows, dp-independent and resumable
+  5. prepare           clean files in parallel -> dedup in file order -> tokenize in parallel;
+                       built in a temporary folder, renamed when whole; --shard and merge
+  6. Reading a dataset check_dataset, then MixtureSampler: windows mixed by weight,
+                       dp-independent and resumable
   7. Demo corpus       the Python standard library as three sources
-  8. Command line
+  8. Command line      and the benchmarks
 
-One source on its way through `prepare`:
+A file is the unit of work. Workers clean each file by the rules of its source's kind and
+fingerprint each surviving document (a 532-byte hash and MinHash); one process then decides, in
+the fixed order of the files, which documents repeat an earlier one; workers tokenize the kept
+documents of each file; the pieces are joined in file order:
 
-    files -> records -> rules of its kind -> exact / near dedup -> kept -> every 50th to "val"
-                                                                             |
-    manifest.json <- SOURCE/{train,val}.{bin,idx} <- tokenize as <s> doc </s> <-+
+    files --workers--> rules of its kind --> text + fingerprint per document   (part/, part.json)
+                                                              |
+    one process, files in order: exact / near dedup, every 50th kept to "val"  <----+
+                                                              |
+    manifest.json <- SOURCE/{train,val}.{bin,idx} <--workers-- tokenize as <s> doc </s>
 
-A prepared folder holds tokenizer.model, stats.json, SOURCE/train.bin, SOURCE/train.idx,
-SOURCE/val.bin, SOURCE/val.idx for every source, and manifest.json, written last: a folder
-without it is an interrupted build, and the sampler refuses it. A .bin file is the tokens of every
-document of the split end to end (uint16 when the vocabulary fits, else uint32); its .idx holds
-the int64 offset at which each document starts, plus the total, so document i is
-bin[idx[i]:idx[i+1]], which starts with BOS and ends with EOS.
+Only fingerprints cross between processes, and only the deciding process holds the dedup state,
+so the output is the same bytes for any --workers (tested), and memory does not grow with them.
+`prepare` builds in OUT/../.tmp-OUT and renames it to OUT when complete; a build that is killed
+leaves .tmp-OUT, which the next build into OUT removes. OUT then holds tokenizer.model,
+stats.json, SOURCE/{train,val}.{bin,idx} for every source, and manifest.json. A .bin file is the
+tokens of every document of the split end to end (uint16 when the vocabulary fits, else uint32);
+its .idx holds the int64 offset at which each document starts, plus the total, so document i is
+bin[idx[i]:idx[i+1]], which starts with BOS and ends with EOS. Reading a folder checks it first:
+the tokenizer's sha256, shard sizes, and a sample of ids (check_dataset).
+
+Beyond one machine, the way CCNet and datatrove split the work: any scheduler (a Slurm array, a
+shell loop over hosts) runs `prepare --shard I/N` over the same sources on N machines; each
+cleans and fingerprints files I, I+N, I+2N, ... into a part folder. `merge PART...` decides the
+dedup of all parts in file order, trains or copies the tokenizer, tokenizes with every core of
+its machine and writes one manifest: the same bytes as one `prepare` over everything (tested).
+
+    python data.py prepare --shard 3/64 --source common_crawl=/cc --out parts/3   # 64 hosts
+    python data.py merge parts/* --tokenizer tokenizer.model --out data/cc
+
+At CommonCrawl scale, with the figures measured on this 2-core machine (AMD EPYC, 96 MB of
+the demo's text, `bench-prepare`): one core cleans XX MB/s of raw text and tokenizes XX MB/s,
+XX G tokens per core-hour for text that is kept. 1.4T tokens in a week (168 h) is then
+1.4e12 / (XX e9 * 168) = XX cores, were every byte read kept. CommonCrawl keeps few of its
+bytes; when a fraction f of the raw text survives the filters, cleaning costs 1/f times more
+core-hours: XX cores at f = 10%. `merge` is what does not spread: it decides XX documents/s in
+one process and holds 0.6 KB per kept document (its MinHash and LSH buckets), so one merge takes
+about 100M documents in 64 GB -- enough for every source but CommonCrawl, which LLaMA took from
+five dumps. There the near dedup is itself split, by LSH band: each band's (band value,
+document) pairs sorted on its own machine, the duplicate pairs joined by union-find (datatrove's
+MinHash stages); this file leaves that out, as CCNet does (its dedup is per shard).
 
 Shape legend: B global batch (B/dp rows per rank), T sequence length. A window holds T+1 tokens:
 the model reads window[:-1] and predicts window[1:].
@@ -45,10 +77,10 @@ What this file leaves out: fastText language identification and CCNet's n-gram p
 filter and "Wikipedia-reference" classifier need downloaded models; `prepare` takes them as hooks
 (`language_id`, `quality`) and uses a simple English heuristic in their place. Wikipedia's 20
 languages and GitHub's repository licenses are metadata: the license is honored when a record
-carries it, never guessed. Dedup state (line hashes, MinHash signatures) is held in memory per
-source, which is fine for millions of documents, not for CommonCrawl: at that scale the work is
-sharded as CCNet does. Dedup runs within a source, not across sources. Tokenization runs in
-one process (a few MB/s); a corpus of terabytes would tokenize its files in parallel.
+carries it, never guessed. Dedup runs within a source, not across sources; the web line dedup
+within a file (CCNet's shard). A file is never split: a source kept in one huge file is cleaned
+and tokenized by one core (`split -l 100000 big.jsonl part-` first). Parallelism is processes
+forked from this one (Linux, macOS), not threads.
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -217,6 +249,9 @@ def _is_record(record) -> bool:
 
 # --- web: CommonCrawl and C4 ---
 
+DIGIT, PUNCTUATION = re.compile(r"\d"), re.compile(r"[\W_]+")  # PERF: compiled once, not per line
+
+
 def web_line_dedup(text: str, seen: set) -> str:
     """Drop every line already seen earlier in this file; blank lines stay as separators.
     PAPER: CCNet removes duplicated paragraphs within a shard, one of the 5 GB pieces a dump is
@@ -226,7 +261,7 @@ def web_line_dedup(text: str, seen: set) -> str:
     are one line."""
     kept = []
     for line in text.split("\n"):
-        key = re.sub(r"[\W_]+", " ", re.sub(r"\d", "0", line.lower())).strip()
+        key = PUNCTUATION.sub(" ", DIGIT.sub("0", line.lower())).strip()
         if key:
             digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
             if digest in seen:
@@ -317,7 +352,8 @@ def code_line_length(text: str) -> Optional[str]:
 def code_alnum_share(text: str) -> Optional[str]:
     """PAPER: drop files that are less than 25% letters and digits: data blobs, ASCII art
     [Codex §3.1; LLaMA §2.1]."""
-    return text if sum(c.isalnum() for c in text) >= 0.25 * len(text) else None
+    # PERF: map(str.isalnum) counts in C; the same count as sum(c.isalnum() for c in text)
+    return text if sum(map(str.isalnum, text)) >= 0.25 * len(text) else None
 
 
 # --- wikipedia: wikitext markup ---
@@ -543,16 +579,8 @@ class Deduplicator:
 # ---------------------------------------------------------------------------------------------
 # 5. prepare: clean each file -> dedup in file order -> tokenize each file -> shards
 # ---------------------------------------------------------------------------------------------
-# A file is the unit of parallel work. What looks at one document alone -- the cleaning rules
-# (the web line dedup's scope is one file), the hash and MinHash, tokenization -- runs in worker
-# processes, one file per task. What depends on every earlier document -- exact and near dedup,
-# every 50th kept document to val -- runs in this process, in the fixed order of the files, on
-# 532-byte fingerprints instead of text. The output is therefore the same for any number of
-# workers, and for any split of the files into shards that `merge` joins again.
-#
-#   files --(workers)--> PART/NAME/00000.jsonl (cleaned text) + .sig (fingerprints), part.json
-#   parts --(this process, file order)--> dedup decisions: per document dropped / train / val
-#         --> tokenizer.model --(workers)--> kept documents tokenized --> NAME/{train,val}.bin
+# Workers do what looks at one file alone; this process decides what depends on every earlier
+# document (dedup, the val split), in file order, from fingerprints: the docstring's diagram.
 
 TRAIN, VAL = 1, 2  # a document's fate in the dedup decisions; 0 = dropped
 PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
@@ -654,6 +682,9 @@ def _map(fn, tasks: list, workers: int, hooks: dict, ordered: bool = False):
         yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
 
 
+NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
+
+
 def parse_source(spec: str):
     """"NAME[:KIND]=DIR" -> (name, kind, dir); the kind defaults to Table 1's, else "text"."""
     left, sep, folder = spec.partition("=")
@@ -665,9 +696,6 @@ def parse_source(spec: str):
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(KINDS)}")
     return name, kind, folder
-
-
-NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
 
 
 def _list_sources(sources: List[str]) -> list:
@@ -764,24 +792,27 @@ def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
 
 def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: int, hooks: dict,
                 quiet: bool) -> dict:
-    """Clean files shard, shard+shards, ... of `listing` into folder/NAME/00000.{jsonl,sig} and
-    write folder/part.json: every file of every source, and this part's counts per file."""
+    """Clean files shard, shard + shards, ... of `listing` into folder/NAME/00000.{jsonl,sig};
+    write folder/part.json: the listing (to check that parts fit together) and, per file of
+    this part, what was read and dropped. Returns the part.json."""
     files = [(name, kind, k, path) for name, kind, _, paths in listing
              for k, path in enumerate(paths)]
-    mine = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
-            for j, (name, kind, k, path) in enumerate(files) if j % shards == shard]
+    tasks = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
+             for j, (name, kind, k, path) in enumerate(files) if j % shards == shard]
+    tasks.sort(key=lambda task: -os.path.getsize(task[2]))  # largest first: see _map
     for name, *_ in listing:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
-    mine.sort(key=lambda task: -os.path.getsize(task[2]))
-    counts, bar = {}, Progress("clean", sum(os.path.getsize(t[2]) for t in mine), quiet)
-    for key, count in _map(_clean_file, mine, workers, hooks):
-        counts[key] = count
-        bar.show(sum(c["raw_bytes"] for c in counts.values()))
-    bar.show(bar.total, final=True)
+    counts, done = {}, 0
+    bar = Progress("clean", sum(os.path.getsize(task[2]) for task in tasks), quiet)
+    for key, count in _map(_clean_file, tasks, workers, hooks):
+        counts[key], done = count, done + count["raw_bytes"]
+        bar.show(done)
+    bar.show(done, final=True)
     part = dict(format=PART_FORMAT, shard=[shard, shards],
-                sources=[dict(name=name, kind=kind,
-                              files=[[os.path.relpath(p, folder_), os.path.getsize(p)] for p in paths])
-                         for name, kind, folder_, paths in listing],
+                sources=[dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
+                                                             os.path.getsize(path)]
+                                                            for path in paths])
+                         for name, kind, root, paths in listing],
                 counts={key: counts[key] for key in sorted(counts)})
     with open(os.path.join(folder, "part.json"), "w") as f:
         json.dump(part, f, indent=1)
@@ -892,8 +923,8 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
     report = dict(sources=stats, tokenizer_trained=trained)
     manifest = dict(format=FORMAT, tokenizer="tokenizer.model", tokenizer_sha256=_sha256(tok_path),
                     vocab_size=tok.n_words, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    weights=weights, sources={n: dict(kind=stats[n]["kind"], train=stats[n]["train"],
-                                                      val=stats[n]["val"]) for n in keys})
+                    weights=weights, sources={n: {k: stats[n][k] for k in ("kind", "train", "val")}
+                                              for n in keys})
     for filename, content in (("stats.json", report), ("manifest.json", manifest)):
         with open(os.path.join(tmp, filename), "w") as f:  # no timings: the same bytes each run
             json.dump(content, f, indent=2)
@@ -995,7 +1026,11 @@ def load_manifest(data_dir: str) -> dict:
             manifest = json.load(f)
         except ValueError:
             raise ValueError(f"{path!r} is not valid JSON; prepare the dataset again") from None
-    check_dataset(data_dir, manifest)
+    try:
+        check_dataset(data_dir, manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
+                         f"{e}); prepare the dataset again") from None
     return manifest
 
 
@@ -1401,18 +1436,20 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
             lines = (line for records in demo_records(1.0, default_workers()).values()
                      for r in records for line in r["text"].split("\n") if line.strip())
             tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
-        for n in workers:
-            out = os.path.join(tmp, f"out-{n}")
+        for run, n in enumerate(workers):
+            out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
             report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
             raw = sum(s["raw_mb"] for s in report["sources"].values())
             tokens = sum(s[split]["tokens"] for s in report["sources"].values()
                          for split in ("train", "val"))
+            read = sum(s["read"] for s in report["sources"].values())
             rows.append(dict(workers=n, seconds=seconds, raw_mb_per_s=raw / seconds,
                              tokens=tokens, tokens_per_core_hour=tokens / seconds / n * 3600,
-                             stages=report["seconds"],
-                             identical=_same_files(out, os.path.join(tmp, f"out-{workers[0]}"))))
+                             stages=report["seconds"], dedup_docs_per_s=read / max(
+                                 report["seconds"]["dedup"], 1e-9),
+                             identical=_same_files(out, os.path.join(tmp, "out-0"))))
     return rows
 
 
@@ -1541,8 +1578,9 @@ def main(argv=None):
                 print(f"prepare {args.mb:g} MB, {row['workers']} workers: {row['seconds']:.1f} s "
                       f"({stages}), {row['raw_mb_per_s']:.1f} MB/s, speedup "
                       f"{rows[0]['seconds'] / row['seconds']:.2f}, "
-                      f"{row['tokens_per_core_hour'] / 1e9:.2f} G tokens/h per core, same bytes "
-                      f"as {rows[0]['workers']} worker(s): {row['identical']}")
+                      f"{row['tokens_per_core_hour'] / 1e9:.2f} G tokens/h per core, dedup "
+                      f"{row['dedup_docs_per_s']:,.0f} documents/s, same bytes as "
+                      f"{rows[0]['workers']} worker(s): {row['identical']}")
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk

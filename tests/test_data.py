@@ -415,12 +415,19 @@ def test_a_shard_of_the_wrong_dtype_or_vocabulary_is_refused(prepared):
         data.MixtureSampler(prepared, 8)
 
 
-def test_a_manifest_of_another_format_is_refused(prepared):
+def test_a_manifest_of_another_format_or_layout_is_refused(prepared):
     path = os.path.join(prepared, "manifest.json")
     manifest = json.load(open(path))
     json.dump(dict(manifest, format=1), open(path, "w"))
     with pytest.raises(ValueError, match="format 1, this one reads 2"):
         data.MixtureSampler(prepared, 8)
+    del manifest["tokenizer_sha256"]
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ValueError, match="does not have the layout of a manifest.*prepare"):
+        data.MixtureSampler(prepared, 8)
+    json.dump(dict(manifest, sources=[1, 2]), open(path, "w"))
+    with pytest.raises(SystemExit, match="^error: .*does not have the layout of a manifest"):
+        data.main(["stats", prepared])
 
 
 @pytest.mark.parametrize("make_loop,message", [
@@ -615,7 +622,8 @@ def test_web_line_dedup_is_per_file(many_files, tmp_path):
     tok = Tokenizer(os.path.join(out, "tokenizer.model"))
     manifest = data.load_manifest(out)
     texts = [tok.decode(data.read_document(out, "c4", split, i)[1:-1].tolist())
-             for split in ("train", "val") for i in range(manifest["sources"]["c4"][split]["documents"])]
+             for split in ("train", "val")
+             for i in range(manifest["sources"]["c4"][split]["documents"])]
     # kept in the first page of each file that has it; a dedup across files would keep it once
     assert len(texts) == 10 and sum(BOILERPLATE in t for t in texts) == 4
 
