@@ -55,20 +55,23 @@ cleans and fingerprints files I, I+N, I+2N, ... into a part folder. `merge PART.
 dedup of all parts in file order, trains or copies the tokenizer, tokenizes with every core of
 its machine and writes one manifest: the same bytes as one `prepare` over everything (tested).
 
-    python data.py prepare --shard 3/64 --source common_crawl=/cc --out parts/3   # 64 hosts
+    python data.py prepare --shard 3/64 --source common_crawl=/cc --out parts/3   # host 3 of 64
     python data.py merge parts/* --tokenizer tokenizer.model --out data/cc
 
-At CommonCrawl scale, with the figures measured on this 2-core machine (AMD EPYC, 96 MB of
-the demo's text, `bench-prepare`): one core cleans XX MB/s of raw text and tokenizes XX MB/s,
-XX G tokens per core-hour for text that is kept. 1.4T tokens in a week (168 h) is then
-1.4e12 / (XX e9 * 168) = XX cores, were every byte read kept. CommonCrawl keeps few of its
-bytes; when a fraction f of the raw text survives the filters, cleaning costs 1/f times more
-core-hours: XX cores at f = 10%. `merge` is what does not spread: it decides XX documents/s in
-one process and holds 0.6 KB per kept document (its MinHash and LSH buckets), so one merge takes
-about 100M documents in 64 GB -- enough for every source but CommonCrawl, which LLaMA took from
-five dumps. There the near dedup is itself split, by LSH band: each band's (band value,
-document) pairs sorted on its own machine, the duplicate pairs joined by union-find (datatrove's
-MinHash stages); this file leaves that out, as CCNet does (its dedup is per shard).
+At CommonCrawl scale, with figures measured here (`bench-prepare --mb 96 --workers 1 2`: 96 MB
+of the demo's text re-cut into 25k documents, a given 8000-piece tokenizer, one core of a 2-core
+AMD EPYC): one core cleans 9.9 MB/s of raw jsonl and tokenizes 5.3 MB/s of kept text (1.6M
+tokens/s); in all, 3.1G tokens per core-hour. Two workers are 1.8-1.9x faster than one. 1.4T
+tokens in a week (168 h) is then 1.4e12 / (3.1e9 * 168) = 3 cores, were every byte read kept.
+CommonCrawl keeps few: if 10% of the raw text survives, cleaning reads 1.4e12 * 3.3 bytes/token
+/ 0.1 = 46 TB, 1300 core-hours at 9.9 MB/s, and tokenizing takes 240: 9 cores for the week --
+before CCNet's language and perplexity models, which this file replaces by a heuristic and which
+cost more than all of the above. What does not spread is `merge`'s decisions: 16,000 documents/s
+in one process, holding 8 KB per kept document (its MinHash, 32 LSH bucket entries), so one merge
+takes about 8M documents in 64 GB. 1.4T tokens are some 1.4B documents: there the near dedup is
+itself split by LSH band, each band's (value, document) pairs sorted on their own machine and the
+duplicate pairs joined by union-find (datatrove's MinHash stages), or kept within a shard as
+CCNet does. This file leaves that out.
 
 Shape legend: B global batch (B/dp rows per rank), T sequence length. A window holds T+1 tokens:
 the model reads window[:-1] and predicts window[1:].
@@ -643,7 +646,8 @@ def building(out_dir: str):
 
 def _lock(folder: str) -> int:
     """An exclusive lock on `folder`, held until the returned descriptor is closed. The system
-    drops it when its process dies, however it dies, so a leftover is never locked."""
+    drops it when its process dies, however it dies, so a leftover is never locked. Forked
+    workers share it: a killed build is not removed while its workers still write into it."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -668,6 +672,9 @@ def _worker_init(hooks: dict, in_pool: bool):
     _WORKER.update(hooks)
     if in_pool:  # Ctrl-C reaches every process; only the parent stops, and it stops the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # NOTE: a task's exception travels back to the parent, so a worker has nothing to say
+        # on stderr but the broken pipe it meets when its parent was killed: that is silenced.
+        sys.stderr = open(os.devnull, "w")
 
 
 def _map(fn, tasks: list, workers: int, hooks: dict, ordered: bool = False):
@@ -1368,7 +1375,7 @@ def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = Non
     """{way: (MB/s, MB/s per core)} of the dataset's tokenizer encoding the same `mb` MB of its
     documents (decoded back from the train shards), four ways: plain SentencePiece, one text per
     call; one call per 512 texts (Tokenizer.encode_batch); that call shared among `workers` C++
-    threads; and `workers` processes of one call per 512 texts each, as `prepare` runs it."""
+    threads; and `workers` processes, each encoding its texts as `prepare` does."""
     workers = workers or default_workers()
     manifest, tok_path = load_manifest(data_dir), os.path.join(data_dir, "tokenizer.model")
     tok, texts = Tokenizer(tok_path), []
@@ -1391,9 +1398,10 @@ def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = Non
         f"encode_batch, {workers} C++ threads": (
             workers, lambda: sum(len(ids) for b in batches
                                  for ids in tok.encode_batch(b, eos=True, threads=workers))),
-        f"{workers} processes (prepare)": (
-            workers, lambda: sum(_map(_encode_count, [(tok_path, b) for b in batches], workers,
-                                      {}))),
+        f"{workers} processes (prepare)": (  # tasks of 64 texts, so that no process waits
+            workers, lambda: sum(_map(_encode_count, [(tok_path, texts[i:i + 64])
+                                                      for i in range(0, len(texts), 64)],
+                                      workers, {}))),
     }
     rates, counts = {}, set()
     for way, (cores, run) in ways.items():

@@ -361,6 +361,22 @@ def test_killed_prepare_leaves_a_leftover_that_is_never_data_and_the_next_run_re
     assert data.MixtureSampler(str(tmp_path / "out"), 8).next_batch(2).shape == (2, 9)
 
 
+def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus, tmp_path):
+    root, model = corpus
+    argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+            "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"]
+    killed = _run_cli(argv, tmp_path, "import os, signal, time\n"  # killed at the first result,
+                      "real = data._clean_file\n"                  # while a worker still works
+                      "def slow(task):\n    time.sleep(0.3)\n    return real(task)\n"
+                      "data._clean_file = slow\n"
+                      "data.Progress.show = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+    # run() returns once the workers have closed the stderr they inherited: they have exited
+    assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr
+    assert sorted(os.listdir(tmp_path)) == [".tmp-out"]
+    data.prepare([f"wiki={root}/wiki"], str(tmp_path / "out"), tokenizer=model, quiet=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_a_build_in_progress_is_not_mistaken_for_a_leftover(tmp_path):
     with data.building(str(tmp_path / "out")) as tmp:
         open(os.path.join(tmp, "x"), "w").close()
