@@ -190,6 +190,8 @@ def main(argv=None):
         if args.train:
             if not args.out:
                 p.error("--train needs --out PATH.model")
+            if os.path.exists(args.out):
+                p.error(f"--out {args.out} already exists; delete it or choose another path")
             train_tokenizer(args.train, args.out, vocab_size=args.vocab_size)
             print(f"wrote {args.out} ({Tokenizer(args.out).n_words} pieces)")
         if args.encode is not None:

@@ -1,6 +1,9 @@
 """Tests for data.py: every cleaning rule (what it removes and what it keeps), exact and near
-dedup, shard round trips, the mixture sampler (shares, epochs, dp independence, resume, speed),
-bad input, and the demo corpus. Corpora are a few kilobytes, built in tmp_path."""
+dedup, shard round trips, builds that are interrupted or killed (nothing half-written is left or
+read), the checks of a dataset against its manifest, bad input and flags (one-line errors),
+parallel and sharded builds that write the same bytes as one process, the mixture sampler
+(shares, epochs, dp independence, resume, speed), and the demo corpus. Corpora are a few
+kilobytes, built in tmp_path."""
 
 import errno
 import gzip
@@ -534,6 +537,9 @@ FLAG_CASES = [  # (argv, the flag, what the message asks for)
     (["bench", "d", "--mb", "0"], "--mb", "a number above 0"),
     (["bench-prepare", "--workers", "1", "0"], "--workers", "of at least 1"),
     (["bench-prepare", "--mb", "-1"], "--mb", "a number above 0"),
+    (["bench-prepare", "--vocab-size", "10"], "--vocab-size", "of at least 260"),
+    (["bench", "d", "--workers", "0"], "--workers", "of at least 1"),
+    (["merge", "p", "--out", "o", "--vocab-size", "0"], "--vocab-size", "of at least 260"),
 ]
 
 

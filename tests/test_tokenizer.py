@@ -129,6 +129,16 @@ def test_cli_numeric_flags_are_one_line_errors(argv, capsys, tmp_path, monkeypat
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_never_overwrites_a_model(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS))
+    (tmp_path / "o.model").write_bytes(b"an earlier model")
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "c.txt"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "o.model")])
+    assert e.value.code == 2 and "already exists; delete it" in capsys.readouterr().err
+    assert (tmp_path / "o.model").read_bytes() == b"an earlier model"
+
+
 def test_a_full_disk_leaves_no_model(tmp_path, monkeypatch):
     (tmp_path / "c.txt").write_text("\n".join(CORPUS))
 
