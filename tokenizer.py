@@ -28,9 +28,9 @@ it. There is no padding token (pad_id = -1, as Meta's): batching code pads with 
 """
 
 import argparse
+import io
 import os
 import sys
-import tempfile
 from typing import Iterable, List, Union
 
 import sentencepiece as spm
@@ -68,9 +68,9 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
 
     `source` is either a list of file paths, or an iterator (a generator, `iter(texts)`) of
     strings. SentencePiece reads "sentences": for files, one per line; from an iterator, one each.
-    At most `max_sentences` are sampled (the trainer holds them all in memory). The model is
-    trained into a temporary folder and moved into place at the end, so an interrupted run never
-    leaves a truncated `out` behind.
+    At most `max_sentences` are sampled (the trainer holds them all in memory) with a fixed seed:
+    the same text gives the same model, byte for byte. The model is written to OUT.tmp and
+    renamed, so an interrupted run never leaves a truncated `out` behind.
     """
     if vocab_size < 260:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 "
@@ -80,25 +80,33 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
         for path in source:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"training file {path!r} does not exist")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        prefix = os.path.join(tmp, "spm")
-        kwargs = dict(TRAINER_SPEC, model_prefix=prefix, vocab_size=vocab_size,
-                      input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                      num_threads=num_threads, minloglevel=2)
-        if is_files:
-            kwargs["input"] = ",".join(source)
-        else:
-            kwargs["sentence_iterator"] = iter(source)
-        try:
-            spm.SentencePieceTrainer.train(**kwargs)
-        except RuntimeError as e:
-            # SentencePiece's own message says what to change ("Vocabulary size is too high
-            # (32000). Please set it to a value <= 1234."); keep it, drop its C++ source location.
-            reason = str(e).rsplit("] ", 1)[-1]
-            raise ValueError(f"SentencePiece could not train on this text: {reason}") from None
-        os.replace(prefix + ".model", out)
+    # NOTE: the model is handed back in memory (model_writer), not written under a model_prefix:
+    # SentencePiece stores the prefix inside the model, and a temporary path would make two
+    # trainings on the same text differ. The thread count is stored too, but changes no piece.
+    model = io.BytesIO()
+    kwargs = dict(TRAINER_SPEC, model_writer=model, vocab_size=vocab_size,
+                  input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                  num_threads=num_threads, minloglevel=2)
+    if is_files:
+        kwargs["input"] = ",".join(source)
+    else:
+        kwargs["sentence_iterator"] = iter(source)
+    spm.set_random_generator_seed(0)  # the same sample of sentences on every run
+    try:
+        spm.SentencePieceTrainer.train(**kwargs)
+    except RuntimeError as e:
+        # SentencePiece's own message says what to change ("Vocabulary size is too high
+        # (32000). Please set it to a value <= 1234."); keep it, drop its C++ source location.
+        reason = str(e).rsplit("] ", 1)[-1]
+        raise ValueError(f"SentencePiece could not train on this text: {reason}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        with open(out + ".tmp", "wb") as f:
+            f.write(model.getvalue())
+        os.replace(out + ".tmp", out)
+    finally:
+        if os.path.exists(out + ".tmp"):  # a full disk: no half-written model is left
+            os.remove(out + ".tmp")
     return out
 
 
@@ -130,6 +138,15 @@ class Tokenizer:
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def encode_batch(self, texts: List[str], bos: bool = True, eos: bool = False,
+                     threads: int = 1) -> list:
+        """encode() of many texts at once: a list of int32 numpy arrays, one per text.
+        PERF: replaces [encode(t) for t in texts]: one call into SentencePiece's C++ for the
+        whole list, no Python list of ids per text; `threads` > 1 shares the list among C++
+        threads (data.py runs one process per core instead, see `python data.py bench`)."""
+        return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=threads,
+                              return_type="numpy")
+
     def pieces(self, text: str) -> List[str]:
         """The pieces of `text`, for looking at what the model sees."""
         return self.sp.encode(text, out_type=str)
@@ -139,10 +156,32 @@ class Tokenizer:
 # 4. Command line
 # ---------------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr that says what to do, and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def at_least(minimum: int):
+    """An argparse type: a whole number >= minimum, or an error that says which to use."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"use a whole number of at least {minimum}, "
+                                             f"not {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train or inspect a LLaMA-style SentencePiece BPE.")
+    p = OneLineParser(description="Train or inspect a LLaMA-style SentencePiece BPE.")
     p.add_argument("--train", nargs="+", metavar="FILE", help="text files to train on")
-    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--vocab-size", type=at_least(260), default=32000,
+                   help="pieces: 256 bytes + <unk> <s> </s> at least, 32000 in LLaMA")
     p.add_argument("--out", help="where to write the trained PATH.model")
     p.add_argument("--model", help="an existing .model to inspect with --encode")
     p.add_argument("--encode", metavar="TEXT", help="print the pieces and ids of TEXT")
@@ -151,6 +190,8 @@ def main(argv=None):
         if args.train:
             if not args.out:
                 p.error("--train needs --out PATH.model")
+            if os.path.exists(args.out):
+                p.error(f"--out {args.out} already exists; delete it or choose another path")
             train_tokenizer(args.train, args.out, vocab_size=args.vocab_size)
             print(f"wrote {args.out} ({Tokenizer(args.out).n_words} pieces)")
         if args.encode is not None:
@@ -158,8 +199,9 @@ def main(argv=None):
             print(" ".join(tok.pieces(args.encode)))
             print(tok.encode(args.encode))
         if not args.train and args.encode is None:
-            p.error("nothing to do: give --train FILE... --out PATH.model, or --model PATH --encode TEXT")
-    except (ValueError, FileNotFoundError) as e:
+            p.error("nothing to do: give --train FILE... --out PATH.model, or --model PATH "
+                    "--encode TEXT")
+    except (ValueError, OSError) as e:  # OSError: a missing, unreadable or full-disk path
         sys.exit(f"error: {e}")
 
 

@@ -1,11 +1,20 @@
 """Tests for data.py: every cleaning rule (what it removes and what it keeps), exact and near
-dedup, shard round trips, the mixture sampler (shares, epochs, dp independence, resume, speed),
-bad input, and the demo corpus. Corpora are a few kilobytes, built in tmp_path."""
+dedup, shard round trips, builds that are interrupted or killed (nothing half-written is left or
+read), the checks of a dataset against its manifest, bad input and flags (one-line errors),
+parallel and sharded builds that write the same bytes as one process, the mixture sampler
+(shares, epochs, dp independence, resume, speed), and the demo corpus. Corpora are a few
+kilobytes, built in tmp_path."""
 
+import errno
 import gzip
+import hashlib
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -290,25 +299,34 @@ def test_bad_sources_refused_before_work_and_nothing_left(corpus, tmp_path):
 def test_crash_midway_leaves_no_partial_output(corpus, tmp_path, monkeypatch):
     root, model = corpus
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the user's file")
-    real, calls = data._write_shard, []
+    real, calls = data._tokenize_file, []
 
-    def crash_on_second_source(work, name, *args):
-        calls.append(name)
-        if name == "notes":
+    def crash_on_second_source(task):
+        calls.append(task[0])
+        if task[0].startswith("notes/"):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during tokenization
-        return real(work, name, *args)
-    monkeypatch.setattr(data, "_write_shard", crash_on_second_source)
+        return real(task)
+    monkeypatch.setattr(data, "_tokenize_file", crash_on_second_source)
     with pytest.raises(KeyboardInterrupt):
         data.prepare([f"wiki={root}/wiki", f"notes={root}/notes"], str(out), tokenizer=model,
-                     quiet=True)
-    assert "wiki" in calls and _leftovers(str(out)) == ["keep.txt"]
-    with pytest.raises(RuntimeError):
-        with data.atomic_write(str(tmp_path / "x.bin")) as f:  # atomic: no x.bin, no x.bin.tmp
-            f.write(b"half")
-            raise RuntimeError
-    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.tmp").exists()
+                     quiet=True, workers=1)
+    assert any(c.startswith("wiki/") for c in calls)
+    assert sorted(os.listdir(tmp_path)) == []  # neither OUT nor its .tmp-out folder
+
+
+def test_out_must_be_new_or_empty(corpus, tmp_path):
+    root, model = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's file")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "the user's file"
+    (out / "keep.txt").unlink()  # an empty folder is replaced by the dataset
+    data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
+    assert data.is_complete(str(out))
+    with pytest.raises(FileExistsError, match="already holds a prepared dataset"):
+        data.prepare([f"notes={root}/notes"], str(out), tokenizer=model, quiet=True)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -321,6 +339,231 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no manifest.json" in str(e.value)
 
 
+def _run_cli(argv, cwd, code):
+    """Run `python data.py ARGV` in a fresh interpreter, after the Python lines `code`."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"import sys; sys.path.insert(0, {repo!r}); import data\n{code}\ndata.main({argv!r})"
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True)
+
+
+def test_killed_prepare_leaves_a_leftover_that_is_never_data_and_the_next_run_removes(
+        corpus, tmp_path):
+    root, model = corpus
+    argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+            "--tokenizer", model, "--out", str(tmp_path / "out"), "--quiet"]
+    killed = _run_cli(argv, tmp_path, "import os, signal\n"
+                      "data._concatenate = lambda *a: os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode == -signal.SIGKILL  # SIGKILL: no handler, no cleanup ran
+    assert sorted(os.listdir(tmp_path)) == [".tmp-out"]  # the leftover, under another name
+    assert not data.is_complete(str(tmp_path / ".tmp-out"))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        data.MixtureSampler(str(tmp_path / "out"), 8)
+    done = _run_cli(argv, tmp_path, "")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the leftover is gone, the dataset is whole
+    assert data.MixtureSampler(str(tmp_path / "out"), 8).next_batch(2).shape == (2, 9)
+
+
+def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus, tmp_path):
+    root, model = corpus
+    argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+            "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"]
+    killed = _run_cli(argv, tmp_path, "import os, signal, time\n"  # killed at the first result,
+                      "real = data._clean_file\n"                  # while a worker still works
+                      "def slow(task):\n    time.sleep(0.3)\n    return real(task)\n"
+                      "data._clean_file = slow\n"
+                      "data.Progress.show = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+    # run() returns once the workers have closed the stderr they inherited: they have exited
+    assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr
+    assert sorted(os.listdir(tmp_path)) == [".tmp-out"]
+    data.prepare([f"wiki={root}/wiki"], str(tmp_path / "out"), tokenizer=model, quiet=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_build_in_progress_is_not_mistaken_for_a_leftover(tmp_path):
+    with data.building(str(tmp_path / "out")) as tmp:
+        open(os.path.join(tmp, "x"), "w").close()
+        with pytest.raises(FileExistsError, match="another process is building"):
+            with data.building(str(tmp_path / "out")):
+                pass
+        assert os.path.exists(os.path.join(tmp, "x"))  # the running build's files are intact
+    assert os.listdir(tmp_path / "out") == ["x"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path", "a/../../outside"])
+def test_manifest_sources_must_stay_inside_the_dataset(tmp_path, name):
+    folder = make_dataset(tmp_path / "ds", {"a": 100}, {"a": 1})
+    manifest = json.load(open(tmp_path / "ds" / "manifest.json"))
+    manifest["sources"][name] = manifest["sources"].pop("a")
+    manifest["weights"] = {name: 1}
+    json.dump(manifest, open(tmp_path / "ds" / "manifest.json", "w"))
+    with pytest.raises(ValueError, match="is not a folder name"):
+        data.MixtureSampler(folder, 8)
+    with pytest.raises(ValueError, match="is not a folder name"):
+        data.validation_windows(folder, 8, 2)
+
+
+@pytest.fixture
+def prepared(corpus, tmp_path):
+    root, model = corpus
+    out = str(tmp_path / "ds")
+    data.prepare([f"wiki:wikipedia={root}/wiki", f"notes={root}/notes"], out, tokenizer=model,
+                 quiet=True, workers=1)
+    return out
+
+
+def test_a_swapped_tokenizer_is_refused(prepared, tmp_path):
+    data.MixtureSampler(prepared, 8)  # the dataset as built is accepted
+    other = train_tokenizer(iter(WIKI_DOCS * 3), str(tmp_path / "other.model"), vocab_size=320)
+    shutil.copyfile(other, os.path.join(prepared, "tokenizer.model"))  # same vocabulary size
+    for read in (lambda: data.MixtureSampler(prepared, 8),
+                 lambda: data.validation_windows(prepared, 8, 2)):
+        with pytest.raises(ValueError, match="not the tokenizer the shards were made with"):
+            read()
+
+
+def test_a_shard_of_the_wrong_dtype_or_vocabulary_is_refused(prepared):
+    path = os.path.join(prepared, "wiki", "train.bin")
+    ids = np.fromfile(path, dtype=np.uint16)
+    ids.astype(np.uint32).tofile(path)  # the same ids written 4 bytes wide
+    with pytest.raises(ValueError, match=rf"holds {4 * len(ids)} bytes where .* uint16 .* make "
+                                         rf"{2 * len(ids)}"):
+        data.MixtureSampler(prepared, 8)
+    (ids + 320).astype(np.uint16).tofile(path)  # right size, ids of a larger vocabulary
+    with pytest.raises(ValueError, match="tokenizer has 320 pieces: the shard was made with"):
+        data.MixtureSampler(prepared, 8)
+
+
+def test_a_manifest_of_another_format_or_layout_is_refused(prepared):
+    path = os.path.join(prepared, "manifest.json")
+    manifest = json.load(open(path))
+    json.dump(dict(manifest, format=1), open(path, "w"))
+    with pytest.raises(ValueError, match="format 1, this one reads 2"):
+        data.MixtureSampler(prepared, 8)
+    del manifest["tokenizer_sha256"]
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ValueError, match="does not have the layout of a manifest.*prepare"):
+        data.MixtureSampler(prepared, 8)
+    json.dump(dict(manifest, sources=[1, 2]), open(path, "w"))
+    with pytest.raises(SystemExit, match="^error: .*does not have the layout of a manifest"):
+        data.main(["stats", prepared])
+
+
+@pytest.mark.parametrize("make_loop,message", [
+    (lambda src: os.symlink(".", src / "loop"), "leads back to"),            # folder -> itself
+    (lambda src: (os.mkdir(src / "sub"), os.symlink("..", src / "sub" / "up")), "leads back to"),
+    (lambda src: os.symlink("x.jsonl", src / "x.jsonl"), "symlink loop; fix or remove it"),
+    (lambda src: os.symlink("missing.jsonl", src / "gone.jsonl"), "broken symlink"),
+])
+def test_symlink_loops_are_one_line_errors(corpus, tmp_path, make_loop, message):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", ["A document."])
+    make_loop(src)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
+                   "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("error: ") and message in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(corpus, tmp_path, monkeypatch):
+    root, model = corpus
+
+    def fill_up(src, dst, *args):  # the disk fills while the shards are joined
+        dst.write(src.read()[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", dst.name)
+    monkeypatch.setattr(data.shutil, "copyfileobj", fill_up)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"notes={root}/notes", "--tokenizer", model,
+                   "--out", str(tmp_path / "out"), "--quiet"])
+    assert str(e.value).startswith("error: [Errno 28] No space left on device")
+    assert str(e.value).endswith("free some space or choose an --out on another disk")
+    assert os.listdir(tmp_path) == []
+
+
+def _fill_up(task):  # at module level: a Pool sends its function to the workers by name
+    open(task[3] + ".jsonl", "w").write("half")
+    raise OSError(errno.ENOSPC, "No space left on device", task[3] + ".jsonl")
+
+
+def test_a_full_disk_in_a_worker_process(corpus, tmp_path, monkeypatch):
+    root, model = corpus
+    monkeypatch.setattr(data, "_clean_file", _fill_up)  # forked workers inherit the patch
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device"):
+        data.main(["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+                   "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A tmpfs of 32 pages of 4 KB; skipped where mounting one is not allowed (it needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_really_full_disk(corpus, tiny_disk):
+    root, model = corpus  # the 9 files of notes need 4 pages each, 36 in all: more than the disk
+    with pytest.raises(SystemExit, match="No space left on device.*free some space"):
+        data.main(["prepare", "--source", f"notes={root}/notes", "--tokenizer", model,
+                   "--out", str(tiny_disk / "out"), "--quiet", "--workers", "1"])
+    assert os.listdir(tiny_disk) == []
+    data.prepare([f"wiki={root}/wiki"], str(tiny_disk / "out"), tokenizer=model, quiet=True)
+    assert data.is_complete(str(tiny_disk / "out"))  # the 2 files of wiki fit
+
+
+FLAG_CASES = [  # (argv, the flag, what the message asks for)
+    (["prepare", "--demo", "--out", "o", "--vocab-size", "100"], "--vocab-size", "of at least 260"),
+    (["prepare", "--demo", "--out", "o", "--vocab-size", "4k"], "--vocab-size", "of at least 260"),
+    (["prepare", "--demo", "--out", "o", "--scale", "0"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--scale", "nan"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--scale", "inf"], "--scale", "a number above 0"),
+    (["prepare", "--demo", "--out", "o", "--workers", "0"], "--workers", "of at least 1"),
+    (["prepare", "--demo", "--out", "o", "--val-every", "1"], "--val-every", "of at least 2"),
+    (["prepare", "--source", "a=b", "--out", "o", "--shard", "2/2"], "--shard", "0 <= I < N"),
+    (["prepare", "--source", "a=b", "--out", "o", "--shard=-1/2"], "--shard", "0 <= I < N"),
+    (["merge", "p", "--out", "o", "--workers", "-3"], "--workers", "of at least 1"),
+    (["merge", "p", "--out", "o", "--val-every", "x"], "--val-every", "of at least 2"),
+    (["stats", "d", "--train-tokens", "-5"], "--train-tokens", "a number above 0"),
+    (["bench", "d", "--seq-len", "0"], "--seq-len", "of at least 1"),
+    (["bench", "d", "--batch", "2.5"], "--batch", "of at least 1"),
+    (["bench", "d", "--mb", "0"], "--mb", "a number above 0"),
+    (["bench-prepare", "--workers", "1", "0"], "--workers", "of at least 1"),
+    (["bench-prepare", "--mb", "-1"], "--mb", "a number above 0"),
+    (["bench-prepare", "--vocab-size", "10"], "--vocab-size", "of at least 260"),
+    (["bench", "d", "--workers", "0"], "--workers", "of at least 1"),
+    (["merge", "p", "--out", "o", "--vocab-size", "0"], "--vocab-size", "of at least 260"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,asks", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
+def test_every_numeric_flag_is_checked_in_one_line(argv, flag, asks, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: argument {flag}: use ") and asks in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_option_clashes_are_one_line(capsys):
+    for argv, says in ((["prepare", "--out", "o"], "either --demo or"),
+                       (["prepare", "--source", "a=b", "--out", "o", "--scale", "2"], "--scale"),
+                       (["prepare", "--source", "a=b", "--out", "o", "--shard", "0/2",
+                         "--vocab-size", "300"], "to `data.py merge`")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
 def test_parse_mix():
     assert data.parse_mix("code=0.6, docs=0.3,reference=0.1") == \
         {"code": 0.6, "docs": 0.3, "reference": 0.1}
@@ -330,6 +573,122 @@ def test_parse_mix():
                          ("=3", "NAME=WEIGHT")):
         with pytest.raises(ValueError, match=message):
             data.parse_mix(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel prepare and shards: the same bytes however the work is divided
+# ---------------------------------------------------------------------------------------------
+
+BOILERPLATE = "Subscribe to our newsletter for the latest news from the town."
+
+
+def _page(rng, i, n=12):
+    nouns = ["council", "bridge", "school", "river", "market", "library", "harbour", "museum"]
+    verbs = ["opened", "closed", "rebuilt", "visited", "praised", "painted", "measured"]
+    return [f"The {rng.choice(nouns)} of town {i} was {rng.choice(verbs)} by {rng.randint(2, 99)} "
+            f"people on day {rng.randint(1, 300)} of the year." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory):
+    """Three sources in 12 files. c4 pages repeat a boilerplate line in every file, except an
+    original (file 0), its exact copy (file 1) and a near copy (file 2): dedup must work across
+    files, and across shards once the files are split among them."""
+    root, rng = tmp_path_factory.mktemp("many"), random.Random(0)
+    pages = ["\n".join([BOILERPLATE] + _page(rng, i)) for i in range(10)]
+    original = _page(rng, 10)
+    near = list(original)
+    near[5] = "A single sentence of this page was changed by an editor, nothing else."
+    original, near = "\n".join(original), "\n".join(near)
+    files = [[original, pages[1], pages[2]], [pages[3], original, pages[4]],
+             [near, pages[5], pages[6]], [pages[7], pages[8], pages[9]]]
+    (root / "c4").mkdir()
+    for f, file_pages in enumerate(files):
+        _write_jsonl(root / "c4" / f"{f}.jsonl", file_pages)
+    (root / "wiki").mkdir()
+    for f in range(3):
+        _write_jsonl(root / "wiki" / f"{f}.jsonl", WIKI_DOCS[4 * f:4 * f + 4])
+    (root / "notes").mkdir()
+    for f in range(5):
+        (root / "notes" / f"{f}.txt").write_text(NOTES[f % 4])  # file 4 repeats file 0
+    return [f"c4={root}/c4", f"wiki:wikipedia={root}/wiki", f"notes={root}/notes"]
+
+
+def _prepare_cli(*argv):
+    data.main(["prepare", *argv, "--quiet"])
+
+
+def test_workers_and_shards_write_the_same_bytes(many_files, tmp_path):
+    sources = [arg for s in many_files for arg in ("--source", s)]
+    options = ["--vocab-size", "330", "--val-every", "3"]
+    _prepare_cli(*sources, *options, "--workers", "1", "--out", str(tmp_path / "one"))
+    _prepare_cli(*sources, *options, "--workers", "2", "--out", str(tmp_path / "two"))
+    for n, workers in ((2, "2"), (3, "1")):
+        parts = [str(tmp_path / f"part{i}of{n}") for i in range(n)]
+        for i in range(n):
+            _prepare_cli(*sources, "--shard", f"{i}/{n}", "--workers", workers, "--out", parts[i])
+        data.main(["merge", *parts[::-1], *options, "--workers", str(3 - int(workers)),
+                   "--out", str(tmp_path / f"merged{n}"), "--quiet"])
+    one = str(tmp_path / "one")
+    for other in ("two", "merged2", "merged3"):
+        assert data._same_files(one, str(tmp_path / other)), other
+    stats = json.load(open(os.path.join(one, "stats.json")))["sources"]
+    assert stats["c4"]["dropped"]["exact_dup"] == 1 and stats["c4"]["dropped"]["near_dup"] == 1
+    assert stats["notes"]["dropped"] == {"exact_dup": 1}
+    assert (stats["c4"]["kept"], stats["wiki"]["kept"], stats["notes"]["kept"]) == (10, 12, 4)
+
+
+def test_web_line_dedup_is_per_file(many_files, tmp_path):
+    out = str(tmp_path / "ds")
+    data.prepare(many_files[:1], out, vocab_size=300, quiet=True, workers=1)
+    tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+    manifest = data.load_manifest(out)
+    texts = [tok.decode(data.read_document(out, "c4", split, i)[1:-1].tolist())
+             for split in ("train", "val")
+             for i in range(manifest["sources"]["c4"][split]["documents"])]
+    # kept in the first page of each file that has it; a dedup across files would keep it once
+    assert len(texts) == 10 and sum(BOILERPLATE in t for t in texts) == 4
+
+
+def test_merge_refuses_parts_that_do_not_fit(many_files, corpus, tmp_path, capsys):
+    parts = [str(tmp_path / f"p{i}") for i in range(3)]
+    for i in range(3):
+        data.prepare_shard(many_files, parts[i], i, 3, quiet=True, workers=1)
+    root, _ = corpus
+    data.prepare_shard([f"notes={root}/notes"], str(tmp_path / "other"), 0, 1, quiet=True)
+    out = str(tmp_path / "out")
+    for given, says in ((parts[:2], "got ['0/3', '1/3']"),
+                        ([parts[0], parts[0], parts[1]], "got ['0/3', '0/3', '1/3']"),
+                        ([parts[0], str(tmp_path / "other")], "different sources or files"),
+                        ([str(tmp_path)], "has no part.json")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["merge", *given, "--out", out])
+        assert str(e.value).startswith("error: ") and says in str(e.value)
+        assert "\n" not in str(e.value) and not os.path.exists(out)
+    part = json.load(open(os.path.join(parts[0], "part.json")))
+    assert sorted(part["counts"]) == ["c4/00000", "c4/00003", "notes/00002", "wiki/00002"]
+
+
+def test_a_fingerprint_is_532_bytes():
+    dedup = data.Deduplicator()
+    assert dedup.record.itemsize == 532 == len(dedup.fingerprint("any text at all, " * 1000))
+
+
+def test_bench_prints_the_four_ways_to_tokenize(demo_data, capsys):
+    data.main(["bench", demo_data, "--seq-len", "16", "--batch", "4", "--mb", "0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("MixtureSampler: ") and len(lines) == 5
+    for line, way in zip(lines[1:], ("sentencepiece, one text a call", "encode_batch, 512 texts",
+                                     "C++ threads", "processes (prepare)")):
+        assert way in line and float(line.split()[-6]) > 0
+
+
+def test_bench_prepare_checks_its_runs_agree(demo_data, capsys):
+    data.main(["bench-prepare", "--mb", "0.2", "--workers", "1", "2",
+               "--tokenizer", os.path.join(demo_data, "tokenizer.model")])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.endswith("same bytes as 1 worker(s): True")
+                                   for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +706,10 @@ def make_dataset(folder, train_tokens: dict, weights: dict, val_tokens: int = 0)
             np.array([0, count], dtype=np.int64).tofile(os.path.join(folder, name, f"{split}.idx"))
         sources[name] = {"kind": "text", "train": {"tokens": n, "documents": 1},
                          "val": {"tokens": val_tokens, "documents": 1}}
-    open(os.path.join(folder, "tokenizer.model"), "w").close()
-    manifest = dict(format=1, tokenizer="tokenizer.model", vocab_size=2**20, dtype="uint32",
-                    bos_id=1, eos_id=2, weights=weights, sources=sources)
+    open(os.path.join(folder, "tokenizer.model"), "w").close()  # hash of no bytes: see below
+    manifest = dict(format=data.FORMAT, tokenizer="tokenizer.model",
+                    tokenizer_sha256=hashlib.sha256(b"").hexdigest(), vocab_size=2**32,
+                    dtype="uint32", bos_id=1, eos_id=2, weights=weights, sources=sources)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return str(folder)

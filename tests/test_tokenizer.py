@@ -1,6 +1,9 @@
 """Tests for tokenizer.py: Meta's trainer spec (digits, byte fallback, special ids), round trips on
 mixed-script text, the CLI, and clear errors for missing or corrupt model files."""
 
+import errno
+import os
+
 import pytest
 
 import tokenizer as tk
@@ -92,3 +95,68 @@ def test_cli_error_exits_nonzero(tmp_path):
 def test_missing_training_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tk.train_tokenizer([str(tmp_path / "absent.txt")], str(tmp_path / "x.model"), vocab_size=300)
+
+
+def test_encode_batch_is_encode_of_each_text(tok):
+    texts = [t for t in CORPUS[:5]] + ["", "🦙 12345"]
+    for threads in (1, 2):
+        batch = tok.encode_batch(texts, bos=True, eos=True, threads=threads)
+        assert [ids.tolist() for ids in batch] == [tok.encode(t, bos=True, eos=True) for t in texts]
+
+
+def test_training_is_reproducible_byte_for_byte(tmp_path):
+    # 300 of 1000 distinct sentences are sampled, always the same 300
+    texts = [f"Line {i}: {CORPUS[i % 5]} {CORPUS[(i * 7) % 5][::-1]}" for i in range(1000)]
+    paths = []
+    for i, threads in enumerate((1, 1, 2)):
+        paths.append(tk.train_tokenizer(iter(texts), str(tmp_path / f"{i}.model"), vocab_size=400,
+                                        max_sentences=300, num_threads=threads))
+    models = [open(p, "rb").read() for p in paths]
+    assert models[0] == models[1] and str(tmp_path).encode() not in models[0]
+    a, b = tk.Tokenizer(paths[0]), tk.Tokenizer(paths[2])  # the thread count is recorded, no more
+    assert [a.sp.id_to_piece(i) for i in range(400)] == [b.sp.id_to_piece(i) for i in range(400)]
+
+
+@pytest.mark.parametrize("argv", [["--train", "x.txt", "--out", "o.model", "--vocab-size", "259"],
+                                  ["--train", "x.txt", "--out", "o.model", "--vocab-size", "1e4"]])
+def test_cli_numeric_flags_are_one_line_errors(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tk.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: argument --vocab-size: use a whole number of at least 260")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_never_overwrites_a_model(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS))
+    (tmp_path / "o.model").write_bytes(b"an earlier model")
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "c.txt"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "o.model")])
+    assert e.value.code == 2 and "already exists; delete it" in capsys.readouterr().err
+    assert (tmp_path / "o.model").read_bytes() == b"an earlier model"
+
+
+def test_a_full_disk_leaves_no_model(tmp_path, monkeypatch):
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS))
+
+    class FullDisk:  # takes ten bytes, then the disk is full
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def write(self, data):
+            self.f.write(data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(tk, "open", FullDisk, raising=False)  # tokenizer.py's open() only
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device$"):
+        tk.main(["--train", str(tmp_path / "c.txt"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "o.model")])
+    assert sorted(os.listdir(tmp_path)) == ["c.txt"]
