@@ -87,7 +87,7 @@ class TrainConfig:
     is the pipeline's name for --grad-accum (give one of the two): batch_size * micro_batches * dp
     sequences, each pipeline running micro_batches micro-batches per step through its stages."""
     preset: str = "tiny"            # a name from model.PRESETS; vocab_size comes from the tokenizer
-    steps: int = 400                # optimizer steps (the demo: about eight minutes on 2 CPU cores)
+    steps: int = 400                # optimizer steps (the demo: about three minutes on 2 CPU cores)
     batch_size: int = 16            # sequences per micro-batch per rank
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 128
