@@ -15,7 +15,8 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
             8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two
             alternate, round after round, so that a busy neighbour slows both alike; the ratio
-            is of their median step times. transformers is imported only if it is installed.
+            is of their median step times. Both use the same fused AdamW: the figure compares
+            the models. transformers is imported only if it is installed.
 
 MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls (train.py's
 CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
@@ -79,7 +80,7 @@ def train(rounds: int = 7, steps: int = 3):
     opts = {"ours": T.make_optimizer(ours, cfg, torch.device("cpu")),
             "transformers": torch.optim.AdamW(theirs.parameters(), lr=cfg.lr,
                                               betas=(cfg.beta1, cfg.beta2),
-                                              weight_decay=cfg.weight_decay)}
+                                              weight_decay=cfg.weight_decay, fused=True)}
     tokens = torch.randint(0, args.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
 
     def step(name):
