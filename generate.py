@@ -19,7 +19,8 @@ Reading order
                            sliced over tensor-parallel ranks by parallel.py when tp > 1
   4. Sampling              greedy, temperature, top-k, top-p (nucleus)
   5. Decoding              generate_tokens: batched prompts of different lengths over one KV
-                           cache; static_step, which a CUDA graph replays; generate: text in/out
+                           cache, each step compiled and replayed from a CUDA graph if asked;
+                           generate: text in, text out
   6. The weight-read bound memory bandwidth (measured by a copy) / bytes of weights
   7. main                  the command line, streaming a single prompt as it decodes
 
@@ -38,9 +39,10 @@ Loading never executes code from a file: `torch.load(weights_only=True)` and saf
 Speed. At batch 1 a decoding step multiplies one vector by every weight matrix, so it is bound
 by reading the weights once: tokens/s <= memory bandwidth / bytes of weights (the embedding
 table excluded: a step reads one row of it). main prints that bound beside the measured rate.
-On CUDA (bf16) the step is static_step captured once in a CUDA graph and replayed: one launch
-per token instead of ~15 kernel launches per layer, whose CPU-side overhead would otherwise
-dominate a step of a small model. On CPU (fp32) the plain forward is used.
+On CUDA (bf16) the step is model.forward with its position given as a tensor (static shapes,
+see model.py), captured once in a CUDA graph and replayed: one launch per token instead of ~15
+kernel launches per layer, whose CPU-side overhead would otherwise dominate a step of a small
+model. On CPU (fp32) the eager forward is used, or with --compile the compiled one.
 
 Shape legend: B batch, T sequence, S cache positions, D model width, H query heads, K key/value
 heads, E head dim, V vocab.
@@ -51,9 +53,9 @@ logits are gathered so that every rank samples the same token from the same seed
 
 What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, added tokens
 (an embedding larger than the tokenizer is refused), or `.bin` weights (convert them to
-safetensors); sharded HF export (one file); Llama 3's tiktoken tokenizer; CUDA graphs
-under tensor parallelism (the plain forward is used there); loading only this rank's shard file
-(each rank reads all of them); speculative decoding and continuous batching.
+safetensors); sharded HF export (one file); Llama 3's tiktoken tokenizer; CUDA graphs and
+compilation under tensor parallelism (the eager forward is used there); loading only this
+rank's shard file (each rank reads all of them); speculative decoding and continuous batching.
 """
 
 import argparse
@@ -68,10 +70,10 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from model import (ModelArgs, Transformer, apply_rope, merge_state_dicts, repeat_kv,
-                   rope_tables)
+import parallel as P
+from model import ModelArgs, Transformer, merge_state_dicts, rope_tables
 from tokenizer import Tokenizer
 
 
@@ -128,14 +130,17 @@ def _check_shapes(args: ModelArgs, state: dict, source: str, config: str):
 
 
 def _load_file(path: str) -> dict:
-    """One weights file, or a one-line error naming it (truncated, corrupt, not torch's)."""
+    """One weights file, torch.save's or safetensors', or a one-line error naming it."""
+    hf = path.endswith(".safetensors")
     try:
         # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:                   # NOTE: zipfile, pickle and torch raise many kinds
+        return load_file(path) if hf else torch.load(path, map_location="cpu",
+                                                     weights_only=True, mmap=True)
+    except Exception as e:   # NOTE: zipfile, pickle, torch and safetensors raise many kinds
         why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read {path} ({why}): it is truncated, corrupt, or not a "
-                         "torch.save zip file; copy or convert it again") from None
+        fix = ("truncated or not a safetensors file; download it again" if hf else
+               "truncated, corrupt, or not a torch.save zip file; copy or convert it again")
+        raise ValueError(f"cannot read {path} ({why}): it is {fix}") from None
 
 
 def read_params(ckpt: str) -> ModelArgs:
@@ -254,15 +259,7 @@ def read_hf(folder: str):
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
-    from safetensors.torch import load_file
-
-    def load(path):
-        try:
-            return load_file(path)
-        except Exception as e:               # NOTE: safetensors raises its own error types
-            raise ValueError(f"cannot read {path} ({str(e).splitlines()[0][:80]}): it is "
-                             "truncated or not a safetensors file; download it again") from None
-    hf = {name: w for path in files for name, w in load(path).items()}
+    hf = {name: w for path in files for name, w in _load_file(path).items()}
     if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings"):
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
     to_meta = {hf_name(k): k for k in expected_shapes(args)}
@@ -330,7 +327,6 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
     with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
     """
-    from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tok = Tokenizer(tokenizer_path)
     dtype = next(iter(state.values())).dtype
@@ -376,16 +372,19 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
 # 3. load_model
 # ---------------------------------------------------------------------------------------------
 
-def load_model(ckpt: str, device="cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,
-               max_seq_len=None):
-    """Any LLaMA checkpoint folder -> (Transformer in eval mode on `device`, Tokenizer)."""
+def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None):
+    """Any LLaMA checkpoint folder -> (Transformer in eval mode on `device`, Tokenizer).
+
+    grid: a parallel.Grid with tp > 1 slices the model over its tensor-parallel group
+    (parallel.parallelize); every rank of it calls load_model and keeps its slice.
+    """
     args, state, tok_path = read_checkpoint(ckpt)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
     # fp32 on CPU (its bf16 matmuls are slow and inexact), bf16 on CUDA as Meta serves it.
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     # NOTE: under tp the full model is sliced on the CPU: it may not fit on one GPU.
-    where = device if tp_size == 1 else "cpu"
+    where = device if grid is None else "cpu"
     # PERF: build on the meta device and adopt the checkpoint's tensors (assign=True) instead
     # of initializing 7B random weights first only to overwrite them.
     with torch.device("meta"):
@@ -394,29 +393,9 @@ def load_model(ckpt: str, device="cpu", dtype=None, tp_rank: int = 0, tp_size: i
                           strict=True, assign=True)
     # The rotary tables are not in the state dict: compute them for real, and keep them in fp32.
     model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-    if tp_size > 1:
-        _tensor_parallel(model, device, tp_rank, tp_size)
+    if grid is not None:
+        P.parallelize(model, grid)      # every rank held the full weights: each keeps its slice
     return model.to(device).eval().requires_grad_(False), Tokenizer(tok_path)
-
-
-def _tensor_parallel(model: Transformer, device, tp_rank: int, tp_size: int):
-    """Slice the loaded full model over the tp group, in place (parallel.parallelize)."""
-    import torch.distributed as dist
-    try:
-        import parallel as P
-    except ImportError:
-        raise ValueError(f"tp_size={tp_size} needs parallel.py, which this checkout lacks; "
-                         "load with tp_size=1") from None
-    if not dist.is_initialized():
-        raise ValueError(f"tp_size={tp_size} needs a process group: launch with torchrun and "
-                         "call parallel.init_distributed() before load_model")
-    world = P.Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   device=torch.device(device))
-    grid = P.make_grid(world, tp=tp_size)          # NOTE: collective: every rank calls load_model
-    if grid.tp_rank != tp_rank:
-        raise ValueError(f"tp_rank={tp_rank} but global rank {world.rank} is tp rank "
-                         f"{grid.tp_rank} of a tp={tp_size} grid; pass rank % tp_size")
-    P.parallelize(model, grid)          # every rank held the full weights: each keeps its slice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,86 +429,34 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
 # 5. Decoding
 # ---------------------------------------------------------------------------------------------
 
-# SDPA shares each KV head with its group of query heads itself from torch 2.5 on.
-SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def project(linear, x):
-    """linear(x) for a decoding step, x (B, 1, in) -> (B, 1, out).
-
-    PERF: compiled on CPU at batch 1, written as a product and a sum over `in`, which inductor
-    fuses into one vectorized pass over the weight spread over every core; MKL's matrix-vector
-    product, which F.linear calls, runs on one core (measured on 2 cores: 12.6 GB/s against 26.6,
-    and 35 for a plain read). Eager, the product would be materialized: F.linear stays the path.
-    """
-    if x.shape[0] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-        return (linear.weight * x.unsqueeze(-2)).sum(-1)                  # (1, 1, out)
-    return linear(x)
-
-
-def static_step(model: Transformer, tok, pos):
-    """One decoding step whose tensor shapes never change: tok (B, 1), pos a 0-d long tensor.
-
-    model.forward attends over `cache[:, :start_pos + 1]`, a shape that grows every step, and
-    takes start_pos as a Python int; a CUDA graph can replay neither. Here the position is a
-    tensor, the new key/value is written with index_copy_, and attention runs over the whole
-    cache with a mask `position <= pos`. Same weights, same math; tested equal to model.forward.
-    """
-    B = tok.shape[0]
-    h = model.tok_embeddings(tok)                                         # (B, 1, D)
-    cos = model.rope_cos.index_select(0, pos.view(1))                     # (1, E/2)
-    sin = model.rope_sin.index_select(0, pos.view(1))
-    S = model.layers[0].attention.cache_k.shape[1]
-    visible = (torch.arange(S, device=tok.device) <= pos).view(1, 1, 1, S)  # (1, 1, 1, S)
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        x = layer.attention_norm(h)
-        q = project(attn.wq, x).view(B, 1, -1, attn.head_dim)             # (B, 1, H, E)
-        k = project(attn.wk, x).view(B, 1, -1, attn.head_dim)             # (B, 1, K, E)
-        v = project(attn.wv, x).view(B, 1, -1, attn.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn.cache_k[:B].index_copy_(1, pos.view(1), k)
-        attn.cache_v[:B].index_copy_(1, pos.view(1), v)
-        k_all, v_all = attn.cache_k[:B], attn.cache_v[:B]                 # (B, S, K, E)
-        if not SDPA_GQA:          # NOTE: torch 2.4's SDPA has no enable_gqa: repeat the heads
-            n_rep = q.shape[2] // k_all.shape[2]
-            k_all, v_all = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=visible,
-            **({"enable_gqa": True} if SDPA_GQA else {}))                 # (B, H, 1, E)
-        h = h + project(attn.wo, out.transpose(1, 2).flatten(2))          # (B, 1, D)
-        y = layer.ffn_norm(h)
-        h = h + project(ffn.w2, F.silu(project(ffn.w1, y)) * project(ffn.w3, y))
-    return project(model.output, model.norm(h)).float()                   # (B, 1, V)
-
-
 def _static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: bool = False):
-    """step(tok (B, 1), pos int) -> logits (B, 1, V), replayed from a CUDA graph if asked.
+    """step(tok (B, 1), pos int) -> logits (B, 1, V): model.forward, its position a tensor.
 
-    compile: torch.compile the step first (once per call of generate_tokens: seconds to a
-    minute). PERF: inductor fuses the elementwise work of each norm, rotation and SwiGLU product
-    into single kernels, so the graph replays far fewer launches; plain static_step is the
-    simpler version.
+    With start_pos a 0-d tensor, model.forward has the same shapes at every step (model.py), so
+    that it is compiled once, and captured once in a CUDA graph whose replays read each step's
+    token and position from the same two input tensors. Same forward, so tested equal.
+    compile: torch.compile it first (once per call of generate_tokens: seconds to a minute).
+    PERF: inductor fuses the elementwise work of each norm, rotation and SwiGLU product into
+    single kernels, so the graph replays far fewer launches; the eager forward is the simpler
+    version. On CPU at batch 1, model.Linear then reads each weight in a fused product and sum.
     """
     device = model.output.weight.device
-    step_fn = static_step
-    if compile:
-        step_fn = torch.compile(static_step, fullgraph=True, dynamic=False)
+    forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     pos_t = torch.zeros((), dtype=torch.long, device=device)
     tok_t = torch.zeros(batch, 1, dtype=torch.long, device=device)
     if not cuda_graph:
-        return lambda tok, pos: step_fn(model, tok, pos_t.fill_(pos))
+        return lambda tok, pos: forward(tok, pos_t.fill_(pos))
     # NOTE: the warm-up runs write garbage at cache position 0; the caller captures before the
     # prefill, which overwrites it. Warm-up on a side stream is what torch.cuda.graph requires.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            step_fn(model, tok_t, pos_t)
+            forward(tok_t, pos_t)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = step_fn(model, tok_t, pos_t)
+        logits = forward(tok_t, pos_t)
 
     def replay(tok, pos):
         tok_t.copy_(tok)
@@ -546,10 +473,11 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
                     compile: bool = False, on_token=None, stats=None) -> list:
     """Token-id prompts (lists, each starting with BOS) -> the new tokens of each, EOS excluded.
 
-    Each row stops at `eos_id` or after max_new_tokens. `static` decodes with static_step (and
-    `cuda_graph` replays it, `compile` compiles it); `on_token(new)` is called every step with a
-    list holding each row's new token, or None where the row is still reading its prompt or has
-    finished. `stats`, a dict if given, receives prefill_s, decode_s and decode_steps.
+    Each row stops at `eos_id` or after max_new_tokens. `static` decodes with a position tensor
+    (_static_decoder: `cuda_graph` replays it, `compile` compiles it); `on_token(new)` is called
+    every step with a list holding each row's new token, or None where the row is still reading
+    its prompt or has finished. `stats`, a dict if given, receives prefill_s, decode_s and
+    decode_steps.
     """
     lens = [len(p) for p in prompts]
     if not prompts or min(lens) == 0:
@@ -564,9 +492,9 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
     device = model.output.weight.device
     grid = getattr(model, "grid", None)                     # set by parallel.parallelize
     tp_group = grid.tp_group if grid is not None and grid.tp > 1 else None
-    if tp_group is not None:
-        from parallel import all_gather
-        static = False          # static_step calls the linears directly, bypassing tp's hooks
+    # NOTE: under tp the eager forward: capturing or compiling the collectives of parallel.py's
+    # hooks is left out (see the docstring).
+    static = static and tp_group is None
     tokens = torch.full((B, total), -1, dtype=torch.long, device=device)   # (B, T_total)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
@@ -574,20 +502,16 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
     last = torch.tensor(lens, device=device) + max_new_tokens - 1          # (B,) last position
     done = torch.zeros(B, dtype=torch.bool, device=device)
     eos_id = -1 if eos_id is None else eos_id
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     model.setup_cache(B, total)        # PERF: only as many positions as this call can reach
     step = _static_decoder(model, B, cuda_graph, compile) if static else None
     t0, prev = time.perf_counter(), 0
     try:
         for cur in range(min(lens), total):
-            if step is None or prev == 0:
-                logits = model(tokens[:, prev:cur], prev)                   # (B, cur-prev, V)
-            else:
-                logits = step(tokens[:, prev:cur], prev)                    # (B, 1, V)
+            forward = model if step is None or prev == 0 else step     # the prefill: eager
+            logits = forward(tokens[:, prev:cur], prev)                     # (B, cur-prev, V)
             if tp_group is not None:  # vocab-parallel output: every rank samples from all of V
-                logits = all_gather(logits[:, -1:], -1, tp_group)           # COMM: tp all-gather
+                logits = P.all_gather(logits[:, -1:], -1, tp_group)         # COMM: tp all-gather
             nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)   # (B,)
             nxt = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)       # keep prompt tokens
             tokens[:, cur] = nxt
@@ -746,13 +670,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.prompt and not a.export_hf:
         p.error("nothing to do: give --prompt TEXT and/or --export-hf DIR")
-    world, device = None, a.device
+    world, grid, device = None, None, a.device
     try:
         check_options(a)
         if a.tp > 1:
-            import parallel as P                  # reads torchrun's RANK, WORLD_SIZE, ...
-            world = P.init_distributed(a.device)
-            device = world.device
+            world = P.init_distributed(a.device)  # reads torchrun's RANK, WORLD_SIZE, ...
+            grid, device = P.make_grid(world, tp=a.tp), world.device    # collective: all ranks
         is_main = world is None or world.is_main
         say = print if is_main else (lambda *args, **kw: None)   # rank 0 prints, alone
         if a.export_hf and is_main:
@@ -761,7 +684,7 @@ def main(argv=None):
         if not a.prompt:
             return
         model, tok = load_model(a.ckpt, device, a.dtype and getattr(torch, a.dtype),
-                                world.rank % a.tp if world else 0, a.tp, a.max_seq_len)
+                                a.max_seq_len, grid)
         prompts = [tok.encode(text, bos=True) for text in a.prompt]
         stream = Streamer(tok, prompts[0]) if len(prompts) == 1 and is_main else None
         say(a.prompt[0] if stream else "", end="", flush=True)
@@ -769,8 +692,7 @@ def main(argv=None):
         outs = generate_tokens(model, prompts, a.max_new_tokens, a.temperature, a.top_p,
                                a.top_k, tok.eos_id, a.seed, static=cuda or a.compile,
                                cuda_graph=cuda and not a.no_cuda_graph, compile=a.compile,
-                               on_token=stream,
-                               stats=stats)
+                               on_token=stream, stats=stats)
         if stream:
             stream.finish()
         else:

@@ -9,8 +9,10 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             in the blocks, plus the 32000-row output layer) with random fp32 weights, greedy,
             against the weight-read bound: tokens/s <= memory bandwidth (a measured copy) /
             bytes of weights read per token (all but the input embedding, of which a step reads
-            one row). Rows: model.forward with the KV cache, generate.static_step, and the
-            compiled static step (`generate.py --compile`).
+            one row). Rows: model.forward with the KV cache, the static step (the same forward
+            with its position as a tensor, what a CUDA graph replays), and the compiled static
+            step (`generate.py --compile`, where model.Linear reads each weight in a fused
+            product and sum).
 2. train    One training step (forward, loss, backward, clipping, AdamW) of our Transformer
             against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
             8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two

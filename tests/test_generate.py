@@ -1,5 +1,5 @@
 """Tests for generate.py: cached decoding against full recomputation, the static (CUDA-graph)
-step against model.forward, sampling rules, Meta's sharded layout, the Hugging Face export
+and compiled steps against the eager forward, sampling rules, Meta's sharded layout, the Hugging Face export
 against an independent rotate-half forward written here, and one-line errors on bad input."""
 
 import contextlib
@@ -89,23 +89,9 @@ def test_cached_batched_decoding_equals_full_recomputation(static):
     assert model.layers[0].attention.cache_k is None              # the cache is released
 
 
-@pytest.mark.parametrize("sdpa_gqa", [True, False])        # False: torch 2.4's SDPA
-def test_static_step_equals_forward_logits(sdpa_gqa, monkeypatch):
-    monkeypatch.setattr(G, "SDPA_GQA", sdpa_gqa and G.SDPA_GQA)
-    model = tiny_model()
-    with torch.inference_mode():
-        model.setup_cache(2, 16)
-        model(torch.tensor([[1, 4, 9, 16], [1, 8, 27, 64]]), 0)
-        tok = torch.tensor([[25], [125]])
-        expected = model(tok, 4)                                   # (2, 1, V)
-        got = G.static_step(model, tok, torch.tensor(4))           # rewrites position 4 alike
-        model.clear_cache()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_compiled_decoding_equals_plain_decoding():
     # On CPU at batch 1 the compiled step multiplies by each weight as a product and a sum
-    # (generate.project); the tokens must be those of the plain forward.
+    # (model.Linear); the tokens must be those of the plain forward.
     model = tiny_model()
     for prompts in ([[1, 5, 9, 200, 17]], [[1, 5, 9], [1, 77]]):
         plain = G.generate_tokens(model, prompts, 8, temperature=0.0)
@@ -163,11 +149,13 @@ def test_prompt_too_long_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decoding_equals_plain_decoding():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoding_equals_plain_decoding(compile):
     model = tiny_model(max_seq_len=128).cuda()
     prompts = [[1, 5, 9, 200], [1], [1, 77, 78, 79, 80, 81]]
     plain = G.generate_tokens(model, prompts, 16, temperature=0.0)
-    graph = G.generate_tokens(model, prompts, 16, temperature=0.0, static=True, cuda_graph=True)
+    graph = G.generate_tokens(model, prompts, 16, temperature=0.0, static=True, cuda_graph=True,
+                              compile=compile)
     assert plain == graph
 
 

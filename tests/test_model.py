@@ -179,6 +179,27 @@ def test_kv_cache_decoding_equals_full_forward(backend):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])         # of the int-position forward
+def test_static_shape_decoding_equals_forward(backend):
+    # A 0-d tensor start_pos (the path a CUDA graph replays: index_copy_ into the cache, the
+    # whole cache masked) gives the int path's logits, for a prefill chunk and for one token.
+    args = small_args()
+    model = build(args)
+    model.set_attention_backend(backend)
+    tokens = torch.randint(0, args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.setup_cache(max_batch_size=2, max_seq_len=16)
+        expected = [model(tokens[:, :4], 0), model(tokens[:, 4:5], 4)]
+        for layer in model.layers:      # positions not yet written must stay out of sight
+            layer.attention.cache_k[:, 5:], layer.attention.cache_v[:, 5:] = 1e3, -1e3
+        got = [model(tokens[:, :4], torch.tensor(0)), model(tokens[:, 4:5], torch.tensor(4))]
+        assert torch.equal(model.layers[0].attention.cache_k[:, 5:], torch.full_like(
+            model.layers[0].attention.cache_k[:, 5:], 1e3))      # and stay unwritten
+        model.clear_cache()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 # --- the hand-written SwiGLU backward ----------------------------------------------------------
 
 def saved_bytes(fn, params):
