@@ -509,13 +509,16 @@ class Transformer(nn.Module):
         all of it under a mask), so that one CUDA graph replays every step (generate.py).
         """
         B, T = tokens.shape
-        if not torch.is_tensor(start_pos) and start_pos + T > self.args.max_seq_len:
+        if torch.is_tensor(start_pos):      # the rows gathered on the device: no host read
+            rows = start_pos + torch.arange(T, device=tokens.device)  # (T,)
+        elif start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
                              f"{self.args.max_seq_len}")
+        else:
+            rows = slice(start_pos, start_pos + T)                    # a view: nothing copied
         h = self.tok_embeddings(tokens)                               # (B, T, D)
         h = h.to(activation_dtype(h.device, h.dtype))                 # bf16 under autocast
-        positions = start_pos + torch.arange(T, device=tokens.device)  # (T,)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, E/2)
+        cos, sin = self.rope_cos[rows], self.rope_sin[rows]           # (T, E/2)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos)
         return self.output(self.norm(h)).float()                      # (B, T, V)
