@@ -544,7 +544,6 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
     (["--pp", "2", "--virtual-stages", "2", "--micro-batches", "3"], 4,
      "micro-batches=3 must be a multiple of 2"),
     (["--pp", "2", "--pp-schedule", "gpipe"], 2, "pipeline schedule 'gpipe' is unknown"),
-    (["--pp", "2", "--grad-accum", "2", "--micro-batches", "2"], 2, "give one of them"),
     (["--pp", "0"], 2, "--pp=0 must be positive"),
 ])
 def test_train_py_refuses_bad_pipelines_before_any_work(tmp_path, capsys, monkeypatch, extra,
