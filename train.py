@@ -295,7 +295,7 @@ def holds_a_run(cfg: TrainConfig) -> Optional[str]:
     return found[0] if found else None
 
 
-def _write_atomic(path: str, text: str):
+def write_atomic(path: str, text: str):
     """Write text to path.tmp, flush it to disk, close it, then rename it over path: readers
     see the old file or the new one, never a part. A full disk raises here, before the rename."""
     tmp = path + ".tmp"
@@ -402,8 +402,8 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
                 written.append(os.path.join(tmp, f"consolidated.{r:02d}.pth"))
                 _save(shard, written[-1])
             if r == 0 and grid.pp_rank == 0:
-                _write_atomic(os.path.join(tmp, "params.json"), args.to_json())
-                _write_atomic(os.path.join(tmp, "train_config.json"),
+                write_atomic(os.path.join(tmp, "params.json"), args.to_json())
+                write_atomic(os.path.join(tmp, "train_config.json"),
                               json.dumps(dataclasses.asdict(cfg), indent=2))
                 written.append(os.path.join(tmp, "tokenizer.model"))
                 shutil.copyfile(tok_path, written[-1])
@@ -417,7 +417,7 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     if world.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                      # the folder appears complete, or not at all
-        _write_atomic(os.path.join(root, "latest"), name)
+        write_atomic(os.path.join(root, "latest"), name)
         done = sorted((d for d in os.listdir(root) if _step_of(d) >= 0), key=_step_of)
         for old in done[:-cfg.keep]:
             if old != name:                         # never the one just written
@@ -551,7 +551,7 @@ def truncate_metrics(path: str, last_step: int):
                               "away and --resume again (a new one is started)") from None
         if row.get("step", 0) <= last_step:
             keep.append(line if line.endswith("\n") else line + "\n")
-    _write_atomic(path, "".join(keep))
+    write_atomic(path, "".join(keep))
 
 
 def plot_losses(metrics_path: str, png_path: str):
@@ -819,7 +819,7 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
                                       f"{tps:,.0f} tok/s MFU {100 * speed.mfu(tps):.1f}%")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate(step)
-            if _agree_to_stop(stop["signal"] is not None, world):
+            if not _all_ranks(stop["signal"] is None, world):   # any rank signalled: all stop
                 say(f"\nsignal received: saving step {step} and stopping")
                 save(step)
                 return dict(losses=losses, val_losses=val_losses, stopped_at=step)
@@ -902,15 +902,6 @@ def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -
         dist.all_reduce(loss_sum, group=grid.dp_group)        # COMM: dp all-reduce, one float
         loss_sum /= grid.dp
     return loss_sum.item()
-
-
-def _agree_to_stop(local: bool, world) -> bool:
-    """All ranks must stop at the same step, or the checkpoint's collectives would hang."""
-    if world.world_size == 1:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=world.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)              # COMM: world, max of one float
-    return bool(flag.item())
 
 
 def print_samples(model, tokenizer, cfg, say):
