@@ -145,17 +145,9 @@ PUBLISHED = {
 # ---------------------------------------------------------------------------------------------
 # 2. Accounting
 # ---------------------------------------------------------------------------------------------
-# Exact for this code, from the configuration alone; tests/test_parallel.py measures both on gloo
-# workers and holds them equal (saved tensors with saved_tensors_hooks, collectives by patching
-# torch.distributed). `python planner.py --accounting` prints them for a few configurations.
-
-def per_block(count, args: ModelArgs, *more) -> tuple:
-    """A whole-model count of model.py (count_parameters, flops_per_token) split in two: what one
-    transformer block adds, and the rest (embedding, final norm, output). Both counts are linear
-    in the depth, count(L) = L x block + rest, so two depths give both."""
-    one, two = (count(replace(args, n_layers=n), *more) for n in (1, 2))
-    return two - one, 2 * one - two
-
+# Two predictions exact for this code, from the configuration alone: the bytes a layer keeps for
+# backward, and the collectives of a step. tests/test_parallel.py measures both on gloo workers
+# (saved_tensors_hooks, a patched torch.distributed) and holds them equal.
 
 def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
                                sp: bool = False, recompute: str = "none",
@@ -272,6 +264,14 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
 # ---------------------------------------------------------------------------------------------
 # 3. Memory
 # ---------------------------------------------------------------------------------------------
+
+def per_block(count, args: ModelArgs, *more) -> tuple:
+    """A whole-model count of model.py (count_parameters, flops_per_token) split in two: what one
+    transformer block adds, and the rest (embedding, final norm, output). Both counts are linear
+    in the depth, count(L) = L x block + rest, so two depths give both."""
+    one, two = (count(replace(args, n_layers=n), *more) for n in (1, 2))
+    return two - one, 2 * one - two
+
 
 def stage_parameters(args: ModelArgs, tp: int, pp: int, rank: int = 0) -> int:
     """Parameters one GPU holds: its stage's blocks, their matrices split over tp and their two
@@ -479,8 +479,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"        {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days "
                      f"({x['days']:.1f} with tp exposed)")
     lines += ["", f"assumptions: compute at {a['compute_efficiency']:.0%} of {a['peak'] / 1e12:.0f}"
-              f" TFLOP/s; links at {a['link_efficiency']:.0%} of NVLink {a['nvlink'] / 1e9:.0f} "
-              f"GB/s and network {a['network'] / 1e9:.0f} GB/s",
+              f" TFLOP/s (calibrated on the Megatron-1T run); links at {a['link_efficiency']:.0%}"
+              f" of NVLink {a['nvlink'] / 1e9:.0f} GB/s and network {a['network'] / 1e9:.0f} GB/s",
               f"  (per GPU and direction); tp within a node of {a['gpus_per_node']}; "
               f"{a['usable_memory']:.0%} of memory usable"]
     return "\n".join(lines)

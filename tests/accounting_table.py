@@ -4,7 +4,7 @@ counted calls). Run from the repository root: `PYTHONPATH=. python tests/account
 import os, sys; sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import torch, model as M, parallel as P, planner
 from distributed import spawn
-from test_parallel import saved_bytes_of_layer, record_collectives
+from test_parallel import saved_bytes_of_layer, record_collectives, tally
 
 B, T = 4, 256
 ROWS = [("none", 1, False, "none"), ("tp", 2, False, "none"), ("tp+sp", 2, True, "none"),
@@ -29,10 +29,7 @@ def worker():
             with record_collectives(grids[tp]) as calls:
                 P.loss_fn(m(tokens[:, :-1]), tokens[:, 1:], grids[tp]).backward()
                 sync.finish(); P.clip_grad_norm(m, 1.0, grids[tp])
-            table = {}
-            for axis, op, n in calls:
-                c, b = table.get(f"{axis} {op}", (0, 0)); table[f"{axis} {op}"] = (c + 1, b + n)
-            comm[label] = table
+            comm[label] = tally(calls)
         return act, comm
     finally:
         P.destroy(world)

@@ -66,6 +66,16 @@ def record_collectives(grid, events=None):
             setattr(dist, name, fn)
 
 
+def tally(events) -> dict:
+    """record_collectives' events as planner.comm_per_step counts them: {"tp all_gather": (calls,
+    payload bytes), ...}."""
+    table = {}
+    for axis, op, nbytes in events:
+        calls, total = table.get(f"{axis} {op}", (0, 0))
+        table[f"{axis} {op}"] = (calls + 1, total + nbytes)
+    return table
+
+
 def weight_copies(params):
     """A test for the bf16 copies of weights that autocast makes and saves (as they are, or as
     their transpose): the planner counts those with the weights, 2 bytes per parameter."""
@@ -443,11 +453,7 @@ def worker_accounting_and_checkpoints():
             sync = P.GradSync(model, grids[tp], bucket_mb=0.05, overlap=overlap)
             with record_collectives(grids[tp]) as calls:
                 one_step(model, grids[tp], sync, amp=amp)
-            table = {}
-            for axis, op, nbytes in calls:
-                c, b = table.get(f"{axis} {op}", (0, 0))
-                table[f"{axis} {op}"] = (c + 1, b + nbytes)
-            out["comm"][label] = table
+            out["comm"][label] = tally(calls)
 
         # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
         grid = grids[2]
@@ -493,7 +499,8 @@ def test_activation_bytes_measured_equal_prediction(accounted):
         want = planner.activation_bytes_per_layer(tiny(kv), ACC_BATCH, SEQ, tp=tp, sp=sp,
                                                   recompute=recompute, keep_shard=keep_shard,
                                                   bytes_per_el=2 if amp else 4)
-        assert got == want, f"{label}, {'bf16' if amp else 'fp32'}: measured {got}, predicted {want}"
+        what = f"{label}, {'bf16' if amp else 'fp32'}"
+        assert got == want, f"{what}: measured {got}, predicted {want}"
     got = {(row[0], row[-2]): row[-1] for row in rows}
     for amp in (False, True):
         assert got["none", amp] > got["tp", amp] > got["tp+sp", amp] > \
@@ -586,6 +593,11 @@ def test_single_process_degrades_to_the_plain_model():
     P.destroy(world)
 
 
+def recompute_twice(model):
+    P.apply_recompute(model, "full")
+    P.apply_recompute(model, "none")
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: P.check_config(M.preset("tiny"), 3), "tp=3 must divide n_heads=8; use one of 1, 2, 4"),
     (lambda: P.check_config(tiny(2), 4), "tp=4 must divide n_kv_heads=2; use one of 1, 2"),
@@ -594,6 +606,9 @@ def test_single_process_degrades_to_the_plain_model():
     (lambda: P.check_config(tiny(2), 2, sp=True, seq_len=15), "seq_len=15 is not divisible"),
     (lambda: P.make_grid(P.Dist(rank=0, world_size=6), tp=4), "world size 6 is not divisible"),
     (lambda: P.apply_recompute(M.Transformer(tiny(2)), "some"), "choose none, selective or full"),
+    (lambda: recompute_twice(M.Transformer(tiny(2))), "'full' is already applied"),
+    (lambda: P.parallelize(P.parallelize(M.Transformer(tiny(2)), P.Grid()), P.Grid()),
+     "already parallelized; build a fresh one"),
 ])
 def test_bad_input_is_refused_in_one_line(call, message):
     with pytest.raises(ValueError) as e:
@@ -604,3 +619,16 @@ def test_bad_input_is_refused_in_one_line(call, message):
 def test_presets_admit_tp_1_2_4():
     for tp in (1, 2, 4):
         P.check_config(M.preset("tiny"), tp, sp=True, seq_len=M.preset("tiny").max_seq_len)
+
+
+def test_parallelize_follows_the_table(monkeypatch):
+    """TP_PLAN drives parallelize(): a module taken out of the table stays whole (replicated)."""
+    plan = {key: swaps for key, swaps in P.TP_PLAN.items() if key != "layers.*.feed_forward"}
+    monkeypatch.setattr(P, "TP_PLAN", plan)
+    model = P.parallelize(M.Transformer(tiny(2)), P.Grid(tp=2))  # building needs no process group
+    for layer in model.layers:
+        assert type(layer.feed_forward.w1) is torch.nn.Linear
+        assert type(layer.attention.wo) is P.RowParallelLinear
+        assert layer.attention.wq.weight.shape == (tiny(2).dim // 2, tiny(2).dim)
+    assert type(model.tok_embeddings) is P.VocabParallelEmbedding
+    assert type(model.output) is P.ColumnParallelLinear
