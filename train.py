@@ -73,6 +73,7 @@ import data
 import generate                  # the one checkpoint reader: ours, Meta's and Hugging Face's
 import model as M
 import parallel as P
+import planner                   # the data-sheet peaks of GPUs, for MFU
 from tokenizer import Tokenizer
 
 
@@ -479,10 +480,6 @@ def _all_ranks(ok: bool, world) -> bool:
 # 4. Measuring: peak FLOP/s, progress, metrics
 # ---------------------------------------------------------------------------------------------
 
-# Dense bf16 peaks from the vendors' data sheets, for MFU on known GPUs.
-GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
 @functools.lru_cache(maxsize=None)
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
@@ -491,10 +488,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     of a few large matmuls is the figure least disturbed by neighbours.
     """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"{key} data sheet, dense bf16"
+        known = planner.data_sheet_peak(torch.cuda.get_device_name(device))
+        if known is not None:
+            family, flops = known
+            return flops, f"{family} data sheet, dense bf16"
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
