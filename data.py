@@ -1007,11 +1007,10 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: in
     """Clean files shard, shard + shards, ... of `listing` into folder/NAME/00000.{jsonl,sig};
     write folder/part.json: the listing (to check that parts fit together) and, per file of
     this part, what was read and dropped. Returns the part.json."""
-    files = [(name, kind, k, path) for name, kind, _, paths in listing
-             for k, path in enumerate(paths)]
-    tasks = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
-             for j, (name, kind, k, path) in enumerate(files) if j % shards == shard]
-    tasks.sort(key=lambda task: -os.path.getsize(task[2]))  # largest first: see _map
+    files = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
+             for name, kind, _, paths in listing for k, path in enumerate(paths)]
+    # PERF: the largest files first, so that no worker is left with a big one at the end
+    tasks = sorted(files[shard::shards], key=lambda task: -os.path.getsize(task[2]))
     for name, *_ in listing:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
     counts, bar = {}, Progress("clean", sum(os.path.getsize(task[2]) for task in tasks), quiet)
@@ -1109,7 +1108,7 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
     dtype, pieces = "uint16" if tok.n_words <= 2**16 else "uint32", os.path.join(tmp, "pieces")
     tasks = sorted(((key, prefix[key], fate, dtype, os.path.join(pieces, key))
                     for key, fate in fates.items()),
-                   key=lambda task: -os.path.getsize(task[1] + ".jsonl"))
+                   key=lambda task: -os.path.getsize(task[1] + ".jsonl"))  # largest first
     for name in keys:
         os.makedirs(os.path.join(pieces, name))
     lengths, bar = {}, Progress("tokenize", sum(os.path.getsize(t[1] + ".jsonl") for t in tasks),
@@ -1348,26 +1347,21 @@ def print_stats(data_dir: str, train_tokens: Optional[float] = None):
               f"{weight * train_tokens / max(tokens[name], 1):>8.2f}  {drops or '-'}")
 
 
-def bench(data_dir: str, seq_len: int, batch: int, steps: int = 50) -> float:
-    """Tokens per second that MixtureSampler assembles (one process, dp = 1)."""
+def bench(data_dir: str, seq_len: int, batch: int, mb: float = 8.0,
+          workers: Optional[int] = None, steps: int = 50):
+    """Print the tokens per second that MixtureSampler assembles (one process, dp = 1), then the
+    MB/s of the dataset's tokenizer encoding the same `mb` MB of its documents (decoded back from
+    the train shards) four ways: one text per call (Tokenizer.encode); one call per 512 texts
+    (Tokenizer.encode_batch); that call shared among `workers` C++ threads; and `workers`
+    processes, each encoding its texts as `prepare` does."""
     sampler = MixtureSampler(data_dir, seq_len)
     sampler.next_batch(batch)  # first touch of the memory maps
     start = time.perf_counter()
     for _ in range(steps):
         sampler.next_batch(batch)
-    return steps * batch * (seq_len + 1) / (time.perf_counter() - start)
+    rate = steps * batch * (seq_len + 1) / (time.perf_counter() - start)
+    print(f"MixtureSampler: {rate / 1e6:.1f} M tokens/s (seq_len {seq_len}, batch {batch})")
 
-
-def _encode_count(texts: List[str]) -> int:
-    """Worker of bench_tokenizer: encode a batch as prepare does, return its number of ids."""
-    return sum(len(ids) for ids in _WORKER["tokenizer"].encode_batch(texts, bos=True, eos=True))
-
-
-def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = None) -> dict:
-    """{way: (MB/s, MB/s per core)} of the dataset's tokenizer encoding the same `mb` MB of its
-    documents (decoded back from the train shards), four ways: one text per call
-    (Tokenizer.encode); one call per 512 texts (Tokenizer.encode_batch); that call shared among
-    `workers` C++ threads; and `workers` processes, each encoding its texts as `prepare` does."""
     workers = workers or default_workers()
     manifest, tok = load_manifest(data_dir), Tokenizer(os.path.join(data_dir, "tokenizer.model"))
     texts, share = [], mb * 1e6 / len(manifest["sources"])
@@ -1393,22 +1387,26 @@ def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = Non
                                                       for i in range(0, len(texts), 64)],
                                       workers, dict(tokenizer=tok)))),
     }
-    rates, counts = {}, set()
+    counts = set()
     for way, (cores, run) in ways.items():
         start = time.perf_counter()
         counts.add(run())
         rate = total / (time.perf_counter() - start)
-        rates[way] = (rate, rate / cores)
+        print(f"tokenize, {way:<34} {rate:6.2f} MB/s  {rate / cores:6.2f} MB/s per core")
     if len(counts) != 1:
         raise RuntimeError(f"the ways to tokenize disagree on the number of ids: {counts}")
-    return rates
 
 
-def _bench_corpus(folder: str, mb: float, files: int = 16) -> List[str]:
-    """`mb` MB of jsonl, `files` files per source, from the demo's text: documents of five
+def _encode_count(texts: List[str]) -> int:
+    """Worker of bench: encode a batch as prepare does, return its number of ids."""
+    return sum(len(ids) for ids in _WORKER["tokenizer"].encode_batch(texts, bos=True, eos=True))
+
+
+def _bench_corpus(folder: str, mb: float, records: dict, files: int = 16) -> List[str]:
+    """`mb` MB of jsonl, `files` files per source, from the demo's `records`: documents of five
     20-line pieces drawn at random, so that they read like the demo's yet are all distinct. The
     `docs` source is cleaned as web text, the kind most of LLaMA's data is."""
-    records, rng, sources = demo_records(1.0, default_workers()), random.Random(0), []
+    rng, sources = random.Random(0), []
     for name, kind in (("code", "code"), ("docs", "web"), ("reference", "text")):
         lines = [line for r in records[name] for line in r["text"].split("\n")]
         pieces = ["\n".join(lines[i:i + 20]) for i in range(0, len(lines) - 20, 20)]
@@ -1423,32 +1421,32 @@ def _bench_corpus(folder: str, mb: float, files: int = 16) -> List[str]:
 
 
 def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None,
-                  vocab_size: int = 8000) -> list:
-    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers and
-    check that every run writes the same bytes. The tokenizer is given (default: one of
-    `vocab_size` pieces trained on the demo's text beforehand, untimed). One row per run."""
-    rows = []
+                  vocab_size: int = 8000):
+    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers, and
+    check that every run writes the same bytes; print one line per run. The tokenizer is given
+    (default: one of `vocab_size` pieces trained on the demo's text beforehand, untimed)."""
+    records, first = demo_records(1.0, default_workers()), None
     with tempfile.TemporaryDirectory() as tmp:
-        sources = _bench_corpus(os.path.join(tmp, "raw"), mb)
+        sources = _bench_corpus(os.path.join(tmp, "raw"), mb, records)
         if tokenizer is None:
-            lines = (line for records in demo_records(1.0, default_workers()).values()
-                     for r in records for line in r["text"].split("\n") if line.strip())
+            lines = (line for texts in records.values() for r in texts
+                     for line in r["text"].split("\n") if line.strip())
             tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
         for run, n in enumerate(workers):
             out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
             report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
-            raw = sum(s["raw_mb"] for s in report["sources"].values())
-            tokens = sum(s[split]["tokens"] for s in report["sources"].values()
-                         for split in ("train", "val"))
-            read = sum(s["read"] for s in report["sources"].values())
-            rows.append(dict(workers=n, seconds=seconds, raw_mb_per_s=raw / seconds,
-                             tokens=tokens, tokens_per_core_hour=tokens / seconds / n * 3600,
-                             stages=report["seconds"], dedup_docs_per_s=read / max(
-                                 report["seconds"]["dedup"], 1e-9),
-                             identical=_same_files(out, os.path.join(tmp, "out-0"))))
-    return rows
+            first = first or seconds
+            stats, stages = report["sources"].values(), report["seconds"]
+            tokens = sum(s[split]["tokens"] for s in stats for split in ("train", "val"))
+            raw, read = sum(s["raw_mb"] for s in stats), sum(s["read"] for s in stats)
+            print(f"prepare {mb:g} MB, {n} workers: {seconds:.1f} s ("
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in stages.items())}), "
+                  f"{raw / seconds:.1f} MB/s, speedup {first / seconds:.2f}, "
+                  f"{tokens / seconds / n * 3600 / 1e9:.2f} G tokens/h per core, "
+                  f"dedup {read / max(stages['dedup'], 1e-9):,.0f} documents/s, same bytes as "
+                  f"{workers[0]} worker(s): {_same_files(out, os.path.join(tmp, 'out-0'))}")
 
 
 def _same_files(a: str, b: str) -> bool:
@@ -1537,22 +1535,9 @@ def main(argv=None):
         elif args.command == "stats":
             print_stats(args.data_dir, args.train_tokens)
         elif args.command == "bench":
-            rate = bench(args.data_dir, args.seq_len, args.batch)
-            print(f"MixtureSampler: {rate / 1e6:.1f} M tokens/s (seq_len {args.seq_len}, "
-                  f"batch {args.batch})")
-            for way, (rate, per_core) in bench_tokenizer(args.data_dir, args.mb,
-                                                         args.workers).items():
-                print(f"tokenize, {way:<34} {rate:6.2f} MB/s  {per_core:6.2f} MB/s per core")
+            bench(args.data_dir, args.seq_len, args.batch, args.mb, args.workers)
         else:
-            rows = bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
-            for row in rows:
-                stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items())
-                print(f"prepare {args.mb:g} MB, {row['workers']} workers: {row['seconds']:.1f} s "
-                      f"({stages}), {row['raw_mb_per_s']:.1f} MB/s, speedup "
-                      f"{rows[0]['seconds'] / row['seconds']:.2f}, "
-                      f"{row['tokens_per_core_hour'] / 1e9:.2f} G tokens/h per core, dedup "
-                      f"{row['dedup_docs_per_s']:,.0f} documents/s, same bytes as "
-                      f"{rows[0]['workers']} worker(s): {row['identical']}")
+            bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk

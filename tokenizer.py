@@ -14,7 +14,7 @@ Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids)
-  4. main              the command line
+  4. Command line      OneLineParser and number (data.py's flags use them too), main
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -23,8 +23,9 @@ text and "In" after a space are the same piece); digits are split, so "2023" is 
 the model can learn arithmetic digit by digit. An emoji the vocabulary lacks, "🦙", becomes its
 four UTF-8 bytes <0xF0> <0x9F> <0xA6> <0x99>, so no text is ever lost to <unk>.
 
-What this file leaves out: the pieces themselves are SentencePiece's C++ BPE; we only configure
-it. There is no padding token (pad_id = -1, as Meta's): batching code pads with its own value.
+What this file leaves out:
+  - The BPE itself: the pieces are found by SentencePiece's C++ trainer; this file configures it.
+  - A padding token (pad_id = -1, as Meta's): batching code pads with its own value.
 """
 
 import argparse
@@ -166,7 +167,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def number(kind=int, low=1, above=False):
     """An argparse type: a `kind` (int or float) >= low (> low if `above`), or an error that
-    says which numbers to use. data.py's flags use it too."""
+    says which numbers to use."""
     def parse(text: str):
         try:
             value = kind(text)
