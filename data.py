@@ -16,17 +16,24 @@ train.py calls `MixtureSampler` and `validation_windows`.
     python data.py bench data/demo --seq-len 256         # sampler tokens/s, tokenizer MB/s
     python data.py bench-prepare --mb 96 --workers 1 2   # prepare's speed, 1 and 2 processes
 
-Reading order
-  1. The mixture       Table 1, source kinds, parse_mix
-  2. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
-  3. Cleaning rules    one small function per rule, grouped by source kind, each citing its paper
-  4. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
-  5. prepare           clean files in parallel -> dedup in file order -> tokenize in parallel;
+Reading order: sections 1 and 2 are all that train.py uses, and read without the others.
+  1. The mixture       Table 1, parse_mix
+  2. Reading a dataset load_manifest checks a prepared folder, then MixtureSampler serves
+                       windows mixed by weight, dp-independent and resumable
+  3. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
+  4. Cleaning rules    one small function per rule, a table of them per source kind
+  5. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
+  6. prepare           clean files in parallel -> dedup in file order -> tokenize in parallel;
                        built in a temporary folder, renamed when whole; --shard and merge
-  6. Reading a dataset check_dataset, then MixtureSampler: windows mixed by weight,
-                       dp-independent and resumable
   7. Demo corpus       the Python standard library as three sources
   8. Command line      and the benchmarks
+
+A prepared folder OUT holds tokenizer.model, stats.json, SOURCE/{train,val}.{bin,idx} for every
+source, and manifest.json. A .bin file is the tokens of every document of the split end to end
+(uint16 when the vocabulary fits, else uint32); its .idx holds the int64 offset at which each
+document starts, plus the total, so document i is bin[idx[i]:idx[i+1]], which starts with BOS
+and ends with EOS. Reading a folder checks it first: the tokenizer's sha256, shard sizes, and a
+sample of ids (check_dataset).
 
 A file is the unit of work. Workers clean each file by the rules of its source's kind and
 fingerprint each surviving document (a 532-byte hash and MinHash); one process then decides, in
@@ -42,12 +49,7 @@ documents of each file; the pieces are joined in file order:
 Only fingerprints cross between processes, and only the deciding process holds the dedup state,
 so the output is the same bytes for any --workers (tested), and memory does not grow with them.
 `prepare` builds in OUT/../.tmp-OUT and renames it to OUT when complete; a build that is killed
-leaves .tmp-OUT, which the next build into OUT removes. OUT then holds tokenizer.model,
-stats.json, SOURCE/{train,val}.{bin,idx} for every source, and manifest.json. A .bin file is the
-tokens of every document of the split end to end (uint16 when the vocabulary fits, else uint32);
-its .idx holds the int64 offset at which each document starts, plus the total, so document i is
-bin[idx[i]:idx[i+1]], which starts with BOS and ends with EOS. Reading a folder checks it first:
-the tokenizer's sha256, shard sizes, and a sample of ids (check_dataset).
+leaves .tmp-OUT, which the next build into OUT removes.
 
 Beyond one machine, the way CCNet and datatrove split the work: any scheduler (a Slurm array, a
 shell loop over hosts) runs `prepare --shard I/N` over the same sources on N machines; each
@@ -68,22 +70,26 @@ CommonCrawl keeps few: if 10% of the raw text survives, cleaning reads 1.4e12 * 
 before CCNet's language and perplexity models, which this file replaces by a heuristic and which
 cost more than all of the above. What does not spread is `merge`'s decisions: 16,000 documents/s
 in one process, holding 8 KB per kept document (its MinHash, 32 LSH bucket entries), so one merge
-takes about 8M documents in 64 GB. 1.4T tokens are some 1.4B documents: there the near dedup is
-itself split by LSH band, each band's (value, document) pairs sorted on their own machine and the
-duplicate pairs joined by union-find (datatrove's MinHash stages), or kept within a shard as
-CCNet does. This file leaves that out.
+takes about 8M documents in 64 GB.
 
 Shape legend: B global batch (B/dp rows per rank), T sequence length. A window holds T+1 tokens:
 the model reads window[:-1] and predicts window[1:].
 
-What this file leaves out: fastText language identification and CCNet's n-gram perplexity
-filter and "Wikipedia-reference" classifier need downloaded models; `prepare` takes them as hooks
-(`language_id`, `quality`) and uses a simple English heuristic in their place. Wikipedia's 20
-languages and GitHub's repository licenses are metadata: the license is honored when a record
-carries it, never guessed. Dedup runs within a source, not across sources; the web line dedup
-within a file (CCNet's shard). A file is never split: a source kept in one huge file is cleaned
-and tokenized by one core (`split -l 100000 big.jsonl part-` first). Parallelism is processes
-forked from this one (Linux, macOS), not threads.
+What this file leaves out:
+  - fastText language identification, and CCNet's n-gram perplexity filter and "Wikipedia-
+    reference" classifier: they need downloaded models. `prepare` takes them as hooks
+    (`language_id`, `quality`) and uses a simple English heuristic in their place.
+  - Metadata it cannot see: Wikipedia's 20 languages, and GitHub's repository licenses (honored
+    when a record carries one, never guessed).
+  - Dedup across sources: it runs within a source; the web line dedup within a file (CCNet's
+    shard).
+  - Splitting a file: a source kept in one huge file is cleaned and tokenized by one core
+    (`split -l 100000 big.jsonl part-` first).
+  - Threads: the parallelism is processes forked from this one (Linux, macOS).
+  - Near dedup of more than one merge holds (1.4T tokens are some 1.4B documents): there it is
+    itself split by LSH band, each band's (value, document) pairs sorted on their own machine
+    and the duplicate pairs joined by union-find (datatrove's MinHash stages), or kept within a
+    shard as CCNet does.
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -119,7 +125,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import OneLineParser, Tokenizer, number, train_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,9 +145,6 @@ TABLE1 = {  # name: (share %, epochs, kind of cleaning)
     "arxiv": (2.5, 1.06, "arxiv"),
     "stackexchange": (2.0, 1.03, "stackexchange"),
 }
-KINDS = ("web", "code", "wikipedia", "arxiv", "stackexchange", "books", "text")  # text: no rule
-VAL_EVERY = 50  # kept documents 1, 51, 101, ... of each source are held out for validation, so
-                # that even a source of two documents has a validation split
 
 
 def parse_mix(text: str) -> Dict[str, float]:
@@ -166,7 +169,212 @@ def parse_mix(text: str) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Reading sources
+# 2. Reading a dataset: load_manifest's checks, then MixtureSampler
+# ---------------------------------------------------------------------------------------------
+
+FORMAT = 2  # manifest.json's layout; 2 added the tokenizer's hash. Another format is refused.
+NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
+
+
+def is_complete(data_dir: str) -> bool:
+    """A build is complete when its manifest exists: the folder appears only once it does."""
+    return os.path.isfile(os.path.join(data_dir, "manifest.json"))
+
+
+def load_manifest(data_dir: str) -> dict:
+    """The manifest of a prepared folder, once `check_dataset` found the files to agree with it."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
+                                "or its build was interrupted; run `python data.py prepare ...`")
+    with open(path) as f:
+        try:
+            manifest = json.load(f)
+        except ValueError:
+            raise ValueError(f"{path!r} is not valid JSON; prepare the dataset again") from None
+    try:
+        check_dataset(data_dir, manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+        raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
+                         f"{e}); prepare the dataset again") from None
+    return manifest
+
+
+def check_dataset(data_dir: str, manifest: dict) -> None:
+    """Refuse a folder whose files are not the ones its manifest describes, before a window is
+    served from it: the tokenizer must be the one the shards were made with (its sha256), each
+    source a folder inside `data_dir`, each .bin and .idx as long as its counts and dtype imply,
+    and 4096 ids sampled evenly from each shard below the vocabulary size. A few milliseconds."""
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{data_dir!r} was prepared by another version of data.py (format "
+                         f"{manifest.get('format')}, this one reads {FORMAT}); delete it and "
+                         "prepare it again")
+    tokenizer = os.path.join(data_dir, "tokenizer.model")
+    if not os.path.isfile(tokenizer) or _sha256(tokenizer) != manifest["tokenizer_sha256"]:
+        raise ValueError(f"{tokenizer!r} is missing or is not the tokenizer the shards were made "
+                         "with (sha256 differs from the manifest's); put the original back, or "
+                         "prepare the data again with this one")
+    vocab, dtype = manifest["vocab_size"], manifest["dtype"]
+    if dtype not in ("uint16", "uint32") or vocab > np.iinfo(dtype).max + 1:
+        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json cannot hold the ids of "
+                         f"{vocab} pieces; prepare the data again")
+    for name, source in manifest["sources"].items():
+        if not re.fullmatch(NAME, name):
+            raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
+                             "(letters, digits, _ and -): a dataset reads only folders inside "
+                             "itself; prepare the data again")
+        for split in ("train", "val"):
+            base, count = os.path.join(data_dir, name, split), source[split]
+            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
+                               (base + ".idx", (count["documents"] + 1) * 8)):
+                found = os.path.getsize(path) if os.path.isfile(path) else "no"
+                if found != size:
+                    raise ValueError(f"{path!r} holds {found} bytes where the manifest's "
+                                     f"{count['tokens']} {dtype} tokens of {count['documents']} "
+                                     f"documents make {size}: a shard of another dtype or "
+                                     "build, or a copy cut short; prepare the data again")
+            if count["tokens"]:
+                tokens = np.memmap(base + ".bin", dtype=dtype, mode="r", shape=(count["tokens"],))
+                sample = tokens[np.linspace(0, count["tokens"] - 1, 4096).astype(np.int64)]
+                if sample.max() >= vocab:
+                    raise ValueError(f"{base}.bin holds token id {sample.max()}, but the "
+                                     f"tokenizer has {vocab} pieces: the shard was made with "
+                                     "another tokenizer; prepare the data again")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def documents(data_dir: str, source: str, split: str = "train"):
+    """Yield the documents of a split in order, each an array of ids from <s> to </s>."""
+    dtype = load_manifest(data_dir)["dtype"]
+    base = os.path.join(data_dir, source, split)
+    idx, ids = np.fromfile(base + ".idx", dtype=np.int64), np.fromfile(base + ".bin", dtype=dtype)
+    for start, end in zip(idx[:-1], idx[1:]):
+        yield ids[start:end]
+
+
+class MixtureSampler:
+    """Windows of T+1 tokens from a prepared folder, mixed by weight, the same for any dp.
+
+    Each source's token stream is cut into windows starting every T tokens (consecutive windows
+    share one token, so each token but a last partial window is predicted once per epoch); an
+    epoch visits all of them in an order reshuffled from (seed, source, epoch). Which source
+    serves the next window is not random: it is the one furthest below its target share,
+    weight * windows served so far. The realized shares are then exact to within one window, and
+    the whole stream is a function of the counts of windows served per source -- which is all
+    `state_dict` needs to hold.
+
+    Documents are packed: a window may end one document (</s>) and begin the next (<s>), so no
+    token is padding. The global batch is the next B windows of that one stream; rank r takes rows
+    [r B/dp, (r+1) B/dp). Every rank computes the same schedule (a few microseconds per window)
+    and reads only its own rows, so dp = 1, 2, 4 train on identical global batches.
+    """
+
+    def __init__(self, data_dir: str, seq_len: int, weights: Optional[dict] = None, seed: int = 0,
+                 split: str = "train"):
+        manifest = load_manifest(data_dir)
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} must be 'train' or 'val'")
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be a positive number of tokens")
+        weights = dict(manifest["weights"] if weights is None else weights)
+        unknown = sorted(set(weights) - set(manifest["sources"]))
+        if unknown:
+            raise ValueError(f"unknown source(s) {unknown} in the mixture; {data_dir} holds "
+                             f"{sorted(manifest['sources'])}")
+        if any(not w >= 0 for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"mixture weights {weights} must be >= 0 with at least one positive")
+        self.names = sorted(n for n, w in weights.items() if w > 0)
+        total = sum(weights[n] for n in self.names)
+        self.weights = [weights[n] / total for n in self.names]
+        self.seq_len, self.seed, self.split = seq_len, seed, split
+        self.windows = []  # per source: (windows, T+1) read-only view of the memory-mapped shard
+        for name in self.names:
+            count = manifest["sources"][name][split]["tokens"]
+            if count < seq_len + 1:
+                raise ValueError(f"source {name!r} has {count} tokens in its {split} split, fewer "
+                                 f"than one window of seq_len+1={seq_len + 1}; use a smaller "
+                                 "seq_len or give this source weight 0")
+            tokens = np.memmap(os.path.join(data_dir, name, f"{split}.bin"),
+                               dtype=manifest["dtype"], mode="r", shape=(count,))
+            # NOTE: a view, no copy: row w is tokens[w*T : w*T + T + 1], read only when indexed.
+            self.windows.append(sliding_window_view(tokens, seq_len + 1)[::seq_len])
+        self.served = [0] * len(self.names)  # windows served per source: the whole state
+        self._perms = {}                      # source index -> (epoch, its window order)
+
+    def _order(self, s: int, epoch: int) -> np.ndarray:
+        if self._perms.get(s, (None,))[0] != epoch:
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.names[s].encode()), epoch])
+            self._perms[s] = (epoch, rng.permutation(len(self.windows[s])))
+        return self._perms[s][1]
+
+    def _schedule(self, n: int) -> list:
+        """The next n windows of the global stream, as (source index, window index) pairs."""
+        picks, total = [], sum(self.served)
+        for _ in range(n):
+            total += 1
+            # PAPER: deficit scheduling: serve the source furthest below weight * total, which
+            # keeps every share within one window of Table 1's proportions [LLaMA Table 1].
+            s = max(range(len(self.names)), key=lambda i: self.weights[i] * total - self.served[i])
+            epoch, position = divmod(self.served[s], len(self.windows[s]))
+            picks.append((s, int(self._order(s, epoch)[position])))
+            self.served[s] += 1
+        return picks
+
+    def next_batch(self, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
+        """This rank's (B/dp, T+1) int64 rows of the next global batch of B windows."""
+        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
+            raise ValueError(f"dp_size={dp_size} must divide global_batch={global_batch}; use a "
+                             f"global batch that is a multiple of {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, {dp_size})")
+        rows = global_batch // dp_size
+        mine = self._schedule(global_batch)[dp_rank * rows:(dp_rank + 1) * rows]
+        source, window = np.array(mine).T  # (B/dp,) each
+        batch = np.empty((rows, self.seq_len + 1), dtype=np.int64)  # (B/dp, T+1)
+        for s in np.unique(source):  # PERF: one gather per source, not one slice per row
+            batch[source == s] = self.windows[s][window[source == s]]
+        return torch.from_numpy(batch)
+
+    def state_dict(self) -> dict:
+        return dict(seq_len=self.seq_len, seed=self.seed, split=self.split,
+                    weights=dict(zip(self.names, self.weights)),
+                    served=dict(zip(self.names, self.served)))
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seq_len", "seed", "split", "weights"):
+            if state[key] != mine[key]:
+                raise ValueError(f"cannot resume: the saved sampler has {key}={state[key]!r}, this "
+                                 f"one {mine[key]!r}; build it with the same seq_len, weights, "
+                                 "seed and split")
+        self.served = [int(state["served"][n]) for n in self.names]
+
+    def tokens_by_source(self) -> dict:
+        return {n: c * (self.seq_len + 1) for n, c in zip(self.names, self.served)}
+
+    def epochs_by_source(self) -> dict:
+        return {n: c / len(w) for n, c, w in zip(self.names, self.served, self.windows)}
+
+
+def validation_windows(data_dir: str, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
+    """(n_windows, T+1) fixed windows of the held-out documents, mixed by the default weights
+    over the sources whose val split holds at least one window (a source whose val windows run
+    out repeats them, as the training stream repeats a small source)."""
+    manifest = load_manifest(data_dir)
+    weights = {n: w for n, w in manifest["weights"].items()
+               if w > 0 and manifest["sources"][n]["val"]["tokens"] > seq_len}
+    if not weights:
+        raise ValueError(f"no source of {data_dir!r} has seq_len+1={seq_len + 1} tokens of "
+                         "validation text; use a smaller seq_len or prepare more data")
+    return MixtureSampler(data_dir, seq_len, weights, seed, split="val").next_batch(n_windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Reading sources
 # ---------------------------------------------------------------------------------------------
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
@@ -185,12 +393,10 @@ def source_files(folder: str) -> List[str]:
             raise ValueError(f"{d!r} leads back to {seen[real]!r} (a symlink loop, or a second "
                              "link to the same folder); remove the link")
         seen[real] = d
-        for name in names:
-            path = os.path.join(d, name)
-            if name.endswith(SUFFIXES) and not os.path.isfile(path):
+        for path in (os.path.join(d, name) for name in names if name.endswith(SUFFIXES)):
+            if not os.path.isfile(path):
                 raise ValueError(f"{path!r} is a broken symlink or a symlink loop; fix or remove it")
-            if name.endswith(SUFFIXES):
-                files.append(path)
+            files.append(path)
     if not files:
         raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
     return sorted(files)
@@ -205,22 +411,16 @@ def read_records(path: str, dropped: Counter):
     if os.path.getsize(path) == 0:
         dropped["empty_file"] += 1
         return
+    is_txt = path.endswith(".txt")
     with open(path, "rb") as raw:
         f = gzip.open(raw) if path.endswith(".gz") else raw
         try:
-            if path.endswith(".txt"):
-                try:
-                    text = f.read().decode("utf-8")
-                except UnicodeDecodeError:
-                    dropped["bad_utf8"] += 1
-                    return
-                yield {"text": text}
-                return
-            for line in f:
-                if not line.strip():
+            for line in [f.read()] if is_txt else f:
+                if not is_txt and not line.strip():
                     continue
                 try:
-                    record = json.loads(line.decode("utf-8"))
+                    text = line.decode("utf-8")
+                    record = {"text": text} if is_txt else json.loads(text)
                 except UnicodeDecodeError:
                     dropped["bad_utf8"] += 1
                     continue
@@ -245,7 +445,7 @@ def _is_record(record) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Cleaning rules
+# 4. Cleaning rules
 # ---------------------------------------------------------------------------------------------
 # A rule takes a document's text and returns it cleaned, or None to drop the document. A rule
 # that leaves nothing but whitespace drops it too, and `prepare` counts drops per rule name.
@@ -272,8 +472,6 @@ def web_line_dedup(text: str, seen: set) -> str:
             seen.add(digest)
         kept.append(line)
     return "\n".join(kept)
-
-
 C4_BOILERPLATE = ("javascript", "terms of use", "privacy policy", "cookie policy", "uses cookies",
                   "use of cookies", "use cookies")
 
@@ -445,33 +643,34 @@ def strip_html(text: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", text))
 
 
+
 # --- every kind ---
+
+RULES = {  # kind: its rules in order; a rule's name in the stats is its function's name
+    "web": [web_line_dedup, c4_boilerplate_lines, c4_terminal_punctuation, c4_min_words,
+            c4_page_filter, c4_min_sentences],  # then the language_id and quality hooks
+    "code": [code_license_header, code_line_length, code_alnum_share],
+    "wikipedia": [wiki_comments, wiki_templates, wiki_links, wiki_formatting],
+    "arxiv": [tex_comments, tex_inline_macros, tex_body],
+    "stackexchange": [strip_html],
+    "books": [],  # their cleaning is the near-dedup threshold of 0.9 (see NEAR_DUP_OVERLAP)
+    "text": [],   # no rule
+}
+KINDS = tuple(RULES)
+
 
 def rules_for(kind: str, language_id: Callable[[str], bool] = looks_english,
               quality: Optional[Callable[[str], bool]] = None) -> list:
-    """The ordered (name, rule) list of a source kind. Made fresh per file: the web line dedup
-    remembers the lines of this file only. Books have no text rule: their cleaning is the
-    near-dedup threshold of 0.9 (see NEAR_DUP_OVERLAP)."""
-    def hook(fn):
-        return lambda text: text if fn(text) else None
+    """The ordered (name, rule) list of a source kind, made fresh per file: the web line dedup
+    remembers the lines of this file only. Web text then meets the two hooks, each a test that
+    keeps or drops a document."""
     seen = set()
-    web = [("web_line_dedup", lambda text: web_line_dedup(text, seen)),
-           ("c4_boilerplate_lines", c4_boilerplate_lines),
-           ("c4_terminal_punctuation", c4_terminal_punctuation), ("c4_min_words", c4_min_words),
-           ("c4_page_filter", c4_page_filter), ("c4_min_sentences", c4_min_sentences),
-           ("language_id", hook(language_id))] + ([("quality", hook(quality))] if quality else [])
-    return {
-        "web": web,
-        "code": [("code_license_header", code_license_header),
-                 ("code_line_length", code_line_length), ("code_alnum_share", code_alnum_share)],
-        "wikipedia": [("wiki_comments", wiki_comments), ("wiki_templates", wiki_templates),
-                      ("wiki_links", wiki_links), ("wiki_formatting", wiki_formatting)],
-        "arxiv": [("tex_comments", tex_comments), ("tex_inline_macros", tex_inline_macros),
-                  ("tex_body", tex_body)],
-        "stackexchange": [("strip_html", strip_html)],
-        "books": [],
-        "text": [],
-    }[kind]
+    rules = [(rule.__name__, (lambda text: web_line_dedup(text, seen))
+              if rule is web_line_dedup else rule) for rule in RULES[kind]]
+    def hook(test):  # a yes/no test as a rule
+        return lambda text: text if test(text) else None
+    hooks = [("language_id", language_id), ("quality", quality)] if kind == "web" else []
+    return rules + [(name, hook(test)) for name, test in hooks if test]
 
 
 def clean_document(record: dict, kind: str, rules: list, removed: Counter):
@@ -490,9 +689,8 @@ def clean_document(record: dict, kind: str, rules: list, removed: Counter):
         removed[name] += before - len(text)
     return text, None
 
-
 # ---------------------------------------------------------------------------------------------
-# 4. Deduplication
+# 5. Deduplication
 # ---------------------------------------------------------------------------------------------
 
 # PAPER: books overlapping by more than 90% are dropped [LLaMA §2.1]; the paper gives no threshold
@@ -580,31 +778,21 @@ class Deduplicator:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. prepare: clean each file -> dedup in file order -> tokenize each file -> shards
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. prepare: clean each file -> dedup in file order -> tokenize each file -> shards
 # ---------------------------------------------------------------------------------------------
 # Workers do what looks at one file alone; this process decides what depends on every earlier
 # document (dedup, the val split), in file order, from fingerprints: the docstring's diagram.
 
+VAL_EVERY = 50     # kept documents 1, 51, 101, ... of each source are held out for validation, so
+                   # that even a source of two documents has a validation split
 TRAIN, VAL = 1, 2  # a document's fate in the dedup decisions; 0 = dropped
 PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
 
 
-class Progress:
-    """One line on stderr: label, bar, percent, MB/s; redrawn at most five times a second."""
-
-    def __init__(self, label: str, total: int, quiet: bool = False):
-        self.label, self.total, self.quiet = label, max(total, 1), quiet
-        self.start = self.drawn = time.perf_counter()
-
-    def show(self, done: int, final: bool = False):
-        now = time.perf_counter()
-        if self.quiet or (now - self.drawn < 0.2 and not final):
-            return
-        self.drawn, share = now, min(done / self.total, 1.0)
-        speed = done / 1e6 / max(now - self.start, 1e-9)
-        print(f"\r{self.label:<24} [{'#' * int(30 * share):<30}] {share:4.0%} {speed:6.1f} MB/s",
-              end="\n" if final else "", file=sys.stderr, flush=True)
-
+# --- building in a temporary folder; worker processes ---
 
 @contextlib.contextmanager
 def building(out_dir: str):
@@ -663,8 +851,8 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-_WORKER = {}  # NOTE: what each worker process holds for its tasks: the prepare's hooks and the
-              # tokenizers it loaded. A Pool cannot pickle a lambda; a forked worker inherits it.
+_WORKER = {}  # NOTE: what each worker process holds for its tasks (the build's hooks, its
+              # tokenizer). A Pool cannot pickle a lambda; a forked worker inherits it.
 
 
 def _worker_init(hooks: dict, in_pool: bool):
@@ -689,8 +877,25 @@ def _map(fn, tasks: list, workers: int, hooks: dict, ordered: bool = False):
         yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
 
 
-NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
+class Progress:
+    """One line on stderr: label, bar, percent, MB/s; redrawn at most five times a second."""
 
+    def __init__(self, label: str, total: int, quiet: bool = False):
+        self.label, self.total, self.quiet, self.done = label, max(total, 1), quiet, 0
+        self.start = self.drawn = time.perf_counter()
+
+    def add(self, nbytes: int = 0, final: bool = False):
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.quiet or (now - self.drawn < 0.2 and not final):
+            return
+        self.drawn, share = now, min(self.done / self.total, 1.0)
+        speed = self.done / 1e6 / max(now - self.start, 1e-9)
+        print(f"\r{self.label:<24} [{'#' * int(30 * share):<30}] {share:4.0%} {speed:6.1f} MB/s",
+              end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+# --- the three ways in: prepare, prepare --shard, merge ---
 
 def parse_source(spec: str):
     """"NAME[:KIND]=DIR" -> (name, kind, dir); the kind defaults to Table 1's, else "text"."""
@@ -714,7 +919,8 @@ def _list_sources(sources: List[str]) -> list:
     return [(name, kind, folder, source_files(folder)) for name, kind, folder in specs]
 
 
-def _check_options(names, tokenizer, vocab_size, weights, val_every, workers):
+def _check_options(names: list, tokenizer=None, vocab_size=260, weights=None,
+                   val_every=VAL_EVERY, workers=1) -> Optional[Tokenizer]:
     """Refuse bad options before any work starts; return the given tokenizer, loaded, or None."""
     if set(weights or {}) - set(names):
         raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
@@ -774,11 +980,10 @@ def prepare_shard(sources: List[str], out_dir: str, shard: int, shards: int,
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard}/{shards}: write I/N with 0 <= I < N, e.g. 0/4")
     listing = _list_sources(sources)
-    _check_options([s[0] for s in listing], None, 260, None, VAL_EVERY, workers)
+    _check_options([s[0] for s in listing], workers=workers)
     with building(out_dir) as tmp:
-        part = _clean_part(tmp, listing, shard, shards, workers,
+        return _clean_part(tmp, listing, shard, shards, workers,
                            dict(language_id=language_id, quality=quality), quiet)
-    return part
 
 
 def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
@@ -802,19 +1007,17 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: in
     """Clean files shard, shard + shards, ... of `listing` into folder/NAME/00000.{jsonl,sig};
     write folder/part.json: the listing (to check that parts fit together) and, per file of
     this part, what was read and dropped. Returns the part.json."""
-    files = [(name, kind, k, path) for name, kind, _, paths in listing
-             for k, path in enumerate(paths)]
-    tasks = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
-             for j, (name, kind, k, path) in enumerate(files) if j % shards == shard]
-    tasks.sort(key=lambda task: -os.path.getsize(task[2]))  # largest first: see _map
+    files = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
+             for name, kind, _, paths in listing for k, path in enumerate(paths)]
+    # PERF: the largest files first, so that no worker is left with a big one at the end
+    tasks = sorted(files[shard::shards], key=lambda task: -os.path.getsize(task[2]))
     for name, *_ in listing:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
-    counts, done = {}, 0
-    bar = Progress("clean", sum(os.path.getsize(task[2]) for task in tasks), quiet)
+    counts, bar = {}, Progress("clean", sum(os.path.getsize(task[2]) for task in tasks), quiet)
     for key, count in _map(_clean_file, tasks, workers, hooks):
-        counts[key], done = count, done + count["raw_bytes"]
-        bar.show(done)
-    bar.show(done, final=True)
+        counts[key] = count
+        bar.add(count["raw_bytes"])
+    bar.add(final=True)
     part = dict(format=PART_FORMAT, shard=[shard, shards],
                 sources=[dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
                                                              os.path.getsize(path)]
@@ -882,40 +1085,38 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
             weights: Optional[dict], val_every: int, workers: int, quiet: bool) -> dict:
     """From parts (see _read_parts) to a complete dataset in `tmp`: decide, (train a tokenizer,)
     tokenize, write NAME/{train,val}.{bin,idx}, stats.json and manifest.json."""
-    where = {key: folder for folder, part in parts for key in part["counts"]}
-    counts = {key: count for _, part in parts for key, count in part["counts"].items()}
     sources = parts[0][1]["sources"]
+    counts = {key: count for _, part in parts for key, count in part["counts"].items()}
+    prefix = {key: os.path.join(folder, key) for folder, part in parts for key in part["counts"]}
     keys = {s["name"]: [f"{s['name']}/{k:05d}" for k in range(len(s["files"]))] for s in sources}
-    prefix = {key: os.path.join(where[key], key) for key in where}
-    clock, decisions, stats = [time.perf_counter()], {}, {}
-    for source in sources:  # dict order: every source's files in order, the global order
-        stats[source["name"]] = _dedup(source, keys[source["name"]], prefix, counts, decisions,
+    clock, fates, stats = [time.perf_counter()], {}, {}
+    for source in sources:  # every source's files in order: the global order
+        stats[source["name"]] = _dedup(source, keys[source["name"]], prefix, counts, fates,
                                        val_every)
     clock.append(time.perf_counter())
 
-    trained, tok_path = tok is None, os.path.join(tmp, "tokenizer.model")
-    if trained:  # SentencePiece learns from the cleaned training text, line by line
-        lines = (line for key, fate in decisions.items() for text in _kept(prefix[key], fate, TRAIN)
+    tok_path = os.path.join(tmp, "tokenizer.model")
+    if tok is None:  # SentencePiece learns from the cleaned training text, line by line
+        lines = (line for key, fate in fates.items() for text in _kept(prefix[key], fate, TRAIN)
                  for line in text.split("\n") if line.strip())
         train_tokenizer(lines, tok_path, vocab_size=vocab_size)
     else:
         shutil.copyfile(tok.path, tok_path)
-    tok = Tokenizer(tok_path)
+    trained, tok = tok is None, Tokenizer(tok_path)
     clock.append(time.perf_counter())
 
-    dtype = "uint16" if tok.n_words <= 2**16 else "uint32"
-    pieces = os.path.join(tmp, "pieces")
-    tasks = [(key, prefix[key], fate, tok_path, dtype, os.path.join(pieces, key))
-             for key, fate in decisions.items()]
-    tasks.sort(key=lambda task: -os.path.getsize(task[1] + ".jsonl"))
+    dtype, pieces = "uint16" if tok.n_words <= 2**16 else "uint32", os.path.join(tmp, "pieces")
+    tasks = sorted(((key, prefix[key], fate, dtype, os.path.join(pieces, key))
+                    for key, fate in fates.items()),
+                   key=lambda task: -os.path.getsize(task[1] + ".jsonl"))  # largest first
     for name in keys:
         os.makedirs(os.path.join(pieces, name))
-    lengths, done = {}, 0
-    bar = Progress("tokenize", sum(os.path.getsize(t[1] + ".jsonl") for t in tasks), quiet)
-    for key, split_lengths, size in _map(_tokenize_file, tasks, workers, {}):
-        lengths[key], done = split_lengths, done + size
-        bar.show(done)
-    bar.show(done, final=True)
+    lengths, bar = {}, Progress("tokenize", sum(os.path.getsize(t[1] + ".jsonl") for t in tasks),
+                                quiet)
+    for key, split_lengths, size in _map(_tokenize_file, tasks, workers, dict(tokenizer=tok)):
+        lengths[key] = split_lengths
+        bar.add(size)
+    bar.add(final=True)
     for name in keys:
         os.makedirs(os.path.join(tmp, name))
         for split in ("train", "val"):
@@ -939,11 +1140,11 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
                                          np.diff(clock).tolist())))
 
 
-def _dedup(source: dict, keys: list, prefix: dict, counts: dict, decisions: dict,
+def _dedup(source: dict, keys: list, prefix: dict, counts: dict, fates: dict,
            val_every: int) -> dict:
     """Exact and near dedup of one source, its files in order: each file's array of fates
-    (0 dropped, TRAIN, VAL) goes into `decisions`; kept documents 1, 1 + val_every, ... go to
-    val. Returns the source's stats: what was read, kept and dropped by which rule."""
+    (0 dropped, TRAIN, VAL) goes into `fates`; kept documents 1, 1 + val_every, ... go to val.
+    Returns the source's stats: what was read, kept and dropped by which rule."""
     dedup = Deduplicator(NEAR_DUP_OVERLAP.get(source["kind"], DEFAULT_OVERLAP))
     dropped, removed, read, kept = Counter(), Counter(), 0, 0
     for key in keys:
@@ -959,7 +1160,7 @@ def _dedup(source: dict, keys: list, prefix: dict, counts: dict, decisions: dict
                 continue
             fate[i] = VAL if kept % val_every == 1 else TRAIN
             kept += 1
-        decisions[key] = fate
+        fates[key] = fate
     if kept == 0:
         raise ValueError(f"source {source['name']!r}: no documents left after filtering (read "
                          f"{read}, dropped {dict(dropped)}); check its folder and its kind")
@@ -978,15 +1179,13 @@ def _kept(prefix: str, fate: np.ndarray, split: int):
 def _tokenize_file(task):
     """Worker: the kept documents of one file as <s> doc </s>, ids end to end, into PIECE.train
     and PIECE.val; returns ("NAME/00000", {split: document lengths}, bytes of text read)."""
-    key, prefix, fate, tok_path, dtype, piece = task
-    if tok_path not in _WORKER:
-        _WORKER[tok_path] = Tokenizer(tok_path)  # once per worker process, not once per file
-    tok, lengths = _WORKER[tok_path], {}
+    key, prefix, fate, dtype, piece = task
+    lengths = {}
     for split, name in ((TRAIN, "train"), (VAL, "val")):
         docs, sizes = _kept(prefix, fate, split), []
         with open(f"{piece}.{name}", "wb") as out:
             while batch := list(itertools.islice(docs, 512)):
-                ids = tok.encode_batch(batch, bos=True, eos=True)  # see bench_tokenizer
+                ids = _WORKER["tokenizer"].encode_batch(batch, bos=True, eos=True)  # see bench
                 sizes += [len(x) for x in ids]
                 out.write(np.concatenate(ids).astype(dtype).tobytes())
         lengths[name] = np.array(sizes, dtype=np.int64)
@@ -1005,218 +1204,13 @@ def _concatenate(pieces: str, keys: list, split: str, lengths: dict, base: str) 
     return dict(tokens=int(offsets[-1]), documents=len(offsets) - 1)
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Reading a dataset: checks, then MixtureSampler
-# ---------------------------------------------------------------------------------------------
-
-FORMAT = 2  # manifest.json's layout; 2 added the tokenizer's hash. Another format is refused.
-
-
-def is_complete(data_dir: str) -> bool:
-    """A build is complete when its manifest exists: the folder appears only once it does."""
-    return os.path.isfile(os.path.join(data_dir, "manifest.json"))
-
-
-def load_manifest(data_dir: str) -> dict:
-    """The manifest of a prepared folder, once `check_dataset` found the files to agree with it."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
-                                "or its build was interrupted; run `python data.py prepare ...`")
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except ValueError:
-            raise ValueError(f"{path!r} is not valid JSON; prepare the dataset again") from None
-    try:
-        check_dataset(data_dir, manifest)
-    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
-        raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
-                         f"{e}); prepare the dataset again") from None
-    return manifest
-
-
-def check_dataset(data_dir: str, manifest: dict) -> None:
-    """Refuse a folder whose files are not the ones its manifest describes, before a window is
-    served from it: the tokenizer must be the one the shards were made with (its sha256), each
-    source a folder inside `data_dir`, each .bin and .idx as long as its counts and dtype imply,
-    and 4096 ids sampled evenly from each shard below the vocabulary size. A few milliseconds."""
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{data_dir!r} was prepared by another version of data.py (format "
-                         f"{manifest.get('format')}, this one reads {FORMAT}); delete it and "
-                         "prepare it again")
-    tokenizer = os.path.join(data_dir, "tokenizer.model")
-    if not os.path.isfile(tokenizer) or _sha256(tokenizer) != manifest["tokenizer_sha256"]:
-        raise ValueError(f"{tokenizer!r} is missing or is not the tokenizer the shards were made "
-                         "with (sha256 differs from the manifest's); put the original back, or "
-                         "prepare the data again with this one")
-    vocab, dtype = manifest["vocab_size"], manifest["dtype"]
-    if dtype not in ("uint16", "uint32") or vocab > np.iinfo(dtype).max + 1:
-        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json cannot hold the ids of "
-                         f"{vocab} pieces; prepare the data again")
-    for name, source in manifest["sources"].items():
-        if not re.fullmatch(NAME, name):
-            raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
-                             "(letters, digits, _ and -): a dataset reads only folders inside "
-                             "itself; prepare the data again")
-        for split in ("train", "val"):
-            base, count = os.path.join(data_dir, name, split), source[split]
-            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
-                               (base + ".idx", (count["documents"] + 1) * 8)):
-                found = os.path.getsize(path) if os.path.isfile(path) else "no"
-                if found != size:
-                    raise ValueError(f"{path!r} holds {found} bytes where the manifest's "
-                                     f"{count['tokens']} {dtype} tokens of {count['documents']} "
-                                     f"documents make {size}: a shard of another dtype or "
-                                     "build, or a copy cut short; prepare the data again")
-            if count["tokens"]:
-                tokens = np.memmap(base + ".bin", dtype=dtype, mode="r", shape=(count["tokens"],))
-                sample = tokens[np.linspace(0, count["tokens"] - 1, 4096).astype(np.int64)]
-                if sample.max() >= vocab:
-                    raise ValueError(f"{base}.bin holds token id {sample.max()}, but the "
-                                     f"tokenizer has {vocab} pieces: the shard was made with "
-                                     "another tokenizer; prepare the data again")
-
-
-def read_document(data_dir: str, source: str, split: str, i: int) -> np.ndarray:
-    """The tokens of document i of a split, <s> and </s> included (for inspection and tests)."""
-    dtype = load_manifest(data_dir)["dtype"]
-    base = os.path.join(data_dir, source, split)
-    idx = np.fromfile(base + ".idx", dtype=np.int64)
-    return np.fromfile(base + ".bin", dtype=dtype)[idx[i]:idx[i + 1]]
-
-
-class MixtureSampler:
-    """Windows of T+1 tokens from a prepared folder, mixed by weight, the same for any dp.
-
-    Each source's token stream is cut into windows starting every T tokens (consecutive windows
-    share one token, so each token but a last partial window is predicted once per epoch); an
-    epoch visits all of them in
-    an order reshuffled from (seed, source, epoch). Which source serves the next window is not
-    random: it is the one furthest below its target share, weight * windows served so far. The
-    realized shares are then exact to within one window, and the whole stream is a function of
-    the counts of windows served per source -- which is all `state_dict` needs to hold.
-
-    Documents are packed: a window may end one document (</s>) and begin the next (<s>), so no
-    token is padding. The global batch is the next B windows of that one stream; rank r takes rows
-    [r B/dp, (r+1) B/dp). Every rank computes the same schedule (a few microseconds per window)
-    and reads only its own rows, so dp = 1, 2, 4 train on identical global batches.
-    """
-
-    def __init__(self, data_dir: str, seq_len: int, weights: Optional[dict] = None, seed: int = 0,
-                 split: str = "train"):
-        manifest = load_manifest(data_dir)
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r} must be 'train' or 'val'")
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len} must be a positive number of tokens")
-        weights = dict(manifest["weights"] if weights is None else weights)
-        unknown = sorted(set(weights) - set(manifest["sources"]))
-        if unknown:
-            raise ValueError(f"unknown source(s) {unknown} in the mixture; {data_dir} holds "
-                             f"{sorted(manifest['sources'])}")
-        if any(not w >= 0 for w in weights.values()) or not any(weights.values()):
-            raise ValueError(f"mixture weights {weights} must be >= 0 with at least one positive")
-        self.names = sorted(n for n, w in weights.items() if w > 0)
-        total = sum(weights[n] for n in self.names)
-        self.weights = [weights[n] / total for n in self.names]
-        self.seq_len, self.seed, self.split = seq_len, seed, split
-        self.windows = []  # per source: (windows, T+1) read-only view of the memory-mapped shard
-        for name in self.names:
-            count = manifest["sources"][name][split]["tokens"]
-            if count < seq_len + 1:
-                raise ValueError(f"source {name!r} has {count} tokens in its {split} split, fewer "
-                                 f"than one window of seq_len+1={seq_len + 1}; use a smaller "
-                                 "seq_len or give this source weight 0")
-            tokens = np.memmap(os.path.join(data_dir, name, f"{split}.bin"),
-                               dtype=manifest["dtype"], mode="r", shape=(count,))
-            # NOTE: a view, no copy: row w is tokens[w*T : w*T + T + 1], read only when indexed.
-            self.windows.append(sliding_window_view(tokens, seq_len + 1)[::seq_len])
-        self.served = [0] * len(self.names)  # windows served per source: the whole state
-        self._perms = {}                      # source index -> (epoch, its window order)
-
-    def _order(self, s: int, epoch: int) -> np.ndarray:
-        if self._perms.get(s, (None,))[0] != epoch:
-            rng = np.random.default_rng([self.seed, zlib.crc32(self.names[s].encode()), epoch])
-            self._perms[s] = (epoch, rng.permutation(len(self.windows[s])))
-        return self._perms[s][1]
-
-    def _schedule(self, n: int) -> list:
-        """The next n windows of the global stream, as (source index, window index) pairs."""
-        picks, total = [], sum(self.served)
-        for _ in range(n):
-            total += 1
-            # PAPER: deficit scheduling: serve the source furthest below weight * total, which
-            # keeps every share within one window of Table 1's proportions [LLaMA Table 1].
-            s = max(range(len(self.names)), key=lambda i: self.weights[i] * total - self.served[i])
-            epoch, position = divmod(self.served[s], len(self.windows[s]))
-            picks.append((s, int(self._order(s, epoch)[position])))
-            self.served[s] += 1
-        return picks
-
-    def next_batch(self, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
-        """This rank's (B/dp, T+1) int64 rows of the next global batch of B windows."""
-        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
-            raise ValueError(f"dp_size={dp_size} must divide global_batch={global_batch}; use a "
-                             f"global batch that is a multiple of {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, {dp_size})")
-        rows = global_batch // dp_size
-        mine = self._schedule(global_batch)[dp_rank * rows:(dp_rank + 1) * rows]
-        source = np.array([s for s, _ in mine])
-        window = np.array([w for _, w in mine])
-        batch = np.empty((rows, self.seq_len + 1), dtype=np.int64)  # (B/dp, T+1)
-        for s in np.unique(source):  # PERF: one gather per source, not one slice per row
-            batch[source == s] = self.windows[s][window[source == s]]
-        return torch.from_numpy(batch)
-
-    def state_dict(self) -> dict:
-        return dict(seq_len=self.seq_len, seed=self.seed, split=self.split,
-                    weights=dict(zip(self.names, self.weights)),
-                    served=dict(zip(self.names, self.served)))
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seq_len", "seed", "split", "weights"):
-            if state[key] != mine[key]:
-                raise ValueError(f"cannot resume: the saved sampler has {key}={state[key]!r}, this "
-                                 f"one {mine[key]!r}; build it with the same seq_len, weights, "
-                                 "seed and split")
-        self.served = [int(state["served"][n]) for n in self.names]
-
-    def tokens_by_source(self) -> dict:
-        return {n: c * (self.seq_len + 1) for n, c in zip(self.names, self.served)}
-
-    def epochs_by_source(self) -> dict:
-        return {n: c / len(w) for n, c, w in zip(self.names, self.served, self.windows)}
-
-
-def validation_windows(data_dir: str, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
-    """(n_windows, T+1) fixed windows of the held-out documents, mixed by the default weights
-    over the sources whose val split holds at least one window (a source whose val windows run
-    out repeats them, as the training stream repeats a small source)."""
-    manifest = load_manifest(data_dir)
-    weights = {n: w for n, w in manifest["weights"].items()
-               if w > 0 and manifest["sources"][n]["val"]["tokens"] > seq_len}
-    if not weights:
-        raise ValueError(f"no source of {data_dir!r} has seq_len+1={seq_len + 1} tokens of "
-                         "validation text; use a smaller seq_len or prepare more data")
-    return MixtureSampler(data_dir, seq_len, weights, seed, split="val").next_batch(n_windows)
-
-
 # ---------------------------------------------------------------------------------------------
 # 7. Demo corpus: the Python standard library
 # ---------------------------------------------------------------------------------------------
 
-# Three sources that every Python installation carries, offline. Their weights mirror Table 1 in
-# miniature: over a run as long as the training split (1.7M tokens with Python 3.11), the small
-# `reference` is seen 2.7 times, like Wikipedia's 2.45, and the large `code` 0.7 times, like
-# GitHub's 0.64 (`python data.py stats data/demo` prints these epochs).
+# Three sources every Python carries, offline, weighted like Table 1 in miniature: over a run as
+# long as the train split (1.7M tokens, Python 3.11) the small `reference` is seen 2.7 times (as
+# Wikipedia 2.45), the large `code` 0.7 (GitHub 0.64); `python data.py stats` prints these.
 DEMO_WEIGHTS = {"code": 0.5, "docs": 0.3, "reference": 0.2}
 DEMO_KINDS = {"code": "code", "docs": "text", "reference": "text"}
 DEMO_MB = {"code": 4.0, "docs": 1.5, "reference": 1.0}  # caps, in MB of raw text
@@ -1329,7 +1323,7 @@ def prepare_demo(out_dir: str, vocab_size: int = 4096, scale: float = 1.0,
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. Command line: stats, and the benchmarks
 # ---------------------------------------------------------------------------------------------
 
 def print_stats(data_dir: str, train_tokens: Optional[float] = None):
@@ -1353,72 +1347,66 @@ def print_stats(data_dir: str, train_tokens: Optional[float] = None):
               f"{weight * train_tokens / max(tokens[name], 1):>8.2f}  {drops or '-'}")
 
 
-def bench(data_dir: str, seq_len: int, batch: int, steps: int = 50) -> float:
-    """Tokens per second that MixtureSampler assembles (one process, dp = 1)."""
+def bench(data_dir: str, seq_len: int, batch: int, mb: float = 8.0,
+          workers: Optional[int] = None, steps: int = 50):
+    """Print the tokens per second that MixtureSampler assembles (one process, dp = 1), then the
+    MB/s of the dataset's tokenizer encoding the same `mb` MB of its documents (decoded back from
+    the train shards) four ways: one text per call (Tokenizer.encode); one call per 512 texts
+    (Tokenizer.encode_batch); that call shared among `workers` C++ threads; and `workers`
+    processes, each encoding its texts as `prepare` does."""
     sampler = MixtureSampler(data_dir, seq_len)
     sampler.next_batch(batch)  # first touch of the memory maps
     start = time.perf_counter()
     for _ in range(steps):
         sampler.next_batch(batch)
-    return steps * batch * (seq_len + 1) / (time.perf_counter() - start)
+    rate = steps * batch * (seq_len + 1) / (time.perf_counter() - start)
+    print(f"MixtureSampler: {rate / 1e6:.1f} M tokens/s (seq_len {seq_len}, batch {batch})")
 
-
-def _encode_count(task) -> int:
-    """Worker of bench_tokenizer: encode a batch as prepare does, return its number of ids."""
-    tok_path, texts = task
-    if tok_path not in _WORKER:
-        _WORKER[tok_path] = Tokenizer(tok_path)
-    return sum(len(ids) for ids in _WORKER[tok_path].encode_batch(texts, bos=True, eos=True))
-
-
-def bench_tokenizer(data_dir: str, mb: float = 8.0, workers: Optional[int] = None) -> dict:
-    """{way: (MB/s, MB/s per core)} of the dataset's tokenizer encoding the same `mb` MB of its
-    documents (decoded back from the train shards), four ways: plain SentencePiece, one text per
-    call; one call per 512 texts (Tokenizer.encode_batch); that call shared among `workers` C++
-    threads; and `workers` processes, each encoding its texts as `prepare` does."""
     workers = workers or default_workers()
-    manifest, tok_path = load_manifest(data_dir), os.path.join(data_dir, "tokenizer.model")
-    tok, texts = Tokenizer(tok_path), []
+    manifest, tok = load_manifest(data_dir), Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    texts, share = [], mb * 1e6 / len(manifest["sources"])
     for name in manifest["sources"]:  # an equal share of text from each source
-        ids = np.fromfile(os.path.join(data_dir, name, "train.bin"), dtype=manifest["dtype"])
-        idx = np.fromfile(os.path.join(data_dir, name, "train.idx"), dtype=np.int64)
         size = 0
-        for i in range(len(idx) - 1):
-            if size >= mb * 1e6 / len(manifest["sources"]):
+        for doc in documents(data_dir, name):
+            if size >= share:
                 break
-            texts.append(tok.decode(ids[idx[i] + 1:idx[i + 1] - 1].tolist()))
+            texts.append(tok.decode(doc[1:-1].tolist()))
             size += len(texts[-1].encode())
     total = sum(len(t.encode()) for t in texts) / 1e6
     batches = [texts[i:i + 512] for i in range(0, len(texts), 512)]
     ways = {  # (cores, a run that returns the number of ids)
         "sentencepiece, one text a call": (
-            1, lambda: sum(len(tok.sp.encode(t, add_bos=True, add_eos=True)) for t in texts)),
+            1, lambda: sum(len(tok.encode(t, bos=True, eos=True)) for t in texts)),
         "encode_batch, 512 texts a call": (
             1, lambda: sum(len(ids) for b in batches for ids in tok.encode_batch(b, eos=True))),
         f"encode_batch, {workers} C++ threads": (
             workers, lambda: sum(len(ids) for b in batches
                                  for ids in tok.encode_batch(b, eos=True, threads=workers))),
         f"{workers} processes (prepare)": (  # tasks of 64 texts, so that no process waits
-            workers, lambda: sum(_map(_encode_count, [(tok_path, texts[i:i + 64])
+            workers, lambda: sum(_map(_encode_count, [texts[i:i + 64]
                                                       for i in range(0, len(texts), 64)],
-                                      workers, {}))),
+                                      workers, dict(tokenizer=tok)))),
     }
-    rates, counts = {}, set()
+    counts = set()
     for way, (cores, run) in ways.items():
         start = time.perf_counter()
         counts.add(run())
         rate = total / (time.perf_counter() - start)
-        rates[way] = (rate, rate / cores)
+        print(f"tokenize, {way:<34} {rate:6.2f} MB/s  {rate / cores:6.2f} MB/s per core")
     if len(counts) != 1:
         raise RuntimeError(f"the ways to tokenize disagree on the number of ids: {counts}")
-    return rates
 
 
-def _bench_corpus(folder: str, mb: float, files: int = 16) -> List[str]:
-    """`mb` MB of jsonl, `files` files per source, from the demo's text: documents of five
+def _encode_count(texts: List[str]) -> int:
+    """Worker of bench: encode a batch as prepare does, return its number of ids."""
+    return sum(len(ids) for ids in _WORKER["tokenizer"].encode_batch(texts, bos=True, eos=True))
+
+
+def _bench_corpus(folder: str, mb: float, records: dict, files: int = 16) -> List[str]:
+    """`mb` MB of jsonl, `files` files per source, from the demo's `records`: documents of five
     20-line pieces drawn at random, so that they read like the demo's yet are all distinct. The
     `docs` source is cleaned as web text, the kind most of LLaMA's data is."""
-    records, rng, sources = demo_records(1.0, default_workers()), random.Random(0), []
+    rng, sources = random.Random(0), []
     for name, kind in (("code", "code"), ("docs", "web"), ("reference", "text")):
         lines = [line for r in records[name] for line in r["text"].split("\n")]
         pieces = ["\n".join(lines[i:i + 20]) for i in range(0, len(lines) - 20, 20)]
@@ -1433,32 +1421,32 @@ def _bench_corpus(folder: str, mb: float, files: int = 16) -> List[str]:
 
 
 def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None,
-                  vocab_size: int = 8000) -> list:
-    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers and
-    check that every run writes the same bytes. The tokenizer is given (default: one of
-    `vocab_size` pieces trained on the demo's text beforehand, untimed). One row per run."""
-    rows = []
+                  vocab_size: int = 8000):
+    """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers, and
+    check that every run writes the same bytes; print one line per run. The tokenizer is given
+    (default: one of `vocab_size` pieces trained on the demo's text beforehand, untimed)."""
+    records, first = demo_records(1.0, default_workers()), None
     with tempfile.TemporaryDirectory() as tmp:
-        sources = _bench_corpus(os.path.join(tmp, "raw"), mb)
+        sources = _bench_corpus(os.path.join(tmp, "raw"), mb, records)
         if tokenizer is None:
-            lines = (line for records in demo_records(1.0, default_workers()).values()
-                     for r in records for line in r["text"].split("\n") if line.strip())
+            lines = (line for texts in records.values() for r in texts
+                     for line in r["text"].split("\n") if line.strip())
             tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
         for run, n in enumerate(workers):
             out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
             report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
-            raw = sum(s["raw_mb"] for s in report["sources"].values())
-            tokens = sum(s[split]["tokens"] for s in report["sources"].values()
-                         for split in ("train", "val"))
-            read = sum(s["read"] for s in report["sources"].values())
-            rows.append(dict(workers=n, seconds=seconds, raw_mb_per_s=raw / seconds,
-                             tokens=tokens, tokens_per_core_hour=tokens / seconds / n * 3600,
-                             stages=report["seconds"], dedup_docs_per_s=read / max(
-                                 report["seconds"]["dedup"], 1e-9),
-                             identical=_same_files(out, os.path.join(tmp, "out-0"))))
-    return rows
+            first = first or seconds
+            stats, stages = report["sources"].values(), report["seconds"]
+            tokens = sum(s[split]["tokens"] for s in stats for split in ("train", "val"))
+            raw, read = sum(s["raw_mb"] for s in stats), sum(s["read"] for s in stats)
+            print(f"prepare {mb:g} MB, {n} workers: {seconds:.1f} s ("
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in stages.items())}), "
+                  f"{raw / seconds:.1f} MB/s, speedup {first / seconds:.2f}, "
+                  f"{tokens / seconds / n * 3600 / 1e9:.2f} G tokens/h per core, "
+                  f"dedup {read / max(stages['dedup'], 1e-9):,.0f} documents/s, same bytes as "
+                  f"{workers[0]} worker(s): {_same_files(out, os.path.join(tmp, 'out-0'))}")
 
 
 def _same_files(a: str, b: str) -> bool:
@@ -1469,29 +1457,6 @@ def _same_files(a: str, b: str) -> bool:
     if listing(a) != listing(b):
         return False
     return all(_sha256(os.path.join(a, f)) == _sha256(os.path.join(b, f)) for f in listing(a))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr that says what to do, and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
-def number(kind=int, low=1, above=False):
-    """An argparse type: a `kind` (int or float) >= low (> low if `above`), or an error that
-    says which numbers to use."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low)):
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"use {what} {'above' if above else 'of at least'} "
-                                             f"{low}, not {text!r}")
-        return value
-    return parse
 
 
 def shard_flag(text: str) -> tuple:
@@ -1543,52 +1508,36 @@ def main(argv=None):
     pr.add_argument("--tokenizer", help="a SentencePiece .model (default: train one on the demo)")
     pr.add_argument("--vocab-size", type=number(int, 260), default=8000)
     args = p.parse_args(argv)
+    if args.command == "prepare":
+        if args.demo == bool(args.source):
+            pp.error("give either --demo or one or more --source NAME=DIR")
+        if args.scale and not args.demo:
+            pp.error("--scale sizes the --demo corpus; drop it or add --demo")
+        dataset_options = (args.tokenizer, args.vocab_size, args.mix, args.val_every)
+        if args.shard and (args.demo or any(v is not None for v in dataset_options)):
+            pp.error("--shard cleans sources into a part; give --tokenizer, --vocab-size, "
+                     "--mix and --val-every to `data.py merge`")
     try:
         start = time.perf_counter()
-        if args.command == "prepare":
-            dataset_options = (args.tokenizer, args.vocab_size, args.mix, args.val_every)
-            if args.demo == bool(args.source):
-                pp.error("give either --demo or one or more --source NAME=DIR")
-            if args.scale and not args.demo:
-                pp.error("--scale sizes the --demo corpus; drop it or add --demo")
-            if args.shard and (args.demo or any(v is not None for v in dataset_options)):
-                pp.error("--shard cleans sources into a part; give --tokenizer, --vocab-size, "
-                         "--mix and --val-every to `data.py merge`")
-            if args.shard:
-                prepare_shard(args.source, args.out, *args.shard, quiet=args.quiet,
-                              workers=args.workers)
-            elif args.demo:
-                prepare_demo(args.out, args.vocab_size or 4096, args.scale or 1.0,
-                             quiet=args.quiet, workers=args.workers)
-            else:
-                prepare(args.source, args.out, args.tokenizer, args.vocab_size or 32000,
-                        parse_mix(args.mix) if args.mix else None, args.val_every or VAL_EVERY,
-                        quiet=args.quiet, workers=args.workers)
-            print(f"{args.out} ready in {time.perf_counter() - start:.1f} s")
-        elif args.command == "merge":
-            merge(args.parts, args.out, args.tokenizer, args.vocab_size or 32000,
+        if args.command == "prepare" and args.shard:
+            prepare_shard(args.source, args.out, *args.shard, quiet=args.quiet,
+                          workers=args.workers)
+        elif args.command == "prepare" and args.demo:
+            prepare_demo(args.out, args.vocab_size or 4096, args.scale or 1.0, quiet=args.quiet,
+                         workers=args.workers)
+        elif args.command in ("prepare", "merge"):
+            build, inputs = (merge, args.parts) if args.command == "merge" else (prepare, args.source)
+            build(inputs, args.out, args.tokenizer, args.vocab_size or 32000,
                   parse_mix(args.mix) if args.mix else None, args.val_every or VAL_EVERY,
                   quiet=args.quiet, workers=args.workers)
+        if args.command in ("prepare", "merge"):
             print(f"{args.out} ready in {time.perf_counter() - start:.1f} s")
         elif args.command == "stats":
             print_stats(args.data_dir, args.train_tokens)
         elif args.command == "bench":
-            rate = bench(args.data_dir, args.seq_len, args.batch)
-            print(f"MixtureSampler: {rate / 1e6:.1f} M tokens/s (seq_len {args.seq_len}, "
-                  f"batch {args.batch})")
-            for way, (rate, per_core) in bench_tokenizer(args.data_dir, args.mb,
-                                                         args.workers).items():
-                print(f"tokenize, {way:<34} {rate:6.2f} MB/s  {per_core:6.2f} MB/s per core")
+            bench(args.data_dir, args.seq_len, args.batch, args.mb, args.workers)
         else:
-            rows = bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
-            for row in rows:
-                stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items())
-                print(f"prepare {args.mb:g} MB, {row['workers']} workers: {row['seconds']:.1f} s "
-                      f"({stages}), {row['raw_mb_per_s']:.1f} MB/s, speedup "
-                      f"{rows[0]['seconds'] / row['seconds']:.2f}, "
-                      f"{row['tokens_per_core_hour'] / 1e9:.2f} G tokens/h per core, dedup "
-                      f"{row['dedup_docs_per_s']:,.0f} documents/s, same bytes as "
-                      f"{rows[0]['workers']} worker(s): {row['identical']}")
+            bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk

@@ -95,8 +95,10 @@ Reading order
 
 Shape legend: B batch, T sequence, V vocab.
 
-What this file leaves out: the paper's exact prompts of the multiple-choice tasks (unpublished;
-the harness's are used), RACE, GSM8k, MATH, HumanEval and MBPP, and tensor-parallel evaluation.
+What this file leaves out:
+  - The paper's own prompts for the multiple-choice tasks: unpublished; the harness's are used.
+  - RACE, GSM8k, MATH, HumanEval and MBPP.
+  - Tensor-parallel evaluation: the model is loaded on one device.
 """
 
 import argparse
@@ -401,6 +403,7 @@ class Task:
 
 
 ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
+AI2_FIELDS = "question.stem + question.choices, or question + choices.text/label; answerKey"
 # PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
 TASKS = {
     "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
@@ -413,12 +416,8 @@ TASKS = {
                       "activity_label, ctx_a, ctx_b, endings (a list of strings), label"),
     "winogrande": Task(read_winogrande, "acc", ("acc",), {0: 70.1}, "Table 3",
                        "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
-    "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3",
-                     "question.stem + question.choices, or question + choices.text/label; "
-                     "answerKey"),
-    "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3",
-                          "question.stem + question.choices, or question + choices.text/label; "
-                          "answerKey"),
+    "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3", AI2_FIELDS),
+    "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3", AI2_FIELDS),
     "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3",
                        "question.stem + question.choices, or question_stem + "
                        "choices.text/label; answerKey"),

@@ -9,30 +9,31 @@ same full initialization. Every collective is a named call tagged with its group
 so that `grep COMM: parallel.py` prints the communication schedule. Every parallel path
 degrades to the plain one when its axis has size 1, and one process is the default. Pipeline
 parallelism then keeps, on each rank, the chunks of layers of its stage (PipelineStage) and runs
-a step's micro-batches through them in the order of a schedule (pipeline_step).
+a step's micro-batches through them in the order of a schedule (pipeline_step). What all this
+costs (activation bytes, collectives per step, memory and time at cluster scale) is predicted in
+planner.py, which imports this file; this file imports only model.py.
 
     torchrun --nproc_per_node=4 train.py --preset tiny --tp 2 --sp     # how it is used
     torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4
     python -m pytest -q tests/test_parallel.py tests/test_pipeline.py  # proven equal to 1 process
-    python parallel.py                                                 # the accounting tables
-    python parallel.py plan --preset 65b --gpus 2048 --tp 8 --pp 4   # = planner.py: at cluster scale
+    python planner.py --accounting                                     # what it costs, predicted
 
 Reading order
   1. The process grid        init_distributed, Grid: a (pp, dp, tp) mesh, tp innermost
   2. Checks                  check_config: refuse impossible splits before any work
   3. Collectives             all_reduce, all_gather, reduce_scatter: the only calls to the wire
   4. Conjugate operators     f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp [Korthikanti]
-  5. Parallel layers         column/row-parallel linears, the Region around a module, the
-                             vocabulary-parallel embedding; TP_PLAN and parallelize()
+  5. Parallel layers         the Region around a module (and sp's kept shard), column/row-
+                             parallel linears, the vocabulary-parallel embedding; TP_PLAN, the
+                             table that parallelize() follows
   6. The loss                vocabulary-parallel cross-entropy: full logits are never gathered
   7. Recomputation           none | selective | full, correct with any use of the RNG
-  8. Data parallelism        GradSync: naive all-reduce and overlapped buckets, side by side
+  8. Data parallelism        GradSync: naive all-reduce and overlapped Buckets, side by side
   9. Pipeline parallelism    three schedules (afab, 1f1b, interleaved) drawn and played;
                              PipelineStage; pipeline_step, its sends and receives
                              batched by the ticks of the timeline
  10. Clipping                the global norm, each parameter counted once
  11. Checkpoints             shards in Meta's split; any tp x pp layout loads any other
- 12. Accounting              activation bytes per layer and bytes on the wire per step
 
 How one transformer block is split over tp = 2 ranks, with sequence parallelism (sp). Column-
 parallel matrices (wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by
@@ -72,8 +73,8 @@ over T): parallelize with sp=False for generation. Of pipelining: a chunk's outp
 allocated until its backward (Megatron frees the data once sent), without sp every tp rank sends
 the whole activation (Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it
 anyway), a message is received at the tick it is sent and held until its op runs (Megatron
-receives just in time), interleaving needs micro-batches in multiples of pp, and every rank builds the full model before it keeps its stage, as it does
-before its tp slice.
+receives just in time), interleaving needs micro-batches in multiples of pp, and every rank
+builds the full model before it keeps its stage, as it does before its tp slice.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
@@ -81,10 +82,10 @@ Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.
 
 import os
 import signal
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from fnmatch import fnmatch
 from functools import partial
 from typing import Any, Optional
 
@@ -184,8 +185,10 @@ def destroy(world: Dist) -> None:
 class Grid:
     """The axes this rank sits on: sizes, its coordinate on each, and the group along each.
 
-    A group is None when its axis has size 1 (nothing to talk to). Passed explicitly to
-    everything that communicates; there is no global grid.
+    A group is None when its axis has size 1 (nothing to talk to). pp_ranks: the global ranks of
+    this rank's pipeline in stage order (pp_ranks[pp_rank] is this rank), for the point-to-point
+    calls, which name their peer by global rank. Passed explicitly to everything that
+    communicates; there is no global grid.
     """
     tp: int = 1
     dp: int = 1
@@ -196,6 +199,7 @@ class Grid:
     tp_group: Any = None
     dp_group: Any = None
     pp_group: Any = None
+    pp_ranks: tuple = (0,)
 
 
 def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
@@ -216,8 +220,8 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
         raise ValueError(f"world size {world.world_size} is not divisible by tp*pp={tp * pp}; "
                          f"launch a multiple of {tp * pp} processes or change --tp/--pp")
     dp = world.world_size // (tp * pp)
-    r = world.rank
-    mesh = torch.arange(world.world_size).view(pp, dp, tp)
+    mesh = torch.arange(world.world_size).view(pp, dp, tp)        # the formula above, as a table
+    pp_rank, dp_rank, tp_rank = (mesh == world.rank).nonzero()[0].tolist()
 
     def group_along(axis: int):
         # NOTE: new_group is collective: every rank creates every group, in the same order,
@@ -227,13 +231,13 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
             return None
         for ranks in mesh.movedim(axis, -1).reshape(-1, size).tolist():
             group = dist.new_group(ranks, timeout=timedelta(seconds=world.timeout_s))
-            if r in ranks:
+            if world.rank in ranks:
                 mine = group
         return mine
 
-    return Grid(tp=tp, dp=dp, pp=pp, tp_rank=r % tp, dp_rank=(r // tp) % dp,
-                pp_rank=r // (tp * dp), tp_group=group_along(2), dp_group=group_along(1),
-                pp_group=group_along(0))
+    return Grid(tp, dp, pp, tp_rank, dp_rank, pp_rank, tp_group=group_along(2),
+                dp_group=group_along(1), pp_group=group_along(0),
+                pp_ranks=tuple(mesh[:, dp_rank, tp_rank].tolist()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,23 +331,18 @@ class g(torch.autograd.Function):
 
 
 class f_sp(torch.autograd.Function):
-    """All-gather along T forward, (B, T/tp, D) -> (B, T, D); reduce-scatter backward.
-
-    `region`, when given, is told that its backward is over (see Region.regather).
-    """
+    """All-gather along T forward, (B, T/tp, D) -> (B, T, D); reduce-scatter backward."""
 
     @staticmethod
-    def forward(ctx, x, group, region=None):
-        ctx.group, ctx.region = group, region
+    def forward(ctx, x, group):
+        ctx.group = group
         # COMM: tp all-gather, forward (f_sp)
         return all_gather(x, 1, group)
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.region is not None:
-            ctx.region.regathered = None                         # every column linear is done
         # COMM: tp reduce-scatter, backward (f_sp)
-        return reduce_scatter(dy, 1, ctx.group), None, None
+        return reduce_scatter(dy, 1, ctx.group), None
 
 
 class g_sp(torch.autograd.Function):
@@ -377,51 +376,64 @@ class Region:
     g_sp) on an unchanged model.py module, so the module's own forward and its state_dict keys
     stay as they are. Several column-parallel linears read the one entered input (wq wk wv, or
     w1 w3), so the forward gather and the backward reduction happen once per module, not once
-    per linear: the gradients of the three meet in autograd before f's backward runs.
-
-    keep_shard (sp only): the gathered (B, T, D) input would be saved by each column linear for
-    its weight gradient; instead they save this rank's (B, T/tp, D) shard and gather it again in
-    backward, once for all of them [Korthikanti §4.2.2]. keep_shard=False is the naive version
-    (more memory, one all-gather fewer); both are tested equal.
+    per linear: the gradients of the three meet in autograd before f's backward runs. A region
+    whose output is already split (the output layer's logits) does not leave: `leaves` False.
     """
 
-    def __init__(self, grid: Grid, sp: bool, leaves: bool = True, keep_shard: bool = True):
-        self.grid, self.sp, self.leaves, self.keep_shard = grid, sp, leaves, keep_shard
-        self.entered = None        # (full, shard) while the module runs forward, under sp
-        self.regathered = None     # (shard, full) rebuilt in backward, until f_sp's backward
+    def __init__(self, grid: Grid, sp: bool, leaves: bool, keep_shard: bool = True):
+        self.group, self.sp, self.leaves, self.keep_shard = grid.tp_group, sp, leaves, keep_shard
+        self.entered = None        # (full, shard, KeptShard) while the module runs forward, sp only
 
     def enter(self, module, args):
         x = args[0]
         if not self.sp:
-            return (f.apply(x, self.grid.tp_group), *args[1:])
-        full = f_sp.apply(x, self.grid.tp_group, self)           # (B, T/tp, D) -> (B, T, D)
-        self.entered = (full, x) if self.keep_shard else None
+            return (f.apply(x, self.group), *args[1:])
+        full = f_sp.apply(x, self.group)                         # (B, T/tp, D) -> (B, T, D)
+        self.entered = (full, x, KeptShard(self.group)) if self.keep_shard else None
         return (full, *args[1:])
 
     def leave(self, module, args, out):
         self.entered = None
-        if not self.leaves:
-            return out
-        return (g_sp if self.sp else g).apply(out, self.grid.tp_group)
+        return (g_sp if self.sp else g).apply(out, self.group) if self.leaves else out
 
-    def shard_of(self, x):
-        """The shard x was gathered from, if x is this region's entered input; else None."""
-        return self.entered[1] if self.entered is not None and x is self.entered[0] else None
+    def linear(self, x, weight):
+        """x W^T for a column-parallel linear of this region (under sp, keeping x's shard)."""
+        if self.entered is None or x is not self.entered[0]:
+            return F.linear(x, weight)
+        return LinearKeepShard.apply(*self.entered, weight)
 
-    def regather(self, shard):
-        if self.regathered is None or self.regathered[0] is not shard:
+
+# Sequence parallelism's memory saving, all of it [Korthikanti §4.2.2]: the gathered (B, T, D)
+# input would be saved by each column linear for its weight gradient; they save this rank's
+# (B, T/tp, D) shard instead, and the first of them to run backward gathers it again, once for
+# all of them. keep_shard=False is the naive version (more memory, one all-gather fewer); both are
+# tested equal.
+
+class KeptShard:
+    """The regathered input of one forward of a region, shared by its column linears' backwards.
+
+    One per forward, so micro-batches in flight never share one; the last user frees it.
+    """
+
+    def __init__(self, group):
+        self.group, self.users, self.full = group, 0, None
+
+    def regather(self, shard_):
+        if self.full is None:
             # COMM: tp all-gather, backward (keep_shard)
-            full = all_gather(shard, 1, self.grid.tp_group)
-            self.regathered = (shard, full)
-        return self.regathered[1]
+            self.full = all_gather(shard_, 1, self.group)
+        full, self.users = self.full, self.users - 1
+        if self.users == 0:
+            self.full = None
+        return full
 
 
 class LinearKeepShard(torch.autograd.Function):
     """y = full W^T, saving the (B, T/tp, D) shard instead of full; full is regathered backward."""
 
     @staticmethod
-    def forward(ctx, full, shard_, weight, region):
-        ctx.region = region
+    def forward(ctx, full, shard_, kept, weight):
+        ctx.kept, kept.users = kept, kept.users + 1
         ctx.save_for_backward(shard_, weight)
         return F.linear(full, weight)                            # autocast applies as usual
 
@@ -430,29 +442,27 @@ class LinearKeepShard(torch.autograd.Function):
         # NOTE: the backward may run outside the forward's autocast (it does on CPU): the
         # matmuls run in dy's dtype explicitly, as autograd does for an autocast forward.
         shard_, weight = ctx.saved_tensors
-        full = ctx.region.regather(shard_)                       # (B, T, D)
+        full = ctx.kept.regather(shard_)                         # (B, T, D)
         dx = dy @ weight.to(dy.dtype)                            # (B, T, D), this rank's part
         dw = dy.flatten(0, -2).t() @ full.flatten(0, -2).to(dy.dtype)
-        return dx.to(full.dtype), None, dw.to(weight.dtype), None
+        return dx.to(full.dtype), None, None, dw.to(weight.dtype)
 
 
 class ColumnParallelLinear(nn.Module):
     """A Linear whose output features (rows of W) are split: y_r = x W_r^T, (.., out/tp).
 
     No communication of its own: its input has already entered the region (replicated, or
-    gathered under sp), and its output stays split (heads, FFN columns, vocabulary).
+    gathered under sp), and its output stays split (heads, FFN columns, vocabulary). It computes
+    through its region, which knows whether x is the gathered input whose shard to keep.
     """
 
-    def __init__(self, full: nn.Linear, grid: Grid, region: Optional[Region] = None):
+    def __init__(self, full: nn.Linear, grid: Grid, region: Region):
         super().__init__()
         self.weight = nn.Parameter(shard(full.weight, 0, grid))  # (out/tp, in)
         self.region = region
 
     def forward(self, x):
-        shard_ = self.region.shard_of(x) if self.region is not None else None
-        if shard_ is None:
-            return F.linear(x, self.weight)
-        return LinearKeepShard.apply(x, shard_, self.weight, self.region)
+        return self.region.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -462,7 +472,7 @@ class RowParallelLinear(nn.Module):
     adds the terms. Input split = the previous column-parallel output: no communication between.
     """
 
-    def __init__(self, full: nn.Linear, grid: Grid, region: Optional[Region] = None):
+    def __init__(self, full: nn.Linear, grid: Grid):
         super().__init__()
         self.weight = nn.Parameter(shard(full.weight, 1, grid))  # (out, in/tp)
 
@@ -473,18 +483,18 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows; each rank looks up the tokens it owns.
 
-    A rank holds rows [start, start + V/tp); other tokens get zero vectors; g (all-reduce) adds
-    the per-rank answers, or under sp g_sp adds them and keeps this rank's T/tp positions, where
-    the residual stream starts. NOTE: Meta's files split this table by width (dim 1). We split
-    rows, as Megatron does: the answers are then partial sums closed by the same g / g_sp as every
-    region, where a width split needs an all-gather along D (and, under sp, a reshuffle from a D
-    split to a T split). shard_state_dict converts to Meta's split; load_sharded slices rows.
+    A rank holds rows [start, start + V/tp); other tokens get zero vectors, so the per-rank
+    answers are partial sums, which its region's exit adds: g, or under sp g_sp, which also keeps
+    this rank's T/tp positions, where the residual stream starts. NOTE: Meta's files split this
+    table by width (dim 1). We split rows, as Megatron does: the answers are then partial sums
+    closed like every region's, where a width split needs an all-gather along D (and, under sp, a
+    reshuffle from a D split to a T split). shard_state_dict converts to Meta's split;
+    load_sharded slices rows.
     """
 
-    def __init__(self, full: nn.Embedding, grid: Grid, sp: bool):
+    def __init__(self, full: nn.Embedding, grid: Grid):
         super().__init__()
         self.weight = nn.Parameter(shard(full.weight, 0, grid))  # (V/tp, D)
-        self.grid, self.sp = grid, sp
         self.start = grid.tp_rank * self.weight.shape[0]
 
     def forward(self, tokens):
@@ -492,20 +502,21 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
         h = h.masked_fill(outside[..., None], 0.0)               # (B, T, D), partial
-        h = h.to(activation_dtype(h.device, h.dtype))            # bf16 on the wire under autocast
-        return (g_sp if self.sp else g).apply(h, self.grid.tp_group)
+        return h.to(activation_dtype(h.device, h.dtype))         # bf16 on the wire under autocast
 
 
-# The swap table: for each module of model.py's Transformer, which Linear becomes which. Read it
-# with the sketch in the docstring. Column = split by output rows (dim 0: heads, FFN columns,
-# vocabulary); row = split by input columns (dim 1).
+# The swap table: which module of model.py's Transformer becomes which, and under it, which
+# Linear becomes which. Read it with the sketch in the docstring. Column = split by output rows
+# (dim 0: heads, FFN columns, vocabulary); row = split by input columns (dim 1). Each entry is a
+# Region: its input enters through f (f_sp) if it holds column-parallel linears, which need all
+# of it; its output leaves through g (g_sp) if it is a partial sum, row-parallel or embedding.
 TP_PLAN = {
-    "tok_embeddings":        VocabParallelEmbedding,     # rows (vocab); leaves through g / g_sp
+    "tok_embeddings":        VocabParallelEmbedding,     # rows (vocab); token ids enter as they are
     "layers.*.attention":    {"wq": ColumnParallelLinear, "wk": ColumnParallelLinear,
                               "wv": ColumnParallelLinear, "wo": RowParallelLinear},
     "layers.*.feed_forward": {"w1": ColumnParallelLinear, "w3": ColumnParallelLinear,
                               "w2": RowParallelLinear},
-    "output":                ColumnParallelLinear,       # vocab; enters, logits stay (B, T, V/tp)
+    "output":                ColumnParallelLinear,       # vocab; logits stay split, (B, T, V/tp)
 }
 
 
@@ -515,6 +526,11 @@ def parallelize(model: Transformer, grid: Grid, sp: bool = False,
 
     model must be the full model, built identically on every rank (same seed). Build the
     optimizer after this call: the parameters are new objects. A no-op at tp=1 (sp included).
+    Sets two attributes on the model, which other files read (a model never parallelized has
+    neither: read them as getattr(model, "grid", None)):
+      model.grid                 the Grid it is split over (generate.py gathers logits over tp)
+      model.sequence_parallel    sp and tp > 1: the residual stream is (B, T/tp, D) (GradSync
+                                 sums the norms' gradients over tp, PipelineStage sends T/tp)
     """
     check_config(model.args, grid.tp, sp)
     if getattr(model, "grid", None) is not None:
@@ -522,19 +538,21 @@ def parallelize(model: Transformer, grid: Grid, sp: bool = False,
     model.grid, model.sequence_parallel = grid, sp and grid.tp > 1
     if grid.tp == 1:
         return model
-    model.tok_embeddings = TP_PLAN["tok_embeddings"](model.tok_embeddings, grid, sp)
-    for layer in model.layers:
-        for key in ("layers.*.attention", "layers.*.feed_forward"):
-            module = getattr(layer, key.split(".")[-1])
-            region = Region(grid, sp, keep_shard=keep_shard)
-            for name, cls in TP_PLAN[key].items():
-                setattr(module, name, cls(getattr(module, name), grid, region))
-            module.register_forward_pre_hook(region.enter)
+    for pattern, swaps in TP_PLAN.items():
+        swaps = swaps if isinstance(swaps, dict) else {"": swaps}    # "": the module itself
+        kinds = set(swaps.values())
+        leaves = bool(kinds & {RowParallelLinear, VocabParallelEmbedding})    # partial sums
+        for name in [name for name, _ in model.named_modules() if fnmatch(name, pattern)]:
+            region = Region(grid, sp, leaves, keep_shard)
+            for child, cls in swaps.items():
+                path = f"{name}.{child}" if child else name
+                full = model.get_submodule(path)
+                model.set_submodule(path, cls(full, grid, region) if cls is ColumnParallelLinear
+                                    else cls(full, grid))
+            module = model.get_submodule(name)
+            if ColumnParallelLinear in kinds:                    # they need the whole input
+                module.register_forward_pre_hook(region.enter)
             module.register_forward_hook(region.leave)
-    region = Region(grid, sp, leaves=False, keep_shard=keep_shard)
-    model.output = TP_PLAN["output"](model.output, grid, region)
-    model.output.register_forward_pre_hook(region.enter)
-    model.output.register_forward_hook(region.leave)
     return model
 
 
@@ -625,20 +643,6 @@ class Recompute(torch.autograd.Function):
                         for a, t in zip(args, ctx.is_tensor)])
 
 
-def _blocks(model):
-    """The transformer blocks of a Transformer or of a PipelineStage (whose layers are keyed)."""
-    return model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
-
-
-def recompute(fn, *args):
-    return Recompute.apply(fn, *args)
-
-
-def _plain(fn):
-    """fn without a recompute wrapper (apply_recompute may be called again with another mode)."""
-    return fn.args[0] if isinstance(fn, partial) and fn.func is recompute else fn
-
-
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
@@ -653,17 +657,22 @@ def apply_recompute(model: Transformer, mode: str) -> None:
                with a weight.
     full       keep only each block's input; run the whole block again in backward (its tp
                collectives included): about one more forward pass.
-    apply_recompute owns `feed_forward.manual_backward` (on for selective only). Works at any tp.
+    apply_recompute owns `feed_forward.manual_backward` (on for selective only). Works at any tp,
+    on a Transformer or a PipelineStage (whose layers are keyed by number). It wraps methods in
+    place, so once: it sets model.recompute = mode and refuses a second call.
     """
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"recompute mode {mode!r} is unknown; choose none, selective or full")
-    for layer in _blocks(model):
-        layer.forward, layer.attention.core = _plain(layer.forward), _plain(layer.attention.core)
+    if getattr(model, "recompute", None) is not None:
+        raise ValueError(f"recompute {model.recompute!r} is already applied to this model; "
+                         "apply one mode, once, to a fresh model")
+    model.recompute = mode
+    for layer in model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers:
         layer.feed_forward.manual_backward = mode == "selective"
         if mode == "selective":
-            layer.attention.core = partial(recompute, layer.attention.core)
+            layer.attention.core = partial(Recompute.apply, layer.attention.core)
         if mode == "full":
-            layer.forward = partial(recompute, layer.forward)
+            layer.forward = partial(Recompute.apply, layer.forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,13 +690,33 @@ def make_buckets(numels: list, bucket_bytes: float, bytes_per_el: int) -> list:
     return [b for b in buckets if b]
 
 
+@dataclass
+class Bucket:
+    """Parameters whose gradients travel in one all-reduce, and that all-reduce's progress."""
+    params: list
+    waiting: int                            # gradients still to arrive this step
+    flat: Optional[torch.Tensor] = None     # the gradients, concatenated, once launched
+    work: Any = None                        # the asynchronous all-reduce, once launched
+
+    def launch(self, group):
+        self.flat = torch.cat([_grad(p).flatten() for p in self.params])
+        # COMM: dp all-reduce, async during backward (bucketed)
+        self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+    def land(self, dp: int):
+        """Wait for the all-reduce, leave the dp-mean in each .grad, and reset for the next step."""
+        self.work.wait()
+        _copy_back(self.params, self.flat.div_(dp))
+        self.waiting, self.flat, self.work = len(self.params), None, None
+
+
 class GradSync:
     """Data-parallel gradient averaging, two versions side by side (tests prove them equal).
 
     naive (overlap=False): after backward, one all-reduce per parameter. Simple; the wire is idle
       during backward and the compute idle during the all-reduces.
     bucketed (overlap=True): parameters are grouped, in reverse order of definition (roughly the
-      order backward produces their gradients), into buckets of bucket_mb. A hook fires when a
+      order backward produces their gradients), into Buckets of bucket_mb. A hook fires when a
       parameter's gradient is complete; when a bucket's last gradient arrives, its asynchronous
       all-reduce is launched while backward goes on with the layers below. finish() waits once.
       [PTD-P §2.1; LLaMA §2.4: "overlap the computation of activations and the communication"]
@@ -696,9 +725,9 @@ class GradSync:
     accumulate locally, no communication), then the last one, then `sync.finish()` (also on a
     step whose update is then skipped). As in DDP, a backward is local when its forward ran
     inside no_sync(), so the context may hold the forward alone or forward and backward. After
-    it every dp rank holds
-    the dp-mean gradient. Under sp finish() also sums the norm weights' gradients over tp: each
-    rank saw only T/tp positions. One GradSync per model: its hooks stay on the parameters.
+    it every dp rank holds the dp-mean gradient. Under sp finish() also sums the norm weights'
+    gradients over tp: each rank saw only T/tp positions. One GradSync per model: its hooks stay
+    on the parameters.
     """
 
     def __init__(self, model, grid: Grid, bucket_mb: float = 25.0, overlap: bool = True):
@@ -707,14 +736,13 @@ class GradSync:
         sp = getattr(model, "sequence_parallel", False)                  # set by parallelize()
         self.tp_partial = [p for name, p in model.named_parameters()
                            if sp and shard_dim(name) is None]
-        self.buckets, self.inflight = [], []
+        self.buckets, self.bucket_of = [], {}
         if grid.dp > 1 and overlap:
             order = self.params[::-1]                            # about the order of backward
             sizes, el = [p.numel() for p in order], self.params[0].element_size()
-            self.buckets = [[order[i] for i in bucket]
+            self.buckets = [Bucket([order[i] for i in bucket], len(bucket))
                             for bucket in make_buckets(sizes, bucket_mb * 2**20, el)]
-            self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
-            self.waiting = [len(b) for b in self.buckets]
+            self.bucket_of = {p: bucket for bucket in self.buckets for p in bucket.params}
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             model.register_forward_pre_hook(self._forward_starts)
@@ -733,49 +761,41 @@ class GradSync:
     def _grad_ready(self, p):
         if not (self.syncing and self.sync_backward):
             return
-        i = self.bucket_of[p]
-        if self.waiting[i] <= 0:
+        bucket = self.bucket_of[p]
+        if bucket.work is not None:
             raise RuntimeError("a gradient arrived for a bucket already sent: call "
                                "GradSync.finish() after each step's last backward")
-        self.waiting[i] -= 1
-        if self.waiting[i] == 0:
-            self._launch(i)
-
-    def _launch(self, i):
-        bucket = self.buckets[i]
-        flat = torch.cat([_grad(p).flatten() for p in bucket])
-        # COMM: dp all-reduce, async during backward (bucketed)
-        work = dist.all_reduce(flat, group=self.grid.dp_group, async_op=True)
-        self.inflight.append((bucket, flat, work))
-        self.waiting[i] = -1                                     # launched
+        bucket.waiting -= 1
+        if bucket.waiting == 0:
+            bucket.launch(self.grid.dp_group)
 
     def finish(self) -> None:
         grid = self.grid
-        if grid.dp > 1 and self.overlap:
-            for i, waiting in enumerate(self.waiting):
-                if waiting > 0:                                  # a parameter got no gradient
-                    self._launch(i)
-            for bucket, flat, work in self.inflight:
-                work.wait()
-                for p, g_ in zip(bucket, flat.div_(grid.dp).split([p.numel() for p in bucket])):
-                    p.grad.copy_(g_.view_as(p))
-            self.inflight, self.waiting = [], [len(b) for b in self.buckets]
-        elif grid.dp > 1:
+        for bucket in self.buckets:                              # bucketed (none when naive)
+            if bucket.work is None:                              # a parameter got no gradient
+                bucket.launch(grid.dp_group)
+        for bucket in self.buckets:
+            bucket.land(grid.dp)
+        if grid.dp > 1 and not self.overlap:
             for p in self.params:
                 # COMM: dp all-reduce, after backward (naive)
                 all_reduce(_grad(p), grid.dp_group).div_(grid.dp)
         if self.tp_partial:
             flat = torch.cat([_grad(p).flatten() for p in self.tp_partial])
             # COMM: tp all-reduce, norm weight grads (sp), after backward
-            all_reduce(flat, grid.tp_group)
-            for p, g_ in zip(self.tp_partial, flat.split([p.numel() for p in self.tp_partial])):
-                p.grad.copy_(g_.view_as(p))
+            _copy_back(self.tp_partial, all_reduce(flat, grid.tp_group))
 
 
 def _grad(p):
     if p.grad is None:
         p.grad = torch.zeros_like(p)
     return p.grad
+
+
+def _copy_back(params, flat):
+    """Each parameter's slice of a flat tensor of their concatenated gradients, into its .grad."""
+    for p, g_ in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g_.view_as(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -952,7 +972,8 @@ class PipelineStage(nn.Module):
     chunks under their global numbers (`layers.13.attention.wq.weight`), the embedding on rank 0,
     the final norm and output on the last rank, and drops the rest. forward(x, chunk) runs one
     chunk: tokens (B, T) in for chunk 0, else the residual stream (B, T, D), or (B, T/tp, D)
-    under sp; logits out of the last chunk, the residual stream out of the others.
+    under sp; logits out of the last chunk, the residual stream out of the others. Like a
+    parallelized Transformer it carries `grid` and `sequence_parallel` (GradSync reads it).
     """
 
     def __init__(self, model: Transformer, grid: Grid, virtual_stages: int = 1):
@@ -983,11 +1004,6 @@ class PipelineStage(nn.Module):
         if c == grid.pp * self.virtual_stages - 1:
             return self.output(self.norm(x)).float()            # (B, T, V) or (B, T, V/tp)
         return x
-
-
-def _pp_peer(grid: Grid, step: int) -> int:
-    """Global rank of the pipeline rank `step` away (mod pp), at this rank's dp and tp place."""
-    return (((grid.pp_rank + step) % grid.pp) * grid.dp + grid.dp_rank) * grid.tp + grid.tp_rank
 
 
 def _arrived(inbox: dict, message: tuple) -> torch.Tensor:
@@ -1079,17 +1095,14 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
             # to its neighbour, and whatever the neighbours send at this tick (see exchanges).
             ops, received = [], []
             for kind, step, message in plan[tick]:
+                peer = grid.pp_ranks[(grid.pp_rank + step) % pp]
                 if kind == "send":
-                    ops.append(dist.P2POp(dist.isend, out, _pp_peer(grid, step),
-                                          grid.pp_group))
+                    ops.append(dist.P2POp(dist.isend, out, peer, grid.pp_group))
                 else:
-                    buffer = torch.empty(shape, dtype=dtype, device=device)
-                    received.append((message, buffer))
-                    ops.append(dist.P2POp(dist.irecv, buffer, _pp_peer(grid, step),
-                                          grid.pp_group))
+                    received.append((message, torch.empty(shape, dtype=dtype, device=device)))
+                    ops.append(dist.P2POp(dist.irecv, received[-1][1], peer, grid.pp_group))
             works = dist.batch_isend_irecv(ops)
-            for message, buffer in received:
-                inbox[message] = (buffer, works)
+            inbox.update((message, (buffer, works)) for message, buffer in received)
             sending = [(t_, w) for t_, w in sending if not all(w_.is_completed() for w_ in w)]
             if out is not None:
                 sending.append((out, works))    # kept alive until it has left
@@ -1098,7 +1111,7 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
             works.pop().wait()
     if pp > 1:
         # COMM: pp broadcast, the step's loss (one number) from the last rank to the others
-        dist.broadcast(loss, _pp_peer(grid, pp - 1 - grid.pp_rank), group=grid.pp_group)
+        dist.broadcast(loss, grid.pp_ranks[-1], group=grid.pp_group)
     return loss
 
 
@@ -1165,7 +1178,7 @@ def merge_stages(state: dict, grid: Grid) -> Optional[dict]:
         return state
     parts = [None] * grid.pp if grid.pp_rank == 0 else None
     # COMM: pp gather of the stages' state dicts to pp rank 0, checkpoint save
-    dist.gather_object(state, parts, dst=_pp_peer(grid, -grid.pp_rank), group=grid.pp_group)
+    dist.gather_object(state, parts, dst=grid.pp_ranks[0], group=grid.pp_group)
     return {key: t for part in parts for key, t in part.items()} if parts else None
 
 
@@ -1193,154 +1206,3 @@ def load_sharded(model, full_state: dict, grid: Grid) -> None:
         pieces[key] = t if dim is None or grid.tp == 1 else t.chunk(grid.tp, dim)[grid.tp_rank]
     model.load_state_dict(pieces, strict=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# 12. Accounting
-# ---------------------------------------------------------------------------------------------
-# Two predictions from the configuration alone, checked by tests/test_parallel.py against what the
-# code really does: saved tensors counted with saved_tensors_hooks, collectives by patching
-# torch.distributed. `python parallel.py` prints both for a few configurations.
-
-def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
-                               sp: bool = False, recompute: str = "none",
-                               bytes_per_el: int = 4, keep_shard: bool = True) -> float:
-    """Bytes that autograd keeps, per transformer layer, between forward and backward.
-
-    Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for activations of b
-    bytes per element: b = 4 in fp32, b = 2 under bf16 autocast, where model.activation_dtype
-    keeps the residual stream and every activation in bf16 (Megatron's choice); what stays fp32
-    is written as 4 below. Autocast's bf16 copies of the weights are not activations (per layer,
-    not per token): planner.py counts them with the weights. Per token, t = tp:
-
-      RMSNorm        its input in fp32 (4D), the normalized x (bD), 1/rms in fp32 (4)   (4+b)D + 4
-      attention      the wq/wk/wv input y (bD); SDPA's q, k, v (at H heads: the GQA repeat
-                     happens before the kernel), its output, also wo's input (4bD), and the
-                     log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
-      SwiGLU         y (bD); a = w1 y, b = w3 y, silu(a), silu(a) * b (4bF)
-
-      none                 (8 + 8b) D + 4b F + 4H + 8
-      tp                   (8 + 4b) D + 8  +  (4b D + 4b F + 4H) / t
-      tp + sp              [(8 + 8b) D + 4b F + 4H + 8] / t                (everything split)
-      tp + sp + selective  [(8 + 6b) D + 2b K E + 2b F + 8] / t
-      full                 b D / t with sp, b D without                   (the block's input)
-
-    Selective keeps q, wo's input and the core's k and v before the repeat (K heads), a and b;
-    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. In bf16
-    (b = 2) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token, where
-    Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: the kernel is fused).
-    keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
-    """
-    D, F_, H, K, E, b, t = (args.dim, args.ffn_hidden, args.n_heads, args.n_kv_heads,
-                            args.head_dim, bytes_per_el, tp)
-    seq_div = t if sp else 1                                     # residual stream: split under sp
-    norm = (4 + b) * D + 4
-    y = b * D / t if sp and keep_shard else b * D                # a sub-layer's column input
-    if recompute == "full":
-        per_token = b * D / seq_div
-    elif recompute == "selective":
-        per_token = 2 * norm / seq_div + 2 * y + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
-    else:
-        per_token = 2 * norm / seq_div + 2 * y + (4 * b * D + 4 * H + 4 * b * F_) / t
-    return per_token * batch * seq_len
-
-
-def _local_param_numels(args: ModelArgs, tp: int) -> list:
-    """(name, elements) of one tp rank's parameters, in model.parameters() order."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return [(name, p.numel() // (tp if _runtime_dim(name) is not None else 1))
-            for name, p in model.named_parameters()]
-
-
-def wire_bytes(op: str, n: int, payload: float) -> float:
-    """Bytes one rank sends with a ring algorithm: 2 (n-1)/n for all-reduce, (n-1)/n otherwise.
-
-    payload: the all-reduced tensor, or the full (gathered / pre-scatter) tensor.
-    """
-    return (2 if op == "all_reduce" else 1) * (n - 1) / n * payload
-
-
-def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
-                  sp: bool = False, recompute: str = "none", grad_accum: int = 1,
-                  bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
-                  keep_shard: bool = True, grad_bytes: int = 4) -> dict:
-    """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
-
-    batch is this rank's micro-batch. A step = grad_accum forward+backward passes, GradSync.finish
-    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation (b =
-    bytes_per_el: 2 under bf16 autocast); gradients are fp32 whatever b (grad_bytes); per pass:
-
-      tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
-                  + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
-      tp + sp     all-gather: 2L + 1 fwd (f_sp) + 2L + 1 bwd (g_sp, embedding included)
-                  + one regather per region whose column linears kept the shard (attention,
-                  FFN unless selective's hand-written FFN bypasses them, the output)
-                  reduce-scatter: 2L + 1 fwd (g_sp) + 2L + 1 bwd (f_sp); full: + 2L of each
-      loss        3 all-reduces of N fp32 numbers (max, sum of exp, target logit)
-      per step    sp: one all-reduce of the 2L+1 norm weight gradients; clipping: one scalar
-      dp          one all-reduce per bucket (bucketed) or per parameter (naive) of all local
-                  gradients: P/tp elements (norms whole), once per step whatever grad_accum
-
-    The bytes on the wire follow from `wire_bytes`: the same A crosses the wire for one
-    all-reduce as for one all-gather plus one reduce-scatter, which is why sp is free [Korthikanti
-    §4.2.2]: it turns 4 all-reduces per layer into 4 all-gathers and 4 reduce-scatters.
-    """
-    L, A, N = args.n_layers, batch * seq_len * args.dim * bytes_per_el, batch * seq_len
-    m, full = grad_accum, int(recompute == "full")
-    out = {}
-
-    def add(key, calls, payload):
-        c, p = out.get(key, (0, 0))
-        out[key] = (c + calls, p + calls * payload)
-
-    if tp > 1:
-        if not sp:
-            add("tp all_reduce", m * (2 + 4 * L + 2 * L * full), A)
-        else:
-            regathers = (2 * L + 1) if keep_shard else 0
-            add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
-            add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
-            add("tp all_reduce", 1, (2 * L + 1) * args.dim * grad_bytes)
-        add("tp all_reduce", 3 * m, N * 4)
-        add("tp all_reduce", 1, 4)
-    if dp > 1:
-        numels = [n for _, n in _local_param_numels(args, tp)]
-        calls = (len(make_buckets(numels[::-1], bucket_mb * 2**20, grad_bytes)) if overlap
-                 else len(numels))
-        add("dp all_reduce", calls, sum(numels) * grad_bytes / calls)
-    return out
-
-
-def main(argv=None):
-    """Print the two accounting tables for the `tiny` preset and for 7b (predictions only).
-
-    `python parallel.py plan ...` is planner.py's command line: the planner scales these counts
-    to a cluster and lives in its own file (it only predicts; it touches no process group).
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:
-        import planner                    # NOTE: a CLI convenience; planner.py imports this file
-        return planner.main(argv[1:])
-    from model import preset
-    for name, batch, seq_len, tp in (("tiny", 8, 256, 2), ("7b", 1, 2048, 8)):
-        args = preset(name)
-        print(f"\n{name}: micro-batch {batch}, seq {seq_len}, tp {tp}; activation MiB per layer "
-              f"(fp32 | bf16)")
-        for label, kw in (("none", dict(tp=1)), ("tp", dict(tp=tp)),
-                          ("tp+sp", dict(tp=tp, sp=True)),
-                          ("tp+sp+selective", dict(tp=tp, sp=True, recompute="selective")),
-                          ("tp+sp+full", dict(tp=tp, sp=True, recompute="full"))):
-            mib = [activation_bytes_per_layer(args, batch, seq_len, bytes_per_el=b, **kw) / 2**20
-                   for b in (4, 2)]
-            print(f"  {label:<18} {mib[0]:10.2f} | {mib[1]:10.2f}")
-        print("  bytes on the wire per step and rank (fp32, dp 2):")
-        for label, kw in (("tp", dict(tp=tp)), ("tp+sp", dict(tp=tp, sp=True))):
-            for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=2, **kw).items():
-                group, op = key.split()
-                n = tp if group == "tp" else 2
-                print(f"  {label:<6} {key:<18} {calls:5d} calls  {payload / 2**20:10.2f} MiB "
-                      f"payload  {wire_bytes(op, n, payload) / 2**20:10.2f} MiB sent")
-
-
-if __name__ == "__main__":
-    main()

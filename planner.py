@@ -1,45 +1,65 @@
 """
-planner.py -- will a layout fit, and how fast will it train? Memory, communication, pipeline
-bubble and time per step of a tp x pp x dp layout at cluster scale, predicted from formulas.
+planner.py -- every prediction this project makes, from formulas: what parallel.py's
+configurations cost per layer and per step, and whether a tp x pp x dp layout fits and how fast
+it trains at a cluster scale no test can reach.
 
-parallel.py runs tensor, sequence, data and pipeline parallelism and counts what they cost
-(activation bytes per layer, collectives per step, the schedules' in-flight micro-batches). This
-file scales those counts to a cluster no test can reach, under one stated set of assumptions, and
-checks itself against two published runs: LLaMA-65B at about 380 tokens/s/GPU on 2048 A100-80GB,
-21 days for 1.4T tokens [LLaMA §2.4], and Megatron's 1T-parameter model at 163 TFLOP/s per A100,
-52% of peak [PTD-P §5.1]. It imports parallel.py and model.py; nothing imports it.
+parallel.py runs tensor, sequence, data and pipeline parallelism; this file predicts their cost,
+in two kinds:
+  - accounting, exact for this code: the activation bytes a layer keeps for backward and the
+    collectives of one optimizer step. tests/test_parallel.py and tests/test_pipeline.py measure
+    both on gloo workers (saved_tensors_hooks, a patched torch.distributed) and hold them equal.
+  - a plan: memory per GPU, communication, bubble and time of a layout, under one stated set of
+    assumptions, checked against two published runs: LLaMA-65B at about 380 tokens/s/GPU on 2048
+    A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4], and Megatron's 1T-parameter model at 163
+    TFLOP/s per A100, 52% of peak [PTD-P §5.1].
+It imports model.py (parameter and FLOP counts, written there once) and parallel.py (the
+schedules, the gradient buckets, the checks); parallel.py never imports it. train.py reads its
+table of GPUs for the data-sheet peak behind MFU.
 
-    python planner.py --preset 65b --gpus 2048 --gpu a100-80gb --tp 8 --pp 4 --seq-len 2048 \
+    python planner.py --accounting                                           # tiny and 7b, per
+                                                                             # layer and step
+    python planner.py --preset 65b --gpus 2048 --gpu a100-80gb --tp 8 --pp 4 --seq-len 2048 \\
         --global-batch-tokens 4M --recompute selective --train-tokens 1.4T     # one layout
     python planner.py --preset 65b --gpus 2048 --search                      # rank the layouts
     python planner.py --preset 13b --serve --gpu a100-40gb                   # inference memory
+    python planner.py --check                                                # the published runs
     add --json for a machine-readable answer
 
 Reading order
-  1. Hardware and assumptions   GPUS, ASSUMPTIONS, PRECISIONS: every number the model takes
-  2. Memory                     parameters and activations per GPU, and inference (weights + KV)
-  3. Time                       plan(): one layout, in full
-  4. Search                     every layout that fits, fastest first
-  5. Printing and the CLI
+  1. Hardware and assumptions   GPUS, ASSUMPTIONS, PRECISIONS, PUBLISHED: every number it takes
+  2. Accounting                 activation bytes per layer; collectives and bytes on the wire
+  3. Memory                     parameters and activations per GPU, and inference (weights + KV)
+  4. Time                       plan(): one layout, in full
+  5. Search                     every layout that fits, fastest first
+  6. Printing and the CLI
 
 The model of a step, stated once. A micro-batch costs a pipeline stage
     max(compute, tp collectives) + pipeline sends
 with compute at compute_efficiency x the data-sheet peak (recomputation included: full adds a
 forward of the layers, selective the attention core's), tp collectives overlapped with it as
 LLaMA does [LLaMA §2.4] (so they cost only when they exceed it: tp across nodes), sends and
-all-reduces at link_efficiency x the link's bandwidth, ring algorithms (parallel.wire_bytes). The
+all-reduces at link_efficiency x the link's bandwidth, ring algorithms (wire_bytes). The
 slowest stage (the last: it also runs the output layer) sets the pace; a step is
     (m + (pp - 1) / v) micro-batches + the dp all-reduce of fp32 gradients after the flush
-the bubble (pp-1)/(v m) of PTD-P §2.2. Memory per GPU: weights, gradients and optimizer state of
-its stage (Megatron's mixed precision: 2 + 4 + 12 bytes per parameter), plus the activations its
-schedule holds at the worst moment (parallel.in_flight over the schedule itself, each chunk
-weighed by parallel.activation_bytes_per_layer at 2 bytes per element).
+the bubble (pp-1)/(v m) of PTD-P §2.2. NOTE: parallel.py does not overlap its tp collectives
+with compute (each sits between two matmuls), so plan() also gives the step at compute + tp
+collectives, as this code would run: for LLaMA-65B, 306 tokens/s/GPU where the overlapped model
+gives 353. Memory per GPU: weights, gradients and optimizer state of its stage (Megatron's mixed
+precision: 2 + 4 + 12 bytes per parameter), plus the activations its schedule holds at the worst
+moment (parallel.in_flight over the schedule itself, each chunk weighed by
+activation_bytes_per_layer at 2 bytes per element).
+
+How much the two checks prove, honestly: compute_efficiency = 0.60 is calibrated on the
+Megatron-1T run (it is the value that reproduces 163 TFLOP/s), so that check is a fit, and
+LLaMA-65B is the one the assumptions were not fitted to. LLaMA publishes no layout (§2.4 names
+model and sequence parallelism only): tp 8 x pp 4 is our assumption, tp filling a node of 8 and
+pp 4 the shallowest pipeline that then fits (pp 2 needs 73.8 of 72 usable GiB).
 
 What this leaves out: ZeRO/FSDP sharding of optimizer state, overlap of the dp all-reduce with
 backward (PTD-P does it after the flush, as parallel.py does), the optimizer step's time,
 network topology and congestion, stragglers and failures, the causal kernel doing half the
 attention FLOPs (counted whole, the MFU convention). Each of these moves a real run by a few
-percent; the two published runs land within 8% (tests/test_pipeline.py).
+percent; the two published runs land within 8% (tests/test_planner.py).
 
 Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.13971), PaLM
 (2204.02311) appendix B for MFU.
@@ -51,10 +71,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-from model import PRESETS, ModelArgs, count_parameters, flops_per_token, preset
-from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, activation_bytes_per_layer,
-                      check_config, check_pipeline, comm_per_step, default_schedule, in_flight,
-                      wire_bytes)
+import torch
+
+from model import (PRESETS, ModelArgs, Transformer, count_parameters, flops_per_token, preset,
+                   shard_dim)
+from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
+                      default_schedule, in_flight, make_buckets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,14 +91,28 @@ class GPU:
     network: float       # bytes/s per GPU, one direction, between nodes (one NIC per GPU)
 
 
+# The one table of data-sheet peaks in the project: train.py's MFU reads it (data_sheet_peak).
 GPUS = {
     "a100-40gb": GPU(312e12, 40 * 2**30, 300e9, 25e9),      # NVLink 3; HDR InfiniBand 200 Gb/s
     "a100-80gb": GPU(312e12, 80 * 2**30, 300e9, 25e9),
     "h100-80gb": GPU(989e12, 80 * 2**30, 450e9, 50e9),      # NVLink 4; NDR InfiniBand 400 Gb/s
+    "h200-141gb": GPU(989e12, 141 * 2**30, 450e9, 50e9),    # an H100 with more, faster memory
 }
+
+
+def data_sheet_peak(device_name: str) -> Optional[tuple]:
+    """(family, dense bf16 FLOP/s) for a name as torch.cuda.get_device_name gives it ("NVIDIA
+    A100-SXM4-80GB" -> ("A100", 312e12)), from GPUS; None for a GPU not in the table."""
+    for key, gpu in GPUS.items():
+        family = key.split("-")[0]
+        if family in device_name.lower():
+            return family.upper(), gpu.peak
+    return None
+
+
 # The assumptions, one set for every prediction; `plan` prints them.
 ASSUMPTIONS = dict(
-    compute_efficiency=0.60,   # of peak, for every FLOP: big matmuls do better, the rest worse
+    compute_efficiency=0.60,   # of peak, for every FLOP; calibrated on the Megatron-1T run
     link_efficiency=0.80,      # of a link's bandwidth, for every collective and send
     gpus_per_node=8,           # tp within a node (NVLink); pp and dp between nodes (network)
     usable_memory=0.90,        # of a GPU's memory; the rest: CUDA context, fragmentation
@@ -90,9 +126,10 @@ PRECISIONS = {  # bytes per parameter (weights, gradients, optimizer) and per ac
 }
 
 
-# The published runs the assumptions must reproduce (`--check`; tests/test_pipeline.py):
+# The published runs the assumptions must reproduce (`--check`; tests/test_planner.py):
 # (model, layout as plan() keywords, {figure: published value}). Both with our sp, which splits
-# the pipeline's messages over tp as Megatron's scatter/gather does [PTD-P §4.1].
+# the pipeline's messages over tp as Megatron's scatter/gather does [PTD-P §4.1]. The 65B layout
+# is our assumption (see the docstring); the 1T one is PTD-P's own.
 PUBLISHED = {
     "LLaMA-65B on 2048 A100-80GB [LLaMA §2.4]": (
         PRESETS["65b"], dict(gpus=2048, tp=8, pp=4, recompute="selective", train_tokens=1.4e12),
@@ -106,16 +143,144 @@ PUBLISHED = {
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Memory
+# 2. Accounting
+# ---------------------------------------------------------------------------------------------
+# Two predictions exact for this code, from the configuration alone: the bytes a layer keeps for
+# backward, and the collectives of a step. tests/test_parallel.py measures both on gloo workers
+# (saved_tensors_hooks, a patched torch.distributed) and holds them equal.
+
+def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
+                               sp: bool = False, recompute: str = "none",
+                               bytes_per_el: int = 4, keep_shard: bool = True) -> float:
+    """Bytes that autograd keeps, per transformer layer, between forward and backward.
+
+    Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for activations of b
+    bytes per element: b = 4 in fp32, b = 2 under bf16 autocast, where model.activation_dtype
+    keeps the residual stream and every activation in bf16 (Megatron's choice); what stays fp32
+    is written as 4 below. Autocast's bf16 copies of the weights are not activations (per layer,
+    not per token): they are counted with the weights (PRECISIONS). Per token, t = tp:
+
+      RMSNorm        its input in fp32 (4D), the normalized x (bD), 1/rms in fp32 (4)   (4+b)D + 4
+      attention      the wq/wk/wv input y (bD); SDPA's q, k, v (at H heads: the GQA repeat
+                     happens before the kernel), its output, also wo's input (4bD), and the
+                     log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
+      SwiGLU         y (bD); a = w1 y, b = w3 y, silu(a), silu(a) * b (4bF)
+
+      none                 (8 + 8b) D + 4b F + 4H + 8
+      tp                   (8 + 4b) D + 8  +  (4b D + 4b F + 4H) / t
+      tp + sp              [(8 + 8b) D + 4b F + 4H + 8] / t                (everything split)
+      tp + sp + selective  [(8 + 6b) D + 2b K E + 2b F + 8] / t
+      full                 b D / t with sp, b D without                   (the block's input)
+
+    Selective keeps q, wo's input and the core's k and v before the repeat (K heads), a and b;
+    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. In bf16
+    (b = 2) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token, where
+    Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: the kernel is fused).
+    keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
+    """
+    D, F_, H, K, E, b, t = (args.dim, args.ffn_hidden, args.n_heads, args.n_kv_heads,
+                            args.head_dim, bytes_per_el, tp)
+    seq_div = t if sp else 1                                     # residual stream: split under sp
+    norm = (4 + b) * D + 4
+    y = b * D / t if sp and keep_shard else b * D                # a sub-layer's column input
+    if recompute == "full":
+        per_token = b * D / seq_div
+    elif recompute == "selective":
+        per_token = 2 * norm / seq_div + 2 * y + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
+    else:
+        per_token = 2 * norm / seq_div + 2 * y + (4 * b * D + 4 * H + 4 * b * F_) / t
+    return per_token * batch * seq_len
+
+
+def local_parameter_numels(args: ModelArgs, tp: int) -> list:
+    """Elements of each of one tp rank's parameters, in model.parameters() order (GradSync's
+    buckets follow it): read off a Transformer built on the meta device, which allocates nothing;
+    a split tensor holds 1/tp of its elements along whichever dimension parallelize splits it."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return [p.numel() // (tp if shard_dim(name) is not None else 1)
+            for name, p in model.named_parameters()]
+
+
+def wire_bytes(op: str, n: int, payload: float) -> float:
+    """Bytes one rank sends with a ring algorithm: 2 (n-1)/n for all-reduce, (n-1)/n otherwise.
+
+    payload: the all-reduced tensor, or the full (gathered / pre-scatter) tensor.
+    """
+    return (2 if op == "all_reduce" else 1) * (n - 1) / n * payload
+
+
+def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
+                  sp: bool = False, recompute: str = "none", grad_accum: int = 1,
+                  bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
+                  keep_shard: bool = True, grad_bytes: int = 4) -> dict:
+    """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
+
+    batch is this rank's micro-batch. A step = grad_accum forward+backward passes, GradSync.finish
+    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation (b =
+    bytes_per_el: 2 under bf16 autocast); gradients are fp32 whatever b (grad_bytes); per pass:
+
+      tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
+                  + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
+      tp + sp     all-gather: 2L + 1 fwd (f_sp) + 2L + 1 bwd (g_sp, embedding included)
+                  + one regather per region whose column linears kept the shard (attention,
+                  FFN unless selective's hand-written FFN bypasses them, the output)
+                  reduce-scatter: 2L + 1 fwd (g_sp) + 2L + 1 bwd (f_sp); full: + 2L of each
+      loss        3 all-reduces of N fp32 numbers (max, sum of exp, target logit)
+      per step    sp: one all-reduce of the 2L+1 norm weight gradients; clipping: one scalar
+      dp          one all-reduce per bucket (bucketed) or per parameter (naive) of all local
+                  gradients: P/tp elements (norms whole), once per step whatever grad_accum
+
+    The bytes on the wire follow from `wire_bytes`: the same A crosses the wire for one
+    all-reduce as for one all-gather plus one reduce-scatter, which is why sp is free [Korthikanti
+    §4.2.2]: it turns 4 all-reduces per layer into 4 all-gathers and 4 reduce-scatters.
+    """
+    L, A, N = args.n_layers, batch * seq_len * args.dim * bytes_per_el, batch * seq_len
+    m, full = grad_accum, int(recompute == "full")
+    out = {}
+
+    def add(key, calls, payload):
+        c, p = out.get(key, (0, 0))
+        out[key] = (c + calls, p + calls * payload)
+
+    if tp > 1:
+        if not sp:
+            add("tp all_reduce", m * (2 + 4 * L + 2 * L * full), A)
+        else:
+            regathers = (2 * L + 1) if keep_shard else 0
+            add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
+            add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
+            add("tp all_reduce", 1, (2 * L + 1) * args.dim * grad_bytes)
+        add("tp all_reduce", 3 * m, N * 4)
+        add("tp all_reduce", 1, 4)
+    if dp > 1:
+        numels = local_parameter_numels(args, tp)
+        calls = (len(make_buckets(numels[::-1], bucket_mb * 2**20, grad_bytes)) if overlap
+                 else len(numels))
+        add("dp all_reduce", calls, sum(numels) * grad_bytes / calls)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Memory
 # ---------------------------------------------------------------------------------------------
 
+def per_block(count, args: ModelArgs, *more) -> tuple:
+    """A whole-model count of model.py (count_parameters, flops_per_token) split in two: what one
+    transformer block adds, and the rest (embedding, final norm, output). Both counts are linear
+    in the depth, count(L) = L x block + rest, so two depths give both."""
+    one, two = (count(replace(args, n_layers=n), *more) for n in (1, 2))
+    return two - one, 2 * one - two
+
+
 def stage_parameters(args: ModelArgs, tp: int, pp: int, rank: int = 0) -> int:
-    """Parameters one GPU holds: its stage's layers, split over tp (norms whole), the embedding
-    on the first stage, the final norm and output on the last."""
-    D, V, E = args.dim, args.vocab_size, args.head_dim
-    split = 2 * D * args.n_heads * E + 2 * D * args.n_kv_heads * E + 3 * D * args.ffn_hidden
-    n = args.n_layers // pp * (split // tp + 2 * D)
-    return n + (V * D // tp if rank == 0 else 0) + (D + V * D // tp if rank == pp - 1 else 0)
+    """Parameters one GPU holds: its stage's blocks, their matrices split over tp and their two
+    norms (D each) whole; the embedding (V x D, split) on the first stage, the final norm and the
+    output (V x D, split) on the last."""
+    D, VD = args.dim, args.vocab_size * args.dim
+    block, _ = per_block(count_parameters, args)
+    n = args.n_layers // pp * ((block - 2 * D) // tp + 2 * D)
+    return n + (VD // tp if rank == 0 else 0) + (D + VD // tp if rank == pp - 1 else 0)
 
 
 def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1,
@@ -149,7 +314,7 @@ def serve_memory(args: ModelArgs, batch: int, context: int, tp: int = 1,
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Time
+# 4. Time
 # ---------------------------------------------------------------------------------------------
 
 def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048,
@@ -163,8 +328,9 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     at compute_efficiency x peak, tp collectives overlapped with it [LLaMA §2.4], sends and
     all-reduces at link_efficiency x bandwidth. The slowest stage sets the pace; a step is
     (m + (pp-1)/v) micro-batch times [PTD-P §2.2] plus the dp all-reduce of fp32 gradients after
-    the flush. Recomputation costs FLOPs: full one more forward of the layers, selective the
-    attention core's forward again. MFU counts model FLOPs only (6N + 12 L D T per token).
+    the flush. "tp_exposed" is the same step at compute + tp collectives, as parallel.py runs.
+    Recomputation costs FLOPs: full one more forward of the layers, selective the attention
+    core's forward again. MFU counts model FLOPs only (model.flops_per_token).
     """
     v, hw, a = virtual_stages, GPUS[gpu], ASSUMPTIONS
     if gpus % (tp * pp):
@@ -192,12 +358,10 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     busiest = max(stages, key=lambda s: s["total"])
 
     N, D, L = micro_batch * seq_len, args.dim, args.n_layers
-    matmul = 2 * D * args.head_dim * (args.n_heads + args.n_kv_heads) + 3 * D * args.ffn_hidden
-    layer_fwd = N * (2 * matmul + 4 * seq_len * D) / tp                 # FLOPs, one GPU
-    extra = {"none": 0, "selective": N * 4 * seq_len * D / tp, "full": layer_fwd}[recompute]
-    speed = hw.peak * a["compute_efficiency"]
-    output_layer = 3 * 2 * N * args.vocab_size * D / tp                 # forward and backward
-    compute = (L // pp * (3 * layer_fwd + extra) + output_layer) / speed  # the last stage
+    block, head = per_block(flops_per_token, args, seq_len)    # per token, forward + backward
+    # recomputation runs a forward again: of the attention core (q k^T and p v) or of the block
+    extra = {"none": 0, "selective": 4 * seq_len * D, "full": block / 3}[recompute]
+    compute = N * (L // pp * (block + extra) + head) / tp / (hw.peak * a["compute_efficiency"])
     tp_within_node = tp <= a["gpus_per_node"]
     tp_link = (hw.nvlink if tp_within_node else hw.network) * a["link_efficiency"]
     net = hw.network * a["link_efficiency"]
@@ -207,13 +371,20 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
                              bytes_per_el=el).items()} if tp > 1 else {}
     tp_time = sum(tp_comm.values()) / tp_link
     p2p = 2 * v * N * D * el / (tp if sp else 1) if pp > 1 else 0        # sent per micro-batch
-    micro_time = max(compute, tp_time) + p2p / net
     bubble = (pp - 1) / (v * m)
     dp_bytes = wire_bytes("all_reduce", dp, busiest["parameters"] * g_b)
-    step = (m + (pp - 1) / v) * micro_time + dp_bytes / net
 
-    tokens_per_s = sequences * seq_len / step / gpus
-    mfu = tokens_per_s * flops_per_token(args, seq_len) / hw.peak
+    def pace(micro_time):                  # a step's seconds, tokens/s/GPU, MFU and days
+        step = (m + (pp - 1) / v) * (micro_time + p2p / net) + dp_bytes / net
+        tokens_per_s = sequences * seq_len / step / gpus
+        out = dict(step=step, tokens_per_s_per_gpu=tokens_per_s,
+                   mfu=tokens_per_s * flops_per_token(args, seq_len) / hw.peak)
+        if train_tokens:
+            out["days"] = train_tokens / (tokens_per_s * gpus) / 86400
+        return out
+
+    speed, tp_exposed = pace(max(compute, tp_time)), pace(compute + tp_time)
+    step = speed.pop("step")
     h, V = D, args.vocab_size                  # PTD-P's formula: counts a full recompute
     megatron = 96 * sequences * seq_len * L * h * h * (1 + seq_len / (6 * h) + V / (16 * L * h))
     out = dict(
@@ -231,18 +402,17 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
         time=dict(compute_per_micro_batch=compute, tp_per_micro_batch=tp_time,
                   pp_per_micro_batch=p2p / net, dp_all_reduce=dp_bytes / net, bubble=bubble,
                   step=step),
-        tokens_per_s_per_gpu=tokens_per_s, mfu=mfu,
+        **speed, tp_exposed=tp_exposed,
         megatron_tflops_per_gpu=megatron / step / gpus / 1e12,
         assumptions=dict(ASSUMPTIONS, **asdict(hw)),
     )
     if train_tokens:
-        out["days"] = train_tokens / (tokens_per_s * gpus) / 86400
         out["train_tokens"] = train_tokens
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Search
+# 5. Search
 # ---------------------------------------------------------------------------------------------
 
 def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
@@ -263,12 +433,13 @@ def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Printing and the CLI
+# 6. Printing and the CLI
 # ---------------------------------------------------------------------------------------------
 
 def format_plan(p: dict) -> str:
     """The plan as the text `python planner.py` prints."""
     model, lay, mem, t, a = p["model"], p["layout"], p["memory"], p["time"], p["assumptions"]
+    x = p["tp_exposed"]
     GiB, m, c = 2**30, lay["micro_batches"], p["comm_bytes_per_step"]
     lines = [
         f"model   {model['parameters'] / 1e9:.1f}B parameters: {model['n_layers']} layers, dim "
@@ -299,17 +470,43 @@ def format_plan(p: dict) -> str:
               f"        bubble (pp-1)/(v m) = {100 * t['bubble']:.1f}%; dp all-reduce "
               f"{t['dp_all_reduce']:.2f} s; step {t['step']:.2f} s",
               f"speed   {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU {100 * p['mfu']:.1f}% = "
-              "tokens/s x (6N + 12 L D T) / peak",
+              "tokens/s x (6N + 12 L D T) / peak, tp overlapped (LLaMA §2.4)",
+              f"        {x['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU {100 * x['mfu']:.1f}% "
+              f"with tp exposed, as parallel.py runs it (step {x['step']:.2f} s)",
               f"        {p['megatron_tflops_per_gpu']:.0f} TFLOP/s/GPU by PTD-P's count, "
               "96 B s l h^2 (1 + s/6h + V/16lh) per step (a full recompute included)"]
     if "days" in p:
-        lines.append(f"        {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days")
+        lines.append(f"        {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days "
+                     f"({x['days']:.1f} with tp exposed)")
     lines += ["", f"assumptions: compute at {a['compute_efficiency']:.0%} of {a['peak'] / 1e12:.0f}"
-              f" TFLOP/s; links at {a['link_efficiency']:.0%} of NVLink {a['nvlink'] / 1e9:.0f} "
-              f"GB/s and network {a['network'] / 1e9:.0f} GB/s",
+              f" TFLOP/s (calibrated on the Megatron-1T run); links at {a['link_efficiency']:.0%}"
+              f" of NVLink {a['nvlink'] / 1e9:.0f} GB/s and network {a['network'] / 1e9:.0f} GB/s",
               f"  (per GPU and direction); tp within a node of {a['gpus_per_node']}; "
               f"{a['usable_memory']:.0%} of memory usable"]
     return "\n".join(lines)
+
+
+def accounting_tables() -> None:
+    """`--accounting`: activation bytes per layer and collectives per step, for the `tiny` preset
+    and for 7b (predictions; tests/accounting_table.py prints them beside measurements)."""
+    for name, batch, seq_len, tp in (("tiny", 8, 256, 2), ("7b", 1, 2048, 8)):
+        args = preset(name)
+        print(f"\n{name}: micro-batch {batch}, seq {seq_len}, tp {tp}; activation MiB per layer "
+              f"(fp32 | bf16)")
+        for label, kw in (("none", dict(tp=1)), ("tp", dict(tp=tp)),
+                          ("tp+sp", dict(tp=tp, sp=True)),
+                          ("tp+sp+selective", dict(tp=tp, sp=True, recompute="selective")),
+                          ("tp+sp+full", dict(tp=tp, sp=True, recompute="full"))):
+            mib = [activation_bytes_per_layer(args, batch, seq_len, bytes_per_el=b, **kw) / 2**20
+                   for b in (4, 2)]
+            print(f"  {label:<18} {mib[0]:10.2f} | {mib[1]:10.2f}")
+        print("  bytes on the wire per step and rank (fp32, dp 2):")
+        for label, kw in (("tp", dict(tp=tp)), ("tp+sp", dict(tp=tp, sp=True))):
+            for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=2, **kw).items():
+                group, op = key.split()
+                n = tp if group == "tp" else 2
+                print(f"  {label:<6} {key:<18} {calls:5d} calls  {payload / 2**20:10.2f} MiB "
+                      f"payload  {wire_bytes(op, n, payload) / 2**20:10.2f} MiB sent")
 
 
 def _count(text: str, binary: bool = False, flag: str = "count") -> float:
@@ -351,6 +548,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="--serve: sequences decoded at once")
     p.add_argument("--context", type=int, default=2048, help="--serve: positions cached")
     p.add_argument("--check", action="store_true", help="the published runs, predicted")
+    p.add_argument("--accounting", action="store_true", help="activation bytes per layer and "
+                   "collectives per step, tiny and 7b")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
@@ -363,6 +562,8 @@ def main(argv=None):
                                  "more")
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         hw = GPUS[a.gpu]
+        if a.accounting:
+            return accounting_tables()
         if a.check:
             for name, (model, layout, figures) in PUBLISHED.items():
                 q = plan(ModelArgs(**model), **layout)

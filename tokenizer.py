@@ -14,7 +14,7 @@ Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids)
-  4. main              the command line
+  4. Command line      OneLineParser and number (data.py's flags use them too), main
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -23,12 +23,14 @@ text and "In" after a space are the same piece); digits are split, so "2023" is 
 the model can learn arithmetic digit by digit. An emoji the vocabulary lacks, "🦙", becomes its
 four UTF-8 bytes <0xF0> <0x9F> <0xA6> <0x99>, so no text is ever lost to <unk>.
 
-What this file leaves out: the pieces themselves are SentencePiece's C++ BPE; we only configure
-it. There is no padding token (pad_id = -1, as Meta's): batching code pads with its own value.
+What this file leaves out:
+  - The BPE itself: the pieces are found by SentencePiece's C++ trainer; this file configures it.
+  - A padding token (pad_id = -1, as Meta's): batching code pads with its own value.
 """
 
 import argparse
 import io
+import math
 import os
 import sys
 from typing import Iterable, List, Union
@@ -163,16 +165,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, or an error that says which to use."""
-    def parse(text: str) -> int:
+def number(kind=int, low=1, above=False):
+    """An argparse type: a `kind` (int or float) >= low (> low if `above`), or an error that
+    says which numbers to use."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"use a whole number of at least {minimum}, "
-                                             f"not {text!r}")
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"use {what} {'above' if above else 'of at least'} "
+                                             f"{low}, not {text!r}")
         return value
     return parse
 
@@ -180,7 +184,7 @@ def at_least(minimum: int):
 def main(argv=None):
     p = OneLineParser(description="Train or inspect a LLaMA-style SentencePiece BPE.")
     p.add_argument("--train", nargs="+", metavar="FILE", help="text files to train on")
-    p.add_argument("--vocab-size", type=at_least(260), default=32000,
+    p.add_argument("--vocab-size", type=number(int, 260), default=32000,
                    help="pieces: 256 bytes + <unk> <s> </s> at least, 32000 in LLaMA")
     p.add_argument("--out", help="where to write the trained PATH.model")
     p.add_argument("--model", help="an existing .model to inspect with --encode")

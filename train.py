@@ -73,6 +73,7 @@ import data
 import generate                  # the one checkpoint reader: ours, Meta's and Hugging Face's
 import model as M
 import parallel as P
+import planner                   # the data-sheet peaks of GPUs, for MFU
 from tokenizer import Tokenizer
 
 
@@ -82,14 +83,13 @@ from tokenizer import Tokenizer
 
 @dataclass
 class TrainConfig:
-    """Every option of a run. `--batch-size` is sequences per micro-batch *per data-parallel rank*:
-    the global batch is batch_size * grad_accum * dp sequences of seq_len tokens. --micro-batches
-    is the pipeline's name for --grad-accum (give one of the two): batch_size * micro_batches * dp
-    sequences, each pipeline running micro_batches micro-batches per step through its stages."""
+    """Every option of a run. `--batch-size` is sequences per micro-batch *per data-parallel rank*,
+    and `--micro-batches` how many make one optimizer step: the global batch is batch_size *
+    micro_batches * dp sequences of seq_len tokens. One process accumulates the micro-batches'
+    gradients; a pipeline runs them through its stages in the order of its schedule."""
     preset: str = "tiny"            # a name from model.PRESETS; vocab_size comes from the tokenizer
     steps: int = 400                # optimizer steps (the demo: about three minutes on 2 CPU cores)
     batch_size: int = 16            # sequences per micro-batch per rank
-    grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 128
     lr: float = 3e-3                # peak; LLaMA 7B used 3e-4 at 4M tokens per batch [Table 2]
     warmup: int = 40                # linear warmup steps (LLaMA: 2000)
@@ -113,7 +113,7 @@ class TrainConfig:
     tp: int = 1                     # tensor-parallel degree (torchrun: world = tp * pp * dp)
     pp: int = 1                     # pipeline-parallel degree: stages of consecutive layers
     virtual_stages: int = 1         # chunks per pipeline rank (> 1: the interleaved schedule)
-    micro_batches: int = 1          # per step, through the pipeline (= --grad-accum, give one)
+    micro_batches: int = 1          # per optimizer step (gradient accumulation, or the pipeline's)
     pp_schedule: str = "auto"       # auto (1f1b, interleaved with virtual stages) | afab | 1f1b
     sp: bool = False                # sequence parallelism (needs tp > 1)
     recompute: str = "none"         # none | selective | full
@@ -128,17 +128,12 @@ class TrainConfig:
     bench: bool = False             # measure tokens/s and MFU against a plain loop, then exit
 
     @property
-    def n_micro(self) -> int:
-        """Micro-batches per optimizer step: --grad-accum or --micro-batches, whichever is set."""
-        return self.grad_accum * self.micro_batches
-
-    @property
     def pipeline_schedule(self) -> Optional[str]:
         """--pp-schedule for parallel.py: None picks 1f1b, or interleaved with virtual stages."""
         return None if self.pp_schedule == "auto" else self.pp_schedule
 
     def global_batch(self, dp: int) -> int:
-        return self.batch_size * self.n_micro * dp
+        return self.batch_size * self.micro_batches * dp
 
 
 def _parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -176,7 +171,7 @@ def check_flags(cfg: TrainConfig):
     """Every number and name on its own, before any process group or file is touched."""
     if cfg.preset not in M.PRESETS:
         raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "tp", "eval_windows", "keep",
+    for name in ("steps", "batch_size", "seq_len", "tp", "eval_windows", "keep",
                  "log_every", "eval_every", "save_every", "pp", "virtual_stages", "micro_batches"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
@@ -215,16 +210,13 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
                           f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
                           "processes")
-    if cfg.grad_accum > 1 and cfg.micro_batches > 1:
-        raise ConfigError("--grad-accum and --micro-batches both count micro-batches per step; "
-                          "give one of them")
     if cfg.pp > 1 and cfg.compile:
         raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
     if cfg.sp and cfg.tp == 1:
         raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
     if not cfg.init_from:           # heads, layers, sequence against the grid, before the data
         P.check_config(M.preset(cfg.preset), cfg.tp, cfg.sp, cfg.seq_len)
-        P.check_pipeline(M.preset(cfg.preset).n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
+        P.check_pipeline(M.preset(cfg.preset).n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
                          cfg.pipeline_schedule)
 
 
@@ -304,7 +296,7 @@ def holds_a_run(cfg: TrainConfig) -> Optional[str]:
     return found[0] if found else None
 
 
-def _write_atomic(path: str, text: str):
+def write_atomic(path: str, text: str):
     """Write text to path.tmp, flush it to disk, close it, then rename it over path: readers
     see the old file or the new one, never a part. A full disk raises here, before the rename."""
     tmp = path + ".tmp"
@@ -411,8 +403,8 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
                 written.append(os.path.join(tmp, f"consolidated.{r:02d}.pth"))
                 _save(shard, written[-1])
             if r == 0 and grid.pp_rank == 0:
-                _write_atomic(os.path.join(tmp, "params.json"), args.to_json())
-                _write_atomic(os.path.join(tmp, "train_config.json"),
+                write_atomic(os.path.join(tmp, "params.json"), args.to_json())
+                write_atomic(os.path.join(tmp, "train_config.json"),
                               json.dumps(dataclasses.asdict(cfg), indent=2))
                 written.append(os.path.join(tmp, "tokenizer.model"))
                 shutil.copyfile(tok_path, written[-1])
@@ -426,7 +418,7 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     if world.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                      # the folder appears complete, or not at all
-        _write_atomic(os.path.join(root, "latest"), name)
+        write_atomic(os.path.join(root, "latest"), name)
         done = sorted((d for d in os.listdir(root) if _step_of(d) >= 0), key=_step_of)
         for old in done[:-cfg.keep]:
             if old != name:                         # never the one just written
@@ -488,10 +480,6 @@ def _all_ranks(ok: bool, world) -> bool:
 # 4. Measuring: peak FLOP/s, progress, metrics
 # ---------------------------------------------------------------------------------------------
 
-# Dense bf16 peaks from the vendors' data sheets, for MFU on known GPUs.
-GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
 @functools.lru_cache(maxsize=None)
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
@@ -500,10 +488,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     of a few large matmuls is the figure least disturbed by neighbours.
     """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"{key} data sheet, dense bf16"
+        known = planner.data_sheet_peak(torch.cuda.get_device_name(device))
+        if known is not None:
+            family, flops = known
+            return flops, f"{family} data sheet, dense bf16"
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -560,7 +548,7 @@ def truncate_metrics(path: str, last_step: int):
                               "away and --resume again (a new one is started)") from None
         if row.get("step", 0) <= last_step:
             keep.append(line if line.endswith("\n") else line + "\n")
-    _write_atomic(path, "".join(keep))
+    write_atomic(path, "".join(keep))
 
 
 def plot_losses(metrics_path: str, png_path: str):
@@ -621,16 +609,15 @@ def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple
                           "pieces; prepare the data with the checkpoint's tokenizer.model")
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
     P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
-    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.n_micro,
+    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
                      cfg.pipeline_schedule)
     return args, state
 
 
 # What makes a run the run it is: resuming with another value would not continue it exactly.
-FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "grad_accum",
-                   "micro_batches", "lr", "warmup", "min_lr_ratio", "weight_decay", "beta1",
-                   "beta2", "clip", "seed", "init_from", "dtype", "tp", "pp", "virtual_stages",
-                   "pp_schedule", "sp")
+FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "micro_batches", "lr",
+                   "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip", "seed",
+                   "init_from", "dtype", "tp", "pp", "virtual_stages", "pp_schedule", "sp")
 
 
 def saved_config(ckpt: str) -> dict:
@@ -650,6 +637,8 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
     ones the run would have had. A path is compared as the folder it names.
     """
     saved = saved_config(ckpt)
+    if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
+        saved["micro_batches"] = saved["grad_accum"]
     same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
             "mix": lambda m: m and data.parse_mix(m)}
     for name, value in given.items():
@@ -756,13 +745,10 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
 
 
 def _train(cfg: TrainConfig, world, found: list, say) -> dict:
-    grid = P.make_grid(world, tp=cfg.tp, pp=cfg.pp)
-    main_rank = world.rank == 0
-    device = world.device
+    grid, device, main_rank = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device, world.rank == 0
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
            else contextlib.nullcontext())
-
     sampler, tokenizer, tok_path = setup_data(cfg, world)
     args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
     model, optimizer = build_model(cfg, args, init_state, world, grid)
@@ -772,56 +758,32 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
         say(f"resumed from {ckpt} at step {start}")
     step_fn = torch.compile(model) if cfg.compile else model
     sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
-
     metrics = os.path.join(cfg.out, "metrics.jsonl")
     if main_rank:
         if start == 0 and os.path.exists(metrics):
             os.remove(metrics)
         truncate_metrics(metrics, start)
-    tokens_per_step = cfg.global_batch(grid.dp) * cfg.seq_len
-    flops_token = M.flops_per_token(args, cfg.seq_len)
-    peak, peak_source = peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
-    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
-        f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
-    say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
-        f"batch {cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} "
-        f"tokens in {cfg.n_micro} micro-batches of {cfg.batch_size} per rank")
-    say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
-        f"TFLOP/s peak per device [{peak_source}] * {world.world_size} devices)")
-
+    speed = describe_run(cfg, args, world, grid, use_bf16, say)
     val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
 
-    def validate() -> float:
-        """Mean loss over fixed held-out windows; every rank evaluates the same windows."""
-        model.eval()
-        total = 0.0
-        with torch.no_grad(), amp:
-            for chunk in val.split(cfg.batch_size):
-                chunk = chunk.to(device)
-                if grid.pp > 1:                          # the forwards through the stages
-                    loss = P.pipeline_step(model, chunk, grid, 1, backward=False)
-                else:
-                    loss = P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid)
-                total += loss.item() * len(chunk)
-        model.train()
-        return total / len(val)
+    def validate(step: int):
+        val_losses[step] = validation_loss(model, val, cfg, grid, amp)
+        say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
+        if main_rank:
+            log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
-    stop = {"signal": None}                  # set by SIGTERM/SIGINT, honoured between steps
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def save(step: int):
+        save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
 
     # `step` counts optimizer updates done: step 1 is the first update, checkpoints and metrics
     # are named by it, and validation at step 0 is the untrained model.
     losses, val_losses, bad_in_a_row = {}, {}, 0
     progress = Progress(cfg.steps, main_rank)
     if start == 0:
-        val_losses[0] = validate()
-        say(f"step 0: validation loss {val_losses[0]:.4f}")
-        if main_rank:
-            log_metrics(metrics, dict(step=0, val_loss=val_losses[0]))
-    model.train()
+        validate(0)
+    stop = {"signal": None}                  # set by SIGTERM/SIGINT, honoured between steps
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -829,44 +791,37 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch(cfg.global_batch(grid.dp), grid.dp_rank, grid.dp).to(device)
-            step_loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
+            loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
             grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
                 bad_in_a_row = 0
-            else:
-                bad_in_a_row += 1                             # skip: weights stay as they were
-                say(f"\nstep {step}: non-finite loss {step_loss} or grad norm {grad_norm}; skipped")
+            else:                                             # skip: weights stay as they were
+                bad_in_a_row += 1
+                say(f"\nstep {step}: non-finite loss {loss} or grad norm {grad_norm}; skipped")
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
                                      "lower --lr, or resume from an earlier checkpoint")
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
-            dt = time.perf_counter() - t0
-            losses[step] = step_loss
-            tps = tokens_per_step / dt
-            mfu = tps * flops_token / (peak * world.world_size)
+            losses[step], tps = loss, speed.tokens_per_s(time.perf_counter() - t0)
             if main_rank:
-                log_metrics(metrics, dict(step=step, loss=step_loss if math.isfinite(step_loss)
-                                          else None, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
-                                          mfu=mfu, skipped=not finite,
+                log_metrics(metrics, dict(step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
+                                          grad_norm=grad_norm, tokens_per_s=tps,
+                                          mfu=speed.mfu(tps), skipped=not finite,
                                           tokens_by_source=sampler.tokens_by_source()))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
-                progress.update(step, f"loss {step_loss:.4f} lr {lr:.2e} |g| {grad_norm:.3f} "
-                                      f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}%")
-            is_last = step == cfg.steps
-            if step % cfg.eval_every == 0 or is_last:
-                val_losses[step] = validate()
-                say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
-                if main_rank:
-                    log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
-            if _agree_to_stop(stop["signal"] is not None, world):
+                progress.update(step, f"loss {loss:.4f} lr {lr:.2e} |g| {grad_norm:.3f} "
+                                      f"{tps:,.0f} tok/s MFU {100 * speed.mfu(tps):.1f}%")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                validate(step)
+            if not _all_ranks(stop["signal"] is None, world):   # any rank signalled: all stop
                 say(f"\nsignal received: saving step {step} and stopping")
-                save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
+                save(step)
                 return dict(losses=losses, val_losses=val_losses, stopped_at=step)
-            if step % cfg.save_every == 0 or is_last:
-                save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step)
     finally:
         progress.close()
         for s, h in old_handlers.items():
@@ -879,18 +834,64 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
     return dict(losses=losses, val_losses=val_losses, stopped_at=None)
 
 
+@dataclass
+class Speed:
+    """tokens/s and MFU of a step: MFU = tokens/s * FLOP/token / (peak per device * devices)."""
+    tokens_per_step: int
+    flops_per_token: int
+    peak: float                      # FLOP/s of all devices together
+
+    def tokens_per_s(self, seconds: float) -> float:
+        return self.tokens_per_step / seconds
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / self.peak
+
+
+def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, use_bf16: bool, say) -> Speed:
+    """Print the configuration, the model, the grid and the MFU formula; return the Speed."""
+    tokens_per_step = cfg.global_batch(grid.dp) * cfg.seq_len
+    flops_token = M.flops_per_token(args, cfg.seq_len)
+    peak, source = peak_flops(world.device, torch.bfloat16 if use_bf16 else torch.float32)
+    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
+        f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
+    say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
+        f"batch {cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} "
+        f"tokens in {cfg.micro_batches} micro-batches of {cfg.batch_size} per rank")
+    say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
+        f"TFLOP/s peak per device [{source}] * {world.world_size} devices)")
+    return Speed(tokens_per_step, flops_token, peak * world.world_size)
+
+
+def validation_loss(model, val, cfg: TrainConfig, grid, amp) -> float:
+    """Mean loss over fixed held-out windows; every rank evaluates the same windows."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad(), amp:
+        for chunk in val.split(cfg.batch_size):
+            chunk = chunk.to(next(model.parameters()).device)
+            if grid.pp > 1:                              # the forwards through the stages
+                loss = P.pipeline_step(model, chunk, grid, 1, backward=False)
+            else:
+                loss = P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid)
+            total += loss.item() * len(chunk)
+    model.train()
+    return total / len(val)
+
+
 def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -> float:
     """Gradients of one step's batch (B * micro-batches, T+1) summed into .grad, synchronized
     over data parallelism; returns the step's mean loss (over micro-batches and replicas)."""
     if grid.pp > 1:                           # the micro-batches in the schedule's order
-        loss_sum = P.pipeline_step(model, batch, grid, cfg.n_micro, cfg.pipeline_schedule, sync, amp)
+        loss_sum = P.pipeline_step(model, batch, grid, cfg.micro_batches, cfg.pipeline_schedule, sync, amp)
     else:
         loss_sum = torch.zeros((), device=batch.device)
         for micro, chunk in enumerate(batch.split(cfg.batch_size)):           # (B, T+1) each
-            last = micro == cfg.n_micro - 1
+            last = micro == cfg.micro_batches - 1
             # COMM: the data-parallel all-reduce runs only on the last micro-batch.
             with (contextlib.nullcontext() if last else sync.no_sync()), amp:
-                loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.n_micro
+                loss = P.loss_fn(step_fn(chunk[:, :-1]), chunk[:, 1:], grid) / cfg.micro_batches
             loss.backward()
             loss_sum += loss.detach()
     sync.finish()
@@ -898,15 +899,6 @@ def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -
         dist.all_reduce(loss_sum, group=grid.dp_group)        # COMM: dp all-reduce, one float
         loss_sum /= grid.dp
     return loss_sum.item()
-
-
-def _agree_to_stop(local: bool, world) -> bool:
-    """All ranks must stop at the same step, or the checkpoint's collectives would hang."""
-    if world.world_size == 1:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=world.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)              # COMM: world, max of one float
-    return bool(flag.item())
 
 
 def print_samples(model, tokenizer, cfg, say):

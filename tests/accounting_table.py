@@ -1,10 +1,10 @@
 """Prints the README's accounting table: activation bytes saved per layer and collectives per
-step, predicted by parallel.py's formulas and measured on 4 gloo workers (saved_tensors_hooks,
+step, predicted by planner.py's formulas and measured on 4 gloo workers (saved_tensors_hooks,
 counted calls). Run from the repository root: `PYTHONPATH=. python tests/accounting_table.py`."""
 import os, sys; sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-import torch, model as M, parallel as P
+import torch, model as M, parallel as P, planner
 from distributed import spawn
-from test_parallel import saved_bytes_of_layer, record_collectives
+from test_parallel import saved_bytes_of_layer, record_collectives, tally
 
 B, T = 4, 256
 ROWS = [("none", 1, False, "none"), ("tp", 2, False, "none"), ("tp+sp", 2, True, "none"),
@@ -29,10 +29,7 @@ def worker():
             with record_collectives(grids[tp]) as calls:
                 P.loss_fn(m(tokens[:, :-1]), tokens[:, 1:], grids[tp]).backward()
                 sync.finish(); P.clip_grad_norm(m, 1.0, grids[tp])
-            table = {}
-            for axis, op, n in calls:
-                c, b = table.get(f"{axis} {op}", (0, 0)); table[f"{axis} {op}"] = (c + 1, b + n)
-            comm[label] = table
+            comm[label] = tally(calls)
         return act, comm
     finally:
         P.destroy(world)
@@ -43,13 +40,13 @@ if __name__ == "__main__":
     print(f"activation bytes saved per layer, tiny preset, B={B} T={T} (MiB)")
     print("| config | fp32 predicted | fp32 measured | bf16 autocast predicted | bf16 measured |")
     for label, tp, sp, rc in ROWS:
-        pred = [P.activation_bytes_per_layer(args, B, T, tp=tp, sp=sp, recompute=rc, bytes_per_el=b) for b in (4, 2)]
+        pred = [planner.activation_bytes_per_layer(args, B, T, tp=tp, sp=sp, recompute=rc, bytes_per_el=b) for b in (4, 2)]
         print(f"| {label} | {pred[0]/2**20:.3f} | {act[label]/2**20:.3f} | {pred[1]/2**20:.3f} | {act[label, 'bf16']/2**20:.3f} |")
     print("\ncollectives per step (one micro-batch), per rank; payload MiB; wire MiB = ring formula")
     for label, tp, sp, rc in ROWS:
         dp = 4 // tp
-        pred = P.comm_per_step(args, B, T, tp=tp, dp=dp, sp=sp, recompute=rc)
+        pred = planner.comm_per_step(args, B, T, tp=tp, dp=dp, sp=sp, recompute=rc)
         for key in sorted(set(pred) | set(comm[label])):
             pc, pb = pred.get(key, (0, 0)); mc, mb = comm[label].get(key, (0, 0))
             n = tp if key.startswith("tp") else dp
-            print(f"| {label} (dp{dp}) | {key} | {pc} / {mc} | {pb/2**20:.2f} / {mb/2**20:.2f} | {P.wire_bytes(key.split()[1], n, pb)/2**20:.2f} |")
+            print(f"| {label} (dp{dp}) | {key} | {pc} / {mc} | {pb/2**20:.2f} / {mb/2**20:.2f} | {planner.wire_bytes(key.split()[1], n, pb)/2**20:.2f} |")

@@ -242,8 +242,7 @@ def test_shards_round_trip_to_the_cleaned_text(corpus, tmp_path):
                     for t in texts}
         decoded = set()
         for split in ("train", "val"):
-            for i in range(manifest["sources"][name][split]["documents"]):
-                ids = data.read_document(str(out), name, split, i)
+            for ids in data.documents(str(out), name, split):
                 assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
                 decoded.add(tok.decode(ids[1:-1].tolist()))
         assert decoded == expected
@@ -372,7 +371,7 @@ def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus,
                       "real = data._clean_file\n"                  # while a worker still works
                       "def slow(task):\n    time.sleep(0.3)\n    return real(task)\n"
                       "data._clean_file = slow\n"
-                      "data.Progress.show = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+                      "data.Progress.add = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
     # run() returns once the workers have closed the stderr they inherited: they have exited
     assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr
     assert sorted(os.listdir(tmp_path)) == [".tmp-out"]
@@ -642,10 +641,8 @@ def test_web_line_dedup_is_per_file(many_files, tmp_path):
     out = str(tmp_path / "ds")
     data.prepare(many_files[:1], out, vocab_size=300, quiet=True, workers=1)
     tok = Tokenizer(os.path.join(out, "tokenizer.model"))
-    manifest = data.load_manifest(out)
-    texts = [tok.decode(data.read_document(out, "c4", split, i)[1:-1].tolist())
-             for split in ("train", "val")
-             for i in range(manifest["sources"]["c4"][split]["documents"])]
+    texts = [tok.decode(ids[1:-1].tolist()) for split in ("train", "val")
+             for ids in data.documents(out, "c4", split)]
     # kept in the first page of each file that has it; a dedup across files would keep it once
     assert len(texts) == 10 and sum(BOILERPLATE in t for t in texts) == 4
 

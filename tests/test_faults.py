@@ -135,7 +135,7 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path):
     path.write_text("step-000002")
     os.symlink("/dev/full", str(path) + ".tmp")           # the kernel's full disk
     with pytest.raises(OSError) as e:
-        T._write_atomic(str(path), "step-000004")
+        T.write_atomic(str(path), "step-000004")
     assert e.value.errno == errno.ENOSPC
     assert path.read_text() == "step-000002" and not os.path.lexists(str(path) + ".tmp")
     with pytest.raises(OSError):

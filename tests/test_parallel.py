@@ -7,8 +7,8 @@ Three groups of 4 workers, each running many checks, keep the file fast:
      those of one plain process (written out below, no parallel.py in it); naive and bucketed
      data parallelism give equal gradients; the first bucket's all-reduce starts before backward
      reaches the first layer.
-  3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal the
-     predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
+  3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal
+     planner.py's predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
 Plus, in this process: recomputation with random ops, bad configurations refused in one line.
 """
 
@@ -22,6 +22,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import model as M
 import parallel as P
+import planner
 from distributed import spawn
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,16 @@ def record_collectives(grid, events=None):
     finally:
         for name, fn in real.items():
             setattr(dist, name, fn)
+
+
+def tally(events) -> dict:
+    """record_collectives' events as planner.comm_per_step counts them: {"tp all_gather": (calls,
+    payload bytes), ...}."""
+    table = {}
+    for axis, op, nbytes in events:
+        calls, total = table.get(f"{axis} {op}", (0, 0))
+        table[f"{axis} {op}"] = (calls + 1, total + nbytes)
+    return table
 
 
 def weight_copies(params):
@@ -442,11 +453,7 @@ def worker_accounting_and_checkpoints():
             sync = P.GradSync(model, grids[tp], bucket_mb=0.05, overlap=overlap)
             with record_collectives(grids[tp]) as calls:
                 one_step(model, grids[tp], sync, amp=amp)
-            table = {}
-            for axis, op, nbytes in calls:
-                c, b = table.get(f"{axis} {op}", (0, 0))
-                table[f"{axis} {op}"] = (c + 1, b + nbytes)
-            out["comm"][label] = table
+            out["comm"][label] = tally(calls)
 
         # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
         grid = grids[2]
@@ -489,10 +496,11 @@ def test_activation_bytes_measured_equal_prediction(accounted):
                 rows.append((label, kv, tp, sp, recompute, keep_shard, amp,
                              accounted[rank]["activations"][label, amp]))
     for label, kv, tp, sp, recompute, keep_shard, amp, got in rows:
-        want = P.activation_bytes_per_layer(tiny(kv), ACC_BATCH, SEQ, tp=tp, sp=sp,
-                                            recompute=recompute, keep_shard=keep_shard,
-                                            bytes_per_el=2 if amp else 4)
-        assert got == want, f"{label}, {'bf16' if amp else 'fp32'}: measured {got}, predicted {want}"
+        want = planner.activation_bytes_per_layer(tiny(kv), ACC_BATCH, SEQ, tp=tp, sp=sp,
+                                                  recompute=recompute, keep_shard=keep_shard,
+                                                  bytes_per_el=2 if amp else 4)
+        what = f"{label}, {'bf16' if amp else 'fp32'}"
+        assert got == want, f"{what}: measured {got}, predicted {want}"
     got = {(row[0], row[-2]): row[-1] for row in rows}
     for amp in (False, True):
         assert got["none", amp] > got["tp", amp] > got["tp+sp", amp] > \
@@ -503,27 +511,15 @@ def test_activation_bytes_measured_equal_prediction(accounted):
 
 def test_collective_calls_and_bytes_equal_prediction(accounted):
     for label, tp, sp, recompute, overlap, amp in COMM_CONFIGS:
-        want = P.comm_per_step(tiny(COMM_KV[tp]), ACC_BATCH, SEQ, tp=tp, dp=WORLD // tp, sp=sp,
-                               recompute=recompute, grad_accum=2, bucket_mb=0.05, overlap=overlap,
-                               bytes_per_el=2 if amp else 4)
+        want = planner.comm_per_step(tiny(COMM_KV[tp]), ACC_BATCH, SEQ, tp=tp, dp=WORLD // tp,
+                                     sp=sp, recompute=recompute, grad_accum=2, bucket_mb=0.05,
+                                     overlap=overlap, bytes_per_el=2 if amp else 4)
         for rank in range(WORLD):
             got = accounted[rank]["comm"][label]
             assert set(got) == set(want), f"{label}, rank {rank}: {got} vs {want}"
             for key, (calls, payload) in want.items():
                 assert got[key][0] == calls, f"{label} {key}: {got[key][0]} calls, not {calls}"
                 assert abs(got[key][1] - payload) <= 0.05 * payload, f"{label} {key}: bytes"
-
-
-def test_sequence_parallelism_moves_the_same_bytes_as_all_reduce():
-    args, batch, L = tiny(2), 4, tiny(2).n_layers
-    plain = P.comm_per_step(args, batch, SEQ, tp=2)
-    sp = P.comm_per_step(args, batch, SEQ, tp=2, sp=True, keep_shard=False)
-    activation, small = batch * SEQ * args.dim * 4, 3 * batch * SEQ * 4 + 4   # loss and clip
-    assert plain["tp all_reduce"] == (2 + 4 * L + 4, (2 + 4 * L) * activation + small)
-    all_reduce_wire = P.wire_bytes("all_reduce", 2, plain["tp all_reduce"][1] - small)
-    sp_wire = (P.wire_bytes("all_gather", 2, sp["tp all_gather"][1])
-               + P.wire_bytes("reduce_scatter", 2, sp["tp reduce_scatter"][1]))
-    assert sp_wire == all_reduce_wire == (2 + 4 * L) * activation
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp4_and_tp1(accounted):
@@ -597,6 +593,11 @@ def test_single_process_degrades_to_the_plain_model():
     P.destroy(world)
 
 
+def recompute_twice(model):
+    P.apply_recompute(model, "full")
+    P.apply_recompute(model, "none")
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: P.check_config(M.preset("tiny"), 3), "tp=3 must divide n_heads=8; use one of 1, 2, 4"),
     (lambda: P.check_config(tiny(2), 4), "tp=4 must divide n_kv_heads=2; use one of 1, 2"),
@@ -605,6 +606,9 @@ def test_single_process_degrades_to_the_plain_model():
     (lambda: P.check_config(tiny(2), 2, sp=True, seq_len=15), "seq_len=15 is not divisible"),
     (lambda: P.make_grid(P.Dist(rank=0, world_size=6), tp=4), "world size 6 is not divisible"),
     (lambda: P.apply_recompute(M.Transformer(tiny(2)), "some"), "choose none, selective or full"),
+    (lambda: recompute_twice(M.Transformer(tiny(2))), "'full' is already applied"),
+    (lambda: P.parallelize(P.parallelize(M.Transformer(tiny(2)), P.Grid()), P.Grid()),
+     "already parallelized; build a fresh one"),
 ])
 def test_bad_input_is_refused_in_one_line(call, message):
     with pytest.raises(ValueError) as e:
@@ -615,3 +619,16 @@ def test_bad_input_is_refused_in_one_line(call, message):
 def test_presets_admit_tp_1_2_4():
     for tp in (1, 2, 4):
         P.check_config(M.preset("tiny"), tp, sp=True, seq_len=M.preset("tiny").max_seq_len)
+
+
+def test_parallelize_follows_the_table(monkeypatch):
+    """TP_PLAN drives parallelize(): a module taken out of the table stays whole (replicated)."""
+    plan = {key: swaps for key, swaps in P.TP_PLAN.items() if key != "layers.*.feed_forward"}
+    monkeypatch.setattr(P, "TP_PLAN", plan)
+    model = P.parallelize(M.Transformer(tiny(2)), P.Grid(tp=2))  # building needs no process group
+    for layer in model.layers:
+        assert type(layer.feed_forward.w1) is torch.nn.Linear
+        assert type(layer.attention.wo) is P.RowParallelLinear
+        assert layer.attention.wq.weight.shape == (tiny(2).dim // 2, tiny(2).dim)
+    assert type(model.tok_embeddings) is P.VocabParallelEmbedding
+    assert type(model.output) is P.ColumnParallelLinear

@@ -54,7 +54,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_accumulation_equals_larger_batch_and_loss_falls(demo_data, tmp_path):
     one = T.main(base_argv(demo_data, tmp_path / "a", "--batch-size", "8"))
-    two = T.main(base_argv(demo_data, tmp_path / "b", "--batch-size", "4", "--grad-accum", "2"))
+    two = T.main(base_argv(demo_data, tmp_path / "b", "--batch-size", "4", "--micro-batches", "2"))
     for step in one["losses"]:
         assert two["losses"][step] == pytest.approx(one["losses"][step], rel=1e-5)
     assert one["val_losses"][12] < one["val_losses"][0] - 0.5

@@ -1,0 +1,146 @@
+"""Tests for planner.py, in this process, in a second or two.
+
+  1. accounting: sequence parallelism moves the bytes of the all-reduces it replaces; the 7b
+     activation figures the README quotes; the parameter count per GPU equals the parameters of
+     a real (meta-device) model split as parallelize() splits it. The accounting equal to what
+     the code does is measured in test_parallel.py and test_pipeline.py, on gloo workers.
+  2. published runs: LLaMA-65B and Megatron-1T within 8%, the bubble of PTD-P's formula.
+  3. search, serving memory, the command line, and bad layouts refused in one line.
+  4. the data-sheet peaks, looked up by the names CUDA gives the GPUs (train.py's MFU).
+"""
+
+import json
+
+import pytest
+
+import model as M
+import planner
+
+SEQ = 16
+
+
+def tiny(kv_heads: int = 2) -> M.ModelArgs:
+    return M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=256,
+                       multiple_of=32, max_seq_len=SEQ)
+
+
+# --- 1. accounting ------------------------------------------------------------------------------
+
+def test_sequence_parallelism_moves_the_same_bytes_as_all_reduce():
+    args, batch, L = tiny(2), 4, tiny(2).n_layers
+    plain = planner.comm_per_step(args, batch, SEQ, tp=2)
+    sp = planner.comm_per_step(args, batch, SEQ, tp=2, sp=True, keep_shard=False)
+    activation, small = batch * SEQ * args.dim * 4, 3 * batch * SEQ * 4 + 4   # loss and clip
+    assert plain["tp all_reduce"] == (2 + 4 * L + 4, (2 + 4 * L) * activation + small)
+    all_reduce_wire = planner.wire_bytes("all_reduce", 2, plain["tp all_reduce"][1] - small)
+    sp_wire = (planner.wire_bytes("all_gather", 2, sp["tp all_gather"][1])
+               + planner.wire_bytes("reduce_scatter", 2, sp["tp reduce_scatter"][1]))
+    assert sp_wire == all_reduce_wire == (2 + 4 * L) * activation
+
+
+def test_7b_activation_bytes_per_layer_as_the_readme_quotes():
+    """README: at tp 8, micro-batch 1, sequence 2048, bf16, a 7b layer keeps 364 MiB with no
+    parallelism, 158 with tp, 45.5 with tp + sp and 34.8 with selective recomputation on top."""
+    mib = lambda **kw: planner.activation_bytes_per_layer(M.preset("7b"), 1, 2048,
+                                                          bytes_per_el=2, **kw) / 2**20
+    assert round(mib()) == 364 and round(mib(tp=8)) == 158
+    assert round(mib(tp=8, sp=True), 1) == 45.5
+    assert round(mib(tp=8, sp=True, recompute="selective"), 1) == 34.8
+
+
+@pytest.mark.parametrize("args,tp", [(tiny(2), 2), (tiny(4), 4), (M.preset("7b"), 8)])
+def test_parameters_per_gpu_are_the_split_models(args, tp):
+    """stage_parameters (from model.count_parameters) against the parameters of a real model,
+    built on the meta device, split as parallelize() splits them (local_parameter_numels)."""
+    assert planner.stage_parameters(args, tp, pp=1) == sum(planner.local_parameter_numels(args,
+                                                                                         tp))
+    assert planner.stage_parameters(args, 1, pp=1) == M.count_parameters(args)
+    stages = [planner.stage_parameters(args, tp, pp=2, rank=r) for r in (0, 1)]
+    assert sum(stages) == planner.stage_parameters(args, tp, pp=1)
+
+
+# --- 2. published runs --------------------------------------------------------------------------
+
+def test_planner_reproduces_llama_65b():
+    """LLaMA-65B: about 380 tokens/s/GPU on 2048 A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4],
+    at our assumed layout; with tp exposed, as parallel.py runs it, slower."""
+    p = planner.plan(M.preset("65b"), 2048, "a100-80gb", seq_len=2048,
+                     global_batch_tokens=4 * 2**20, tp=8, pp=4, recompute="selective",
+                     train_tokens=1.4e12)
+    assert p["memory"]["fits"]
+    assert p["tokens_per_s_per_gpu"] == pytest.approx(380, rel=0.08)
+    assert p["days"] == pytest.approx(21, rel=0.08)
+    assert p["time"]["bubble"] == pytest.approx(3 / 32)
+    assert round(p["tokens_per_s_per_gpu"]) == 353                    # the docstring's figures
+    assert round(p["tp_exposed"]["tokens_per_s_per_gpu"]) == 306
+
+
+def test_planner_reproduces_megatron_1t():
+    """PTD-P Table 1: 1T parameters on 3072 A100s at 502 PFLOP/s, 163 TFLOP/s per GPU, 52%."""
+    args = M.ModelArgs(dim=25600, n_layers=128, n_heads=160, vocab_size=51200, max_seq_len=2048)
+    p = planner.plan(args, 3072, "a100-80gb", seq_len=2048, global_batch_tokens=3072 * 2048,
+                     tp=8, pp=64, virtual_stages=2, recompute="full")
+    assert p["megatron_tflops_per_gpu"] == pytest.approx(163, rel=0.08)
+    assert p["megatron_tflops_per_gpu"] * 3072 / 1e3 == pytest.approx(502, rel=0.08)  # PFLOP/s
+    assert p["megatron_tflops_per_gpu"] / 312 == pytest.approx(0.52, rel=0.08)
+
+
+# --- 3. search, serving, the command line -------------------------------------------------------
+
+def test_planner_search_and_serve():
+    best = planner.search(M.preset("65b"), 2048, top=5, train_tokens=1.4e12)
+    speeds = [p["tokens_per_s_per_gpu"] for p in best]
+    assert len(best) == 5 and speeds == sorted(speeds, reverse=True)
+    assert all(p["memory"]["fits"] for p in best)
+    given = planner.plan(M.preset("65b"), 2048, tp=8, pp=4)
+    assert speeds[0] >= given["tokens_per_s_per_gpu"]
+    # the paper's point: 13B serves from one GPU, 65B needs several
+    usable = planner.GPUS["a100-80gb"].memory * planner.ASSUMPTIONS["usable_memory"]
+    assert planner.serve_memory(M.preset("13b"), 1, 2048)["total"] < usable
+    assert planner.serve_memory(M.preset("65b"), 1, 2048)["total"] > usable
+    assert planner.serve_memory(M.preset("65b"), 1, 2048, tp=2)["total"] < usable
+
+
+def test_planner_cli_prints_and_answers_json(capsys):
+    planner.main(["--preset", "65b", "--gpus", "2048", "--gpu", "a100-80gb", "--tp", "8", "--pp",
+                  "4", "--seq-len", "2048", "--global-batch-tokens", "4M", "--recompute",
+                  "selective", "--train-tokens", "1.4T"])
+    text = capsys.readouterr().out
+    for expected in ("tp 8 x pp 4 x dp 64", "fits", "bubble (pp-1)/(v m) = 9.4%", "tokens/s/GPU",
+                     "MFU", "days", "assumptions:", "306 tokens/s/GPU; MFU 39.9% with tp exposed"):
+        assert expected in text, expected
+    planner.main(["--preset", "7b", "--gpus", "64", "--tp", "2", "--pp", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["layout"]["dp"] == 16
+    with pytest.raises(SystemExit):
+        planner.main(["--preset", "65b", "--gpus", "100", "--tp", "8"])
+    assert "does not divide 100 GPUs" in capsys.readouterr().err
+    planner.main(["--check"])                                    # the published runs
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(planner.PUBLISHED) and all("published" in line for line in lines)
+    planner.main(["--accounting"])                              # `python parallel.py`'s tables
+    text = capsys.readouterr().out
+    assert "7b: micro-batch 1, seq 2048, tp 8" in text and "364.27" in text
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: planner.plan(M.preset("65b"), 2048, tp=8, pp=3), "does not divide 2048 GPUs"),
+    (lambda: planner.plan(M.preset("65b"), 2048, tp=8, pp=4, virtual_stages=3),
+     "n_layers=80 cannot be cut"),
+])
+def test_bad_layouts_are_refused_in_one_line(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --- 4. data-sheet peaks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,family,peak", [
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12), ("NVIDIA A100-PCIE-40GB", "A100", 312e12),
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12), ("NVIDIA H200", "H200", 989e12)])
+def test_data_sheet_peaks_by_device_name(name, family, peak):
+    assert planner.data_sheet_peak(name) == (family, peak)
+
+
+def test_unknown_gpu_has_no_data_sheet_peak():
+    assert planner.data_sheet_peak("NVIDIA GeForce RTX 4090") is None
