@@ -627,7 +627,7 @@ def test_parallelize_follows_the_table(monkeypatch):
     monkeypatch.setattr(P, "TP_PLAN", plan)
     model = P.parallelize(M.Transformer(tiny(2)), P.Grid(tp=2))  # building needs no process group
     for layer in model.layers:
-        assert type(layer.feed_forward.w1) is torch.nn.Linear
+        assert type(layer.feed_forward.w1) is M.Linear
         assert type(layer.attention.wo) is P.RowParallelLinear
         assert layer.attention.wq.weight.shape == (tiny(2).dim // 2, tiny(2).dim)
     assert type(model.tok_embeddings) is P.VocabParallelEmbedding
