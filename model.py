@@ -15,7 +15,8 @@ Reading order
   3. Rotary embeddings         Meta's interleaved-pair layout, as real 2x2 rotations
   4. Attention                 grouped KV heads, a KV cache, three backends (xformers/sdpa/math)
   5. FeedForward               SwiGLU, with an optional hand-written backward [LLaMA §2.4]
-  6. TransformerBlock, Transformer
+  6. TransformerBlock, Transformer   embed, rotations, the blocks, head (the steps a pipeline
+                               stage runs on its own parts)
   7. Counting                  exact parameters and model FLOPs per token (for MFU)
   8. Meta's checkpoint layout  which weights are split along which dimension
 
@@ -508,20 +509,34 @@ class Transformer(nn.Module):
         depends on the position (each layer writes its cache with index_copy_ and attends over
         all of it under a mask), so that one CUDA graph replays every step (generate.py).
         """
-        B, T = tokens.shape
+        h = self.embed(tokens)                                        # (B, T, D)
+        cos, sin = self.rotations(start_pos, tokens.shape[1])         # (T, E/2)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        return self.head(h)                                           # (B, T, V)
+
+    # The three steps around the layers, apart so that parallel.PipelineStage, which keeps only
+    # some of the parts on each rank, runs these same lines on the parts it has.
+
+    def embed(self, tokens):
+        """tokens (B, T) -> the residual stream (B, T, D), bf16 under autocast."""
+        h = self.tok_embeddings(tokens)
+        return h.to(activation_dtype(h.device, h.dtype))
+
+    def rotations(self, start_pos, T: int):
+        """Rotary table rows for positions start_pos .. start_pos + T - 1: cos, sin (T, E/2)."""
         if torch.is_tensor(start_pos):      # the rows gathered on the device: no host read
-            rows = start_pos + torch.arange(T, device=tokens.device)  # (T,)
+            rows = start_pos + torch.arange(T, device=start_pos.device)  # (T,)
         elif start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
                              f"{self.args.max_seq_len}")
         else:
             rows = slice(start_pos, start_pos + T)                    # a view: nothing copied
-        h = self.tok_embeddings(tokens)                               # (B, T, D)
-        h = h.to(activation_dtype(h.device, h.dtype))                 # bf16 under autocast
-        cos, sin = self.rope_cos[rows], self.rope_sin[rows]           # (T, E/2)
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
-        return self.output(self.norm(h)).float()                      # (B, T, V)
+        return self.rope_cos[rows], self.rope_sin[rows]
+
+    def head(self, h):
+        """The residual stream (B, T, D) -> fp32 logits (B, T, V): final norm, output layer."""
+        return self.output(self.norm(h)).float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -995,14 +995,15 @@ class PipelineStage(nn.Module):
         grid = self.grid
         c = chunk * grid.pp + grid.pp_rank                      # the chunk's global number
         seq_len = x.shape[1] * (grid.tp if self.sequence_parallel and c > 0 else 1)
+        # model.py's own steps around the layers, run on the parts this stage holds (they carry
+        # the Transformer's attribute names), so that the two forwards cannot drift apart.
         if c == 0:
-            x = self.tok_embeddings(x)                          # (B, T, D) or (B, T/tp, D)
-            x = x.to(activation_dtype(x.device, x.dtype))       # bf16 under autocast
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+            x = Transformer.embed(self, x)                      # (B, T, D) or (B, T/tp, D)
+        cos, sin = Transformer.rotations(self, 0, seq_len)      # (T, E/2)
         for i in self.chunks[chunk]:
             x = self.layers[str(i)](x, cos, sin)
         if c == grid.pp * self.virtual_stages - 1:
-            return self.output(self.norm(x)).float()            # (B, T, V) or (B, T, V/tp)
+            return Transformer.head(self, x)                    # (B, T, V) or (B, T, V/tp)
         return x
 
 
