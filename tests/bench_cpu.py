@@ -18,7 +18,9 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two
             alternate, round after round, so that a busy neighbour slows both alike; the ratio
             is of their median step times. Both use the same fused AdamW: the figure compares
-            the models. transformers is imported only if it is installed.
+            the models. Then both again under torch.compile (train.py --compile), which fuses
+            each norm, rotation and SwiGLU product. transformers is imported only if it is
+            installed.
 
 MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls (train.py's
 CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
@@ -77,28 +79,31 @@ def train(rounds: int = 7, steps: int = 3):
                             rope_theta=args.rope_theta, tie_word_embeddings=False,
                             attn_implementation="sdpa")
     torch.manual_seed(0)
-    ours, theirs = M.Transformer(args), LlamaForCausalLM(hf_config)
+    models = {"ours": M.Transformer(args), "transformers": LlamaForCausalLM(hf_config)}
+    models.update({f"{name}, compiled": torch.compile(model) for name, model in models.items()})
     cfg = T.TrainConfig()
-    opts = {"ours": T.make_optimizer(ours, cfg, torch.device("cpu")),
-            "transformers": torch.optim.AdamW(theirs.parameters(), lr=cfg.lr,
-                                              betas=(cfg.beta1, cfg.beta2),
-                                              weight_decay=cfg.weight_decay, fused=True)}
+    opts = {name: T.make_optimizer(model, cfg, torch.device("cpu")) if name.startswith("ours")
+            else torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                   weight_decay=cfg.weight_decay, fused=True)
+            for name, model in models.items()}
     tokens = torch.randint(0, args.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
 
     def step(name):
-        model = ours if name == "ours" else theirs
-        out = model(tokens[:, :-1]) if name == "ours" else model(tokens[:, :-1]).logits
+        model = models[name]
+        out = model(tokens[:, :-1])
+        out = out if name.startswith("ours") else out.logits
         loss = F.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
-        if name == "ours":
+        if name.startswith("ours"):
             P.clip_grad_norm(model, cfg.clip, P.Grid())
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    times = {"ours": [], "transformers": []}
-    for name in times:                                   # warm-up: allocator, first-call costs
+    times = {name: [] for name in models}
+    for name in times:                      # warm-up: allocator, first-call costs, compilation
+        step(name)
         step(name)
     for _ in range(rounds):
         for name in times:
@@ -110,14 +115,16 @@ def train(rounds: int = 7, steps: int = 3):
     flops = M.flops_per_token(args, T_)
     print(f"train: dim 256, 4 layers, batch {B} x sequence {T_}, fp32, "
           f"{torch.get_num_threads()} threads; MFU against {peak / 1e9:.0f} GFLOP/s [{source}]")
-    for name, ts in times.items():
-        tps = B * T_ / statistics.median(ts)
-        print(f"  {name:<13} {1000 * statistics.median(ts):7.1f} ms/step  {tps:8,.0f} tokens/s  "
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, t in median.items():
+        tps = B * T_ / t
+        print(f"  {name:<23} {1000 * t:7.1f} ms/step  {tps:8,.0f} tokens/s  "
               f"MFU {100 * tps * flops / peak:5.1f}%")
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
-    print(f"  ours / transformers = {ratio:.2f}x (tokens/s)")
+    ratio = median["transformers"] / median["ours"]
+    print(f"  ours / transformers = {ratio:.2f}x (tokens/s), compiled both: "
+          f"{median['transformers, compiled'] / median['ours, compiled']:.2f}x, ours compiled / "
+          f"transformers eager: {median['transformers'] / median['ours, compiled']:.2f}x")
     return ratio
-
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["decode", "train"]
