@@ -118,6 +118,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from generate import generate_tokens, load_model
 
@@ -163,8 +164,8 @@ class Record:
             raise BadRecord(f"field {name} must be a string, not {kind(value)}")
         return value
 
-    def texts(self, name: str) -> list:
-        name, value = self.get(name)
+    def texts(self, *names) -> list:
+        name, value = self.get(*names)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise BadRecord(f"field {name} must be a list of strings, not {kind(value)}")
         return value
@@ -244,13 +245,11 @@ def read_hellaswag(r: Record) -> Example:
 
 
 def read_winogrande(r: Record) -> Example:
-    sentence = r.text("sentence")
-    if "_" not in sentence:
+    before, blank, after = r.text("sentence").partition("_")
+    if not blank:
         raise BadRecord("field sentence has no blank '_'")
-    blank = sentence.index("_")
-    options = [r.text("option1"), r.text("option2")]
     # PAPER: partial evaluation: score the words after the blank given each filled-in start.
-    return Example([sentence[:blank] + o for o in options], [sentence[blank + 1:].strip()] * 2,
+    return Example([before + r.text("option1"), before + r.text("option2")], [after.strip()] * 2,
                    r.label("answer", 2, first=1))
 
 
@@ -290,15 +289,10 @@ def read_nq(r: Record) -> Example:
 
 
 def read_triviaqa(r: Record) -> Example:
-    if r.find("Answer") is not None:           # the release: {Question, Answer: {Value, Aliases}}
-        answers = [r.text("Answer.Value")] + r.texts("Answer.Aliases")
-    else:                                         # HF: {question, answer: {value, aliases}}
-        answers = [r.text("answer.value")] + r.texts("answer.aliases")
-    return Example([], [], answers=list(dict.fromkeys(answers)), question=r.text("Question",
-                                                                                 "question"))
-
-
-QA_HEADER = "Answer these questions:\n"    # PAPER: prepended in every setting [LLaMA App. A]
+    # The release's {Question, Answer {Value, Aliases}}; HF's {question, answer {value, aliases}}.
+    answers = [r.text("Answer.Value", "answer.value")] + r.texts("Answer.Aliases", "answer.aliases")
+    return Example([], [], answers=list(dict.fromkeys(answers)),
+                   question=r.text("Question", "question"))
 
 
 def qa_prompt(question: str, shots: list) -> str:
@@ -311,7 +305,8 @@ def qa_prompt(question: str, shots: list) -> str:
         A:
     """
     solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n" for s in shots)
-    return f"{QA_HEADER}{solved}Q: {question}\nA:"
+    # PAPER: the header is prepended in every setting, 0-shot included [LLaMA App. A].
+    return f"Answer these questions:\n{solved}Q: {question}\nA:"
 
 
 LETTERS = ["A", "B", "C", "D"]
@@ -403,7 +398,8 @@ class Task:
 
 
 ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
-AI2_FIELDS = "question.stem + question.choices, or question + choices.text/label; answerKey"
+AI2_FIELDS = ("question.stem + question.choices, or question (or question_stem) + "
+              "choices.text/label; answerKey")
 # PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
 TASKS = {
     "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
@@ -418,9 +414,7 @@ TASKS = {
                        "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
     "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3", AI2_FIELDS),
     "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3", AI2_FIELDS),
-    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3",
-                       "question.stem + question.choices, or question_stem + "
-                       "choices.text/label; answerKey"),
+    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3", AI2_FIELDS),
     "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
                "question, answer (a list of strings)", max_shots=None),
     "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
@@ -560,14 +554,20 @@ def add_prompts(name: str, examples: list, pool: list, shots: int):
 # 4. Scoring
 # ---------------------------------------------------------------------------------------------
 
-def progress(items: list, label: str):
-    """Yield items, drawing a one-line bar on stderr after each."""
-    t0 = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        bar = "#" * (30 * i // len(items))
-        print(f"\r{label} [{bar:<30}] {i}/{len(items)} {time.perf_counter() - t0:.0f}s",
-              end="" if i < len(items) else "\n", file=sys.stderr, flush=True)
+def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
+    """run(batch) over batches of items of similar size, longest first, with a one-line progress
+    bar on stderr; returns one result per item, in the items' order.
+    PERF: similar lengths pad little; the longest first meets an out-of-memory at once."""
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    results, t0 = [None] * len(items), time.perf_counter()
+    for k, batch in enumerate(batches, 1):
+        for i, result in zip(batch, run([items[i] for i in batch])):
+            results[i] = result
+        bar = "#" * (30 * k // len(batches))
+        print(f"\r{label} [{bar:<30}] {k}/{len(batches)} {time.perf_counter() - t0:.0f}s",
+              end="" if k < len(batches) else "\n", file=sys.stderr, flush=True)
+    return results
 
 
 def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
@@ -594,31 +594,22 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
 def score_tokens(model, seqs: list, batch_size: int = 8, label: str = "scoring") -> list:
     """Sum of log p(token) over the last n tokens of each (ids, n) in seqs: one float each.
 
-    Sequences are sorted by length so that a batch pads little, right-padded with token 0, and
-    run in one forward per batch. Right padding needs no mask: a causal model never lets a
-    position see the padding after it.
+    One forward per batch of similar lengths, right-padded with token 0. Right padding needs no
+    mask: a causal model never lets a position see the padding after it.
     """
     device = model.output.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    scores = [0.0] * len(seqs)
-    for batch in progress(batches, label):
-        T = max(len(seqs[i][0]) for i in batch) - 1
-        x = torch.zeros(len(batch), T, dtype=torch.long)                     # (B, T)
-        for row, i in enumerate(batch):
-            ids = seqs[i][0]
-            x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-        logits = model(x.to(device))                                          # (B, T, V)
+
+    def score(batch: list) -> list:
+        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True)  # (B, T)
+        logits = model(x.to(device))                                           # (B, T, V)
         sums = []
-        for row, i in enumerate(batch):
-            ids, n = seqs[i]
+        for row, (ids, n) in enumerate(batch):
             L = len(ids) - 1                         # position L - 1 predicts the last token
-            logp = logits[row, L - n:L].log_softmax(-1)                       # (n, V)
+            logp = logits[row, L - n:L].log_softmax(-1)                        # (n, V)
             target = torch.tensor(ids[-n:], device=device)
             sums.append(logp.gather(-1, target[:, None]).sum())
-        for i, s in zip(batch, torch.stack(sums).tolist()):                  # one sync a batch
-            scores[i] = s
-    return scores
+        return torch.stack(sums).tolist()                                      # one sync a batch
+    return by_length(score, seqs, batch_size, label, size=lambda seq: len(seq[0]))
 
 
 def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "scoring") -> list:
@@ -741,13 +732,8 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
                          f"--max-new-tokens {max_new_tokens} it exceeds the model's max_seq_len "
                          f"{model.args.max_seq_len}: use fewer --shots or new tokens")
     # PERF: prompts of similar length share a batch, so that few steps only read prompt tokens.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generations = [""] * len(prompts)
-    for batch in progress([order[i:i + batch_size] for i in range(0, len(order), batch_size)],
-                          "answering"):
-        texts = greedy_generations(model, tok, [prompts[i] for i in batch], max_new_tokens)
-        for i, text in zip(batch, texts):
-            generations[i] = text
+    generations = by_length(lambda batch: greedy_generations(model, tok, batch, max_new_tokens),
+                            prompts, batch_size, "answering")
     rows = []
     for i, (e, generation) in enumerate(zip(examples, generations)):
         pred = extract_answer(generation)
@@ -880,12 +866,11 @@ def print_report(report: dict):
     scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in report["metrics"].items())
     print(f"{name}{f' {shots}-shot' if shots else ''} ({report['n']} examples): {scores}")
-    if name == "mmlu":
-        for subject, acc in report["subjects"].items():
-            print(f"  {subject:<40} {100 * acc:5.1f}")
-        for category, acc in report["categories"].items():
-            paper = f"   LLaMA-7B {MMLU_LLAMA_7B[category]}" if shots == 5 else ""
-            print(f"  {category:<40} {100 * acc:5.1f}{paper}")
+    if name == "mmlu":                     # each subject, then each category beside the paper's
+        paper = report["llama_7b_categories"] or {}
+        for group, acc in {**report["subjects"], **report["categories"]}.items():
+            beside = f"   LLaMA-7B {paper[group]}" if group in paper else ""
+            print(f"  {group:<40} {100 * acc:5.1f}{beside}")
     if name != "perplexity":
         paper = report["llama_7b_paper"]
         paper = f"LLaMA-7B {paper}" if paper is not None else f"no {shots}-shot LLaMA-7B number"
@@ -918,14 +903,13 @@ def main(argv=None):
         check_args(a, name)
         tmp_out = reserve_output(a.out)
         # Read the task before the model: a malformed file fails in a second, not a minute.
-        examples, pool = None, None
-        if name == "perplexity" and not a.data.endswith((".npy", ".bin")):
-            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
-        elif name != "perplexity":
+        if name != "perplexity":
             examples = read_task(name, a.data, a.limit)
-            pool = read_task(name, a.shots_from) if a.shots else None
-        if TASKS[name].max_shots != 0:                     # QA and MMLU: the prompts
-            add_prompts(name, examples, pool, a.shots)
+            if TASKS[name].max_shots != 0:                 # QA and MMLU: the prompts
+                pool = read_task(name, a.shots_from) if a.shots else None
+                add_prompts(name, examples, pool, a.shots)
+        elif not a.data.endswith((".npy", ".bin")):
+            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
         model, tok = load_model(a.ckpt, a.device)
         t0 = time.perf_counter()
         if name == "perplexity":
@@ -934,8 +918,7 @@ def main(argv=None):
             report = evaluate_qa(model, tok, examples, a.batch_size, a.max_new_tokens)
         else:
             report = evaluate_choices(model, tok, name, examples, a.batch_size)
-        seconds = time.perf_counter() - t0
-        n = len(report["examples"])
+        seconds, n = time.perf_counter() - t0, len(report["examples"])
         report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots,
                       shots_from=a.shots_from, n=n,
                       paper_rule=RULES[report["paper_metric"]],
