@@ -145,17 +145,14 @@ class Record:
     def __init__(self, data: dict):
         self.data = data
 
-    def find(self, name: str):
-        value = self.data
-        for part in name.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
-
     def get(self, *names):
         """(name, value) of the first of `names` present."""
         for name in names:
-            if self.find(name) is not None:
-                return name, self.find(name)
+            value = self.data
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                return name, value
         raise BadRecord(f"missing field {' or '.join(names)}")
 
     def text(self, *names) -> str:
@@ -255,8 +252,9 @@ def read_winogrande(r: Record) -> Example:
 
 def ai2_question(r: Record) -> tuple:
     """(question, choice texts, label) of ARC or OpenBookQA, in AI2's layout or Hugging Face's."""
-    if r.find("question.choices") is not None:   # AI2: {question: {stem, choices: [{text, label}]}}
-        question, choices = r.text("question.stem"), r.find("question.choices")
+    layout, choices = r.get("question.choices", "choices")
+    if layout == "question.choices":           # AI2: {question: {stem, choices: [{text, label}]}}
+        question = r.text("question.stem")
         if not isinstance(choices, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("text"), str)
                 and isinstance(c.get("label"), str) for c in choices):
@@ -574,9 +572,8 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
     """(token ids of context + continuation, how many of the last ones are the continuation)."""
     # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
     # SentencePiece piece carries the space before its word.
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tok.encode(context + continuation, bos=True)
     ctx = tok.encode(context, bos=True)
     shared = 0
@@ -885,9 +882,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--data", required=True, help="the task's file; see the docstring")
-    p.add_argument("--limit", type=int, default=None,
-                   help="only the first N examples (MMLU: of each subject)")
-    p.add_argument("--shots", type=int, default=None,
+    p.add_argument("--limit", type=int, help="only the first N examples (MMLU: of each subject)")
+    p.add_argument("--shots", type=int,
                    help="solved examples before each question: QA 0 (default), 1, 5, 64; MMLU 5")
     p.add_argument("--shots-from", help="file the shots come from: QA train, MMLU dev")
     p.add_argument("--out", help="write the JSON report here")
@@ -919,9 +915,8 @@ def main(argv=None):
         else:
             report = evaluate_choices(model, tok, name, examples, a.batch_size)
         seconds, n = time.perf_counter() - t0, len(report["examples"])
-        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots,
-                      shots_from=a.shots_from, n=n,
-                      paper_rule=RULES[report["paper_metric"]],
+        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots, shots_from=a.shots_from,
+                      n=n, paper_rule=RULES[report["paper_metric"]],
                       llama_7b_paper=TASKS[name].llama_7b.get(a.shots), seconds=seconds,
                       examples_per_s=n / seconds, **report)
         if name == "mmlu":
