@@ -87,7 +87,8 @@ Reading order
   1. Records          typed access to one record; errors that name the field
   2. Readers          one small function per benchmark, the prompts, one table of tasks
   3. Task files       JSON lines, JSON, CSV -> Examples; few-shot prompts
-  4. Scoring          tokenize together, pad, one forward per batch, sum log-probs
+  4. Scoring          batches of similar length (QA's too); tokenize together, pad, one
+                      forward per batch, sum log-probs
   5. Multiple choice  the three rules, MMLU's averages
   6. Closed-book QA   greedy answers that stop at a stop string, exact match
   7. Perplexity       non-overlapping windows of max_seq_len tokens
@@ -555,7 +556,8 @@ def add_prompts(name: str, examples: list, pool: list, shots: int):
 def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
     """run(batch) over batches of items of similar size, longest first, with a one-line progress
     bar on stderr; returns one result per item, in the items' order.
-    PERF: similar lengths pad little; the longest first meets an out-of-memory at once."""
+    PERF: sorted by length, not in file order, a batch pads little; the longest batch comes first,
+    so that a batch too large for memory fails at once, not at the end."""
     order = sorted(range(len(items)), key=lambda i: -size(items[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     results, t0 = [None] * len(items), time.perf_counter()
