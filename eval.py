@@ -116,6 +116,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from statistics import fmean
 
 import numpy as np
 import torch
@@ -640,19 +641,19 @@ def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8)
     if "acc_answer" in task.rules:
         uncond = iter(loglikelihoods(model, tok, [("Answer:", x) for _, x in pairs], batch_size,
                                      name + " | Answer:"))
-    hits, rows = Counter(), []
+    rows = []
     for i, e in enumerate(examples):
         ll = [next(lls) for _ in e.choices]
         ua = [next(uncond) for _ in e.choices] if uncond else None
         picks = {rule: pick for rule, pick in choose(ll, e.choices, ua).items()
                  if rule in task.rules}
-        hits.update(rule for rule, pick in picks.items() if pick == e.label)
         shared = all(c == e.contexts[0] for c in e.contexts)    # WinoGrande's differ
         rows.append(dict(index=i, **({"context": e.contexts[0]} if shared else
                                      {"contexts": e.contexts}),
                          choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
                          label=e.label, **({"subject": e.subject} if e.subject else {})))
-    metrics = {rule: hits[rule] / len(examples) for rule in task.rules}
+    metrics = {rule: fmean(row["picks"][rule] == row["label"] for row in rows)
+               for rule in task.rules}
     report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
                   examples=rows)
     if name == "mmlu":
@@ -666,13 +667,10 @@ def mmlu_averages(rows: list) -> dict:
     right = defaultdict(list)
     for row in rows:
         right[row["subject"]].append(row["picks"]["acc"] == row["label"])
-    categories = {}
-    for category, subjects in MMLU_SUBJECTS.items():
-        hits = [hit for s in subjects for hit in right.get(s, [])]
-        if hits:
-            categories[category] = sum(hits) / len(hits)
-    return dict(subjects={s: sum(h) / len(h) for s, h in sorted(right.items())},
-                categories=categories)
+    categories = {category: [hit for s in subjects for hit in right.get(s, [])]
+                  for category, subjects in MMLU_SUBJECTS.items()}
+    return dict(subjects={s: fmean(hits) for s, hits in sorted(right.items())},
+                categories={c: fmean(hits) for c, hits in categories.items() if hits})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,7 +733,7 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
         match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
         rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
                          answers=e.answers, exact_match=match))
-    em = sum(r["exact_match"] for r in rows) / len(rows)
+    em = fmean(r["exact_match"] for r in rows)
     return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
                 examples=rows)
 
