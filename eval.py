@@ -180,8 +180,7 @@ class Record:
         """An index, written as a number or a string of digits, from `first` on; 0-based."""
         name, value = self.get(name)
         number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-        if (not isinstance(number, int) or isinstance(number, bool)
-                or not first <= number < first + count):
+        if type(number) is not int or not first <= number < first + count:    # NOTE: not a bool
             raise BadRecord(f"field {name} is {value!r}; it must be a number from {first} to "
                             f"{first + count - 1}")
         return number - first
@@ -808,7 +807,6 @@ def check_args(a, name: str):
     """Every flag against its range, before a file is read; ValueError says what to do."""
     if name not in TASKS:
         raise ValueError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
-    task = TASKS[name]
     if a.batch_size < 1:
         raise ValueError(f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)")
     if a.limit is not None and a.limit < 1:
@@ -819,10 +817,10 @@ def check_args(a, name: str):
     if a.shots < 0:
         raise ValueError(f"--shots {a.shots}: give 0 or more solved examples (the paper: 0, 1, "
                          "5, 64 for QA, 5 for MMLU)")
-    if task.max_shots == 0 and a.shots > 0:
+    if TASKS[name].max_shots == 0 and a.shots > 0:
         raise ValueError(f"--shots {a.shots}: {name} is zero-shot in the paper; few-shot "
                          "prompts are for nq, triviaqa and mmlu")
-    if name == "mmlu" and a.shots > task.max_shots:
+    if name == "mmlu" and a.shots > TASKS[name].max_shots:
         raise ValueError(f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give "
                          "0 to 5")
     if a.shots > 0 and a.shots_from is None:
