@@ -180,7 +180,8 @@ class Record:
         """An index, written as a number or a string of digits, from `first` on; 0-based."""
         name, value = self.get(name)
         number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-        if type(number) is not int or not first <= number < first + count:    # NOTE: not a bool
+        # NOTE: type(), not isinstance(): True is an int, and no label.
+        if type(number) is not int or not first <= number < first + count:
             raise BadRecord(f"field {name} is {value!r}; it must be a number from {first} to "
                             f"{first + count - 1}")
         return number - first
