@@ -87,7 +87,8 @@ Reading order
   1. Records          typed access to one record; errors that name the field
   2. Readers          one small function per benchmark, the prompts, one table of tasks
   3. Task files       JSON lines, JSON, CSV -> Examples; few-shot prompts
-  4. Scoring          tokenize together, pad, one forward per batch, sum log-probs
+  4. Scoring          batches of similar length (QA's too); tokenize together, pad, one
+                      forward per batch, sum log-probs
   5. Multiple choice  the three rules, MMLU's averages
   6. Closed-book QA   greedy answers that stop at a stop string, exact match
   7. Perplexity       non-overlapping windows of max_seq_len tokens
@@ -115,9 +116,11 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from statistics import fmean
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from generate import generate_tokens, load_model
 
@@ -144,17 +147,14 @@ class Record:
     def __init__(self, data: dict):
         self.data = data
 
-    def find(self, name: str):
-        value = self.data
-        for part in name.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
-
     def get(self, *names):
         """(name, value) of the first of `names` present."""
         for name in names:
-            if self.find(name) is not None:
-                return name, self.find(name)
+            value = self.data
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                return name, value
         raise BadRecord(f"missing field {' or '.join(names)}")
 
     def text(self, *names) -> str:
@@ -163,8 +163,8 @@ class Record:
             raise BadRecord(f"field {name} must be a string, not {kind(value)}")
         return value
 
-    def texts(self, name: str) -> list:
-        name, value = self.get(name)
+    def texts(self, *names) -> list:
+        name, value = self.get(*names)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise BadRecord(f"field {name} must be a list of strings, not {kind(value)}")
         return value
@@ -180,8 +180,8 @@ class Record:
         """An index, written as a number or a string of digits, from `first` on; 0-based."""
         name, value = self.get(name)
         number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-        if (not isinstance(number, int) or isinstance(number, bool)
-                or not first <= number < first + count):
+        # NOTE: type(), not isinstance(): True is an int, and no label.
+        if type(number) is not int or not first <= number < first + count:
             raise BadRecord(f"field {name} is {value!r}; it must be a number from {first} to "
                             f"{first + count - 1}")
         return number - first
@@ -244,20 +244,19 @@ def read_hellaswag(r: Record) -> Example:
 
 
 def read_winogrande(r: Record) -> Example:
-    sentence = r.text("sentence")
-    if "_" not in sentence:
+    before, blank, after = r.text("sentence").partition("_")
+    if not blank:
         raise BadRecord("field sentence has no blank '_'")
-    blank = sentence.index("_")
-    options = [r.text("option1"), r.text("option2")]
     # PAPER: partial evaluation: score the words after the blank given each filled-in start.
-    return Example([sentence[:blank] + o for o in options], [sentence[blank + 1:].strip()] * 2,
+    return Example([before + r.text("option1"), before + r.text("option2")], [after.strip()] * 2,
                    r.label("answer", 2, first=1))
 
 
 def ai2_question(r: Record) -> tuple:
     """(question, choice texts, label) of ARC or OpenBookQA, in AI2's layout or Hugging Face's."""
-    if r.find("question.choices") is not None:   # AI2: {question: {stem, choices: [{text, label}]}}
-        question, choices = r.text("question.stem"), r.find("question.choices")
+    layout, choices = r.get("question.choices", "choices")
+    if layout == "question.choices":           # AI2: {question: {stem, choices: [{text, label}]}}
+        question = r.text("question.stem")
         if not isinstance(choices, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("text"), str)
                 and isinstance(c.get("label"), str) for c in choices):
@@ -290,15 +289,10 @@ def read_nq(r: Record) -> Example:
 
 
 def read_triviaqa(r: Record) -> Example:
-    if r.find("Answer") is not None:           # the release: {Question, Answer: {Value, Aliases}}
-        answers = [r.text("Answer.Value")] + r.texts("Answer.Aliases")
-    else:                                         # HF: {question, answer: {value, aliases}}
-        answers = [r.text("answer.value")] + r.texts("answer.aliases")
-    return Example([], [], answers=list(dict.fromkeys(answers)), question=r.text("Question",
-                                                                                 "question"))
-
-
-QA_HEADER = "Answer these questions:\n"    # PAPER: prepended in every setting [LLaMA App. A]
+    # The release's {Question, Answer {Value, Aliases}}; HF's {question, answer {value, aliases}}.
+    answers = [r.text("Answer.Value", "answer.value")] + r.texts("Answer.Aliases", "answer.aliases")
+    return Example([], [], answers=list(dict.fromkeys(answers)),
+                   question=r.text("Question", "question"))
 
 
 def qa_prompt(question: str, shots: list) -> str:
@@ -311,36 +305,33 @@ def qa_prompt(question: str, shots: list) -> str:
         A:
     """
     solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n" for s in shots)
-    return f"{QA_HEADER}{solved}Q: {question}\nA:"
+    # PAPER: the header is prepended in every setting, 0-shot included [LLaMA App. A].
+    return f"Answer these questions:\n{solved}Q: {question}\nA:"
 
 
 LETTERS = ["A", "B", "C", "D"]
 
 # MMLU's 57 subjects by the category the paper's Table 16 puts them in (the harness's grouping).
 MMLU_SUBJECTS = {
-    "humanities": (
-        "formal_logic high_school_european_history high_school_us_history "
-        "high_school_world_history international_law jurisprudence logical_fallacies "
-        "moral_disputes moral_scenarios philosophy prehistory professional_law world_religions"
-    ).split(),
-    "stem": (
-        "abstract_algebra anatomy astronomy college_biology college_chemistry "
-        "college_computer_science college_mathematics college_physics computer_security "
-        "conceptual_physics electrical_engineering elementary_mathematics high_school_biology "
-        "high_school_chemistry high_school_computer_science high_school_mathematics "
-        "high_school_physics high_school_statistics machine_learning"
-    ).split(),
-    "social_sciences": (
-        "econometrics high_school_geography high_school_government_and_politics "
-        "high_school_macroeconomics high_school_microeconomics high_school_psychology "
-        "human_sexuality professional_psychology public_relations security_studies sociology "
-        "us_foreign_policy"
-    ).split(),
-    "other": (
-        "business_ethics clinical_knowledge college_medicine global_facts human_aging management "
-        "marketing medical_genetics miscellaneous nutrition professional_accounting "
-        "professional_medicine virology"
-    ).split(),
+    "humanities": """
+        formal_logic high_school_european_history high_school_us_history high_school_world_history
+        international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy
+        prehistory professional_law world_religions""".split(),
+    "stem": """
+        abstract_algebra anatomy astronomy college_biology college_chemistry
+        college_computer_science college_mathematics college_physics computer_security
+        conceptual_physics electrical_engineering elementary_mathematics high_school_biology
+        high_school_chemistry high_school_computer_science high_school_mathematics
+        high_school_physics high_school_statistics machine_learning""".split(),
+    "social_sciences": """
+        econometrics high_school_geography high_school_government_and_politics
+        high_school_macroeconomics high_school_microeconomics high_school_psychology
+        human_sexuality professional_psychology public_relations security_studies sociology
+        us_foreign_policy""".split(),
+    "other": """
+        business_ethics clinical_knowledge college_medicine global_facts human_aging management
+        marketing medical_genetics miscellaneous nutrition professional_accounting
+        professional_medicine virology""".split(),
 }
 MMLU_LLAMA_7B = {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3, "other": 38.1}
 # PAPER: LLaMA-7B 5-shot by category [LLaMA Table 9]; the average, 35.1, is in TASKS.
@@ -403,7 +394,8 @@ class Task:
 
 
 ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
-AI2_FIELDS = "question.stem + question.choices, or question + choices.text/label; answerKey"
+AI2_FIELDS = ("question.stem + question.choices, or question (or question_stem) + "
+              "choices.text/label; answerKey")
 # PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
 TASKS = {
     "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
@@ -418,9 +410,7 @@ TASKS = {
                        "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
     "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3", AI2_FIELDS),
     "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3", AI2_FIELDS),
-    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3",
-                       "question.stem + question.choices, or question_stem + "
-                       "choices.text/label; answerKey"),
+    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3", AI2_FIELDS),
     "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
                "question, answer (a list of strings)", max_shots=None),
     "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
@@ -560,23 +550,29 @@ def add_prompts(name: str, examples: list, pool: list, shots: int):
 # 4. Scoring
 # ---------------------------------------------------------------------------------------------
 
-def progress(items: list, label: str):
-    """Yield items, drawing a one-line bar on stderr after each."""
-    t0 = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        bar = "#" * (30 * i // len(items))
-        print(f"\r{label} [{bar:<30}] {i}/{len(items)} {time.perf_counter() - t0:.0f}s",
-              end="" if i < len(items) else "\n", file=sys.stderr, flush=True)
+def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
+    """run(batch) over batches of items of similar size, longest first, with a one-line progress
+    bar on stderr; returns one result per item, in the items' order.
+    PERF: sorted by length, not in file order, a batch pads little; the longest batch comes first,
+    so that a batch too large for memory fails at once, not at the end."""
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    results, t0 = [None] * len(items), time.perf_counter()
+    for k, batch in enumerate(batches, 1):
+        for i, result in zip(batch, run([items[i] for i in batch])):
+            results[i] = result
+        bar = "#" * (30 * k // len(batches))
+        print(f"\r{label} [{bar:<30}] {k}/{len(batches)} {time.perf_counter() - t0:.0f}s",
+              end="" if k < len(batches) else "\n", file=sys.stderr, flush=True)
+    return results
 
 
 def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
     """(token ids of context + continuation, how many of the last ones are the continuation)."""
     # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
     # SentencePiece piece carries the space before its word.
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tok.encode(context + continuation, bos=True)
     ctx = tok.encode(context, bos=True)
     shared = 0
@@ -594,31 +590,22 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
 def score_tokens(model, seqs: list, batch_size: int = 8, label: str = "scoring") -> list:
     """Sum of log p(token) over the last n tokens of each (ids, n) in seqs: one float each.
 
-    Sequences are sorted by length so that a batch pads little, right-padded with token 0, and
-    run in one forward per batch. Right padding needs no mask: a causal model never lets a
-    position see the padding after it.
+    One forward per batch of similar lengths, right-padded with token 0. Right padding needs no
+    mask: a causal model never lets a position see the padding after it.
     """
     device = model.output.weight.device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    scores = [0.0] * len(seqs)
-    for batch in progress(batches, label):
-        T = max(len(seqs[i][0]) for i in batch) - 1
-        x = torch.zeros(len(batch), T, dtype=torch.long)                     # (B, T)
-        for row, i in enumerate(batch):
-            ids = seqs[i][0]
-            x[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-        logits = model(x.to(device))                                          # (B, T, V)
+
+    def score(batch: list) -> list:
+        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True)  # (B, T)
+        logits = model(x.to(device))                                           # (B, T, V)
         sums = []
-        for row, i in enumerate(batch):
-            ids, n = seqs[i]
+        for row, (ids, n) in enumerate(batch):
             L = len(ids) - 1                         # position L - 1 predicts the last token
-            logp = logits[row, L - n:L].log_softmax(-1)                       # (n, V)
+            logp = logits[row, L - n:L].log_softmax(-1)                        # (n, V)
             target = torch.tensor(ids[-n:], device=device)
             sums.append(logp.gather(-1, target[:, None]).sum())
-        for i, s in zip(batch, torch.stack(sums).tolist()):                  # one sync a batch
-            scores[i] = s
-    return scores
+        return torch.stack(sums).tolist()                                      # one sync a batch
+    return by_length(score, seqs, batch_size, label, size=lambda seq: len(seq[0]))
 
 
 def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "scoring") -> list:
@@ -654,19 +641,19 @@ def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8)
     if "acc_answer" in task.rules:
         uncond = iter(loglikelihoods(model, tok, [("Answer:", x) for _, x in pairs], batch_size,
                                      name + " | Answer:"))
-    hits, rows = Counter(), []
+    rows = []
     for i, e in enumerate(examples):
         ll = [next(lls) for _ in e.choices]
         ua = [next(uncond) for _ in e.choices] if uncond else None
         picks = {rule: pick for rule, pick in choose(ll, e.choices, ua).items()
                  if rule in task.rules}
-        hits.update(rule for rule, pick in picks.items() if pick == e.label)
         shared = all(c == e.contexts[0] for c in e.contexts)    # WinoGrande's differ
         rows.append(dict(index=i, **({"context": e.contexts[0]} if shared else
                                      {"contexts": e.contexts}),
                          choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
                          label=e.label, **({"subject": e.subject} if e.subject else {})))
-    metrics = {rule: hits[rule] / len(examples) for rule in task.rules}
+    metrics = {rule: fmean(row["picks"][rule] == row["label"] for row in rows)
+               for rule in task.rules}
     report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
                   examples=rows)
     if name == "mmlu":
@@ -680,13 +667,10 @@ def mmlu_averages(rows: list) -> dict:
     right = defaultdict(list)
     for row in rows:
         right[row["subject"]].append(row["picks"]["acc"] == row["label"])
-    categories = {}
-    for category, subjects in MMLU_SUBJECTS.items():
-        hits = [hit for s in subjects for hit in right.get(s, [])]
-        if hits:
-            categories[category] = sum(hits) / len(hits)
-    return dict(subjects={s: sum(h) / len(h) for s, h in sorted(right.items())},
-                categories=categories)
+    categories = {category: [hit for s in subjects for hit in right.get(s, [])]
+                  for category, subjects in MMLU_SUBJECTS.items()}
+    return dict(subjects={s: fmean(hits) for s, hits in sorted(right.items())},
+                categories={c: fmean(hits) for c, hits in categories.items() if hits})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,20 +725,15 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
                          f"--max-new-tokens {max_new_tokens} it exceeds the model's max_seq_len "
                          f"{model.args.max_seq_len}: use fewer --shots or new tokens")
     # PERF: prompts of similar length share a batch, so that few steps only read prompt tokens.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generations = [""] * len(prompts)
-    for batch in progress([order[i:i + batch_size] for i in range(0, len(order), batch_size)],
-                          "answering"):
-        texts = greedy_generations(model, tok, [prompts[i] for i in batch], max_new_tokens)
-        for i, text in zip(batch, texts):
-            generations[i] = text
+    generations = by_length(lambda batch: greedy_generations(model, tok, batch, max_new_tokens),
+                            prompts, batch_size, "answering")
     rows = []
     for i, (e, generation) in enumerate(zip(examples, generations)):
         pred = extract_answer(generation)
         match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
         rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
                          answers=e.answers, exact_match=match))
-    em = sum(r["exact_match"] for r in rows) / len(rows)
+    em = fmean(r["exact_match"] for r in rows)
     return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
                 examples=rows)
 
@@ -829,7 +808,6 @@ def check_args(a, name: str):
     """Every flag against its range, before a file is read; ValueError says what to do."""
     if name not in TASKS:
         raise ValueError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
-    task = TASKS[name]
     if a.batch_size < 1:
         raise ValueError(f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)")
     if a.limit is not None and a.limit < 1:
@@ -840,10 +818,10 @@ def check_args(a, name: str):
     if a.shots < 0:
         raise ValueError(f"--shots {a.shots}: give 0 or more solved examples (the paper: 0, 1, "
                          "5, 64 for QA, 5 for MMLU)")
-    if task.max_shots == 0 and a.shots > 0:
+    if TASKS[name].max_shots == 0 and a.shots > 0:
         raise ValueError(f"--shots {a.shots}: {name} is zero-shot in the paper; few-shot "
                          "prompts are for nq, triviaqa and mmlu")
-    if name == "mmlu" and a.shots > task.max_shots:
+    if name == "mmlu" and a.shots > TASKS[name].max_shots:
         raise ValueError(f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give "
                          "0 to 5")
     if a.shots > 0 and a.shots_from is None:
@@ -880,12 +858,11 @@ def print_report(report: dict):
     scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in report["metrics"].items())
     print(f"{name}{f' {shots}-shot' if shots else ''} ({report['n']} examples): {scores}")
-    if name == "mmlu":
-        for subject, acc in report["subjects"].items():
-            print(f"  {subject:<40} {100 * acc:5.1f}")
-        for category, acc in report["categories"].items():
-            paper = f"   LLaMA-7B {MMLU_LLAMA_7B[category]}" if shots == 5 else ""
-            print(f"  {category:<40} {100 * acc:5.1f}{paper}")
+    if name == "mmlu":                     # each subject, then each category beside the paper's
+        paper = report["llama_7b_categories"] or {}
+        for group, acc in {**report["subjects"], **report["categories"]}.items():
+            beside = f"   LLaMA-7B {paper[group]}" if group in paper else ""
+            print(f"  {group:<40} {100 * acc:5.1f}{beside}")
     if name != "perplexity":
         paper = report["llama_7b_paper"]
         paper = f"LLaMA-7B {paper}" if paper is not None else f"no {shots}-shot LLaMA-7B number"
@@ -900,9 +877,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--data", required=True, help="the task's file; see the docstring")
-    p.add_argument("--limit", type=int, default=None,
-                   help="only the first N examples (MMLU: of each subject)")
-    p.add_argument("--shots", type=int, default=None,
+    p.add_argument("--limit", type=int, help="only the first N examples (MMLU: of each subject)")
+    p.add_argument("--shots", type=int,
                    help="solved examples before each question: QA 0 (default), 1, 5, 64; MMLU 5")
     p.add_argument("--shots-from", help="file the shots come from: QA train, MMLU dev")
     p.add_argument("--out", help="write the JSON report here")
@@ -918,14 +894,13 @@ def main(argv=None):
         check_args(a, name)
         tmp_out = reserve_output(a.out)
         # Read the task before the model: a malformed file fails in a second, not a minute.
-        examples, pool = None, None
-        if name == "perplexity" and not a.data.endswith((".npy", ".bin")):
-            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
-        elif name != "perplexity":
+        if name != "perplexity":
             examples = read_task(name, a.data, a.limit)
-            pool = read_task(name, a.shots_from) if a.shots else None
-        if TASKS[name].max_shots != 0:                     # QA and MMLU: the prompts
-            add_prompts(name, examples, pool, a.shots)
+            if TASKS[name].max_shots != 0:                 # QA and MMLU: the prompts
+                pool = read_task(name, a.shots_from) if a.shots else None
+                add_prompts(name, examples, pool, a.shots)
+        elif not a.data.endswith((".npy", ".bin")):
+            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
         model, tok = load_model(a.ckpt, a.device)
         t0 = time.perf_counter()
         if name == "perplexity":
@@ -934,11 +909,9 @@ def main(argv=None):
             report = evaluate_qa(model, tok, examples, a.batch_size, a.max_new_tokens)
         else:
             report = evaluate_choices(model, tok, name, examples, a.batch_size)
-        seconds = time.perf_counter() - t0
-        n = len(report["examples"])
-        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots,
-                      shots_from=a.shots_from, n=n,
-                      paper_rule=RULES[report["paper_metric"]],
+        seconds, n = time.perf_counter() - t0, len(report["examples"])
+        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots, shots_from=a.shots_from,
+                      n=n, paper_rule=RULES[report["paper_metric"]],
                       llama_7b_paper=TASKS[name].llama_7b.get(a.shots), seconds=seconds,
                       examples_per_s=n / seconds, **report)
         if name == "mmlu":
