@@ -23,8 +23,9 @@ Reading order: sections 1 and 2 are all that train.py uses, and read without the
   3. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
   4. Cleaning rules    one small function per rule, a table of them per source kind
   5. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
-  6. prepare           clean files in parallel -> dedup in file order -> tokenize in parallel;
-                       built in a temporary folder, renamed when whole; --shard and merge
+  6. prepare           its stages: clean_file (in parallel) -> dedup_source (in file order)
+                       -> tokenize_file (in parallel) -> concatenate; built in a temporary
+                       folder, renamed when whole; --shard and merge
   7. Demo corpus       the Python standard library as three sources
   8. Command line      and the benchmarks
 
@@ -187,14 +188,12 @@ def load_manifest(data_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
                                 "or its build was interrupted; run `python data.py prepare ...`")
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except ValueError:
-            raise ValueError(f"{path!r} is not valid JSON; prepare the dataset again") from None
     try:
+        with open(path) as f:
+            manifest = json.load(f)
         check_dataset(data_dir, manifest)
-    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        # not JSON, or a field missing or of the wrong type; check_dataset's own errors pass
         raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
                          f"{e}); prepare the dataset again") from None
     return manifest
@@ -1094,11 +1093,9 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
     clock.append(time.perf_counter())
 
     tok_path = os.path.join(tmp, "tokenizer.model")
-    if tok is None:  # SentencePiece learns from the cleaned training text, line by line
-        lines = (line for key, fate in fates.items()
-                 for text in _kept(prefix[key] + ".jsonl", fate, TRAIN)
-                 for line in text.split("\n") if line.strip())
-        train_tokenizer(lines, tok_path, vocab_size=vocab_size)
+    if tok is None:  # trained on the cleaned training text
+        _train_on((text for key, fate in fates.items()
+                   for text in _kept(prefix[key] + ".jsonl", fate, TRAIN)), tok_path, vocab_size)
     else:
         shutil.copyfile(tok.path, tok_path)
     trained, tok = tok is None, Tokenizer(tok_path)
@@ -1160,6 +1157,13 @@ def dedup_source(source: dict, files: list, val_every: int):
                  dropped=dict(dropped), chars_removed=dict(removed),
                  raw_mb=sum(size for _, size in source["files"]) / 1e6)
     return stats, fates
+
+
+def _train_on(texts, path: str, vocab_size: int) -> str:
+    """A tokenizer trained on `texts`, each non-blank line a sentence, as SentencePiece reads a
+    text file; returns `path`."""
+    return train_tokenizer((line for text in texts for line in text.split("\n") if line.strip()),
+                           path, vocab_size)
 
 
 def _kept(path: str, fate: np.ndarray, split: int):
@@ -1422,9 +1426,8 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
     with tempfile.TemporaryDirectory() as tmp:
         sources = _bench_corpus(os.path.join(tmp, "raw"), mb, records)
         if tokenizer is None:
-            lines = (line for texts in records.values() for r in texts
-                     for line in r["text"].split("\n") if line.strip())
-            tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
+            tokenizer = _train_on((r["text"] for texts in records.values() for r in texts),
+                                  os.path.join(tmp, "tok.model"), vocab_size)
         for run, n in enumerate(workers):
             out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
@@ -1476,10 +1479,10 @@ def main(argv=None):
     pp.add_argument("--shard", type=shard_flag, metavar="I/N",
                     help="clean files I, I+N, I+2N, ... into a part folder for `merge`")
     pm.add_argument("parts", nargs="+", metavar="PART")
-    for q in (pp, pm, pr):
+    for q, pieces in ((pp, "32000, 4096 with --demo"), (pm, "32000"), (pr, "8000")):
         q.add_argument("--tokenizer", help="a SentencePiece .model (default: train one)")
-        q.add_argument("--vocab-size", type=number(int, 260), help="pieces of the tokenizer to "
-                       "train (default 32000; --demo 4096, bench-prepare 8000)")
+        q.add_argument("--vocab-size", type=number(int, 260),
+                       help=f"pieces of the tokenizer to train (default {pieces})")
     for q in (pp, pm):
         q.add_argument("--mix", help="default weights stored with the data, e.g. c4=15,github=4.5")
         q.add_argument("--val-every", type=number(int, 2),
@@ -1494,9 +1497,9 @@ def main(argv=None):
                     help="run length for the epochs column")
     pb.add_argument("--seq-len", type=number(int, 1), default=2048)
     pb.add_argument("--batch", type=number(int, 1), default=64)
-    for q, mb in ((pb, 8.0), (pr, 96.0)):
+    for q, mb, what in ((pb, 8.0, "tokenize"), (pr, 96.0, "prepare")):
         q.add_argument("--mb", type=number(float, 0, above=True), default=mb,
-                       help="MB of text to tokenize (bench) or to prepare (bench-prepare)")
+                       help=f"MB of text to {what}")
     pr.add_argument("--workers", type=number(int, 1), nargs="+", default=[1, default_workers()])
     args = p.parse_args(argv)
     if args.command == "prepare":
