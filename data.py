@@ -933,9 +933,8 @@ def _list_sources(sources: List[str]) -> list:
 
 def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict],
                    val_every: int) -> Optional[Tokenizer]:
-    """Refuse, before any work starts, what the command line's flags cannot see: a mixture of
-    unknown sources, a val_every that holds nothing out; return the given tokenizer, loaded (so
-    checked), or None. A vocabulary too small is refused by train_tokenizer."""
+    """Refuse, before any work starts, a mixture that names unknown sources or a val_every that
+    would hold nothing out; return the given tokenizer, loaded (so checked), or None."""
     if set(weights or {}) - set(names):
         raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
                          f"the sources are {names}")
@@ -1016,12 +1015,11 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Op
     for name, *_ in listing:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
     counts = _each_file("clean", clean_file, files[shard::shards], workers, hooks, quiet)
-    part = dict(format=PART_FORMAT, shard=[shard, shards],
-                sources=[dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
-                                                             os.path.getsize(path)]
-                                                            for path in paths])
-                         for name, kind, root, paths in listing],
-                counts={key: counts[key] for key in sorted(counts)})
+    sources = [dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
+                                                  os.path.getsize(path)] for path in paths])
+               for name, kind, root, paths in listing]
+    part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
+                counts=dict(sorted(counts.items())))
     with open(os.path.join(folder, "part.json"), "w") as f:
         json.dump(part, f, indent=1)
     return part
