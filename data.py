@@ -23,8 +23,9 @@ Reading order: sections 1 and 2 are all that train.py uses, and read without the
   3. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
   4. Cleaning rules    one small function per rule, a table of them per source kind
   5. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
-  6. prepare           clean files in parallel -> dedup in file order -> tokenize in parallel;
-                       built in a temporary folder, renamed when whole; --shard and merge
+  6. prepare           its stages: clean_file (in parallel) -> dedup_source (in file order)
+                       -> tokenize_file (in parallel) -> concatenate; built in a temporary
+                       folder, renamed when whole; --shard and merge
   7. Demo corpus       the Python standard library as three sources
   8. Command line      and the benchmarks
 
@@ -187,14 +188,12 @@ def load_manifest(data_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
                                 "or its build was interrupted; run `python data.py prepare ...`")
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except ValueError:
-            raise ValueError(f"{path!r} is not valid JSON; prepare the dataset again") from None
     try:
+        with open(path) as f:
+            manifest = json.load(f)
         check_dataset(data_dir, manifest)
-    except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong type
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        # not JSON, or a field missing or of the wrong type; check_dataset's own errors pass
         raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
                          f"{e}); prepare the dataset again") from None
     return manifest
@@ -778,10 +777,7 @@ class Deduplicator:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. prepare: clean each file -> dedup in file order -> tokenize each file -> shards
+# 6. prepare: clean_file in parallel -> dedup_source in order -> tokenize_file -> concatenate
 # ---------------------------------------------------------------------------------------------
 # Workers do what looks at one file alone; this process decides what depends on every earlier
 # document (dedup, the val split), in file order, from fingerprints: the docstring's diagram.
@@ -865,9 +861,10 @@ def _worker_init(hooks: dict, in_pool: bool):
         sys.stderr = open(os.devnull, "w")
 
 
-def _map(fn, tasks: list, workers: int, hooks: dict, ordered: bool = False):
-    """Yield fn(task) for every task from `workers` processes: in the order of `tasks` if
-    `ordered`, else as they finish (results then say which task they are for)."""
+def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = False):
+    """Yield fn(task) for every task from `workers` processes (None: every core): in the order
+    of `tasks` if `ordered`, else as they finish (results then say which task they are for)."""
+    workers = workers or default_workers()
     if workers == 1:  # PERF: the simple version, a loop in this process; --workers 1 runs it
         _worker_init(hooks, in_pool=False)
         yield from map(fn, tasks)
@@ -895,6 +892,21 @@ class Progress:
               end="\n" if final else "", file=sys.stderr, flush=True)
 
 
+def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
+               quiet: bool) -> dict:
+    """{key: result} of a stage fn(task) -> (key, result) over tasks (key, input file, ...) in
+    `workers` processes, with a progress line for the bytes of input done."""
+    size = {task[0]: os.path.getsize(task[1]) for task in tasks}
+    bar, results = Progress(label, sum(size.values()), quiet), {}
+    # PERF: the largest files first, so that no worker is left with a big one at the end (the
+    # simple version: in file order)
+    for key, result in _map(fn, sorted(tasks, key=lambda task: -size[task[0]]), workers, hooks):
+        results[key] = result
+        bar.add(size[key])
+    bar.add(final=True)
+    return results
+
+
 # --- the three ways in: prepare, prepare --shard, merge ---
 
 def parse_source(spec: str):
@@ -919,19 +931,15 @@ def _list_sources(sources: List[str]) -> list:
     return [(name, kind, folder, source_files(folder)) for name, kind, folder in specs]
 
 
-def _check_options(names: list, tokenizer=None, vocab_size=260, weights=None,
-                   val_every=VAL_EVERY, workers=1) -> Optional[Tokenizer]:
-    """Refuse bad options before any work starts; return the given tokenizer, loaded, or None."""
+def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict],
+                   val_every: int) -> Optional[Tokenizer]:
+    """Refuse, before any work starts, a mixture that names unknown sources or a val_every that
+    would hold nothing out; return the given tokenizer, loaded (so checked), or None."""
     if set(weights or {}) - set(names):
         raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
                          f"the sources are {names}")
     if val_every < 2:
         raise ValueError(f"val_every={val_every} must be at least 2 (every Nth document to val)")
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be at least 1")
-    if not tokenizer and vocab_size < 260:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte fallback; use at least "
-                         "260")
     return Tokenizer(tokenizer) if tokenizer else None
 
 
@@ -946,19 +954,18 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
     Without `weights`, the default mixture is Table 1 when every source is a RedPajama name, else
     each source in proportion to its tokens (one epoch of everything). `workers` processes
     (default: every core) clean and tokenize files in parallel; the output does not depend on
-    their number. Every input is checked before any work starts.
+    their number. The sources, the mixture and the tokenizer are checked before any work starts.
     """
-    workers = workers or default_workers()
     listing = _list_sources(sources)
-    tok = _check_options([s[0] for s in listing], tokenizer, vocab_size, weights, val_every,
-                         workers)
+    tok = _check_options([s[0] for s in listing], tokenizer, weights, val_every)
     with building(out_dir) as tmp:
         return _build(tmp, listing, tok, vocab_size, weights, val_every,
                       dict(language_id=language_id, quality=quality), quiet, workers)
 
 
 def _build(tmp: str, listing: list, tok: Optional[Tokenizer], vocab_size: int,
-           weights: Optional[dict], val_every: int, hooks: dict, quiet: bool, workers: int):
+           weights: Optional[dict], val_every: int, hooks: dict, quiet: bool,
+           workers: Optional[int]) -> dict:
     """prepare's work inside the folder `building` gave: one part of every file, then _finish."""
     start, work = time.perf_counter(), os.path.join(tmp, "work")
     _clean_part(work, listing, 0, 1, workers, hooks, quiet)
@@ -974,13 +981,10 @@ def prepare_shard(sources: List[str], out_dir: str, shard: int, shards: int,
                   quality: Optional[Callable[[str], bool]] = None, quiet: bool = False,
                   workers: Optional[int] = None) -> dict:
     """`prepare --shard I/N`: clean and fingerprint files I, I+N, I+2N, ... of the sources (in
-    their global order) into a part folder `out_dir`; `merge` joins the N parts. Returns the
-    part's part.json. Dedup, tokenizer and mixture options belong to `merge`."""
-    workers = workers or default_workers()
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard}/{shards}: write I/N with 0 <= I < N, e.g. 0/4")
+    their global order) into a part folder `out_dir`; `merge` joins the N parts, and refuses a
+    set that is not 0/N .. N-1/N. Returns the part's part.json. Dedup, tokenizer and mixture
+    options belong to `merge`."""
     listing = _list_sources(sources)
-    _check_options([s[0] for s in listing], workers=workers)
     with building(out_dir) as tmp:
         return _clean_part(tmp, listing, shard, shards, workers,
                            dict(language_id=language_id, quality=quality), quiet)
@@ -992,47 +996,40 @@ def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
     """Join the part folders of `prepare --shard 0/N ... N-1/N` into one dataset: exact and near
     dedup across all parts, a tokenizer, shards and one manifest -- the same files, byte for
     byte, as one `prepare` over every source. Returns the stats report."""
-    workers = workers or default_workers()
     found = _read_parts(parts)
     names = [source["name"] for source in found[0][1]["sources"]]
-    tok = _check_options(names, tokenizer, vocab_size, weights, val_every, workers)
+    tok = _check_options(names, tokenizer, weights, val_every)
     with building(out_dir) as tmp:
         return _finish(tmp, found, tok, vocab_size, weights, val_every, workers, quiet)
 
 
-# --- map: clean and fingerprint, one file per task ---
+# --- map: clean_file, one file per task, into a part ---
 
-def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: int, hooks: dict,
-                quiet: bool) -> dict:
-    """Clean files shard, shard + shards, ... of `listing` into folder/NAME/00000.{jsonl,sig};
+def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Optional[int],
+                hooks: dict, quiet: bool) -> dict:
+    """clean_file on files shard, shard + shards, ... of `listing`, into folder/NAME/00000.*;
     write folder/part.json: the listing (to check that parts fit together) and, per file of
     this part, what was read and dropped. Returns the part.json."""
-    files = [(name, kind, path, os.path.join(folder, name, f"{k:05d}"))
+    files = [(f"{name}/{k:05d}", path, kind, os.path.join(folder, name, f"{k:05d}"))
              for name, kind, _, paths in listing for k, path in enumerate(paths)]
-    # PERF: the largest files first, so that no worker is left with a big one at the end
-    tasks = sorted(files[shard::shards], key=lambda task: -os.path.getsize(task[2]))
     for name, *_ in listing:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
-    counts, bar = {}, Progress("clean", sum(os.path.getsize(task[2]) for task in tasks), quiet)
-    for key, count in _map(_clean_file, tasks, workers, hooks):
-        counts[key] = count
-        bar.add(count["raw_bytes"])
-    bar.add(final=True)
-    part = dict(format=PART_FORMAT, shard=[shard, shards],
-                sources=[dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
-                                                             os.path.getsize(path)]
-                                                            for path in paths])
-                         for name, kind, root, paths in listing],
-                counts={key: counts[key] for key in sorted(counts)})
+    counts = _each_file("clean", clean_file, files[shard::shards], workers, hooks, quiet)
+    sources = [dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
+                                                  os.path.getsize(path)] for path in paths])
+               for name, kind, root, paths in listing]
+    part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
+                counts=dict(sorted(counts.items())))
     with open(os.path.join(folder, "part.json"), "w") as f:
         json.dump(part, f, indent=1)
     return part
 
 
-def _clean_file(task):
-    """Worker: one file -> PREFIX.jsonl (each surviving document as a JSON string per line) and
-    PREFIX.sig (its fingerprint); returns ("NAME/00000", counts of what was read and dropped)."""
-    name, kind, path, prefix = task
+def clean_file(task):
+    """Stage 1, in a worker: one file -> PREFIX.jsonl (each surviving document as a JSON string
+    per line) and PREFIX.sig (its fingerprint); returns ("NAME/00000", counts of what was read
+    and dropped)."""
+    key, path, kind, prefix = task
     rules = rules_for(kind, _WORKER["language_id"], _WORKER["quality"])  # fresh: per-file scope
     fingerprint = Deduplicator().fingerprint
     dropped, removed, read = Counter(), Counter(), 0
@@ -1045,9 +1042,7 @@ def _clean_file(task):
                 continue
             texts.write(json.dumps(text) + "\n")
             prints.write(fingerprint(text))
-    key = f"{name}/{os.path.basename(prefix)}"
-    return key, dict(read=read, dropped=dict(dropped), removed=dict(removed),
-                     raw_bytes=os.path.getsize(path))
+    return key, dict(read=read, dropped=dict(dropped), removed=dict(removed))
 
 
 def _read_parts(folders: List[str]) -> list:
@@ -1070,19 +1065,18 @@ def _read_parts(folders: List[str]) -> list:
                              "sources or files; run every shard with the same --source flags "
                              "over the same folders")
         parts.append((folder, part))
-    shards = parts[0][1]["shard"][1] if parts else 0
-    found = sorted(part["shard"][0] for _, part in parts if part["shard"][1] == shards)
-    if not parts or found != list(range(shards)) or len(parts) != shards:
-        have = sorted(f"{p['shard'][0]}/{p['shard'][1]}" for _, p in parts)
+    shards = parts[0][1]["shard"][1] if parts else 1
+    have = sorted(tuple(part["shard"]) for _, part in parts)
+    if have != [(i, shards) for i in range(shards)]:
         raise ValueError(f"merge needs the parts 0/N .. N-1/N of one run, each once; got "
-                         f"{have or 'none'}")
+                         f"{[f'{i}/{n}' for i, n in have] or 'none'}")
     return parts
 
 
-# --- reduce: dedup decisions in file order; then tokenize, one file per task ---
+# --- reduce: dedup_source in file order; then tokenize_file, one file per task; concatenate ---
 
 def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
-            weights: Optional[dict], val_every: int, workers: int, quiet: bool) -> dict:
+            weights: Optional[dict], val_every: int, workers: Optional[int], quiet: bool) -> dict:
     """From parts (see _read_parts) to a complete dataset in `tmp`: decide, (train a tokenizer,)
     tokenize, write NAME/{train,val}.{bin,idx}, stats.json and manifest.json."""
     sources = parts[0][1]["sources"]
@@ -1091,37 +1085,31 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
     keys = {s["name"]: [f"{s['name']}/{k:05d}" for k in range(len(s["files"]))] for s in sources}
     clock, fates, stats = [time.perf_counter()], {}, {}
     for source in sources:  # every source's files in order: the global order
-        stats[source["name"]] = _dedup(source, keys[source["name"]], prefix, counts, fates,
-                                       val_every)
+        files = [(key, prefix[key], counts[key]) for key in keys[source["name"]]]
+        stats[source["name"]], source_fates = dedup_source(source, files, val_every)
+        fates.update(source_fates)
     clock.append(time.perf_counter())
 
     tok_path = os.path.join(tmp, "tokenizer.model")
-    if tok is None:  # SentencePiece learns from the cleaned training text, line by line
-        lines = (line for key, fate in fates.items() for text in _kept(prefix[key], fate, TRAIN)
-                 for line in text.split("\n") if line.strip())
-        train_tokenizer(lines, tok_path, vocab_size=vocab_size)
+    if tok is None:  # trained on the cleaned training text
+        _train_on((text for key, fate in fates.items()
+                   for text in _kept(prefix[key] + ".jsonl", fate, TRAIN)), tok_path, vocab_size)
     else:
         shutil.copyfile(tok.path, tok_path)
     trained, tok = tok is None, Tokenizer(tok_path)
     clock.append(time.perf_counter())
 
     dtype, pieces = "uint16" if tok.n_words <= 2**16 else "uint32", os.path.join(tmp, "pieces")
-    tasks = sorted(((key, prefix[key], fate, dtype, os.path.join(pieces, key))
-                    for key, fate in fates.items()),
-                   key=lambda task: -os.path.getsize(task[1] + ".jsonl"))  # largest first
     for name in keys:
         os.makedirs(os.path.join(pieces, name))
-    lengths, bar = {}, Progress("tokenize", sum(os.path.getsize(t[1] + ".jsonl") for t in tasks),
-                                quiet)
-    for key, split_lengths, size in _map(_tokenize_file, tasks, workers, dict(tokenizer=tok)):
-        lengths[key] = split_lengths
-        bar.add(size)
-    bar.add(final=True)
+    tasks = [(key, prefix[key] + ".jsonl", fate, dtype, os.path.join(pieces, key))
+             for key, fate in fates.items()]
+    lengths = _each_file("tokenize", tokenize_file, tasks, workers, dict(tokenizer=tok), quiet)
     for name in keys:
         os.makedirs(os.path.join(tmp, name))
         for split in ("train", "val"):
-            stats[name][split] = _concatenate(pieces, keys[name], split, lengths,
-                                              os.path.join(tmp, name, split))
+            stats[name][split] = concatenate(pieces, keys[name], split, lengths,
+                                             os.path.join(tmp, name, split))
     shutil.rmtree(pieces)
     clock.append(time.perf_counter())
 
@@ -1140,19 +1128,19 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
                                          np.diff(clock).tolist())))
 
 
-def _dedup(source: dict, keys: list, prefix: dict, counts: dict, fates: dict,
-           val_every: int) -> dict:
-    """Exact and near dedup of one source, its files in order: each file's array of fates
-    (0 dropped, TRAIN, VAL) goes into `fates`; kept documents 1, 1 + val_every, ... go to val.
-    Returns the source's stats: what was read, kept and dropped by which rule."""
+def dedup_source(source: dict, files: list, val_every: int):
+    """Stage 2, in this process: exact and near dedup of one source, its files [(key, prefix,
+    counts from clean_file)] in order; kept documents 1, 1 + val_every, ... go to val. Returns
+    the source's stats (what was read, kept and dropped by which rule) and {key: each document's
+    fate in that file (0 dropped, TRAIN, VAL)}."""
     dedup = Deduplicator(NEAR_DUP_OVERLAP.get(source["kind"], DEFAULT_OVERLAP))
-    dropped, removed, read, kept = Counter(), Counter(), 0, 0
-    for key in keys:
-        read += counts[key]["read"]
-        dropped.update(counts[key]["dropped"])
-        removed.update(counts[key]["removed"])
-        prints = np.fromfile(prefix[key] + ".sig", dtype=dedup.record)
-        fate = np.zeros(len(prints), dtype=np.int8)
+    dropped, removed, read, kept, fates = Counter(), Counter(), 0, 0, {}
+    for key, prefix, count in files:
+        read += count["read"]
+        dropped.update(count["dropped"])
+        removed.update(count["removed"])
+        prints = np.fromfile(prefix + ".sig", dtype=dedup.record)
+        fates[key] = fate = np.zeros(len(prints), dtype=np.int8)
         for i, fp in enumerate(prints):
             verdict = dedup.check_fingerprint(fp)
             if verdict:
@@ -1160,41 +1148,49 @@ def _dedup(source: dict, keys: list, prefix: dict, counts: dict, fates: dict,
                 continue
             fate[i] = VAL if kept % val_every == 1 else TRAIN
             kept += 1
-        fates[key] = fate
     if kept == 0:
         raise ValueError(f"source {source['name']!r}: no documents left after filtering (read "
                          f"{read}, dropped {dict(dropped)}); check its folder and its kind")
-    return dict(kind=source["kind"], files=len(keys), read=read, kept=kept, dropped=dict(dropped),
-                chars_removed=dict(removed), raw_mb=sum(size for _, size in source["files"]) / 1e6)
+    stats = dict(kind=source["kind"], files=len(files), read=read, kept=kept,
+                 dropped=dict(dropped), chars_removed=dict(removed),
+                 raw_mb=sum(size for _, size in source["files"]) / 1e6)
+    return stats, fates
 
 
-def _kept(prefix: str, fate: np.ndarray, split: int):
-    """The cleaned texts of one file whose fate is `split`, in order."""
-    with open(prefix + ".jsonl") as f:
+def _train_on(texts, path: str, vocab_size: int) -> str:
+    """A tokenizer trained on `texts`, each non-blank line a sentence, as SentencePiece reads a
+    text file; returns `path`."""
+    return train_tokenizer((line for text in texts for line in text.split("\n") if line.strip()),
+                           path, vocab_size)
+
+
+def _kept(path: str, fate: np.ndarray, split: int):
+    """The cleaned texts of one file (PREFIX.jsonl) whose fate is `split`, in order."""
+    with open(path) as f:
         for line, fate_i in zip(f, fate):
             if fate_i == split:
                 yield json.loads(line)
 
 
-def _tokenize_file(task):
-    """Worker: the kept documents of one file as <s> doc </s>, ids end to end, into PIECE.train
-    and PIECE.val; returns ("NAME/00000", {split: document lengths}, bytes of text read)."""
-    key, prefix, fate, dtype, piece = task
+def tokenize_file(task):
+    """Stage 3, in a worker: the kept documents of one file as <s> doc </s>, ids end to end, into
+    PIECE.train and PIECE.val; returns ("NAME/00000", {split: document lengths})."""
+    key, path, fate, dtype, piece = task
     lengths = {}
     for split, name in ((TRAIN, "train"), (VAL, "val")):
-        docs, sizes = _kept(prefix, fate, split), []
+        docs, sizes = _kept(path, fate, split), []
         with open(f"{piece}.{name}", "wb") as out:
             while batch := list(itertools.islice(docs, 512)):
                 ids = _WORKER["tokenizer"].encode_batch(batch, bos=True, eos=True)  # see bench
                 sizes += [len(x) for x in ids]
                 out.write(np.concatenate(ids).astype(dtype).tobytes())
         lengths[name] = np.array(sizes, dtype=np.int64)
-    return key, lengths, os.path.getsize(prefix + ".jsonl")
+    return key, lengths
 
 
-def _concatenate(pieces: str, keys: list, split: str, lengths: dict, base: str) -> dict:
-    """BASE.bin: the pieces of `keys` end to end; BASE.idx: where each document starts, and the
-    total, as int64, so that document i is bin[idx[i]:idx[i+1]]."""
+def concatenate(pieces: str, keys: list, split: str, lengths: dict, base: str) -> dict:
+    """Stage 4: BASE.bin, the pieces of `keys` end to end; BASE.idx, where each document starts,
+    and the total, as int64, so that document i is bin[idx[i]:idx[i+1]]."""
     with open(base + ".bin", "wb") as out:
         for key in keys:
             with open(os.path.join(pieces, f"{key}.{split}"), "rb") as f:
@@ -1261,7 +1257,7 @@ def _module_doc(task) -> tuple:
     return module, f"Module {module}\n\n" + "\n\n".join(entries) if entries else ""
 
 
-def demo_records(scale: float = 1.0, workers: int = 1) -> dict:
+def demo_records(scale: float = 1.0, workers: Optional[int] = None) -> dict:
     """{source: [records]}: `code` = whole .py files, `docs` = one document of docstrings per
     module of the *other* files (so no text sits in two sources), `reference` = the language
     reference topics of pydoc_data."""
@@ -1305,7 +1301,6 @@ def prepare_demo(out_dir: str, vocab_size: int = 4096, scale: float = 1.0,
         return out_dir
     if not scale > 0:
         raise ValueError(f"scale={scale} must be above 0 (1 is the whole demo, 0.05 a twentieth)")
-    workers = workers or default_workers()
     with building(out_dir) as tmp:
         sources = []
         for name, records in demo_records(scale, workers).items():
@@ -1363,32 +1358,32 @@ def bench(data_dir: str, seq_len: int, batch: int, mb: float = 8.0,
     print(f"MixtureSampler: {rate / 1e6:.1f} M tokens/s (seq_len {seq_len}, batch {batch})")
 
     workers = workers or default_workers()
-    manifest, tok = load_manifest(data_dir), Tokenizer(os.path.join(data_dir, "tokenizer.model"))
-    texts, share = [], mb * 1e6 / len(manifest["sources"])
-    for name in manifest["sources"]:  # an equal share of text from each source
+    tok, texts = Tokenizer(os.path.join(data_dir, "tokenizer.model")), []
+    sources = load_manifest(data_dir)["sources"]
+    for name in sources:  # an equal share of text from each source
         size = 0
         for doc in documents(data_dir, name):
-            if size >= share:
+            if size >= mb * 1e6 / len(sources):
                 break
-            texts.append(tok.decode(doc[1:-1].tolist()))
+            texts.append(tok.decode(doc[1:-1]))
             size += len(texts[-1].encode())
     total = sum(len(t.encode()) for t in texts) / 1e6
     batches = [texts[i:i + 512] for i in range(0, len(texts), 512)]
-    ways = {  # (cores, a run that returns the number of ids)
-        "sentencepiece, one text a call": (
-            1, lambda: sum(len(tok.encode(t, bos=True, eos=True)) for t in texts)),
-        "encode_batch, 512 texts a call": (
-            1, lambda: sum(len(ids) for b in batches for ids in tok.encode_batch(b, eos=True))),
-        f"encode_batch, {workers} C++ threads": (
-            workers, lambda: sum(len(ids) for b in batches
-                                 for ids in tok.encode_batch(b, eos=True, threads=workers))),
-        f"{workers} processes (prepare)": (  # tasks of 64 texts, so that no process waits
-            workers, lambda: sum(_map(_encode_count, [texts[i:i + 64]
-                                                      for i in range(0, len(texts), 64)],
-                                      workers, dict(tokenizer=tok)))),
-    }
+
+    def encode_batch(threads):
+        return sum(len(ids) for b in batches for ids in tok.encode_batch(b, eos=True,
+                                                                         threads=threads))
+    ways = [  # (name, cores, a run that returns the number of ids)
+        ("sentencepiece, one text a call", 1,
+         lambda: sum(len(tok.encode(t, bos=True, eos=True)) for t in texts)),
+        ("encode_batch, 512 texts a call", 1, lambda: encode_batch(1)),
+        (f"encode_batch, {workers} C++ threads", workers, lambda: encode_batch(workers)),
+        (f"{workers} processes (prepare)", workers,  # tasks of 64 texts, so that no process waits
+         lambda: sum(_map(_encode_count, [texts[i:i + 64] for i in range(0, len(texts), 64)],
+                          workers, dict(tokenizer=tok)))),
+    ]
     counts = set()
-    for way, (cores, run) in ways.items():
+    for way, cores, run in ways:
         start = time.perf_counter()
         counts.add(run())
         rate = total / (time.perf_counter() - start)
@@ -1425,19 +1420,18 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
     """Time `prepare` of one `mb` MB corpus (_bench_corpus) with each number of workers, and
     check that every run writes the same bytes; print one line per run. The tokenizer is given
     (default: one of `vocab_size` pieces trained on the demo's text beforehand, untimed)."""
-    records, first = demo_records(1.0, default_workers()), None
+    records = demo_records()
     with tempfile.TemporaryDirectory() as tmp:
         sources = _bench_corpus(os.path.join(tmp, "raw"), mb, records)
         if tokenizer is None:
-            lines = (line for texts in records.values() for r in texts
-                     for line in r["text"].split("\n") if line.strip())
-            tokenizer = train_tokenizer(lines, os.path.join(tmp, "tok.model"), vocab_size)
+            tokenizer = _train_on((r["text"] for texts in records.values() for r in texts),
+                                  os.path.join(tmp, "tok.model"), vocab_size)
         for run, n in enumerate(workers):
             out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
             report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
-            first = first or seconds
+            first = seconds if run == 0 else first
             stats, stages = report["sources"].values(), report["seconds"]
             tokens = sum(s[split]["tokens"] for s in stats for split in ("train", "val"))
             raw, read = sum(s["raw_mb"] for s in stats), sum(s["read"] for s in stats)
@@ -1451,12 +1445,10 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
 
 def _same_files(a: str, b: str) -> bool:
     """Whether two folders hold the same files with the same bytes."""
-    def listing(folder):
-        return sorted(os.path.relpath(os.path.join(d, f), folder)
-                      for d, _, names in os.walk(folder) for f in names)
-    if listing(a) != listing(b):
-        return False
-    return all(_sha256(os.path.join(a, f)) == _sha256(os.path.join(b, f)) for f in listing(a))
+    def contents(folder):  # {path inside the folder: sha256 of its bytes}
+        return {os.path.relpath(os.path.join(d, name), folder): _sha256(os.path.join(d, name))
+                for d, _, names in os.walk(folder) for name in names}
+    return contents(a) == contents(b)
 
 
 def shard_flag(text: str) -> tuple:
@@ -1471,7 +1463,12 @@ def shard_flag(text: str) -> tuple:
 def main(argv=None):
     p = OneLineParser(description="Prepare LLaMA-style pretraining data and inspect it.")
     sub = p.add_subparsers(dest="command", required=True)
-    pp = sub.add_parser("prepare", help="raw folders (or --demo) -> tokenized shards")
+    pp, pm, ps, pb, pr = (sub.add_parser(name, help=text) for name, text in (
+        ("prepare", "raw folders (or --demo) -> tokenized shards"),
+        ("merge", "join the part folders of prepare --shard 0/N .. N-1/N"),
+        ("stats", "print what prepare kept, dropped and tokenized"),
+        ("bench", "the sampler's tokens/s and the tokenizer's MB/s"),
+        ("bench-prepare", "time prepare of one corpus with 1, 2, ... workers")))
     pp.add_argument("--source", action="append", default=[], metavar="NAME[:KIND]=DIR",
                     help=f"a folder of .jsonl/.jsonl.gz/.txt; kinds: {', '.join(KINDS)}")
     pp.add_argument("--demo", action="store_true", help="build the offline stdlib demo corpus")
@@ -1479,34 +1476,29 @@ def main(argv=None):
                     help="size of the --demo corpus: 1 (default) is 6.5 MB of text")
     pp.add_argument("--shard", type=shard_flag, metavar="I/N",
                     help="clean files I, I+N, I+2N, ... into a part folder for `merge`")
-    pm = sub.add_parser("merge", help="join the part folders of prepare --shard 0/N .. N-1/N")
     pm.add_argument("parts", nargs="+", metavar="PART")
-    for q in (pp, pm):
+    for q, pieces in ((pp, "32000, 4096 with --demo"), (pm, "32000"), (pr, "8000")):
         q.add_argument("--tokenizer", help="a SentencePiece .model (default: train one)")
         q.add_argument("--vocab-size", type=number(int, 260),
-                       help="pieces of the tokenizer to train (default 32000, demo 4096)")
+                       help=f"pieces of the tokenizer to train (default {pieces})")
+    for q in (pp, pm):
         q.add_argument("--mix", help="default weights stored with the data, e.g. c4=15,github=4.5")
         q.add_argument("--val-every", type=number(int, 2),
                        help=f"every Nth kept document is held out (default {VAL_EVERY})")
-        q.add_argument("--workers", type=number(int, 1), help="processes (default: every core)")
         q.add_argument("--out", required=True)
         q.add_argument("--quiet", action="store_true")
-    ps = sub.add_parser("stats", help="print what prepare kept, dropped and tokenized")
-    ps.add_argument("data_dir")
+    for q in (pp, pm, pb):
+        q.add_argument("--workers", type=number(int, 1), help="processes (default: every core)")
+    for q in (ps, pb):
+        q.add_argument("data_dir")
     ps.add_argument("--train-tokens", type=number(float, 0, above=True),
                     help="run length for the epochs column")
-    pb = sub.add_parser("bench", help="the sampler's tokens/s and the tokenizer's MB/s")
-    pb.add_argument("data_dir")
     pb.add_argument("--seq-len", type=number(int, 1), default=2048)
     pb.add_argument("--batch", type=number(int, 1), default=64)
-    pb.add_argument("--mb", type=number(float, 0, above=True), default=8.0,
-                    help="MB of text to tokenize")
-    pb.add_argument("--workers", type=number(int, 1), help="threads and processes (all cores)")
-    pr = sub.add_parser("bench-prepare", help="time prepare of one corpus with 1, 2, ... workers")
-    pr.add_argument("--mb", type=number(float, 0, above=True), default=96.0)
+    for q, mb, what in ((pb, 8.0, "tokenize"), (pr, 96.0, "prepare")):
+        q.add_argument("--mb", type=number(float, 0, above=True), default=mb,
+                       help=f"MB of text to {what}")
     pr.add_argument("--workers", type=number(int, 1), nargs="+", default=[1, default_workers()])
-    pr.add_argument("--tokenizer", help="a SentencePiece .model (default: train one on the demo)")
-    pr.add_argument("--vocab-size", type=number(int, 260), default=8000)
     args = p.parse_args(argv)
     if args.command == "prepare":
         if args.demo == bool(args.source):
@@ -1537,7 +1529,7 @@ def main(argv=None):
         elif args.command == "bench":
             bench(args.data_dir, args.seq_len, args.batch, args.mb, args.workers)
         else:
-            bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size)
+            bench_prepare(args.mb, args.workers, args.tokenizer, args.vocab_size or 8000)
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk

@@ -271,9 +271,14 @@ def test_bad_input_is_counted_and_reported(corpus, tmp_path):
         stats["dropped"]
 
 
+def _contents(folder):
+    """{path inside `folder`: its bytes}; empty if there is no such folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
 def _leftovers(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder)
-                  for d, _, fs in os.walk(folder) for f in fs) if os.path.exists(folder) else []
+    return sorted(_contents(folder))
 
 
 def test_bad_sources_refused_before_work_and_nothing_left(corpus, tmp_path):
@@ -298,14 +303,14 @@ def test_bad_sources_refused_before_work_and_nothing_left(corpus, tmp_path):
 def test_crash_midway_leaves_no_partial_output(corpus, tmp_path, monkeypatch):
     root, model = corpus
     out = tmp_path / "out"
-    real, calls = data._tokenize_file, []
+    real, calls = data.tokenize_file, []
 
     def crash_on_second_source(task):
         calls.append(task[0])
         if task[0].startswith("notes/"):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during tokenization
         return real(task)
-    monkeypatch.setattr(data, "_tokenize_file", crash_on_second_source)
+    monkeypatch.setattr(data, "tokenize_file", crash_on_second_source)
     with pytest.raises(KeyboardInterrupt):
         data.prepare([f"wiki={root}/wiki", f"notes={root}/notes"], str(out), tokenizer=model,
                      quiet=True, workers=1)
@@ -351,7 +356,7 @@ def test_killed_prepare_leaves_a_leftover_that_is_never_data_and_the_next_run_re
     argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
             "--tokenizer", model, "--out", str(tmp_path / "out"), "--quiet"]
     killed = _run_cli(argv, tmp_path, "import os, signal\n"
-                      "data._concatenate = lambda *a: os.kill(os.getpid(), signal.SIGKILL)")
+                      "data.concatenate = lambda *a: os.kill(os.getpid(), signal.SIGKILL)")
     assert killed.returncode == -signal.SIGKILL  # SIGKILL: no handler, no cleanup ran
     assert sorted(os.listdir(tmp_path)) == [".tmp-out"]  # the leftover, under another name
     assert not data.is_complete(str(tmp_path / ".tmp-out"))
@@ -368,9 +373,9 @@ def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus,
     argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
             "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"]
     killed = _run_cli(argv, tmp_path, "import os, signal, time\n"  # killed at the first result,
-                      "real = data._clean_file\n"                  # while a worker still works
+                      "real = data.clean_file\n"                   # while a worker still works
                       "def slow(task):\n    time.sleep(0.3)\n    return real(task)\n"
-                      "data._clean_file = slow\n"
+                      "data.clean_file = slow\n"
                       "data.Progress.add = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
     # run() returns once the workers have closed the stderr they inherited: they have exited
     assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr
@@ -489,7 +494,7 @@ def _fill_up(task):  # at module level: a Pool sends its function to the workers
 
 def test_a_full_disk_in_a_worker_process(corpus, tmp_path, monkeypatch):
     root, model = corpus
-    monkeypatch.setattr(data, "_clean_file", _fill_up)  # forked workers inherit the patch
+    monkeypatch.setattr(data, "clean_file", _fill_up)  # forked workers inherit the patch
     with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device"):
         data.main(["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
                    "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"])
@@ -630,7 +635,7 @@ def test_workers_and_shards_write_the_same_bytes(many_files, tmp_path):
                    "--out", str(tmp_path / f"merged{n}"), "--quiet"])
     one = str(tmp_path / "one")
     for other in ("two", "merged2", "merged3"):
-        assert data._same_files(one, str(tmp_path / other)), other
+        assert _contents(one) == _contents(str(tmp_path / other)), other
     stats = json.load(open(os.path.join(one, "stats.json")))["sources"]
     assert stats["c4"]["dropped"]["exact_dup"] == 1 and stats["c4"]["dropped"]["near_dup"] == 1
     assert stats["notes"]["dropped"] == {"exact_dup": 1}
