@@ -199,6 +199,11 @@ def load_manifest(data_dir: str) -> dict:
     return manifest
 
 
+def token_dtype(n_words: int) -> str:
+    """The shards' id type: uint16 when the vocabulary fits (half the bytes), else uint32."""
+    return "uint16" if n_words <= 2**16 else "uint32"
+
+
 def check_dataset(data_dir: str, manifest: dict) -> None:
     """Refuse a folder whose files are not the ones its manifest describes, before a window is
     served from it: the tokenizer must be the one the shards were made with (its sha256), each
@@ -1099,7 +1104,7 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
     trained, tok = tok is None, Tokenizer(tok_path)
     clock.append(time.perf_counter())
 
-    dtype, pieces = "uint16" if tok.n_words <= 2**16 else "uint32", os.path.join(tmp, "pieces")
+    dtype, pieces = token_dtype(tok.n_words), os.path.join(tmp, "pieces")
     for name in keys:
         os.makedirs(os.path.join(pieces, name))
     tasks = [(key, prefix[key] + ".jsonl", fate, dtype, os.path.join(pieces, key))

@@ -122,6 +122,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from data import token_dtype
 from generate import generate_tokens, load_model
 
 
@@ -760,8 +761,8 @@ def read_tokens(path: str, tok) -> tuple:
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.endswith(".npy"):
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    elif path.endswith(".bin"):  # NOTE: raw ids, uint16 when the vocabulary fits, as nanoGPT's
-        ids = np.memmap(path, mode="r", dtype=np.uint16 if tok.n_words <= 1 << 16 else np.uint32)
+    elif path.endswith(".bin"):  # NOTE: raw ids, as data.py and nanoGPT write them
+        ids = np.memmap(path, mode="r", dtype=token_dtype(tok.n_words))
     else:
         text = read_text(path)
         return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
