@@ -107,7 +107,7 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
            f"{2 if dry else 10}; AdamW step included.\n")
     report("| step | attention | compile | recompute | tokens/s | MFU |")
     report("|---|---|---|---|---:|---:|")
-    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M._load_xformers() else [])
+    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M.xformers_ops() else [])
     rows = [("ours", b, False, r) for r in ("none", "selective") for b in backends]
     rows.append(("plain", "math", False, "none"))
     rows += [("ours", b, True, r) for r in ("none", "selective") for b in backends]
@@ -287,7 +287,7 @@ def main(argv=None) -> Report:
         sys.exit("error: no CUDA device visible; run with --dry-run to check the script on CPU")
     device = torch.device("cpu" if a.dry_run else "cuda")
     report = Report(a.out)
-    xf = M._load_xformers()
+    xf = M.xformers_ops()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
     report(f"# GPU check: {name}\n")
     xf_version = getattr(sys.modules.get("xformers"), "__version__", "?")

@@ -372,7 +372,7 @@ def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
 
 @pytest.mark.parametrize("dim,hidden", [(4096, 11008), (64, 176), (64, 96), (2048, 5632)])
 def test_hf_intermediate_size_is_reproduced(dim, hidden):
-    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G._ffn_args(dim, hidden))
+    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G.ffn_args(dim, hidden))
     assert args.ffn_hidden == hidden
 
 
