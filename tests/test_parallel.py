@@ -39,8 +39,9 @@ def tiny(kv_heads: int) -> M.ModelArgs:
 
 @dataclass(frozen=True)
 class Config:
-    """One parallel configuration of tiny(kv_heads) on the 4 workers: the ranks that tp leaves
-    over are data parallel. Each list of configurations below sets the fields it varies."""
+    """One parallel configuration of tiny(kv_heads): tp ranks share one model, and the ranks of
+    the 4 workers that tp leaves over are data parallel. Each list below sets the fields it
+    varies."""
     name: str
     tp: int
     kv_heads: int                   # tp must divide it
