@@ -8,6 +8,7 @@ stay within bf16's rounding of fp32's, and each parallel bf16 run equals one bf1
 """
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -16,6 +17,7 @@ from distributed import free_port, spawn
 
 STEPS = 10
 GLOBAL_BATCH = 8
+WORLD = 4
 
 
 def argv(data_dir, out, batch_size, *extra):
@@ -30,16 +32,26 @@ def argv(data_dir, out, batch_size, *extra):
 # moves them by far more, since the loss falls by 1 nat over the run.
 BF16_REL = 2 ** -8
 
-# (name, world size, tensor parallel, pipeline parallel, micro-batches, extra flags)
+@dataclass(frozen=True)
+class Run:
+    """One train.py configuration on the 4 workers: the ranks tp x pp leaves over are dp."""
+    name: str
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    flags: tuple = ()
+    dtype: str = "fp32"
+
+
 PARALLEL_RUNS = [
-    ("tp2_sp_dp2", 4, 2, 1, 1, ["--sp"]),
-    ("tp2_dp2_selective", 4, 2, 1, 1, ["--recompute", "selective"]),
-    ("tp2_sp_dp2_selective", 4, 2, 1, 1, ["--sp", "--recompute", "selective"]),
-    ("tp4_full", 4, 4, 1, 1, ["--recompute", "full"]),
-    ("dp4", 4, 1, 1, 1, []),
-    ("bf16_tp2_sp_dp2_selective", 4, 2, 1, 1, ["--sp", "--recompute", "selective", "--dtype",
-                                               "bf16"]),
-    ("bf16_pp2_dp2", 4, 1, 2, 2, ["--dtype", "bf16"]),
+    Run("tp2_sp_dp2", tp=2, flags=("--sp",)),
+    Run("tp2_dp2_selective", tp=2, flags=("--recompute", "selective")),
+    Run("tp2_sp_dp2_selective", tp=2, flags=("--sp", "--recompute", "selective")),
+    Run("tp4_full", tp=4, flags=("--recompute", "full")),
+    Run("dp4"),
+    Run("bf16_tp2_sp_dp2_selective", tp=2, flags=("--sp", "--recompute", "selective"),
+        dtype="bf16"),
+    Run("bf16_pp2_dp2", pp=2, micro_batches=2, dtype="bf16"),
 ]
 
 
@@ -50,12 +62,14 @@ def run_configs(data_dir, root, runs, ports):
     store may still hold the old one while a slower rank leaves it.
     """
     losses = {}
-    for (name, world, tp, pp, micro, extra), port in zip(runs, ports):
+    for run, port in zip(runs, ports):
         os.environ["MASTER_PORT"] = str(port)
-        dp = world // (tp * pp)
-        result = T.main(argv(data_dir, f"{root}/{name}", GLOBAL_BATCH // dp // micro, "--tp",
-                             str(tp), "--pp", str(pp), "--micro-batches", str(micro), *extra))
-        losses[name] = result["losses"]
+        dp = WORLD // (run.tp * run.pp)
+        micro_batch = GLOBAL_BATCH // dp // run.micro_batches         # sequences, per dp rank
+        result = T.main(argv(data_dir, f"{root}/{run.name}", micro_batch, "--tp", str(run.tp),
+                             "--pp", str(run.pp), "--micro-batches", str(run.micro_batches),
+                             "--dtype", run.dtype, *run.flags))
+        losses[run.name] = result["losses"]
     return losses
 
 
@@ -73,7 +87,7 @@ def single_process(demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def parallel(demo_data, tmp_path_factory):
     ports = [free_port() for _ in PARALLEL_RUNS]
-    return spawn(run_configs, 4, demo_data, str(tmp_path_factory.mktemp("parallel")),
+    return spawn(run_configs, WORLD, demo_data, str(tmp_path_factory.mktemp("parallel")),
                  PARALLEL_RUNS, ports, timeout=400)
 
 
@@ -97,9 +111,10 @@ def test_parallel_runs_equal_one_process(parallel, single_process):
         reference = single_process[dtype, "none"]
         assert sorted(reference) == list(range(1, STEPS + 1))
         assert reference[STEPS] < reference[1] - 1.0          # it learns: the check has teeth
-        for rank_losses in parallel:                          # every rank logs the same losses
-            for name, *_ in PARALLEL_RUNS:
-                if name.startswith("bf16") != (dtype == "bf16"):
+        for rank, rank_losses in enumerate(parallel):         # every rank logs the same losses
+            for run in PARALLEL_RUNS:
+                if run.dtype != dtype:
                     continue
                 for step, loss in reference.items():
-                    assert rank_losses[name][step] == pytest.approx(loss, rel=rel), (name, step)
+                    assert rank_losses[run.name][step] == pytest.approx(loss, rel=rel), \
+                        f"{run.name}, rank {rank}, step {step}"
