@@ -1,8 +1,9 @@
 """Start and watch the processes a test needs: gloo workers running a test's function, and
 train.py (or any script) as a user would type it.
 
-    from distributed import spawn
+    from distributed import spawn, spawn_each
     results = spawn(fn, 4, arg1, arg2)      # fn(arg1, arg2) on ranks 0..3, results in rank order
+    runs = spawn_each(train.main, 4, [argv1, argv2])    # runs[1][rank]: train.main(argv2)'s
 
 Each worker is a fresh Python process (multiprocessing's "spawn" start method) with torchrun's
 variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port) and one
@@ -10,7 +11,8 @@ thread (OMP_NUM_THREADS=1: four workers share two cores without oversubscribing 
 `parallel.init_distributed(device="cpu")` itself, exactly as train.py would under torchrun. A
 worker that raises fails the test with its traceback; a group still running after `timeout`
 seconds is killed and fails the test, so a stuck collective never hangs the suite. fn must be
-importable by the child (a module-level function of a test file) and return picklable values.
+importable by the child (a module-level function of a test file or of the project) and return
+picklable values.
 
 For whole programs: `python(...)` runs one to its end, `start(...)` and `torchrun(...)` leave it
 running, `wait_for_step` watches its metrics.jsonl until a step is logged, `losses` reads them,
@@ -102,6 +104,25 @@ def spawn(fn, world_size: int, *args, timeout: float = 180.0) -> list:
                 p.kill()
                 p.join()
     return [out[r] for r in range(world_size)]
+
+
+def _each_in_a_fresh_group(fn, items, ports):
+    results = []
+    for item, port in zip(items, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        results.append(fn(item))
+    return results
+
+
+def spawn_each(fn, world_size: int, items: list, timeout: float = 180.0) -> list:
+    """fn(item) for each item, one after the other on the same world_size workers (train.main
+    once per configuration, say); per item, the results of ranks 0..world_size-1.
+
+    NOTE: each item's call joins a fresh process group on its own port: the previous group's
+    store may still hold the old one while a slower rank leaves it."""
+    ports = [free_port() for _ in items]
+    by_rank = spawn(_each_in_a_fresh_group, world_size, fn, items, ports, timeout=timeout)
+    return [list(results) for results in zip(*by_rank)]
 
 
 # --- whole programs, as a user runs them ---------------------------------------------------------

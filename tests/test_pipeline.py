@@ -36,7 +36,7 @@ import parallel as P
 import planner
 import train as T
 import test_parallel as parallel_tests
-from distributed import free_port, spawn
+from distributed import spawn, spawn_each
 from p2p_rules import Deadlock, P2PRecorder, replay
 from test_parallel import perturbed_model
 
@@ -520,26 +520,20 @@ TRAIN_RUNS = [
 ]
 
 
-def run_train(data_dir, root, ports):
-    """In each worker: train.main() for each run, each in a fresh process group (own port)."""
-    out = {}
-    for (name, extra, batch_size), port in zip(TRAIN_RUNS, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        out[name] = T.main(train_argv(data_dir, f"{root}/{name}", batch_size, *extra))
-    return out
-
-
 def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_path):
     one = T.main(train_argv(demo_data, tmp_path / "one", 8))
-    ran = spawn(run_train, WORLD, demo_data, str(tmp_path), [free_port() for _ in TRAIN_RUNS],
-                timeout=300)
+    argvs = [train_argv(demo_data, tmp_path / name, batch_size, *extra)
+             for name, extra, batch_size in TRAIN_RUNS]
+    names = [name for name, *_ in TRAIN_RUNS]
+    ran = dict(zip(names, spawn_each(T.main, WORLD, argvs, timeout=300)))   # name -> per rank
     assert one["losses"][6] < one["losses"][1] - 0.5            # it learns
-    for name, *_ in TRAIN_RUNS:
-        for rank in range(WORLD):
+    for name, ranks in ran.items():
+        for rank, result in enumerate(ranks):
             for step, loss in one["losses"].items():
-                assert ran[rank][name]["losses"][step] == pytest.approx(loss, rel=1e-4), name
+                assert result["losses"][step] == pytest.approx(loss, rel=1e-4), (name, rank, step)
             for step, loss in one["val_losses"].items():              # forward-only pipeline
-                assert ran[rank][name]["val_losses"][step] == pytest.approx(loss, rel=1e-4), name
+                assert result["val_losses"][step] == pytest.approx(loss, rel=1e-4), \
+                    (name, rank, step)
     # saved at pp 2 x tp 2: Meta's files, one per tp rank, every layer in each; loads at pp 1
     ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path / "pp2 v2 x tp2+sp")))
     files = sorted(f for f in os.listdir(ckpt) if f.endswith(".pth"))
@@ -552,7 +546,7 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
     val = data.validation_windows(demo_data, 32, 4, seed=0)
     with torch.no_grad():
         loss = F.cross_entropy(model(val[:, :-1]).flatten(0, 1), val[:, 1:].flatten()).item()
-    assert loss == pytest.approx(ran[0]["pp2 v2 x tp2+sp"]["val_losses"][6], rel=1e-4)
+    assert loss == pytest.approx(ran["pp2 v2 x tp2+sp"][0]["val_losses"][6], rel=1e-4)
 
 
 @pytest.mark.parametrize("extra,world,message", [

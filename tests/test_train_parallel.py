@@ -7,13 +7,12 @@ runs under it in one process with each recompute mode, and under tp 2 + sp and p
 stay within bf16's rounding of fp32's, and each parallel bf16 run equals one bf16 process.
 """
 
-import os
 from dataclasses import dataclass
 
 import pytest
 
 import train as T
-from distributed import free_port, spawn
+from distributed import spawn_each
 
 STEPS = 10
 GLOBAL_BATCH = 8
@@ -31,6 +30,7 @@ def argv(data_dir, out, batch_size, *extra):
 # the bf16 losses stay within a fraction of that of fp32's (measured: 0.05%); a wrong gradient
 # moves them by far more, since the loss falls by 1 nat over the run.
 BF16_REL = 2 ** -8
+
 
 @dataclass(frozen=True)
 class Run:
@@ -55,22 +55,12 @@ PARALLEL_RUNS = [
 ]
 
 
-def run_configs(data_dir, root, runs, ports):
-    """In each worker: one train.main() per configuration, one after the other.
-
-    NOTE: each configuration joins a fresh process group on its own port: the previous group's
-    store may still hold the old one while a slower rank leaves it.
-    """
-    losses = {}
-    for run, port in zip(runs, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        dp = WORLD // (run.tp * run.pp)
-        micro_batch = GLOBAL_BATCH // dp // run.micro_batches         # sequences, per dp rank
-        result = T.main(argv(data_dir, f"{root}/{run.name}", micro_batch, "--tp", str(run.tp),
-                             "--pp", str(run.pp), "--micro-batches", str(run.micro_batches),
-                             "--dtype", run.dtype, *run.flags))
-        losses[run.name] = result["losses"]
-    return losses
+def run_argv(data_dir, root, run: Run) -> list:
+    dp = WORLD // (run.tp * run.pp)
+    micro_batch = GLOBAL_BATCH // dp // run.micro_batches             # sequences, per dp rank
+    return argv(data_dir, f"{root}/{run.name}", micro_batch, "--tp", str(run.tp), "--pp",
+                str(run.pp), "--micro-batches", str(run.micro_batches), "--dtype", run.dtype,
+                *run.flags)
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +76,12 @@ def single_process(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parallel(demo_data, tmp_path_factory):
-    ports = [free_port() for _ in PARALLEL_RUNS]
-    return spawn(run_configs, WORLD, demo_data, str(tmp_path_factory.mktemp("parallel")),
-                 PARALLEL_RUNS, ports, timeout=400)
+    """{run name: per rank, {step: loss}}: train.main on 4 workers, one run after the other."""
+    root = tmp_path_factory.mktemp("parallel")
+    results = spawn_each(T.main, WORLD, [run_argv(demo_data, root, run) for run in PARALLEL_RUNS],
+                         timeout=400)
+    return {run.name: [rank["losses"] for rank in ranks]
+            for run, ranks in zip(PARALLEL_RUNS, results)}
 
 
 def test_recompute_modes_equal_in_one_process(single_process):
@@ -111,10 +104,10 @@ def test_parallel_runs_equal_one_process(parallel, single_process):
         reference = single_process[dtype, "none"]
         assert sorted(reference) == list(range(1, STEPS + 1))
         assert reference[STEPS] < reference[1] - 1.0          # it learns: the check has teeth
-        for rank, rank_losses in enumerate(parallel):         # every rank logs the same losses
-            for run in PARALLEL_RUNS:
-                if run.dtype != dtype:
-                    continue
+        for run in PARALLEL_RUNS:
+            if run.dtype != dtype:
+                continue
+            for rank, losses in enumerate(parallel[run.name]):   # every rank logs the same losses
                 for step, loss in reference.items():
-                    assert rank_losses[run.name][step] == pytest.approx(loss, rel=rel), \
+                    assert losses[step] == pytest.approx(loss, rel=rel), \
                         f"{run.name}, rank {rank}, step {step}"
