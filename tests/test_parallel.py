@@ -44,13 +44,13 @@ class Config:
     varies."""
     name: str
     tp: int
-    kv_heads: int                   # tp must divide it
+    kv_heads: int                     # tp must divide it
     sp: bool = False
     recompute: str = "none"
-    overlap: bool = True            # bucketed all-reduces launched in backward; False: naive dp
-    backward_in_no_sync: bool = True      # False: DDP's other idiom, the forward alone in no_sync()
-    keep_shard: bool = True         # False: the naive sp, saving the gathered input
-    bf16: bool = False              # under bf16 autocast
+    overlap: bool = True              # bucketed all-reduces launched in backward; False: naive dp
+    backward_in_no_sync: bool = True  # False: DDP's other idiom, the forward alone in no_sync()
+    keep_shard: bool = True           # False: the naive sp, saving the gathered input
+    bf16: bool = False                # under bf16 autocast
 
 
 def close(actual, expected, what, rtol=1e-4, atol=1e-5):
