@@ -227,7 +227,7 @@ def permute_rows(w, n_heads: int, to_hf: bool):
     return w.reshape(grid).transpose(1, 2).reshape(n_heads * E, D)
 
 
-def _ffn_args(dim: int, hidden: int) -> dict:
+def ffn_args(dim: int, hidden: int) -> dict:
     """multiple_of / ffn_dim_multiplier for which ModelArgs.ffn_hidden == HF's intermediate_size."""
     if ModelArgs(dim=dim, n_heads=1, n_layers=1, vocab_size=1).ffn_hidden == hidden:
         return {}                                    # LLaMA's own rounding (multiple_of=256)
@@ -251,7 +251,7 @@ def read_hf(folder: str):
                          norm_eps=cfg.get("rms_norm_eps", 1e-6),
                          rope_theta=cfg.get("rope_theta", 1e4),
                          max_seq_len=cfg.get("max_position_embeddings", 2048),
-                         **_ffn_args(dim, cfg["intermediate_size"]))
+                         **ffn_args(dim, cfg["intermediate_size"]))
     except KeyError as e:
         raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:

@@ -232,7 +232,7 @@ ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 _xformers_ops = None
 
 
-def _load_xformers():
+def xformers_ops():
     """xformers.ops, or None when the package is absent or has no usable kernel here.
 
     NOTE: the package can import while its CUDA extension does not load (a wheel built for
@@ -257,8 +257,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
     if name == "auto":
-        return "xformers" if device.type == "cuda" and _load_xformers() else "sdpa"
-    if name == "xformers" and (device.type != "cuda" or not _load_xformers()):
+        return "xformers" if device.type == "cuda" and xformers_ops() else "sdpa"
+    if name == "xformers" and (device.type != "cuda" or not xformers_ops()):
         raise ValueError("attention backend 'xformers' needs CUDA and the xformers package; "
                          "use 'sdpa' or 'math' on this machine")
     return name

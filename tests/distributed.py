@@ -1,7 +1,9 @@
-"""Run a function on a group of gloo worker processes from inside a test.
+"""Start and watch the processes a test needs: gloo workers running a test's function, and
+train.py (or any script) as a user would type it.
 
-    from distributed import spawn
+    from distributed import spawn, spawn_each
     results = spawn(fn, 4, arg1, arg2)      # fn(arg1, arg2) on ranks 0..3, results in rank order
+    runs = spawn_each(train.main, 4, [argv1, argv2])    # runs[1][rank]: train.main(argv2)'s
 
 Each worker is a fresh Python process (multiprocessing's "spawn" start method) with torchrun's
 variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port) and one
@@ -9,13 +11,21 @@ thread (OMP_NUM_THREADS=1: four workers share two cores without oversubscribing 
 `parallel.init_distributed(device="cpu")` itself, exactly as train.py would under torchrun. A
 worker that raises fails the test with its traceback; a group still running after `timeout`
 seconds is killed and fails the test, so a stuck collective never hangs the suite. fn must be
-importable by the child (a module-level function of a test file) and return picklable values.
+importable by the child (a module-level function of a test file or of the project) and return
+picklable values.
+
+For whole programs: `python(...)` runs one to its end, `start(...)` and `torchrun(...)` leave it
+running, `wait_for_step` watches its metrics.jsonl until a step is logged, `losses` reads them,
+and `children` finds the workers torchrun started (to kill one).
 """
 
+import json
 import os
 import pickle
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
@@ -23,15 +33,26 @@ import torch
 import torch.multiprocessing as mp
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
+
+
+# --- gloo workers running a test's function ----------------------------------------------------
+
 def free_port() -> int:
+    """A TCP port on localhost that no one listens on now, for a rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def torchrun_env(rank: int, world_size: int, port: int) -> dict:
+    """The variables torchrun sets for one rank of a job on this machine."""
+    return dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def _run(rank, world_size, port, fn, args, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(torchrun_env(rank, world_size, port))
     torch.set_num_threads(1)
     try:
         # NOTE: sent as bytes: a tensor put on a torch.multiprocessing queue travels as a shared
@@ -42,6 +63,7 @@ def _run(rank, world_size, port, fn, args, results):
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 180.0) -> list:
+    """fn(*args) on world_size gloo workers; their return values in rank order."""
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), free_port()
     saved = os.environ.get("OMP_NUM_THREADS")
@@ -82,3 +104,86 @@ def spawn(fn, world_size: int, *args, timeout: float = 180.0) -> list:
                 p.kill()
                 p.join()
     return [out[r] for r in range(world_size)]
+
+
+def _each_in_a_fresh_group(fn, items, ports):
+    results = []
+    for item, port in zip(items, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        results.append(fn(item))
+    return results
+
+
+def spawn_each(fn, world_size: int, items: list, timeout: float = 180.0) -> list:
+    """fn(item) for each item, one after the other on the same world_size workers (train.main
+    once per configuration, say); per item, the results of ranks 0..world_size-1.
+
+    NOTE: each item's call joins a fresh process group on its own port: the previous group's
+    store may still hold the old one while a slower rank leaves it."""
+    ports = [free_port() for _ in items]
+    by_rank = spawn(_each_in_a_fresh_group, world_size, fn, items, ports, timeout=timeout)
+    return [list(results) for results in zip(*by_rank)]
+
+
+# --- whole programs, as a user runs them ---------------------------------------------------------
+
+def python(*args, **kw) -> subprocess.CompletedProcess:
+    """Run `python ARGS` from the repository root to its end, as a user would type it; its
+    output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def start(*args, **kw) -> subprocess.Popen:
+    """Start `python ARGS` from the repository root and return it running (text mode; say where
+    its output goes with stdout= and stderr=)."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, **kw)
+
+
+def torchrun(*args) -> subprocess.Popen:
+    """Start `torchrun ARGS` (as python -m torch.distributed.run, the same program), its workers
+    one thread each, stdout and stderr together in its .stdout."""
+    return start("-m", "torch.distributed.run", *args, stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def children(pid: int) -> list:
+    """The processes whose parent is pid (read off /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def losses(out) -> dict:
+    """{step: loss} of the steps that train.py logged to OUT/metrics.jsonl with a finite loss.
+
+    NOTE: the last line may be cut short, by a write in progress or by a kill; it is skipped. A
+    damaged line before it is an error (train.py drops a torn line when it resumes)."""
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(lines[-1])] if lines else []
+    except json.JSONDecodeError:
+        pass
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
+
+
+def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 120,
+                  poll: float = 0.05):
+    """Wait until the run writing OUT/metrics.jsonl has logged the loss of `step`; fail if proc
+    ends, or `timeout` seconds pass, first."""
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
+    while not (os.path.exists(metrics) and max(losses(out), default=0) >= step):
+        if proc.poll() is not None:
+            said = "".join(text for text in proc.communicate() if text)   # what was piped
+            raise AssertionError(f"{' '.join(map(str, proc.args[1:]))} ended (exit "
+                                 f"{proc.returncode}) before step {step}:\n{said}")
+        assert time.monotonic() < deadline, f"no step {step} in {metrics} after {timeout} s"
+        time.sleep(poll)

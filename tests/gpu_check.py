@@ -41,7 +41,7 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from distributed import ROOT, losses, python, start, wait_for_step   # beside this file
 sys.path.insert(0, ROOT)
 
 import data                      # noqa: E402  (after the path: the repository's own files)
@@ -82,8 +82,7 @@ class Report:
 
 def cuda_tests(report: Report, dry: bool):
     report("\n## 1. tests/test_gpu.py\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = python("-m", "pytest", "-q", "-rs", "tests/test_gpu.py")
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     report("```\n" + "\n".join(tail) + "\n```")
     report.save("cuda_tests", dict(returncode=proc.returncode, summary=tail[-1] if tail else ""))
@@ -107,16 +106,16 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
            f"{2 if dry else 10}; AdamW step included.\n")
     report("| step | attention | compile | recompute | tokens/s | MFU |")
     report("|---|---|---|---|---:|---:|")
-    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M._load_xformers() else [])
+    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M.xformers_ops() else [])
     rows = [("ours", b, False, r) for r in ("none", "selective") for b in backends]
     rows.append(("plain", "math", False, "none"))
     rows += [("ours", b, True, r) for r in ("none", "selective") for b in backends]
     if dry:
         rows = rows[:4]                             # one compiled row keeps that path checked
-    start, results = time.perf_counter(), []
+    began, results = time.perf_counter(), []
     for kind, backend, compiled, recompute in rows:
         label = f"| {kind} | {backend} | {'on' if compiled else 'off'} | {recompute} |"
-        if time.perf_counter() - start > budget_s:
+        if time.perf_counter() - began > budget_s:
             report(f"{label} skipped: past this section's {budget_s:.0f} s | |")
             continue
         cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention=backend,
@@ -199,33 +198,20 @@ def decoding(report: Report, device, dry: bool):
 # 4. Kill and resume
 # ---------------------------------------------------------------------------------------------
 
-def _losses(out: str) -> dict:
-    losses = {}
-    for line in open(os.path.join(out, "metrics.jsonl")):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:                # a line torn by the kill
-            continue
-        if row.get("loss") is not None:
-            losses[row["step"]] = row["loss"]
-    return losses
-
-
 def kill_and_resume(report: Report, device, dry: bool, work: str):
     steps, save, kill_after = (40, 10, 12) if dry else (200, 50, 55)
     data_dir = data.prepare_demo(os.path.join(work, "data"), vocab_size=512, scale=0.05,
                                  quiet=True)
 
     def argv(out, *extra):
-        return [sys.executable, "train.py", "--data", data_dir, "--out", out, "--preset", "tiny",
+        return ["train.py", "--data", data_dir, "--out", out, "--preset", "tiny",
                 "--seq-len", "32" if dry else "128", "--batch-size", "4" if dry else "8",
                 "--steps", str(steps), "--warmup", "10", "--save-every", str(save),
                 "--eval-every", "1000", "--eval-windows", "8", "--samples", "0",
                 "--log-every", "1000", "--device", device.type, *extra]
 
     def run(out, *extra):
-        proc = subprocess.run(argv(out, *extra), cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        proc = python(*argv(out, *extra))
         if proc.returncode != 0:
             raise RuntimeError(f"train.py exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
 
@@ -234,23 +220,20 @@ def kill_and_resume(report: Report, device, dry: bool, work: str):
     a, a2, b = (os.path.join(work, n) for n in ("straight", "straight-again", "killed"))
     run(a)
     run(a2)
-    proc = subprocess.Popen(argv(b), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics, deadline = os.path.join(b, "metrics.jsonl"), time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if os.path.exists(metrics) and max(_losses(b), default=0) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    proc = start(*argv(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(b, kill_after, proc, timeout=300, poll=0.005)    # a GPU step is quick
+    finally:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(_losses(b), default=0)
+    killed_at = max(losses(b), default=0)
     if proc.returncode != -signal.SIGKILL:
         report.fail("kill and resume", f"the run was not killed (exit {proc.returncode}, last "
                                        f"step {killed_at}): it ran too fast or failed")
         return
     latest = T.latest_checkpoint(T.TrainConfig(out=b))
     run(b, "--resume")
-    straight, again, resumed = _losses(a), _losses(a2), _losses(b)
+    straight, again, resumed = losses(a), losses(a2), losses(b)
     after = [s for s in range(save + 1, steps + 1)]
 
     def worst(x, y, at):
@@ -287,7 +270,7 @@ def main(argv=None) -> Report:
         sys.exit("error: no CUDA device visible; run with --dry-run to check the script on CPU")
     device = torch.device("cpu" if a.dry_run else "cuda")
     report = Report(a.out)
-    xf = M._load_xformers()
+    xf = M.xformers_ops()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
     report(f"# GPU check: {name}\n")
     xf_version = getattr(sys.modules.get("xformers"), "__version__", "?")

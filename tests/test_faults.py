@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -22,29 +21,12 @@ import generate as G
 import parallel as P
 import planner
 import train as T
-from distributed import free_port
+from distributed import (children, free_port, losses, python, start, torchrun, torchrun_env,
+                         wait_for_step)
 from test_generate import tiny_model, tok_path, write_checkpoint  # noqa: F401 (a fixture)
 from test_train import base_argv, read_metrics
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def python(*args, **kw):
-    """Run `python *args` from the repository root, as a user would type it."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kw)
-
-
-def losses(out) -> dict:
-    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
-
-
-def wait_for_step(out, step, proc, timeout=120):
-    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
-    while not (os.path.exists(metrics) and max(losses(out), default=0) >= step):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
 
 
 def one_error_line(err: str) -> str:
@@ -71,8 +53,7 @@ def readme_run(out, data_dir):
 def test_readme_resume_pair_with_a_sigterm_finishes_the_run_exactly(demo_data, tmp_path):
     straight = T.main(readme_run(tmp_path / "straight", demo_data)[1:])["losses"]
     out = tmp_path / "run1"
-    proc = subprocess.Popen([sys.executable, *readme_run(out, demo_data)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(*readme_run(out, demo_data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_step(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0 and "saving step" in proc.stdout.read()
@@ -170,7 +151,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume(demo_data, tmp_path):
 
 
 def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, tmp_path, capsys):
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = start("-c", "import time; time.sleep(60)")
     try:
         os.makedirs(tmp_path / "busy")
         (tmp_path / "busy" / "train.lock").write_text(f"{owner.pid} {socket.gethostname()}")
@@ -191,8 +172,7 @@ def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, t
 
 def test_two_runs_started_together_on_one_out(demo_data, tmp_path):
     argv = ["train.py", *base_argv(demo_data, tmp_path, "--steps", "30")]
-    first = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = start(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     second = python(*argv)
     assert first.wait(timeout=300) == 0, first.stderr.read()
@@ -392,10 +372,8 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(demo_data, tmp_path):
     argv = ["train.py", *base_argv(demo_data, tmp_path, "--steps", "100000", "--timeout", "5",
                                    "--batch-size", "2")]
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        env = dict(os.environ, **torchrun_env(rank, 2, port), OMP_NUM_THREADS="1")
+        procs.append(start(*argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     try:
         wait_for_step(tmp_path, 3, procs[0])
         procs[1].send_signal(signal.SIGSTOP)
@@ -412,27 +390,6 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(demo_data, tmp_path):
         for p in procs:
             p.kill()
             p.wait()
-
-
-def torchrun(*args, **kw):
-    """`torchrun ARGS` (as python -m torch.distributed.run, the same program) from the root."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
-
-
-def children(pid: int) -> list:
-    """The processes whose parent is pid (read off /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def test_torchrun_restarts_after_a_killed_worker_and_finishes_the_run(demo_data, tmp_path):

@@ -1,13 +1,15 @@
 """Tests for generate.py: cached decoding against full recomputation, the static (CUDA-graph)
-and compiled steps against the eager forward, sampling rules, Meta's sharded layout, the Hugging Face export
-against an independent rotate-half forward written here, and one-line errors on bad input."""
+and compiled steps against the eager forward, sampling rules, tensor-parallel decoding on two gloo
+workers against one process, Meta's sharded layout, the Hugging Face export (weights against an
+independent rotate-half forward written here, tokenizer.json against a byte-pair merge by hand,
+and transformers itself when installed), the command line, and one-line errors on bad input."""
 
 import contextlib
+import io
 import json
 import os
 import random
 import shutil
-import socket
 from dataclasses import asdict
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 import generate as G
 import model as M
+from distributed import spawn
 from tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ("the a cat dog sat on mat question answer yes no is it true that sun moon water fire "
@@ -159,13 +162,13 @@ def test_cuda_graph_decoding_equals_plain_decoding(compile):
     assert plain == graph
 
 
-def _tp_worker(rank, port, argv, out_dir):
-    """One torchrun-like rank: the environment torchrun would set, then generate.main."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)                          # two ranks on two cores
-    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f, contextlib.redirect_stdout(f):
+def generate_on_a_rank(argv) -> str:
+    """One rank of `torchrun generate.py ARGV` (distributed.spawn sets torchrun's variables):
+    what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
         G.main(argv)
+    return printed.getvalue()
 
 
 @pytest.mark.slow
@@ -176,14 +179,10 @@ def test_tensor_parallel_generation_equals_one_process(tmp_path, tok_path, capsy
             "is it true that", "--max-new-tokens", "8", "--temperature", "0.8", "--seed", "5"]
     G.main(argv)
     expected = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    with socket.socket() as s:                        # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_tp_worker, args=(port, argv + ["--tp", "2"], str(tmp_path)),
-                                nprocs=2)
-    rank0 = (tmp_path / "rank0.txt").read_text().splitlines()
-    assert [line for line in rank0 if line.startswith("[")] == expected and len(expected) == 2
-    assert (tmp_path / "rank1.txt").read_text() == ""           # only rank 0 prints
+    rank0, rank1 = spawn(generate_on_a_rank, 2, argv + ["--tp", "2"])
+    assert [line for line in rank0.splitlines() if line.startswith("[")] == expected
+    assert len(expected) == 2
+    assert rank1 == ""                                          # only rank 0 prints
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -338,7 +337,8 @@ def bpe_by_hand(spec: dict, text: str) -> list:
 def test_hf_tokenizer_json_encodes_as_sentencepiece(spaced_tok_path):
     spec, tok = G.hf_tokenizer_json(spaced_tok_path), Tokenizer(spaced_tok_path)
     assert {"▁▁", "▁▁▁▁"} <= set(spec["model"]["vocab"])      # whitespace-only pieces exist
-    assert spec["pre_tokenizer"] is None and spec["normalizer"]["normalizers"] == [   # as by hand
+    assert spec["pre_tokenizer"] is None                        # as bpe_by_hand assumes
+    assert spec["normalizer"]["normalizers"] == [
         {"type": "Prepend", "prepend": "▁"},
         {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
     for text in space_stress_texts():
@@ -372,7 +372,7 @@ def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
 
 @pytest.mark.parametrize("dim,hidden", [(4096, 11008), (64, 176), (64, 96), (2048, 5632)])
 def test_hf_intermediate_size_is_reproduced(dim, hidden):
-    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G._ffn_args(dim, hidden))
+    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G.ffn_args(dim, hidden))
     assert args.ffn_hidden == hidden
 
 

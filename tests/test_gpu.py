@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 
 def backends():
     names = ["sdpa", "math"]
-    if M._load_xformers():
+    if M.xformers_ops():
         names.insert(0, "xformers")
     return names
 

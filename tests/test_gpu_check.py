@@ -2,7 +2,6 @@
 the one command a lent GPU runs cannot rot between GPUs."""
 
 import json
-import os
 
 import pytest
 

@@ -1,5 +1,6 @@
-"""Tests for model.py: golden parameter counts, parity with a plain re-derivation of the LLaMA
-equations, attention backends, the KV cache, the hand-written SwiGLU backward, Meta's key names,
+"""Tests for model.py: golden parameter counts and FLOPs per token, parity with a plain
+re-derivation of the LLaMA equations, fp32 rotary tables, attention backends, the KV cache and the
+static-shape decoding step, the hand-written SwiGLU backward, Meta's key names and shard layout,
 and refusal of impossible architectures."""
 
 import math

@@ -13,6 +13,7 @@ Plus, in this process: recomputation with random ops, bad configurations refused
 """
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -34,6 +35,22 @@ STEPS, GLOBAL_BATCH, SEQ, LR, CLIP = 6, 8, 16, 1e-2, 1.0
 def tiny(kv_heads: int) -> M.ModelArgs:
     return M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=256,
                        multiple_of=32, max_seq_len=SEQ)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One parallel configuration of tiny(kv_heads): tp ranks share one model, and the ranks of
+    the 4 workers that tp leaves over are data parallel. Each list below sets the fields it
+    varies."""
+    name: str
+    tp: int
+    kv_heads: int                     # tp must divide it
+    sp: bool = False
+    recompute: str = "none"
+    overlap: bool = True              # bucketed all-reduces launched in backward; False: naive dp
+    backward_in_no_sync: bool = True  # False: DDP's other idiom, the forward alone in no_sync()
+    keep_shard: bool = True           # False: the naive sp, saving the gathered input
+    bf16: bool = False                # under bf16 autocast
 
 
 def close(actual, expected, what, rtol=1e-4, atol=1e-5):
@@ -241,9 +258,10 @@ def worker_operators_and_layers():
         for grid in grids.values():
             check_collectives(grid)
             check_operators(grid)
-        for (tp, kv), sp in [((2, 2), False), ((2, 2), True), ((4, 4), False), ((4, 4), True)]:
-            check_layers(grids[tp], kv, sp)
-        check_layers(grids[2], 2, sp=True, keep_shard=False)     # the naive sp version
+        for tp in (2, 4):
+            for sp in (False, True):
+                check_layers(grids[tp], kv_heads=tp, sp=sp)
+        check_layers(grids[2], kv_heads=2, sp=True, keep_shard=False)   # the naive sp version
         return "ok"
     finally:
         P.destroy(world)
@@ -255,15 +273,13 @@ def test_operators_and_layers_match_closed_forms_and_unsharded_modules():
 
 # --- 2. training equals one process -------------------------------------------------------------
 
-def train(args, grid, sp=False, recompute="none", overlap=True, backward_in_no_sync=True,
-          accum=2, bucket_mb=0.05):
-    """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches.
-
-    backward_in_no_sync=False: DDP's other idiom, the forward alone inside no_sync()."""
+def train(config, grid, accum=2, bucket_mb=0.05):
+    """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches."""
+    args = tiny(config.kv_heads)
     torch.manual_seed(0)
-    model = P.parallelize(M.Transformer(args), grid, sp=sp)
-    P.apply_recompute(model, recompute)
-    sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=overlap)
+    model = P.parallelize(M.Transformer(args), grid, sp=config.sp)
+    P.apply_recompute(model, config.recompute)
+    sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=config.overlap)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     losses, norms = [], []
     for batch in batches(args):
@@ -271,9 +287,9 @@ def train(args, grid, sp=False, recompute="none", overlap=True, backward_in_no_s
         for i, micro in enumerate(rows.chunk(accum)):
             with sync.no_sync() if i < accum - 1 else nullcontext():
                 loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
-                if backward_in_no_sync:
+                if config.backward_in_no_sync:
                     loss.backward()
-            if not backward_in_no_sync:
+            if not config.backward_in_no_sync:
                 loss.backward()
             total += loss.detach()
         sync.finish()
@@ -302,21 +318,20 @@ def reference(args, steps=STEPS, lr=LR):
     return losses, norms
 
 
-# (name, tp, kv heads, sp, recompute, overlap, backward in no_sync); the rest of the 4 ranks is dp
 CONFIGS = [
-    ("tp4+sp", 4, 4, True, "none", True, True),
-    ("tp4", 4, 4, False, "none", True, True),
-    ("dp2 x tp2+sp", 2, 2, True, "none", True, True),
-    ("dp2 x tp2", 2, 2, False, "none", True, True),
-    ("dp4", 1, 2, False, "none", True, True),
-    ("dp4, forward-only no_sync", 1, 2, False, "none", True, False),
-    ("dp2 x tp2+sp naive dp", 2, 2, True, "none", False, True),
-    ("dp2 x tp2+sp selective", 2, 2, True, "selective", True, True),
-    ("dp2 x tp2+sp full", 2, 2, True, "full", True, True),
-    ("dp2 x tp2 selective", 2, 2, False, "selective", True, True),
-    ("tp4+sp selective", 4, 4, True, "selective", True, True),
-    ("dp4 selective", 1, 2, False, "selective", True, True),
-    ("dp4 full", 1, 2, False, "full", True, True),
+    Config("tp4+sp", tp=4, kv_heads=4, sp=True),
+    Config("tp4", tp=4, kv_heads=4),
+    Config("dp2 x tp2+sp", tp=2, kv_heads=2, sp=True),
+    Config("dp2 x tp2", tp=2, kv_heads=2),
+    Config("dp4", tp=1, kv_heads=2),
+    Config("dp4, forward-only no_sync", tp=1, kv_heads=2, backward_in_no_sync=False),
+    Config("dp2 x tp2+sp naive dp", tp=2, kv_heads=2, sp=True, overlap=False),
+    Config("dp2 x tp2+sp selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
+    Config("dp2 x tp2+sp full", tp=2, kv_heads=2, sp=True, recompute="full"),
+    Config("dp2 x tp2 selective", tp=2, kv_heads=2, recompute="selective"),
+    Config("tp4+sp selective", tp=4, kv_heads=4, sp=True, recompute="selective"),
+    Config("dp4 selective", tp=1, kv_heads=2, recompute="selective"),
+    Config("dp4 full", tp=1, kv_heads=2, recompute="full"),
 ]
 
 
@@ -324,8 +339,7 @@ def worker_training():
     world = P.init_distributed(device="cpu")
     try:
         grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
-        out = {name: train(tiny(kv), grids[tp], sp, recompute, overlap, inside)
-               for name, tp, kv, sp, recompute, overlap, inside in CONFIGS}
+        out = {config.name: train(config, grids[config.tp]) for config in CONFIGS}
 
         # naive and bucketed data parallelism: the same gradients after finish()
         grid, args = grids[2], tiny(2)
@@ -368,12 +382,13 @@ def test_training_losses_equal_one_process(trained):
     refs = {kv: reference(tiny(kv)) for kv in (2, 4)}
     for kv, (losses, _) in refs.items():
         assert losses[-1] < losses[0] - 1.0, "the reference must learn, or equality proves little"
-    for name, tp, kv, *_ in CONFIGS:
-        ref_losses, ref_norms = refs[kv]
+    for config in CONFIGS:
+        ref_losses, ref_norms = refs[config.kv_heads]
         for rank in range(WORLD):
-            losses, norms = trained[rank][name]
-            assert losses == pytest.approx(ref_losses, rel=1e-4), f"{name}, rank {rank}: losses"
-            assert norms == pytest.approx(ref_norms, rel=1e-4), f"{name}, rank {rank}: grad norms"
+            losses, norms = trained[rank][config.name]
+            what = f"{config.name}, rank {rank}"
+            assert losses == pytest.approx(ref_losses, rel=1e-4), f"{what}: losses"
+            assert norms == pytest.approx(ref_norms, rel=1e-4), f"{what}: grad norms"
 
 
 def test_naive_and_bucketed_data_parallel_give_equal_gradients(trained):
@@ -394,32 +409,36 @@ def test_first_bucket_all_reduce_starts_before_backward_reaches_first_layer(trai
 
 # --- 3. accounting and checkpoints --------------------------------------------------------------
 
-# (label, tp, kv heads, sp, recompute, keep_shard) for the activation bytes of one layer
+# The activation bytes of one layer: at tp 1 in this process (the plain model), the rest on the
+# workers, each in fp32 and under bf16 autocast.
+ONE_PROCESS_ACTIVATION_CONFIGS = [Config(mode, tp=1, kv_heads=2, recompute=mode)
+                                  for mode in ("none", "selective", "full")]
 ACTIVATION_CONFIGS = [
-    ("tp", 2, 2, False, "none", True),
-    ("tp+sp", 2, 2, True, "none", True),
-    ("tp+sp naive", 2, 2, True, "none", False),
-    ("tp+sp+selective", 2, 2, True, "selective", True),
-    ("tp+sp+full", 2, 2, True, "full", True),
-    ("tp+selective", 2, 2, False, "selective", True),
-    ("tp4+sp", 4, 4, True, "none", True),
-    ("tp4+sp+selective", 4, 4, True, "selective", True),
+    Config("tp", tp=2, kv_heads=2),
+    Config("tp+sp", tp=2, kv_heads=2, sp=True),
+    Config("tp+sp naive", tp=2, kv_heads=2, sp=True, keep_shard=False),
+    Config("tp+sp+selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
+    Config("tp+sp+full", tp=2, kv_heads=2, sp=True, recompute="full"),
+    Config("tp+selective", tp=2, kv_heads=2, recompute="selective"),
+    Config("tp4+sp", tp=4, kv_heads=4, sp=True),
+    Config("tp4+sp+selective", tp=4, kv_heads=4, sp=True, recompute="selective"),
 ]
-# (label, tp, sp, recompute, overlap, bf16 autocast) for the collectives of one optimizer step
-# (accum 2). Under bf16 the activations cross the wire in bf16; the gradients stay fp32.
+# The collectives of one optimizer step (accum 2). Under bf16 the activations cross the wire in
+# bf16; the gradients stay fp32.
 COMM_CONFIGS = [
-    ("dp2 x tp2", 2, False, "none", True, False),
-    ("dp2 x tp2 full", 2, False, "full", True, False),
-    ("dp2 x tp2+sp", 2, True, "none", True, False),
-    ("dp2 x tp2+sp selective", 2, True, "selective", True, False),
-    ("dp2 x tp2+sp full", 2, True, "full", True, False),
-    ("dp2 x tp2+sp naive dp", 2, True, "none", False, False),
-    ("tp4+sp", 4, True, "none", True, False),
-    ("dp4", 1, False, "none", True, False),
-    ("dp2 x tp2 bf16", 2, False, "none", True, True),
-    ("dp2 x tp2+sp selective bf16", 2, True, "selective", True, True),
+    Config("dp2 x tp2", tp=2, kv_heads=2),
+    Config("dp2 x tp2 full", tp=2, kv_heads=2, recompute="full"),
+    Config("dp2 x tp2+sp", tp=2, kv_heads=2, sp=True),
+    Config("dp2 x tp2+sp selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
+    Config("dp2 x tp2+sp full", tp=2, kv_heads=2, sp=True, recompute="full"),
+    Config("dp2 x tp2+sp naive dp", tp=2, kv_heads=2, sp=True, overlap=False),
+    Config("tp4+sp", tp=4, kv_heads=4, sp=True),
+    Config("dp4", tp=1, kv_heads=2),
+    Config("dp2 x tp2 bf16", tp=2, kv_heads=2, bf16=True),
+    Config("dp2 x tp2+sp selective bf16", tp=2, kv_heads=2, sp=True, recompute="selective",
+           bf16=True),
 ]
-ACC_BATCH, COMM_KV = 2, {1: 2, 2: 2, 4: 4}
+ACC_BATCH = 2
 
 
 def one_step(model, grid, sync, accum=2, amp=False):
@@ -439,21 +458,22 @@ def worker_accounting_and_checkpoints():
         grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
         out = {"activations": {}, "comm": {}}
         tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
-        for label, tp, kv, sp, recompute, keep_shard in ACTIVATION_CONFIGS:
+        for config in ACTIVATION_CONFIGS:
             for amp in (False, True):
                 torch.manual_seed(0)
-                model = P.parallelize(M.Transformer(tiny(kv)), grids[tp], sp=sp,
-                                      keep_shard=keep_shard)
-                P.apply_recompute(model, recompute)
-                out["activations"][label, amp] = saved_bytes_of_layer(model, tokens, amp=amp)
-        for label, tp, sp, recompute, overlap, amp in COMM_CONFIGS:
+                model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grids[config.tp],
+                                      sp=config.sp, keep_shard=config.keep_shard)
+                P.apply_recompute(model, config.recompute)
+                out["activations"][config.name, amp] = saved_bytes_of_layer(model, tokens, amp=amp)
+        for config in COMM_CONFIGS:
+            grid = grids[config.tp]
             torch.manual_seed(0)
-            model = P.parallelize(M.Transformer(tiny(COMM_KV[tp])), grids[tp], sp=sp)
-            P.apply_recompute(model, recompute)
-            sync = P.GradSync(model, grids[tp], bucket_mb=0.05, overlap=overlap)
-            with record_collectives(grids[tp]) as calls:
-                one_step(model, grids[tp], sync, amp=amp)
-            out["comm"][label] = tally(calls)
+            model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grid, sp=config.sp)
+            P.apply_recompute(model, config.recompute)
+            sync = P.GradSync(model, grid, bucket_mb=0.05, overlap=config.overlap)
+            with record_collectives(grid) as calls:
+                one_step(model, grid, sync, amp=config.bf16)
+            out["comm"][config.name] = tally(calls)
 
         # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
         grid = grids[2]
@@ -482,44 +502,47 @@ def accounted():
 def test_activation_bytes_measured_equal_prediction(accounted):
     # fp32, and bf16 autocast: activations in bf16, as Megatron keeps them (model.activation_dtype)
     tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
-    rows = []                                # (label, kv, tp, sp, recompute, keep_shard, amp, got)
-    for recompute in ("none", "selective", "full"):               # tp = 1, in this process
+    measured = {}                                    # (name, amp) -> bytes, every rank's
+    for config in ONE_PROCESS_ACTIVATION_CONFIGS + ACTIVATION_CONFIGS:
         for amp in (False, True):
-            torch.manual_seed(0)
-            model = M.Transformer(tiny(2))
-            P.apply_recompute(model, recompute)
-            rows.append((recompute, 2, 1, False, recompute, True, amp,
-                         saved_bytes_of_layer(model, tokens, amp=amp)))
-    for label, tp, kv, sp, recompute, keep_shard in ACTIVATION_CONFIGS:
-        for amp in (False, True):
-            for rank in range(WORLD):
-                rows.append((label, kv, tp, sp, recompute, keep_shard, amp,
-                             accounted[rank]["activations"][label, amp]))
-    for label, kv, tp, sp, recompute, keep_shard, amp, got in rows:
-        want = planner.activation_bytes_per_layer(tiny(kv), ACC_BATCH, SEQ, tp=tp, sp=sp,
-                                                  recompute=recompute, keep_shard=keep_shard,
-                                                  bytes_per_el=2 if amp else 4)
-        what = f"{label}, {'bf16' if amp else 'fp32'}"
-        assert got == want, f"{what}: measured {got}, predicted {want}"
-    got = {(row[0], row[-2]): row[-1] for row in rows}
+            want = planner.activation_bytes_per_layer(
+                tiny(config.kv_heads), ACC_BATCH, SEQ, tp=config.tp, sp=config.sp,
+                recompute=config.recompute, keep_shard=config.keep_shard,
+                bytes_per_el=2 if amp else 4)
+            if config.tp == 1:                       # in this process, the plain model
+                torch.manual_seed(0)
+                model = M.Transformer(tiny(config.kv_heads))
+                P.apply_recompute(model, config.recompute)
+                by = {"this process": saved_bytes_of_layer(model, tokens, amp=amp)}
+            else:
+                by = {f"rank {r}": accounted[r]["activations"][config.name, amp]
+                      for r in range(WORLD)}
+            for who, nbytes in by.items():
+                assert nbytes == want, (f"{config.name}, {'bf16' if amp else 'fp32'}, {who}: "
+                                        f"measured {nbytes}, predicted {want}")
+            measured[config.name, amp] = nbytes
     for amp in (False, True):
-        assert got["none", amp] > got["tp", amp] > got["tp+sp", amp] > \
-            got["tp+sp+selective", amp] > got["tp+sp+full", amp]
-        assert got["tp+sp naive", amp] > got["tp+sp", amp]         # what keep_shard saves
-    assert got["tp+sp", True] < 0.6 * got["tp+sp", False]          # bf16 nearly halves it
+        assert measured["none", amp] > measured["tp", amp] > measured["tp+sp", amp] > \
+            measured["tp+sp+selective", amp] > measured["tp+sp+full", amp]
+        assert measured["tp+sp naive", amp] > measured["tp+sp", amp]         # what keep_shard saves
+    assert measured["tp+sp", True] < 0.6 * measured["tp+sp", False]          # bf16 nearly halves it
 
 
 def test_collective_calls_and_bytes_equal_prediction(accounted):
-    for label, tp, sp, recompute, overlap, amp in COMM_CONFIGS:
-        want = planner.comm_per_step(tiny(COMM_KV[tp]), ACC_BATCH, SEQ, tp=tp, dp=WORLD // tp,
-                                     sp=sp, recompute=recompute, grad_accum=2, bucket_mb=0.05,
-                                     overlap=overlap, bytes_per_el=2 if amp else 4)
+    for config in COMM_CONFIGS:
+        want = planner.comm_per_step(tiny(config.kv_heads), ACC_BATCH, SEQ, tp=config.tp,
+                                     dp=WORLD // config.tp, sp=config.sp,
+                                     recompute=config.recompute, grad_accum=2, bucket_mb=0.05,
+                                     overlap=config.overlap, bytes_per_el=2 if config.bf16 else 4)
         for rank in range(WORLD):
-            got = accounted[rank]["comm"][label]
-            assert set(got) == set(want), f"{label}, rank {rank}: {got} vs {want}"
+            got = accounted[rank]["comm"][config.name]
+            what = f"{config.name}, rank {rank}"
+            assert set(got) == set(want), f"{what}: {got} vs {want}"
             for key, (calls, payload) in want.items():
-                assert got[key][0] == calls, f"{label} {key}: {got[key][0]} calls, not {calls}"
-                assert abs(got[key][1] - payload) <= 0.05 * payload, f"{label} {key}: bytes"
+                got_calls, got_payload = got[key]
+                assert got_calls == calls, f"{what}, {key}: {got_calls} calls, not {calls}"
+                assert abs(got_payload - payload) <= 0.05 * payload, \
+                    f"{what}, {key}: {got_payload} bytes, not {payload} within 5%"
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp4_and_tp1(accounted):
@@ -551,7 +574,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp4_and_tp1(accounted):
 def test_recompute_modes_give_equal_gradients_with_random_ops():
     """A dropout inside the recomputed regions draws the same mask twice: gradients agree."""
     args, tokens = tiny(2), batches(tiny(2))[0][:2]
-    grads = {}
+    loss, rng_after, grads = {}, {}, {}
     for mode in ("none", "selective", "full", "no dropout"):
         torch.manual_seed(0)
         model = M.Transformer(args)
@@ -561,15 +584,16 @@ def test_recompute_modes_give_equal_gradients_with_random_ops():
                 layer.attention.core = lambda q, k, v, core=core: F.dropout(core(q, k, v), 0.3)
         P.apply_recompute(model, "none" if mode == "no dropout" else mode)
         torch.manual_seed(1)
-        loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid())
-        loss.backward()
-        grads[mode] = (loss.item(), torch.rand(()).item(),   # the RNG stream after the step
-                       [p.grad for p in model.parameters()])
+        step_loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid())
+        step_loss.backward()
+        loss[mode], rng_after[mode] = step_loss.item(), torch.rand(()).item()
+        grads[mode] = [p.grad for p in model.parameters()]
     for mode in ("selective", "full"):
-        assert grads[mode][:2] == grads["none"][:2], mode
-        for a, b in zip(grads[mode][2], grads["none"][2]):
+        assert loss[mode] == loss["none"], mode
+        assert rng_after[mode] == rng_after["none"], f"{mode}: the RNG stream after the step"
+        for a, b in zip(grads[mode], grads["none"]):
             close(a, b, f"{mode} recompute grads")
-    assert grads["no dropout"][0] != grads["none"][0]              # the dropout did something
+    assert loss["no dropout"] != loss["none"]                     # the dropout did something
 
 
 def test_single_process_degrades_to_the_plain_model():

@@ -21,6 +21,7 @@ train.py before any work).
 
 import os
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ import parallel as P
 import planner
 import train as T
 import test_parallel as parallel_tests
-from distributed import free_port, spawn
+from distributed import spawn, spawn_each
 from p2p_rules import Deadlock, P2PRecorder, replay
 from test_parallel import perturbed_model
 
@@ -61,6 +62,20 @@ def reference(args):
     return parallel_tests.reference(args, STEPS, LR)
 
 
+@dataclass(frozen=True)
+class Config:
+    """One pipeline of tiny() at pp 2: its schedule, its tp, the rest of the 4 ranks dp."""
+    name: str
+    schedule: str
+    micro_batches: int
+    tp: int = 1
+    v: int = 1                      # virtual stages (model chunks) per rank
+    sp: bool = False
+    recompute: str = "none"
+    data_parallel: bool = False     # False: each of the dp pipelines trains on the whole batch
+    bf16: bool = False              # under bf16 autocast
+
+
 def build_stage(args, grid, v=1, sp=False, recompute="none", model=None):
     if model is None:
         torch.manual_seed(0)
@@ -82,32 +97,35 @@ def one_thread():
 
 # --- 1. training equals one process -------------------------------------------------------------
 
-# (name, tp, v, schedule, micro-batches, sp, recompute, data parallel); pp = 2 throughout. Without
-# data parallelism the two pipelines of the pp 2 x dp 2 grid each train on the whole batch alone.
+# Without data parallelism the two pipelines of the pp 2 x dp 2 grid each train on the whole
+# batch alone.
 CONFIGS = [
-    ("pp2 1f1b", 1, 1, "1f1b", 4, False, "none", False),
-    ("pp2 afab", 1, 1, "afab", 4, False, "none", False),
-    ("pp2 v2 interleaved", 1, 2, "interleaved", 4, False, "none", False),
-    ("pp2 x tp2+sp", 2, 1, "1f1b", 2, True, "none", False),
-    ("pp2 v2 x tp2+sp selective", 2, 2, "interleaved", 2, True, "selective", False),
-    ("pp2 x dp2", 1, 1, "1f1b", 2, False, "none", True),
-    ("pp2 v2 x dp2 full", 1, 2, "interleaved", 2, False, "full", True),
+    Config("pp2 1f1b", schedule="1f1b", micro_batches=4),
+    Config("pp2 afab", schedule="afab", micro_batches=4),
+    Config("pp2 v2 interleaved", schedule="interleaved", micro_batches=4, v=2),
+    Config("pp2 x tp2+sp", schedule="1f1b", micro_batches=2, tp=2, sp=True),
+    Config("pp2 v2 x tp2+sp selective", schedule="interleaved", micro_batches=2, tp=2, v=2,
+           sp=True, recompute="selective"),
+    Config("pp2 x dp2", schedule="1f1b", micro_batches=2, data_parallel=True),
+    Config("pp2 v2 x dp2 full", schedule="interleaved", micro_batches=2, v=2, recompute="full",
+           data_parallel=True),
 ]
 
 
-def train(args, grid, v, schedule, m, sp, recompute, data_parallel):
-    stage = build_stage(args, grid, v, sp, recompute)
+def train(config, args, grid):
+    stage = build_stage(args, grid, config.v, config.sp, config.recompute)
     # GradSync also sums the norms' gradients over tp under sp; on the pp 2 x dp 2 grid without
     # data parallelism there is nothing for it to do.
-    sync = P.GradSync(stage, grid, bucket_mb=0.02) if data_parallel or grid.dp == 1 else None
+    needs_sync = config.data_parallel or grid.dp == 1
+    sync = P.GradSync(stage, grid, bucket_mb=0.02) if needs_sync else None
     opt = torch.optim.AdamW(stage.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     losses, norms = [], []
     for batch in batches(args):
-        rows = batch.chunk(grid.dp)[grid.dp_rank] if data_parallel else batch
-        loss = P.pipeline_step(stage, rows, grid, m, schedule, sync)
+        rows = batch.chunk(grid.dp)[grid.dp_rank] if config.data_parallel else batch
+        loss = P.pipeline_step(stage, rows, grid, config.micro_batches, config.schedule, sync)
         if sync is not None:
             sync.finish()
-        if data_parallel:
+        if config.data_parallel:
             loss = P.all_reduce(loss, grid.dp_group) / grid.dp          # for logging only
         norms.append(P.clip_grad_norm(stage, CLIP, grid))
         opt.step()
@@ -212,25 +230,26 @@ def held_bytes(stage, rows, grid, m, schedule, amp=False):
     return most
 
 
-def state_bytes(stage, opt):
+def state_bytes(stage, opt) -> dict:
     """Bytes of the stage's weights, gradients and AdamW's two moments, measured."""
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
-    return (nbytes(stage.parameters()), nbytes(p.grad for p in stage.parameters()),
-            nbytes(moments))
+    return dict(weights=nbytes(stage.parameters()),
+                grads=nbytes(p.grad for p in stage.parameters()), optimizer=nbytes(moments))
 
 
-# (label, tp, v, schedule, micro-batches, sp, recompute, bf16 autocast); pp = 2, one pipeline
-# per dp rank
+# One pipeline per dp rank, on 4 sequences.
 MEMORY_CONFIGS = [
-    ("1f1b", 1, 1, "1f1b", 4, False, "none", False),
-    ("afab", 1, 1, "afab", 4, False, "none", False),
-    ("interleaved selective", 1, 2, "interleaved", 4, False, "selective", False),
-    ("interleaved full", 1, 2, "interleaved", 4, False, "full", False),
-    ("tp2+sp 1f1b", 2, 1, "1f1b", 4, True, "none", False),
-    ("tp2 afab", 2, 1, "afab", 2, False, "none", False),
-    ("1f1b bf16", 1, 1, "1f1b", 4, False, "none", True),
-    ("tp2+sp interleaved selective bf16", 2, 2, "interleaved", 2, True, "selective", True),
+    Config("1f1b", schedule="1f1b", micro_batches=4),
+    Config("afab", schedule="afab", micro_batches=4),
+    Config("interleaved selective", schedule="interleaved", micro_batches=4, v=2,
+           recompute="selective"),
+    Config("interleaved full", schedule="interleaved", micro_batches=4, v=2, recompute="full"),
+    Config("tp2+sp 1f1b", schedule="1f1b", micro_batches=4, tp=2, sp=True),
+    Config("tp2 afab", schedule="afab", micro_batches=2, tp=2),
+    Config("1f1b bf16", schedule="1f1b", micro_batches=4, bf16=True),
+    Config("tp2+sp interleaved selective bf16", schedule="interleaved", micro_batches=2, tp=2,
+           v=2, sp=True, recompute="selective", bf16=True),
 ]
 
 
@@ -241,13 +260,12 @@ def worker():
     try:
         grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp) for tp, pp in ((1, 2), (2, 2), (1, 4))}
         args = tiny()
-        out = {"train": {}, "p2p": {}, "memory": {}}
+        out = {"train": {}, "pp4 loss": {}, "memory": {}}
         out["traffic"] = {}                  # every point-to-point call, replayed in the test
-        for name, tp, v, schedule, m, sp, recompute, data_parallel in CONFIGS:
+        for config in CONFIGS:
             with P2PRecorder() as calls:
-                out["train"][name] = train(args, grids[tp, 2], v, schedule, m, sp, recompute,
-                                           data_parallel)
-            out["traffic"][name] = calls
+                out["train"][config.name] = train(config, args, grids[config.tp, 2])
+            out["traffic"][config.name] = calls
         for name, tp, v, m in (("pp2 validation", 1, 1, 4), ("pp2 v2 x tp2 validation", 2, 2, 2)):
             with P2PRecorder() as calls, torch.no_grad():
                 P.pipeline_step(build_stage(args, grids[tp, 2], v), batches(args)[0],
@@ -264,14 +282,16 @@ def worker():
             with P2PRecorder() as calls:
                 loss = P.pipeline_step(build_stage(deep, grid, v), batches(deep)[0], grid, 4,
                                        schedule)
-            out["p2p"][schedule] = (calls, loss.item())
+            out["pp4 loss"][schedule] = loss.item()
             out["traffic"][f"pp4 {schedule}"] = calls
 
         # memory: activations held at the worst moment; weights, gradients, optimizer state
         rows = batches(args)[0][:4]
-        for label, tp, v, schedule, m, sp, recompute, amp in MEMORY_CONFIGS:
-            stage = build_stage(args, grids[tp, 2], v, sp, recompute)
-            out["memory"][label] = held_bytes(stage, rows, grids[tp, 2], m, schedule, amp)
+        for config in MEMORY_CONFIGS:
+            grid = grids[config.tp, 2]
+            stage = build_stage(args, grid, config.v, config.sp, config.recompute)
+            out["memory"][config.name] = held_bytes(stage, rows, grid, config.micro_batches,
+                                                    config.schedule, config.bf16)
         grid = grids[2, 2]
         stage = build_stage(args, grid, 1, sp=True)
         opt = torch.optim.AdamW(stage.parameters())
@@ -303,11 +323,12 @@ def ran():
 def test_pipeline_training_equals_one_process(ran):
     ref_losses, ref_norms = reference(tiny())
     assert ref_losses[-1] < ref_losses[0] - 1.0, "the reference must learn, or equality is weak"
-    for name, *_ in CONFIGS:
+    for config in CONFIGS:
         for rank in range(WORLD):
-            losses, norms = ran[rank]["train"][name]
-            assert losses == pytest.approx(ref_losses, rel=1e-4), f"{name}, rank {rank}: losses"
-            assert norms == pytest.approx(ref_norms, rel=1e-4), f"{name}, rank {rank}: grad norms"
+            losses, norms = ran[rank]["train"][config.name]
+            what = f"{config.name}, rank {rank}"
+            assert losses == pytest.approx(ref_losses, rel=1e-4), f"{what}: losses"
+            assert norms == pytest.approx(ref_norms, rel=1e-4), f"{what}: grad norms"
 
 
 def test_sends_and_receives_follow_the_drawn_timelines(ran):
@@ -318,11 +339,11 @@ def test_sends_and_receives_follow_the_drawn_timelines(ran):
     loss = F.cross_entropy(plain(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
     for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
         for rank in range(WORLD):
-            calls, got_loss = ran[rank]["p2p"][schedule]
+            calls = ran[rank]["traffic"][f"pp4 {schedule}"]
             got = [sorted((kind, peer) for kind, peer, *_ in call) for call in calls]
             assert got == expected_exchanges(drawn[schedule], rank, 4, v), (schedule, rank)
-            assert got_loss == pytest.approx(loss, rel=1e-5), schedule
-    count = lambda schedule: sum(len(c) for c in ran[1]["p2p"][schedule][0])
+            assert ran[rank]["pp4 loss"][schedule] == pytest.approx(loss, rel=1e-5), schedule
+    count = lambda schedule: sum(len(call) for call in ran[1]["traffic"][f"pp4 {schedule}"])
     assert count("interleaved") == 2 * count("1f1b")                        # v x messages
 
 
@@ -374,20 +395,22 @@ def test_the_checker_finds_deadlocks():
 
 def test_memory_prediction_equals_measured_bytes(ran):
     args = tiny()
-    for label, tp, v, schedule, m, sp, recompute, amp in MEMORY_CONFIGS:
+    for config in MEMORY_CONFIGS:
+        m = config.micro_batches
         for rank in range(WORLD):
-            pp_rank = rank // (WORLD // 2)
-            want = planner.stage_activation_bytes(args, 4 // m, SEQ, tp, 2, v, m, schedule, sp,
-                                                  recompute, bytes_per_el=2 if amp else 4,
-                                                  rank=pp_rank)
-            got = ran[rank]["memory"][label]
-            assert abs(got - want) <= 0.03 * want, f"{label}, rank {rank}: {got} vs {want}"
+            want = planner.stage_activation_bytes(
+                args, 4 // m, SEQ, tp=config.tp, pp=2, virtual_stages=config.v, micro_batches=m,
+                schedule=config.schedule, sp=config.sp, recompute=config.recompute,
+                bytes_per_el=2 if config.bf16 else 4, rank=rank // (WORLD // 2))   # its pp rank
+            got = ran[rank]["memory"][config.name]
+            assert abs(got - want) <= 0.03 * want, f"{config.name}, rank {rank}: {got} vs {want}"
     measured = {r: ran[r]["memory"] for r in range(WORLD)}
     assert measured[0]["afab"] > measured[0]["1f1b"] > measured[2]["1f1b"]  # 1F1B holds fewer
     for rank in range(WORLD):
         n = planner.stage_parameters(args, tp=2, pp=2, rank=rank // 2)
-        weights, grads, optimizer = planner.PRECISIONS["fp32"][:3]
-        assert ran[rank]["state bytes"] == (n * weights, n * grads, n * optimizer), rank
+        weights, grads, optimizer = planner.PRECISIONS["fp32"][:3]     # bytes per parameter
+        assert ran[rank]["state bytes"] == dict(weights=n * weights, grads=n * grads,
+                                                optimizer=n * optimizer), rank
 
 
 def test_checkpoint_saved_at_pp2_tp2_loads_at_pp4(ran):
@@ -497,26 +520,20 @@ TRAIN_RUNS = [
 ]
 
 
-def run_train(data_dir, root, ports):
-    """In each worker: train.main() for each run, each in a fresh process group (own port)."""
-    out = {}
-    for (name, extra, batch_size), port in zip(TRAIN_RUNS, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        out[name] = T.main(train_argv(data_dir, f"{root}/{name}", batch_size, *extra))
-    return out
-
-
 def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_path):
     one = T.main(train_argv(demo_data, tmp_path / "one", 8))
-    ran = spawn(run_train, WORLD, demo_data, str(tmp_path), [free_port() for _ in TRAIN_RUNS],
-                timeout=300)
+    argvs = [train_argv(demo_data, tmp_path / name, batch_size, *extra)
+             for name, extra, batch_size in TRAIN_RUNS]
+    names = [name for name, *_ in TRAIN_RUNS]
+    ran = dict(zip(names, spawn_each(T.main, WORLD, argvs, timeout=300)))   # name -> per rank
     assert one["losses"][6] < one["losses"][1] - 0.5            # it learns
-    for name, *_ in TRAIN_RUNS:
-        for rank in range(WORLD):
+    for name, ranks in ran.items():
+        for rank, result in enumerate(ranks):
             for step, loss in one["losses"].items():
-                assert ran[rank][name]["losses"][step] == pytest.approx(loss, rel=1e-4), name
+                assert result["losses"][step] == pytest.approx(loss, rel=1e-4), (name, rank, step)
             for step, loss in one["val_losses"].items():              # forward-only pipeline
-                assert ran[rank][name]["val_losses"][step] == pytest.approx(loss, rel=1e-4), name
+                assert result["val_losses"][step] == pytest.approx(loss, rel=1e-4), \
+                    (name, rank, step)
     # saved at pp 2 x tp 2: Meta's files, one per tp rank, every layer in each; loads at pp 1
     ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path / "pp2 v2 x tp2+sp")))
     files = sorted(f for f in os.listdir(ckpt) if f.endswith(".pth"))
@@ -529,7 +546,7 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
     val = data.validation_windows(demo_data, 32, 4, seed=0)
     with torch.no_grad():
         loss = F.cross_entropy(model(val[:, :-1]).flatten(0, 1), val[:, 1:].flatten()).item()
-    assert loss == pytest.approx(ran[0]["pp2 v2 x tp2+sp"]["val_losses"][6], rel=1e-4)
+    assert loss == pytest.approx(ran["pp2 v2 x tp2+sp"][0]["val_losses"][6], rel=1e-4)
 
 
 @pytest.mark.parametrize("extra,world,message", [

@@ -1,5 +1,7 @@
 """Tests for tokenizer.py: Meta's trainer spec (digits, byte fallback, special ids), round trips on
-mixed-script text, the CLI, and clear errors for missing or corrupt model files."""
+mixed-script text, batch encoding, training reproducible byte for byte, the CLI (one-line errors,
+never overwriting a model, nothing left by a full disk), and clear errors for missing or corrupt
+model files."""
 
 import errno
 import os

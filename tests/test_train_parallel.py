@@ -7,15 +7,16 @@ runs under it in one process with each recompute mode, and under tp 2 + sp and p
 stay within bf16's rounding of fp32's, and each parallel bf16 run equals one bf16 process.
 """
 
-import os
+from dataclasses import dataclass
 
 import pytest
 
 import train as T
-from distributed import free_port, spawn
+from distributed import spawn_each
 
 STEPS = 10
 GLOBAL_BATCH = 8
+WORLD = 4
 
 
 def argv(data_dir, out, batch_size, *extra):
@@ -30,33 +31,36 @@ def argv(data_dir, out, batch_size, *extra):
 # moves them by far more, since the loss falls by 1 nat over the run.
 BF16_REL = 2 ** -8
 
-# (name, world size, tensor parallel, pipeline parallel, micro-batches, extra flags)
+
+@dataclass(frozen=True)
+class Run:
+    """One train.py configuration on the 4 workers: the ranks tp x pp leaves over are dp."""
+    name: str
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    flags: tuple = ()
+    dtype: str = "fp32"
+
+
 PARALLEL_RUNS = [
-    ("tp2_sp_dp2", 4, 2, 1, 1, ["--sp"]),
-    ("tp2_dp2_selective", 4, 2, 1, 1, ["--recompute", "selective"]),
-    ("tp2_sp_dp2_selective", 4, 2, 1, 1, ["--sp", "--recompute", "selective"]),
-    ("tp4_full", 4, 4, 1, 1, ["--recompute", "full"]),
-    ("dp4", 4, 1, 1, 1, []),
-    ("bf16_tp2_sp_dp2_selective", 4, 2, 1, 1, ["--sp", "--recompute", "selective", "--dtype",
-                                               "bf16"]),
-    ("bf16_pp2_dp2", 4, 1, 2, 2, ["--dtype", "bf16"]),
+    Run("tp2_sp_dp2", tp=2, flags=("--sp",)),
+    Run("tp2_dp2_selective", tp=2, flags=("--recompute", "selective")),
+    Run("tp2_sp_dp2_selective", tp=2, flags=("--sp", "--recompute", "selective")),
+    Run("tp4_full", tp=4, flags=("--recompute", "full")),
+    Run("dp4"),
+    Run("bf16_tp2_sp_dp2_selective", tp=2, flags=("--sp", "--recompute", "selective"),
+        dtype="bf16"),
+    Run("bf16_pp2_dp2", pp=2, micro_batches=2, dtype="bf16"),
 ]
 
 
-def run_configs(data_dir, root, runs, ports):
-    """In each worker: one train.main() per configuration, one after the other.
-
-    NOTE: each configuration joins a fresh process group on its own port: the previous group's
-    store may still hold the old one while a slower rank leaves it.
-    """
-    losses = {}
-    for (name, world, tp, pp, micro, extra), port in zip(runs, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        dp = world // (tp * pp)
-        result = T.main(argv(data_dir, f"{root}/{name}", GLOBAL_BATCH // dp // micro, "--tp",
-                             str(tp), "--pp", str(pp), "--micro-batches", str(micro), *extra))
-        losses[name] = result["losses"]
-    return losses
+def run_argv(data_dir, root, run: Run) -> list:
+    dp = WORLD // (run.tp * run.pp)
+    micro_batch = GLOBAL_BATCH // dp // run.micro_batches             # sequences, per dp rank
+    return argv(data_dir, f"{root}/{run.name}", micro_batch, "--tp", str(run.tp), "--pp",
+                str(run.pp), "--micro-batches", str(run.micro_batches), "--dtype", run.dtype,
+                *run.flags)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +76,12 @@ def single_process(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parallel(demo_data, tmp_path_factory):
-    ports = [free_port() for _ in PARALLEL_RUNS]
-    return spawn(run_configs, 4, demo_data, str(tmp_path_factory.mktemp("parallel")),
-                 PARALLEL_RUNS, ports, timeout=400)
+    """{run name: per rank, {step: loss}}: train.main on 4 workers, one run after the other."""
+    root = tmp_path_factory.mktemp("parallel")
+    results = spawn_each(T.main, WORLD, [run_argv(demo_data, root, run) for run in PARALLEL_RUNS],
+                         timeout=400)
+    return {run.name: [rank["losses"] for rank in ranks]
+            for run, ranks in zip(PARALLEL_RUNS, results)}
 
 
 def test_recompute_modes_equal_in_one_process(single_process):
@@ -97,9 +104,10 @@ def test_parallel_runs_equal_one_process(parallel, single_process):
         reference = single_process[dtype, "none"]
         assert sorted(reference) == list(range(1, STEPS + 1))
         assert reference[STEPS] < reference[1] - 1.0          # it learns: the check has teeth
-        for rank_losses in parallel:                          # every rank logs the same losses
-            for name, *_ in PARALLEL_RUNS:
-                if name.startswith("bf16") != (dtype == "bf16"):
-                    continue
+        for run in PARALLEL_RUNS:
+            if run.dtype != dtype:
+                continue
+            for rank, losses in enumerate(parallel[run.name]):   # every rank logs the same losses
                 for step, loss in reference.items():
-                    assert rank_losses[name][step] == pytest.approx(loss, rel=rel), (name, step)
+                    assert losses[step] == pytest.approx(loss, rel=rel), \
+                        f"{run.name}, rank {rank}, step {step}"
