@@ -15,13 +15,14 @@ is the identity.
     python train.py --bench --preset 1b --device cuda --seq-len 2048
 
 Reading order
-  1. TrainConfig          every option once; the CLI is derived from it
+  1. TrainConfig          every option once; the CLI is derived from it; the checks of the flags
   2. Recipe               learning-rate schedule, optimizer with its decay groups
-  3. Checkpoints          Meta's layout + training state, written atomically
-  4. Measuring            peak FLOP/s for MFU, progress, metrics.jsonl
-  5. train()              the loop: accumulate, synchronize, clip, step, log, validate, save
-  6. bench()              our step against a plain reference loop, as a ratio
-  7. main()
+  3. Checkpoints          Meta's layout + training state, written atomically; the run lock
+  4. Measuring            bf16 autocast, peak FLOP/s for MFU, progress, metrics.jsonl
+  5. Opening a run        new, resumed or restarted: its configuration, data, model and state
+  6. train()              the loop: accumulate, synchronize, clip, step, log, validate, save
+  7. bench()              our step against a plain reference loop, as a ratio
+  8. main()               errors in one line, exit codes, the process group
 
 A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus training state:
 
@@ -136,7 +137,7 @@ class TrainConfig:
         return self.batch_size * self.micro_batches * dp
 
 
-def _parser(defaults: bool = True) -> argparse.ArgumentParser:
+def _parser(defaults: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None if defaults else argparse.SUPPRESS)
@@ -149,14 +150,11 @@ def _parser(defaults: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under torchrun."""
-    return TrainConfig(**vars(_parser().parse_args(argv)))
-
-
-def given_flags(argv=None) -> dict:
-    """The options a command line names itself, {field: value}: what --resume may override."""
-    return vars(_parser(defaults=False).parse_args(argv))
+def parse_args(argv=None) -> tuple:
+    """(TrainConfig, the options the command line names itself: what --resume may override).
+    The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under torchrun."""
+    return (TrainConfig(**vars(_parser(defaults=True).parse_args(argv))),
+            vars(_parser(defaults=False).parse_args(argv)))
 
 
 class ConfigError(ValueError):
@@ -167,37 +165,39 @@ class RunStopped(RuntimeError):
     """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
 
 
+def _positive(x) -> bool:
+    return math.isfinite(x) and x > 0     # NOTE: `x > 0` alone would let inf through
+
+
 def check_flags(cfg: TrainConfig):
     """Every number and name on its own, before any process group or file is touched."""
     if cfg.preset not in M.PRESETS:
         raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
-    for name in ("steps", "batch_size", "seq_len", "tp", "eval_windows", "keep",
-                 "log_every", "eval_every", "save_every", "pp", "virtual_stages", "micro_batches"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be positive")
-    if cfg.recompute not in ("none", "selective", "full"):
+    if cfg.recompute not in P.RECOMPUTE_MODES:
         raise ConfigError(f"--recompute {cfg.recompute!r}: choose none, selective or full")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
-    # NOTE: `not x > 0` also refuses nan, which every comparison fails.
-    for name, ok, rule in (
-            ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "a positive number, e.g. 3e-4"),
-            ("clip", math.isfinite(cfg.clip) and cfg.clip > 0,
-             "a positive global norm, e.g. 1.0 (a huge one, 1e9, turns clipping off)"),
-            ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-             "0 or more, e.g. 0.1"),
-            ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1), e.g. 0.9"),
-            ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1), e.g. 0.95"),
-            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], e.g. 0.1"),
-            ("warmup", cfg.warmup >= 0, "0 or more steps"),
-            ("bucket_mb", math.isfinite(cfg.bucket_mb) and cfg.bucket_mb > 0, "positive, e.g. 25"),
-            ("max_bad_steps", cfg.max_bad_steps >= 1, "1 or more"),
-            ("samples", 0 <= cfg.samples <= 3, "0 to 3"),
-            ("seed", cfg.seed >= 0, "0 or more"),
-            ("timeout", math.isfinite(cfg.timeout) and cfg.timeout > 0,
-             "positive seconds, e.g. 600")):
+    counts = ("steps", "batch_size", "seq_len", "tp", "eval_windows", "keep", "log_every",
+              "eval_every", "save_every", "pp", "virtual_stages", "micro_batches")
+    # NOTE: every comparison with nan is false, so each rule is written as what a value must be.
+    rules = [(name, _positive(getattr(cfg, name)), "positive") for name in counts] + [
+        ("lr", _positive(cfg.lr), "a positive number, e.g. 3e-4"),
+        ("clip", _positive(cfg.clip),
+         "a positive global norm, e.g. 1.0 (a huge one, 1e9, turns clipping off)"),
+        ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         "0 or more, e.g. 0.1"),
+        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1), e.g. 0.9"),
+        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1), e.g. 0.95"),
+        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], e.g. 0.1"),
+        ("warmup", cfg.warmup >= 0, "0 or more steps"),
+        ("bucket_mb", _positive(cfg.bucket_mb), "positive, e.g. 25"),
+        ("max_bad_steps", cfg.max_bad_steps >= 1, "1 or more"),
+        ("samples", 0 <= cfg.samples <= 3, "0 to 3"),
+        ("seed", cfg.seed >= 0, "0 or more"),
+        ("timeout", _positive(cfg.timeout), "positive seconds, e.g. 600")]
+    for name, ok, rule in rules:
         if not ok:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be {rule}")
     if cfg.resume and cfg.init_from:
@@ -210,14 +210,22 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
                           f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
                           "processes")
+    if cfg.bench and world_size > 1:
+        raise ConfigError("--bench measures one process; run it with python, not torchrun")
     if cfg.pp > 1 and cfg.compile:
         raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
     if cfg.sp and cfg.tp == 1:
         raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
-    if not cfg.init_from:           # heads, layers, sequence against the grid, before the data
-        P.check_config(M.preset(cfg.preset), cfg.tp, cfg.sp, cfg.seq_len)
-        P.check_pipeline(M.preset(cfg.preset).n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
-                         cfg.pipeline_schedule)
+    if not cfg.init_from:           # the preset against the grid now, before the data is built
+        check_split(M.preset(cfg.preset), cfg)
+
+
+def check_split(args: M.ModelArgs, cfg: TrainConfig):
+    """parallel.py's rules: heads, vocabulary, FFN width and sequence against --tp and --sp,
+    layers and micro-batches against --pp, --virtual-stages and the schedule."""
+    P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
+    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
+                     cfg.pipeline_schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +278,9 @@ def latest_checkpoint(cfg: TrainConfig) -> Optional[str]:
     return path if os.path.isdir(path) else None
 
 
-def _step_of(name: str) -> int:
+def _step_of(path: str) -> int:
+    """The step of a checkpoint folder `.../step-000600`; -1 for any other name."""
+    name = os.path.basename(path)
     return int(name[len("step-"):]) if re.fullmatch(r"step-\d+", name) else -1
 
 
@@ -280,29 +290,26 @@ def checkpoints(cfg: TrainConfig) -> list:
     `latest` update, or a lost `latest`, leaves complete folders that `latest` does not name)."""
     root = checkpoint_root(cfg)
     names = os.listdir(root) if os.path.isdir(root) else []
-    found = [os.path.join(root, n) for n in sorted((n for n in names if _step_of(n) >= 0),
-                                                   key=_step_of, reverse=True)]
+    found = sorted((os.path.join(root, n) for n in names if _step_of(n) >= 0), key=_step_of,
+                   reverse=True)
     latest = latest_checkpoint(cfg)
     return [latest] + [p for p in found if p != latest] if latest in found else found
 
 
 def holds_a_run(cfg: TrainConfig) -> Optional[str]:
-    """What in OUT shows that a run was there (metrics, a checkpoint, `latest`), or None."""
-    for path in (os.path.join(cfg.out, "metrics.jsonl"), os.path.join(checkpoint_root(cfg),
-                                                                        "latest")):
-        if os.path.exists(path):
-            return path
-    found = checkpoints(cfg)
-    return found[0] if found else None
+    """What in OUT shows that a run was there (metrics, `latest`, a checkpoint), or None."""
+    signs = [os.path.join(cfg.out, "metrics.jsonl"), os.path.join(checkpoint_root(cfg), "latest")]
+    return next((path for path in signs + checkpoints(cfg) if os.path.exists(path)), None)
 
 
-def write_atomic(path: str, text: str):
-    """Write text to path.tmp, flush it to disk, close it, then rename it over path: readers
-    see the old file or the new one, never a part. A full disk raises here, before the rename."""
+def write_atomic(path: str, content):
+    """Write text (or bytes) to path.tmp, flush it to disk, close it, then rename it over path:
+    readers see the old file or the new one, never a part. A full disk raises here, before the
+    rename."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as fh:
+            fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -313,63 +320,54 @@ def write_atomic(path: str, text: str):
 
 
 def _save(obj, path: str):
-    """torch.save, with a failed write reported as the OSError it is (on a full disk torch says
-    only `inline_container.cc ... unexpected pos`)."""
+    """torch.save, flushed to disk; a failed write is reported as the OSError it is (on a full
+    disk torch says only `inline_container.cc ... unexpected pos`)."""
     try:
         torch.save(obj, path)
     except RuntimeError as e:
         raise OSError(f"could not write {path} ({str(e).splitlines()[0][:60]}...): is the disk "
                       "full?") from None
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
-class RunLock:
-    """OUT/train.lock, holding its owner's pid and host: one run per --out at a time.
+def take_lock(out: str) -> str:
+    """OUT/train.lock, holding its owner's pid and host: one run per --out at a time; returns
+    its path (remove it to release it).
 
     Made with O_EXCL, so of two runs started together exactly one gets it. A kill -9 leaves the
     file behind: a lock whose pid no longer runs on this host is stale and is taken over.
     """
-
-    def __init__(self, out: str):
-        self.path, self.owned = os.path.join(out, "train.lock"), False
-
-    def acquire(self):
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = open(self.path).read().split()
-                if self._alive(owner):
-                    raise ConfigError(
-                        f"{os.path.dirname(self.path)} is in use by another run (pid {owner[0]} "
-                        f"on {owner[1]}); wait for it to end, or choose another --out") from None
-                os.remove(self.path)                # stale: its owner is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self.owned = True
-            return
-        raise ConfigError(f"could not take {self.path}; another run started at the same moment?")
-
-    @staticmethod
-    def _alive(owner: list) -> bool:
-        if len(owner) != 2 or not owner[0].isdigit():
-            return False                            # torn by a kill while being written
-        if owner[1] != socket.gethostname():
-            return True                             # another machine's: cannot tell, keep it
+    path = os.path.join(out, "train.lock")
+    for _ in range(2):
         try:
-            os.kill(int(owner[0]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = open(path).read().split()
+            if _owner_alive(owner):
+                raise ConfigError(
+                    f"{out} is in use by another run (pid {owner[0]} on {owner[1]}); wait for "
+                    "it to end, or choose another --out") from None
+            os.remove(path)                         # stale: its owner is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()} {socket.gethostname()}")
+        return path
+    raise ConfigError(f"could not take {path}; another run started at the same moment?")
 
-    def release(self):
-        if self.owned:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-            self.owned = False
+
+def _owner_alive(owner: list) -> bool:
+    if len(owner) != 2 or not owner[0].isdigit():
+        return False                                # torn by a kill while being written
+    if owner[1] != socket.gethostname():
+        return True                                 # another machine's: cannot tell, keep it
+    try:
+        os.kill(int(owner[0]), 0)                   # signal 0: only asks whether the pid runs
+    except ProcessLookupError:
+        return False
+    except PermissionError:                         # it runs, as another user
+        pass
+    return True
 
 
 def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
@@ -386,43 +384,35 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     if not _all_ranks(finite, world):
         raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
                          f"checkpoint is still {latest_checkpoint(cfg)}; lower --lr and resume")
-    if world.rank == 0:
+    if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)      # a leftover of a save killed midway
         os.makedirs(tmp)
     _barrier(world)
     shard = P.shard_state_dict(model, grid)         # this rank's tp slice (a tp all-gather inside)
     shard = P.merge_stages(shard, grid)             # all layers on pp rank 0, None elsewhere
     failed = None
-    if grid.dp_rank == 0:
+    if grid.dp_rank == 0:                           # each file is flushed before the rename
         try:
-            r, written = grid.tp_rank, [os.path.join(tmp, train_state_name(grid))]
             _save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
-                       pp=grid.pp), written[0])
+                       pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
             if grid.pp_rank == 0:
-                written.append(os.path.join(tmp, f"consolidated.{r:02d}.pth"))
-                _save(shard, written[-1])
-            if r == 0 and grid.pp_rank == 0:
+                _save(shard, os.path.join(tmp, f"consolidated.{grid.tp_rank:02d}.pth"))
+            if grid.pp_rank == 0 and grid.tp_rank == 0:
                 write_atomic(os.path.join(tmp, "params.json"), args.to_json())
                 write_atomic(os.path.join(tmp, "train_config.json"),
-                              json.dumps(dataclasses.asdict(cfg), indent=2))
-                written.append(os.path.join(tmp, "tokenizer.model"))
-                shutil.copyfile(tok_path, written[-1])
-            for path in written:                    # flush before the rename makes it visible
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
+                             json.dumps(dataclasses.asdict(cfg), indent=2))
+                write_atomic(os.path.join(tmp, "tokenizer.model"), open(tok_path, "rb").read())
         except OSError as e:
             failed = e
     if not _all_ranks(failed is None, world):
         raise failed or OSError(f"another rank could not write {tmp}; see its message")
-    if world.rank == 0:
+    if world.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)                      # the folder appears complete, or not at all
         write_atomic(os.path.join(root, "latest"), name)
-        done = sorted((d for d in os.listdir(root) if _step_of(d) >= 0), key=_step_of)
-        for old in done[:-cfg.keep]:
-            if old != name:                         # never the one just written
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        for old in checkpoints(cfg)[cfg.keep:]:     # those a resume would try last; never `latest`
+            shutil.rmtree(old, ignore_errors=True)
     _barrier(world)
     return final
 
@@ -435,8 +425,8 @@ def train_state_name(grid) -> str:
 
 def load_checkpoint(path, model, optimizer, sampler, grid):
     """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
-    path_state = os.path.join(path, train_state_name(grid))
-    state = torch.load(path_state, map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(path, train_state_name(grid)), map_location="cpu",
+                       weights_only=True)
     P.load_sharded(model, generate.read_checkpoint(path)[1], grid)   # all shards, merged
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
@@ -476,9 +466,19 @@ def _all_ranks(ok: bool, world) -> bool:
     flag = torch.tensor([1.0 if ok else 0.0], device=world.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)              # COMM: world, min of one float
     return bool(flag.item())
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Measuring: peak FLOP/s, progress, metrics
+# 4. Measuring: precision, peak FLOP/s, progress, metrics
 # ---------------------------------------------------------------------------------------------
+
+def autocast(cfg: TrainConfig, device: torch.device) -> tuple:
+    """(compute dtype, the context every forward runs in): bf16 autocast with --dtype bf16, or
+    --dtype auto on CUDA (the weights and the optimizer stay fp32); plain fp32 otherwise."""
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return (torch.bfloat16 if bf16 else torch.float32,
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+
 
 @functools.lru_cache(maxsize=None)
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
@@ -504,27 +504,28 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     return 2 * n ** 3 / best, f"fastest of 6 timed {n}x{n} {dtype} matmuls"
 
 
+def peak_tokens_per_s(args: M.ModelArgs, seq_len: int, device, dtype, devices: int = 1) -> tuple:
+    """(tokens/s at 100% MFU, the formula in words): MFU = tokens/s * FLOP/token / (peak FLOP/s
+    per device * devices), so MFU is tokens/s over the first number."""
+    flops_token = M.flops_per_token(args, seq_len)
+    peak, source = peak_flops(device, dtype)
+    return peak * devices / flops_token, (
+        f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token, N without the input "
+        f"embedding) / ({peak / 1e12:.2f} TFLOP/s peak per device [{source}] x {devices} "
+        f"device{'s' if devices > 1 else ''})")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class Progress:
-    """One line per log interval: a bar, the step, the loss, throughput. Rank 0 only."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.tty = total, enabled, sys.stdout.isatty()
-
-    def update(self, step: int, text: str):
-        if not self.enabled:
-            return
-        done = int(20 * step / self.total)
-        line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total} {text}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
-
-    def close(self):
-        if self.enabled and self.tty:
-            print()
+def show_progress(say, step: int, total: int, text: str):
+    """A bar, the step, and text: redrawn in place on a terminal, one line each time in a log."""
+    done = int(20 * step / total)
+    line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total} {text}"
+    tty = sys.stdout.isatty()
+    say(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
 
 
 def log_metrics(path: str, record: dict):
@@ -533,11 +534,12 @@ def log_metrics(path: str, record: dict):
 
 
 def truncate_metrics(path: str, last_step: int):
-    """On resume, drop entries the crashed run logged after its last checkpoint, and a last
-    line torn by a kill in the middle of its write."""
+    """Before the run goes on from last_step: drop entries a crashed run logged after its last
+    checkpoint (all of them when it saved none), and a last line torn by a kill in the middle
+    of its write."""
     if not os.path.isfile(path):
         return
-    lines, keep = open(path).readlines(), []
+    lines, keep = open(path).readlines() if last_step else [], []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -551,7 +553,8 @@ def truncate_metrics(path: str, last_step: int):
     write_atomic(path, "".join(keep))
 
 
-def plot_losses(metrics_path: str, png_path: str):
+def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
+    """The training and validation curves, where matplotlib is installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -559,12 +562,11 @@ def plot_losses(metrics_path: str, png_path: str):
     except ImportError:
         return None
     rows = [json.loads(l) for l in open(metrics_path)]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] is not None]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1)
     ax.set(xlabel="step", ylabel="loss (nats/token)")
     ax.legend()
     fig.savefig(png_path, dpi=100)
@@ -573,51 +575,47 @@ def plot_losses(metrics_path: str, png_path: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The training loop
+# 5. Opening a run: what it continues, its data, its model
 # ---------------------------------------------------------------------------------------------
-
-def setup_data(cfg: TrainConfig, world):
-    """The token windows and the tokenizer; the demo corpus is built on first use."""
-    if not os.path.isdir(cfg.data):
-        if cfg.data != TrainConfig.data:
-            raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
-                              "prepare ... --out DIR`")
-        if world.rank == 0:
-            data.prepare_demo(cfg.data)
-        _barrier(world)
-    tok_path = os.path.join(cfg.data, "tokenizer.model")
-    weights = data.parse_mix(cfg.mix) if cfg.mix else None
-    sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
-    return sampler, Tokenizer(tok_path), tok_path
-
-
-def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
-    """(ModelArgs, full state or None): a resumed run's own, a preset sized to the tokenizer, or
-    --init-from's model."""
-    state = None
-    if ckpt:                                 # resuming: the checkpoint's model, loaded later
-        args = generate.read_params(ckpt)
-        where = f"{ckpt} has a model of vocab {args.vocab_size}"
-    elif cfg.init_from:
-        args, state, _ = generate.read_checkpoint(cfg.init_from)
-        where = f"--init-from model has vocab {args.vocab_size}"
-    else:
-        args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
-        where = ""
-    if args.vocab_size != tokenizer.n_words:
-        raise ConfigError(f"{where} but --data {cfg.data} was tokenized with {tokenizer.n_words} "
-                          "pieces; prepare the data with the checkpoint's tokenizer.model")
-    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
-    P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
-    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
-                     cfg.pipeline_schedule)
-    return args, state
-
 
 # What makes a run the run it is: resuming with another value would not continue it exactly.
 FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "micro_batches", "lr",
                    "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip", "seed",
                    "init_from", "dtype", "tp", "pp", "virtual_stages", "pp_schedule", "sp")
+
+
+def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
+    """(configuration, checkpoints to resume from, lock path or None): what this launch
+    continues or starts.
+
+    --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
+    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
+    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
+    """
+    restarted = world.restart > 0            # torchrun started this round after a failure
+    found = checkpoints(cfg)
+    if cfg.resume and not found:
+        raise ConfigError(f"--resume: no complete checkpoint under {checkpoint_root(cfg)}; run "
+                          "without --resume")
+    if found and (cfg.resume or restarted):
+        cfg = restore_config(cfg, given, found[0], say)
+    elif not restarted and (held := holds_a_run(cfg)):
+        raise ConfigError(f"{cfg.out} already holds a run ({held}); pass --resume to "
+                          "continue it, or choose another --out")
+    check_config(cfg, world.world_size)
+    lock, refused = None, None
+    if world.is_main:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            lock = take_lock(cfg.out)
+        except ConfigError as e:
+            refused = e
+        except OSError as e:
+            refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
+                                  "writable folder")
+    if not _all_ranks(refused is None, world):
+        raise refused or ConfigError("rank 0 refused the run (its message says why)")
+    return cfg, found, lock
 
 
 def saved_config(ckpt: str) -> dict:
@@ -629,7 +627,7 @@ def saved_config(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, first), map_location="cpu", weights_only=True)["config"]
 
 
-def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
+def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
     """The saved run's configuration, with the flags this command line names itself where they
     leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
 
@@ -651,25 +649,49 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
                               f"--init-from {ckpt}")
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in known}
-    return TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out,
-                          "bench": False})
+    restored = TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out})
+    done, planned = _step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
+    if done < restored.steps != planned.steps:
+        say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
+            f"decay is recomputed over {restored.steps}, so the learning rate goes from "
+            f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, restored):.3g} at "
+            f"step {done + 1}, and reaches its floor at step {restored.steps}")
+    return restored
 
 
-def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -> tuple:
-    """(path, steps done) of the newest checkpoint that every rank reads whole. One that does
-    not load (a truncated or corrupt file) is passed over, saying so, for the one before it."""
-    for path in candidates:
-        why = None
-        try:
-            start = load_checkpoint(path, model, optimizer, sampler, grid)
-        except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        if _all_ranks(why is None, world):
-            return path, start
-        say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "
-            "complete checkpoint before it")
-    raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
-                      "start a new run with another --out")
+def setup_data(cfg: TrainConfig, world):
+    """The token windows and the tokenizer; the demo corpus is built on first use."""
+    if not os.path.isdir(cfg.data):
+        if cfg.data != TrainConfig.data:
+            raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
+                              "prepare ... --out DIR`")
+        if world.is_main:
+            data.prepare_demo(cfg.data)
+        _barrier(world)
+    tok_path = os.path.join(cfg.data, "tokenizer.model")
+    weights = data.parse_mix(cfg.mix) if cfg.mix else None
+    sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
+    return sampler, Tokenizer(tok_path), tok_path
+
+
+def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
+    """(ModelArgs, full state or None): a resumed run's own, --init-from's model, or a preset
+    sized to the tokenizer; checked against the grid (the preset was, before the data)."""
+    state, where = None, ""
+    if ckpt:                                 # resuming: the checkpoint's model, loaded later
+        args = generate.read_params(ckpt)
+        where = f"{ckpt} has a model of vocab {args.vocab_size}"
+    elif cfg.init_from:
+        args, state, _ = generate.read_checkpoint(cfg.init_from)
+        where = f"--init-from model has vocab {args.vocab_size}"
+    else:
+        args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
+    if args.vocab_size != tokenizer.n_words:
+        raise ConfigError(f"{where} but --data {cfg.data} was tokenized with {tokenizer.n_words} "
+                          "pieces; prepare the data with the checkpoint's tokenizer.model")
+    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
+    check_split(args, cfg)
+    return args, state
 
 
 def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
@@ -689,66 +711,47 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     return model, make_optimizer(model, cfg, world.device)
 
 
-def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
-    """(configuration, checkpoints to resume from, lock): what this launch continues or starts.
-
-    --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
-    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
-    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
-    """
-    restarted = world.restart > 0            # torchrun started this round after a failure
-    found = checkpoints(cfg)
-    if cfg.resume and not found:
-        raise ConfigError(f"--resume: no complete checkpoint under {checkpoint_root(cfg)}; run "
-                          "without --resume")
-    if found and (cfg.resume or restarted):
-        cfg = restore_config(cfg, given, found[0])
-        done = _step_of(os.path.basename(found[0]))
-        if "steps" in given and done < cfg.steps != saved_config(found[0])["steps"]:
-            old = dataclasses.replace(cfg, steps=saved_config(found[0])["steps"])
-            say(f"--steps {cfg.steps}: the run was planned for {old.steps} steps; the cosine decay "
-                f"is recomputed over {cfg.steps}, so the learning rate goes from "
-                f"{lr_at(done - 1, old):.3g} at step {done} to {lr_at(done, cfg):.3g} at step "
-                f"{done + 1}, and reaches its floor at step {cfg.steps}")
-    elif not restarted and holds_a_run(cfg):
-        raise ConfigError(f"{cfg.out} already holds a run ({holds_a_run(cfg)}); pass --resume to "
-                          "continue it, or choose another --out")
-    check_config(cfg, world.world_size)
-    lock, refused = RunLock(cfg.out), None
-    if world.rank == 0:
+def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -> tuple:
+    """(path, steps done) of the newest checkpoint that every rank reads whole. One that does
+    not load (a truncated or corrupt file) is passed over, saying so, for the one before it."""
+    for path in candidates:
+        why = None
         try:
-            os.makedirs(cfg.out, exist_ok=True)
-            lock.acquire()
-        except ConfigError as e:
-            refused = e
-        except OSError as e:
-            refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
-                                  "writable folder")
-    if not _all_ranks(refused is None, world):
-        raise refused or ConfigError("rank 0 refused the run (its message says why)")
-    return cfg, found if (cfg.resume or restarted) else [], lock
+            start = load_checkpoint(path, model, optimizer, sampler, grid)
+        except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if _all_ranks(why is None, world):
+            return path, start
+        say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "
+            "complete checkpoint before it")
+    raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
+                      "start a new run with another --out")
 
+
+# ---------------------------------------------------------------------------------------------
+# 6. The training loop
+# ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
-    """The loop. Returns the per-step losses and validation losses (for tests and the caller)."""
-    main_rank = world.rank == 0
-    say = print if main_rank else (lambda *a, **k: None)
+    """The run: opened (new, or the saved one it continues), trained, saved. Returns the per-step
+    losses and validation losses (for tests and the caller)."""
+    say = print if world.is_main else (lambda *a, **k: None)
     cfg, found, lock = open_run(cfg, given or {}, world, say)
     try:
-        if found and _step_of(os.path.basename(found[0])) >= cfg.steps:
-            say(f"{cfg.out} is finished: it trained {_step_of(os.path.basename(found[0]))} steps "
-                f"of --steps {cfg.steps}; give --steps N (more than that) to train it further")
-            return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
         return _train(cfg, world, found, say)
     finally:
-        lock.release()
+        if lock:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
 
 
 def _train(cfg: TrainConfig, world, found: list, say) -> dict:
-    grid, device, main_rank = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device, world.rank == 0
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-           else contextlib.nullcontext())
+    if found and _step_of(found[0]) >= cfg.steps:
+        say(f"{cfg.out} is finished: it trained {_step_of(found[0])} steps of --steps "
+            f"{cfg.steps}; give --steps N (more than that) to train it further")
+        return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
+    grid, device = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device
+    dtype, amp = autocast(cfg, device)
     sampler, tokenizer, tok_path = setup_data(cfg, world)
     args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
     model, optimizer = build_model(cfg, args, init_state, world, grid)
@@ -759,17 +762,15 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
     step_fn = torch.compile(model) if cfg.compile else model
     sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
     metrics = os.path.join(cfg.out, "metrics.jsonl")
-    if main_rank:
-        if start == 0 and os.path.exists(metrics):
-            os.remove(metrics)
+    if world.is_main:
         truncate_metrics(metrics, start)
-    speed = describe_run(cfg, args, world, grid, use_bf16, say)
-    val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
+    tokens_per_step, peak_tps = describe_run(cfg, args, world, grid, dtype, say)
+    val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed).to(device)
 
     def validate(step: int):
         val_losses[step] = validation_loss(model, val, cfg, grid, amp)
         say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
-        if main_rank:
+        if world.is_main:
             log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
     def save(step: int):
@@ -778,7 +779,6 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
     # `step` counts optimizer updates done: step 1 is the first update, checkpoints and metrics
     # are named by it, and validation at step 0 is the untrained model.
     losses, val_losses, bad_in_a_row = {}, {}, 0
-    progress = Progress(cfg.steps, main_rank)
     if start == 0:
         validate(0)
     stop = {"signal": None}                  # set by SIGTERM/SIGINT, honoured between steps
@@ -805,15 +805,15 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
                                      "lower --lr, or resume from an earlier checkpoint")
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
-            losses[step], tps = loss, speed.tokens_per_s(time.perf_counter() - t0)
-            if main_rank:
+            losses[step], tps = loss, tokens_per_step / (time.perf_counter() - t0)
+            if world.is_main:
                 log_metrics(metrics, dict(step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                                          grad_norm=grad_norm, tokens_per_s=tps,
-                                          mfu=speed.mfu(tps), skipped=not finite,
+                                          grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps,
+                                          skipped=not finite,
                                           tokens_by_source=sampler.tokens_by_source()))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
-                progress.update(step, f"loss {loss:.4f} lr {lr:.2e} |g| {grad_norm:.3f} "
-                                      f"{tps:,.0f} tok/s MFU {100 * speed.mfu(tps):.1f}%")
+                show_progress(say, step, cfg.steps, f"loss {loss:.4f} lr {lr:.2e} |g| "
+                              f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate(step)
             if not _all_ranks(stop["signal"] is None, world):   # any rank signalled: all stop
@@ -823,10 +823,11 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
     finally:
-        progress.close()
+        if sys.stdout.isatty():
+            say()                                             # end the progress bar's line
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if main_rank:
+    if world.is_main:
         png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
         say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
     if cfg.samples and grid.tp == 1 and grid.pp == 1:
@@ -834,50 +835,19 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
     return dict(losses=losses, val_losses=val_losses, stopped_at=None)
 
 
-@dataclass
-class Speed:
-    """tokens/s and MFU of a step: MFU = tokens/s * FLOP/token / (peak per device * devices)."""
-    tokens_per_step: int
-    flops_per_token: int
-    peak: float                      # FLOP/s of all devices together
-
-    def tokens_per_s(self, seconds: float) -> float:
-        return self.tokens_per_step / seconds
-
-    def mfu(self, tokens_per_s: float) -> float:
-        return tokens_per_s * self.flops_per_token / self.peak
-
-
-def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, use_bf16: bool, say) -> Speed:
-    """Print the configuration, the model, the grid and the MFU formula; return the Speed."""
+def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, dtype, say) -> tuple:
+    """Print the configuration, the model, the grid and the MFU formula; return the tokens of
+    one step and the tokens/s at 100% MFU."""
     tokens_per_step = cfg.global_batch(grid.dp) * cfg.seq_len
-    flops_token = M.flops_per_token(args, cfg.seq_len)
-    peak, source = peak_flops(world.device, torch.bfloat16 if use_bf16 else torch.float32)
+    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, world.device, dtype, world.world_size)
     say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
         f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
     say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
         f"batch {cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} "
         f"tokens in {cfg.micro_batches} micro-batches of {cfg.batch_size} per rank")
-    say(f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token) / ({peak / 1e12:.2f} "
-        f"TFLOP/s peak per device [{source}] * {world.world_size} devices)")
-    return Speed(tokens_per_step, flops_token, peak * world.world_size)
-
-
-def validation_loss(model, val, cfg: TrainConfig, grid, amp) -> float:
-    """Mean loss over fixed held-out windows; every rank evaluates the same windows."""
-    model.eval()
-    total = 0.0
-    with torch.no_grad(), amp:
-        for chunk in val.split(cfg.batch_size):
-            chunk = chunk.to(next(model.parameters()).device)
-            if grid.pp > 1:                              # the forwards through the stages
-                loss = P.pipeline_step(model, chunk, grid, 1, backward=False)
-            else:
-                loss = P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid)
-            total += loss.item() * len(chunk)
-    model.train()
-    return total / len(val)
+    say(formula)
+    return tokens_per_step, peak_tps
 
 
 def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -> float:
@@ -901,6 +871,21 @@ def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -
     return loss_sum.item()
 
 
+def validation_loss(model, val, cfg: TrainConfig, grid, amp) -> float:
+    """Mean loss over fixed held-out windows; every rank evaluates the same windows."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad(), amp:
+        for chunk in val.split(cfg.batch_size):
+            if grid.pp > 1:                              # the forwards through the stages
+                loss = P.pipeline_step(model, chunk, grid, 1, backward=False)
+            else:
+                loss = P.loss_fn(model(chunk[:, :-1]), chunk[:, 1:], grid)
+            total += loss.item() * len(chunk)
+    model.train()
+    return total / len(val)
+
+
 def print_samples(model, tokenizer, cfg, say):
     prompts = ["def ", "import ", "The "][:cfg.samples]
     model.eval()
@@ -911,7 +896,7 @@ def print_samples(model, tokenizer, cfg, say):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Benchmark: our step against a plain reference loop
+# 7. Benchmark: our step against a plain reference loop
 # ---------------------------------------------------------------------------------------------
 
 def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int = 3,
@@ -926,11 +911,8 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
     """
     args = M.preset(cfg.preset)
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-           else contextlib.nullcontext())
-    flops_token = M.flops_per_token(args, cfg.seq_len)
-    peak, peak_source = peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
+    dtype, amp = autocast(cfg, device)
+    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, args.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=gen)
     tokens = tokens.to(device)
@@ -962,7 +944,7 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
             if i >= warmup:
                 times.append(time.perf_counter() - t)
         tps = cfg.batch_size * cfg.seq_len / (sum(times) / len(times))
-        results[name] = dict(tokens_per_s=tps, mfu=tps * flops_token / peak)
+        results[name] = dict(tokens_per_s=tps, mfu=tps / peak_tps)
         print(f"{name:>6}: {tps:12,.0f} tokens/s  MFU {100 * results[name]['mfu']:5.1f}%")
         del model, opt, fwd, logits, loss
         if device.type == "cuda":
@@ -970,30 +952,27 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
     if len(results) == 2:
         results["ratio"] = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
         print(f"ours / plain = {results['ratio']:.2f}x   [{cfg.preset}, batch {cfg.batch_size} "
-              f"x seq {cfg.seq_len}, {'bf16' if use_bf16 else 'fp32'}, {device}]")
-    print(f"MFU = tokens/s * {flops_token:,} FLOP/token (6N + 12*L*D*T, N without the input "
-          f"embedding) / {peak / 1e12:.2f} TFLOP/s [{peak_source}]")
+              f"x seq {cfg.seq_len}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}, {device}]")
+    print(formula)
     return results
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. main
+# 8. main
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    cfg, given = parse_args(argv), given_flags(argv)
+    cfg, given = parse_args(argv)
     world = None
     try:
         check_flags(cfg)
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
         if cfg.bench:
             check_config(cfg, world.world_size)
-            if world.world_size > 1:
-                raise ConfigError("--bench measures one process; run it with python, not torchrun")
             return bench(cfg, world.device)
         return train(cfg, world, given)
-    except (ConfigError, ValueError, OSError, RunStopped) as e:
-        if world is None or world.rank == 0:
+    except (ValueError, OSError, RunStopped) as e:          # ConfigError is a ValueError
+        if world is None or world.is_main:
             again = (" (then --resume continues the run)"
                      if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
             print(f"error: {e}{again}", file=sys.stderr, flush=True)
