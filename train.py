@@ -137,24 +137,19 @@ class TrainConfig:
         return self.batch_size * self.micro_batches * dp
 
 
-def _parser(defaults: bool) -> argparse.ArgumentParser:
+def parse_args(argv=None) -> tuple:
+    """(TrainConfig, {option: value} for those the command line names: what --resume may
+    override). The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under
+    torchrun; an option left out keeps the dataclass's default."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None if defaults else argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default) if defaults else {}
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=type(f.default), **kw)
-    return p
-
-
-def parse_args(argv=None) -> tuple:
-    """(TrainConfig, the options the command line names itself: what --resume may override).
-    The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under torchrun."""
-    return (TrainConfig(**vars(_parser(defaults=True).parse_args(argv))),
-            vars(_parser(defaults=False).parse_args(argv)))
+        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool)
+                else dict(type=type(f.default)))
+        p.add_argument("--" + f.name.replace("_", "-"), **kind)
+    given = vars(p.parse_args(argv))
+    return TrainConfig(**given), given
 
 
 class ConfigError(ValueError):
@@ -677,18 +672,17 @@ def setup_data(cfg: TrainConfig, world):
 def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
     """(ModelArgs, full state or None): a resumed run's own, --init-from's model, or a preset
     sized to the tokenizer; checked against the grid (the preset was, before the data)."""
-    state, where = None, ""
+    state, source = None, ckpt or cfg.init_from
     if ckpt:                                 # resuming: the checkpoint's model, loaded later
         args = generate.read_params(ckpt)
-        where = f"{ckpt} has a model of vocab {args.vocab_size}"
     elif cfg.init_from:
         args, state, _ = generate.read_checkpoint(cfg.init_from)
-        where = f"--init-from model has vocab {args.vocab_size}"
     else:
         args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
     if args.vocab_size != tokenizer.n_words:
-        raise ConfigError(f"{where} but --data {cfg.data} was tokenized with {tokenizer.n_words} "
-                          "pieces; prepare the data with the checkpoint's tokenizer.model")
+        raise ConfigError(f"{source} has a model of vocab {args.vocab_size} but --data {cfg.data} "
+                          f"was tokenized with {tokenizer.n_words} pieces; prepare the data with "
+                          "the checkpoint's tokenizer.model")
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
     check_split(args, cfg)
     return args, state
@@ -737,54 +731,46 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     losses and validation losses (for tests and the caller)."""
     say = print if world.is_main else (lambda *a, **k: None)
     cfg, found, lock = open_run(cfg, given or {}, world, say)
+    old_handlers = {}                        # SIGTERM's and SIGINT's, while the loop runs
     try:
-        return _train(cfg, world, found, say)
-    finally:
-        if lock:
-            with contextlib.suppress(OSError):
-                os.remove(lock)
-
-
-def _train(cfg: TrainConfig, world, found: list, say) -> dict:
-    if found and _step_of(found[0]) >= cfg.steps:
-        say(f"{cfg.out} is finished: it trained {_step_of(found[0])} steps of --steps "
-            f"{cfg.steps}; give --steps N (more than that) to train it further")
-        return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
-    grid, device = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device
-    dtype, amp = autocast(cfg, device)
-    sampler, tokenizer, tok_path = setup_data(cfg, world)
-    args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
-    model, optimizer = build_model(cfg, args, init_state, world, grid)
-    start = 0                                # optimizer steps already done
-    if found:
-        ckpt, start = resume_from(found, model, optimizer, sampler, world, grid, say)
-        say(f"resumed from {ckpt} at step {start}")
-    step_fn = torch.compile(model) if cfg.compile else model
-    sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-    if world.is_main:
-        truncate_metrics(metrics, start)
-    tokens_per_step, peak_tps = describe_run(cfg, args, world, grid, dtype, say)
-    val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed).to(device)
-
-    def validate(step: int):
-        val_losses[step] = validation_loss(model, val, cfg, grid, amp)
-        say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
+        if found and _step_of(found[0]) >= cfg.steps:
+            say(f"{cfg.out} is finished: it trained {_step_of(found[0])} steps of --steps "
+                f"{cfg.steps}; give --steps N (more than that) to train it further")
+            return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
+        grid, device = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device
+        dtype, amp = autocast(cfg, device)
+        sampler, tokenizer, tok_path = setup_data(cfg, world)
+        args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
+        model, optimizer = build_model(cfg, args, init_state, world, grid)
+        start = 0                            # optimizer steps already done
+        if found:
+            ckpt, start = resume_from(found, model, optimizer, sampler, world, grid, say)
+            say(f"resumed from {ckpt} at step {start}")
+        step_fn = torch.compile(model) if cfg.compile else model
+        sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
+        metrics = os.path.join(cfg.out, "metrics.jsonl")
         if world.is_main:
-            log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
+            truncate_metrics(metrics, start)
+        tokens_per_step, peak_tps = describe_run(cfg, args, world, grid, dtype, say)
+        val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
 
-    def save(step: int):
-        save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
+        def validate(step: int):
+            val_losses[step] = validation_loss(model, val.to(device), cfg, grid, amp)
+            say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
+            if world.is_main:
+                log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
-    # `step` counts optimizer updates done: step 1 is the first update, checkpoints and metrics
-    # are named by it, and validation at step 0 is the untrained model.
-    losses, val_losses, bad_in_a_row = {}, {}, 0
-    if start == 0:
-        validate(0)
-    stop = {"signal": None}                  # set by SIGTERM/SIGINT, honoured between steps
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+        def save(step: int):
+            save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
+
+        # `step` counts optimizer updates done: step 1 is the first update, checkpoints and
+        # metrics are named by it, and validation at step 0 is the untrained model.
+        losses, val_losses, bad_in_a_row = {}, {}, 0
+        if start == 0:
+            validate(0)
+        stop = {"signal": None}              # set by SIGTERM/SIGINT, honoured between steps
+        old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                        for s in (signal.SIGTERM, signal.SIGINT)}
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg)
@@ -807,10 +793,10 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
             _sync(device)
             losses[step], tps = loss, tokens_per_step / (time.perf_counter() - t0)
             if world.is_main:
-                log_metrics(metrics, dict(step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                                          grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps,
-                                          skipped=not finite,
-                                          tokens_by_source=sampler.tokens_by_source()))
+                log_metrics(metrics, dict(
+                    step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
+                    grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps, skipped=not finite,
+                    tokens_by_source=sampler.tokens_by_source()))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
                 show_progress(say, step, cfg.steps, f"loss {loss:.4f} lr {lr:.2e} |g| "
                               f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
@@ -822,17 +808,20 @@ def _train(cfg: TrainConfig, world, found: list, say) -> dict:
                 return dict(losses=losses, val_losses=val_losses, stopped_at=step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
+        if world.is_main:
+            png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
+            say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
+        if cfg.samples and grid.tp == 1 and grid.pp == 1:
+            print_samples(model, tokenizer, cfg, say)
+        return dict(losses=losses, val_losses=val_losses, stopped_at=None)
     finally:
-        if sys.stdout.isatty():
-            say()                                             # end the progress bar's line
+        if old_handlers and sys.stdout.isatty():
+            say()                            # ends the progress bar's line
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    if world.is_main:
-        png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
-        say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
-    if cfg.samples and grid.tp == 1 and grid.pp == 1:
-        print_samples(model, tokenizer, cfg, say)
-    return dict(losses=losses, val_losses=val_losses, stopped_at=None)
+        if lock:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
 
 
 def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, dtype, say) -> tuple:
