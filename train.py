@@ -55,7 +55,6 @@ import functools
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -65,7 +64,6 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -430,22 +428,17 @@ def load_checkpoint(path, model, optimizer, sampler, grid):
 
 
 def _rng_state():
-    """Every generator a step could touch, so that a resumed run draws what the original drew."""
-    np_state = np.random.get_state()
+    """torch's generators, so that a resumed run draws what the original drew. They are the only
+    global ones a step could touch: the sampler keeps its own state, and no step draws from
+    numpy's or Python's."""
     return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                       *np_state[2:]],
-                python=list(random.getstate()[1]))
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
 def _set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
-    name, keys, *rest = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate((3, tuple(s["python"]), None))
 
 
 def _barrier(world):
@@ -488,7 +481,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
             family, flops = known
             return flops, f"{family} data sheet, dense bf16"
     n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(6):
         _sync(device)
