@@ -953,14 +953,15 @@ def main(argv=None) -> dict:
             check_config(cfg, world.world_size)
             return bench(cfg, world.device)
         return train(cfg, world, given)
-    except (ValueError, OSError, RunStopped) as e:          # ConfigError is a ValueError
+    except (ValueError, OSError, RunStopped) as e:
         if world is None or world.is_main:
             again = (" (then --resume continues the run)"
                      if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
             print(f"error: {e}{again}", file=sys.stderr, flush=True)
-        if not isinstance(e, (RunStopped, OSError)):
-            P.stop_restarts()                # the same configuration would fail every restart
-        sys.exit(1 if isinstance(e, (RunStopped, OSError)) else 2)
+        if isinstance(e, ValueError):        # a configuration (ConfigError is one): it would
+            P.stop_restarts()                # fail every restart the same way
+            sys.exit(2)
+        sys.exit(1)
     except RuntimeError as e:
         if world is None or world.world_size == 1 or not P.is_collective_failure(e):
             raise
