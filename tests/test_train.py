@@ -4,12 +4,15 @@ the middle of a save, non-finite steps, refused configurations, and a falling lo
 import json
 import math
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
 
 import parallel as P
 import train as T
+from distributed import losses, start, wait_for_step
 
 
 def base_argv(data_dir, out, *extra):
@@ -192,21 +195,12 @@ def test_torchrun_restart_resumes_by_itself(demo_data, tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    cmd = [sys.executable, "train.py", *base_argv(demo_data, tmp_path, "--steps", "100000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-        time.sleep(0.2)
+    proc = start("train.py", *base_argv(demo_data, tmp_path, "--steps", "100000"),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_step(tmp_path, 1, proc)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
+    output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     assert "saving step" in output
     ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
-    last = max(r["step"] for r in read_metrics(tmp_path) if "loss" in r)
-    assert ckpt.endswith(f"step-{last:06d}")
+    assert ckpt.endswith(f"step-{max(losses(tmp_path)):06d}")
