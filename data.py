@@ -7,7 +7,8 @@ machine can run. It reads folders of raw documents (RedPajama's jsonl layout, or
 cleans and deduplicates them, tokenizes them into flat memory-mapped shards, and serves windows
 of tokens whose share per source follows the mixture weights: the same windows whatever the
 number of data-parallel ranks, and exactly resumable from a checkpoint. It trains no model;
-train.py calls `MixtureSampler` and `validation_windows`.
+train.py calls `parse_mix`, `MixtureSampler`, `validation_windows` and, for the demo,
+`prepare_demo`.
 
     python data.py prepare --demo --out data/demo        # offline: Python's own stdlib as text
     python data.py prepare --source c4=/rp/c4 --source github=/rp/github \\
@@ -16,7 +17,8 @@ train.py calls `MixtureSampler` and `validation_windows`.
     python data.py bench data/demo --seq-len 256         # sampler tokens/s, tokenizer MB/s
     python data.py bench-prepare --mb 96 --workers 1 2   # prepare's speed, 1 and 2 processes
 
-Reading order: sections 1 and 2 are all that train.py uses, and read without the others.
+Reading order: train.py reads data through sections 1 and 2, which read without the others
+(and builds the demo corpus with prepare_demo, section 7, on first use).
   1. The mixture       Table 1, parse_mix
   2. Reading a dataset load_manifest checks a prepared folder, then MixtureSampler serves
                        windows mixed by weight, dp-independent and resumable
@@ -37,7 +39,8 @@ and ends with EOS. Reading a folder checks it first: the tokenizer's sha256, sha
 sample of ids (check_dataset).
 
 A file is the unit of work. Workers clean each file by the rules of its source's kind and
-fingerprint each surviving document (a 532-byte hash and MinHash); one process then decides, in
+fingerprint each surviving document (532 bytes: a 128-bit hash, the shingle count, the MinHash);
+one process then decides, in
 the fixed order of the files, which documents repeat an earlier one; workers tokenize the kept
 documents of each file; the pieces are joined in file order:
 

@@ -73,7 +73,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import parallel as P
-from model import ModelArgs, Transformer, merge_state_dicts, rope_tables
+from model import ModelArgs, Transformer, merge_state_dicts, rope_tables, shard_file
 from tokenizer import Tokenizer
 
 
@@ -96,7 +96,7 @@ def find_tokenizer(folder: str) -> str:
 def _meta_shards(folder: str) -> list:
     """consolidated.00.pth ... consolidated.{N-1}.pth, checked to be complete."""
     n = len(glob.glob(os.path.join(folder, "consolidated.*.pth")))
-    paths = [os.path.join(folder, f"consolidated.{i:02d}.pth") for i in range(n)]
+    paths = [os.path.join(folder, shard_file(i)) for i in range(n)]
     if n == 0:
         raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth weights")
     if not all(os.path.isfile(p) for p in paths):
@@ -229,9 +229,11 @@ def permute_rows(w, n_heads: int, to_hf: bool):
 
 def ffn_args(dim: int, hidden: int) -> dict:
     """multiple_of / ffn_dim_multiplier for which ModelArgs.ffn_hidden == HF's intermediate_size."""
-    if ModelArgs(dim=dim, n_heads=1, n_layers=1, vocab_size=1).ffn_hidden == hidden:
+    def width(**kw):
+        return ModelArgs(dim=dim, n_heads=1, n_layers=1, vocab_size=1, **kw).ffn_hidden
+    if width() == hidden:
         return {}                                    # LLaMA's own rounding (multiple_of=256)
-    base = int(2 * 4 * dim / 3)                      # what ffn_hidden starts from, see model.py
+    base = width(multiple_of=1)                      # 2/3 of 4 dim, before any rounding
     return dict(multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base)
 
 

@@ -11,14 +11,16 @@ from them. It imports no other file of the project and never `torch.distributed`
 
 Reading order
   1. ModelArgs and PRESETS     the architecture as a dataclass; Table 2 of the paper
-  2. RMSNorm and Linear        pre-normalization in fp32; the one Linear every projection uses
+  2. RMSNorm and Linear        activation_dtype (bf16 under autocast); pre-normalization in fp32;
+                               the one Linear every projection uses
   3. Rotary embeddings         Meta's interleaved-pair layout, as real 2x2 rotations
   4. Attention                 grouped KV heads, a KV cache, three backends (xformers/sdpa/math)
   5. FeedForward               SwiGLU, with an optional hand-written backward [LLaMA §2.4]
   6. TransformerBlock, Transformer   embed, rotations, the blocks, head (the steps a pipeline
                                stage runs on its own parts)
   7. Counting                  exact parameters and model FLOPs per token (for MFU)
-  8. Meta's checkpoint layout  which weights are split along which dimension
+  8. Meta's checkpoint layout  which weights are split along which dimension, the file names;
+                               split, merge and load Meta's state dicts; main
 
 One block, pre-normalized (no biases anywhere, no dropout):
 
@@ -446,7 +448,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
         # The rotary tables are derived, not learned: non-persistent, so they stay out of the
-        # state_dict (Meta's files sometimes carry a stray `rope.freqs`; load_meta_state drops it).
+        # state_dict (Meta's files sometimes carry a stray `rope.freqs`; meta_weights drops it).
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)       # (S_max, E/2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -592,6 +594,17 @@ def shard_dim(key: str) -> Optional[int]:
     return None
 
 
+def shard_file(i: int) -> str:
+    """The name of Meta's i-th weight file: consolidated.00.pth, consolidated.01.pth, ..."""
+    return f"consolidated.{i:02d}.pth"
+
+
+def meta_weights(state: dict) -> dict:
+    """A Meta state dict without `rope.freqs`, a stray buffer in some of Meta's files (derived
+    from the architecture, not learned: Transformer computes its rotary tables itself)."""
+    return {k: v for k, v in state.items() if k != "rope.freqs"}
+
+
 def split_state_dict(state: dict, n: int) -> list:
     """One full state dict -> n shards in Meta's split (replicated tensors copied to each)."""
     shards = [{} for _ in range(n)]
@@ -609,9 +622,7 @@ def split_state_dict(state: dict, n: int) -> list:
 def merge_state_dicts(shards: list) -> dict:
     """n shards in Meta's split -> one full state dict (the inverse of split_state_dict)."""
     merged = {}
-    for key in shards[0]:
-        if key == "rope.freqs":  # a stray buffer in some of Meta's files: derived, not learned
-            continue
+    for key in meta_weights(shards[0]):
         dim = shard_dim(key)
         merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim)
     return merged
@@ -619,8 +630,7 @@ def merge_state_dicts(shards: list) -> dict:
 
 def load_meta_state(model: Transformer, state: dict):
     """Load a (merged) Meta state dict strictly, after dropping the stray `rope.freqs`."""
-    state = {k: v for k, v in state.items() if k != "rope.freqs"}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(meta_weights(state), strict=True)
 
 
 def main():

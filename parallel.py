@@ -94,7 +94,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model import ModelArgs, Transformer, activation_dtype, shard_dim
+from model import ModelArgs, Transformer, activation_dtype, meta_weights, shard_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1168,7 +1168,7 @@ def shard_state_dict(model, grid: Grid) -> dict:
         if grid.tp > 1 and _runtime_dim(key) != shard_dim(key):  # the embedding: rows -> width
             # COMM: tp all-gather, checkpoint save
             full = all_gather(t, _runtime_dim(key), grid.tp_group)
-            t = full.chunk(grid.tp, shard_dim(key))[grid.tp_rank]
+            t = shard(full, shard_dim(key), grid)
         out[key] = t.detach().cpu().clone()
     return out
 
@@ -1200,10 +1200,10 @@ def load_sharded(model, full_state: dict, grid: Grid) -> None:
     """Load a full (merged) Meta state dict into a parallelized model: each rank takes its slice
     (and, under pp, only the keys of its stage)."""
     pieces, own = {}, model.state_dict()
-    for key, t in full_state.items():
-        if key == "rope.freqs" or (grid.pp > 1 and key not in own):  # rope.freqs: a stray buffer
+    for key, t in meta_weights(full_state).items():
+        if grid.pp > 1 and key not in own:                       # another stage's weights
             continue
         dim = _runtime_dim(key)
-        pieces[key] = t if dim is None or grid.tp == 1 else t.chunk(grid.tp, dim)[grid.tp_rank]
+        pieces[key] = t if dim is None or grid.tp == 1 else shard(t, dim, grid)
     model.load_state_dict(pieces, strict=True)
 

@@ -13,7 +13,7 @@ Meta's own trainer settings (read back from the released `tokenizer.model`) and 
 Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
-  3. Tokenizer         load, encode(text, bos, eos), decode(ids)
+  3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
   4. Command line      OneLineParser and number (data.py's flags use them too), main
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to

@@ -44,8 +44,9 @@ one run at a time holds OUT (OUT/train.lock).
 Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
 
 What this file leaves out: resuming at a different tensor- or pipeline-parallel layout with the
-optimizer state (use --init-from: weights only, any layout), --compile and samples at the end
-under pipeline parallelism, and mixed precision other than bf16 autocast (no fp16 loss scaling).
+optimizer state (use --init-from: weights only, any layout), --compile under pipeline
+parallelism, samples at the end under tensor or pipeline parallelism, and mixed precision other
+than bf16 autocast (no fp16 loss scaling).
 """
 
 import argparse
@@ -390,7 +391,7 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
                        rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
                        pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
             if grid.pp_rank == 0:
-                _save(shard, os.path.join(tmp, f"consolidated.{grid.tp_rank:02d}.pth"))
+                _save(shard, os.path.join(tmp, M.shard_file(grid.tp_rank)))
             if grid.pp_rank == 0 and grid.tp_rank == 0:
                 write_atomic(os.path.join(tmp, "params.json"), args.to_json())
                 write_atomic(os.path.join(tmp, "train_config.json"),
@@ -889,7 +890,7 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
     scores), autograd's SwiGLU, F.cross_entropy, unfused AdamW. ours: the configured backend,
     --recompute (selective: the hand-written SwiGLU backward), fused AdamW, and
     torch.compile with --compile.
-    Single process; bf16 autocast on CUDA, fp32 on CPU. `variants` picks which of the two run.
+    Single process; precision as --dtype (auto: bf16 autocast on CUDA, fp32 on CPU). `variants` picks which of the two run.
     """
     args = M.preset(cfg.preset)
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
