@@ -195,8 +195,8 @@ def load_manifest(data_dir: str) -> dict:
         with open(path) as f:
             manifest = json.load(f)
         check_dataset(data_dir, manifest)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        # not JSON, or a field missing or of the wrong type; check_dataset's own errors pass
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        # not UTF-8 JSON, or a field missing or of the wrong type; check_dataset's errors pass
         raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
                          f"{e}); prepare the dataset again") from None
     return manifest
@@ -222,9 +222,10 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
                          "with (sha256 differs from the manifest's); put the original back, or "
                          "prepare the data again with this one")
     vocab, dtype = manifest["vocab_size"], manifest["dtype"]
-    if dtype not in ("uint16", "uint32") or vocab > np.iinfo(dtype).max + 1:
-        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json cannot hold the ids of "
-                         f"{vocab} pieces; prepare the data again")
+    if dtype != token_dtype(vocab):
+        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
+                         f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the "
+                         "data again")
     for name, source in manifest["sources"].items():
         if not re.fullmatch(NAME, name):
             raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
@@ -940,9 +941,17 @@ def _list_sources(sources: List[str]) -> list:
 
 
 def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict],
-                   val_every: int) -> Optional[Tokenizer]:
-    """Refuse, before any work starts, a mixture that names unknown sources or a val_every that
-    would hold nothing out; return the given tokenizer, loaded (so checked), or None."""
+                   val_every: int, vocab_size: int = 260,
+                   workers: Optional[int] = None) -> Optional[Tokenizer]:
+    """Refuse, before any work starts, a mixture that names unknown sources, a val_every that
+    would hold nothing out, a vocabulary too small to train or a worker count below 1; return
+    the given tokenizer, loaded (so checked), or None. The command line checks the numbers as
+    flags; this is for the calls from Python."""
+    if workers is not None and workers < 0:                    # None or 0: every core
+        raise ValueError(f"workers={workers} must be at least 1 (or 0: every core)")
+    if not tokenizer and vocab_size < 260:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte fallback; use at least "
+                         "260")
     if set(weights or {}) - set(names):
         raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
                          f"the sources are {names}")
@@ -965,7 +974,8 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
     their number. The sources, the mixture and the tokenizer are checked before any work starts.
     """
     listing = _list_sources(sources)
-    tok = _check_options([s[0] for s in listing], tokenizer, weights, val_every)
+    tok = _check_options([s[0] for s in listing], tokenizer, weights, val_every, vocab_size,
+                         workers)
     with building(out_dir) as tmp:
         return _build(tmp, listing, tok, vocab_size, weights, val_every,
                       dict(language_id=language_id, quality=quality), quiet, workers)
@@ -992,7 +1002,10 @@ def prepare_shard(sources: List[str], out_dir: str, shard: int, shards: int,
     their global order) into a part folder `out_dir`; `merge` joins the N parts, and refuses a
     set that is not 0/N .. N-1/N. Returns the part's part.json. Dedup, tokenizer and mixture
     options belong to `merge`."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard}/{shards}: write I/N with 0 <= I < N, e.g. 0/4")
     listing = _list_sources(sources)
+    _check_options([s[0] for s in listing], None, None, VAL_EVERY, workers=workers)
     with building(out_dir) as tmp:
         return _clean_part(tmp, listing, shard, shards, workers,
                            dict(language_id=language_id, quality=quality), quiet)
@@ -1006,7 +1019,7 @@ def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
     byte, as one `prepare` over every source. Returns the stats report."""
     found = _read_parts(parts)
     names = [source["name"] for source in found[0][1]["sources"]]
-    tok = _check_options(names, tokenizer, weights, val_every)
+    tok = _check_options(names, tokenizer, weights, val_every, vocab_size, workers)
     with building(out_dir) as tmp:
         return _finish(tmp, found, tok, vocab_size, weights, val_every, workers, quiet)
 
@@ -1495,8 +1508,8 @@ def main(argv=None):
                        help=f"every Nth kept document is held out (default {VAL_EVERY})")
         q.add_argument("--out", required=True)
         q.add_argument("--quiet", action="store_true")
-    for q in (pp, pm, pb):
-        q.add_argument("--workers", type=number(int, 1), help="processes (default: every core)")
+    for q, what in ((pp, "processes"), (pm, "processes"), (pb, "threads and processes")):
+        q.add_argument("--workers", type=number(int, 1), help=f"{what} (default: every core)")
     for q in (ps, pb):
         q.add_argument("data_dir")
     ps.add_argument("--train-tokens", type=number(float, 0, above=True),

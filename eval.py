@@ -181,7 +181,7 @@ class Record:
         """An index, written as a number or a string of digits, from `first` on; 0-based."""
         name, value = self.get(name)
         number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-        # NOTE: type(), not isinstance(): True is an int, and no label.
+        # NOTE: type(), not isinstance(): bool is a subclass of int, and True is not a label.
         if type(number) is not int or not first <= number < first + count:
             raise BadRecord(f"field {name} is {value!r}; it must be a number from {first} to "
                             f"{first + count - 1}")
@@ -860,7 +860,7 @@ def print_report(report: dict):
                        for k, v in report["metrics"].items())
     print(f"{name}{f' {shots}-shot' if shots else ''} ({report['n']} examples): {scores}")
     if name == "mmlu":                     # each subject, then each category beside the paper's
-        paper = report["llama_7b_categories"] or {}
+        paper = report.get("llama_7b_categories") or {}
         for group, acc in {**report["subjects"], **report["categories"]}.items():
             beside = f"   LLaMA-7B {paper[group]}" if group in paper else ""
             print(f"  {group:<40} {100 * acc:5.1f}{beside}")

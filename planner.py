@@ -211,14 +211,15 @@ def wire_bytes(op: str, n: int, payload: float) -> float:
 
 
 def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
-                  sp: bool = False, recompute: str = "none", grad_accum: int = 1,
+                  sp: bool = False, recompute: str = "none", micro_batches: int = 1,
                   bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
                   keep_shard: bool = True, grad_bytes: int = 4) -> dict:
     """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
 
-    batch is this rank's micro-batch. A step = grad_accum forward+backward passes, GradSync.finish
-    and clip_grad_norm. A = batch * seq_len * D * b, the payload of one activation (b =
-    bytes_per_el: 2 under bf16 autocast); gradients are fp32 whatever b (grad_bytes); per pass:
+    batch is this rank's micro-batch. A step = micro_batches forward+backward passes,
+    GradSync.finish and clip_grad_norm. A = batch * seq_len * D * b, the payload of one
+    activation (b = bytes_per_el: 2 under bf16 autocast); gradients are fp32 whatever b
+    (grad_bytes); per pass:
 
       tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
                   + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
@@ -229,14 +230,14 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
       loss        3 all-reduces of N fp32 numbers (max, sum of exp, target logit)
       per step    sp: one all-reduce of the 2L+1 norm weight gradients; clipping: one scalar
       dp          one all-reduce per bucket (bucketed) or per parameter (naive) of all local
-                  gradients: P/tp elements (norms whole), once per step whatever grad_accum
+                  gradients: P/tp elements (norms whole), once per step whatever micro_batches
 
     The bytes on the wire follow from `wire_bytes`: the same A crosses the wire for one
     all-reduce as for one all-gather plus one reduce-scatter, which is why sp is free [Korthikanti
     §4.2.2]: it turns 4 all-reduces per layer into 4 all-gathers and 4 reduce-scatters.
     """
     L, A, N = args.n_layers, batch * seq_len * args.dim * bytes_per_el, batch * seq_len
-    m, full = grad_accum, int(recompute == "full")
+    m, full = micro_batches, int(recompute == "full")
     out = {}
 
     def add(key, calls, payload):

@@ -396,7 +396,8 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
                 write_atomic(os.path.join(tmp, "params.json"), args.to_json())
                 write_atomic(os.path.join(tmp, "train_config.json"),
                              json.dumps(dataclasses.asdict(cfg), indent=2))
-                write_atomic(os.path.join(tmp, "tokenizer.model"), open(tok_path, "rb").read())
+                with open(tok_path, "rb") as f:
+                    write_atomic(os.path.join(tmp, "tokenizer.model"), f.read())
         except OSError as e:
             failed = e
     if not _all_ranks(failed is None, world):
@@ -528,7 +529,9 @@ def truncate_metrics(path: str, last_step: int):
     of its write."""
     if not os.path.isfile(path):
         return
-    lines, keep = open(path).readlines() if last_step else [], []
+    keep = []
+    with open(path) as f:
+        lines = f.readlines() if last_step else []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -621,7 +624,8 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
 
     A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
-    ones the run would have had. A path is compared as the folder it names.
+    ones the run would have had. A path is compared as the folder it names. A new --steps is
+    said, with the learning rate before and after the recomputed decay.
     """
     saved = saved_config(ckpt)
     if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
@@ -640,7 +644,7 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     values = {k: v for k, v in saved.items() if k in known}
     restored = TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out})
     done, planned = _step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
-    if done < restored.steps != planned.steps:
+    if restored.steps != planned.steps and done < restored.steps:
         say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
             f"decay is recomputed over {restored.steps}, so the learning rate goes from "
             f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, restored):.3g} at "
@@ -719,6 +723,15 @@ def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -
 # ---------------------------------------------------------------------------------------------
 # 6. The training loop
 # ---------------------------------------------------------------------------------------------
+
+def restore_handlers(old_handlers: dict, say):
+    """Give SIGTERM and SIGINT back the handlers they had before the loop (once)."""
+    if old_handlers and sys.stdout.isatty():
+        say()                                # ends the progress bar's line
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    old_handlers.clear()
+
 
 def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     """The run: opened (new, or the saved one it continues), trained, saved. Returns the per-step
@@ -802,6 +815,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                 return dict(losses=losses, val_losses=val_losses, stopped_at=step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
+        restore_handlers(old_handlers, say)    # Ctrl-C interrupts the plot and the samples again
         if world.is_main:
             png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
             say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
@@ -809,10 +823,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
             print_samples(model, tokenizer, cfg, say)
         return dict(losses=losses, val_losses=val_losses, stopped_at=None)
     finally:
-        if old_handlers and sys.stdout.isatty():
-            say()                            # ends the progress bar's line
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        restore_handlers(old_handlers, say)
         if lock:
             with contextlib.suppress(OSError):
                 os.remove(lock)

@@ -20,7 +20,9 @@ import torch
 
 import eval as E
 import generate as G
-from test_generate import one_thread, tiny_model, tok_path, write_checkpoint  # noqa: F401
+from test_generate import tiny_model, tok_path, write_checkpoint  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 ORIGINAL_AND_HF = {     # task -> (original release's layout, Hugging Face's), read alike

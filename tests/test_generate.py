@@ -31,14 +31,7 @@ def tiny_text(n_lines=400, seed=0):
             for _ in range(n_lines)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine an OpenMP
-    barrier waiting for a descheduled thread makes a 2 ms forward take 100 ms."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -532,7 +532,7 @@ def test_collective_calls_and_bytes_equal_prediction(accounted):
     for config in COMM_CONFIGS:
         want = planner.comm_per_step(tiny(config.kv_heads), ACC_BATCH, SEQ, tp=config.tp,
                                      dp=WORLD // config.tp, sp=config.sp,
-                                     recompute=config.recompute, grad_accum=2, bucket_mb=0.05,
+                                     recompute=config.recompute, micro_batches=2, bucket_mb=0.05,
                                      overlap=config.overlap, bytes_per_el=2 if config.bf16 else 4)
         for rank in range(WORLD):
             got = accounted[rank]["comm"][config.name]

@@ -85,14 +85,7 @@ def build_stage(args, grid, v=1, sp=False, recompute="none", model=None):
     return P.PipelineStage(model, grid, v)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine an OpenMP
-    barrier waiting for a descheduled thread makes each small op slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 # --- 1. training equals one process -------------------------------------------------------------
