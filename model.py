@@ -254,10 +254,15 @@ def xformers_ops():
     return _xformers_ops or None
 
 
+def check_backend(name: str):
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """`auto` picks xformers on CUDA when it loads, else torch's fused SDPA."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    check_backend(name)
     if name == "auto":
         return "xformers" if device.type == "cuda" and xformers_ops() else "sdpa"
     if name == "xformers" and (device.type != "cuda" or not xformers_ops()):
@@ -477,9 +482,7 @@ class Transformer(nn.Module):
 
     def set_attention_backend(self, name: str):
         """'auto' (xformers on CUDA if it loads, else sdpa), 'xformers', 'sdpa' or 'math'."""
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose one of "
-                             f"{ATTENTION_BACKENDS}")
+        check_backend(name)
         for layer in self.layers:
             layer.attention.backend = name
 

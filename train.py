@@ -169,6 +169,9 @@ def check_flags(cfg: TrainConfig):
         raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
     if cfg.recompute not in P.RECOMPUTE_MODES:
         raise ConfigError(f"--recompute {cfg.recompute!r}: choose none, selective or full")
+    if cfg.attention not in M.ATTENTION_BACKENDS:
+        raise ConfigError(f"--attention {cfg.attention!r}: choose "
+                          f"{', '.join(M.ATTENTION_BACKENDS)}")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -155,6 +155,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     (["--tp", "3"], "not divisible by --tp 3"),
     (["--sp"], "add --tp 2"),
     (["--recompute", "some"], "choose none, selective or full"),
+    (["--attention", "flash"], "--attention 'flash': choose auto, xformers, sdpa, math"),
     (["--preset", "huge"], "choose one of tiny"),
     (["--batch-size", "0"], "--batch-size=0 must be positive"),
     (["--resume"], "no complete checkpoint"),
@@ -166,7 +167,7 @@ def test_bad_configs_are_refused_in_one_line(demo_data, tmp_path, capsys, extra,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train.lock").exists()
 
 
 def test_existing_run_is_not_overwritten_and_incompatible_resume_refused(demo_data, tmp_path, capsys):
