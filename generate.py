@@ -73,7 +73,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import parallel as P
-from model import ModelArgs, Transformer, merge_state_dicts, rope_tables, shard_file
+from model import ModelArgs, Transformer, merge_state_dicts, shard_file
 from tokenizer import Tokenizer
 
 
@@ -393,8 +393,7 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
         model = Transformer(args)
     model.load_state_dict({k: v.to(device=where, dtype=dtype) for k, v in state.items()},
                           strict=True, assign=True)
-    # The rotary tables are not in the state dict: compute them for real, and keep them in fp32.
-    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.reset_rotary(torch.device(where))   # not in the state dict: computed, in fp32
     if grid is not None:
         P.parallelize(model, grid)      # every rank held the full weights: each keeps its slice
     return model.to(device).eval().requires_grad_(False), Tokenizer(tok_path)

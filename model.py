@@ -454,9 +454,9 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         # The rotary tables are derived, not learned: non-persistent, so they stay out of the
         # state_dict (Meta's files sometimes carry a stray `rope.freqs`; meta_weights drops it).
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)       # (S_max, E/2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)    # (S_max, E/2)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rotary()
         self.reset_parameters()
 
     def _apply(self, fn, *args, **kwargs):
@@ -467,9 +467,13 @@ class Transformer(nn.Module):
         fp32 on the device the buffers moved to (which also gives real values after to_empty).
         """
         super()._apply(fn, *args, **kwargs)
-        cos, sin = rope_tables(self.args.head_dim, self.rope_cos.shape[0], self.args.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        self.reset_rotary(self.rope_cos.device)
         return self
+
+    def reset_rotary(self, device=None):
+        """Compute the rotary tables, in fp32, on `device` (default: the current one)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = (cos.to(device), sin.to(device)) if device else (cos, sin)
 
     def reset_parameters(self, std: float = 0.02):
         for name, p in self.named_parameters():
