@@ -73,6 +73,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import parallel as P
+from data import building
 from model import ModelArgs, Transformer, merge_state_dicts, shard_file
 from tokenizer import Tokenizer
 
@@ -328,8 +329,13 @@ def hf_tokenizer_json(tokenizer_path: str) -> dict:
 def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
     with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
+    Built in a temporary folder and renamed (data.building): `out` appears whole or not at all.
     """
-    os.makedirs(out, exist_ok=True)
+    with building(out) as tmp:
+        _write_hf(args, state, tokenizer_path, tmp)
+
+
+def _write_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     tok = Tokenizer(tokenizer_path)
     dtype = next(iter(state.values())).dtype
     config = {

@@ -338,6 +338,17 @@ def test_hf_tokenizer_json_encodes_as_sentencepiece(spaced_tok_path):
         assert bpe_by_hand(spec, text) == tok.encode(text, bos=False), repr(text)
 
 
+def test_hf_export_that_fails_midway_leaves_no_folder(tmp_path, tok_path, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "ours", tiny_model(), tok_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(G, "save_file", disk_full)      # the weights, written first
+    with pytest.raises(OSError):
+        G.export_hf(*G.read_checkpoint(ckpt), str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path)) == ["ours"]     # no half folder, no .tmp- leftover
+
+
 def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
     """Where transformers is installed (4.x or 5.x): AutoTokenizer encodes and decodes as our
     SentencePiece model, LlamaForCausalLM gives our logits, generate() knows <s> and </s>."""
