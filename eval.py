@@ -102,7 +102,6 @@ What this file leaves out:
   - Tensor-parallel evaluation: the model is loaded on one device.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -124,6 +123,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import token_dtype
 from generate import generate_tokens, load_model
+from tokenizer import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,13 +798,6 @@ def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) 
 # 8. Command line
 # ---------------------------------------------------------------------------------------------
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, like every other error here (usage is in --help)."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}; see python eval.py --help")
-
-
 def check_args(a, name: str):
     """Every flag against its range, before a file is read; ValueError says what to do."""
     if name not in TASKS:
@@ -874,7 +867,8 @@ def print_report(report: dict):
 
 
 def main(argv=None):
-    p = OneLineParser(description="LLaMA's benchmarks, scored as the paper and the harness do.")
+    p = OneLineParser(prog="eval.py", status=1,       # status 1: as every other refusal here
+                      description="LLaMA's benchmarks, scored as the paper and the harness do.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--data", required=True, help="the task's file; see the docstring")

@@ -58,7 +58,6 @@ compilation under tensor parallelism (the eager forward is used there); loading 
 rank's shard file (each rank reads all of them); speculative decoding and continuous batching.
 """
 
-import argparse
 import glob
 import json
 import math
@@ -75,7 +74,7 @@ from safetensors.torch import load_file, save_file
 import parallel as P
 from data import building
 from model import ModelArgs, Transformer, merge_state_dicts, shard_file
-from tokenizer import Tokenizer
+from tokenizer import OneLineParser, Tokenizer, first_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def _load_file(path: str) -> dict:
         return load_file(path) if hf else torch.load(path, map_location="cpu",
                                                      weights_only=True, mmap=True)
     except Exception as e:   # NOTE: zipfile, pickle, torch and safetensors raise many kinds
-        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        why = first_line(e, 80) or type(e).__name__
         fix = ("truncated or not a safetensors file; download it again" if hf else
                "truncated, corrupt, or not a torch.save zip file; copy or convert it again")
         raise ValueError(f"cannot read {path} ({why}): it is {fix}") from None
@@ -258,7 +257,7 @@ def read_hf(folder: str):
     except KeyError as e:
         raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: {first_line(e, 200)}") from None
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
@@ -656,7 +655,8 @@ def check_options(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a LLaMA checkpoint (ours, Meta's, HF's).")
+    p = OneLineParser(prog="generate.py", status=1,    # status 1: as every other refusal here
+                      description="Sample from a LLaMA checkpoint (ours, Meta's, HF's).")
     p.add_argument("--ckpt", required=True, help="checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)

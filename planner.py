@@ -12,9 +12,9 @@ in two kinds:
     assumptions, checked against two published runs: LLaMA-65B at about 380 tokens/s/GPU on 2048
     A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4], and Megatron's 1T-parameter model at 163
     TFLOP/s per A100, 52% of peak [PTD-P §5.1].
-It imports model.py (parameter and FLOP counts, written there once) and parallel.py (the
-schedules, the gradient buckets, the checks); parallel.py never imports it. train.py reads its
-table of GPUs for the data-sheet peak behind MFU.
+It imports model.py (parameter and FLOP counts, written there once), parallel.py (the schedules,
+the gradient buckets, the checks) and tokenizer.py's one-line command-line parser; parallel.py
+never imports it. train.py reads its table of GPUs for the data-sheet peak behind MFU.
 
     python planner.py --accounting                                           # tiny and 7b, per
                                                                              # layer and step
@@ -77,6 +77,7 @@ from model import (PRESETS, ModelArgs, Transformer, count_parameters, flops_per_
                    shard_dim)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
+from tokenizer import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,9 +524,9 @@ def _count(text: str, binary: bool = False, flag: str = "count") -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Predict memory per "
-                                "GPU, communication, bubble and speed of a 3D layout; or search "
-                                "the layouts (--search); or inference memory (--serve).")
+    p = OneLineParser(prog="planner.py", description="Predict memory per GPU, communication, "
+                      "bubble and speed of a 3D layout; or search the layouts (--search); or "
+                      "inference memory (--serve).")
     p.add_argument("--preset", default="7b", choices=PRESETS)
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")

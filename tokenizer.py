@@ -14,7 +14,7 @@ Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
-  4. Command line      OneLineParser and number (data.py's flags use them too), main
+  4. Command line      OneLineParser, number and first_line (every script uses them), main
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -159,10 +159,26 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr that says what to do, and exit status 2."""
+    """argparse, but a bad flag is refused in one line, `error: MESSAGE; see python PROG --help`,
+    before any work; every script's parser is one. The exit status is argparse's 2, or 1 for a
+    script whose other refusals are sys.exit("error: ..."): the line is then SystemExit's code.
+    Each script names itself in prog (argparse's default, sys.argv[0], is pytest's in a test)."""
+
+    def __init__(self, *args, status: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.status = status
 
     def error(self, message):
-        self.exit(2, f"error: {message}\n")
+        line = f"error: {message}; see python {self.prog} --help"
+        if self.status == 1:
+            sys.exit(line)
+        self.exit(self.status, line + "\n")
+
+
+def first_line(e: BaseException, limit: int) -> str:
+    """The first line of an exception's message, at most `limit` characters ("" if it has none):
+    a library's long message, quoted inside one of our one-line errors."""
+    return (str(e).splitlines() or [""])[0][:limit]
 
 
 def number(kind=int, low=1, above=False):
@@ -182,7 +198,8 @@ def number(kind=int, low=1, above=False):
 
 
 def main(argv=None):
-    p = OneLineParser(description="Train or inspect a LLaMA-style SentencePiece BPE.")
+    p = OneLineParser(prog="tokenizer.py",
+                      description="Train or inspect a LLaMA-style SentencePiece BPE.")
     p.add_argument("--train", nargs="+", metavar="FILE", help="text files to train on")
     p.add_argument("--vocab-size", type=number(int, 260), default=32000,
                    help="pieces: 256 bytes + <unk> <s> </s> at least, 32000 in LLaMA")

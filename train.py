@@ -74,7 +74,7 @@ import generate                  # the one checkpoint reader: ours, Meta's and H
 import model as M
 import parallel as P
 import planner                   # the data-sheet peaks of GPUs, for MFU
-from tokenizer import Tokenizer
+from tokenizer import OneLineParser, Tokenizer, first_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +140,9 @@ def parse_args(argv=None) -> tuple:
     """(TrainConfig, {option: value} for those the command line names: what --resume may
     override). The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under
     torchrun; an option left out keeps the dataclass's default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
         kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool)
                 else dict(type=type(f.default)))
@@ -322,7 +322,7 @@ def _save(obj, path: str):
     try:
         torch.save(obj, path)
     except RuntimeError as e:
-        raise OSError(f"could not write {path} ({str(e).splitlines()[0][:60]}...): is the disk "
+        raise OSError(f"could not write {path} ({first_line(e, 60)}...): is the disk "
                       "full?") from None
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -714,7 +714,7 @@ def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -
         try:
             start = load_checkpoint(path, model, optimizer, sampler, grid)
         except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            why = f"{type(e).__name__}: {first_line(e, 300)}"
         if _all_ranks(why is None, world):
             return path, start
         say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "
@@ -981,7 +981,7 @@ def main(argv=None) -> dict:
         if world is None or world.world_size == 1 or not P.is_collective_failure(e):
             raise
         # Every rank says it: the stuck or dead rank may be rank 0.
-        print(f"error: rank {world.rank}: {str(e).splitlines()[0][:200]}; a rank is stuck (more "
+        print(f"error: rank {world.rank}: {first_line(e, 200)}; a rank is stuck (more "
               f"than --timeout {cfg.timeout:g} s) or gone: see the other ranks' messages, then "
               "--resume", file=sys.stderr)
         sys.exit(1)

@@ -275,6 +275,18 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, capsys, ex
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script,argv,status", [
+    ("train.py", ["--steps", "abc"], 2),
+    ("generate.py", ["--ckpt", "ckpt", "--prompt", "the", "--max-new-tokens", "abc"], 1),
+    ("planner.py", ["--gpus", "abc"], 2),
+])
+def test_a_bad_number_flag_is_refused_in_one_line_as_a_user_types_it(script, argv, status):
+    run = python(script, *argv)
+    assert run.returncode == status and run.stdout == ""
+    assert run.stderr == (f"error: argument {argv[-2]}: invalid int value: 'abc'; see python "
+                          f"{script} --help\n")
+
+
 def test_an_out_that_is_a_file_is_refused(demo_data, tmp_path, capsys):
     (tmp_path / "out").write_text("my notes")
     with pytest.raises(SystemExit) as e:
