@@ -1482,7 +1482,8 @@ def shard_flag(text: str) -> tuple:
 
 
 def main(argv=None):
-    p = OneLineParser(description="Prepare LLaMA-style pretraining data and inspect it.")
+    p = OneLineParser(prog="data.py",
+                      description="Prepare LLaMA-style pretraining data and inspect it.")
     sub = p.add_subparsers(dest="command", required=True)
     pp, pm, ps, pb, pr = (sub.add_parser(name, help=text) for name, text in (
         ("prepare", "raw folders (or --demo) -> tokenized shards"),
