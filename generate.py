@@ -684,7 +684,7 @@ def main(argv=None):
             world = P.init_distributed(a.device)  # reads torchrun's RANK, WORLD_SIZE, ...
             grid, device = P.make_grid(world, tp=a.tp), world.device    # collective: all ranks
         is_main = world is None or world.is_main
-        say = print if is_main else (lambda *args, **kw: None)   # rank 0 prints, alone
+        say = print if world is None else world.say
         if a.export_hf and is_main:
             export_hf(*read_checkpoint(a.ckpt), a.export_hf)
             say(f"wrote {a.export_hf} (Hugging Face LlamaForCausalLM layout)")

@@ -115,6 +115,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def say(self, *args, **kwargs):
+        """print, on rank 0 alone: what every rank knows is said once."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 def launcher() -> dict:
     """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset)."""

@@ -739,7 +739,7 @@ def restore_handlers(old_handlers: dict, say):
 def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     """The run: opened (new, or the saved one it continues), trained, saved. Returns the per-step
     losses and validation losses (for tests and the caller)."""
-    say = print if world.is_main else (lambda *a, **k: None)
+    say = world.say
     cfg, found, lock = open_run(cfg, given or {}, world, say)
     old_handlers = {}                        # SIGTERM's and SIGINT's, while the loop runs
     try:
