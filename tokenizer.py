@@ -105,6 +105,8 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     try:
         with open(out + ".tmp", "wb") as f:
             f.write(model.getvalue())
+            f.flush()
+            os.fsync(f.fileno())          # on disk before the rename makes it visible
         os.replace(out + ".tmp", out)
     finally:
         if os.path.exists(out + ".tmp"):  # a full disk: no half-written model is left
