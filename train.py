@@ -959,7 +959,12 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    cfg, given = parse_args(argv)
+    try:
+        cfg, given = parse_args(argv)
+    except SystemExit as e:
+        if e.code:                           # a bad flag (not --help): every restart would
+            P.stop_restarts()                # refuse it again
+        raise
     world = None
     try:
         check_flags(cfg)

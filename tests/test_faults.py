@@ -432,6 +432,15 @@ def test_an_impossible_configuration_does_not_loop_through_restarts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mistyped_flag_under_torchrun_is_not_restarted(tmp_path):
+    job = torchrun("--nproc_per_node=2", "--max-restarts=3", "train.py", "--steps", "abc",
+                   "--out", str(tmp_path / "out"), "--device", "cpu")
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode != 0
+    assert 1 <= log.count("error: argument --steps") <= 2, log  # one round: no restart
+    assert not (tmp_path / "out").exists()
+
+
 # --- 6. beyond one machine -----------------------------------------------------------------------
 
 def test_two_nodes_with_c10d_rendezvous_equal_one_process(demo_data, tmp_path):
