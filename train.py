@@ -690,10 +690,8 @@ def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple
 
 
 def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
-    # NOTE: every rank builds the same full model from the same seed, and parallel.py keeps each
-    # rank's slice: the tensor-parallel shards and the pipeline stages are pieces of one
-    # initialization (so the result depends on neither), and the data-parallel replicas start
-    # identical.
+    # NOTE: parallel.py's seed policy: every rank builds this same full model from the same seed,
+    # and parallelize() / PipelineStage keep each rank's part of it.
     torch.manual_seed(cfg.seed)
     model = M.Transformer(args)
     if state is not None:
