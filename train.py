@@ -966,6 +966,12 @@ def main(argv=None) -> dict:
     world = None
     try:
         check_flags(cfg)
+        if cfg.resume and (found := checkpoints(cfg)):
+            # The process group needs these before open_run restores the rest: a resumed run
+            # keeps its own device and timeout unless the command line names them again.
+            saved = saved_config(found[0])
+            cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("device", "timeout")
+                                              if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
         if cfg.bench:
             check_config(cfg, world.world_size)

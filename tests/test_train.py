@@ -188,6 +188,15 @@ def test_missing_data_dir_is_refused(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_resume_starts_with_the_runs_own_device_and_timeout(demo_data, tmp_path, monkeypatch):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--timeout", "123"))
+    launched, real = [], P.init_distributed
+    monkeypatch.setattr(P, "init_distributed", lambda **kw: launched.append(kw) or real(**kw))
+    T.main(["--out", str(tmp_path), "--resume", "--steps", "3"])
+    T.main(["--out", str(tmp_path), "--resume", "--steps", "4", "--timeout", "77"])
+    assert launched == [dict(device="cpu", timeout_s=123.0), dict(device="cpu", timeout_s=77.0)]
+
+
 def test_torchrun_restart_resumes_by_itself(demo_data, tmp_path, monkeypatch):
     T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")          # what torchrun sets on restart
