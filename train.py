@@ -242,7 +242,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model, cfg: TrainConfig):
     """AdamW(0.9, 0.95); weight decay 0.1 on matrices (linears and embeddings) only.
 
     NOTE: the RMSNorm gains are left undecayed: they are scales around 1, and pulling them to 0
@@ -701,7 +701,7 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     P.apply_recompute(model, cfg.recompute)
     if grid.pp > 1:                              # keep this rank's stage: its chunks of layers
         model = P.PipelineStage(model, grid, cfg.virtual_stages)
-    return model, make_optimizer(model, cfg, world.device)
+    return model, make_optimizer(model, cfg)
 
 
 def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -> tuple:
@@ -923,7 +923,7 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
         else:
             model.set_attention_backend(cfg.attention)
             P.apply_recompute(model, cfg.recompute)
-            opt = make_optimizer(model, cfg, device)
+            opt = make_optimizer(model, cfg)
             fwd = torch.compile(model) if cfg.compile else model
         times = []
         for i in range(warmup + steps):

@@ -82,7 +82,7 @@ def train(rounds: int = 7, steps: int = 3):
     models = {"ours": M.Transformer(args), "transformers": LlamaForCausalLM(hf_config)}
     models.update({f"{name}, compiled": torch.compile(model) for name, model in models.items()})
     cfg = T.TrainConfig()
-    opts = {name: T.make_optimizer(model, cfg, torch.device("cpu")) if name.startswith("ours")
+    opts = {name: T.make_optimizer(model, cfg) if name.startswith("ours")
             else torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                    weight_decay=cfg.weight_decay, fused=True)
             for name, model in models.items()}

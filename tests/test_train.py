@@ -45,7 +45,7 @@ def test_lr_schedule_warmup_peak_cosine_floor():
 def test_weight_decay_only_on_matrices():
     import model as M
     m = M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=8))
-    opt = T.make_optimizer(m, T.TrainConfig(), torch.device("cpu"))
+    opt = T.make_optimizer(m, T.TrainConfig())
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 + 7
