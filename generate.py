@@ -93,6 +93,15 @@ def find_tokenizer(folder: str) -> str:
                             "SentencePiece model this checkpoint was trained with")
 
 
+def checkpoint_folder(path: str) -> str:
+    """`path`, or for train.py's OUT/checkpoints/latest (a file that names the newest complete
+    checkpoint) the folder it names: `--ckpt out/demo/checkpoints/latest` reads the newest."""
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        with open(path) as f:
+            return os.path.join(os.path.dirname(path), f.read().strip())
+    return path
+
+
 def _meta_shards(folder: str) -> list:
     """consolidated.00.pth ... consolidated.{N-1}.pth, checked to be complete."""
     n = len(glob.glob(os.path.join(folder, "consolidated.*.pth")))
@@ -168,6 +177,7 @@ def read_checkpoint(ckpt: str):
     The layout is recognized by its files: `config.json` + `*.safetensors` is Hugging Face's;
     `params.json` + `consolidated.NN.pth` is Meta's and ours. Shards of any count are merged.
     """
+    ckpt = checkpoint_folder(ckpt)
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
     if os.path.isfile(os.path.join(ckpt, "config.json")):

@@ -271,7 +271,7 @@ def latest_checkpoint(cfg: TrainConfig) -> Optional[str]:
     pointer = os.path.join(checkpoint_root(cfg), "latest")
     if not os.path.isfile(pointer):
         return None
-    path = os.path.join(checkpoint_root(cfg), open(pointer).read().strip())
+    path = generate.checkpoint_folder(pointer)
     return path if os.path.isdir(path) else None
 
 

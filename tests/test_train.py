@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+import generate as G
 import parallel as P
 import train as T
 from distributed import losses, start, wait_for_step
@@ -195,6 +196,16 @@ def test_resume_starts_with_the_runs_own_device_and_timeout(demo_data, tmp_path,
     T.main(["--out", str(tmp_path), "--resume", "--steps", "3"])
     T.main(["--out", str(tmp_path), "--resume", "--steps", "4", "--timeout", "77"])
     assert launched == [dict(device="cpu", timeout_s=123.0), dict(device="cpu", timeout_s=77.0)]
+
+
+def test_generate_reads_the_checkpoint_that_latest_names(demo_data, tmp_path):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-000004"
+    args, state, _ = G.read_checkpoint(str(root / "latest"))
+    newest = G.read_checkpoint(str(root / "step-000004"))[1]
+    assert args.n_layers == 4 and state.keys() == newest.keys()
+    assert all(torch.equal(state[k], newest[k]) for k in state)
 
 
 def test_torchrun_restart_resumes_by_itself(demo_data, tmp_path, monkeypatch):
