@@ -460,10 +460,13 @@ def _static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: b
     forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     pos_t = torch.zeros((), dtype=torch.long, device=device)
     tok_t = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    # NOTE: the warm-up runs write garbage at cache position 0; the caller makes the decoder
+    # before the prefill, which overwrites it. Compiling here keeps it out of the timed decode.
+    if compile:
+        forward(tok_t, pos_t)
     if not cuda_graph:
-        return lambda tok, pos: forward(tok, pos_t.fill_(pos))
-    # NOTE: the warm-up runs write garbage at cache position 0; the caller captures before the
-    # prefill, which overwrites it. Warm-up on a side stream is what torch.cuda.graph requires.
+        return lambda tok, pos: forward(tok_t.copy_(tok), pos_t.fill_(pos))   # same strides
+    # Warm-up on a side stream is what torch.cuda.graph requires.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
