@@ -95,13 +95,13 @@ def test_compiled_decoding_equals_plain_decoding():
                                  compile=True) == plain
 
 
-def test_compiled_decoding_compiles_once(monkeypatch):
+def test_compiled_decoding_compiles_once():
     # The step is compiled before the prefill, for the very shapes and strides every later step
     # passes: a recompilation inside the timed decode would be an error here.
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    G.generate_tokens(tiny_model(), [[1, 5, 9, 200, 17]], 8, temperature=0.0, static=True,
-                      compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        G.generate_tokens(tiny_model(), [[1, 5, 9, 200, 17]], 8, temperature=0.0, static=True,
+                          compile=True)
 
 
 def test_eos_stops_each_row_and_is_excluded():
