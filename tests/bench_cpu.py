@@ -4,6 +4,7 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
     PYTHONPATH=. python tests/bench_cpu.py             # both
     PYTHONPATH=. python tests/bench_cpu.py decode      # or one of them
     PYTHONPATH=. python tests/bench_cpu.py train
+    PYTHONPATH=. python tests/bench_cpu.py profile     # where our train step's time goes
 
 1. decode   Batch-1 decoding of an 85M-parameter model (dim 768, 12 layers, 12 heads: 85M weights
             in the blocks, plus the 32000-row output layer) with random fp32 weights, greedy,
@@ -21,6 +22,9 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             the models. Then both again under torch.compile (train.py --compile), which fuses
             each norm, rotation and SwiGLU product. transformers is imported only if it is
             installed.
+
+3. profile  Our step of (2), 5 steps under torch.profiler after 3 warm-up ones: the operators
+            by their own CPU time (matmuls, SDPA, log-softmax, elementwise).
 
 MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls (train.py's
 CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
@@ -62,15 +66,19 @@ def decode(rounds: int = 3, new_tokens: int = 96):
         print(f"  {name:<22} {rate:6.1f} tokens/s  {100 * rate / bound:5.1f}% of the bound")
 
 
+# The training step's shapes: dim 256, 4 layers, batch B x sequence T_.
+ARGS = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=32,
+                   max_seq_len=256)
+B, T_ = 8, 256
+
+
 def train(rounds: int = 7, steps: int = 3):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         print("train: transformers is not installed (pip install transformers); skipped")
         return
-    args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096,
-                       multiple_of=32, max_seq_len=256)
-    B, T_ = 8, 256
+    args = ARGS
     hf_config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn_hidden,
                             num_hidden_layers=args.n_layers,
                             num_attention_heads=args.n_heads,
@@ -126,7 +134,31 @@ def train(rounds: int = 7, steps: int = 3):
           f"transformers eager: {median['transformers'] / median['ours, compiled']:.2f}x")
     return ratio
 
+
+def profile(warmup: int = 3, steps: int = 5):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    torch.manual_seed(0)
+    model, cfg = M.Transformer(ARGS), T.TrainConfig()
+    opt = T.make_optimizer(model, cfg)
+    tokens = torch.randint(0, ARGS.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        logits = model(tokens[:, :-1])                                  # (B, T, V)
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        P.clip_grad_norm(model, cfg.clip, P.Grid())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"profile: our training step at the shapes of `train`, {steps} steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 if __name__ == "__main__":
     which = sys.argv[1:] or ["decode", "train"]
     for name in which:
-        {"decode": decode, "train": train}[name]()
+        {"decode": decode, "train": train, "profile": profile}[name]()
