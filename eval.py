@@ -123,6 +123,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from data import token_dtype
 from generate import generate_tokens, load_model
+from model import plan_free_attention
 from tokenizer import OneLineParser
 
 
@@ -897,6 +898,7 @@ def main(argv=None):
         elif not a.data.endswith((".npy", ".bin")):
             read_text(a.data)               # NOTE: read again once the tokenizer is loaded
         model, tok = load_model(a.ckpt, a.device)
+        plan_free_attention()             # PERF: batches of every length (model.py)
         t0 = time.perf_counter()
         if name == "perplexity":
             report = evaluate_perplexity(model, tok, a.data, a.batch_size, a.limit)

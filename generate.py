@@ -42,7 +42,9 @@ table excluded: a step reads one row of it). main prints that bound beside the m
 On CUDA (bf16) the step is model.forward with its position given as a tensor (static shapes,
 see model.py), captured once in a CUDA graph and replayed: one launch per token instead of ~15
 kernel launches per layer, whose CPU-side overhead would otherwise dominate a step of a small
-model. On CPU (fp32) the eager forward is used, or with --compile the compiled one.
+model. On CPU (fp32) the eager forward is used, or with --compile the compiled one. main leaves
+cuDNN's attention kernel out (model.plan_free_attention): it plans anew for each shape, and each
+prefill and eager step has a new one.
 
 Shape legend: B batch, T sequence, S cache positions, D model width, H query heads, K key/value
 heads, E head dim, V vocab.
@@ -73,7 +75,7 @@ from safetensors.torch import load_file, save_file
 
 import parallel as P
 from data import building
-from model import ModelArgs, Transformer, merge_state_dicts, shard_file
+from model import ModelArgs, Transformer, merge_state_dicts, plan_free_attention, shard_file
 from tokenizer import OneLineParser, Tokenizer, first_line
 
 
@@ -445,7 +447,7 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
 # 5. Decoding
 # ---------------------------------------------------------------------------------------------
 
-def _static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: bool = False):
+def static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: bool = False):
     """step(tok (B, 1), pos int) -> logits (B, 1, V): model.forward, its position a tensor.
 
     With start_pos a 0-d tensor, model.forward has the same shapes at every step (model.py), so
@@ -493,7 +495,7 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
     """Token-id prompts (lists, each starting with BOS) -> the new tokens of each, EOS excluded.
 
     Each row stops at `eos_id` or after max_new_tokens. `static` decodes with a position tensor
-    (_static_decoder: `cuda_graph` replays it, `compile` compiles it); `on_token(new)` is called
+    (static_decoder: `cuda_graph` replays it, `compile` compiles it); `on_token(new)` is called
     every step with a list holding each row's new token, or None where the row is still reading
     its prompt or has finished. `stats`, a dict if given, receives prefill_s, decode_s and
     decode_steps.
@@ -523,7 +525,7 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
     eos_id = -1 if eos_id is None else eos_id
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     model.setup_cache(B, total)        # PERF: only as many positions as this call can reach
-    step = _static_decoder(model, B, cuda_graph, compile) if static else None
+    step = static_decoder(model, B, cuda_graph, compile) if static else None
     t0, prev = time.perf_counter(), 0
     try:
         for cur in range(min(lens), total):
@@ -693,6 +695,7 @@ def main(argv=None):
     world, grid, device = None, None, a.device
     try:
         check_options(a)
+        plan_free_attention()             # PERF: every step has a new shape (model.py)
         if a.tp > 1:
             world = P.init_distributed(a.device)  # reads torchrun's RANK, WORLD_SIZE, ...
             grid, device = P.make_grid(world, tp=a.tp), world.device    # collective: all ranks

@@ -159,6 +159,7 @@ def decoding(report: Report, device, dry: bool):
     torch.manual_seed(0)
     model.reset_parameters()                        # random weights: speed does not need real ones
     model.eval().requires_grad_(False)
+    M.plan_free_attention()                         # as generate.py does
     bandwidth, weights = G.memory_bandwidth(device), G.weight_bytes(model)
     bound = bandwidth / weights
     report(f"\n## 3. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "

@@ -416,6 +416,19 @@ def test_main_writes_the_report(ckpt, tmp_path, capsys):
     assert report["n"] == 2 and report["llama_7b_paper"] == 50.0
 
 
+def test_inference_scripts_leave_cudnn_attention_out(ckpt):
+    """eval.py and generate.py switch cuDNN's SDPA kernel off: it builds a plan for every new
+    shape, and their shapes change with every batch and step (model.plan_free_attention)."""
+    try:
+        for main, argv in ((E.main, ["--task", "BoolQ", "--data", fixture("boolq.jsonl")]),
+                           (G.main, ["--prompt", "a", "--max-new-tokens", "2"])):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            main(["--ckpt", ckpt, "--device", "cpu", *argv])
+            assert not torch.backends.cuda.cudnn_sdp_enabled(), main.__module__
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 # --- bad input: one line, a non-zero exit, nothing written -------------------------------------
 
 def refused(argv, tmp_path):
