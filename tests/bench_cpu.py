@@ -18,8 +18,9 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
             8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two
             alternate, round after round, so that a busy neighbour slows both alike; the ratio
-            is of their median step times. Both use the same fused AdamW: the figure compares
-            the models. Then both again under torch.compile (train.py --compile), which fuses
+            is of their median step times. Each computes its loss as its training loop does
+            (ours: parallel.loss_fn; theirs: F.cross_entropy, which LlamaForCausalLM's loss
+            calls), and both use the same fused AdamW. Then both again under torch.compile (train.py --compile), which fuses
             each norm, rotation and SwiGLU product. transformers is imported only if it is
             installed.
 
@@ -98,13 +99,12 @@ def train(rounds: int = 7, steps: int = 3):
 
     def step(name):
         model = models[name]
-        out = model(tokens[:, :-1])
-        out = out if name.startswith("ours") else out.logits
-        loss = F.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        if name.startswith("ours"):
+        if name.startswith("ours"):                                    # as train.py does
+            P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid()).backward()
             P.clip_grad_norm(model, cfg.clip, P.Grid())
-        else:
+        else:                                                # as LlamaForCausalLM's loss does
+            logits = model(tokens[:, :-1]).logits.float()
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
@@ -143,8 +143,7 @@ def profile(warmup: int = 3, steps: int = 5):
     tokens = torch.randint(0, ARGS.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
 
     def step():
-        logits = model(tokens[:, :-1])                                  # (B, T, V)
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid()).backward()
         P.clip_grad_norm(model, cfg.clip, P.Grid())
         opt.step()
         opt.zero_grad(set_to_none=True)

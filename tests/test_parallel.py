@@ -244,8 +244,8 @@ def check_layers(grid, kv_heads, sp, keep_shard=True):
         loss = P.loss_fn(logits, tokens[:, 1:], grid)
     assert logits.shape == (B, SEQ, args.vocab_size // grid.tp)
     assert calls == [("tp", "all_reduce", B * SEQ * 4)] * 3, calls  # N numbers, never N x V
-    loss.backward()
     close(logits, P.shard(ref_logits.detach(), 2, grid), f"output forward, {what}")
+    loss.backward()                                    # (it overwrites the logits: loss_fn)
     close(loss, F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()), f"loss, {what}")
     close(hp.grad, local(hr.grad), f"output input grad, {what}")
     close(par.output.weight.grad, P.shard(full.output.weight.grad, 0, grid), f"output grad, {what}")
@@ -615,6 +615,23 @@ def test_single_process_degrades_to_the_plain_model():
     for a, b in zip(model.parameters(), plain.parameters()):
         close(a.grad, b.grad, "tp=1 gradients")
     P.destroy(world)
+
+
+@pytest.mark.parametrize("N,V", [(6, 10), (600, 4099)])      # one row block; three, uneven
+def test_loss_is_the_mean_negative_log_softmax(N, V):
+    """P.loss_fn at tp=1 against the definition written out in float64: the mean over tokens of
+    -log softmax(z)[target], and its gradient (softmax(z) - onehot(target)) / N. After backward
+    the logits hold that gradient: the loss writes it over them (parallel.CrossEntropy)."""
+    torch.manual_seed(0)
+    z, t = 5 * torch.randn(N, V, dtype=torch.float64), torch.randint(0, V, (N,))
+    log_softmax = z - z.exp().sum(-1, keepdim=True).log()
+    leaf = z.clone().requires_grad_()
+    logits = leaf * 1                                   # not a leaf, as the model's output
+    loss = P.loss_fn(logits[None], t[None], P.Grid())
+    close(loss, -log_softmax.gather(1, t[:, None]).mean(), "loss")
+    loss.backward()
+    close(leaf.grad, (z.softmax(-1) - F.one_hot(t, V)) / N, "gradient")
+    assert torch.equal(logits.detach(), leaf.grad)
 
 
 def recompute_twice(model):
