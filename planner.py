@@ -73,8 +73,8 @@ from typing import Optional
 
 import torch
 
-from model import (PRESETS, ModelArgs, Transformer, count_parameters, flops_per_token, preset,
-                   shard_dim)
+from model import (PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
+                   flops_per_token, preset, shard_dim)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
 from tokenizer import OneLineParser
@@ -152,7 +152,8 @@ PUBLISHED = {
 
 def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
                                sp: bool = False, recompute: str = "none",
-                               bytes_per_el: int = 4, keep_shard: bool = True) -> float:
+                               bytes_per_el: int = 4, keep_shard: bool = True,
+                               grouped_kv: bool = SDPA_GROUPS) -> float:
     """Bytes that autograd keeps, per transformer layer, between forward and backward.
 
     Derived for this code, the way Korthikanti Table 2 derives a GPT layer, for activations of b
@@ -162,21 +163,23 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
     not per token): they are counted with the weights (PRECISIONS). Per token, t = tp:
 
       RMSNorm        its input in fp32 (4D), the normalized x (bD), 1/rms in fp32 (4)   (4+b)D + 4
-      attention      the wq/wk/wv input y (bD); SDPA's q, k, v (at H heads: the GQA repeat
-                     happens before the kernel), its output, also wo's input (4bD), and the
-                     log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
+      attention      the wq/wk/wv input y (bD); SDPA's q and its output, also wo's input
+                     (2bD), k and v (2bKE: at K heads, read by SDPA for their query heads), and
+                     the log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
+                     grouped_kv=False (xformers, the math backend, torch < 2.5): k and v are
+                     repeated to H heads before the kernel, and KE below reads D.
       SwiGLU         y (bD); a = w1 y, b = w3 y, silu(a), silu(a) * b (4bF)
 
-      none                 (8 + 8b) D + 4b F + 4H + 8
-      tp                   (8 + 4b) D + 8  +  (4b D + 4b F + 4H) / t
-      tp + sp              [(8 + 8b) D + 4b F + 4H + 8] / t                (everything split)
+      none                 (8 + 6b) D + 2b K E + 4b F + 4H + 8
+      tp                   (8 + 4b) D + 8  +  (2b D + 2b K E + 4b F + 4H) / t
+      tp + sp              [(8 + 6b) D + 2b K E + 4b F + 4H + 8] / t      (everything split)
       tp + sp + selective  [(8 + 6b) D + 2b K E + 2b F + 8] / t
       full                 b D / t with sp, b D without                   (the block's input)
 
-    Selective keeps q, wo's input and the core's k and v before the repeat (K heads), a and b;
-    it drops SDPA's repeated k, v, its output and log-sum-exp, silu(a) and the product. In bf16
-    (b = 2) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token, where
-    Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: the kernel is fused).
+    Selective keeps q, wo's input, the core's k and v (K heads), a and b; it drops SDPA's own
+    saved tensors, its output and log-sum-exp, silu(a) and the product. In bf16 (b = 2) with
+    K = H (7B) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token,
+    where Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: it is fused).
     keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
     """
     D, F_, H, K, E, b, t = (args.dim, args.ffn_hidden, args.n_heads, args.n_kv_heads,
@@ -189,7 +192,8 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
     elif recompute == "selective":
         per_token = 2 * norm / seq_div + 2 * y + (2 * b * D + 2 * b * K * E + 2 * b * F_) / t
     else:
-        per_token = 2 * norm / seq_div + 2 * y + (4 * b * D + 4 * H + 4 * b * F_) / t
+        kv = K * E if grouped_kv else D                          # k and v, each, as SDPA keeps them
+        per_token = 2 * norm / seq_div + 2 * y + (2 * b * D + 2 * b * kv + 4 * H + 4 * b * F_) / t
     return per_token * batch * seq_len
 
 
@@ -293,13 +297,14 @@ def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: 
 
     A chunk's forward keeps its layers' activation_bytes_per_layer, plus its output (B, T, D),
     held for the backward call (Megatron frees its data once sent), or, on the last chunk,
-    the head: the final norm (as a layer's), the output layer's input and the loss's softmax
-    (B, T, V/tp) in fp32. Token ids and masks (integers) are not counted.
+    the head: the final norm (as a layer's), the output layer's input, and the logits (B, T,
+    V/tp) and log-sum-exp (B, T) in fp32, which the loss keeps. Token ids and masks (integers)
+    are not counted.
     """
     b, t, N, D = bytes_per_el, tp if sp else 1, micro_batch * seq_len, args.dim
     n = args.n_layers // (pp * virtual_stages)
     layers = n * activation_bytes_per_layer(args, micro_batch, seq_len, tp, sp, recompute, b)
-    head = N * (((4 + b) * D + 4) / t + b * D / t + 4 * args.vocab_size / tp)
+    head = N * (((4 + b) * D + 4) / t + b * D / t + 4 * args.vocab_size / tp + 4)
     sizes = [layers + (head if k * pp + rank == pp * virtual_stages - 1 else N * D * b / t)
              for k in range(virtual_stages)]
     schedule = schedule or default_schedule(virtual_stages)
