@@ -25,7 +25,7 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             installed.
 
 3. profile  Our step of (2), 5 steps under torch.profiler after 3 warm-up ones: the operators
-            by their own CPU time (matmuls, SDPA, log-softmax, elementwise).
+            by their own CPU time (matmuls, SDPA, the loss, elementwise).
 
 MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls (train.py's
 CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
