@@ -478,7 +478,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
     """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
 
     Measured once per process. NOTE: on a shared machine one timing can be far off; the fastest
-    of a few large matmuls is the figure least disturbed by neighbours.
+    of the large matmuls that fit in a third of a second (six at least) is the figure least
+    disturbed by neighbours: a window of six alone was once slowed whole, for an MFU over 100%.
     """
     if device.type == "cuda":
         known = planner.data_sheet_peak(torch.cuda.get_device_name(device))
@@ -487,14 +488,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple:
             return flops, f"{family} data sheet, dense bf16"
     n = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(6):
+    times, start = [], time.perf_counter()
+    while len(times) < 6 or time.perf_counter() - start < 0.33:
         _sync(device)
         t = time.perf_counter()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best, f"fastest of 6 timed {n}x{n} {dtype} matmuls"
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times), f"fastest of {len(times)} timed {n}x{n} {dtype} matmuls"
 
 
 def peak_tokens_per_s(args: M.ModelArgs, seq_len: int, device, dtype, devices: int = 1) -> tuple:
