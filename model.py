@@ -319,7 +319,7 @@ def attend(q, k, v, backend: str, visible=None):
         # repeat_kv, the simpler version below, copies it n_rep times first (and sums the copies'
         # gradients back): ~2.5% of the CPU training step of tests/bench_cpu.py.
         k, v, grouped = k.transpose(1, 2), v.transpose(1, 2), dict(enable_gqa=True)  # (B, K, S, E)
-    else:
+    else:                                                                       # (B, H, S, E)
         k, v, grouped = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2), {}
     if causal_sdpa:
         # NOTE: SDPA's is_causal aligns the mask top-left, right only when S == T; a cached
