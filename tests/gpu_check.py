@@ -17,7 +17,8 @@ measured) and OUT/results.json. Sections, in order:
                           and train.bench's plain loop at the same shapes
   3. Decoding             batch 1 on a 7b-shaped model of random bf16 weights: tokens/s against
                           the weight-read bound (weight bytes / measured copy bandwidth), with
-                          model.forward, with the static step, and replayed from a CUDA graph
+                          model.forward (cuDNN's attention on, then off, as generate.py runs),
+                          the static step, and replayed from a CUDA graph; a prefill's time
   4. Kill and resume      train.py on the device: saves, is killed with SIGKILL, resumes; its
                           losses against an uninterrupted run, and two uninterrupted runs
                           against each other (the device's own run-to-run noise)
@@ -159,26 +160,33 @@ def decoding(report: Report, device, dry: bool):
     torch.manual_seed(0)
     model.reset_parameters()                        # random weights: speed does not need real ones
     model.eval().requires_grad_(False)
-    M.plan_free_attention()                         # as generate.py does
     bandwidth, weights = G.memory_bandwidth(device), G.weight_bytes(model)
     bound = bandwidth / weights
     report(f"\n## 3. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "
            "weights, greedy\n")
     report(f"Weight-read bound = copy bandwidth / weight bytes = {bandwidth / 1e9:,.0f} GB/s / "
            f"{weights / 1e9:.2f} GB = {bound:,.1f} tokens/s (the embedding table excluded: a "
-           "step reads one row of it).\n")
+           "step reads one row of it). generate.py leaves cuDNN's attention out "
+           "(model.plan_free_attention); the first rows show why.\n")
     report("| decoder | tokens/s | % of bound |")
     report("|---|---:|---:|")
     prompt, new = [list(range(1, 9))], 16 if dry else 256
     modes = [("model.forward", dict()), ("static step", dict(static=True))]
     if device.type == "cuda":
+        modes.insert(0, ("model.forward, cuDNN attention on", dict()))
         modes.append(("static step in a CUDA graph", dict(static=True, cuda_graph=True)))
     modes.append(("compiled static step" + (" in a CUDA graph" if device.type == "cuda" else ""),
                   dict(static=True, cuda_graph=device.type == "cuda", compile=True)))
-    rows, outputs = [], {}
+    rows, prefill_ms, outputs = [], {}, {}
+    G.generate_tokens(model, [list(range(1, 49))], 1)          # first-call costs, not timed
     for name, options in modes:
+        if "cuDNN" not in name:
+            M.plan_free_attention()                 # as generate.py does, from here on
+        stats = {}          # a 64-token prompt of a length not seen before: a plan for cuDNN
+        G.generate_tokens(model, [list(range(1, 65 + len(prefill_ms)))], 1, stats=stats)
+        prefill_ms.setdefault("with cuDNN" if "cuDNN" in name else "without cuDNN",
+                              1000 * stats["prefill_s"])
         G.generate_tokens(model, prompt, 8, temperature=0, **options)        # warm-up
-        stats = {}
         outputs[name] = G.generate_tokens(model, prompt, new, temperature=0, stats=stats,
                                           **options)[0]
         rate = stats["decode_steps"] / stats["decode_s"]
@@ -186,10 +194,15 @@ def decoding(report: Report, device, dry: bool):
         rows.append(dict(decoder=name, tokens_per_s=rate, fraction_of_bound=rate / bound))
     agree = {name: sum(a == b for a, b in zip(out, outputs["model.forward"]))
              for name, out in outputs.items()}
-    report(f"\nGreedy tokens equal to model.forward's (of {new}): " +
-           ", ".join(f"{k} {v}" for k, v in agree.items()))
+    report("\nPrefill of a 64-token prompt at a new length: " +
+           ", ".join(f"{v:,.0f} ms {k}" for k, v in prefill_ms.items()) +
+           f". Greedy tokens equal to model.forward's (of {new}): " +
+           ", ".join(f"{k} {v}" for k, v in agree.items()) + ". In bf16 with random weights "
+           "the top two logits are often closer than the rounding, so equal decoders part "
+           "after a few tokens; tests/test_gpu.py compares their logits step by step.")
     report.save("decoding", dict(preset=preset, bandwidth=bandwidth, weight_bytes=weights,
-                                 bound_tokens_per_s=bound, rows=rows, agree=agree))
+                                 bound_tokens_per_s=bound, rows=rows, agree=agree,
+                                 prefill_ms=prefill_ms))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert [r["decoder"] for r in decoders] == ["model.forward", "static step",
                                                 "compiled static step"]
     assert set(results["decoding"]["agree"].values()) == {16}      # fp32: the same greedy tokens
+    assert list(results["decoding"]["prefill_ms"]) == ["without cuDNN"]    # no cuDNN on a CPU
     resume = results["kill_and_resume"]
     assert resume["killed_at"] < resume["steps"]                   # really killed mid-run
     assert resume["max_diff_resumed"] == 0.0                       # and resumed exactly
