@@ -272,7 +272,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-SDPA_GROUPS = torch.__version__ >= "2.5"        # scaled_dot_product_attention(enable_gqa=...)
+SDPA_GROUPS = torch.__version__ >= "2.5"    # enable_gqa; TorchVersion compares as versions
 
 
 def repeat_kv(x, n_rep: int):
@@ -314,7 +314,9 @@ def attend(q, k, v, backend: str, visible=None):
         return _xformers_ops.memory_efficient_attention(q, k, v, attn_bias=bias)
     q = q.transpose(1, 2)                                                       # (B, H, T, E)
     causal_sdpa = backend == "sdpa" and visible is None and T in (1, S)
-    if causal_sdpa and SDPA_GROUPS:
+    # NOTE: on CUDA in fp32 the fused kernels that take grouped heads may not exist, and SDPA
+    # would fall back to its T x S math kernel: there the simpler copy stays.
+    if causal_sdpa and SDPA_GROUPS and (q.device.type == "cpu" or q.dtype != torch.float32):
         # PERF: SDPA reads each key/value head for its n_rep query heads (enable_gqa) where
         # repeat_kv, the simpler version below, copies it n_rep times first (and sums the copies'
         # gradients back): ~2.5% of the CPU training step of tests/bench_cpu.py.

@@ -672,8 +672,8 @@ def apply_recompute(model: Transformer, mode: str) -> None:
 
     none       autograd keeps what it keeps.
     selective  keep what is expensive to recompute, the outputs of the linear layers; recompute
-               the rest of the attention (the weight-free core: softmax(q k^T) v, with the GQA
-               repeat of K and V) and SwiGLU's elementwise silu(a) * b, through model.py's
+               the rest of the attention (the weight-free core: softmax(q k^T) v, K and V at
+               their K heads) and SwiGLU's elementwise silu(a) * b, through model.py's
                hand-written FFN backward [LLaMA §2.4]. Cost: the core's forward again, no matmul
                with a weight.
     full       keep only each block's input; run the whole block again in backward (its tp

@@ -901,9 +901,9 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
 
     plain: the same Transformer with the `math` attention (the equation, materializing T x T
     scores), autograd's SwiGLU, F.cross_entropy, unfused AdamW. ours: the configured backend,
-    --recompute (selective: the hand-written SwiGLU backward), fused AdamW, and
-    torch.compile with --compile.
-    Single process; precision as --dtype (auto: bf16 autocast on CUDA, fp32 on CPU). `variants` picks which of the two run.
+    --recompute (selective: the hand-written SwiGLU backward), parallel.loss_fn, fused AdamW,
+    and torch.compile with --compile. Single process; precision as --dtype (auto: bf16 autocast
+    on CUDA, fp32 on CPU). `variants` picks which of the two run.
     """
     args = M.preset(cfg.preset)
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
@@ -932,7 +932,10 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
             t = time.perf_counter()
             with amp:
                 logits = fwd(tokens[:, :-1])                              # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                if name == "plain":
+                    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                else:
+                    loss = P.loss_fn(logits, tokens[:, 1:], P.Grid())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
