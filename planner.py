@@ -166,8 +166,9 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
       attention      the wq/wk/wv input y (bD); SDPA's q and its output, also wo's input
                      (2bD), k and v (2bKE: at K heads, read by SDPA for their query heads), and
                      the log-sum-exp (4 per head). RoPE keeps nothing: cos and sin are constants.
-                     grouped_kv=False (xformers, the math backend, torch < 2.5): k and v are
-                     repeated to H heads before the kernel, and KE below reads D.
+                     grouped_kv=False (xformers, the math backend, CUDA in fp32, torch < 2.5):
+                     k and v are repeated to H heads before the kernel, and KE below reads D.
+                     Its default is this machine's torch, not the planned run's backend.
       SwiGLU         y (bD); a = w1 y, b = w3 y, silu(a), silu(a) * b (4bF)
 
       none                 (8 + 6b) D + 2b K E + 4b F + 4H + 8
