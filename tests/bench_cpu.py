@@ -16,13 +16,17 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             product and sum).
 2. train    One training step (forward, loss, backward, clipping, AdamW) of our Transformer
             against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
-            8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. The two
-            alternate, round after round, so that a busy neighbour slows both alike; the ratio
-            is of their median step times. Each computes its loss as its training loop does
-            (ours: parallel.loss_fn; theirs: F.cross_entropy, which LlamaForCausalLM's loss
-            calls), and both use the same fused AdamW. Then both again under torch.compile (train.py --compile), which fuses
-            each norm, rotation and SwiGLU product. transformers is imported only if it is
-            installed.
+            8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. Each
+            computes its loss as its training loop does (ours: parallel.loss_fn; theirs:
+            F.cross_entropy, which LlamaForCausalLM's loss calls), and both use the same fused
+            AdamW. Each variant runs in its own process (VARIANTS): ours as train.py runs it on
+            CPU, with train.keep_freed_memory(); theirs with malloc's defaults; the two crossed
+            rows (ours with the default malloc, theirs with freed memory kept) give the step
+            alone under the same allocator; then both under torch.compile (train.py --compile),
+            which fuses each norm, rotation and SwiGLU product. The variants alternate, round
+            after round, so that a busy neighbour slows all alike; ratios are of median step
+            times. Page faults per step are the process's minor faults (getrusage).
+            transformers is imported only if it is installed.
 
 3. profile  Our step of (2), 5 steps under torch.profiler after 3 warm-up ones: the operators
             by their own CPU time (matmuls, SDPA, the loss, elementwise).
@@ -31,6 +35,7 @@ MFU = tokens/s x model.flops_per_token / the fastest of a few timed fp32 matmuls
 CPU peak). Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
 """
 
+import resource
 import statistics
 import sys
 import time
@@ -73,70 +78,116 @@ ARGS = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096
 B, T_ = 8, 256
 
 
+# Each variant runs in its own process, so that one's allocations do not shape another's heap:
+# name -> (library, compiled, freed memory kept). Ours runs as train.py runs it on CPU, with
+# train.keep_freed_memory(); theirs as a plain loop runs it, with malloc's defaults. The two
+# crossed rows give the step alone under the same allocator.
+VARIANTS = {
+    "ours": ("ours", False, True),
+    "transformers": ("transformers", False, False),
+    "ours, default malloc": ("ours", False, False),
+    "transformers, memory kept": ("transformers", False, True),
+    "ours, compiled": ("ours", True, True),                        # train.py --compile
+    "transformers, compiled": ("transformers", True, False),
+}
+
+
+def _train_worker(library: str, compiled: bool, keep: bool, conn):
+    """One variant of `train`: build, warm up, then time `n` steps each time the parent asks."""
+    if keep:
+        T.keep_freed_memory()
+    from transformers import LlamaConfig, LlamaForCausalLM
+    args, cfg = ARGS, T.TrainConfig()
+    torch.manual_seed(0)
+    if library == "ours":
+        model = M.Transformer(args)
+        opt = T.make_optimizer(model, cfg)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=args.dim, intermediate_size=args.ffn_hidden,
+            num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+            num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
+            max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
+            rope_theta=args.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa"))
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, fused=True)
+    fwd = torch.compile(model) if compiled else model
+    tokens = torch.randint(0, args.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        if library == "ours":                                       # as train.py does
+            P.loss_fn(fwd(tokens[:, :-1]), tokens[:, 1:], P.Grid()).backward()
+            P.clip_grad_norm(model, cfg.clip, P.Grid())
+        else:                                                # as LlamaForCausalLM's loss does
+            logits = fwd(tokens[:, :-1]).logits.float()
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):                      # warm-up: allocator, first-call costs, compilation
+        step()
+    conn.send("ready")
+    while n := conn.recv():
+        faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        for _ in range(n):
+            step()
+        conn.send(((time.perf_counter() - t) / n,
+                   (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n))
+
+
 def train(rounds: int = 7, steps: int = 3):
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         print("train: transformers is not installed (pip install transformers); skipped")
         return
-    args = ARGS
-    hf_config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn_hidden,
-                            num_hidden_layers=args.n_layers,
-                            num_attention_heads=args.n_heads,
-                            num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
-                            max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-                            rope_theta=args.rope_theta, tie_word_embeddings=False,
-                            attn_implementation="sdpa")
-    torch.manual_seed(0)
-    models = {"ours": M.Transformer(args), "transformers": LlamaForCausalLM(hf_config)}
-    models.update({f"{name}, compiled": torch.compile(model) for name, model in models.items()})
-    cfg = T.TrainConfig()
-    opts = {name: T.make_optimizer(model, cfg) if name.startswith("ours")
-            else torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                   weight_decay=cfg.weight_decay, fused=True)
-            for name, model in models.items()}
-    tokens = torch.randint(0, args.vocab_size, (B, T_ + 1), generator=torch.Generator().manual_seed(0))
-
-    def step(name):
-        model = models[name]
-        if name.startswith("ours"):                                    # as train.py does
-            P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid()).backward()
-            P.clip_grad_norm(model, cfg.clip, P.Grid())
-        else:                                                # as LlamaForCausalLM's loss does
-            logits = model(tokens[:, :-1]).logits.float()
-            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-
-    times = {name: [] for name in models}
-    for name in times:                      # warm-up: allocator, first-call costs, compilation
-        step(name)
-        step(name)
-    for _ in range(rounds):
-        for name in times:
-            t = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            times[name].append((time.perf_counter() - t) / steps)
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    for name, spec in VARIANTS.items():     # started one at a time: compiling is not timed
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=_train_worker, args=(*spec, child), daemon=True)
+        process.start()
+        if conn.recv() != "ready":
+            raise RuntimeError(f"train: the {name!r} worker failed")
+        workers[name] = process, conn
+    times, faults = {name: [] for name in workers}, {name: [] for name in workers}
+    for _ in range(rounds):                 # alternating, so that a busy neighbour slows all alike
+        for name, (_, conn) in workers.items():
+            conn.send(steps)
+            t, f = conn.recv()
+            times[name].append(t)
+            faults[name].append(f)
+    for process, conn in workers.values():
+        conn.send(0)
+        process.join()
     peak, source = T.peak_flops(torch.device("cpu"), torch.float32)
-    flops = M.flops_per_token(args, T_)
+    flops = M.flops_per_token(ARGS, T_)
     print(f"train: dim 256, 4 layers, batch {B} x sequence {T_}, fp32, "
-          f"{torch.get_num_threads()} threads; MFU against {peak / 1e9:.0f} GFLOP/s [{source}]")
+          f"{torch.get_num_threads()} threads, each variant in its own process; MFU against "
+          f"{peak / 1e9:.0f} GFLOP/s [{source}]")
     median = {name: statistics.median(ts) for name, ts in times.items()}
     for name, t in median.items():
         tps = B * T_ / t
-        print(f"  {name:<23} {1000 * t:7.1f} ms/step  {tps:8,.0f} tokens/s  "
-              f"MFU {100 * tps * flops / peak:5.1f}%")
-    ratio = median["transformers"] / median["ours"]
-    print(f"  ours / transformers = {ratio:.2f}x (tokens/s), compiled both: "
-          f"{median['transformers, compiled'] / median['ours, compiled']:.2f}x, ours compiled / "
-          f"transformers eager: {median['transformers'] / median['ours, compiled']:.2f}x")
-    return ratio
+        print(f"  {name:<26} {1000 * t:7.1f} ms/step  {tps:8,.0f} tokens/s  "
+              f"MFU {100 * tps * flops / peak:5.1f}%  {statistics.median(faults[name]):7,.0f} "
+              f"page faults/step")
+
+    def ratio(theirs, ours):
+        return f"{median[theirs] / median[ours]:.2f}x"
+    print(f"  ours / transformers (tokens/s), each as its training loop runs it: "
+          f"{ratio('transformers', 'ours')} eager, "
+          f"{ratio('transformers, compiled', 'ours, compiled')} compiled")
+    print(f"  the step alone, under the same allocator: "
+          f"{ratio('transformers', 'ours, default malloc')} with the default "
+          f"malloc, {ratio('transformers, memory kept', 'ours')} with freed memory kept")
+    return median["transformers"] / median["ours"]
 
 
 def profile(warmup: int = 3, steps: int = 5):
     from torch.profiler import ProfilerActivity, profile as torch_profile
+    T.keep_freed_memory()                                          # as train.py runs it
     torch.manual_seed(0)
     model, cfg = M.Transformer(ARGS), T.TrainConfig()
     opt = T.make_optimizer(model, cfg)
