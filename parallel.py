@@ -574,14 +574,15 @@ class CrossEntropy(torch.autograd.Function):
     softmax(z) - onehot(target), this rank's columns of it. At tp = 1 (group None) the same
     lines run with nothing to reduce.
 
-    PERF: the backward writes the gradient over the logits. F.cross_entropy, the simpler
-    version, keeps log_softmax(z) and builds a zeroed N x V gradient besides: two more N x V
-    tensors a step, each written to fresh memory (at vocab 4096 and 2048 tokens, 32 MB each).
-    On CPU the passes over the logits go by blocks of 2^18 values, which stay in cache: at that
-    size the output layer, the loss and their backward take 70 ms instead of 92 (79 in one
-    block), and the training step of tests/bench_cpu.py ~4% less. On a GPU one block, one
-    launch per pass.
-    NOTE: so the logits must not be read after backward; nothing here reads them.
+    PERF: the forward writes exp(z - max) over the logits, and the backward scales that into
+    the gradient in place. F.cross_entropy, the simpler version, keeps log_softmax(z) and builds
+    a zeroed N x V gradient besides: two more N x V tensors a step (at 2048 tokens, 32 MiB each
+    at vocab 4096, 250 MiB at 32000). On CPU the passes over the logits go by blocks of 2^18
+    values, which stay in cache. The output layer, the loss and their backward at that size
+    take 64 ms against 92 under malloc's defaults, which page every new tensor in afresh, and
+    55-58 ms against 56-58 with freed memory kept (train.keep_freed_memory). On a GPU one
+    block, one launch per pass.
+    NOTE: so the logits must not be read once the loss is taken; nothing here reads them.
     """
 
     @staticmethod
@@ -591,34 +592,33 @@ class CrossEntropy(torch.autograd.Function):
 
         N, n_local = logits.shape
         rows = max(1, 2**18 // n_local) if logits.device.type == "cpu" else N
-        # COMM: tp all-reduce (max), forward
-        zmax = reduce(logits.amax(-1), dist.ReduceOp.MAX)                  # (N,)
-        sum_exp = torch.cat([(logits[i:i + rows] - zmax[i:i + rows, None]).exp_().sum(-1)
-                             for i in range(0, N, rows)])                   # (N,)
-        # COMM: tp all-reduce (sum exp), forward
-        lse = zmax + reduce(sum_exp).log()                                  # log sum_v exp(z_v)
         local = targets - vocab_start
         mine = (local >= 0) & (local < n_local)
         local = local.clamp(0, n_local - 1)
+        z_mine = logits.gather(1, local[:, None]).squeeze(1) * mine   # read before overwritten
+        # COMM: tp all-reduce (max), forward
+        zmax = reduce(logits.amax(-1), dist.ReduceOp.MAX)                  # (N,)
+        e = logits                                      # NOTE: in place, see the docstring
+        sum_exp = torch.cat([e[i:i + rows].sub_(zmax[i:i + rows, None]).exp_().sum(-1)
+                             for i in range(0, N, rows)])                   # exp(z - zmax)
+        # COMM: tp all-reduce (sum exp), forward
+        sum_exp = reduce(sum_exp)                                           # (N,)
         # COMM: tp all-reduce (target logit), forward
-        z_target = reduce(logits.gather(1, local[:, None]).squeeze(1) * mine)
-        ctx.save_for_backward(logits, lse, local, mine)
-        ctx.rows = rows
-        return lse - z_target                                               # (N,)
+        z_target = reduce(z_mine)
+        ctx.save_for_backward(e, sum_exp, local, mine)
+        return zmax + sum_exp.log() - z_target             # log sum_v exp(z_v) - z_target, (N,)
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, lse, local, mine = ctx.saved_tensors
-        dz, rows = logits, ctx.rows                     # NOTE: in place, see the docstring
-        for i in range(0, dz.shape[0], rows):           # softmax(z) * dloss, block by block
-            dz[i:i + rows].sub_(lse[i:i + rows, None]).exp_().mul_(dloss[i:i + rows, None])
+        e, sum_exp, local, mine = ctx.saved_tensors
+        dz = e.mul_((dloss / sum_exp)[:, None])         # softmax(z) * dloss, in place
         dz.scatter_add_(1, local[:, None], -(dloss * mine)[:, None])
         return dz, None, None, None
 
 
 def loss_fn(logits, targets, grid: Grid):
     """Mean cross-entropy over all B*T positions. logits (B, T, V) at tp=1, (B, T, V/tp) beyond.
-    Its backward overwrites the logits with their gradient (CrossEntropy)."""
+    It overwrites the logits: with exponentials, then with their gradient (CrossEntropy)."""
     logits, targets = logits.flatten(0, 1), targets.flatten()
     group = grid.tp_group if grid.tp > 1 else None
     return CrossEntropy.apply(logits, targets, group, grid.tp_rank * logits.shape[-1]).mean()

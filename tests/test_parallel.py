@@ -240,12 +240,12 @@ def check_layers(grid, kv_heads, sp, keep_shard=True):
     F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     hp = local(x).clone().requires_grad_()
     logits = par.output(hp)
-    with record_collectives(grid) as calls:
-        loss = P.loss_fn(logits, tokens[:, 1:], grid)
     assert logits.shape == (B, SEQ, args.vocab_size // grid.tp)
-    assert calls == [("tp", "all_reduce", B * SEQ * 4)] * 3, calls  # N numbers, never N x V
     close(logits, P.shard(ref_logits.detach(), 2, grid), f"output forward, {what}")
-    loss.backward()                                    # (it overwrites the logits: loss_fn)
+    with record_collectives(grid) as calls:            # (it overwrites the logits: loss_fn)
+        loss = P.loss_fn(logits, tokens[:, 1:], grid)
+    assert calls == [("tp", "all_reduce", B * SEQ * 4)] * 3, calls  # N numbers, never N x V
+    loss.backward()
     close(loss, F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()), f"loss, {what}")
     close(hp.grad, local(hr.grad), f"output input grad, {what}")
     close(par.output.weight.grad, P.shard(full.output.weight.grad, 0, grid), f"output grad, {what}")
