@@ -527,9 +527,9 @@ def keep_freed_memory() -> bool:
     same sizes again at the next one, so each step maps them afresh, and every 4 KiB page faults
     and is zeroed on its first write. At the shapes of tests/bench_cpu.py train that is 10,000 to
     17,000 faults a step (8,192 of them the 32 MiB of logits), 1-4% of our step, and 37,000 to
-    44,000 in transformers' step, 9-14% of it. Raising both thresholds to 1 GiB keeps the blocks for
-    reuse: no faults. The demo trains 3-5% faster. The process then keeps about its peak usage,
-    which a run reaches at every step anyway. The simpler version is malloc's defaults;
+    44,000 in transformers' step, 9-14% of it. Raising both thresholds to 1 GiB keeps the blocks
+    for reuse: no faults. The demo trains 3-5% faster. The process then keeps about its peak
+    usage, which a run reaches at every step anyway. The simpler version is malloc's defaults;
     PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc. GPU
     tensors need none of this: torch's CUDA caching allocator keeps its blocks already. Returns
     whether the thresholds were set.

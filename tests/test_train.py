@@ -1,5 +1,6 @@
 """Tests for train.py: the schedule, accumulation equality, exact resume after a crash, a crash in
-the middle of a save, non-finite steps, refused configurations, and a falling loss."""
+the middle of a save, non-finite steps, refused configurations, a falling loss, the CPU's peak
+timed again, and freed memory kept by the allocator."""
 
 import json
 import math
@@ -228,6 +229,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
     assert ckpt.endswith(f"step-{max(losses(tmp_path)):06d}")
 
 
+# --- measuring: the CPU's peak, the allocator --------------------------------------------------
 
 def test_a_peak_timed_too_low_is_timed_again(demo_data, tmp_path, monkeypatch, capsys):
     """A busy neighbour can slow the whole timing of the CPU's peak (train.peak_flops): the
@@ -240,7 +242,6 @@ def test_a_peak_timed_too_low_is_timed_again(demo_data, tmp_path, monkeypatch, c
     assert len(steps) == 3 and all(0 < r["mfu"] <= 1 for r in steps)
     assert "peak timed again, as step 1 ran faster" in capsys.readouterr().out
 
-# --- the allocator -----------------------------------------------------------------------------
 
 def test_freed_memory_is_used_again_without_page_faults():
     """train.keep_freed_memory: a 32 MiB tensor (the logits of a 2,048-token step at vocab 4096)
