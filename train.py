@@ -1036,8 +1036,12 @@ def main(argv=None) -> dict:
         # Every rank says it: the stuck or dead rank may be rank 0.
         print(f"error: rank {world.rank}: {first_line(e, 200)}; a rank is stuck (more "
               f"than --timeout {cfg.timeout:g} s) or gone: see the other ranks' messages, then "
-              "--resume", file=sys.stderr)
-        sys.exit(1)
+              "--resume", file=sys.stderr, flush=True)
+        # NOTE: a group with a rank stuck or gone cannot be left cleanly: gloo's threads, still
+        # waiting on that rank, can abort the process while it tears the group down (exit -6,
+        # not 1). train()'s own cleanup has run; the process ends here, skipping `finally`.
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         if world is not None:
             P.destroy(world)
