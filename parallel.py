@@ -600,7 +600,7 @@ class CrossEntropy(torch.autograd.Function):
         zmax = reduce(logits.amax(-1), dist.ReduceOp.MAX)                  # (N,)
         e = logits                                      # NOTE: in place, see the docstring
         sum_exp = torch.cat([e[i:i + rows].sub_(zmax[i:i + rows, None]).exp_().sum(-1)
-                             for i in range(0, N, rows)])                   # exp(z - zmax)
+                             for i in range(0, N, rows)])    # (N,); e now holds exp(z - zmax)
         # COMM: tp all-reduce (sum exp), forward
         sum_exp = reduce(sum_exp)                                           # (N,)
         # COMM: tp all-reduce (target logit), forward

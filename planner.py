@@ -298,9 +298,9 @@ def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: 
 
     A chunk's forward keeps its layers' activation_bytes_per_layer, plus its output (B, T, D),
     held for the backward call (Megatron frees its data once sent), or, on the last chunk,
-    the head: the final norm (as a layer's), the output layer's input, and the logits (B, T,
-    V/tp) and log-sum-exp (B, T) in fp32, which the loss keeps. Token ids and masks (integers)
-    are not counted.
+    the head: the final norm (as a layer's), the output layer's input, and what the loss keeps
+    in fp32: exp(z - max) written over the logits (B, T, V/tp) and its sum (B, T). Token ids and
+    masks (integers) are not counted.
     """
     b, t, N, D = bytes_per_el, tp if sp else 1, micro_batch * seq_len, args.dim
     n = args.n_layers // (pp * virtual_stages)
