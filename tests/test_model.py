@@ -118,16 +118,28 @@ def test_parity_with_plain_equations(n_kv_heads):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_rope_is_meta_interleaved_layout():
-    # Meta computes the rotation as a complex product of consecutive pairs.
+@pytest.mark.parametrize("compiling", [False, True])
+def test_rope_is_meta_interleaved_layout(compiling, monkeypatch):
+    # Meta computes the rotation as a complex product of consecutive pairs. apply_rope computes
+    # it so eagerly and as a 2x2 rotation in real numbers under torch.compile: both are checked,
+    # the values and the gradient, against the pairs rotated one by one.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     E, T = 8, 5
-    x = torch.randn(1, T, 2, E)
+    x = torch.randn(1, T, 2, E, requires_grad=True)
     cos, sin = M.rope_tables(E, T)
     freqs = torch.polar(torch.ones(T, E // 2), torch.outer(torch.arange(T).float(),
                         1.0 / 10000 ** (torch.arange(0, E, 2).float() / E)))
-    xc = torch.view_as_complex(x.reshape(1, T, 2, E // 2, 2))
+    xc = torch.view_as_complex(x.detach().reshape(1, T, 2, E // 2, 2))
     expected = torch.view_as_real(xc * freqs[None, :, None, :]).flatten(-2)
-    torch.testing.assert_close(M.apply_rope(x, cos, sin), expected)
+    out = M.apply_rope(x, cos, sin)
+    torch.testing.assert_close(out, expected)
+    # The gradient of a rotation is the rotation by the opposite angle.
+    g = torch.randn_like(out)
+    out.backward(g)
+    gc = torch.view_as_complex(g.reshape(1, T, 2, E // 2, 2))
+    torch.testing.assert_close(x.grad, torch.view_as_real(gc * freqs.conj()[None, :, None, :])
+                               .flatten(-2))
+    assert M.apply_rope(x.detach().bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
 def test_rotary_tables_stay_fp32_when_the_model_is_cast():
