@@ -121,8 +121,9 @@ def test_parity_with_plain_equations(n_kv_heads):
 @pytest.mark.parametrize("compiling", [False, True])
 def test_rope_is_meta_interleaved_layout(compiling, monkeypatch):
     # Meta computes the rotation as a complex product of consecutive pairs. apply_rope computes
-    # it so eagerly and as a 2x2 rotation in real numbers under torch.compile: both are checked,
-    # the values and the gradient, against the pairs rotated one by one.
+    # it so eagerly, with its own backward, and as a 2x2 rotation in real numbers under
+    # torch.compile: both are checked, values and gradient, against Meta's product written here
+    # from the angles.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     E, T = 8, 5
     x = torch.randn(1, T, 2, E, requires_grad=True)
