@@ -525,9 +525,9 @@ def keep_freed_memory() -> bool:
     threshold (at most 32 MiB) is unmapped when freed, and free memory at the top of the heap
     beyond the trim threshold is cut off. A training step frees its activations and allocates the
     same sizes again at the next one, so each step maps them afresh, and every 4 KiB page faults
-    and is zeroed on its first write. At the shapes of tests/bench_cpu.py train that is 10,000 to
-    17,000 faults a step (8,192 of them the 32 MiB of logits), 1-4% of our step, and 37,000 to
-    44,000 in transformers' step, 9-14% of it. Raising both thresholds to 1 GiB keeps the blocks
+    and is zeroed on its first write. At the shapes of tests/bench_cpu.py train that is 15,000 to
+    25,000 faults a step (8,192 of them the 32 MiB of logits), 3-6% of our step, and 38,000 to
+    41,000 in transformers' step, 7-15% of it. Raising both thresholds to 1 GiB keeps the blocks
     for reuse: no faults. The demo trains 3-5% faster. The process then keeps about its peak
     usage, which a run reaches at every step anyway. The simpler version is malloc's defaults;
     PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc. GPU
