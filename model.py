@@ -235,8 +235,13 @@ def apply_rope(x, cos, sin):
 
 
 def rotate_complex(x, cos, sin):
-    """x (B, T, heads, E) times cos + j sin (T, E/2), its pairs read as complex numbers."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))          # (B, T, heads, E/2)
+    """x (B, T, heads, E) times cos + j sin (T, E/2), its pairs read as complex numbers.
+
+    NOTE: view_as_complex needs the pairs side by side in memory. A gradient can arrive with
+    another layout (on CUDA, the math attention's gradient of k is a transposed matmul result),
+    so a tensor whose last dimension is strided is copied first; the usual case copies nothing.
+    """
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # (B, T, heads, E/2)
     out = torch.view_as_real(xc * torch.complex(cos, sin)[:, None, :])     # (B, T, heads, E/2, 2)
     return out.flatten(-2).type_as(x)                                      # (B, T, heads, E)
 

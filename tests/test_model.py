@@ -134,10 +134,12 @@ def test_rope_is_meta_interleaved_layout(compiling, monkeypatch):
     expected = torch.view_as_real(xc * freqs[None, :, None, :]).flatten(-2)
     out = M.apply_rope(x, cos, sin)
     torch.testing.assert_close(out, expected)
-    # The gradient of a rotation is the rotation by the opposite angle.
-    g = torch.randn_like(out)
+    # The gradient of a rotation is the rotation by the opposite angle. It arrives here with its
+    # last dimension strided, as the math attention's gradient of k does on CUDA.
+    g = torch.randn(1, 2, E, T).permute(0, 3, 1, 2)                     # (1, T, 2, E)
+    assert g.stride(-1) != 1
     out.backward(g)
-    gc = torch.view_as_complex(g.reshape(1, T, 2, E // 2, 2))
+    gc = torch.view_as_complex(g.contiguous().reshape(1, T, 2, E // 2, 2))
     torch.testing.assert_close(x.grad, torch.view_as_real(gc * freqs.conj()[None, :, None, :])
                                .flatten(-2))
     assert M.apply_rope(x.detach().bfloat16(), cos, sin).dtype == torch.bfloat16
