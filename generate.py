@@ -16,7 +16,8 @@ Reading order
                            read_checkpoint, the core that train.py's --init-from shares
   2. Hugging Face layout   key names, the q/k row permutation, reading and export_hf
   3. load_model            checkpoint -> Transformer on a device, in fp32 (CPU) or bf16 (CUDA),
-                           sliced over tensor-parallel ranks by parallel.py when tp > 1
+                           sliced over tensor-parallel ranks by parallel.py when tp > 1, else
+                           with wq|wk|wv and w1|w3 fused (Transformer.fuse_projections)
   4. Sampling              greedy, temperature, top-k, top-p (nucleus)
   5. Decoding              generate_tokens: batched prompts of different lengths over one KV
                            cache, each step compiled and replayed from a CUDA graph if asked;
@@ -395,7 +396,8 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
     """Any LLaMA checkpoint folder -> (Transformer in eval mode on `device`, Tokenizer).
 
     grid: a parallel.Grid with tp > 1 slices the model over its tensor-parallel group
-    (parallel.parallelize); every rank of it calls load_model and keeps its slice.
+    (parallel.parallelize); every rank of it calls load_model and keeps its slice. Without one,
+    the projections are fused for inference (model.Transformer.fuse_projections).
     """
     args, state, tok_path = read_checkpoint(ckpt)
     if max_seq_len:
@@ -413,7 +415,10 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
     model.reset_rotary(torch.device(where))   # not in the state dict: computed, in fp32
     if grid is not None:
         P.parallelize(model, grid)      # every rank held the full weights: each keeps its slice
-    return model.to(device).eval().requires_grad_(False), Tokenizer(tok_path)
+    model = model.to(device).eval().requires_grad_(False)
+    if grid is None:                    # under tp, parallel.py's hooks sit on each projection
+        model.fuse_projections()
+    return model, Tokenizer(tok_path)
 
 
 # ---------------------------------------------------------------------------------------------

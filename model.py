@@ -191,9 +191,23 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            return (self.weight * x.unsqueeze(-2)).sum(-1)          # (.., out): one row
-        return super().forward(x)
+        return project(x, self.weight)
+
+
+def project(x, weight):
+    """x (.., in) times weight (out, in) transposed -> (.., out): Linear's product (PERF above)."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        return (weight * x.unsqueeze(-2)).sum(-1)                   # (.., out): one row
+    return F.linear(x, weight)
+
+
+def fuse(*linears) -> torch.Tensor:
+    """The linears' weights stacked by rows into one matrix, each weight becoming a view of its
+    rows: one product then reads them all, and the parameters keep their names and values."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    for m, rows in zip(linears, fused.split([m.weight.shape[0] for m in linears])):
+        m.weight.data = rows
+    return fused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,10 +403,15 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.backend = "auto"
         self.cache_k = self.cache_v = None     # (B_max, S_max, K, E) each: Transformer.setup_cache
+        self.wqkv = None                       # ((H + 2K) E, D): Transformer.fuse_projections
 
     def forward(self, x, cos, sin, start_pos=0):
         """x (B, T, D) at positions start_pos.. (an int, or a 0-d tensor: see Transformer)."""
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.wqkv is None or torch.is_grad_enabled():
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:                                           # the same three products, as one
+            kv = self.wk.weight.shape[0]
+            q, k, v = project(x, self.wqkv).split([self.wq.weight.shape[0], kv, kv], dim=-1)
         # NOTE: shapes are read off the projections, not the args, so that parallel.py can hand
         # this module a slice of the heads (H/tp, K/tp) without changing this code.
         B, T = q.shape[:2]
@@ -475,8 +494,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.ffn_hidden, args.dim)
         self.w3 = Linear(args.dim, args.ffn_hidden)
         self.manual_backward = False   # True: SwiGLUFunction (fewer saved bytes, same gradients)
+        self.w13 = None                # (2F, D): Transformer.fuse_projections
 
     def forward(self, x):
+        if self.w13 is not None and not torch.is_grad_enabled():     # w1 and w3 as one product
+            a, b = project(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(a) * b)
         if self.manual_backward and torch.is_grad_enabled():
             return SwiGLUFunction.apply(self.w1(x), self.w3(x), self.w2.weight)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))             # (B, T, D)
@@ -533,6 +556,8 @@ class Transformer(nn.Module):
         """
         super()._apply(fn, *args, **kwargs)
         self.reset_rotary(self.rope_cos.device)
+        for layer in self.layers:            # the weights moved: fused copies would be stale
+            layer.attention.wqkv = layer.feed_forward.w13 = None
         return self
 
     def reset_rotary(self, device=None):
@@ -554,6 +579,21 @@ class Transformer(nn.Module):
         check_backend(name)
         for layer in self.layers:
             layer.attention.backend = name
+
+    @torch.no_grad()
+    def fuse_projections(self):
+        """For inference: wq|wk|wv and w1|w3 become one matrix each (model.fuse), so that a
+        layer runs two products where it ran five. The parameters become views of those
+        matrices: state_dict() keeps Meta's names and values, and no memory is added. The fused
+        products run only without autograd (the gradients belong to the named parameters); a
+        later .to() undoes the fusion.
+
+        PERF: decoding reads every weight once per token, and one large product streams memory
+        better than several small ones (tests/gpu_check.py times decoding both ways).
+        """
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.wqkv, ffn.w13 = fuse(attn.wq, attn.wk, attn.wv), fuse(ffn.w1, ffn.w3)
 
     def set_manual_ffn_backward(self, enabled: bool = True):
         for layer in self.layers:

@@ -14,12 +14,16 @@ measured) and OUT/results.json. Sections, in order:
   1. The CUDA tests       tests/test_gpu.py under pytest (skipped in the dry run: no CUDA)
   2. Training step        the `1b` preset at sequence 2048 in bf16: tokens/s and MFU for sdpa
                           and xformers, eager and torch.compile, recompute none and selective,
-                          and train.bench's plain loop at the same shapes
-  3. Decoding             batch 1 on a 7b-shaped model of random bf16 weights: tokens/s against
+                          and train.bench's plain loop at the same shapes; the first step's
+                          time (compilation included)
+  3. Memory               the same step, eager, recompute none, selective and full: planner.py's
+                          predicted bytes per GPU against torch.cuda's, term by term
+  4. Decoding             batch 1 on a 7b-shaped model of random bf16 weights: tokens/s against
                           the weight-read bound (weight bytes / measured copy bandwidth), with
                           model.forward (cuDNN's attention on, then off, as generate.py runs),
-                          the static step, and replayed from a CUDA graph; a prefill's time
-  4. Kill and resume      train.py on the device: saves, is killed with SIGKILL, resumes; its
+                          the static step, replayed from a CUDA graph, compiled, and with the
+                          projections fused; a prefill's time; the profile of one step
+  5. Kill and resume      train.py on the device: saves, is killed with SIGKILL, resumes; its
                           losses against an uninterrupted run, and two uninterrupted runs
                           against each other (the device's own run-to-run noise)
 
@@ -48,6 +52,7 @@ sys.path.insert(0, ROOT)
 import data                      # noqa: E402  (after the path: the repository's own files)
 import generate as G             # noqa: E402
 import model as M                # noqa: E402
+import planner                   # noqa: E402
 import train as T                # noqa: E402
 
 
@@ -104,9 +109,10 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
            f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}\n")
     report(f"MFU = tokens/s x {flops:,} FLOP/token (6N + 12*L*D*T) / {peak / 1e12:.0f} TFLOP/s "
            f"[{source}]. Each row: 3 warm-up steps (compilation included), then the mean of "
-           f"{2 if dry else 10}; AdamW step included.\n")
-    report("| step | attention | compile | recompute | tokens/s | MFU |")
-    report("|---|---|---|---|---:|---:|")
+           f"{2 if dry else 10}; AdamW step included. First step: its seconds, compilation "
+           "included.\n")
+    report("| step | attention | compile | recompute | tokens/s | MFU | first step s |")
+    report("|---|---|---|---|---:|---:|---:|")
     backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and M.xformers_ops() else [])
     rows = [("ours", b, False, r) for r in ("none", "selective") for b in backends]
     rows.append(("plain", "math", False, "none"))
@@ -117,7 +123,7 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
     for kind, backend, compiled, recompute in rows:
         label = f"| {kind} | {backend} | {'on' if compiled else 'off'} | {recompute} |"
         if time.perf_counter() - began > budget_s:
-            report(f"{label} skipped: past this section's {budget_s:.0f} s | |")
+            report(f"{label} skipped: past this section's {budget_s:.0f} s | | |")
             continue
         cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention=backend,
                             recompute=recompute, compile=compiled)
@@ -125,14 +131,15 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
             r = T.bench(cfg, device, steps=2 if dry else 10, warmup=3,
                         variants=(kind,))[kind]
         except torch.cuda.OutOfMemoryError:
-            report(f"{label} out of memory | |")
+            report(f"{label} out of memory | | |")
             torch.cuda.empty_cache()
             continue
         except Exception as e:                      # report it, go on with the other rows
-            report(f"{label} error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | |")
+            report(f"{label} error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | |")
             report.failed.append(f"training step {kind} {backend} compile={compiled} {recompute}")
             continue
-        report(f"{label} {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% |")
+        report(f"{label} {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+               f"{r['first_step_s']:.1f} |")
         results.append(dict(step=kind, attention=backend, compile=compiled, recompute=recompute,
                             **r))
     report.save("training_step", dict(preset=preset, seq_len=seq, batch_size=batch,
@@ -147,7 +154,55 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Decoding
+# 3. Memory: planner.py's prediction against torch.cuda's count
+# ---------------------------------------------------------------------------------------------
+
+def memory(report: Report, device, dry: bool):
+    preset, seq, batch = ("tiny", 64, 2) if dry else ("1b", 2048, 4)
+    cuda = device.type == "cuda"
+    args = M.preset(preset)
+    n, n_emb = M.count_parameters(args), args.vocab_size * args.dim
+    el = 2 if cuda else 4                           # bytes per activation element
+    GiB = 2 ** 30
+    report(f"\n## 3. Memory: `{preset}`, batch {batch} x sequence {seq}, "
+           f"{'bf16 autocast' if cuda else 'fp32'}, eager, AdamW\n")
+    report("Predicted by planner.plan (1 GPU) in three terms, as this code holds them: the state "
+           "before a step (fp32 weights and AdamW's m and v: 12 bytes per parameter); at the end "
+           "of the forward that state, " + ("autocast's bf16 copies of every matrix but the "
+           "embedding (2 bytes each) and " if cuda else "") + "the activations of every layer "
+           "and of the head; and the peak: all of it with the fp32 gradients (4 bytes per "
+           "parameter). Measured: torch.cuda.memory_allocated before the step and after its "
+           "forward, max_memory_allocated over the steps. GiB.\n")
+    report("| recompute | state predicted | measured | forward end predicted | measured | "
+           "peak predicted | measured | measured / predicted |")
+    report("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for recompute in ("none", "selective", "full"):
+        p = planner.plan(args, 1, "h200-141gb", seq_len=seq, global_batch_tokens=batch * seq,
+                         micro_batch=batch, recompute=recompute, sp=False,
+                         precision="bf16" if cuda else "fp32")
+        acts = p["memory"]["stages"][0]["memory"]["activations"]
+        state = 12 * n
+        forward_end = state + (2 * (n - n_emb) if cuda else 0) + acts
+        peak = p["memory"]["per_gpu"]
+        cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention="sdpa",
+                            recompute=recompute, compile=False)
+        r = T.bench(cfg, device, steps=2, warmup=2, variants=("ours",))["ours"]
+        got = [r.get(k) for k in ("state_bytes", "forward_end_bytes", "peak_bytes")]
+
+        def cell(x):
+            return "n/a (CPU)" if x is None else f"{x / GiB:.2f}"
+        ratio = f"{got[2] / peak:.3f}" if got[2] else "n/a"
+        report(f"| {recompute} | {state / GiB:.2f} | {cell(got[0])} | {forward_end / GiB:.2f} | "
+               f"{cell(got[1])} | {peak / GiB:.2f} | {cell(got[2])} | {ratio} |")
+        rows.append(dict(recompute=recompute, predicted=dict(state=state, forward_end=forward_end,
+                                                             peak=peak, activations=acts),
+                         measured=dict(zip(("state", "forward_end", "peak"), got))))
+    report.save("memory", dict(preset=preset, seq_len=seq, batch_size=batch, rows=rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Decoding
 # ---------------------------------------------------------------------------------------------
 
 def decoding(report: Report, device, dry: bool):
@@ -162,21 +217,26 @@ def decoding(report: Report, device, dry: bool):
     model.eval().requires_grad_(False)
     bandwidth, weights = G.memory_bandwidth(device), G.weight_bytes(model)
     bound = bandwidth / weights
-    report(f"\n## 3. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "
+    report(f"\n## 4. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "
            "weights, greedy\n")
     report(f"Weight-read bound = copy bandwidth / weight bytes = {bandwidth / 1e9:,.0f} GB/s / "
            f"{weights / 1e9:.2f} GB = {bound:,.1f} tokens/s (the embedding table excluded: a "
            "step reads one row of it). generate.py leaves cuDNN's attention out "
-           "(model.plan_free_attention); the first rows show why.\n")
-    report("| decoder | tokens/s | % of bound |")
-    report("|---|---:|---:|")
+           "(model.plan_free_attention); the first rows show why. Fused: wq|wk|wv and w1|w3 as "
+           "one matrix each (model.fuse_projections, as generate.load_model does). First call: "
+           "the seconds of an 8-token call, compilation and graph capture included.\n")
+    report("| decoder | tokens/s | % of bound | first call s |")
+    report("|---|---:|---:|---:|")
     prompt, new = [list(range(1, 9))], 16 if dry else 256
     modes = [("model.forward", dict()), ("static step", dict(static=True))]
     if device.type == "cuda":
         modes.insert(0, ("model.forward, cuDNN attention on", dict()))
         modes.append(("static step in a CUDA graph", dict(static=True, cuda_graph=True)))
-    modes.append(("compiled static step" + (" in a CUDA graph" if device.type == "cuda" else ""),
-                  dict(static=True, cuda_graph=device.type == "cuda", compile=True)))
+    compiled = "compiled static step" + (" in a CUDA graph" if device.type == "cuda" else "")
+    modes.append((compiled, dict(static=True, cuda_graph=device.type == "cuda", compile=True)))
+    if device.type == "cuda":
+        modes.append(("static step in a CUDA graph, fused", dict(static=True, cuda_graph=True)))
+    modes.append((compiled + ", fused", dict(modes[-1][1])))
     rows, prefill_ms, outputs = [], {}, {}
     G.generate_tokens(model, [list(range(1, 49))], 1)          # first-call costs, not timed
     for name, options in modes:
@@ -187,12 +247,19 @@ def decoding(report: Report, device, dry: bool):
         if key not in prefill_ms:   # a 64-token prompt at a length not seen before, each way
             G.generate_tokens(model, [list(range(1, 65 + len(prefill_ms)))], 1, stats=stats)
             prefill_ms[key] = 1000 * stats["prefill_s"]
+        if name.endswith("fused") and model.layers[0].attention.wqkv is None:
+            model.fuse_projections()
+        _sync(device)
+        t = time.perf_counter()
         G.generate_tokens(model, prompt, 8, temperature=0, **options)        # warm-up
+        _sync(device)
+        first = time.perf_counter() - t
         outputs[name] = G.generate_tokens(model, prompt, new, temperature=0, stats=stats,
                                           **options)[0]
         rate = stats["decode_steps"] / stats["decode_s"]
-        report(f"| {name} | {rate:,.1f} | {100 * rate / bound:.0f}% |")
-        rows.append(dict(decoder=name, tokens_per_s=rate, fraction_of_bound=rate / bound))
+        report(f"| {name} | {rate:,.1f} | {100 * rate / bound:.0f}% | {first:.1f} |")
+        rows.append(dict(decoder=name, tokens_per_s=rate, fraction_of_bound=rate / bound,
+                         first_call_s=first))
     agree = {name: sum(a == b for a, b in zip(out, outputs["model.forward"]))
              for name, out in outputs.items()}
     report("\nPrefill of a 64- or 65-token prompt at a new length: " +
@@ -204,13 +271,64 @@ def decoding(report: Report, device, dry: bool):
     report.save("decoding", dict(preset=preset, bandwidth=bandwidth, weight_bytes=weights,
                                  bound_tokens_per_s=bound, rows=rows, agree=agree,
                                  prefill_ms=prefill_ms))
+    decoding_profile(report, model, device, compiled + ", fused")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
+def decoding_profile(report: Report, model, device, name: str, steps: int = 20):
+    """torch.profiler over `steps` decoding steps of the fastest decoder: its kernels, their
+    time per step, and that sum against the step's wall-clock time (the rest is launch gaps,
+    the sampling and the host's wait)."""
+    cuda = device.type == "cuda"
+    model.setup_cache(1, 12 + steps)              # positions 8 .. 11 warm up, then the timed
+    step = G.static_decoder(model, 1, cuda_graph=cuda, compile=True)
+    tok = torch.ones(1, 1, dtype=torch.long, device=device)
+    for pos in range(8, 12):
+        step(tok, pos)
+    _sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for pos in range(12, 12 + steps):
+            step(tok, pos).argmax(-1).item()          # what a greedy step waits for
+        _sync(device)
+        wall = (time.perf_counter() - t) / steps
+    model.clear_cache()
+
+    def own_us(e):                    # the event's own time: on the device for a kernel
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+    # On CUDA the kernels, copies and fills (device events; an operator's device time is its
+    # kernels' again); on CPU the operators' own time.
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and own_us(e) > 0]
+    events.sort(key=own_us, reverse=True)
+    total = sum(own_us(e) for e in events) / steps
+    report(f"\nProfile of {steps} steps of the {name} (torch.profiler; per step): "
+           f"{'kernels' if cuda else 'operators'} {total:,.0f} us of a {1e6 * wall:,.0f} us step "
+           f"({100 * total / (1e6 * wall):.0f}%); {sum(e.count for e in events) / steps:.0f} "
+           f"{'kernel launches' if cuda else 'operator calls'}. The 25 longest:\n")
+    report(f"| {'kernel' if cuda else 'operator'} | calls per step | us per step | share |")
+    report("|---|---:|---:|---:|")
+    for e in events[:25]:
+        us = own_us(e) / steps
+        name_cell = e.key.replace("|", "/")[:90]
+        report(f"| `{name_cell}` | {e.count / steps:.0f} | {us:,.1f} | {100 * us / total:.1f}% |")
+    report.save("decoding_profile", dict(decoder=name, steps=steps, wall_us=1e6 * wall,
+                                         kernel_us=total, kernels=[
+                                             dict(name=e.key, calls=e.count / steps,
+                                                  us=own_us(e) / steps) for e in events[:40]]))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Kill and resume
+# 5. Kill and resume
 # ---------------------------------------------------------------------------------------------
 
 def kill_and_resume(report: Report, device, dry: bool, work: str):
@@ -230,7 +348,7 @@ def kill_and_resume(report: Report, device, dry: bool, work: str):
         if proc.returncode != 0:
             raise RuntimeError(f"train.py exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
 
-    report(f"\n## 4. train.py on {device.type}: save every {save} steps, SIGKILL after step "
+    report(f"\n## 5. train.py on {device.type}: save every {save} steps, SIGKILL after step "
            f"{kill_after}, resume to step {steps}\n")
     a, a2, b = (os.path.join(work, n) for n in ("straight", "straight-again", "killed"))
     run(a)
@@ -299,6 +417,7 @@ def main(argv=None) -> Report:
         sections = [("tests/test_gpu.py", lambda: cuda_tests(report, a.dry_run)),
                     ("training step", lambda: training_step(report, device, a.dry_run,
                                                             a.train_budget)),
+                    ("memory", lambda: memory(report, device, a.dry_run)),
                     ("decoding", lambda: decoding(report, device, a.dry_run)),
                     ("kill and resume", lambda: kill_and_resume(report, device, a.dry_run, work))]
         for title, section in sections:

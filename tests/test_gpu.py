@@ -38,8 +38,11 @@ def test_backends_agree_in_bf16(T, S):
         assert rel_err(M.attend(q, k, v, name), ref) < 1e-2, name
 
 
-def test_model_backends_agree_in_bf16_forward_backward():
-    args = M.ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_model_backends_agree_in_bf16_forward_backward(n_kv_heads):
+    # n_kv_heads = n_heads: k is not repeated, and the math backend's gradient of k reaches the
+    # rotation transposed (model.rotate_complex copies it).
+    args = M.ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=512,
                        multiple_of=64, max_seq_len=128)
     torch.manual_seed(0)
     model = M.Transformer(args).cuda()
@@ -75,12 +78,14 @@ def test_manual_swiglu_backward_under_autocast():
         assert rel_err(b, a) < 2e-2
 
 
-@pytest.mark.parametrize("cuda_graph,compile", [(False, False), (True, False), (True, True)])
-def test_static_decoder_matches_the_forward_step_by_step_in_bf16(cuda_graph, compile):
+@pytest.mark.parametrize("cuda_graph,compile,fused", [(False, False, False), (True, False, False),
+                                                     (True, True, False), (True, True, True)])
+def test_static_decoder_matches_the_forward_step_by_step_in_bf16(cuda_graph, compile, fused):
     """The same tokens, teacher-forced, through generate.static_decoder and through the eager
     decode (int positions, the cache sliced) and the cache-free forward: every step's logits
     agree to bf16's rounding. Greedy sequences would be no test: with random weights the top two
-    logits are often closer than that rounding, so equal decoders part after a few tokens."""
+    logits are often closer than that rounding, so equal decoders part after a few tokens.
+    fused: the static decoder runs on the model after fuse_projections, the references before."""
     import generate as G
     args = M.ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                        multiple_of=64, max_seq_len=64)
@@ -101,6 +106,8 @@ def test_static_decoder_matches_the_forward_step_by_step_in_bf16(cuda_graph, com
     with torch.inference_mode():
         full = model(tokens)[:, prompt - 1:]
         eager = decode(lambda: model)
+        if fused:
+            model.fuse_projections()
         static = decode(lambda: G.static_decoder(model, B, cuda_graph, compile))
     for t in range(full.shape[1]):
         assert rel_err(eager[:, t], full[:, t]) < 2e-2, t

@@ -20,12 +20,19 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
     decoders = results["decoding"]["rows"]
     assert [r["decoder"] for r in decoders] == ["model.forward", "static step",
-                                                "compiled static step"]
+                                                "compiled static step",
+                                                "compiled static step, fused"]
     assert set(results["decoding"]["agree"].values()) == {16}      # fp32: the same greedy tokens
+    profile = results["decoding_profile"]
+    assert profile["kernels"] and 0 < profile["kernel_us"] <= 1.5 * profile["wall_us"]
+    memory = results["memory"]["rows"]
+    assert [r["recompute"] for r in memory] == ["none", "selective", "full"]
+    acts = [r["predicted"]["activations"] for r in memory]
+    assert acts[0] > acts[1] > acts[2] > 0                         # what recomputation saves
     assert list(results["decoding"]["prefill_ms"]) == ["without cuDNN"]    # no cuDNN on a CPU
     resume = results["kill_and_resume"]
     assert resume["killed_at"] < resume["steps"]                   # really killed mid-run
     assert resume["max_diff_resumed"] == 0.0                       # and resumed exactly
     text = open(tmp_path / "report.md").read()
-    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "every check passed"):
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "every check passed"):
         assert title in text

@@ -216,6 +216,42 @@ def test_static_shape_decoding_equals_forward(backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_projections_give_the_same_logits_and_keep_meta_names():
+    # fuse_projections stacks wq|wk|wv and w1|w3 into one matrix each for inference. The logits
+    # of a prefill and of cached decoding equal the unfused model's, the state dict keeps its
+    # names and values, gradients still reach the named weights, and .to() undoes the fusion.
+    args = small_args()
+    model, plain = build(args), build(args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    attn = model.layers[0].attention
+    assert attn.wqkv.shape == (args.dim + 2 * args.n_kv_heads * args.head_dim, args.dim)
+    assert attn.wk.weight.untyped_storage().data_ptr() == attn.wqkv.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for m in (model, plain):
+            m.setup_cache(max_batch_size=2, max_seq_len=16)
+        got = [model(tokens[:, :6], 0)] + [model(tokens[:, t:t + 1], t) for t in range(6, 9)]
+        want = [plain(tokens[:, :6], 0)] + [plain(tokens[:, t:t + 1], t) for t in range(6, 9)]
+        for m in (model, plain):
+            m.clear_cache()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():                 # the fused matrices are what the fused forward reads
+        attn.wqkv.zero_()
+        assert not torch.allclose(model(tokens), plain(tokens))
+        model.load_state_dict(before)     # in place, through the views: fused again
+        torch.testing.assert_close(model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    model(tokens).sum().backward()        # with autograd: the named weights' own products
+    assert attn.wq.weight.grad is not None and model.layers[1].feed_forward.w3.weight.grad is not None
+    model.double()
+    assert attn.wqkv is None and model.layers[0].feed_forward.w13 is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain.double()(tokens))
+
+
 # --- the hand-written SwiGLU backward ----------------------------------------------------------
 
 def saved_bytes(fn, params):

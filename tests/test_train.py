@@ -173,6 +173,24 @@ def test_bad_configs_are_refused_in_one_line(demo_data, tmp_path, capsys, extra,
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train.lock").exists()
 
 
+def test_compile_is_the_default_for_one_cuda_process_only(demo_data, tmp_path, monkeypatch):
+    # Unset, --compile means: on for a single CUDA process (measured faster there), off on CPU
+    # and under torchrun; --compile and --no-compile decide themselves.
+    cfg, given = T.parse_args([])
+    assert cfg.compile is None and given == {}
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert T.uses_compile(cfg, cuda) and not T.uses_compile(cfg, cuda, world_size=2)
+    assert not T.uses_compile(cfg, cpu)
+    assert not T.uses_compile(T.parse_args(["--no-compile"])[0], cuda)
+    assert T.uses_compile(T.parse_args(["--compile"])[0], cpu)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    T.main(base_argv(demo_data, tmp_path / "a", "--steps", "1"))
+    assert compiled == []
+    T.main(base_argv(demo_data, tmp_path / "b", "--steps", "1", "--compile"))
+    assert len(compiled) == 1
+
+
 def test_existing_run_is_not_overwritten_and_incompatible_resume_refused(demo_data, tmp_path, capsys):
     T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
     before = sorted(os.listdir(tmp_path / "checkpoints"))
