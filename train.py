@@ -211,6 +211,10 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError("--bench measures one process; run it with python, not torchrun")
     if cfg.pp > 1 and cfg.compile:
         raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
+    if cfg.sp and cfg.tp == 1:
+        raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
+    if not cfg.init_from:           # the preset against the grid now, before the data is built
+        check_split(M.preset(cfg.preset), cfg)
 
 
 def uses_compile(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
@@ -224,10 +228,6 @@ def uses_compile(cfg: TrainConfig, device: torch.device, world_size: int = 1) ->
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and world_size == 1
-    if cfg.sp and cfg.tp == 1:
-        raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
-    if not cfg.init_from:           # the preset against the grid now, before the data is built
-        check_split(M.preset(cfg.preset), cfg)
 
 
 def check_split(args: M.ModelArgs, cfg: TrainConfig):
@@ -956,16 +956,18 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
     scores), autograd's SwiGLU, F.cross_entropy, unfused AdamW. ours: the configured backend,
     --recompute (selective: the hand-written SwiGLU backward), parallel.loss_fn, fused AdamW,
     and torch.compile with --compile. Single process; precision as --dtype (auto: bf16 autocast
-    on CUDA, fp32 on CPU). `variants` picks which of the two run. Each result also holds the
-    first step's seconds (compilation included) and, on CUDA, the bytes allocated before a step
-    (weights and AdamW state), at the end of its forward, and at the peak of the timed steps.
+    on CUDA, fp32 on CPU). `variants` picks which of the two run. A step accumulates
+    --micro-batches of --batch-size sequences. Each result also holds the first step's seconds
+    (compilation included) and, on CUDA, the bytes allocated before a step (weights and AdamW
+    state), at the end of its last forward, after its last backward, and at the peak.
     """
     args = M.preset(cfg.preset)
     args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
     dtype, amp = autocast(cfg, device)
     peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokens = torch.randint(0, args.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=gen)
+    m = cfg.micro_batches
+    tokens = torch.randint(0, args.vocab_size, (m, cfg.batch_size, cfg.seq_len + 1), generator=gen)
     tokens = tokens.to(device)
     results = {}
     for name in variants:
@@ -988,15 +990,18 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
                 torch.cuda.reset_peak_memory_stats(device)
                 memory["state_bytes"] = torch.cuda.memory_allocated(device)
             t = time.perf_counter()
-            with amp:
-                logits = fwd(tokens[:, :-1])                              # (B, T, V)
-                if name == "plain":
-                    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-                else:
-                    loss = P.loss_fn(logits, tokens[:, 1:], P.Grid())
+            for k, batch in enumerate(tokens):                            # (B, T + 1) each
+                with amp:        # NOTE: no name keeps the logits: they go when backward is done
+                    if name == "plain":
+                        loss = F.cross_entropy(fwd(batch[:, :-1]).flatten(0, 1),
+                                               batch[:, 1:].flatten()) / m
+                    else:
+                        loss = P.loss_fn(fwd(batch[:, :-1]), batch[:, 1:], P.Grid()) / m
+                if cuda and i == warmup and k == m - 1:
+                    memory["forward_end_bytes"] = torch.cuda.memory_allocated(device)
+                loss.backward()
             if cuda and i == warmup:
-                memory["forward_end_bytes"] = torch.cuda.memory_allocated(device)
-            loss.backward()
+                memory["after_backward_bytes"] = torch.cuda.memory_allocated(device)
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
@@ -1006,11 +1011,11 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
                 times.append(elapsed)
         if cuda:
             memory["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        tps = cfg.batch_size * cfg.seq_len / (sum(times) / len(times))
+        tps = m * cfg.batch_size * cfg.seq_len / (sum(times) / len(times))
         results[name] = dict(tokens_per_s=tps, mfu=tps / peak_tps, first_step_s=first_step_s,
                              **memory)
         print(f"{name:>6}: {tps:12,.0f} tokens/s  MFU {100 * results[name]['mfu']:5.1f}%")
-        del model, opt, fwd, logits, loss
+        del model, opt, fwd, loss
         if device.type == "cuda":
             torch.cuda.empty_cache()             # the next variant starts from an empty device
     if len(results) == 2:

@@ -25,7 +25,10 @@ measured) and OUT/results.json. Sections, in order:
                           projections fused; a prefill's time; the profile of one step
   5. Kill and resume      train.py on the device: saves, is killed with SIGKILL, resumes; its
                           losses against an uninterrupted run, and two uninterrupted runs
-                          against each other (the device's own run-to-run noise)
+                          against each other (the device's own run-to-run noise); on CUDA both
+                          compiled (the default) and with --no-compile
+  6. Decoding experiments candidates for the fastest decoder, timed beside it while the check's
+                          --budget lasts, and profiled when one wins
 
 MFU = tokens/s * (6N + 12 L D T) FLOP/token / peak FLOP/s (model.flops_per_token; the peak is
 the data sheet's dense bf16 figure, train.peak_flops).
@@ -162,42 +165,44 @@ def memory(report: Report, device, dry: bool):
     cuda = device.type == "cuda"
     args = M.preset(preset)
     n, n_emb = M.count_parameters(args), args.vocab_size * args.dim
-    el = 2 if cuda else 4                           # bytes per activation element
     GiB = 2 ** 30
-    report(f"\n## 3. Memory: `{preset}`, batch {batch} x sequence {seq}, "
+    report(f"\n## 3. Memory: `{preset}`, micro-batch {batch} x sequence {seq}, "
            f"{'bf16 autocast' if cuda else 'fp32'}, eager, AdamW\n")
-    report("Predicted by planner.plan (1 GPU) in three terms, as this code holds them: the state "
-           "before a step (fp32 weights and AdamW's m and v: 12 bytes per parameter); at the end "
-           "of the forward that state, " + ("autocast's bf16 copies of every matrix but the "
-           "embedding (2 bytes each) and " if cuda else "") + "the activations of every layer "
-           "and of the head; and the peak: all of it with the fp32 gradients (4 bytes per "
-           "parameter). Measured: torch.cuda.memory_allocated before the step and after its "
-           "forward, max_memory_allocated over the steps. GiB.\n")
-    report("| recompute | state predicted | measured | forward end predicted | measured | "
-           "peak predicted | measured | measured / predicted |")
-    report("|---|---:|---:|---:|---:|---:|---:|---:|")
+    report("planner.plan (1 GPU) predicts the peak as every term at once: the state (fp32 "
+           "weights and AdamW's m and v, 12 bytes per parameter), autocast's bf16 copies of the "
+           "weights (2), the fp32 gradients (4), and the activations of every layer and of the "
+           "head. Measured with torch.cuda.memory_allocated before a step (state), after its "
+           "last forward and after its last backward (the gradients: that minus the state), and "
+           "max_memory_allocated (peak). The copies cover every matrix but the embedding. With "
+           "one micro-batch no gradient exists until the backward, which frees activations as "
+           "it makes gradients; with two, the first one's gradients are there during the "
+           "second's forward. GiB.\n")
+    report("| recompute | micro-batches | state pred. | meas. | copies + activations pred. | "
+           "meas. | gradients pred. | meas. | peak pred. | meas. | meas. / pred. |")
+    report("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for recompute in ("none", "selective", "full"):
-        p = planner.plan(args, 1, "h200-141gb", seq_len=seq, global_batch_tokens=batch * seq,
-                         micro_batch=batch, recompute=recompute, sp=False,
-                         precision="bf16" if cuda else "fp32")
-        acts = p["memory"]["stages"][0]["memory"]["activations"]
-        state = 12 * n
-        forward_end = state + (2 * (n - n_emb) if cuda else 0) + acts
-        peak = p["memory"]["per_gpu"]
-        cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention="sdpa",
-                            recompute=recompute, compile=False)
-        r = T.bench(cfg, device, steps=2, warmup=2, variants=("ours",))["ours"]
-        got = [r.get(k) for k in ("state_bytes", "forward_end_bytes", "peak_bytes")]
-
-        def cell(x):
-            return "n/a (CPU)" if x is None else f"{x / GiB:.2f}"
-        ratio = f"{got[2] / peak:.3f}" if got[2] else "n/a"
-        report(f"| {recompute} | {state / GiB:.2f} | {cell(got[0])} | {forward_end / GiB:.2f} | "
-               f"{cell(got[1])} | {peak / GiB:.2f} | {cell(got[2])} | {ratio} |")
-        rows.append(dict(recompute=recompute, predicted=dict(state=state, forward_end=forward_end,
-                                                             peak=peak, activations=acts),
-                         measured=dict(zip(("state", "forward_end", "peak"), got))))
+        for m in (1, 2):
+            p = planner.plan(args, 1, "h200-141gb", seq_len=seq,
+                             global_batch_tokens=m * batch * seq, micro_batch=batch,
+                             recompute=recompute, sp=False, precision="bf16" if cuda else "fp32")
+            predicted = dict(state=12 * n, grads=4 * n, peak=p["memory"]["per_gpu"],
+                             acts=(2 * (n - n_emb) if cuda else 0)
+                             + p["memory"]["stages"][0]["memory"]["activations"])
+            cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, micro_batches=m,
+                                attention="sdpa", recompute=recompute, compile=False)
+            r = T.bench(cfg, device, steps=2, warmup=2, variants=("ours",))["ours"]
+            measured = {}
+            if cuda:
+                state, grads = r["state_bytes"], r["after_backward_bytes"] - r["state_bytes"]
+                measured = dict(state=state, grads=grads, peak=r["peak_bytes"],
+                                acts=r["forward_end_bytes"] - state - (grads if m > 1 else 0))
+            cells = [f"{predicted[k] / GiB:.2f} | " + (f"{measured[k] / GiB:.2f}" if cuda else
+                     "n/a (CPU)") for k in ("state", "acts", "grads", "peak")]
+            ratio = f"{measured['peak'] / predicted['peak']:.3f}" if cuda else "n/a"
+            report(f"| {recompute} | {m} | {' | '.join(cells)} | {ratio} |")
+            rows.append(dict(recompute=recompute, micro_batches=m, predicted=predicted,
+                             measured=measured))
     report.save("memory", dict(preset=preset, seq_len=seq, batch_size=batch, rows=rows))
 
 
@@ -233,10 +238,11 @@ def decoding(report: Report, device, dry: bool):
         modes.insert(0, ("model.forward, cuDNN attention on", dict()))
         modes.append(("static step in a CUDA graph", dict(static=True, cuda_graph=True)))
     compiled = "compiled static step" + (" in a CUDA graph" if device.type == "cuda" else "")
-    modes.append((compiled, dict(static=True, cuda_graph=device.type == "cuda", compile=True)))
+    best = dict(static=True, cuda_graph=device.type == "cuda", compile=True)
+    modes.append((compiled, best))
     if device.type == "cuda":
         modes.append(("static step in a CUDA graph, fused", dict(static=True, cuda_graph=True)))
-    modes.append((compiled + ", fused", dict(modes[-1][1])))
+    modes.append((compiled + ", fused", best))
     rows, prefill_ms, outputs = [], {}, {}
     G.generate_tokens(model, [list(range(1, 49))], 1)          # first-call costs, not timed
     for name, options in modes:
@@ -277,7 +283,8 @@ def decoding(report: Report, device, dry: bool):
         torch.cuda.empty_cache()
 
 
-def decoding_profile(report: Report, model, device, name: str, steps: int = 20):
+def decoding_profile(report: Report, model, device, name: str, steps: int = 20,
+                     key: str = "decoding_profile"):
     """torch.profiler over `steps` decoding steps of the fastest decoder: its kernels, their
     time per step, and that sum against the step's wall-clock time (the rest is launch gaps,
     the sampling and the host's wait)."""
@@ -316,7 +323,7 @@ def decoding_profile(report: Report, model, device, name: str, steps: int = 20):
         us = own_us(e) / steps
         name_cell = e.key.replace("|", "/")[:90]
         report(f"| `{name_cell}` | {e.count / steps:.0f} | {us:,.1f} | {100 * us / total:.1f}% |")
-    report.save("decoding_profile", dict(decoder=name, steps=steps, wall_us=1e6 * wall,
+    report.save(key, dict(decoder=name, steps=steps, wall_us=1e6 * wall,
                                          kernel_us=total, kernels=[
                                              dict(name=e.key, calls=e.count / steps,
                                                   us=own_us(e) / steps) for e in events[:40]]))
@@ -348,44 +355,123 @@ def kill_and_resume(report: Report, device, dry: bool, work: str):
         if proc.returncode != 0:
             raise RuntimeError(f"train.py exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
 
+    cuda = device.type == "cuda"
     report(f"\n## 5. train.py on {device.type}: save every {save} steps, SIGKILL after step "
            f"{kill_after}, resume to step {steps}\n")
-    a, a2, b = (os.path.join(work, n) for n in ("straight", "straight-again", "killed"))
-    run(a)
-    run(a2)
-    proc = start(*argv(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(b, kill_after, proc, timeout=300, poll=0.005)    # a GPU step is quick
-    finally:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(losses(b), default=0)
-    if proc.returncode != -signal.SIGKILL:
-        report.fail("kill and resume", f"the run was not killed (exit {proc.returncode}, last "
-                                       f"step {killed_at}): it ran too fast or failed")
-        return
-    latest = T.latest_checkpoint(T.TrainConfig(out=b))
-    run(b, "--resume")
-    straight, again, resumed = losses(a), losses(a2), losses(b)
-    after = [s for s in range(save + 1, steps + 1)]
+    report("Each way: two uninterrupted runs and one killed and resumed; the losses of steps "
+           f"{save + 1}-{steps} compared. " + ("train.py compiles by default on CUDA; "
+           "torch.compile's kernels need not add in the same order from run to run." if cuda
+           else "") + "\n")
+    report("| train.py | killed at | resumed vs uninterrupted | uninterrupted vs uninterrupted "
+           "| first step the two uninterrupted runs differ |")
+    report("|---|---:|---:|---:|---:|")
+    ways = [("default (compiled)" if cuda else "default", ())]
+    ways += [("--no-compile", ("--no-compile",))] if cuda else []
+    after = list(range(save + 1, steps + 1))
+    passes = []
+    for way, extra in ways:
+        a, a2, b = (os.path.join(work, f"{n}{len(passes)}") for n in ("straight", "again", "killed"))
+        run(a, *extra)
+        run(a2, *extra)
+        proc = start(*argv(b, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_step(b, kill_after, proc, timeout=300, poll=0.005)    # a GPU step is quick
+        finally:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = max(losses(b), default=0)
+        if proc.returncode != -signal.SIGKILL:
+            report.fail(f"kill and resume, {way}", f"the run was not killed (exit "
+                        f"{proc.returncode}, last step {killed_at}): it ran too fast or failed")
+            continue
+        latest = T.latest_checkpoint(T.TrainConfig(out=b))
+        run(b, *extra, "--resume")
+        straight, again, resumed = losses(a), losses(a2), losses(b)
+        diff_resume = max(abs(resumed[s] - straight[s]) for s in after)
+        diff_noise = max(abs(again[s] - straight[s]) for s in after)
+        first = next((s for s in sorted(straight) if again.get(s) != straight[s]), None)
+        report(f"| {way} | {killed_at} | {diff_resume:.3g} | {diff_noise:.3g} | "
+               f"{first or 'none'} |")
+        passes.append(dict(way=way, killed_at=killed_at, latest=latest, steps=steps,
+                           max_diff_resumed=diff_resume, max_diff_noise=diff_noise,
+                           first_noisy_step=first))
+        report.save("kill_and_resume", dict(passes[0], passes=passes))
+        if sorted(resumed) != list(range(1, steps + 1)):
+            report.fail(f"kill and resume, {way}", f"metrics hold steps {sorted(resumed)[:3]}..., "
+                                                   f"not 1..{steps} once each")
+        elif diff_resume > diff_noise:
+            report.fail(f"kill and resume, {way}", "the resumed losses differ from an "
+                        "uninterrupted run by more than two uninterrupted runs differ")
 
-    def worst(x, y, at):
-        return max(abs(x[s] - y[s]) for s in at)
-    diff_resume, diff_noise = worst(resumed, straight, after), worst(again, straight, after)
-    report(f"Killed at step {killed_at} (latest checkpoint {os.path.basename(latest)}); resumed "
-           f"to step {max(resumed)}.\n")
-    report("| comparison, steps " + f"{after[0]}-{after[-1]} | max abs loss difference |")
-    report("|---|---:|")
-    report(f"| resumed vs uninterrupted | {diff_resume:.3g} |")
-    report(f"| uninterrupted vs uninterrupted (device noise) | {diff_noise:.3g} |")
-    report.save("kill_and_resume", dict(killed_at=killed_at, latest=latest, steps=steps,
-                                        max_diff_resumed=diff_resume, max_diff_noise=diff_noise))
-    if sorted(resumed) != list(range(1, steps + 1)):
-        report.fail("kill and resume", f"metrics hold steps {sorted(resumed)[:3]}..., not 1.."
-                                       f"{steps} once each")
-    elif diff_resume > max(diff_noise, 0.0):
-        report.fail("kill and resume", "the resumed losses differ from an uninterrupted run by "
-                                       "more than two uninterrupted runs differ")
+
+# ---------------------------------------------------------------------------------------------
+# 6. Decoding experiments: candidates for the default, measured beside it
+# ---------------------------------------------------------------------------------------------
+
+def product_and_sum(x, weight):
+    """model.project with one row written as a product and a sum on every device under
+    torch.compile (model.py does so on CPU only): inductor then writes the matrix-vector product
+    as its own reduction, into which it can fuse the norm before it and the additions after."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        return (weight * x.unsqueeze(-2)).sum(-1)
+    return torch.nn.functional.linear(x, weight)
+
+
+def decoding_experiments(report: Report, device, dry: bool, deadline: float):
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    preset = "tiny" if dry else "7b"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = M.Transformer(M.preset(preset))
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    model.reset_parameters()
+    model.eval().requires_grad_(False)
+    model.fuse_projections()
+    M.plan_free_attention()
+    bound = G.memory_bandwidth(device) / G.weight_bytes(model)
+    report(f"\n## 6. Decoding experiments: `{preset}`, batch 1, the compiled static step"
+           f"{' in a CUDA graph' if device.type == 'cuda' else ''}, fused\n")
+    report(f"Weight-read bound {bound:,.1f} tokens/s. GEMV as product and sum: model.project "
+           "written as an elementwise product and a sum for one row on every device (model.py "
+           "does so on CPU only). Coordinate descent: inductor's coordinate_descent_tuning.\n")
+    report("| variant | tokens/s | % of bound | first call s |")
+    report("|---|---:|---:|---:|")
+    variants = [("as generate.py --compile runs", M.project, False),
+                ("GEMV as product and sum", product_and_sum, False),
+                ("GEMV as product and sum, coordinate descent", product_and_sum, True)]
+    rows, project = [], M.project
+    prompt, new = [list(range(1, 9))], 16 if dry else 256
+    try:
+        for name, fn, descent in variants:
+            if time.perf_counter() > deadline:
+                report(f"| {name} | skipped: past the check's time budget | | |")
+                continue
+            torch._dynamo.reset()                   # compile again with this variant
+            M.project, inductor.coordinate_descent_tuning = fn, descent
+            options = dict(static=True, cuda_graph=device.type == "cuda", compile=True)
+            _sync(device)
+            t = time.perf_counter()
+            G.generate_tokens(model, prompt, 8, temperature=0, **options)
+            _sync(device)
+            first, stats = time.perf_counter() - t, {}
+            G.generate_tokens(model, prompt, new, temperature=0, stats=stats, **options)
+            rate = stats["decode_steps"] / stats["decode_s"]
+            report(f"| {name} | {rate:,.1f} | {100 * rate / bound:.0f}% | {first:.1f} |")
+            rows.append(dict(variant=name, tokens_per_s=rate, fraction_of_bound=rate / bound,
+                             first_call_s=first))
+        report.save("decoding_experiments", rows)
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        if best is not rows[0] and time.perf_counter() < deadline:
+            torch._dynamo.reset()
+            M.project = dict((v[0], v[1]) for v in variants)[best["variant"]]
+            inductor.coordinate_descent_tuning = "coordinate" in best["variant"]
+            decoding_profile(report, model, device, "decoder with " + best["variant"],
+                             key="decoding_experiment_profile")
+    finally:
+        M.project, inductor.coordinate_descent_tuning = project, False
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +484,8 @@ def main(argv=None) -> Report:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (what CI runs)")
     p.add_argument("--train-budget", type=float, default=240.0,
                    help="seconds for section 2; the rows after it are skipped")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds for the whole check: section 6's rows after it are skipped")
     a = p.parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
         sys.exit("error: no CUDA device visible; run with --dry-run to check the script on CPU")
@@ -419,7 +507,9 @@ def main(argv=None) -> Report:
                                                             a.train_budget)),
                     ("memory", lambda: memory(report, device, a.dry_run)),
                     ("decoding", lambda: decoding(report, device, a.dry_run)),
-                    ("kill and resume", lambda: kill_and_resume(report, device, a.dry_run, work))]
+                    ("kill and resume", lambda: kill_and_resume(report, device, a.dry_run, work)),
+                    ("decoding experiments", lambda: decoding_experiments(
+                        report, device, a.dry_run, t0 + a.budget))]
         for title, section in sections:
             t = time.perf_counter()
             try:

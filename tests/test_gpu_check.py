@@ -26,13 +26,15 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     profile = results["decoding_profile"]
     assert profile["kernels"] and 0 < profile["kernel_us"] <= 1.5 * profile["wall_us"]
     memory = results["memory"]["rows"]
-    assert [r["recompute"] for r in memory] == ["none", "selective", "full"]
-    acts = [r["predicted"]["activations"] for r in memory]
+    assert [(r["recompute"], r["micro_batches"]) for r in memory] == [
+        (mode, m) for mode in ("none", "selective", "full") for m in (1, 2)]
+    acts = [r["predicted"]["acts"] for r in memory[::2]]
     assert acts[0] > acts[1] > acts[2] > 0                         # what recomputation saves
     assert list(results["decoding"]["prefill_ms"]) == ["without cuDNN"]    # no cuDNN on a CPU
     resume = results["kill_and_resume"]
     assert resume["killed_at"] < resume["steps"]                   # really killed mid-run
     assert resume["max_diff_resumed"] == 0.0                       # and resumed exactly
     text = open(tmp_path / "report.md").read()
-    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "every check passed"):
+    assert [r["variant"] for r in results["decoding_experiments"]][0] == "as generate.py --compile runs"
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "every check passed"):
         assert title in text
