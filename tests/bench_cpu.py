@@ -13,7 +13,8 @@ bench_cpu.py -- the two CPU speed figures, each against its baseline measured in
             one row). Rows: model.forward with the KV cache, the static step (the same forward
             with its position as a tensor, what a CUDA graph replays), and the compiled static
             step (`generate.py --compile`, where model.Linear reads each weight in a fused
-            product and sum).
+            product and sum); then the eager and compiled rows again with wq|wk|wv and w1|w3
+            fused (model.fuse_projections, as generate.load_model does).
 2. train    One training step (forward, loss, backward, clipping, AdamW) of our Transformer
             against transformers' LlamaForCausalLM at the same shapes: dim 256, 4 layers,
             8 heads (4 KV heads), FFN 704, vocab 4096, batch 8 x sequence 256, fp32. Each
@@ -61,7 +62,11 @@ def decode(rounds: int = 3, new_tokens: int = 96):
           f"{bound:.1f} tokens/s")
     prompt = [list(range(1, 9))]
     for name, options in (("model.forward", {}), ("static step", dict(static=True)),
-                          ("compiled static step", dict(static=True, compile=True))):
+                          ("compiled static step", dict(static=True, compile=True)),
+                          ("model.forward, fused", {}),
+                          ("compiled step, fused", dict(static=True, compile=True))):
+        if name.endswith("fused") and model.layers[0].attention.wqkv is None:
+            model.fuse_projections()                   # as generate.load_model does
         G.generate_tokens(model, prompt, new_tokens, temperature=0, **options)   # warm-up
         rates = []
         for _ in range(rounds):

@@ -173,7 +173,8 @@ def memory(report: Report, device, dry: bool):
            "weights (2), the fp32 gradients (4), and the activations of every layer and of the "
            "head. Measured with torch.cuda.memory_allocated before a step (state), after its "
            "last forward and after its last backward (the gradients: that minus the state), and "
-           "max_memory_allocated (peak). The copies cover every matrix but the embedding. With "
+           "max_memory_allocated (peak), each less what was allocated before the model was "
+           "built. The copies cover every matrix but the embedding. With "
            "one micro-batch no gradient exists until the backward, which frees activations as "
            "it makes gradients; with two, the first one's gradients are there during the "
            "second's forward. GiB.\n")
@@ -399,9 +400,12 @@ def kill_and_resume(report: Report, device, dry: bool, work: str):
         if sorted(resumed) != list(range(1, steps + 1)):
             report.fail(f"kill and resume, {way}", f"metrics hold steps {sorted(resumed)[:3]}..., "
                                                    f"not 1..{steps} once each")
-        elif diff_resume > diff_noise:
+        elif diff_resume > (2 * diff_noise if diff_noise else 0.0):
+            # NOTE: where two uninterrupted runs already part (compiled kernels may add in
+            # another order), the resumed run is one more such run: a wrong restore shows as a
+            # jump far beyond that spread, so the bar is twice it, and exactly 0 without it.
             report.fail(f"kill and resume, {way}", "the resumed losses differ from an "
-                        "uninterrupted run by more than two uninterrupted runs differ")
+                        "uninterrupted run by more than twice what two uninterrupted runs differ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,8 +466,8 @@ def decoding_experiments(report: Report, device, dry: bool, deadline: float):
             rows.append(dict(variant=name, tokens_per_s=rate, fraction_of_bound=rate / bound,
                              first_call_s=first))
         report.save("decoding_experiments", rows)
-        best = max(rows, key=lambda r: r["tokens_per_s"])
-        if best is not rows[0] and time.perf_counter() < deadline:
+        best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
+        if rows and best is not rows[0] and time.perf_counter() < deadline:
             torch._dynamo.reset()
             M.project = dict((v[0], v[1]) for v in variants)[best["variant"]]
             inductor.coordinate_descent_tuning = "coordinate" in best["variant"]
