@@ -102,9 +102,7 @@ banding (Leskovec, Rajaraman, Ullman, "Mining of Massive Datasets", ch. 3).
 
 import argparse
 import ast
-import contextlib
 import errno
-import fcntl
 import gzip
 import hashlib
 import html
@@ -129,7 +127,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from tokenizer import OneLineParser, Tokenizer, number, train_tokenizer
+import checkpoint as C
+from cli import OneLineParser, number
+from tokenizer import Tokenizer, train_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,56 +799,13 @@ PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
 
 # --- building in a temporary folder; worker processes ---
 
-@contextlib.contextmanager
 def building(out_dir: str):
-    """Yield an empty folder .tmp-NAME beside OUT to build in; rename it to OUT at the end.
-
-    The pattern of train.py's checkpoints: OUT appears complete or not at all, and nothing is
-    left to undo by hand. A build that fails removes its folder; one that is killed leaves
-    .tmp-NAME behind, and the next build into OUT removes it. A lock tells such a leftover from
-    a build still running, which two builds into one OUT would otherwise destroy for each other.
-    """
-    out_dir = os.path.abspath(out_dir)
+    """checkpoint.building (a temporary folder, renamed to OUT when whole), refusing first an
+    OUT that already holds a prepared dataset or part."""
     if is_complete(out_dir) or os.path.exists(os.path.join(out_dir, "part.json")):
-        raise FileExistsError(f"{out_dir!r} already holds a prepared dataset; delete it or "
-                              "choose another --out")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"--out {out_dir!r} exists and is not an empty folder; choose a "
-                              "new one (the build never writes among other files)")
-    parent, name = os.path.split(out_dir)
-    tmp = os.path.join(parent, ".tmp-" + name)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.isdir(tmp):      # a leftover of a killed build, or a build running now
-        os.close(_lock(tmp))
-        shutil.rmtree(tmp)
-    os.mkdir(tmp)
-    lock = _lock(tmp)
-    try:
-        yield tmp
-        for folder, _, names in os.walk(tmp):  # flush to disk before the rename makes it visible
-            for n in names:
-                with open(os.path.join(folder, n), "rb") as f:
-                    os.fsync(f.fileno())
-        os.rename(tmp, out_dir)  # replaces an empty OUT folder too
-    except BaseException:        # Ctrl-C included
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(lock)
-
-
-def _lock(folder: str) -> int:
-    """An exclusive lock on `folder`, held until the returned descriptor is closed. The system
-    drops it when its process dies, however it dies, so a leftover is never locked. Forked
-    workers share it: a killed build is not removed while its workers still write into it."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FileExistsError(f"another process is building {folder!r} right now; wait for it "
-                              "to finish or choose another --out") from None
-    return fd
+        raise FileExistsError(f"{os.path.abspath(out_dir)!r} already holds a prepared dataset; "
+                              "delete it or choose another --out")
+    return C.building(out_dir)
 
 
 def default_workers() -> int:

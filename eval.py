@@ -121,10 +121,11 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+import checkpoint as C
+from cli import OneLineParser
 from data import token_dtype
 from generate import generate_tokens, load_model
 from model import plan_free_attention
-from tokenizer import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,12 +827,12 @@ def check_args(a, name: str):
         raise ValueError("--shots-from is read only for few-shot prompts: give --shots N too")
 
 
-def reserve_output(path):
-    """Check --out before any work: a file name in a folder we can write to. Returns a temporary
-    file beside it; the report goes there and is renamed onto `path` at the end, so a run that
-    fails leaves an earlier report as it was."""
+def check_output(path):
+    """Check --out before any work: a file name in a folder we can write to. The report is
+    written at the end (checkpoint.write_atomic), so a run that fails leaves an earlier report
+    as it was."""
     if path is None:
-        return None
+        return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name such as "
@@ -845,7 +846,7 @@ def reserve_output(path):
         raise ValueError(f"--out {path}: cannot write in {folder} ({e.strerror}); choose "
                          "another place") from None
     os.close(fd)
-    return tmp
+    os.remove(tmp)
 
 
 def print_report(report: dict):
@@ -885,10 +886,9 @@ def main(argv=None):
     key = a.task.lower().replace("-", "_")
     name = ALIASES.get(key, key)
     a.shots = a.shots if a.shots is not None else 5 if name == "mmlu" else 0
-    tmp_out = None
     try:
         check_args(a, name)
-        tmp_out = reserve_output(a.out)
+        check_output(a.out)
         # Read the task before the model: a malformed file fails in a second, not a minute.
         if name != "perplexity":
             examples = read_task(name, a.data, a.limit)
@@ -914,16 +914,11 @@ def main(argv=None):
         if name == "mmlu":
             report["llama_7b_categories"] = MMLU_LLAMA_7B if a.shots == 5 else None
         print_report(report)
-        if tmp_out:
-            with open(tmp_out, "w") as f:
-                json.dump(report, f, indent=1)
-            os.replace(tmp_out, a.out)
+        if a.out:
+            C.write_atomic(a.out, json.dumps(report, indent=1))
         return report
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:      # OSError: a missing or unreadable file, a full disk
         sys.exit(f"error: {e}")
-    finally:
-        if tmp_out and os.path.exists(tmp_out):
-            os.remove(tmp_out)
 
 
 if __name__ == "__main__":

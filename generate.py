@@ -61,331 +61,19 @@ compilation under tensor parallelism (the eager forward is used there); loading 
 rank's shard file (each rank reads all of them); speculative decoding and continuous batching.
 """
 
-import glob
-import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import replace
 
 import torch
-from safetensors.torch import load_file, save_file
 
+import checkpoint as C
 import parallel as P
-from data import building
-from model import ModelArgs, Transformer, merge_state_dicts, plan_free_attention, shard_file
-from tokenizer import OneLineParser, Tokenizer, first_line
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Reading checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def find_tokenizer(folder: str) -> str:
-    """tokenizer.model in the folder, or in its parent (where Meta's release puts it)."""
-    for where in (folder, os.path.dirname(os.path.abspath(folder))):
-        path = os.path.join(where, "tokenizer.model")
-        if os.path.isfile(path):
-            return path
-    hint = (" (it has only tokenizer.json, which is not read here)"
-            if os.path.isfile(os.path.join(folder, "tokenizer.json")) else "")
-    raise FileNotFoundError(f"no tokenizer.model in {folder} or its parent{hint}; copy there the "
-                            "SentencePiece model this checkpoint was trained with")
-
-
-def checkpoint_folder(path: str) -> str:
-    """`path`, or for train.py's OUT/checkpoints/latest (a file that names the newest complete
-    checkpoint) the folder it names: `--ckpt out/demo/checkpoints/latest` reads the newest."""
-    if os.path.isfile(path) and os.path.basename(path) == "latest":
-        with open(path) as f:
-            return os.path.join(os.path.dirname(path), f.read().strip())
-    return path
-
-
-def _meta_shards(folder: str) -> list:
-    """consolidated.00.pth ... consolidated.{N-1}.pth, checked to be complete."""
-    n = len(glob.glob(os.path.join(folder, "consolidated.*.pth")))
-    paths = [os.path.join(folder, shard_file(i)) for i in range(n)]
-    if n == 0:
-        raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth weights")
-    if not all(os.path.isfile(p) for p in paths):
-        raise FileNotFoundError(f"{folder} has {n} consolidated.NN.pth files, not numbered 00 .. "
-                                f"{n - 1:02d}: a shard is missing; re-download or re-save them")
-    return paths
-
-
-def expected_shapes(args: ModelArgs) -> dict:
-    """Meta's key -> shape, for this architecture, read off a model on the meta device."""
-    with torch.device("meta"):                  # shapes only: no memory, no random numbers
-        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-
-
-def _check_shapes(args: ModelArgs, state: dict, source: str, config: str):
-    """Every tensor the architecture needs, with the shape it implies, and nothing else."""
-    expected = expected_shapes(args)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing): not a "
-                         "complete LLaMA checkpoint; re-download or re-export it")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ValueError(f"{source} has unexpected tensor {extra[0]}: not a plain LLaMA model")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"{key} in {source} has shape {tuple(state[key].shape)} but {config} "
-                             f"(dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
-                             f"n_kv_heads={args.n_kv_heads}) implies {shape}: the weights and "
-                             f"{config} come from different models")
-
-
-def _load_file(path: str) -> dict:
-    """One weights file, torch.save's or safetensors', or a one-line error naming it."""
-    hf = path.endswith(".safetensors")
-    try:
-        # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
-        return load_file(path) if hf else torch.load(path, map_location="cpu",
-                                                     weights_only=True, mmap=True)
-    except Exception as e:   # NOTE: zipfile, pickle, torch and safetensors raise many kinds
-        why = first_line(e, 80) or type(e).__name__
-        fix = ("truncated or not a safetensors file; download it again" if hf else
-               "truncated, corrupt, or not a torch.save zip file; copy or convert it again")
-        raise ValueError(f"cannot read {path} ({why}): it is {fix}") from None
-
-
-def read_params(ckpt: str) -> ModelArgs:
-    """params.json of a Meta-layout folder (ours, Meta's) as ModelArgs, validated; Meta's
-    vocab_size -1 ("take it from the tokenizer") is read off the folder's tokenizer."""
-    path = os.path.join(ckpt, "params.json")
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the release") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a JSON object of ModelArgs fields")
-    if params.get("vocab_size", -1) == -1:
-        params = {**params, "vocab_size": Tokenizer(find_tokenizer(ckpt)).n_words}
-    try:
-        return ModelArgs.from_dict(params)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def read_checkpoint(ckpt: str):
-    """(ModelArgs, full Meta-named state dict on CPU, tokenizer path), validated, no model built.
-
-    The layout is recognized by its files: `config.json` + `*.safetensors` is Hugging Face's;
-    `params.json` + `consolidated.NN.pth` is Meta's and ours. Shards of any count are merged.
-    """
-    ckpt = checkpoint_folder(ckpt)
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    if os.path.isfile(os.path.join(ckpt, "config.json")):
-        args, state = read_hf(ckpt)
-        source, config = ckpt, "config.json"
-    elif os.path.isfile(os.path.join(ckpt, "params.json")):
-        shards = _meta_shards(ckpt)
-        state = merge_state_dicts([_load_file(p) for p in shards])
-        args, source, config = read_params(ckpt), shards[0], "params.json"
-    else:
-        raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth (Meta's "
-                                "or ours) nor config.json + *.safetensors (Hugging Face's)")
-    tok_path = find_tokenizer(ckpt)
-    n_words = Tokenizer(tok_path).n_words
-    rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
-    if rows != n_words:
-        raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
-                         "tokens: it belongs to another model; use the model's own tokenizer.model")
-    _check_shapes(args, state, source, config)
-    return args, state, tok_path
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Hugging Face layout
-# ---------------------------------------------------------------------------------------------
-
-# Meta's name inside a layer -> Hugging Face's (LlamaForCausalLM), and the top-level ones.
-HF_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
-
-def hf_name(meta_key: str) -> str:
-    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight"""
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_key)
-    if m:
-        return f"model.layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
-    return HF_TOP_NAMES[meta_key[:-len(".weight")]] + ".weight"
-
-
-def permute_rows(w, n_heads: int, to_hf: bool):
-    """Reorder each head's rows of wq / wk between Meta's rotary layout and Hugging Face's.
-
-    Meta rotates consecutive pairs of features (0,1), (2,3), ...; HF rotates feature i with
-    feature i + E/2 ("rotate half"). Reading each head's E rows as a (E/2, 2) grid, Meta's order
-    is row-major and HF's column-major, so the conversion is a transpose of that grid:
-        HF's rows 0..5 are Meta's rows 0 2 4 1 3 5      (E = 6, one head)
-    Each pair thus keeps its rotation angle, and q.k is unchanged: q and k are permuted alike.
-    """
-    E, D = w.shape[0] // n_heads, w.shape[1]
-    grid = (n_heads, E // 2, 2, D) if to_hf else (n_heads, 2, E // 2, D)
-    return w.reshape(grid).transpose(1, 2).reshape(n_heads * E, D)
-
-
-def ffn_args(dim: int, hidden: int) -> dict:
-    """multiple_of / ffn_dim_multiplier for which ModelArgs.ffn_hidden == HF's intermediate_size."""
-    def width(**kw):
-        return ModelArgs(dim=dim, n_heads=1, n_layers=1, vocab_size=1, **kw).ffn_hidden
-    if width() == hidden:
-        return {}                                    # LLaMA's own rounding (multiple_of=256)
-    base = width(multiple_of=1)                      # 2/3 of 4 dim, before any rounding
-    return dict(multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base)
-
-
-def read_hf(folder: str):
-    """config.json + *.safetensors (one file or several) -> (ModelArgs, Meta-named state)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-        if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
-            raise ValueError(f"it describes model_type={cfg.get('model_type')!r} rope_scaling="
-                             f"{cfg.get('rope_scaling')}: only plain Llama is supported")
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-        args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                         n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
-                         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         rope_theta=cfg.get("rope_theta", 1e4),
-                         max_seq_len=cfg.get("max_position_embeddings", 2048),
-                         **ffn_args(dim, cfg["intermediate_size"]))
-    except KeyError as e:
-        raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: {first_line(e, 200)}") from None
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
-    hf = {name: w for path in files for name, w in _load_file(path).items()}
-    if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings"):
-        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-    to_meta = {hf_name(k): k for k in expected_shapes(args)}
-    state = {}
-    for name, w in hf.items():
-        if name.endswith("rotary_emb.inv_freq"):     # a derived buffer some exports carry
-            continue
-        key = to_meta.get(name, name)                # unknown names are reported by _check_shapes
-        if key.endswith(("wq.weight", "wk.weight")):
-            w = permute_rows(w, n_heads if "wq" in key else n_kv_heads, to_hf=False)
-        state[key] = w
-    return args, state
-
-
-def hf_tokenizer_json(tokenizer_path: str) -> dict:
-    """The SentencePiece model as a `tokenizers` file (tokenizer.json) that encodes as it does.
-
-    SentencePiece's BPE merges the adjacent pair whose joined piece scores best; a `tokenizers`
-    BPE merges the pair of lowest rank; so each way of splitting a piece into two known pieces
-    is a merge, ranked by the piece's score. In front of it, the normalizer writes what
-    SentencePiece does: a "▁" before any non-empty text (the dummy prefix), every space a "▁".
-    NOTE: transformers 5's own LlamaTokenizer adds that "▁" only to a text that does not start
-    with one, so " the" would lose a token; hence this file, loaded as written (see export_hf).
-    """
-    sp = Tokenizer(tokenizer_path).sp
-    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    ids = {piece: i for i, piece in enumerate(pieces)}
-    special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
-    merges = []                                  # (rank key, "left right")
-    for i, piece in enumerate(pieces):
-        if i in special or sp.is_byte(i):
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in ids and right in ids:
-                merges.append(((-sp.get_score(i), i, cut), f"{left} {right}"))
-    bos = {"SpecialToken": {"id": sp.id_to_piece(sp.bos_id()), "type_id": 0}}
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [dict(id=i, content=pieces[i], single_word=False, lstrip=False,
-                              rstrip=False, normalized=False, special=True) for i in special],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "▁"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-        "pre_tokenizer": None,       # SentencePiece's pieces never span a word boundary anyway
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
-                                    bos, {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {pieces[sp.bos_id()]: {
-                               "id": pieces[sp.bos_id()], "ids": [sp.bos_id()],
-                               "tokens": [pieces[sp.bos_id()]]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},   # the dummy prefix
-        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()],
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": True, "byte_fallback": True, "vocab": ids,
-                  "merges": [merge for _, merge in sorted(merges)]},
-    }
-
-
-def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
-    """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
-    with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
-    Built in a temporary folder and renamed (data.building): `out` appears whole or not at all.
-    """
-    with building(out) as tmp:
-        _write_hf(args, state, tokenizer_path, tmp)
-
-
-def _write_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
-    tok = Tokenizer(tokenizer_path)
-    dtype = next(iter(state.values())).dtype
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-        "torch_dtype": str(dtype).split(".")[-1],
-    }
-    tensors = {}
-    for key, w in state.items():
-        if key.endswith(("wq.weight", "wk.weight")):
-            w = permute_rows(w, args.n_heads if "wq" in key else args.n_kv_heads, to_hf=True)
-        tensors[hf_name(key)] = w.contiguous()
-    # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    files = {
-        "config.json": config,
-        # generate()'s own defaults: <s> first, stop at </s>.
-        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
-        "tokenizer.json": hf_tokenizer_json(tokenizer_path),
-        # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
-        # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
-        "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": tok.sp.id_to_piece(tok.bos_id),
-            "eos_token": tok.sp.id_to_piece(tok.eos_id),
-            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
-            "add_eos_token": False, "model_max_length": args.max_seq_len},
-    }
-    for name, content in files.items():
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
-    shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.model"))
+from cli import OneLineParser
+from model import Transformer, plan_free_attention
+from tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +87,7 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
     (parallel.parallelize); every rank of it calls load_model and keeps its slice. Without one,
     on CUDA, the projections are fused for inference (model.Transformer.fuse_projections).
     """
-    args, state, tok_path = read_checkpoint(ckpt)
+    args, state, tok_path = C.read_checkpoint(ckpt)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
     # fp32 on CPU (its bf16 matmuls are slow and inexact), bf16 on CUDA as Meta serves it.
@@ -712,7 +400,7 @@ def main(argv=None):
         is_main = world is None or world.is_main
         say = print if world is None else world.say
         if a.export_hf and is_main:
-            export_hf(*read_checkpoint(a.ckpt), a.export_hf)
+            C.export_hf(*C.read_checkpoint(a.ckpt), a.export_hf)
             say(f"wrote {a.export_hf} (Hugging Face LlamaForCausalLM layout)")
         if not a.prompt:
             return

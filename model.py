@@ -18,9 +18,8 @@ Reading order
   5. FeedForward               SwiGLU, with an optional hand-written backward [LLaMA §2.4]
   6. TransformerBlock, Transformer   embed, rotations, the blocks, head (the steps a pipeline
                                stage runs on its own parts)
-  7. Counting                  exact parameters and model FLOPs per token (for MFU)
-  8. Meta's checkpoint layout  which weights are split along which dimension, the file names;
-                               split, merge and load Meta's state dicts; main
+  7. Counting                  exact parameters and model FLOPs per token (for MFU); main
+  (Meta's file layout -- which weight is split along which dimension -- is checkpoint.py's.)
 
 One block, pre-normalized (no biases anywhere, no dropout):
 
@@ -685,65 +684,6 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     Recomputation is not counted: MFU measures useful work only.
     """
     return 6 * count_parameters(args, embedding=False) + 12 * args.n_layers * args.dim * seq_len
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. Meta's checkpoint layout
-# ---------------------------------------------------------------------------------------------
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which Meta splits `key` across consolidated.NN.pth files.
-
-    Meta's files are exactly Megatron's tensor-parallel shards [PTD-P §2.3]: the matrices that
-    fan out (wq wk wv w1 w3, and output over the vocabulary) are split by output rows, dim 0;
-    the ones that fan in (wo w2) by input columns, dim 1; the embedding by its width, dim 1;
-    norms are replicated (None).
-    """
-    name = key.split(".")[-2] if "." in key else key     # "layers.3.attention.wq.weight" -> "wq"
-    if name in ("wq", "wk", "wv", "w1", "w3", "output"):
-        return 0
-    if name in ("wo", "w2", "tok_embeddings"):
-        return 1
-    return None
-
-
-def shard_file(i: int) -> str:
-    """The name of Meta's i-th weight file: consolidated.00.pth, consolidated.01.pth, ..."""
-    return f"consolidated.{i:02d}.pth"
-
-
-def meta_weights(state: dict) -> dict:
-    """A Meta state dict without `rope.freqs`, a stray buffer in some of Meta's files (derived
-    from the architecture, not learned: Transformer computes its rotary tables itself)."""
-    return {k: v for k, v in state.items() if k != "rope.freqs"}
-
-
-def split_state_dict(state: dict, n: int) -> list:
-    """One full state dict -> n shards in Meta's split (replicated tensors copied to each)."""
-    shards = [{} for _ in range(n)]
-    for key, tensor in state.items():
-        dim = shard_dim(key)
-        if dim is not None and tensor.shape[dim] % n:
-            raise ValueError(f"{key} of shape {tuple(tensor.shape)} cannot be split in {n} "
-                             f"along dim {dim}; choose a shard count that divides it")
-        pieces = tensor.chunk(n, dim) if dim is not None else [tensor] * n
-        for shard, piece in zip(shards, pieces):
-            shard[key] = piece.clone()
-    return shards
-
-
-def merge_state_dicts(shards: list) -> dict:
-    """n shards in Meta's split -> one full state dict (the inverse of split_state_dict)."""
-    merged = {}
-    for key in meta_weights(shards[0]):
-        dim = shard_dim(key)
-        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim)
-    return merged
-
-
-def load_meta_state(model: Transformer, state: dict):
-    """Load a (merged) Meta state dict strictly, after dropping the stray `rope.freqs`."""
-    model.load_state_dict(meta_weights(state), strict=True)
 
 
 def main():

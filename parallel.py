@@ -37,7 +37,7 @@ Reading order
 
 How one transformer block is split over tp = 2 ranks, with sequence parallelism (sp). Column-
 parallel matrices (wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by
-input columns, exactly Meta's shard split (model.shard_dim), so a shard here is a shard of
+input columns, exactly Meta's shard split (checkpoint.shard_dim), so a shard here is a shard of
 `consolidated.NN.pth` (the embedding is the one exception, see VocabParallelEmbedding):
 
       residual (B, T/tp, D)                           wq (H*E, D)          wo (D, H*E)
@@ -94,7 +94,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model import ModelArgs, Transformer, activation_dtype, meta_weights, shard_dim
+from checkpoint import meta_weights, piece, shard_dim
+from model import ModelArgs, Transformer, activation_dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ class g_sp(torch.autograd.Function):
 
 def shard(full: torch.Tensor, dim: int, grid: Grid) -> torch.Tensor:
     """This tp rank's slice of a full tensor along dim (a copy, so the full one can be freed)."""
-    return full.detach().chunk(grid.tp, dim)[grid.tp_rank].clone()
+    return piece(full.detach(), dim, grid.tp, grid.tp_rank).clone()
 
 
 class Region:
@@ -1172,8 +1173,8 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
 # 11. Checkpoints
 # ---------------------------------------------------------------------------------------------
 # A file per tp rank, `consolidated.{tp_rank:02d}.pth`, holding exactly what Meta's file of that
-# rank would hold (model.shard_dim), all layers: under pp, merge_stages gathers the stages' parts
-# first. Loading goes through the full state dict (merge the files with model.merge_state_dicts),
+# rank would hold (checkpoint.shard_dim), all layers: under pp, merge_stages gathers the stages' parts
+# first. Loading goes through the full state dict (merge the files with checkpoint.merge_state_dicts),
 # and each rank takes its slice and its layers: a checkpoint saved at one tp x pp layout loads
 # at any other.
 

@@ -73,11 +73,12 @@ from typing import Optional
 
 import torch
 
+from checkpoint import shard_dim
 from model import (PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
-                   flops_per_token, preset, shard_dim)
+                   flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
-from tokenizer import OneLineParser
+from cli import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------

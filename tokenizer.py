@@ -14,7 +14,7 @@ Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
-  4. Command line      OneLineParser, number and first_line (every script uses them), main
+  4. Command line      main (the parser and its numbers come from cli.py)
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -28,14 +28,14 @@ What this file leaves out:
   - A padding token (pad_id = -1, as Meta's): batching code pads with its own value.
 """
 
-import argparse
 import io
-import math
 import os
 import sys
 from typing import Iterable, List, Union
 
 import sentencepiece as spm
+
+from cli import OneLineParser, number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,16 +101,10 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
         # (32000). Please set it to a value <= 1234."); keep it, drop its C++ source location.
         reason = str(e).rsplit("] ", 1)[-1]
         raise ValueError(f"SentencePiece could not train on this text: {reason}") from None
+    # NOTE: imported here, not above: checkpoint.py, the one owner of writes, imports this file.
+    from checkpoint import write_atomic
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
-        with open(out + ".tmp", "wb") as f:
-            f.write(model.getvalue())
-            f.flush()
-            os.fsync(f.fileno())          # on disk before the rename makes it visible
-        os.replace(out + ".tmp", out)
-    finally:
-        if os.path.exists(out + ".tmp"):  # a full disk: no half-written model is left
-            os.remove(out + ".tmp")
+    write_atomic(out, model.getvalue())
     return out
 
 
@@ -159,45 +153,6 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # 4. Command line
 # ---------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is refused in one line, `error: MESSAGE; see python PROG --help`,
-    before any work; every script's parser is one. The exit status is argparse's 2, or 1 for a
-    script whose other refusals are sys.exit("error: ..."): the line is then SystemExit's code.
-    Each script names itself in prog (argparse's default, sys.argv[0], is pytest's in a test)."""
-
-    def __init__(self, *args, status: int = 2, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.status = status
-
-    def error(self, message):
-        line = f"error: {message}; see python {self.prog} --help"
-        if self.status == 1:
-            sys.exit(line)
-        self.exit(self.status, line + "\n")
-
-
-def first_line(e: BaseException, limit: int) -> str:
-    """The first line of an exception's message, at most `limit` characters ("" if it has none):
-    a library's long message, quoted inside one of our one-line errors."""
-    return (str(e).splitlines() or [""])[0][:limit]
-
-
-def number(kind=int, low=1, above=False):
-    """An argparse type: a `kind` (int or float) >= low (> low if `above`), or an error that
-    says which numbers to use."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low)):
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"use {what} {'above' if above else 'of at least'} "
-                                             f"{low}, not {text!r}")
-        return value
-    return parse
-
 
 def main(argv=None):
     p = OneLineParser(prog="tokenizer.py",

@@ -56,10 +56,7 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -69,12 +66,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint as C           # everything on disk: checkpoints, the run lock, metrics
 import data
-import generate                  # the one checkpoint reader: ours, Meta's and Hugging Face's
+import generate
 import model as M
 import parallel as P
 import planner                   # the data-sheet peaks of GPUs, for MFU
-from tokenizer import OneLineParser, Tokenizer, first_line
+from cli import OneLineParser, Progress, first_line
+from tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,111 +274,6 @@ def make_optimizer(model, cfg: TrainConfig):
 # 3. Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def checkpoint_root(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.out, "checkpoints")
-
-
-def latest_checkpoint(cfg: TrainConfig) -> Optional[str]:
-    """The folder named by OUT/checkpoints/latest, or None. Only complete folders are named."""
-    pointer = os.path.join(checkpoint_root(cfg), "latest")
-    if not os.path.isfile(pointer):
-        return None
-    path = generate.checkpoint_folder(pointer)
-    return path if os.path.isdir(path) else None
-
-
-def _step_of(path: str) -> int:
-    """The step of a checkpoint folder `.../step-000600`; -1 for any other name."""
-    name = os.path.basename(path)
-    return int(name[len("step-"):]) if re.fullmatch(r"step-\d+", name) else -1
-
-
-def checkpoints(cfg: TrainConfig) -> list:
-    """Every complete checkpoint folder, the one to resume from first: the folder `latest`
-    names, then the others, newest step first (a kill between a folder's rename and the
-    `latest` update, or a lost `latest`, leaves complete folders that `latest` does not name)."""
-    root = checkpoint_root(cfg)
-    names = os.listdir(root) if os.path.isdir(root) else []
-    found = sorted((os.path.join(root, n) for n in names if _step_of(n) >= 0), key=_step_of,
-                   reverse=True)
-    latest = latest_checkpoint(cfg)
-    return [latest] + [p for p in found if p != latest] if latest in found else found
-
-
-def holds_a_run(cfg: TrainConfig) -> Optional[str]:
-    """What in OUT shows that a run was there (metrics, `latest`, a checkpoint), or None."""
-    signs = [os.path.join(cfg.out, "metrics.jsonl"), os.path.join(checkpoint_root(cfg), "latest")]
-    return next((path for path in signs + checkpoints(cfg) if os.path.exists(path)), None)
-
-
-def write_atomic(path: str, content):
-    """Write text (or bytes) to path.tmp, flush it to disk, close it, then rename it over path:
-    readers see the old file or the new one, never a part. A full disk raises here, before the
-    rename."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb" if isinstance(content, bytes) else "w") as fh:
-            fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-def _save(obj, path: str):
-    """torch.save, flushed to disk; a failed write is reported as the OSError it is (on a full
-    disk torch says only `inline_container.cc ... unexpected pos`)."""
-    try:
-        torch.save(obj, path)
-    except RuntimeError as e:
-        raise OSError(f"could not write {path} ({first_line(e, 60)}...): is the disk "
-                      "full?") from None
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def take_lock(out: str) -> str:
-    """OUT/train.lock, holding its owner's pid and host: one run per --out at a time; returns
-    its path (remove it to release it).
-
-    Made with O_EXCL, so of two runs started together exactly one gets it. A kill -9 leaves the
-    file behind: a lock whose pid no longer runs on this host is stale and is taken over.
-    """
-    path = os.path.join(out, "train.lock")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = open(path).read().split()
-            if _owner_alive(owner):
-                raise ConfigError(
-                    f"{out} is in use by another run (pid {owner[0]} on {owner[1]}); wait for "
-                    "it to end, or choose another --out") from None
-            os.remove(path)                         # stale: its owner is gone
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {socket.gethostname()}")
-        return path
-    raise ConfigError(f"could not take {path}; another run started at the same moment?")
-
-
-def _owner_alive(owner: list) -> bool:
-    if len(owner) != 2 or not owner[0].isdigit():
-        return False                                # torn by a kill while being written
-    if owner[1] != socket.gethostname():
-        return True                                 # another machine's: cannot tell, keep it
-    try:
-        os.kill(int(owner[0]), 0)                   # signal 0: only asks whether the pid runs
-    except ProcessLookupError:
-        return False
-    except PermissionError:                         # it runs, as another user
-        pass
-    return True
-
-
 def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
                     tok_path):
     """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
@@ -387,58 +281,60 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
 
     Weights that are not finite are never saved (on any rank: the ranks agree first), and a
     write that fails on any rank leaves `latest` where it was."""
-    root = checkpoint_root(cfg)
-    name = f"step-{step:06d}"
-    tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     if not _all_ranks(finite, world):
         raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
-                         f"checkpoint is still {latest_checkpoint(cfg)}; lower --lr and resume")
+                         f"checkpoint is still {C.latest(cfg.out)}; lower --lr and resume")
+    tmp = lock = failed = None
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)      # a leftover of a save killed midway
-        os.makedirs(tmp)
-    _barrier(world)
-    shard = P.shard_state_dict(model, grid)         # this rank's tp slice (a tp all-gather inside)
-    shard = P.merge_stages(shard, grid)             # all layers on pp rank 0, None elsewhere
-    failed = None
-    if grid.dp_rank == 0:                           # each file is flushed before the rename
         try:
-            _save(dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
-                       rng=_rng_state(), config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
-                       pp=grid.pp), os.path.join(tmp, train_state_name(grid)))
-            if grid.pp_rank == 0:
-                _save(shard, os.path.join(tmp, M.shard_file(grid.tp_rank)))
-            if grid.pp_rank == 0 and grid.tp_rank == 0:
-                write_atomic(os.path.join(tmp, "params.json"), args.to_json())
-                write_atomic(os.path.join(tmp, "train_config.json"),
-                             json.dumps(dataclasses.asdict(cfg), indent=2))
-                with open(tok_path, "rb") as f:
-                    write_atomic(os.path.join(tmp, "tokenizer.model"), f.read())
+            tmp, lock = C.start_build(C.step_folder(cfg.out, step))
         except OSError as e:
             failed = e
     if not _all_ranks(failed is None, world):
-        raise failed or OSError(f"another rank could not write {tmp}; see its message")
-    if world.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)                      # the folder appears complete, or not at all
-        write_atomic(os.path.join(root, "latest"), name)
-        for old in checkpoints(cfg)[cfg.keep:]:     # those a resume would try last; never `latest`
-            shutil.rmtree(old, ignore_errors=True)
+        raise failed or OSError("rank 0 could not start the checkpoint; see its message")
+    try:
+        tmp = _from_main(tmp, world)
+        shard = P.shard_state_dict(model, grid)     # this rank's tp slice (a tp all-gather inside)
+        shard = P.merge_stages(shard, grid)         # all layers on pp rank 0, None elsewhere
+        failed = None
+        if grid.dp_rank == 0:                       # each file is flushed before the rename
+            try:
+                C.save_torch(dict(step=step, optimizer=optimizer.state_dict(),
+                                  sampler=sampler.state_dict(), rng=_rng_state(),
+                                  config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
+                                  pp=grid.pp),
+                             os.path.join(tmp, C.train_state_name(grid.tp_rank, grid.pp_rank,
+                                                                  grid.pp)))
+                if grid.pp_rank == 0:
+                    C.save_torch(shard, os.path.join(tmp, C.shard_file(grid.tp_rank)))
+                if grid.pp_rank == 0 and grid.tp_rank == 0:
+                    C.write_model(tmp, args, tok_path, dataclasses.asdict(cfg))
+            except OSError as e:
+                failed = e
+        if not _all_ranks(failed is None, world):
+            raise failed or OSError(f"another rank could not write {tmp}; see its message")
+        final = C.publish(cfg.out, tmp, step, cfg.keep) if world.is_main else None
+    finally:
+        if lock is not None:
+            os.close(lock)
     _barrier(world)
     return final
 
 
-def train_state_name(grid) -> str:
-    """This rank's optimizer file: one per tp rank, and per pipeline stage under pp."""
-    stage = f".stage{grid.pp_rank:02d}" if grid.pp > 1 else ""
-    return f"train_state.{grid.tp_rank:02d}{stage}.pth"
+def _from_main(value, world):
+    """The main rank's `value` on every rank (a path: the ranks write into one folder)."""
+    if world.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)                   # COMM: world, one object
+    return box[0]
 
 
 def load_checkpoint(path, model, optimizer, sampler, grid):
     """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
-    state = torch.load(os.path.join(path, train_state_name(grid)), map_location="cpu",
-                       weights_only=True)
-    P.load_sharded(model, generate.read_checkpoint(path)[1], grid)   # all shards, merged
+    state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
+    P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"])
@@ -561,41 +457,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def show_progress(say, step: int, total: int, text: str):
-    """A bar, the step, and text: redrawn in place on a terminal, one line each time in a log."""
-    done = int(20 * step / total)
-    line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total} {text}"
-    tty = sys.stdout.isatty()
-    say(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-
-
-def log_metrics(path: str, record: dict):
-    with open(path, "a") as fh:                      # closed (and flushed) at once: a full disk
-        fh.write(json.dumps(record) + "\n")          # raises here, not at exit
-
-
-def truncate_metrics(path: str, last_step: int):
-    """Before the run goes on from last_step: drop entries a crashed run logged after its last
-    checkpoint (all of them when it saved none), and a last line torn by a kill in the middle
-    of its write."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        lines = f.readlines() if last_step else []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break                                # torn by the kill: dropped
-            raise ConfigError(f"{path} line {i + 1} is not JSON: the file is damaged; move it "
-                              "away and --resume again (a new one is started)") from None
-        if row.get("step", 0) <= last_step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    write_atomic(path, "".join(keep))
-
-
 def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
     """The training and validation curves, where matplotlib is installed."""
     try:
@@ -628,7 +489,7 @@ FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "micro_batc
 
 
 def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
-    """(configuration, checkpoints to resume from, lock path or None): what this launch
+    """(configuration, checkpoints to resume from, the run lock or None): what this launch
     continues or starts.
 
     --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
@@ -636,13 +497,13 @@ def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
     be using it: the lock is taken by rank 0, and every rank learns whether it got it.
     """
     restarted = world.restart > 0            # torchrun started this round after a failure
-    found = checkpoints(cfg)
+    found = C.checkpoints(cfg.out)
     if cfg.resume and not found:
-        raise ConfigError(f"--resume: no complete checkpoint under {checkpoint_root(cfg)}; run "
+        raise ConfigError(f"--resume: no complete checkpoint under {cfg.out}/checkpoints; run "
                           "without --resume")
     if found and (cfg.resume or restarted):
         cfg = restore_config(cfg, given, found[0], say)
-    elif not restarted and (held := holds_a_run(cfg)):
+    elif not restarted and (held := C.holds_a_run(cfg.out)):
         raise ConfigError(f"{cfg.out} already holds a run ({held}); pass --resume to "
                           "continue it, or choose another --out")
     check_config(cfg, world.world_size)
@@ -650,24 +511,15 @@ def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
     if world.is_main:
         try:
             os.makedirs(cfg.out, exist_ok=True)
-            lock = take_lock(cfg.out)
-        except ConfigError as e:
-            refused = e
+            lock = C.lock_run(cfg.out)
+        except ValueError as e:                      # a live run holds it
+            refused = ConfigError(str(e))
         except OSError as e:
             refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
                                   "writable folder")
     if not _all_ranks(refused is None, world):
         raise refused or ConfigError("rank 0 refused the run (its message says why)")
     return cfg, found, lock
-
-
-def saved_config(ckpt: str) -> dict:
-    """The run's configuration as its checkpoint recorded it (train_config.json)."""
-    path = os.path.join(ckpt, "train_config.json")
-    if os.path.isfile(path):
-        return json.load(open(path))
-    first = min(f for f in os.listdir(ckpt) if f.startswith("train_state."))  # older checkpoints
-    return torch.load(os.path.join(ckpt, first), map_location="cpu", weights_only=True)["config"]
 
 
 def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
@@ -678,7 +530,7 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     ones the run would have had. A path is compared as the folder it names. A new --steps is
     said, with the learning rate before and after the recomputed decay.
     """
-    saved = saved_config(ckpt)
+    saved = C.saved_config(ckpt)
     if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
         saved["micro_batches"] = saved["grad_accum"]
     same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
@@ -694,7 +546,7 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in known}
     restored = TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out})
-    done, planned = _step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
+    done, planned = C.step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
     if restored.steps != planned.steps and done < restored.steps:
         say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
             f"decay is recomputed over {restored.steps}, so the learning rate goes from "
@@ -723,9 +575,9 @@ def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple
     sized to the tokenizer; checked against the grid (the preset was, before the data)."""
     state, source = None, ckpt or cfg.init_from
     if ckpt:                                 # resuming: the checkpoint's model, loaded later
-        args = generate.read_params(ckpt)
+        args = C.read_params(ckpt)
     elif cfg.init_from:
-        args, state, _ = generate.read_checkpoint(cfg.init_from)
+        args, state, _ = C.read_checkpoint(cfg.init_from)
     else:
         args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
     if args.vocab_size != tokenizer.n_words:
@@ -743,7 +595,7 @@ def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
     torch.manual_seed(cfg.seed)
     model = M.Transformer(args)
     if state is not None:
-        M.load_meta_state(model, state)
+        model.load_state_dict(state)
     model.set_attention_backend(cfg.attention)
     model = P.parallelize(model, grid, sp=cfg.sp).to(world.device)
     P.apply_recompute(model, cfg.recompute)
@@ -789,8 +641,8 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     cfg, found, lock = open_run(cfg, given or {}, world, say)
     old_handlers = {}                        # SIGTERM's and SIGINT's, while the loop runs
     try:
-        if found and _step_of(found[0]) >= cfg.steps:
-            say(f"{cfg.out} is finished: it trained {_step_of(found[0])} steps of --steps "
+        if found and C.step_of(found[0]) >= cfg.steps:
+            say(f"{cfg.out} is finished: it trained {C.step_of(found[0])} steps of --steps "
                 f"{cfg.steps}; give --steps N (more than that) to train it further")
             return dict(losses={}, val_losses={}, stopped_at=None, finished=True)
         grid, device = P.make_grid(world, tp=cfg.tp, pp=cfg.pp), world.device
@@ -808,7 +660,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
         metrics = os.path.join(cfg.out, "metrics.jsonl")
         if world.is_main:
-            truncate_metrics(metrics, start)
+            C.truncate_metrics(metrics, start)
         tokens_per_step, peak_tps = describe_run(cfg, args, world, grid, dtype, say)
         val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
 
@@ -816,7 +668,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
             val_losses[step] = validation_loss(model, val.to(device), cfg, grid, amp)
             say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
             if world.is_main:
-                log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
+                C.log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
         def save(step: int):
             save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
@@ -826,6 +678,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         losses, val_losses, bad_in_a_row = {}, {}, 0
         if start == 0:
             validate(0)
+        bar = Progress("", cfg.steps, stream=sys.stdout, every=0, quiet=not world.is_main)
         stop = {"signal": None}              # set by SIGTERM/SIGINT, honoured between steps
         old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                         for s in (signal.SIGTERM, signal.SIGINT)}
@@ -855,13 +708,13 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                                                       world.world_size, again=True)
                 say(f"\npeak timed again, as step {step} ran faster: {formula}")
             if world.is_main:
-                log_metrics(metrics, dict(
+                C.log_metrics(metrics, dict(
                     step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
                     grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps, skipped=not finite,
                     tokens_by_source=sampler.tokens_by_source()))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
-                show_progress(say, step, cfg.steps, f"loss {loss:.4f} lr {lr:.2e} |g| "
-                              f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
+                bar.show(step, f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} |g| "
+                         f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate(step)
             if not _all_ranks(stop["signal"] is None, world):   # any rank signalled: all stop
@@ -879,9 +732,8 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         return dict(losses=losses, val_losses=val_losses, stopped_at=None)
     finally:
         restore_handlers(old_handlers, say)
-        if lock:
-            with contextlib.suppress(OSError):
-                os.remove(lock)
+        if lock is not None:
+            C.unlock_run(cfg.out, lock)
 
 
 def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, dtype, say) -> tuple:
@@ -1042,10 +894,10 @@ def main(argv=None) -> dict:
     world = None
     try:
         check_flags(cfg)
-        if cfg.resume and (found := checkpoints(cfg)):
+        if cfg.resume and (found := C.checkpoints(cfg.out)):
             # The process group needs these before open_run restores the rest: a resumed run
             # keeps its own device and timeout unless the command line names them again.
-            saved = saved_config(found[0])
+            saved = C.saved_config(found[0])
             cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("device", "timeout")
                                               if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)

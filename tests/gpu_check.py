@@ -52,6 +52,7 @@ import torch
 from distributed import ROOT, losses, python, start, wait_for_step   # beside this file
 sys.path.insert(0, ROOT)
 
+import checkpoint as C
 import data                      # noqa: E402  (after the path: the repository's own files)
 import generate as G             # noqa: E402
 import model as M                # noqa: E402
@@ -385,7 +386,7 @@ def kill_and_resume(report: Report, device, dry: bool, work: str):
             report.fail(f"kill and resume, {way}", f"the run was not killed (exit "
                         f"{proc.returncode}, last step {killed_at}): it ran too fast or failed")
             continue
-        latest = T.latest_checkpoint(T.TrainConfig(out=b))
+        latest = C.latest(b)
         run(b, *extra, "--resume")
         straight, again, resumed = losses(a), losses(a2), losses(b)
         diff_resume = max(abs(resumed[s] - straight[s]) for s in after)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import data
 from tokenizer import Tokenizer, train_tokenizer
 
@@ -385,10 +386,10 @@ def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus,
 
 
 def test_a_build_in_progress_is_not_mistaken_for_a_leftover(tmp_path):
-    with data.building(str(tmp_path / "out")) as tmp:
+    with C.building(str(tmp_path / "out")) as tmp:
         open(os.path.join(tmp, "x"), "w").close()
         with pytest.raises(FileExistsError, match="another process is building"):
-            with data.building(str(tmp_path / "out")):
+            with C.building(str(tmp_path / "out")):
                 pass
         assert os.path.exists(os.path.join(tmp, "x"))  # the running build's files are intact
     assert os.listdir(tmp_path / "out") == ["x"]

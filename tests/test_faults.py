@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import checkpoint as C
 import generate as G
 import parallel as P
 import planner
@@ -64,7 +65,7 @@ def test_readme_resume_pair_with_a_sigterm_finishes_the_run_exactly(demo_data, t
     assert f"resumed from {out}/checkpoints/step-{stopped:06d} at step {stopped}" in resumed.stdout
     assert losses(out) == pytest.approx(straight, rel=1e-6)   # steps 1..12, once each, equal
     assert sorted(losses(out)) == list(range(1, 13))
-    config = json.load(open(T.latest_checkpoint(T.TrainConfig(out=str(out)))
+    config = json.load(open(C.latest(str(out))
                             + "/train_config.json"))
     assert config["mix"] == "code=0.7,docs=0.3" and config["steps"] == 12
 
@@ -116,11 +117,11 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path):
     path.write_text("step-000002")
     os.symlink("/dev/full", str(path) + ".tmp")           # the kernel's full disk
     with pytest.raises(OSError) as e:
-        T.write_atomic(str(path), "step-000004")
+        C.write_atomic(str(path), "step-000004")
     assert e.value.errno == errno.ENOSPC
     assert path.read_text() == "step-000002" and not os.path.lexists(str(path) + ".tmp")
     with pytest.raises(OSError):
-        T.log_metrics("/dev/full", dict(step=1, loss=2.0))   # appends fail loudly too
+        C.log_metrics("/dev/full", dict(step=1, loss=2.0))   # appends fail loudly too
 
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_path, monkeypatch,
@@ -139,7 +140,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_pat
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: could not write {tmp_path}/checkpoints/.tmp-step-000004/")
     assert line.endswith("is the disk full? (then --resume continues the run)")
-    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+    assert C.latest(str(tmp_path)).endswith("step-000002")
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(demo_data, tmp_path):
@@ -151,10 +152,18 @@ def test_a_torn_metrics_line_is_dropped_on_resume(demo_data, tmp_path):
 
 
 def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, tmp_path, capsys):
-    owner = start("-c", "import time; time.sleep(60)")
+    # The owner holds the lock as a run does (checkpoint.lock_run): locked, with its pid inside.
+    lock = tmp_path / "busy" / "train.lock"
+    os.makedirs(tmp_path / "busy")
+    owner = start("-c", "import fcntl, os, socket, sys, time; "
+                  "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                  "fcntl.flock(fd, fcntl.LOCK_EX); "
+                  "os.write(fd, f'{os.getpid()} {socket.gethostname()}'.encode()); "
+                  "time.sleep(60)", str(lock))
     try:
-        os.makedirs(tmp_path / "busy")
-        (tmp_path / "busy" / "train.lock").write_text(f"{owner.pid} {socket.gethostname()}")
+        deadline = time.time() + 60
+        while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
         with pytest.raises(SystemExit) as e:
             T.main(base_argv(demo_data, tmp_path / "busy"))
         assert e.value.code == 2
@@ -249,7 +258,7 @@ def test_non_finite_weights_never_become_latest(demo_data, tmp_path, monkeypatch
     assert one_error_line(capsys.readouterr().err) == (
         f"error: the weights are not finite at step 4: not saved, the latest checkpoint is still "
         f"{tmp_path}/checkpoints/step-000002; lower --lr and resume")
-    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+    assert C.latest(str(tmp_path)).endswith("step-000002")
     assert not (tmp_path / "checkpoints" / "step-000004").exists()
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import checkpoint as C
 import generate as G
 import model as M
 from distributed import spawn
@@ -57,7 +58,7 @@ def write_checkpoint(folder, model, tok_path, n_shards=1, meta=False):
         params["vocab_size"] = -1
     with open(os.path.join(folder, "params.json"), "w") as f:
         json.dump(params, f)
-    for i, shard in enumerate(M.split_state_dict(model.state_dict(), n_shards)):
+    for i, shard in enumerate(C.split_state_dict(model.state_dict(), n_shards)):
         torch.save(shard, os.path.join(folder, f"consolidated.{i:02d}.pth"))
     where = os.path.dirname(os.path.abspath(folder)) if meta else folder
     shutil.copyfile(tok_path, os.path.join(where, "tokenizer.model"))
@@ -213,15 +214,15 @@ def test_meta_two_shards_equal_one_shard(tmp_path, tok_path):
         texts.append(G.generate(m, tok, ["the cat", "is it true that the sun"], 12,
                                 temperature=0))
     assert texts[0] == texts[1]
-    args, state, _ = G.read_checkpoint(two)
+    args, state, _ = C.read_checkpoint(two)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_permute_rows_is_the_rotate_half_layout():
     w = torch.arange(6.0)[:, None].expand(6, 2)        # one head, E = 6: row i holds i
-    assert G.permute_rows(w, 1, to_hf=True)[:, 0].tolist() == [0, 2, 4, 1, 3, 5]
+    assert C.permute_rows(w, 1, to_hf=True)[:, 0].tolist() == [0, 2, 4, 1, 3, 5]
     w = torch.randn(4 * 8, 5)
-    assert torch.equal(G.permute_rows(G.permute_rows(w, 4, True), 4, False), w)
+    assert torch.equal(C.permute_rows(C.permute_rows(w, 4, True), 4, False), w)
 
 
 def safe_open_keys(path):
@@ -274,7 +275,7 @@ def test_hf_export_matches_independent_forward_and_reads_back(tmp_path, tok_path
     model = tiny_model()
     ckpt = write_checkpoint(tmp_path / "ours", model, tok_path)
     out = str(tmp_path / "hf")
-    G.export_hf(*G.read_checkpoint(ckpt), out)
+    C.export_hf(*C.read_checkpoint(ckpt), out)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert cfg["intermediate_size"] == model.args.ffn_hidden and cfg["num_key_value_heads"] == 2
@@ -291,7 +292,7 @@ def test_hf_export_matches_independent_forward_and_reads_back(tmp_path, tok_path
     assert back.args.ffn_hidden == model.args.ffn_hidden and tok.n_words == 320
     assert json.load(open(os.path.join(out, "generation_config.json"))) == {
         "bos_token_id": 1, "eos_token_id": 2}
-    assert json.load(open(os.path.join(out, "tokenizer.json"))) == G.hf_tokenizer_json(tok_path)
+    assert json.load(open(os.path.join(out, "tokenizer.json"))) == C.hf_tokenizer_json(tok_path)
     assert json.load(open(os.path.join(out, "tokenizer_config.json")))["tokenizer_class"] == (
         "PreTrainedTokenizerFast")
 
@@ -337,7 +338,7 @@ def bpe_by_hand(spec: dict, text: str) -> list:
 
 
 def test_hf_tokenizer_json_encodes_as_sentencepiece(spaced_tok_path):
-    spec, tok = G.hf_tokenizer_json(spaced_tok_path), Tokenizer(spaced_tok_path)
+    spec, tok = C.hf_tokenizer_json(spaced_tok_path), Tokenizer(spaced_tok_path)
     assert {"▁▁", "▁▁▁▁"} <= set(spec["model"]["vocab"])      # whitespace-only pieces exist
     assert spec["pre_tokenizer"] is None                        # as bpe_by_hand assumes
     assert spec["normalizer"]["normalizers"] == [
@@ -352,9 +353,9 @@ def test_hf_export_that_fails_midway_leaves_no_folder(tmp_path, tok_path, monkey
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(G, "save_file", disk_full)      # the weights, written first
+    monkeypatch.setattr(C, "save_file", disk_full)      # the weights, written first
     with pytest.raises(OSError):
-        G.export_hf(*G.read_checkpoint(ckpt), str(tmp_path / "hf"))
+        C.export_hf(*C.read_checkpoint(ckpt), str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path)) == ["ours"]     # no half folder, no .tmp- leftover
 
 
@@ -365,7 +366,7 @@ def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
     model = tiny_model(vocab_size=400)
     ckpt = write_checkpoint(tmp_path / "ours", model, spaced_tok_path)
     out = str(tmp_path / "hf")
-    G.export_hf(*G.read_checkpoint(ckpt), out)
+    C.export_hf(*C.read_checkpoint(ckpt), out)
     hf_tok, tok = transformers.AutoTokenizer.from_pretrained(out), Tokenizer(spaced_tok_path)
     for text in space_stress_texts(100):
         ids = hf_tok(text)["input_ids"]
@@ -385,7 +386,7 @@ def test_transformers_loads_the_export(tmp_path, spaced_tok_path):
 
 @pytest.mark.parametrize("dim,hidden", [(4096, 11008), (64, 176), (64, 96), (2048, 5632)])
 def test_hf_intermediate_size_is_reproduced(dim, hidden):
-    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **G.ffn_args(dim, hidden))
+    args = M.ModelArgs(dim=dim, n_heads=4, n_layers=1, vocab_size=10, **C.ffn_args(dim, hidden))
     assert args.ffn_hidden == hidden
 
 
@@ -401,18 +402,18 @@ def one_line_error(exc_type, fn, *args):
 def test_missing_files(tmp_path, tok_path):
     assert "does not exist" in one_line_error(FileNotFoundError, G.load_model, str(tmp_path / "no"))
     (tmp_path / "empty").mkdir()
-    assert "neither params.json" in one_line_error(FileNotFoundError, G.read_checkpoint,
+    assert "neither params.json" in one_line_error(FileNotFoundError, C.read_checkpoint,
                                                    str(tmp_path / "empty"))
     ckpt = write_checkpoint(tmp_path / "a" / "b", tiny_model(), tok_path, 3 - 1)
     os.remove(os.path.join(ckpt, "tokenizer.model"))
-    assert "no tokenizer.model" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+    assert "no tokenizer.model" in one_line_error(FileNotFoundError, C.read_checkpoint, ckpt)
     shutil.copyfile(tok_path, os.path.join(ckpt, "tokenizer.model"))
     os.rename(os.path.join(ckpt, "consolidated.01.pth"), os.path.join(ckpt, "consolidated.02.pth"))
-    assert "a shard is missing" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+    assert "a shard is missing" in one_line_error(FileNotFoundError, C.read_checkpoint, ckpt)
     for f in os.listdir(ckpt):
         if f.endswith(".pth"):
             os.remove(os.path.join(ckpt, f))
-    assert "no consolidated.NN.pth" in one_line_error(FileNotFoundError, G.read_checkpoint, ckpt)
+    assert "no consolidated.NN.pth" in one_line_error(FileNotFoundError, C.read_checkpoint, ckpt)
 
 
 def test_shapes_that_do_not_match_params_json(tmp_path, tok_path):
@@ -433,7 +434,7 @@ def test_tokenizer_of_another_model(tmp_path, tok_path):
 
 def test_hf_folder_without_weights(tmp_path, tok_path):
     out = str(tmp_path / "hf")
-    G.export_hf(*G.read_checkpoint(write_checkpoint(tmp_path / "e", tiny_model(), tok_path)), out)
+    C.export_hf(*C.read_checkpoint(write_checkpoint(tmp_path / "e", tiny_model(), tok_path)), out)
     os.remove(os.path.join(out, "model.safetensors"))
     assert "no *.safetensors" in one_line_error(FileNotFoundError, G.load_model, out)
 

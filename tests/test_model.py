@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint as C
 import model as M
 
 
@@ -349,7 +350,8 @@ def test_meta_key_names_and_strict_load(tmp_path):
     state["rope.freqs"] = torch.zeros(args.head_dim // 2)
     torch.save(state, tmp_path / "consolidated.00.pth")
     other = build(args, seed=1)
-    M.load_meta_state(other, torch.load(tmp_path / "consolidated.00.pth", weights_only=True))
+    other.load_state_dict(C.meta_weights(torch.load(tmp_path / "consolidated.00.pth",
+                                                    weights_only=True)))
     tokens = torch.randint(0, args.vocab_size, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(other(tokens), model(tokens))
@@ -358,13 +360,13 @@ def test_meta_key_names_and_strict_load(tmp_path):
 def test_shard_split_follows_meta_and_round_trips():
     args = small_args(vocab_size=98)
     state = build(args).state_dict()
-    shards = M.split_state_dict(state, 2)
+    shards = C.split_state_dict(state, 2)
     assert shards[0]["layers.0.attention.wq.weight"].shape == (args.dim // 2, args.dim)
     assert shards[0]["layers.0.attention.wo.weight"].shape == (args.dim, args.dim // 2)
     assert shards[0]["layers.0.feed_forward.w2.weight"].shape == (args.dim, args.ffn_hidden // 2)
     assert shards[0]["tok_embeddings.weight"].shape == (args.vocab_size, args.dim // 2)
     assert shards[1]["norm.weight"].shape == (args.dim,)
-    merged = M.merge_state_dicts(shards)
+    merged = C.merge_state_dicts(shards)
     assert merged.keys() == state.keys()
     for k in state:
         assert torch.equal(merged[k], state[k])

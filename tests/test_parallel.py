@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
+import checkpoint as C
 import model as M
 import parallel as P
 import planner
@@ -224,7 +225,7 @@ def check_layers(grid, kv_heads, sp, keep_shard=True):
         close(xp.grad, local(xr.grad), f"{name} input grad, {what}")
         for key, p in par_mod.named_parameters():
             ref_grad = ref_mod.get_parameter(key).grad
-            close(p.grad, P.shard(ref_grad, M.shard_dim(key), grid), f"{name}.{key} grad, {what}")
+            close(p.grad, P.shard(ref_grad, C.shard_dim(key), grid), f"{name}.{key} grad, {what}")
 
     # the embedding: split by vocabulary rows
     emb = par.tok_embeddings(tokens[:, :-1])
@@ -482,7 +483,7 @@ def worker_accounting_and_checkpoints():
         out["full"] = P.full_state_dict(saved, grid)
         shards = [None] * grid.tp
         dist.all_gather_object(shards, out["shard"], group=grid.tp_group)
-        merged = M.merge_state_dicts(shards)
+        merged = C.merge_state_dicts(shards)
         loaded = P.parallelize(M.Transformer(tiny(4)), grids[4], sp=False)
         P.load_sharded(loaded, merged, grids[4])
         with torch.no_grad():
@@ -554,13 +555,13 @@ def test_checkpoint_saved_at_tp2_loads_at_tp4_and_tp1(accounted):
         assert torch.equal(merged[key], t), key                   # saving lost nothing
         assert torch.equal(accounted[0]["full"][key], t), key     # full_state_dict, the same
     assert all(accounted[r]["full"] is None for r in range(1, WORLD))
-    meta_split = M.split_state_dict(state, 2)                     # each file is Meta's shard
+    meta_split = C.split_state_dict(state, 2)                     # each file is Meta's shard
     for rank in range(WORLD):
         tp_rank = rank % 2
         for key, t in meta_split[tp_rank].items():
             assert torch.equal(accounted[rank]["shard"][key], t), (rank, key)
     plain = M.Transformer(tiny(4))
-    M.load_meta_state(plain, merged)
+    plain.load_state_dict(C.meta_weights(merged))
     tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
     with torch.no_grad():
         logits = plain(tokens)

@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
+import checkpoint as C
 import data
-import generate
 import model as M
 import parallel as P
 import planner
@@ -414,7 +414,7 @@ def test_checkpoint_saved_at_pp2_tp2_loads_at_pp4(ran):
         assert torch.equal(ran[0]["full"][key], t), key
     assert all(ran[r]["full"] is None for r in range(1, WORLD))
     for rank, tp_rank in ((0, 0), (1, 1)):                     # pp rank 0 writes each tp file
-        shard = M.split_state_dict(state, 2)[tp_rank]
+        shard = C.split_state_dict(state, 2)[tp_rank]
         assert set(ran[rank]["consolidated"]) == set(shard)
         for key, t in shard.items():
             assert torch.equal(ran[rank]["consolidated"][key], t), (rank, key)
@@ -528,14 +528,14 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
                 assert result["val_losses"][step] == pytest.approx(loss, rel=1e-4), \
                     (name, rank, step)
     # saved at pp 2 x tp 2: Meta's files, one per tp rank, every layer in each; loads at pp 1
-    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path / "pp2 v2 x tp2+sp")))
+    ckpt = C.latest(str(tmp_path / "pp2 v2 x tp2+sp"))
     files = sorted(f for f in os.listdir(ckpt) if f.endswith(".pth"))
     assert files == ["consolidated.00.pth", "consolidated.01.pth", "train_state.00.stage00.pth",
                      "train_state.00.stage01.pth", "train_state.01.stage00.pth",
                      "train_state.01.stage01.pth"]
-    args, state, _ = generate.read_checkpoint(ckpt)
+    args, state, _ = C.read_checkpoint(ckpt)
     model = M.Transformer(args)
-    M.load_meta_state(model, state)
+    model.load_state_dict(C.meta_weights(state))
     val = data.validation_windows(demo_data, 32, 4, seed=0)
     with torch.no_grad():
         loss = F.cross_entropy(model(val[:, :-1]).flatten(0, 1), val[:, 1:].flatten()).item()

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import checkpoint as C
 import tokenizer as tk
 
 CORPUS = [
@@ -157,7 +158,7 @@ def test_a_full_disk_leaves_no_model(tmp_path, monkeypatch):
 
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(tk, "open", FullDisk, raising=False)  # tokenizer.py's open() only
+    monkeypatch.setattr(C, "open", FullDisk, raising=False)  # checkpoint.py's open(): its writes
     with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device$"):
         tk.main(["--train", str(tmp_path / "c.txt"), "--vocab-size", "400",
                  "--out", str(tmp_path / "o.model")])

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import generate as G
+import checkpoint as C
 import parallel as P
 import train as T
 from distributed import losses, start, wait_for_step
@@ -87,7 +87,7 @@ def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         T.main(base_argv(demo_data, out, "--save-every", "6"))
     monkeypatch.setattr(P, "clip_grad_norm", real_clip)
-    assert T.latest_checkpoint(T.TrainConfig(out=str(out))).endswith("step-000006")
+    assert C.latest(str(out)).endswith("step-000006")
     resumed = T.main(base_argv(demo_data, out, "--save-every", "6", "--resume"))
     assert sorted(resumed["losses"]) == list(range(7, 13))
     for step, loss in resumed["losses"].items():
@@ -98,7 +98,7 @@ def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatc
 
 def test_checkpoint_is_meta_layout(demo_data, tmp_path):
     T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
-    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
+    ckpt = C.latest(str(tmp_path))
     assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "params.json", "tokenizer.model",
                                         "train_config.json", "train_state.00.pth"]
     params = json.load(open(os.path.join(ckpt, "params.json")))
@@ -123,7 +123,7 @@ def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkey
                                        "run)\n")
     monkeypatch.setattr(torch, "save", real_save)
     root = tmp_path / "checkpoints"
-    assert T.latest_checkpoint(T.TrainConfig(out=str(tmp_path))).endswith("step-000002")
+    assert C.latest(str(tmp_path)).endswith("step-000002")
     assert (root / ".tmp-step-000004").exists() and not (root / "step-000004").exists()
     resumed = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2", "--resume"))
     assert sorted(resumed["losses"]) == [3, 4, 5, 6]
@@ -222,8 +222,8 @@ def test_generate_reads_the_checkpoint_that_latest_names(demo_data, tmp_path):
     T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text() == "step-000004"
-    args, state, _ = G.read_checkpoint(str(root / "latest"))
-    newest = G.read_checkpoint(str(root / "step-000004"))[1]
+    args, state, _ = C.read_checkpoint(str(root / "latest"))
+    newest = C.read_checkpoint(str(root / "step-000004"))[1]
     assert args.n_layers == 4 and state.keys() == newest.keys()
     assert all(torch.equal(state[k], newest[k]) for k in state)
 
@@ -243,7 +243,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     assert "saving step" in output
-    ckpt = T.latest_checkpoint(T.TrainConfig(out=str(tmp_path)))
+    ckpt = C.latest(str(tmp_path))
     assert ckpt.endswith(f"step-{max(losses(tmp_path)):06d}")
 
 

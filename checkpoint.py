@@ -1,0 +1,651 @@
+"""
+checkpoint.py -- everything the project keeps on disk, and the one way it is written.
+
+A LLaMA checkpoint is a folder. Meta released theirs as `params.json` (ModelArgs), one
+`consolidated.NN.pth` per tensor-parallel rank (the state dict, Meta's key names, split as
+Megatron splits it) and `tokenizer.model`; ours are that same folder plus the training state.
+Hugging Face's are `config.json` + `*.safetensors` under other names, with the rows of wq and wk
+permuted. This file reads all three, writes ours and Hugging Face's, and owns every other file
+a run leaves behind: train.py, generate.py, eval.py and data.py call it; no other file renames
+a file into place or takes a lock.
+
+    OUT/                                  a training run (train.py --out OUT)
+      metrics.jsonl                       one JSON line per step and per validation
+      train.lock                          held while a run uses OUT
+      checkpoints/latest                  names the newest complete step folder
+      checkpoints/step-000600/            a Meta release folder, plus:
+        train_state.00.pth                optimizer, step, sampler, RNG (per tp rank; under pp
+                                          train_state.00.stage01.pth per stage)
+        train_config.json                 the run's options, which --resume restores
+
+Reading map
+  1. Meta's layout      which dimension each tensor is split along; split and merge; reading a
+                        folder (ours, Meta's) or Hugging Face's into one state dict
+  2. Hugging Face       key names, the q/k row permutation, export with a tokenizer.json
+  3. A training run     step folders, `latest`, the training state, saved options, metrics
+  ---------------------------------------------------------------------------- (the banner)
+  4. Checks             every tensor present with its shape; files that cannot be read
+  5. Writing safely     one atomic write, one lock, build-in-a-temporary-folder-then-rename
+
+Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
+
+What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, `.bin`
+weights (convert them to safetensors), sharded HF export (one file); loading only one rank's
+shard file (each rank reads all of them and keeps its slice).
+"""
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cli import first_line
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Meta's layout
+# ---------------------------------------------------------------------------------------------
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dimension along which Meta splits `key` across consolidated.NN.pth files.
+
+    Meta's files are exactly Megatron's tensor-parallel shards [PTD-P §2.3]: the matrices that
+    fan out (wq wk wv w1 w3, and output over the vocabulary) are split by output rows, dim 0;
+    the ones that fan in (wo w2) by input columns, dim 1; the embedding by its width, dim 1;
+    norms are replicated (None).
+    """
+    name = key.split(".")[-2] if "." in key else key     # "layers.3.attention.wq.weight" -> "wq"
+    if name in ("wq", "wk", "wv", "w1", "w3", "output"):
+        return 0
+    if name in ("wo", "w2", "tok_embeddings"):
+        return 1
+    return None
+
+
+def shard_file(i: int) -> str:
+    """The name of Meta's i-th weight file: consolidated.00.pth, consolidated.01.pth, ..."""
+    return f"consolidated.{i:02d}.pth"
+
+
+def piece(tensor: torch.Tensor, dim: Optional[int], n: int, i: int) -> torch.Tensor:
+    """The i-th of n equal slices of `tensor` along `dim` (all of it when dim is None): how a
+    state dict is split into Meta's files, and how parallel.py gives each tp rank its part."""
+    if dim is None or n == 1:
+        return tensor
+    if tensor.shape[dim] % n:
+        raise ValueError(f"a tensor of shape {tuple(tensor.shape)} cannot be split in {n} along "
+                         f"dim {dim}; choose a count that divides it")
+    return tensor.chunk(n, dim)[i]
+
+
+def split_state_dict(state: dict, n: int) -> list:
+    """One full state dict -> n shards in Meta's split (replicated tensors copied to each)."""
+    return [{key: piece(t, shard_dim(key), n, i).clone() for key, t in state.items()}
+            for i in range(n)]
+
+
+def merge_state_dicts(shards: list) -> dict:
+    """n shards in Meta's split -> one full state dict (the inverse of split_state_dict)."""
+    merged = {}
+    for key in meta_weights(shards[0]):
+        dim = shard_dim(key)
+        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim)
+    return merged
+
+
+def meta_weights(state: dict) -> dict:
+    """A Meta state dict without `rope.freqs`, a stray buffer in some of Meta's files (derived
+    from the architecture, not learned: Transformer computes its rotary tables itself)."""
+    return {k: v for k, v in state.items() if k != "rope.freqs"}
+
+
+def read_checkpoint(ckpt: str):
+    """(ModelArgs, full Meta-named state dict on CPU, tokenizer path), validated, no model built.
+
+    The layout is recognized by its files: `config.json` + `*.safetensors` is Hugging Face's;
+    `params.json` + `consolidated.NN.pth` is Meta's and ours. Shards of any count are merged.
+    """
+    ckpt = checkpoint_folder(ckpt)
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
+    if os.path.isfile(os.path.join(ckpt, "config.json")):
+        args, state = read_hf(ckpt)
+        source, config = ckpt, "config.json"
+    elif os.path.isfile(os.path.join(ckpt, "params.json")):
+        shards = meta_shards(ckpt)
+        state = merge_state_dicts([load_weights(p) for p in shards])
+        args, source, config = read_params(ckpt), shards[0], "params.json"
+    else:
+        raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth (Meta's "
+                                "or ours) nor config.json + *.safetensors (Hugging Face's)")
+    tok_path = find_tokenizer(ckpt)
+    check_state(args, state, tok_path, source, config)
+    return args, state, tok_path
+
+
+def read_params(ckpt: str) -> ModelArgs:
+    """params.json of a Meta-layout folder (ours, Meta's) as ModelArgs, validated; Meta's
+    vocab_size -1 ("take it from the tokenizer") is read off the folder's tokenizer."""
+    path = os.path.join(ckpt, "params.json")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the release") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object of ModelArgs fields")
+    if params.get("vocab_size", -1) == -1:
+        params = {**params, "vocab_size": Tokenizer(find_tokenizer(ckpt)).n_words}
+    try:
+        return ModelArgs.from_dict(params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def find_tokenizer(folder: str) -> str:
+    """tokenizer.model in the folder, or in its parent (where Meta's release puts it)."""
+    for where in (folder, os.path.dirname(os.path.abspath(folder))):
+        path = os.path.join(where, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    hint = (" (it has only tokenizer.json, which is not read here)"
+            if os.path.isfile(os.path.join(folder, "tokenizer.json")) else "")
+    raise FileNotFoundError(f"no tokenizer.model in {folder} or its parent{hint}; copy there the "
+                            "SentencePiece model this checkpoint was trained with")
+
+
+def checkpoint_folder(path: str) -> str:
+    """`path`, or for a run's OUT/checkpoints/latest (a file that names the newest complete
+    checkpoint) the folder it names: `--ckpt out/demo/checkpoints/latest` reads the newest."""
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        with open(path) as f:
+            return os.path.join(os.path.dirname(path), f.read().strip())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Hugging Face's layout
+# ---------------------------------------------------------------------------------------------
+
+# Meta's name inside a layer -> Hugging Face's (LlamaForCausalLM), and the top-level ones.
+HF_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(meta_key: str) -> str:
+    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight"""
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_key)
+    if m:
+        return f"model.layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
+    return HF_TOP_NAMES[meta_key[:-len(".weight")]] + ".weight"
+
+
+def permute_rows(w, n_heads: int, to_hf: bool):
+    """Reorder each head's rows of wq / wk between Meta's rotary layout and Hugging Face's.
+
+    Meta rotates consecutive pairs of features (0,1), (2,3), ...; HF rotates feature i with
+    feature i + E/2 ("rotate half"). Reading each head's E rows as a (E/2, 2) grid, Meta's order
+    is row-major and HF's column-major, so the conversion is a transpose of that grid:
+        HF's rows 0..5 are Meta's rows 0 2 4 1 3 5      (E = 6, one head)
+    Each pair thus keeps its rotation angle, and q.k is unchanged: q and k are permuted alike.
+    """
+    E, D = w.shape[0] // n_heads, w.shape[1]
+    grid = (n_heads, E // 2, 2, D) if to_hf else (n_heads, 2, E // 2, D)
+    return w.reshape(grid).transpose(1, 2).reshape(n_heads * E, D)
+
+
+def ffn_args(dim: int, hidden: int) -> dict:
+    """multiple_of / ffn_dim_multiplier for which ModelArgs.ffn_hidden == HF's intermediate_size."""
+    def width(**kw):
+        return ModelArgs(dim=dim, n_heads=1, n_layers=1, vocab_size=1, **kw).ffn_hidden
+    if width() == hidden:
+        return {}                                    # LLaMA's own rounding (multiple_of=256)
+    base = width(multiple_of=1)                      # 2/3 of 4 dim, before any rounding
+    return dict(multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base)
+
+
+def read_hf(folder: str):
+    """config.json + *.safetensors (one file or several) -> (ModelArgs, Meta-named state)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
+            raise ValueError(f"it describes model_type={cfg.get('model_type')!r} rope_scaling="
+                             f"{cfg.get('rope_scaling')}: only plain Llama is supported")
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
+                         norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                         rope_theta=cfg.get("rope_theta", 1e4),
+                         max_seq_len=cfg.get("max_position_embeddings", 2048),
+                         **ffn_args(dim, cfg["intermediate_size"]))
+    except KeyError as e:
+        raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: {first_line(e, 200)}") from None
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{folder} has config.json but no *.safetensors weight files")
+    hf = {name: w for path in files for name, w in load_weights(path).items()}
+    if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings"):
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    to_meta = {hf_name(k): k for k in expected_shapes(args)}
+    state = {}
+    for name, w in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):     # a derived buffer some exports carry
+            continue
+        key = to_meta.get(name, name)                # unknown names are reported by check_state
+        if key.endswith(("wq.weight", "wk.weight")):
+            w = permute_rows(w, n_heads if "wq" in key else n_kv_heads, to_hf=False)
+        state[key] = w
+    return args, state
+
+
+def hf_tokenizer_json(tokenizer_path: str) -> dict:
+    """The SentencePiece model as a `tokenizers` file (tokenizer.json) that encodes as it does.
+
+    SentencePiece's BPE merges the adjacent pair whose joined piece scores best; a `tokenizers`
+    BPE merges the pair of lowest rank; so each way of splitting a piece into two known pieces
+    is a merge, ranked by the piece's score. In front of it, the normalizer writes what
+    SentencePiece does: a "▁" before any non-empty text (the dummy prefix), every space a "▁".
+    NOTE: transformers 5's own LlamaTokenizer adds that "▁" only to a text that does not start
+    with one, so " the" would lose a token; hence this file, loaded as written (see export_hf).
+    """
+    sp = Tokenizer(tokenizer_path).sp
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    special = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
+    merges = []                                  # (rank key, "left right")
+    for i, piece in enumerate(pieces):
+        if i in special or sp.is_byte(i):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                merges.append(((-sp.get_score(i), i, cut), f"{left} {right}"))
+    bos = {"SpecialToken": {"id": sp.id_to_piece(sp.bos_id()), "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [dict(id=i, content=pieces[i], single_word=False, lstrip=False,
+                              rstrip=False, normalized=False, special=True) for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,       # SentencePiece's pieces never span a word boundary anyway
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                    bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {pieces[sp.bos_id()]: {
+                               "id": pieces[sp.bos_id()], "ids": [sp.bos_id()],
+                               "tokens": [pieces[sp.bos_id()]]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},   # the dummy prefix
+        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()],
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": True, "byte_fallback": True, "vocab": ids,
+                  "merges": [merge for _, merge in sorted(merges)]},
+    }
+
+
+def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
+    """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
+    with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
+    Built in a temporary folder and renamed (building): `out` appears whole or not at all.
+    """
+    tok = Tokenizer(tokenizer_path)
+    dtype = next(iter(state.values())).dtype
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "torch_dtype": str(dtype).split(".")[-1],
+    }
+    tensors = {}
+    for key, w in state.items():
+        if key.endswith(("wq.weight", "wk.weight")):
+            w = permute_rows(w, args.n_heads if "wq" in key else args.n_kv_heads, to_hf=True)
+        tensors[hf_name(key)] = w.contiguous()
+    files = {
+        "config.json": config,
+        # generate()'s own defaults: <s> first, stop at </s>.
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+        "tokenizer.json": hf_tokenizer_json(tokenizer_path),
+        # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
+        # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.sp.id_to_piece(tok.bos_id),
+            "eos_token": tok.sp.id_to_piece(tok.eos_id),
+            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
+            "add_eos_token": False, "model_max_length": args.max_seq_len},
+    }
+    with building(out) as tmp:
+        # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2, ensure_ascii=False)
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A training run's folder
+# ---------------------------------------------------------------------------------------------
+# A step folder is written as .tmp-step-NNNNNN by every rank that holds a part of it, renamed
+# when complete (start_build, then finish_build on the main rank), and only then named by
+# `latest`: a kill at any moment leaves at worst a `.tmp-` folder that nothing reads.
+
+def step_folder(out: str, step: int) -> str:
+    return os.path.join(out, "checkpoints", f"step-{step:06d}")
+
+
+def step_of(path: str) -> int:
+    """The step of a checkpoint folder `.../step-000600`; -1 for any other name."""
+    name = os.path.basename(path)
+    return int(name[len("step-"):]) if re.fullmatch(r"step-\d+", name) else -1
+
+
+def latest(out: str) -> Optional[str]:
+    """The folder that OUT/checkpoints/latest names, or None. Only complete folders are named."""
+    pointer = os.path.join(out, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    path = checkpoint_folder(pointer)
+    return path if os.path.isdir(path) else None
+
+
+def checkpoints(out: str) -> list:
+    """Every complete checkpoint folder of a run, the one to resume from first: the folder
+    `latest` names, then the others, newest step first (a kill between a folder's rename and the
+    `latest` update, or a lost `latest`, leaves complete folders that `latest` does not name)."""
+    root = os.path.join(out, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    found = sorted((os.path.join(root, n) for n in names if step_of(n) >= 0), key=step_of,
+                   reverse=True)
+    newest = latest(out)
+    return [newest] + [p for p in found if p != newest] if newest in found else found
+
+
+def holds_a_run(out: str) -> Optional[str]:
+    """What in OUT shows that a run was there (metrics, `latest`, a checkpoint), or None."""
+    signs = [os.path.join(out, "metrics.jsonl"), os.path.join(out, "checkpoints", "latest")]
+    return next((path for path in signs + checkpoints(out) if os.path.exists(path)), None)
+
+
+def train_state_name(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
+    """A rank's optimizer file: one per tp rank, and per pipeline stage under pp."""
+    stage = f".stage{pp_rank:02d}" if pp > 1 else ""
+    return f"train_state.{tp_rank:02d}{stage}.pth"
+
+
+def write_model(folder: str, args: ModelArgs, tok_path: str, config: dict):
+    """The files of a step folder that one rank writes: params.json, tokenizer.model and the
+    run's options (train_config.json)."""
+    write_atomic(os.path.join(folder, "params.json"), args.to_json())
+    write_atomic(os.path.join(folder, "train_config.json"), json.dumps(config, indent=2))
+    with open(tok_path, "rb") as f:
+        write_atomic(os.path.join(folder, "tokenizer.model"), f.read())
+
+
+def publish(out: str, tmp: str, step: int, keep: int) -> str:
+    """The main rank, once every rank wrote its files into tmp: rename it to its step folder,
+    name it in `latest`, and delete all but the newest `keep` (never the one `latest` names)."""
+    final = step_folder(out, step)
+    finish_build(tmp, final, replace=True)
+    write_atomic(os.path.join(out, "checkpoints", "latest"), os.path.basename(final))
+    for old in checkpoints(out)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_train_state(folder: str, tp_rank: int, pp_rank: int = 0, pp: int = 1) -> dict:
+    return torch.load(os.path.join(folder, train_state_name(tp_rank, pp_rank, pp)),
+                      map_location="cpu", weights_only=True)
+
+
+def saved_config(folder: str) -> dict:
+    """The run's options as its checkpoint recorded them (train_config.json)."""
+    path = os.path.join(folder, "train_config.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    first = min(f for f in os.listdir(folder) if f.startswith("train_state."))  # older folders
+    return torch.load(os.path.join(folder, first), map_location="cpu", weights_only=True)["config"]
+
+
+def log_metrics(path: str, record: dict):
+    with open(path, "a") as fh:                      # closed (and flushed) at once: a full disk
+        fh.write(json.dumps(record) + "\n")          # raises here, not at exit
+
+
+def truncate_metrics(path: str, last_step: int):
+    """Before a run goes on from last_step: drop entries a crashed run logged after its last
+    checkpoint (all of them when it saved none), and a last line torn by a kill in the middle
+    of its write. A line that is not JSON elsewhere is refused (ValueError)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        lines = f.readlines() if last_step else []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break                                # torn by the kill: dropped
+            raise ValueError(f"{path} line {i + 1} is not JSON: the file is damaged; move it "
+                             "away and --resume again (a new one is started)") from None
+        if row.get("step", 0) <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(keep))
+
+
+# =============================================================================================
+# Below: what reading and writing for real needs -- checks of what is read, and writes that a
+# kill or a full disk cannot leave half done.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checks
+# ---------------------------------------------------------------------------------------------
+
+def meta_shards(folder: str) -> list:
+    """consolidated.00.pth ... consolidated.{N-1}.pth, checked to be complete."""
+    n = len(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    paths = [os.path.join(folder, shard_file(i)) for i in range(n)]
+    if n == 0:
+        raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth weights")
+    if not all(os.path.isfile(p) for p in paths):
+        raise FileNotFoundError(f"{folder} has {n} consolidated.NN.pth files, not numbered 00 .. "
+                                f"{n - 1:02d}: a shard is missing; re-download or re-save them")
+    return paths
+
+
+def load_weights(path: str) -> dict:
+    """One weights file, torch.save's or safetensors', or a one-line error naming it."""
+    hf = path.endswith(".safetensors")
+    try:
+        # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
+        return load_file(path) if hf else torch.load(path, map_location="cpu",
+                                                     weights_only=True, mmap=True)
+    except Exception as e:   # NOTE: zipfile, pickle, torch and safetensors raise many kinds
+        why = first_line(e, 80) or type(e).__name__
+        fix = ("truncated or not a safetensors file; download it again" if hf else
+               "truncated, corrupt, or not a torch.save zip file; copy or convert it again")
+        raise ValueError(f"cannot read {path} ({why}): it is {fix}") from None
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    """Meta's key -> shape, for this architecture, read off a model on the meta device."""
+    with torch.device("meta"):                  # shapes only: no memory, no random numbers
+        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+
+
+def check_state(args: ModelArgs, state: dict, tok_path: str, source: str, config: str):
+    """The tokenizer's size against the embedding, then every tensor the architecture needs,
+    with the shape it implies, and nothing else."""
+    n_words = Tokenizer(tok_path).n_words
+    rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
+    if rows != n_words:
+        raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
+                         "tokens: it belongs to another model; use the model's own tokenizer.model")
+    expected = expected_shapes(args)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing): not a "
+                         "complete LLaMA checkpoint; re-download or re-export it")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{source} has unexpected tensor {extra[0]}: not a plain LLaMA model")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{key} in {source} has shape {tuple(state[key].shape)} but {config} "
+                             f"(dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
+                             f"n_kv_heads={args.n_kv_heads}) implies {shape}: the weights and "
+                             f"{config} come from different models")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Writing safely
+# ---------------------------------------------------------------------------------------------
+
+def write_atomic(path: str, content):
+    """Write text (or bytes) to path.tmp, flush it to disk, close it, then rename it over path:
+    readers see the old file or the new one, never a part. A full disk raises here, before the
+    rename, and leaves no .tmp behind."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def save_torch(obj, path: str):
+    """torch.save, flushed to disk; a failed write is reported as the OSError it is (on a full
+    disk torch says only `inline_container.cc ... unexpected pos`)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(f"could not write {path} ({first_line(e, 60)}...): is the disk "
+                      "full?") from None
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def lock(path: str) -> Optional[int]:
+    """An exclusive lock on `path` (a folder, or a file made if absent), held until the returned
+    descriptor is closed; None while another process holds it. The system drops a lock when its
+    process dies, however it dies, so a kill never leaves one stuck; forked workers share it."""
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def lock_run(out: str) -> int:
+    """OUT/train.lock, for one run per --out at a time; it holds its owner's pid and host, for
+    the message another run gets. ValueError when a live run holds it."""
+    path = os.path.join(out, "train.lock")
+    fd = lock(path)
+    if fd is None:
+        with open(path) as f:
+            owner = f.read().split()
+        who = f"pid {owner[0]} on {owner[1]}" if len(owner) == 2 else "its pid unknown"
+        raise ValueError(f"{out} is in use by another run ({who}); wait for it to end, or "
+                         "choose another --out")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
+    return fd
+
+
+def unlock_run(out: str, fd: int):
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, "train.lock"))
+    os.close(fd)
+
+
+def start_build(out_dir: str) -> tuple:
+    """(.tmp-NAME, its lock): an empty folder beside OUT to build in, locked by this process.
+    A leftover of a killed build is removed first; one still being built is refused."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = os.path.join(parent, ".tmp-" + name)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(tmp):                   # a leftover of a killed build, or a build running now
+        held = lock(tmp)
+        if held is None:
+            raise FileExistsError(f"another process is building {tmp!r} right now; wait for it "
+                                  "to finish or choose another --out")
+        os.close(held)
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
+    return tmp, lock(tmp)
+
+
+def finish_build(tmp: str, out_dir: str, replace: bool = False):
+    """Flush every file of tmp to disk, then rename it to OUT (an existing OUT is replaced only
+    if `replace`; an empty one always is). The caller then closes start_build's lock."""
+    for folder, _, names in os.walk(tmp):
+        for n in names:
+            with open(os.path.join(folder, n), "rb") as f:
+                os.fsync(f.fileno())
+    if replace and os.path.isdir(out_dir) and os.listdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def building(out_dir: str):
+    """Yield an empty folder .tmp-NAME beside OUT to build in; rename it to OUT at the end.
+
+    OUT appears complete or not at all, and nothing is left to undo by hand: a build that
+    fails removes its folder; one that is killed leaves .tmp-NAME behind, which the next build
+    into OUT removes. The lock tells such a leftover from a build still running, which two
+    builds into one OUT would otherwise destroy for each other. Checkpoints, datasets, exports.
+    """
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"--out {os.path.abspath(out_dir)!r} exists and is not an empty "
+                              "folder; choose a new one (the build never writes among other "
+                              "files)")
+    tmp, fd = start_build(out_dir)
+    try:
+        yield tmp
+        finish_build(tmp, out_dir)
+    except BaseException:                    # Ctrl-C included
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
