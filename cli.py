@@ -99,11 +99,14 @@ def finite(x) -> bool:
 
 
 def check(rules, error=ValueError) -> None:
-    """Flag rules as a table: each (flag, value, ok, what it must be). The first rule broken
-    is refused in one line, `--flag=value must be what`."""
-    for flag, value, ok, rule in rules:
+    """Flag rules as a table, checked in order; the first rule broken is refused in one line.
+    A rule is (flag, value, ok, what it must be), said as `--flag=value must be what`, or
+    (ok, message) where a rule needs its own words."""
+    for rule in rules:
+        ok, message = (rule[2], f"--{rule[0].replace('_', '-')}={rule[1]} must be {rule[3]}"
+                       ) if len(rule) == 4 else rule
         if not ok:
-            raise error(f"--{flag.replace('_', '-')}={value} must be {rule}")
+            raise error(message)
 
 
 class Progress:

@@ -18,7 +18,8 @@ Reading order
   5. FeedForward               SwiGLU, with an optional hand-written backward [LLaMA §2.4]
   6. TransformerBlock, Transformer   embed, rotations, the blocks, head (the steps a pipeline
                                stage runs on its own parts)
-  7. Counting                  exact parameters and model FLOPs per token (for MFU); main
+  7. Counting                  exact parameters, model FLOPs per token, and the GPUs' data-sheet
+                               peaks: MFU's numerator and denominator; main
   (Meta's file layout -- which weight is split along which dimension -- is checkpoint.py's.)
 
 One block, pre-normalized (no biases anywhere, no dropout):
@@ -654,7 +655,7 @@ class Transformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Counting: parameters and FLOPs
+# 7. Counting: parameters, FLOPs, and the peak they are measured against
 # ---------------------------------------------------------------------------------------------
 
 def count_parameters(args: ModelArgs, embedding: bool = True) -> int:
@@ -684,6 +685,34 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     Recomputation is not counted: MFU measures useful work only.
     """
     return 6 * count_parameters(args, embedding=False) + 12 * args.n_layers * args.dim * seq_len
+
+
+@dataclass
+class GPU:
+    peak: float          # dense bf16 FLOP/s, from the data sheet
+    memory: float        # bytes
+    nvlink: float        # bytes/s per GPU, one direction, inside a node of 8
+    network: float       # bytes/s per GPU, one direction, between nodes (one NIC per GPU)
+
+
+# The one table of GPUs in the project: MFU's denominator here (data_sheet_peak, which train.py
+# reads), and planner.py's hardware for its predictions of memory and time.
+GPUS = {
+    "a100-40gb": GPU(312e12, 40 * 2**30, 300e9, 25e9),      # NVLink 3; HDR InfiniBand 200 Gb/s
+    "a100-80gb": GPU(312e12, 80 * 2**30, 300e9, 25e9),
+    "h100-80gb": GPU(989e12, 80 * 2**30, 450e9, 50e9),      # NVLink 4; NDR InfiniBand 400 Gb/s
+    "h200-141gb": GPU(989e12, 141 * 2**30, 450e9, 50e9),    # an H100 with more, faster memory
+}
+
+
+def data_sheet_peak(device_name: str) -> Optional[tuple]:
+    """(family, dense bf16 FLOP/s) for a name as torch.cuda.get_device_name gives it ("NVIDIA
+    A100-SXM4-80GB" -> ("A100", 312e12)), from GPUS; None for a GPU not in the table."""
+    for key, gpu in GPUS.items():
+        family = key.split("-")[0]
+        if family in device_name.lower():
+            return family.upper(), gpu.peak
+    return None
 
 
 def main():

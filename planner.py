@@ -26,7 +26,8 @@ never imports it. train.py reads its table of GPUs for the data-sheet peak behin
     add --json for a machine-readable answer
 
 Reading order
-  1. Hardware and assumptions   GPUS, ASSUMPTIONS, PRECISIONS, PUBLISHED: every number it takes
+  1. Hardware and assumptions   ASSUMPTIONS, PRECISIONS, PUBLISHED (GPUS is model.py's): every number
+                                it takes
   2. Accounting                 activation bytes per layer; collectives and bytes on the wire
   3. Memory                     parameters and activations per GPU, and inference (weights + KV)
   4. Time                       plan(): one layout, in full
@@ -68,13 +69,13 @@ Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.1
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Optional
 
 import torch
 
 from checkpoint import shard_dim
-from model import (PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
+from model import (GPUS, PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
                    flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
@@ -84,33 +85,6 @@ from cli import OneLineParser
 # ---------------------------------------------------------------------------------------------
 # 1. Hardware and assumptions
 # ---------------------------------------------------------------------------------------------
-
-@dataclass
-class GPU:
-    peak: float          # dense bf16 FLOP/s, from the data sheet
-    memory: float        # bytes
-    nvlink: float        # bytes/s per GPU, one direction, inside a node of 8
-    network: float       # bytes/s per GPU, one direction, between nodes (one NIC per GPU)
-
-
-# The one table of data-sheet peaks in the project: train.py's MFU reads it (data_sheet_peak).
-GPUS = {
-    "a100-40gb": GPU(312e12, 40 * 2**30, 300e9, 25e9),      # NVLink 3; HDR InfiniBand 200 Gb/s
-    "a100-80gb": GPU(312e12, 80 * 2**30, 300e9, 25e9),
-    "h100-80gb": GPU(989e12, 80 * 2**30, 450e9, 50e9),      # NVLink 4; NDR InfiniBand 400 Gb/s
-    "h200-141gb": GPU(989e12, 141 * 2**30, 450e9, 50e9),    # an H100 with more, faster memory
-}
-
-
-def data_sheet_peak(device_name: str) -> Optional[tuple]:
-    """(family, dense bf16 FLOP/s) for a name as torch.cuda.get_device_name gives it ("NVIDIA
-    A100-SXM4-80GB" -> ("A100", 312e12)), from GPUS; None for a GPU not in the table."""
-    for key, gpu in GPUS.items():
-        family = key.split("-")[0]
-        if family in device_name.lower():
-            return family.upper(), gpu.peak
-    return None
-
 
 # The assumptions, one set for every prediction; `plan` prints them.
 ASSUMPTIONS = dict(

@@ -12,7 +12,6 @@ is the identity.
     python train.py --out out/run1 --resume           # continue exactly where run1 stopped
     torchrun --nproc_per_node=4 train.py --tp 2 --sp  # tensor+sequence parallel x2, data parallel x2
     torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4  # pipeline
-    python train.py --bench --preset 1b --device cuda --seq-len 2048
 
 Reading order
   1. TrainConfig          every option once; the CLI is derived from it; the checks of the flags
@@ -21,7 +20,6 @@ Reading order
   4. Measuring            bf16 autocast, peak FLOP/s for MFU, the CPU allocator, progress, metrics
   5. Opening a run        new, resumed or restarted: its configuration, data, model and state
   6. train()              the loop: accumulate, synchronize, clip, step, log, validate, save
-  7. bench()              our step against a plain reference loop, as a ratio
   8. main()               errors in one line, exit codes, the process group
 
 A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus training state:
@@ -64,14 +62,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import checkpoint as C           # everything on disk: checkpoints, the run lock, metrics
 import data
 import generate
 import model as M
 import parallel as P
-import planner                   # the data-sheet peaks of GPUs, for MFU
 from cli import OneLineParser, Progress, first_line
 from tokenizer import Tokenizer
 
@@ -124,7 +120,6 @@ class TrainConfig:
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
     timeout: float = 600.0          # seconds a collective may wait on a stuck or dead rank
-    bench: bool = False             # measure tokens/s and MFU against a plain loop, then exit
 
     @property
     def pipeline_schedule(self) -> Optional[str]:
@@ -206,8 +201,6 @@ def check_config(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
                           f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
                           "processes")
-    if cfg.bench and world_size > 1:
-        raise ConfigError("--bench measures one process; run it with python, not torchrun")
     if cfg.pp > 1 and cfg.compile:
         raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
     if cfg.sp and cfg.tp == 1:
@@ -395,7 +388,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, again: bool = False) ->
     times it again when a step beats the peak.
     """
     if device.type == "cuda":
-        known = planner.data_sheet_peak(torch.cuda.get_device_name(device))
+        known = M.data_sheet_peak(torch.cuda.get_device_name(device))
         if known is not None:
             family, flops = known
             return flops, f"{family} data sheet, dense bf16"
@@ -797,91 +790,7 @@ def print_samples(model, tokenizer, cfg, say):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Benchmark: our step against a plain reference loop
-# ---------------------------------------------------------------------------------------------
-
-def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int = 3,
-          variants=("plain", "ours")) -> dict:
-    """tokens/s and MFU of our training step next to a plain loop, on random tokens.
-
-    plain: the same Transformer with the `math` attention (the equation, materializing T x T
-    scores), autograd's SwiGLU, F.cross_entropy, unfused AdamW. ours: the configured backend,
-    --recompute (selective: the hand-written SwiGLU backward), parallel.loss_fn, fused AdamW,
-    and torch.compile with --compile. Single process; precision as --dtype (auto: bf16 autocast
-    on CUDA, fp32 on CPU). `variants` picks which of the two run. A step accumulates
-    --micro-batches of --batch-size sequences. Each result also holds the first step's seconds
-    (compilation included) and, on CUDA, the bytes allocated before a step (weights and AdamW
-    state), at the end of its last forward, after its last backward, and at the peak.
-    """
-    args = M.preset(cfg.preset)
-    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
-    dtype, amp = autocast(cfg, device)
-    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, device, dtype)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    m = cfg.micro_batches
-    tokens = torch.randint(0, args.vocab_size, (m, cfg.batch_size, cfg.seq_len + 1), generator=gen)
-    tokens = tokens.to(device)
-    results = {}
-    for name in variants:
-        torch.manual_seed(cfg.seed)
-        # On CUDA every byte figure is counted from here: what earlier work left is not ours.
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        with torch.device(device):           # PERF: initialized where it runs (1b: seconds on CPU)
-            model = M.Transformer(args)
-        if name == "plain":
-            model.set_attention_backend("math")
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=False)
-            fwd = model
-        else:
-            model.set_attention_backend(cfg.attention)
-            P.apply_recompute(model, cfg.recompute)
-            opt = make_optimizer(model, cfg)
-            fwd = torch.compile(model) if uses_compile(cfg, device) else model
-        times, cuda, memory = [], device.type == "cuda", {}
-        for i in range(warmup + steps):
-            _sync(device)
-            if cuda and i == warmup:
-                torch.cuda.reset_peak_memory_stats(device)
-                memory["state_bytes"] = torch.cuda.memory_allocated(device) - base
-            t = time.perf_counter()
-            for k, batch in enumerate(tokens):                            # (B, T + 1) each
-                with amp:        # NOTE: no name keeps the logits: they go when backward is done
-                    if name == "plain":
-                        loss = F.cross_entropy(fwd(batch[:, :-1]).flatten(0, 1),
-                                               batch[:, 1:].flatten()) / m
-                    else:
-                        loss = P.loss_fn(fwd(batch[:, :-1]), batch[:, 1:], P.Grid()) / m
-                if cuda and i == warmup and k == m - 1:
-                    memory["forward_end_bytes"] = torch.cuda.memory_allocated(device) - base
-                loss.backward()
-            if cuda and i == warmup:
-                memory["after_backward_bytes"] = torch.cuda.memory_allocated(device) - base
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            elapsed = time.perf_counter() - t
-            first_step_s = elapsed if i == 0 else first_step_s
-            if i >= warmup:
-                times.append(elapsed)
-        if cuda:
-            memory["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        tps = m * cfg.batch_size * cfg.seq_len / (sum(times) / len(times))
-        results[name] = dict(tokens_per_s=tps, mfu=tps / peak_tps, first_step_s=first_step_s,
-                             **memory)
-        print(f"{name:>6}: {tps:12,.0f} tokens/s  MFU {100 * results[name]['mfu']:5.1f}%")
-        del model, opt, fwd, loss
-        if device.type == "cuda":
-            torch.cuda.empty_cache()             # the next variant starts from an empty device
-    if len(results) == 2:
-        results["ratio"] = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
-        print(f"ours / plain = {results['ratio']:.2f}x   [{cfg.preset}, batch {cfg.batch_size} "
-              f"x seq {cfg.seq_len}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}, {device}]")
-    print(formula)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. main
+# 7. main
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
@@ -901,9 +810,6 @@ def main(argv=None) -> dict:
             cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("device", "timeout")
                                               if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
-        if cfg.bench:
-            check_config(cfg, world.world_size)
-            return bench(cfg, world.device)
         return train(cfg, world, given)
     except (ValueError, OSError, RunStopped) as e:
         if world is None or world.is_main:

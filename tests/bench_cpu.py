@@ -50,11 +50,29 @@ import parallel as P
 import train as T
 
 
+def memory_bandwidth(device, nbytes=None, reps: int = 5) -> float:
+    """Bytes per second of a large tensor copy (each byte read once and written once)."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)  # far beyond the caches
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                                      # warm-up: page faults, allocator
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
 def decode(rounds: int = 3, new_tokens: int = 96):
     torch.manual_seed(0)
     args = M.ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=512)
     model = M.Transformer(args).eval().requires_grad_(False)
-    bandwidth, weights = G.memory_bandwidth("cpu"), G.weight_bytes(model)
+    bandwidth, weights = memory_bandwidth("cpu"), G.weight_bytes(model)
     bound = bandwidth / weights
     print(f"decode: dim 768, 12 layers, {M.count_parameters(args) / 1e6:.0f}M parameters, "
           f"batch 1, fp32, {torch.get_num_threads()} threads")

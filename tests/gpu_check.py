@@ -14,7 +14,7 @@ measured) and OUT/results.json. Sections, in order:
   1. The CUDA tests       tests/test_gpu.py under pytest (skipped in the dry run: no CUDA)
   2. Training step        the `1b` preset at sequence 2048 in bf16: tokens/s and MFU for sdpa
                           and xformers, eager and torch.compile, recompute none and selective,
-                          and train.bench's plain loop at the same shapes; the first step's
+                          and bench_step.py's plain loop at the same shapes; the first step's
                           time (compilation included)
   3. Memory               the same step, eager, recompute none, selective and full: planner.py's
                           predicted bytes per GPU against torch.cuda's, term by term
@@ -52,12 +52,14 @@ import torch
 from distributed import ROOT, losses, python, start, wait_for_step   # beside this file
 sys.path.insert(0, ROOT)
 
-import checkpoint as C
-import data                      # noqa: E402  (after the path: the repository's own files)
+import bench_step                # noqa: E402  (beside this file, after the path: it imports the
+import checkpoint as C           # noqa: E402   repository's own files, as these do)
+import data                      # noqa: E402
 import generate as G             # noqa: E402
 import model as M                # noqa: E402
 import planner                   # noqa: E402
 import train as T                # noqa: E402
+from bench_cpu import memory_bandwidth   # noqa: E402
 
 
 class Report:
@@ -132,7 +134,7 @@ def training_step(report: Report, device, dry: bool, budget_s: float):
         cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, attention=backend,
                             recompute=recompute, compile=compiled)
         try:
-            r = T.bench(cfg, device, steps=2 if dry else 10, warmup=3,
+            r = bench_step.bench(cfg, device, steps=2 if dry else 10, warmup=3,
                         variants=(kind,))[kind]
         except torch.cuda.OutOfMemoryError:
             report(f"{label} out of memory | | |")
@@ -193,7 +195,7 @@ def memory(report: Report, device, dry: bool):
                              + p["memory"]["stages"][0]["memory"]["activations"])
             cfg = T.TrainConfig(preset=preset, seq_len=seq, batch_size=batch, micro_batches=m,
                                 attention="sdpa", recompute=recompute, compile=False)
-            r = T.bench(cfg, device, steps=2, warmup=2, variants=("ours",))["ours"]
+            r = bench_step.bench(cfg, device, steps=2, warmup=2, variants=("ours",))["ours"]
             measured = {}
             if cuda:
                 state, grads = r["state_bytes"], r["after_backward_bytes"] - r["state_bytes"]
@@ -222,7 +224,7 @@ def decoding(report: Report, device, dry: bool):
     torch.manual_seed(0)
     model.reset_parameters()                        # random weights: speed does not need real ones
     model.eval().requires_grad_(False)
-    bandwidth, weights = G.memory_bandwidth(device), G.weight_bytes(model)
+    bandwidth, weights = memory_bandwidth(device), G.weight_bytes(model)
     bound = bandwidth / weights
     report(f"\n## 4. Decoding at batch 1: `{preset}`-shaped model, random {str(dtype)[6:]} "
            "weights, greedy\n")
@@ -435,7 +437,7 @@ def decoding_experiments(report: Report, device, dry: bool, deadline: float):
     model.eval().requires_grad_(False)
     model.fuse_projections()
     M.plan_free_attention()
-    bound = G.memory_bandwidth(device) / G.weight_bytes(model)
+    bound = memory_bandwidth(device) / G.weight_bytes(model)
     report(f"\n## 6. Decoding experiments: `{preset}`, batch 1, the compiled static step"
            f"{' in a CUDA graph' if device.type == 'cuda' else ''}, fused\n")
     report(f"Weight-read bound {bound:,.1f} tokens/s. GEMV as product and sum: model.project "

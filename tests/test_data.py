@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench_data
 import checkpoint as C
 import data
 from tokenizer import Tokenizer, train_tokenizer
@@ -537,21 +538,21 @@ FLAG_CASES = [  # (argv, the flag, what the message asks for)
     (["merge", "p", "--out", "o", "--workers", "-3"], "--workers", "of at least 1"),
     (["merge", "p", "--out", "o", "--val-every", "x"], "--val-every", "of at least 2"),
     (["stats", "d", "--train-tokens", "-5"], "--train-tokens", "a number above 0"),
-    (["bench", "d", "--seq-len", "0"], "--seq-len", "of at least 1"),
-    (["bench", "d", "--batch", "2.5"], "--batch", "of at least 1"),
-    (["bench", "d", "--mb", "0"], "--mb", "a number above 0"),
-    (["bench-prepare", "--workers", "1", "0"], "--workers", "of at least 1"),
-    (["bench-prepare", "--mb", "-1"], "--mb", "a number above 0"),
-    (["bench-prepare", "--vocab-size", "10"], "--vocab-size", "of at least 260"),
-    (["bench", "d", "--workers", "0"], "--workers", "of at least 1"),
+    (["bench", "sampler", "d", "--seq-len", "0"], "--seq-len", "of at least 1"),
+    (["bench", "sampler", "d", "--batch", "2.5"], "--batch", "of at least 1"),
+    (["bench", "sampler", "d", "--mb", "0"], "--mb", "a number above 0"),
+    (["bench", "prepare", "--workers", "1", "0"], "--workers", "of at least 1"),
+    (["bench", "prepare", "--mb", "-1"], "--mb", "a number above 0"),
+    (["bench", "prepare", "--vocab-size", "10"], "--vocab-size", "of at least 260"),
+    (["bench", "sampler", "d", "--workers", "0"], "--workers", "of at least 1"),
     (["merge", "p", "--out", "o", "--vocab-size", "0"], "--vocab-size", "of at least 260"),
 ]
 
 
 @pytest.mark.parametrize("argv,flag,asks", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
 def test_every_numeric_flag_is_checked_in_one_line(argv, flag, asks, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        data.main(argv)
+    with pytest.raises(SystemExit) as e:        # "bench ...": tests/bench_data.py's flags
+        bench_data.main(argv[1:]) if argv[0] == "bench" else data.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: argument {flag}: use ") and asks in err
@@ -678,7 +679,7 @@ def test_a_fingerprint_is_532_bytes():
 
 
 def test_bench_prints_the_four_ways_to_tokenize(demo_data, capsys):
-    data.main(["bench", demo_data, "--seq-len", "16", "--batch", "4", "--mb", "0.05"])
+    bench_data.main(["sampler", demo_data, "--seq-len", "16", "--batch", "4", "--mb", "0.05"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("MixtureSampler: ") and len(lines) == 5
     for line, way in zip(lines[1:], ("sentencepiece, one text a call", "encode_batch, 512 texts",
@@ -687,7 +688,7 @@ def test_bench_prints_the_four_ways_to_tokenize(demo_data, capsys):
 
 
 def test_bench_prepare_checks_its_runs_agree(demo_data, capsys):
-    data.main(["bench-prepare", "--mb", "0.2", "--workers", "1", "2",
+    bench_data.main(["prepare", "--mb", "0.2", "--workers", "1", "2",
                "--tokenizer", os.path.join(demo_data, "tokenizer.model")])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.endswith("same bytes as 1 worker(s): True")

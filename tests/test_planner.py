@@ -139,8 +139,8 @@ def test_bad_layouts_are_refused_in_one_line(call, message):
     ("NVIDIA A100-SXM4-80GB", "A100", 312e12), ("NVIDIA A100-PCIE-40GB", "A100", 312e12),
     ("NVIDIA H100 80GB HBM3", "H100", 989e12), ("NVIDIA H200", "H200", 989e12)])
 def test_data_sheet_peaks_by_device_name(name, family, peak):
-    assert planner.data_sheet_peak(name) == (family, peak)
+    assert M.data_sheet_peak(name) == (family, peak)
 
 
 def test_unknown_gpu_has_no_data_sheet_peak():
-    assert planner.data_sheet_peak("NVIDIA GeForce RTX 4090") is None
+    assert M.data_sheet_peak("NVIDIA GeForce RTX 4090") is None
