@@ -3,8 +3,7 @@ planner.py -- every prediction this project makes, from formulas: what parallel.
 configurations cost per layer and per step, and whether a tp x pp x dp layout fits and how fast
 it trains at a cluster scale no test can reach.
 
-parallel.py runs tensor, sequence, data and pipeline parallelism; this file predicts their cost,
-in two kinds:
+It predicts two kinds of thing:
   - accounting, exact for this code: the activation bytes a layer keeps for backward and the
     collectives of one optimizer step. tests/test_parallel.py and tests/test_pipeline.py measure
     both on gloo workers (saved_tensors_hooks, a patched torch.distributed) and hold them equal.
@@ -12,55 +11,41 @@ in two kinds:
     assumptions, checked against two published runs: LLaMA-65B at about 380 tokens/s/GPU on 2048
     A100-80GB, 21 days for 1.4T tokens [LLaMA §2.4], and Megatron's 1T-parameter model at 163
     TFLOP/s per A100, 52% of peak [PTD-P §5.1].
-It imports model.py (parameter and FLOP counts, written there once), parallel.py (the schedules,
-the gradient buckets, the checks) and tokenizer.py's one-line command-line parser; parallel.py
-never imports it. train.py reads its table of GPUs for the data-sheet peak behind MFU.
+It imports model.py (parameter and FLOP counts, the GPUs' data sheet) and parallel.py (the
+schedules, the gradient buckets, the checks); neither imports it.
 
-    python planner.py --accounting                                           # tiny and 7b, per
-                                                                             # layer and step
+    python planner.py --accounting                          # tiny and 7b, per layer and step
     python planner.py --preset 65b --gpus 2048 --gpu a100-80gb --tp 8 --pp 4 --seq-len 2048 \\
         --global-batch-tokens 4M --recompute selective --train-tokens 1.4T     # one layout
-    python planner.py --preset 65b --gpus 2048 --search                      # rank the layouts
-    python planner.py --preset 13b --serve --gpu a100-40gb                   # inference memory
-    python planner.py --check                                                # the published runs
+    python planner.py --preset 65b --gpus 2048 --search     # rank the layouts
+    python planner.py --preset 13b --serve --gpu a100-40gb  # inference memory
+    python planner.py --check                               # the published runs
     add --json for a machine-readable answer
 
-Reading order
-  1. Hardware and assumptions   ASSUMPTIONS, PRECISIONS, PUBLISHED (GPUS is model.py's): every number
-                                it takes
-  2. Accounting                 activation bytes per layer; collectives and bytes on the wire
-  3. Memory                     parameters and activations per GPU, and inference (weights + KV)
-  4. Time                       plan(): one layout, in full
-  5. Search                     every layout that fits, fastest first
-  6. Printing and the CLI
+Reading map
+  1. Assumptions   ASSUMPTIONS, PRECISIONS, PUBLISHED: every number it takes (GPUS: model.py)
+  2. Accounting    activation bytes per layer; collectives and bytes on the wire
+  3. Memory        parameters and activations per GPU, and inference (weights + KV)
+  4. Time          plan(): one layout, in full
+  5. Search        every layout that fits, fastest first
+  (below the banner: the printed plan, the tables, the command line)
 
 The model of a step, stated once. A micro-batch costs a pipeline stage
     max(compute, tp collectives) + pipeline sends
-with compute at compute_efficiency x the data-sheet peak (recomputation included: full adds a
-forward of the layers, selective the attention core's), tp collectives overlapped with it as
-LLaMA does [LLaMA §2.4] (so they cost only when they exceed it: tp across nodes), sends and
-all-reduces at link_efficiency x the link's bandwidth, ring algorithms (wire_bytes). The
-slowest stage (the last: it also runs the output layer) sets the pace; a step is
-    (m + (pp - 1) / v) micro-batches + the dp all-reduce of fp32 gradients after the flush
-the bubble (pp-1)/(v m) of PTD-P §2.2. NOTE: parallel.py does not overlap its tp collectives
-with compute (each sits between two matmuls), so plan() also gives the step at compute + tp
-collectives, as this code would run: for LLaMA-65B, 306 tokens/s/GPU where the overlapped model
-gives 353. Memory per GPU: weights, gradients and optimizer state of its stage (Megatron's mixed
-precision: 2 + 4 + 12 bytes per parameter), plus the activations its schedule holds at the worst
-moment (parallel.in_flight over the schedule itself, each chunk weighed by
-activation_bytes_per_layer at 2 bytes per element).
-
-How much the two checks prove, honestly: compute_efficiency = 0.60 is calibrated on the
-Megatron-1T run (it is the value that reproduces 163 TFLOP/s), so that check is a fit, and
-LLaMA-65B is the one the assumptions were not fitted to. LLaMA publishes no layout (§2.4 names
-model and sequence parallelism only): tp 8 x pp 4 is our assumption, tp filling a node of 8 and
-pp 4 the shallowest pipeline that then fits (pp 2 needs 73.8 of 72 usable GiB).
+with compute at compute_efficiency x the data-sheet peak (recomputation included), tp
+collectives overlapped with it as LLaMA does [LLaMA §2.4], sends and all-reduces at
+link_efficiency x the link's bandwidth, ring algorithms (wire_bytes). The slowest stage sets
+the pace; a step is (m + (pp - 1) / v) micro-batches plus the dp all-reduce after the flush: the
+bubble (pp-1)/(v m) of PTD-P §2.2. parallel.py runs its tp collectives exposed, so plan() also
+gives the step at compute + tp collectives, as this code runs it. Memory per GPU: weights,
+gradients and optimizer state of its stage (2 + 4 + 12 bytes per parameter), plus the
+activations its schedule holds at the worst moment (parallel.in_flight over the schedule).
 
 What this leaves out: ZeRO/FSDP sharding of optimizer state, overlap of the dp all-reduce with
 backward (PTD-P does it after the flush, as parallel.py does), the optimizer step's time,
 network topology and congestion, stragglers and failures, the causal kernel doing half the
-attention FLOPs (counted whole, the MFU convention). Each of these moves a real run by a few
-percent; the two published runs land within 8% (tests/test_planner.py).
+attention FLOPs (counted whole, the MFU convention). Each moves a real run by a few percent;
+the two published runs land within 8% (tests/test_planner.py).
 
 Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.13971), PaLM
 (2204.02311) appendix B for MFU.
@@ -79,11 +64,11 @@ from model import (GPUS, PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_par
                    flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
-from cli import OneLineParser
+from cli import OneLineParser, number
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Hardware and assumptions
+# 1. Assumptions
 # ---------------------------------------------------------------------------------------------
 
 # The assumptions, one set for every prediction; `plan` prints them.
@@ -104,8 +89,12 @@ PRECISIONS = {  # bytes per parameter (weights, gradients, optimizer) and per ac
 
 # The published runs the assumptions must reproduce (`--check`; tests/test_planner.py):
 # (model, layout as plan() keywords, {figure: published value}). Both with our sp, which splits
-# the pipeline's messages over tp as Megatron's scatter/gather does [PTD-P §4.1]. The 65B layout
-# is our assumption (see the docstring); the 1T one is PTD-P's own.
+# the pipeline's messages over tp as Megatron's scatter/gather does [PTD-P §4.1]. How much they
+# prove: compute_efficiency = 0.60 is the value that reproduces Megatron-1T's 163 TFLOP/s, so
+# that check is a fit; LLaMA-65B is the one the assumptions were not fitted to. LLaMA publishes
+# no layout (§2.4 names model and sequence parallelism only): tp 8 x pp 4 is our assumption, tp
+# filling a node of 8 and pp 4 the shallowest pipeline that then fits (pp 2 needs 73.8 of 72
+# usable GiB). parallel.py runs tp exposed: 306 tokens/s/GPU for 65B where overlapped gives 353.
 PUBLISHED = {
     "LLaMA-65B on 2048 A100-80GB [LLaMA §2.4]": (
         PRESETS["65b"], dict(gpus=2048, tp=8, pp=4, recompute="selective", train_tokens=1.4e12),
@@ -415,9 +404,9 @@ def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
     return sorted(plans, key=lambda p: -p["tokens_per_s_per_gpu"])[:top]
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. Printing and the CLI
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Below: presenting the predictions -- the plan as text, the accounting tables, the command line.
+# =============================================================================================
 
 def format_plan(p: dict) -> str:
     """The plan as the text `python planner.py` prints."""
@@ -510,26 +499,29 @@ def main(argv=None):
                       "inference memory (--serve).")
     p.add_argument("--preset", default="7b", choices=PRESETS)
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
-    p.add_argument("--gpus", type=int, default=8)
+        p.add_argument("--" + name.replace("_", "-"), type=number(int, 1),
+                       help="override the preset")
+    p.add_argument("--gpus", type=number(int, 1), default=8)
     p.add_argument("--gpu", default="a100-80gb", choices=GPUS)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--virtual-stages", type=int, default=1)
+    p.add_argument("--tp", type=number(int, 1), default=1)
+    p.add_argument("--pp", type=number(int, 1), default=1)
+    p.add_argument("--virtual-stages", type=number(int, 1), default=1)
     p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, help="default: 1f1b, or interleaved "
                    "with --virtual-stages > 1")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--micro-batch", type=number(int, 1), default=1,
+                   help="sequences per micro-batch")
     p.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES)
     p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", default="bf16", choices=PRECISIONS)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=number(int, 1), default=2048)
     p.add_argument("--global-batch-tokens", default="4M", help="4M = 4 x 2^20 = 2048 x 2048")
     p.add_argument("--train-tokens", default="1T", help="for the days to train, e.g. 1.4T")
     p.add_argument("--search", action="store_true", help="rank every layout that fits")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=number(int, 1), default=10)
     p.add_argument("--serve", action="store_true", help="inference: weights + KV cache")
-    p.add_argument("--batch", type=int, default=1, help="--serve: sequences decoded at once")
-    p.add_argument("--context", type=int, default=2048, help="--serve: positions cached")
+    p.add_argument("--batch", type=number(int, 1), default=1,
+                   help="--serve: sequences decoded at once")
+    p.add_argument("--context", type=number(int, 1), default=2048, help="--serve: positions cached")
     p.add_argument("--check", action="store_true", help="the published runs, predicted")
     p.add_argument("--accounting", action="store_true", help="activation bytes per layer and "
                    "collectives per step, tiny and 7b")
@@ -538,11 +530,6 @@ def main(argv=None):
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                             "vocab_size") if getattr(a, k) is not None}
     try:
-        for name in ("gpus", "tp", "pp", "virtual_stages", "micro_batch", "seq_len", "top",
-                     "batch", "context", *overrides):
-            if getattr(a, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(a, name)} must be 1 or "
-                                 "more")
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         hw = GPUS[a.gpu]
         if a.accounting:
