@@ -64,7 +64,8 @@ from model import (GPUS, PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_par
                    flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
-from cli import OneLineParser, number
+import cli
+from cli import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,29 +500,29 @@ def main(argv=None):
                       "inference memory (--serve).")
     p.add_argument("--preset", default="7b", choices=PRESETS)
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=number(int, 1),
+        p.add_argument("--" + name.replace("_", "-"), type=int,
                        help="override the preset")
-    p.add_argument("--gpus", type=number(int, 1), default=8)
+    p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu", default="a100-80gb", choices=GPUS)
-    p.add_argument("--tp", type=number(int, 1), default=1)
-    p.add_argument("--pp", type=number(int, 1), default=1)
-    p.add_argument("--virtual-stages", type=number(int, 1), default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, help="default: 1f1b, or interleaved "
                    "with --virtual-stages > 1")
-    p.add_argument("--micro-batch", type=number(int, 1), default=1,
+    p.add_argument("--micro-batch", type=int, default=1,
                    help="sequences per micro-batch")
     p.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES)
     p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", default="bf16", choices=PRECISIONS)
-    p.add_argument("--seq-len", type=number(int, 1), default=2048)
+    p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--global-batch-tokens", default="4M", help="4M = 4 x 2^20 = 2048 x 2048")
     p.add_argument("--train-tokens", default="1T", help="for the days to train, e.g. 1.4T")
     p.add_argument("--search", action="store_true", help="rank every layout that fits")
-    p.add_argument("--top", type=number(int, 1), default=10)
+    p.add_argument("--top", type=int, default=10)
     p.add_argument("--serve", action="store_true", help="inference: weights + KV cache")
-    p.add_argument("--batch", type=number(int, 1), default=1,
+    p.add_argument("--batch", type=int, default=1,
                    help="--serve: sequences decoded at once")
-    p.add_argument("--context", type=number(int, 1), default=2048, help="--serve: positions cached")
+    p.add_argument("--context", type=int, default=2048, help="--serve: positions cached")
     p.add_argument("--check", action="store_true", help="the published runs, predicted")
     p.add_argument("--accounting", action="store_true", help="activation bytes per layer and "
                    "collectives per step, tiny and 7b")
@@ -530,6 +531,9 @@ def main(argv=None):
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                             "vocab_size") if getattr(a, k) is not None}
     try:
+        cli.check((name, getattr(a, name), getattr(a, name) >= 1, "1 or more") for name in (
+            "gpus", "tp", "pp", "virtual_stages", "micro_batch", "seq_len", "top", "batch",
+            "context", *overrides))
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         hw = GPUS[a.gpu]
         if a.accounting:
