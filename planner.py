@@ -59,13 +59,12 @@ from typing import Optional
 
 import torch
 
+import cli
 from checkpoint import shard_dim
 from model import (GPUS, PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
                    flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
                       default_schedule, in_flight, make_buckets)
-import cli
-from cli import OneLineParser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +494,7 @@ def _count(text: str, binary: bool = False, flag: str = "count") -> float:
 
 
 def main(argv=None):
-    p = OneLineParser(prog="planner.py", description="Predict memory per GPU, communication, "
+    p = cli.OneLineParser(prog="planner.py", description="Predict memory per GPU, communication, "
                       "bubble and speed of a 3D layout; or search the layouts (--search); or "
                       "inference memory (--serve).")
     p.add_argument("--preset", default="7b", choices=PRESETS)
