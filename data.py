@@ -3,44 +3,37 @@ data.py -- from raw public text to a resumable, Table-1-weighted stream of token
 
 LLaMA was trained on 1.4T tokens drawn from seven public sources in fixed proportions, each
 source cleaned by its own rules [LLaMA §2.1, Table 1]. This file is that pipeline at a size one
-machine can run. It reads folders of raw documents (RedPajama's jsonl layout, or .txt files),
-cleans and deduplicates them, tokenizes them into flat memory-mapped shards, and serves windows
-of tokens whose share per source follows the mixture weights: the same windows whatever the
-number of data-parallel ranks, and exactly resumable from a checkpoint. It trains no model;
-train.py calls `parse_mix`, `MixtureSampler`, `validation_windows` and, for the demo,
-`prepare_demo`.
+machine can run: it cleans and deduplicates folders of raw documents (RedPajama's jsonl layout,
+or .txt files), tokenizes them into flat memory-mapped shards, and serves windows of tokens
+whose share per source follows the mixture weights: the same windows whatever the number of
+data-parallel ranks, and exactly resumable from a checkpoint. It trains no model; train.py
+calls `parse_mix`, `MixtureSampler`, `validation_windows` and, for the demo, `prepare_demo`.
 
     python data.py prepare --demo --out data/demo        # offline: Python's own stdlib as text
     python data.py prepare --source c4=/rp/c4 --source github=/rp/github \\
                            --tokenizer tokenizer.model --out data/rp
+    python data.py prepare --shard 3/64 --source common_crawl=/cc --out parts/3   # host 3 of 64
+    python data.py merge parts/* --tokenizer tokenizer.model --out data/cc
     python data.py stats data/demo                       # what was kept, dropped, tokenized
 
-Reading order: train.py reads data through sections 1 and 2, which read without the others
-(and builds the demo corpus with prepare_demo, section 7, on first use).
-  1. The mixture       Table 1, parse_mix
-  2. Reading a dataset load_manifest checks a prepared folder, then MixtureSampler serves
-                       windows mixed by weight, dp-independent and resumable
-  3. Reading sources   .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
-  4. Cleaning rules    one small function per rule, a table of them per source kind
-  5. Deduplication     exact (a hash of the text) and near (MinHash signatures, LSH bands)
-  6. prepare           its stages: clean_file (in parallel) -> dedup_source (in file order)
-                       -> tokenize_file (in parallel) -> concatenate; built in a temporary
-                       folder, renamed when whole; --shard and merge
-  7. Demo corpus       the Python standard library as three sources
-  8. Command line      and the benchmarks
+Reading map (train.py reads through sections 1 and 2, and builds the demo with section 10)
+  1. The mixture        Table 1, parse_mix
+  2. Reading a dataset  MixtureSampler: windows mixed by weight, dp-independent, resumable
+  3. Cleaning rules     one small function per rule, a table of them per source kind
+  4. Deduplication      exact (a hash of the text) and near (MinHash signatures, LSH bands)
+  5. prepare            its stages: clean_file -> dedup_source -> tokenize_file -> concatenate
+  ---------------------------------------------------------------------------- (the banner)
+  6. Reading sources    .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
+  7. Worker processes   a pool of forked workers, one progress line
+  8. prepare's options  the checks before any work; --shard I/N on N machines, then merge
+  9. Dataset checks     load_manifest: a prepared folder checked against its manifest
+ 10. Demo corpus        the Python standard library as three sources
+ 11. Command line       prepare, merge, stats
 
-A prepared folder OUT holds tokenizer.model, stats.json, SOURCE/{train,val}.{bin,idx} for every
-source, and manifest.json. A .bin file is the tokens of every document of the split end to end
-(uint16 when the vocabulary fits, else uint32); its .idx holds the int64 offset at which each
-document starts, plus the total, so document i is bin[idx[i]:idx[i+1]], which starts with BOS
-and ends with EOS. Reading a folder checks it first: the tokenizer's sha256, shard sizes, and a
-sample of ids (check_dataset).
-
-A file is the unit of work. Workers clean each file by the rules of its source's kind and
-fingerprint each surviving document (532 bytes: a 128-bit hash, the shingle count, the MinHash);
-one process then decides, in
-the fixed order of the files, which documents repeat an earlier one; workers tokenize the kept
-documents of each file; the pieces are joined in file order:
+A prepared folder holds tokenizer.model, stats.json, manifest.json and SOURCE/{train,val}.{bin,
+idx}: a .bin is the ids of every document of the split end to end, each <s> doc </s> (uint16
+when the vocabulary fits, else uint32); its .idx the int64 offset where each document starts,
+plus the total, so that document i is bin[idx[i]:idx[i+1]]. A file is the unit of work:
 
     files --workers--> rules of its kind --> text + fingerprint per document   (part/, part.json)
                                                               |
@@ -48,50 +41,20 @@ documents of each file; the pieces are joined in file order:
                                                               |
     manifest.json <- SOURCE/{train,val}.{bin,idx} <--workers-- tokenize as <s> doc </s>
 
-Only fingerprints cross between processes, and only the deciding process holds the dedup state,
-so the output is the same bytes for any --workers (tested), and memory does not grow with them.
-`prepare` builds in OUT/../.tmp-OUT and renames it to OUT when complete; a build that is killed
-leaves .tmp-OUT, which the next build into OUT removes.
-
-Beyond one machine, the way CCNet and datatrove split the work: any scheduler (a Slurm array, a
-shell loop over hosts) runs `prepare --shard I/N` over the same sources on N machines; each
-cleans and fingerprints files I, I+N, I+2N, ... into a part folder. `merge PART...` decides the
-dedup of all parts in file order, trains or copies the tokenizer, tokenizes with every core of
-its machine and writes one manifest: the same bytes as one `prepare` over everything (tested).
-
-    python data.py prepare --shard 3/64 --source common_crawl=/cc --out parts/3   # host 3 of 64
-    python data.py merge parts/* --tokenizer tokenizer.model --out data/cc
-
-At CommonCrawl scale, with figures measured here (`bench-prepare --mb 96 --workers 1 2`: 96 MB
-of the demo's text re-cut into 25k documents, a given 8000-piece tokenizer, one core of a 2-core
-AMD EPYC): one core cleans 9.9 MB/s of raw jsonl and tokenizes 5.3 MB/s of kept text (1.6M
-tokens/s); in all, 3.1G tokens per core-hour. Two workers are 1.8-1.9x faster than one. 1.4T
-tokens in a week (168 h) is then 1.4e12 / (3.1e9 * 168) = 3 cores, were every byte read kept.
-CommonCrawl keeps few: if 10% of the raw text survives, cleaning reads 1.4e12 * 3.3 bytes/token
-/ 0.1 = 46 TB, 1300 core-hours at 9.9 MB/s, and tokenizing takes 240: 9 cores for the week --
-before CCNet's language and perplexity models, which this file replaces by a heuristic and which
-cost more than all of the above. What does not spread is `merge`'s decisions: 16,000 documents/s
-in one process, holding 8 KB per kept document (its MinHash, 32 LSH bucket entries), so one merge
-takes about 8M documents in 64 GB.
+Only 532-byte fingerprints cross between processes, and only the deciding process holds the
+dedup state, so the output is the same bytes for any --workers, or for N machines' `prepare
+--shard I/N` joined by `merge` (tested), and memory does not grow with the workers.
 
 Shape legend: B global batch (B/dp rows per rank), T sequence length. A window holds T+1 tokens:
 the model reads window[:-1] and predicts window[1:].
 
-What this file leaves out:
-  - fastText language identification, and CCNet's n-gram perplexity filter and "Wikipedia-
-    reference" classifier: they need downloaded models. `prepare` takes them as hooks
-    (`language_id`, `quality`) and uses a simple English heuristic in their place.
-  - Metadata it cannot see: Wikipedia's 20 languages, and GitHub's repository licenses (honored
-    when a record carries one, never guessed).
-  - Dedup across sources: it runs within a source; the web line dedup within a file (CCNet's
-    shard).
-  - Splitting a file: a source kept in one huge file is cleaned and tokenized by one core
-    (`split -l 100000 big.jsonl part-` first).
-  - Threads: the parallelism is processes forked from this one (Linux, macOS).
-  - Near dedup of more than one merge holds (1.4T tokens are some 1.4B documents): there it is
-    itself split by LSH band, each band's (value, document) pairs sorted on their own machine
-    and the duplicate pairs joined by union-find (datatrove's MinHash stages), or kept within a
-    shard as CCNet does.
+What this file leaves out: fastText language identification and CCNet's perplexity and
+"Wikipedia-reference" filters (they need downloaded models; `language_id` and `quality` are
+hooks, and an English heuristic stands in); metadata a record does not carry (Wikipedia's 20
+languages, GitHub's licenses); dedup across sources; splitting one huge file (a source kept in
+one file is cleaned by one core: `split -l 100000 big.jsonl part-` first); threads (workers are
+processes forked from this one: Linux, macOS); near dedup of more documents than one merge holds
+(see merge).
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -125,8 +88,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 import checkpoint as C
-from cli import OneLineParser, number
-from tokenizer import Tokenizer, train_tokenizer
+from cli import OneLineParser, Progress, check, number
+from tokenizer import Tokenizer, token_dtype, train_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,96 +133,8 @@ def parse_mix(text: str) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Reading a dataset: load_manifest's checks, then MixtureSampler
+# 2. Reading a dataset: MixtureSampler
 # ---------------------------------------------------------------------------------------------
-
-FORMAT = 2  # manifest.json's layout; 2 added the tokenizer's hash. Another format is refused.
-NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
-
-
-def is_complete(data_dir: str) -> bool:
-    """A build is complete when its manifest exists: the folder appears only once it does."""
-    return os.path.isfile(os.path.join(data_dir, "manifest.json"))
-
-
-def load_manifest(data_dir: str) -> dict:
-    """The manifest of a prepared folder, once `check_dataset` found the files to agree with it."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
-                                "or its build was interrupted; run `python data.py prepare ...`")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        check_dataset(data_dir, manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        # not UTF-8 JSON, or a field missing or of the wrong type; check_dataset's errors pass
-        raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
-                         f"{e}); prepare the dataset again") from None
-    return manifest
-
-
-def token_dtype(n_words: int) -> str:
-    """The shards' id type: uint16 when the vocabulary fits (half the bytes), else uint32."""
-    return "uint16" if n_words <= 2**16 else "uint32"
-
-
-def check_dataset(data_dir: str, manifest: dict) -> None:
-    """Refuse a folder whose files are not the ones its manifest describes, before a window is
-    served from it: the tokenizer must be the one the shards were made with (its sha256), each
-    source a folder inside `data_dir`, each .bin and .idx as long as its counts and dtype imply,
-    and 4096 ids sampled evenly from each shard below the vocabulary size. A few milliseconds."""
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{data_dir!r} was prepared by another version of data.py (format "
-                         f"{manifest.get('format')}, this one reads {FORMAT}); delete it and "
-                         "prepare it again")
-    tokenizer = os.path.join(data_dir, "tokenizer.model")
-    if not os.path.isfile(tokenizer) or _sha256(tokenizer) != manifest["tokenizer_sha256"]:
-        raise ValueError(f"{tokenizer!r} is missing or is not the tokenizer the shards were made "
-                         "with (sha256 differs from the manifest's); put the original back, or "
-                         "prepare the data again with this one")
-    vocab, dtype = manifest["vocab_size"], manifest["dtype"]
-    if dtype != token_dtype(vocab):
-        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
-                         f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the "
-                         "data again")
-    for name, source in manifest["sources"].items():
-        if not re.fullmatch(NAME, name):
-            raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
-                             "(letters, digits, _ and -): a dataset reads only folders inside "
-                             "itself; prepare the data again")
-        for split in ("train", "val"):
-            base, count = os.path.join(data_dir, name, split), source[split]
-            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
-                               (base + ".idx", (count["documents"] + 1) * 8)):
-                found = os.path.getsize(path) if os.path.isfile(path) else "no"
-                if found != size:
-                    raise ValueError(f"{path!r} holds {found} bytes where the manifest's "
-                                     f"{count['tokens']} {dtype} tokens of {count['documents']} "
-                                     f"documents make {size}: a shard of another dtype or "
-                                     "build, or a copy cut short; prepare the data again")
-            if count["tokens"]:
-                tokens = np.memmap(base + ".bin", dtype=dtype, mode="r", shape=(count["tokens"],))
-                sample = tokens[np.linspace(0, count["tokens"] - 1, 4096).astype(np.int64)]
-                if sample.max() >= vocab:
-                    raise ValueError(f"{base}.bin holds token id {sample.max()}, but the "
-                                     f"tokenizer has {vocab} pieces: the shard was made with "
-                                     "another tokenizer; prepare the data again")
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def documents(data_dir: str, source: str, split: str = "train"):
-    """Yield the documents of a split in order, each an array of ids from <s> to </s>."""
-    dtype = load_manifest(data_dir)["dtype"]
-    base = os.path.join(data_dir, source, split)
-    idx, ids = np.fromfile(base + ".idx", dtype=np.int64), np.fromfile(base + ".bin", dtype=dtype)
-    for start, end in zip(idx[:-1], idx[1:]):
-        yield ids[start:end]
-
 
 class MixtureSampler:
     """Windows of T+1 tokens from a prepared folder, mixed by weight, the same for any dp.
@@ -280,18 +155,15 @@ class MixtureSampler:
 
     def __init__(self, data_dir: str, seq_len: int, weights: Optional[dict] = None, seed: int = 0,
                  split: str = "train"):
-        manifest = load_manifest(data_dir)
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r} must be 'train' or 'val'")
-        if seq_len < 1:
-            raise ValueError(f"seq_len={seq_len} must be a positive number of tokens")
+        manifest = load_manifest(data_dir)  # checked against its files first: check_dataset
         weights = dict(manifest["weights"] if weights is None else weights)
         unknown = sorted(set(weights) - set(manifest["sources"]))
-        if unknown:
-            raise ValueError(f"unknown source(s) {unknown} in the mixture; {data_dir} holds "
-                             f"{sorted(manifest['sources'])}")
-        if any(not w >= 0 for w in weights.values()) or not any(weights.values()):
-            raise ValueError(f"mixture weights {weights} must be >= 0 with at least one positive")
+        check([(split in ("train", "val"), f"split={split!r} must be 'train' or 'val'"),
+               (seq_len >= 1, f"seq_len={seq_len} must be a positive number of tokens"),
+               (not unknown, f"unknown source(s) {unknown} in the mixture; {data_dir} holds "
+                             f"{sorted(manifest['sources'])}"),
+               (all(w >= 0 for w in weights.values()) and any(weights.values()),
+                f"mixture weights {weights} must be >= 0 with at least one positive")])
         self.names = sorted(n for n, w in weights.items() if w > 0)
         total = sum(weights[n] for n in self.names)
         self.weights = [weights[n] / total for n in self.names]
@@ -331,11 +203,10 @@ class MixtureSampler:
 
     def next_batch(self, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
         """This rank's (B/dp, T+1) int64 rows of the next global batch of B windows."""
-        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
-            raise ValueError(f"dp_size={dp_size} must divide global_batch={global_batch}; use a "
-                             f"global batch that is a multiple of {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, {dp_size})")
+        check([(global_batch >= 1 and dp_size >= 1 and global_batch % dp_size == 0,
+                f"dp_size={dp_size} must divide global_batch={global_batch}; use a global batch "
+                f"that is a multiple of {dp_size}"),
+               (0 <= dp_rank < dp_size, f"dp_rank={dp_rank} must be in [0, {dp_size})")])
         rows = global_batch // dp_size
         mine = self._schedule(global_batch)[dp_rank * rows:(dp_rank + 1) * rows]
         source, window = np.array(mine).T  # (B/dp,) each
@@ -378,79 +249,17 @@ def validation_windows(data_dir: str, seq_len: int, n_windows: int, seed: int = 
     return MixtureSampler(data_dir, seq_len, weights, seed, split="val").next_batch(n_windows)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Reading sources
-# ---------------------------------------------------------------------------------------------
-
-SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
-
-
-def source_files(folder: str) -> List[str]:
-    """Every .jsonl/.jsonl.gz/.txt file under `folder`, symlinks followed, sorted so that a build
-    is reproducible. A folder reached twice (a symlink loop, or two links to one folder) or a
-    link that leads nowhere is an error, not something to read twice or skip in silence."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"source folder {folder!r} does not exist")
-    files, seen = [], {}
-    for d, _, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(d)
-        if real in seen:
-            raise ValueError(f"{d!r} leads back to {seen[real]!r} (a symlink loop, or a second "
-                             "link to the same folder); remove the link")
-        seen[real] = d
-        for path in (os.path.join(d, name) for name in names if name.endswith(SUFFIXES)):
-            if not os.path.isfile(path):
-                raise ValueError(f"{path!r} is a broken symlink or a symlink loop; fix or remove it")
-            files.append(path)
-    if not files:
-        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
-    return sorted(files)
-
-
-def read_records(path: str, dropped: Counter):
-    """Yield the records of one file; count what cannot be read in `dropped`.
-
-    A record is a dict with a "text" string (RedPajama's layout) or, for a raw StackExchange dump,
-    a "question" string and a list of "answers" {text, score}. A .txt file is one record.
-    """
-    if os.path.getsize(path) == 0:
-        dropped["empty_file"] += 1
-        return
-    is_txt = path.endswith(".txt")
-    with open(path, "rb") as raw:
-        f = gzip.open(raw) if path.endswith(".gz") else raw
-        try:
-            for line in [f.read()] if is_txt else f:
-                if not is_txt and not line.strip():
-                    continue
-                try:
-                    text = line.decode("utf-8")
-                    record = {"text": text} if is_txt else json.loads(text)
-                except UnicodeDecodeError:
-                    dropped["bad_utf8"] += 1
-                    continue
-                except json.JSONDecodeError:
-                    dropped["bad_json"] += 1
-                    continue
-                if _is_record(record):
-                    yield record
-                else:
-                    dropped["bad_json"] += 1
-        except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
-            dropped["bad_gzip"] += 1                        # what was read before
-
-
-def _is_record(record) -> bool:
-    if not isinstance(record, dict):
-        return False
-    if isinstance(record.get("question"), str) and isinstance(record.get("answers"), list):
-        return all(isinstance(a, dict) and isinstance(a.get("text", ""), str)
-                   for a in record["answers"])
-    return isinstance(record.get("text"), str)
+def documents(data_dir: str, source: str, split: str = "train"):
+    """Yield the documents of a split in order, each an array of ids from <s> to </s>."""
+    dtype = load_manifest(data_dir)["dtype"]
+    base = os.path.join(data_dir, source, split)
+    idx, ids = np.fromfile(base + ".idx", dtype=np.int64), np.fromfile(base + ".bin", dtype=dtype)
+    for start, end in zip(idx[:-1], idx[1:]):
+        yield ids[start:end]
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Cleaning rules
+# 3. Cleaning rules
 # ---------------------------------------------------------------------------------------------
 # A rule takes a document's text and returns it cleaned, or None to drop the document. A rule
 # that leaves nothing but whitespace drops it too, and `prepare` counts drops per rule name.
@@ -477,6 +286,8 @@ def web_line_dedup(text: str, seen: set) -> str:
             seen.add(digest)
         kept.append(line)
     return "\n".join(kept)
+
+
 C4_BOILERPLATE = ("javascript", "terms of use", "privacy policy", "cookie policy", "uses cookies",
                   "use of cookies", "use cookies")
 
@@ -532,7 +343,8 @@ PERMISSIVE = ("mit", "apache", "bsd")
 
 def code_license_ok(record: dict) -> bool:
     """PAPER: LLaMA keeps GitHub projects under the Apache, BSD and MIT licenses [LLaMA §2.1].
-    The license is repository metadata (`meta.license` in RedPajama); a record without it is kept."""
+    The license is repository metadata (`meta.license` in RedPajama); a record without one is
+    kept."""
     meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
     license_name = str(meta.get("license") or "").lower()
     return not license_name or license_name.startswith(PERMISSIVE)
@@ -589,7 +401,8 @@ def wiki_links(text: str) -> str:
 
 
 def wiki_formatting(text: str) -> str:
-    """'''bold''', ''italic'', == headings == and leftover HTML tags lose their markup, keep text."""
+    """'''bold''', ''italic'', == headings == and leftover HTML tags lose their markup and
+    keep their text."""
     text = re.sub(r"'{2,}", "", text)
     text = re.sub(r"(?m)^(=+)\s*(.*?)\s*\1\s*$", r"\2", text)
     return re.sub(r"</?[A-Za-z][^>]*>", "", text)
@@ -602,7 +415,8 @@ MACRO_DEF = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\\([A-Za-z]+)\}?\s*\{((?:[^
 
 
 def tex_comments(text: str) -> str:
-    """PAPER: LLaMA strips LaTeX comments [LLaMA §2.1]. A % escaped as \\% is text, not a comment."""
+    """PAPER: LLaMA strips LaTeX comments [LLaMA §2.1]. A % escaped as \\% is text, not a
+    comment."""
     text = re.sub(r"(?m)^[ \t]*%.*\n?", "", text)  # whole-line comments vanish with their line
     return re.sub(r"(?<!\\)%.*", "", text)
 
@@ -646,7 +460,6 @@ def strip_html(text: str) -> str:
     decoded after the tags are gone, so that "&lt;div&gt;" in a post stays visible text."""
     text = re.sub(r"(?i)<br\s*/?>|</p>|</li>|</pre>|</h\d>", "\n", text)
     return html.unescape(re.sub(r"<[^>]+>", "", text))
-
 
 
 # --- every kind ---
@@ -694,8 +507,9 @@ def clean_document(record: dict, kind: str, rules: list, removed: Counter):
         removed[name] += before - len(text)
     return text, None
 
+
 # ---------------------------------------------------------------------------------------------
-# 5. Deduplication
+# 4. Deduplication
 # ---------------------------------------------------------------------------------------------
 
 # PAPER: books overlapping by more than 90% are dropped [LLaMA §2.1]; the paper gives no threshold
@@ -783,7 +597,7 @@ class Deduplicator:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. prepare: clean_file in parallel -> dedup_source in order -> tokenize_file -> concatenate
+# 5. prepare: clean_file in parallel -> dedup_source in order -> tokenize_file -> concatenate
 # ---------------------------------------------------------------------------------------------
 # Workers do what looks at one file alone; this process decides what depends on every earlier
 # document (dedup, the val split), in file order, from fingerprints: the docstring's diagram.
@@ -791,127 +605,6 @@ class Deduplicator:
 VAL_EVERY = 50     # kept documents 1, 51, 101, ... of each source are held out for validation, so
                    # that even a source of two documents has a validation split
 TRAIN, VAL = 1, 2  # a document's fate in the dedup decisions; 0 = dropped
-PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
-
-
-# --- building in a temporary folder; worker processes ---
-
-def building(out_dir: str):
-    """checkpoint.building (a temporary folder, renamed to OUT when whole), refusing first an
-    OUT that already holds a prepared dataset or part."""
-    if is_complete(out_dir) or os.path.exists(os.path.join(out_dir, "part.json")):
-        raise FileExistsError(f"{os.path.abspath(out_dir)!r} already holds a prepared dataset; "
-                              "delete it or choose another --out")
-    return C.building(out_dir)
-
-
-def default_workers() -> int:
-    """Every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-_WORKER = {}  # NOTE: what each worker process holds for its tasks (the build's hooks, its
-              # tokenizer). A Pool cannot pickle a lambda; a forked worker inherits it.
-
-
-def _worker_init(hooks: dict, in_pool: bool):
-    _WORKER.clear()
-    _WORKER.update(hooks)
-    if in_pool:  # Ctrl-C reaches every process; only the parent stops, and it stops the pool
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # NOTE: a task's exception travels back to the parent, so a worker has nothing to say
-        # on stderr but the broken pipe it meets when its parent was killed: that is silenced.
-        sys.stderr = open(os.devnull, "w")
-
-
-def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = False):
-    """Yield fn(task) for every task from `workers` processes (None: every core): in the order
-    of `tasks` if `ordered`, else as they finish (results then say which task they are for)."""
-    workers = workers or default_workers()
-    if workers == 1:  # PERF: the simple version, a loop in this process; --workers 1 runs it
-        _worker_init(hooks, in_pool=False)
-        yield from map(fn, tasks)
-        return
-    # NOTE: "fork": workers start in milliseconds with this module (and torch) already imported.
-    with multiprocessing.get_context("fork").Pool(workers, _worker_init, (hooks, True)) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
-
-
-class Progress:
-    """One line on stderr: label, bar, percent, MB/s; redrawn at most five times a second."""
-
-    def __init__(self, label: str, total: int, quiet: bool = False):
-        self.label, self.total, self.quiet, self.done = label, max(total, 1), quiet, 0
-        self.start = self.drawn = time.perf_counter()
-
-    def add(self, nbytes: int = 0, final: bool = False):
-        self.done += nbytes
-        now = time.perf_counter()
-        if self.quiet or (now - self.drawn < 0.2 and not final):
-            return
-        self.drawn, share = now, min(self.done / self.total, 1.0)
-        speed = self.done / 1e6 / max(now - self.start, 1e-9)
-        print(f"\r{self.label:<24} [{'#' * int(30 * share):<30}] {share:4.0%} {speed:6.1f} MB/s",
-              end="\n" if final else "", file=sys.stderr, flush=True)
-
-
-def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
-               quiet: bool) -> dict:
-    """{key: result} of a stage fn(task) -> (key, result) over tasks (key, input file, ...) in
-    `workers` processes, with a progress line for the bytes of input done."""
-    size = {task[0]: os.path.getsize(task[1]) for task in tasks}
-    bar, results = Progress(label, sum(size.values()), quiet), {}
-    # PERF: the largest files first, so that no worker is left with a big one at the end (the
-    # simple version: in file order)
-    for key, result in _map(fn, sorted(tasks, key=lambda task: -size[task[0]]), workers, hooks):
-        results[key] = result
-        bar.add(size[key])
-    bar.add(final=True)
-    return results
-
-
-# --- the three ways in: prepare, prepare --shard, merge ---
-
-def parse_source(spec: str):
-    """"NAME[:KIND]=DIR" -> (name, kind, dir); the kind defaults to Table 1's, else "text"."""
-    left, sep, folder = spec.partition("=")
-    name, _, kind = left.partition(":")
-    kind = kind or TABLE1.get(name, (0, 0, "text"))[2]
-    if not sep or not folder or not re.fullmatch(NAME, name):
-        raise ValueError(f"bad source {spec!r}: write NAME=DIR or NAME:KIND=DIR, NAME in letters, "
-                         "digits, _ and -, e.g. github=/data/redpajama/github")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(KINDS)}")
-    return name, kind, folder
-
-
-def _list_sources(sources: List[str]) -> list:
-    """[(name, kind, folder, [files])] for sources "NAME[:KIND]=DIR", each checked."""
-    specs = [parse_source(s) for s in sources]
-    names = [name for name, _, _ in specs]
-    if not specs or len(set(names)) != len(names):
-        raise ValueError(f"give one or more sources with distinct names, got {names}")
-    return [(name, kind, folder, source_files(folder)) for name, kind, folder in specs]
-
-
-def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict],
-                   val_every: int, vocab_size: int = 260,
-                   workers: Optional[int] = None) -> Optional[Tokenizer]:
-    """Refuse, before any work starts, a mixture that names unknown sources, a val_every that
-    would hold nothing out, a vocabulary too small to train or a worker count below 1; return
-    the given tokenizer, loaded (so checked), or None. The command line checks the numbers as
-    flags; this is for the calls from Python."""
-    if workers is not None and workers < 0:                    # None or 0: every core
-        raise ValueError(f"workers={workers} must be at least 1 (or 0: every core)")
-    if not tokenizer and vocab_size < 260:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte fallback; use at least "
-                         "260")
-    if set(weights or {}) - set(names):
-        raise ValueError(f"mixture names {sorted(set(weights) - set(names))} are not sources; "
-                         f"the sources are {names}")
-    if val_every < 2:
-        raise ValueError(f"val_every={val_every} must be at least 2 (every Nth document to val)")
-    return Tokenizer(tokenizer) if tokenizer else None
 
 
 def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
@@ -925,7 +618,8 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
     Without `weights`, the default mixture is Table 1 when every source is a RedPajama name, else
     each source in proportion to its tokens (one epoch of everything). `workers` processes
     (default: every core) clean and tokenize files in parallel; the output does not depend on
-    their number. The sources, the mixture and the tokenizer are checked before any work starts.
+    their number. The sources, the mixture and the tokenizer are checked before any work starts,
+    and the dataset is built in a temporary folder, renamed to `out_dir` when whole (`building`).
     """
     listing = _list_sources(sources)
     tok = _check_options([s[0] for s in listing], tokenizer, weights, val_every, vocab_size,
@@ -938,66 +632,63 @@ def prepare(sources: List[str], out_dir: str, tokenizer: Optional[str] = None,
 def _build(tmp: str, listing: list, tok: Optional[Tokenizer], vocab_size: int,
            weights: Optional[dict], val_every: int, hooks: dict, quiet: bool,
            workers: Optional[int]) -> dict:
-    """prepare's work inside the folder `building` gave: one part of every file, then _finish."""
-    start, work = time.perf_counter(), os.path.join(tmp, "work")
+    """prepare's work inside the folder `building` gave: clean_file on every file into one part
+    folder (as `prepare --shard 0/1` would), then _finish."""
+    work = os.path.join(tmp, "work")
     _clean_part(work, listing, 0, 1, workers, hooks, quiet)
-    cleaned = time.perf_counter() - start
     report = _finish(tmp, _read_parts([work]), tok, vocab_size, weights, val_every, workers, quiet)
     shutil.rmtree(work)
-    report["seconds"] = dict(clean=cleaned, **report["seconds"])
     return report
 
 
-def prepare_shard(sources: List[str], out_dir: str, shard: int, shards: int,
-                  language_id: Callable[[str], bool] = looks_english,
-                  quality: Optional[Callable[[str], bool]] = None, quiet: bool = False,
-                  workers: Optional[int] = None) -> dict:
-    """`prepare --shard I/N`: clean and fingerprint files I, I+N, I+2N, ... of the sources (in
-    their global order) into a part folder `out_dir`; `merge` joins the N parts, and refuses a
-    set that is not 0/N .. N-1/N. Returns the part's part.json. Dedup, tokenizer and mixture
-    options belong to `merge`."""
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard}/{shards}: write I/N with 0 <= I < N, e.g. 0/4")
-    listing = _list_sources(sources)
-    _check_options([s[0] for s in listing], None, None, VAL_EVERY, workers=workers)
-    with building(out_dir) as tmp:
-        return _clean_part(tmp, listing, shard, shards, workers,
-                           dict(language_id=language_id, quality=quality), quiet)
+def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
+            weights: Optional[dict], val_every: int, workers: Optional[int], quiet: bool) -> dict:
+    """From cleaned parts (see _read_parts) to a complete dataset in `tmp`: decide (stage 2),
+    train a tokenizer if none was given, tokenize (stage 3), write NAME/{train,val}.{bin,idx}
+    (stage 4), stats.json and manifest.json."""
+    sources = parts[0][1]["sources"]
+    counts = {key: count for _, part in parts for key, count in part["counts"].items()}
+    prefix = {key: os.path.join(folder, key) for folder, part in parts for key in part["counts"]}
+    keys = {s["name"]: [f"{s['name']}/{k:05d}" for k in range(len(s["files"]))] for s in sources}
+    fates, stats = {}, {}
+    for source in sources:  # every source's files in order: the global order
+        files = [(key, prefix[key], counts[key]) for key in keys[source["name"]]]
+        stats[source["name"]], source_fates = dedup_source(source, files, val_every)
+        fates.update(source_fates)
 
+    tok_path = os.path.join(tmp, "tokenizer.model")
+    if tok is None:  # trained on the cleaned training text
+        _train_on((text for key, fate in fates.items()
+                   for text in _kept(prefix[key] + ".jsonl", fate, TRAIN)), tok_path, vocab_size)
+    else:
+        shutil.copyfile(tok.path, tok_path)
+    trained, tok = tok is None, Tokenizer(tok_path)
 
-def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
-          vocab_size: int = 32000, weights: Optional[dict] = None, val_every: int = VAL_EVERY,
-          quiet: bool = False, workers: Optional[int] = None) -> dict:
-    """Join the part folders of `prepare --shard 0/N ... N-1/N` into one dataset: exact and near
-    dedup across all parts, a tokenizer, shards and one manifest -- the same files, byte for
-    byte, as one `prepare` over every source. Returns the stats report."""
-    found = _read_parts(parts)
-    names = [source["name"] for source in found[0][1]["sources"]]
-    tok = _check_options(names, tokenizer, weights, val_every, vocab_size, workers)
-    with building(out_dir) as tmp:
-        return _finish(tmp, found, tok, vocab_size, weights, val_every, workers, quiet)
+    dtype, pieces = token_dtype(tok.n_words), os.path.join(tmp, "pieces")
+    for name in keys:
+        os.makedirs(os.path.join(pieces, name))
+    tasks = [(key, prefix[key] + ".jsonl", fate, dtype, os.path.join(pieces, key))
+             for key, fate in fates.items()]
+    lengths = _each_file("tokenize", tokenize_file, tasks, workers, dict(tokenizer=tok), quiet)
+    for name in keys:
+        os.makedirs(os.path.join(tmp, name))
+        for split in ("train", "val"):
+            stats[name][split] = concatenate(pieces, keys[name], split, lengths,
+                                             os.path.join(tmp, name, split))
+    shutil.rmtree(pieces)
 
-
-# --- map: clean_file, one file per task, into a part ---
-
-def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Optional[int],
-                hooks: dict, quiet: bool) -> dict:
-    """clean_file on files shard, shard + shards, ... of `listing`, into folder/NAME/00000.*;
-    write folder/part.json: the listing (to check that parts fit together) and, per file of
-    this part, what was read and dropped. Returns the part.json."""
-    files = [(f"{name}/{k:05d}", path, kind, os.path.join(folder, name, f"{k:05d}"))
-             for name, kind, _, paths in listing for k, path in enumerate(paths)]
-    for name, *_ in listing:
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-    counts = _each_file("clean", clean_file, files[shard::shards], workers, hooks, quiet)
-    sources = [dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
-                                                  os.path.getsize(path)] for path in paths])
-               for name, kind, root, paths in listing]
-    part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
-                counts=dict(sorted(counts.items())))
-    with open(os.path.join(folder, "part.json"), "w") as f:
-        json.dump(part, f, indent=1)
-    return part
+    if weights is None:
+        table1 = all(name in TABLE1 for name in keys)
+        weights = {n: TABLE1[n][0] if table1 else stats[n]["train"]["tokens"] for n in keys}
+    report = dict(sources=stats, tokenizer_trained=trained)
+    manifest = dict(format=FORMAT, tokenizer="tokenizer.model", tokenizer_sha256=_sha256(tok_path),
+                    vocab_size=tok.n_words, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                    weights=weights, sources={n: {k: stats[n][k] for k in ("kind", "train", "val")}
+                                              for n in keys})
+    for filename, content in (("stats.json", report), ("manifest.json", manifest)):
+        with open(os.path.join(tmp, filename), "w") as f:  # no timings: the same bytes each run
+            json.dump(content, f, indent=2)
+    return report
 
 
 def clean_file(task):
@@ -1018,89 +709,6 @@ def clean_file(task):
             texts.write(json.dumps(text) + "\n")
             prints.write(fingerprint(text))
     return key, dict(read=read, dropped=dict(dropped), removed=dict(removed))
-
-
-def _read_parts(folders: List[str]) -> list:
-    """[(folder, part.json)] of parts that fit together: one run's shards 0..N-1 over the same
-    sources and files, each exactly once."""
-    parts = []
-    for folder in folders:
-        path = os.path.join(folder, "part.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder!r} has no part.json: it is not the output of "
-                                    "`python data.py prepare --shard I/N ...`")
-        with open(path) as f:
-            part = json.load(f)
-        if part.get("format") != PART_FORMAT:
-            raise ValueError(f"{folder!r} was written by another version of data.py (part format "
-                             f"{part.get('format')}, this one reads {PART_FORMAT}); run its shard "
-                             "again")
-        if parts and part["sources"] != parts[0][1]["sources"]:
-            raise ValueError(f"{folder!r} and {parts[0][0]!r} were prepared from different "
-                             "sources or files; run every shard with the same --source flags "
-                             "over the same folders")
-        parts.append((folder, part))
-    shards = parts[0][1]["shard"][1] if parts else 1
-    have = sorted(tuple(part["shard"]) for _, part in parts)
-    if have != [(i, shards) for i in range(shards)]:
-        raise ValueError(f"merge needs the parts 0/N .. N-1/N of one run, each once; got "
-                         f"{[f'{i}/{n}' for i, n in have] or 'none'}")
-    return parts
-
-
-# --- reduce: dedup_source in file order; then tokenize_file, one file per task; concatenate ---
-
-def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
-            weights: Optional[dict], val_every: int, workers: Optional[int], quiet: bool) -> dict:
-    """From parts (see _read_parts) to a complete dataset in `tmp`: decide, (train a tokenizer,)
-    tokenize, write NAME/{train,val}.{bin,idx}, stats.json and manifest.json."""
-    sources = parts[0][1]["sources"]
-    counts = {key: count for _, part in parts for key, count in part["counts"].items()}
-    prefix = {key: os.path.join(folder, key) for folder, part in parts for key in part["counts"]}
-    keys = {s["name"]: [f"{s['name']}/{k:05d}" for k in range(len(s["files"]))] for s in sources}
-    clock, fates, stats = [time.perf_counter()], {}, {}
-    for source in sources:  # every source's files in order: the global order
-        files = [(key, prefix[key], counts[key]) for key in keys[source["name"]]]
-        stats[source["name"]], source_fates = dedup_source(source, files, val_every)
-        fates.update(source_fates)
-    clock.append(time.perf_counter())
-
-    tok_path = os.path.join(tmp, "tokenizer.model")
-    if tok is None:  # trained on the cleaned training text
-        _train_on((text for key, fate in fates.items()
-                   for text in _kept(prefix[key] + ".jsonl", fate, TRAIN)), tok_path, vocab_size)
-    else:
-        shutil.copyfile(tok.path, tok_path)
-    trained, tok = tok is None, Tokenizer(tok_path)
-    clock.append(time.perf_counter())
-
-    dtype, pieces = token_dtype(tok.n_words), os.path.join(tmp, "pieces")
-    for name in keys:
-        os.makedirs(os.path.join(pieces, name))
-    tasks = [(key, prefix[key] + ".jsonl", fate, dtype, os.path.join(pieces, key))
-             for key, fate in fates.items()]
-    lengths = _each_file("tokenize", tokenize_file, tasks, workers, dict(tokenizer=tok), quiet)
-    for name in keys:
-        os.makedirs(os.path.join(tmp, name))
-        for split in ("train", "val"):
-            stats[name][split] = concatenate(pieces, keys[name], split, lengths,
-                                             os.path.join(tmp, name, split))
-    shutil.rmtree(pieces)
-    clock.append(time.perf_counter())
-
-    if weights is None:
-        table1 = all(name in TABLE1 for name in keys)
-        weights = {n: TABLE1[n][0] if table1 else stats[n]["train"]["tokens"] for n in keys}
-    report = dict(sources=stats, tokenizer_trained=trained)
-    manifest = dict(format=FORMAT, tokenizer="tokenizer.model", tokenizer_sha256=_sha256(tok_path),
-                    vocab_size=tok.n_words, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    weights=weights, sources={n: {k: stats[n][k] for k in ("kind", "train", "val")}
-                                              for n in keys})
-    for filename, content in (("stats.json", report), ("manifest.json", manifest)):
-        with open(os.path.join(tmp, filename), "w") as f:  # no timings: the same bytes each run
-            json.dump(content, f, indent=2)
-    return dict(report, seconds=dict(zip(("dedup", "tokenizer", "tokenize"),
-                                         np.diff(clock).tolist())))
 
 
 def dedup_source(source: dict, files: list, val_every: int):
@@ -1139,14 +747,6 @@ def _train_on(texts, path: str, vocab_size: int) -> str:
                            path, vocab_size)
 
 
-def _kept(path: str, fate: np.ndarray, split: int):
-    """The cleaned texts of one file (PREFIX.jsonl) whose fate is `split`, in order."""
-    with open(path) as f:
-        for line, fate_i in zip(f, fate):
-            if fate_i == split:
-                yield json.loads(line)
-
-
 def tokenize_file(task):
     """Stage 3, in a worker: the kept documents of one file as <s> doc </s>, ids end to end, into
     PIECE.train and PIECE.val; returns ("NAME/00000", {split: document lengths})."""
@@ -1156,11 +756,20 @@ def tokenize_file(task):
         docs, sizes = _kept(path, fate, split), []
         with open(f"{piece}.{name}", "wb") as out:
             while batch := list(itertools.islice(docs, 512)):
-                ids = _WORKER["tokenizer"].encode_batch(batch, bos=True, eos=True)  # see bench
+                # PERF: 512 texts a call, not one: tests/bench_data.py sampler times both
+                ids = _WORKER["tokenizer"].encode_batch(batch, bos=True, eos=True)
                 sizes += [len(x) for x in ids]
                 out.write(np.concatenate(ids).astype(dtype).tobytes())
         lengths[name] = np.array(sizes, dtype=np.int64)
     return key, lengths
+
+
+def _kept(path: str, fate: np.ndarray, split: int):
+    """The cleaned texts of one file (PREFIX.jsonl) whose fate is `split`, in order."""
+    with open(path) as f:
+        for line, fate_i in zip(f, fate):
+            if fate_i == split:
+                yield json.loads(line)
 
 
 def concatenate(pieces: str, keys: list, split: str, lengths: dict, base: str) -> dict:
@@ -1175,8 +784,358 @@ def concatenate(pieces: str, keys: list, split: str, lengths: dict, base: str) -
     return dict(tokens=int(offsets[-1]), documents=len(offsets) - 1)
 
 
+# =============================================================================================
+# Below: what running it for real needs -- reading raw files whatever state they are in, worker
+# processes, the checks before a build, --shard and merge, the checks of a prepared folder, the
+# demo corpus and the command line.
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# 7. Demo corpus: the Python standard library
+# 6. Reading sources
+# ---------------------------------------------------------------------------------------------
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
+
+
+def source_files(folder: str) -> List[str]:
+    """Every .jsonl/.jsonl.gz/.txt file under `folder`, symlinks followed, sorted so that a build
+    is reproducible. A folder reached twice (a symlink loop, or two links to one folder) or a
+    link that leads nowhere is an error, not something to read twice or skip in silence."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"source folder {folder!r} does not exist")
+    files, seen = [], {}
+    for d, _, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            raise ValueError(f"{d!r} leads back to {seen[real]!r} (a symlink loop, or a second "
+                             "link to the same folder); remove the link")
+        seen[real] = d
+        for path in (os.path.join(d, name) for name in names if name.endswith(SUFFIXES)):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path!r} is a broken symlink or a symlink loop; fix or remove "
+                                 "it")
+            files.append(path)
+    if not files:
+        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
+    return sorted(files)
+
+
+def read_records(path: str, dropped: Counter):
+    """Yield the records of one file; count what cannot be read in `dropped`.
+
+    A record is a dict with a "text" string (RedPajama's layout) or, for a raw StackExchange dump,
+    a "question" string and a list of "answers" {text, score}. A .txt file is one record.
+    """
+    if os.path.getsize(path) == 0:
+        dropped["empty_file"] += 1
+        return
+    is_txt = path.endswith(".txt")
+    with open(path, "rb") as raw:
+        f = gzip.open(raw) if path.endswith(".gz") else raw
+        try:
+            for line in [f.read()] if is_txt else f:
+                if not is_txt and not line.strip():
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                    record = {"text": text} if is_txt else json.loads(text)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
+                    continue
+                if _is_record(record):
+                    yield record
+                else:
+                    dropped["bad_json"] += 1
+        except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
+            dropped["bad_gzip"] += 1                        # what was read before
+
+
+def _is_record(record) -> bool:
+    if not isinstance(record, dict):
+        return False
+    if isinstance(record.get("question"), str) and isinstance(record.get("answers"), list):
+        return all(isinstance(a, dict) and isinstance(a.get("text", ""), str)
+                   for a in record["answers"])
+    return isinstance(record.get("text"), str)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Worker processes
+# ---------------------------------------------------------------------------------------------
+
+def default_workers() -> int:
+    """Every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+_WORKER = {}  # NOTE: what each worker process holds for its tasks (the build's hooks, its
+              # tokenizer). A Pool cannot pickle a lambda; a forked worker inherits it.
+
+
+def _worker_init(hooks: dict, in_pool: bool):
+    _WORKER.clear()
+    _WORKER.update(hooks)
+    if in_pool:  # Ctrl-C reaches every process; only the parent stops, and it stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # NOTE: a task's exception travels back to the parent, so a worker has nothing to say
+        # on stderr but the broken pipe it meets when its parent was killed: that is silenced.
+        sys.stderr = open(os.devnull, "w")
+
+
+def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = False):
+    """Yield fn(task) for every task from `workers` processes (None: every core): in the order
+    of `tasks` if `ordered`, else as they finish (results then say which task they are for)."""
+    workers = workers or default_workers()
+    if workers == 1:  # PERF: the simple version, a loop in this process; --workers 1 runs it
+        _worker_init(hooks, in_pool=False)
+        yield from map(fn, tasks)
+        return
+    # NOTE: "fork": workers start in milliseconds with this module (and torch) already imported.
+    with multiprocessing.get_context("fork").Pool(workers, _worker_init, (hooks, True)) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
+
+
+def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
+               quiet: bool) -> dict:
+    """{key: result} of a stage fn(task) -> (key, result) over tasks (key, input file, ...) in
+    `workers` processes, with a progress line for the bytes of input done."""
+    size = {task[0]: os.path.getsize(task[1]) for task in tasks}
+    bar, done, results = Progress(f"{label:<8}", sum(size.values()), quiet=quiet), 0, {}
+    # PERF: the largest files first, so that no worker is left with a big one at the end (the
+    # simple version: in file order)
+    for key, result in _map(fn, sorted(tasks, key=lambda task: -size[task[0]]), workers, hooks):
+        results[key], done = result, done + size[key]
+        bar.show(done, f"{done / bar.total:4.0%} {done / 1e6 / bar.seconds():6.1f} MB/s",
+                 final=len(results) == len(tasks))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. prepare's options; --shard and merge
+# ---------------------------------------------------------------------------------------------
+# Beyond one machine, the way CCNet and datatrove split the work: any scheduler (a Slurm array,
+# a shell loop over hosts) runs `prepare --shard I/N` over the same sources on N machines; each
+# cleans and fingerprints files I, I+N, I+2N, ... into a part folder. `merge PART...` decides
+# the dedup of all parts in file order, trains or copies the tokenizer, tokenizes with every
+# core of its machine and writes one manifest: the same bytes as one `prepare` (tested).
+
+PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
+
+
+def building(out_dir: str):
+    """checkpoint.building (a temporary folder, renamed to OUT when whole), refusing first an
+    OUT that already holds a prepared dataset or part."""
+    if is_complete(out_dir) or os.path.exists(os.path.join(out_dir, "part.json")):
+        raise FileExistsError(f"{os.path.abspath(out_dir)!r} already holds a prepared dataset; "
+                              "delete it or choose another --out")
+    return C.building(out_dir)
+
+
+def parse_source(spec: str):
+    """"NAME[:KIND]=DIR" -> (name, kind, dir); the kind defaults to Table 1's, else "text"."""
+    left, sep, folder = spec.partition("=")
+    name, _, kind = left.partition(":")
+    kind = kind or TABLE1.get(name, (0, 0, "text"))[2]
+    if not sep or not folder or not re.fullmatch(NAME, name):
+        raise ValueError(f"bad source {spec!r}: write NAME=DIR or NAME:KIND=DIR, NAME in letters, "
+                         "digits, _ and -, e.g. github=/data/redpajama/github")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(KINDS)}")
+    return name, kind, folder
+
+
+def _list_sources(sources: List[str]) -> list:
+    """[(name, kind, folder, [files])] for sources "NAME[:KIND]=DIR", each checked."""
+    specs = [parse_source(s) for s in sources]
+    names = [name for name, _, _ in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ValueError(f"give one or more sources with distinct names, got {names}")
+    return [(name, kind, folder, source_files(folder)) for name, kind, folder in specs]
+
+
+def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict],
+                   val_every: int, vocab_size: int = 260,
+                   workers: Optional[int] = None) -> Optional[Tokenizer]:
+    """Refuse, before any work starts, a mixture that names unknown sources, a val_every that
+    would hold nothing out, a vocabulary too small to train or a worker count below 1; return
+    the given tokenizer, loaded (so checked), or None. The command line checks the numbers as
+    flags; this is for the calls from Python."""
+    unknown = sorted(set(weights or {}) - set(names))
+    check([(workers is None or workers >= 0,                   # None or 0: every core
+            f"workers={workers} must be at least 1 (or 0: every core)"),
+           (tokenizer or vocab_size >= 260,
+            f"vocab_size={vocab_size} is too small for byte fallback; use at least 260"),
+           (not unknown, f"mixture names {unknown} are not sources; the sources are {names}"),
+           (val_every >= 2,
+            f"val_every={val_every} must be at least 2 (every Nth document to val)")])
+    return Tokenizer(tokenizer) if tokenizer else None
+
+
+def prepare_shard(sources: List[str], out_dir: str, shard: int, shards: int,
+                  language_id: Callable[[str], bool] = looks_english,
+                  quality: Optional[Callable[[str], bool]] = None, quiet: bool = False,
+                  workers: Optional[int] = None) -> dict:
+    """`prepare --shard I/N`: clean and fingerprint files I, I+N, I+2N, ... of the sources (in
+    their global order) into a part folder `out_dir`; `merge` joins the N parts, and refuses a
+    set that is not 0/N .. N-1/N. Returns the part's part.json. Dedup, tokenizer and mixture
+    options belong to `merge`."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard}/{shards}: write I/N with 0 <= I < N, e.g. 0/4")
+    listing = _list_sources(sources)
+    _check_options([s[0] for s in listing], None, None, VAL_EVERY, workers=workers)
+    with building(out_dir) as tmp:
+        return _clean_part(tmp, listing, shard, shards, workers,
+                           dict(language_id=language_id, quality=quality), quiet)
+
+
+def merge(parts: List[str], out_dir: str, tokenizer: Optional[str] = None,
+          vocab_size: int = 32000, weights: Optional[dict] = None, val_every: int = VAL_EVERY,
+          quiet: bool = False, workers: Optional[int] = None) -> dict:
+    """Join the part folders of `prepare --shard 0/N ... N-1/N` into one dataset: exact and near
+    dedup across all parts, a tokenizer, shards and one manifest -- the same files, byte for
+    byte, as one `prepare` over every source. Returns the stats report.
+
+    The dedup decisions do not spread: one process decides some 16,000 documents/s, holding
+    8 KB per kept document (its MinHash, 32 LSH bucket entries), so one merge takes about 8M
+    documents in 64 GB. Past that (1.4T tokens are some 1.4B documents) near dedup is itself
+    split by LSH band, each band's (value, document) pairs sorted on their own machine and the
+    duplicate pairs joined by union-find (datatrove's MinHash stages), or kept within a shard
+    as CCNet does."""
+    found = _read_parts(parts)
+    names = [source["name"] for source in found[0][1]["sources"]]
+    tok = _check_options(names, tokenizer, weights, val_every, vocab_size, workers)
+    with building(out_dir) as tmp:
+        return _finish(tmp, found, tok, vocab_size, weights, val_every, workers, quiet)
+
+
+def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Optional[int],
+                hooks: dict, quiet: bool) -> dict:
+    """clean_file on files shard, shard + shards, ... of `listing`, into folder/NAME/00000.*;
+    write folder/part.json: the listing (to check that parts fit together) and, per file of
+    this part, what was read and dropped. Returns the part.json."""
+    files = [(f"{name}/{k:05d}", path, kind, os.path.join(folder, name, f"{k:05d}"))
+             for name, kind, _, paths in listing for k, path in enumerate(paths)]
+    for name, *_ in listing:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+    counts = _each_file("clean", clean_file, files[shard::shards], workers, hooks, quiet)
+    sources = [dict(name=name, kind=kind, files=[[os.path.relpath(path, root),
+                                                  os.path.getsize(path)] for path in paths])
+               for name, kind, root, paths in listing]
+    part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
+                counts=dict(sorted(counts.items())))
+    with open(os.path.join(folder, "part.json"), "w") as f:
+        json.dump(part, f, indent=1)
+    return part
+
+
+def _read_parts(folders: List[str]) -> list:
+    """[(folder, part.json)] of parts that fit together: one run's shards 0..N-1 over the same
+    sources and files, each exactly once."""
+    parts = []
+    for folder in folders:
+        path = os.path.join(folder, "part.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder!r} has no part.json: it is not the output of "
+                                    "`python data.py prepare --shard I/N ...`")
+        with open(path) as f:
+            part = json.load(f)
+        if part.get("format") != PART_FORMAT:
+            raise ValueError(f"{folder!r} was written by another version of data.py (part format "
+                             f"{part.get('format')}, this one reads {PART_FORMAT}); run its shard "
+                             "again")
+        if parts and part["sources"] != parts[0][1]["sources"]:
+            raise ValueError(f"{folder!r} and {parts[0][0]!r} were prepared from different "
+                             "sources or files; run every shard with the same --source flags "
+                             "over the same folders")
+        parts.append((folder, part))
+    shards = parts[0][1]["shard"][1] if parts else 1
+    have = sorted(tuple(part["shard"]) for _, part in parts)
+    if have != [(i, shards) for i in range(shards)]:
+        raise ValueError(f"merge needs the parts 0/N .. N-1/N of one run, each once; got "
+                         f"{[f'{i}/{n}' for i, n in have] or 'none'}")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Dataset checks: a prepared folder against its manifest
+# ---------------------------------------------------------------------------------------------
+
+FORMAT = 2  # manifest.json's layout; 2 added the tokenizer's hash. Another format is refused.
+NAME = r"[A-Za-z0-9_-]+"  # a source name: a plain folder name, never a path
+
+
+def is_complete(data_dir: str) -> bool:
+    """A build is complete when its manifest exists: the folder appears only once it does."""
+    return os.path.isfile(os.path.join(data_dir, "manifest.json"))
+
+
+def load_manifest(data_dir: str) -> dict:
+    """The manifest of a prepared folder, once `check_dataset` found the files to agree with it."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
+                                "or its build was interrupted; run `python data.py prepare ...`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        check_dataset(data_dir, manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        # not UTF-8 JSON, or a field missing or of the wrong type; check_dataset's errors pass
+        raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
+                         f"{e}); prepare the dataset again") from None
+    return manifest
+
+
+def check_dataset(data_dir: str, manifest: dict) -> None:
+    """Refuse a folder whose files are not the ones its manifest describes, before a window is
+    served from it: the tokenizer must be the one the shards were made with (its sha256), each
+    source a folder inside `data_dir`, each .bin and .idx as long as its counts and dtype imply,
+    and 4096 ids sampled evenly from each shard below the vocabulary size. A few milliseconds."""
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{data_dir!r} was prepared by another version of data.py (format "
+                         f"{manifest.get('format')}, this one reads {FORMAT}); delete it and "
+                         "prepare it again")
+    tokenizer = os.path.join(data_dir, "tokenizer.model")
+    if not os.path.isfile(tokenizer) or _sha256(tokenizer) != manifest["tokenizer_sha256"]:
+        raise ValueError(f"{tokenizer!r} is missing or is not the tokenizer the shards were made "
+                         "with (sha256 differs from the manifest's); put the original back, or "
+                         "prepare the data again with this one")
+    vocab, dtype = manifest["vocab_size"], manifest["dtype"]
+    if dtype != token_dtype(vocab):
+        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
+                         f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the "
+                         "data again")
+    for name, source in manifest["sources"].items():
+        if not re.fullmatch(NAME, name):
+            raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
+                             "(letters, digits, _ and -): a dataset reads only folders inside "
+                             "itself; prepare the data again")
+        for split in ("train", "val"):
+            base, count = os.path.join(data_dir, name, split), source[split]
+            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
+                               (base + ".idx", (count["documents"] + 1) * 8)):
+                found = os.path.getsize(path) if os.path.isfile(path) else "no"
+                if found != size:
+                    raise ValueError(f"{path!r} holds {found} bytes where the manifest's "
+                                     f"{count['tokens']} {dtype} tokens of {count['documents']} "
+                                     f"documents make {size}: a shard of another dtype or "
+                                     "build, or a copy cut short; prepare the data again")
+            if count["tokens"]:
+                tokens = np.memmap(base + ".bin", dtype=dtype, mode="r", shape=(count["tokens"],))
+                sample = tokens[np.linspace(0, count["tokens"] - 1, 4096).astype(np.int64)]
+                if sample.max() >= vocab:
+                    raise ValueError(f"{base}.bin holds token id {sample.max()}, but the "
+                                     f"tokenizer has {vocab} pieces: the shard was made with "
+                                     "another tokenizer; prepare the data again")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Demo corpus: the Python standard library
 # ---------------------------------------------------------------------------------------------
 
 # Three sources every Python carries, offline, weighted like Table 1 in miniature: over a run as
@@ -1186,7 +1145,7 @@ DEMO_WEIGHTS = {"code": 0.5, "docs": 0.3, "reference": 0.2}
 DEMO_KINDS = {"code": "code", "docs": "text", "reference": "text"}
 DEMO_MB = {"code": 4.0, "docs": 1.5, "reference": 1.0}  # caps, in MB of raw text
 DEMO_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
-             "pydoc_data", "__pycache__"}  # tests are huge and repetitive; pydoc_data is `reference`
+             "pydoc_data", "__pycache__"}  # tests: huge, repetitive; pydoc_data: `reference`
 
 
 def stdlib_files() -> List[str]:
@@ -1293,7 +1252,7 @@ def prepare_demo(out_dir: str, vocab_size: int = 4096, scale: float = 1.0,
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Command line: stats, and the benchmarks
+# 11. Command line: prepare, merge, stats
 # ---------------------------------------------------------------------------------------------
 
 def print_stats(data_dir: str, train_tokens: Optional[float] = None):
@@ -1346,44 +1305,43 @@ def main(argv=None):
         q.add_argument("--tokenizer", help="a SentencePiece .model (default: train one)")
         q.add_argument("--vocab-size", type=number(int, 260),
                        help=f"pieces of the tokenizer to train (default {pieces})")
-    for q in (pp, pm):
         q.add_argument("--mix", help="default weights stored with the data, e.g. c4=15,github=4.5")
         q.add_argument("--val-every", type=number(int, 2),
                        help=f"every Nth kept document is held out (default {VAL_EVERY})")
         q.add_argument("--out", required=True)
         q.add_argument("--quiet", action="store_true")
-    for q in (pp, pm):
         q.add_argument("--workers", type=number(int, 1), help="processes (default: every core)")
     ps.add_argument("data_dir")
     ps.add_argument("--train-tokens", type=number(float, 0, above=True),
                     help="run length for the epochs column")
     args = p.parse_args(argv)
     if args.command == "prepare":
-        if args.demo == bool(args.source):
-            pp.error("give either --demo or one or more --source NAME=DIR")
-        if args.scale and not args.demo:
-            pp.error("--scale sizes the --demo corpus; drop it or add --demo")
-        dataset_options = (args.tokenizer, args.vocab_size, args.mix, args.val_every)
-        if args.shard and (args.demo or any(v is not None for v in dataset_options)):
-            pp.error("--shard cleans sources into a part; give --tokenizer, --vocab-size, "
-                     "--mix and --val-every to `data.py merge`")
+        for_merge = (args.tokenizer, args.vocab_size, args.mix, args.val_every)
+        check([(args.demo != bool(args.source), "give either --demo or one or more --source "
+                                                "NAME=DIR"),
+               (args.demo or not args.scale, "--scale sizes the --demo corpus; drop it or add "
+                                             "--demo"),
+               (not args.shard or not (args.demo or any(v is not None for v in for_merge)),
+                "--shard cleans sources into a part; give --tokenizer, --vocab-size, --mix and "
+                "--val-every to `data.py merge`")], error=pp.error)
     try:
         start = time.perf_counter()
-        if args.command == "prepare" and args.shard:
+        if args.command == "stats":
+            print_stats(args.data_dir, args.train_tokens)
+        elif args.command == "prepare" and args.shard:
             prepare_shard(args.source, args.out, *args.shard, quiet=args.quiet,
                           workers=args.workers)
         elif args.command == "prepare" and args.demo:
             prepare_demo(args.out, args.vocab_size or 4096, args.scale or 1.0, quiet=args.quiet,
                          workers=args.workers)
-        elif args.command in ("prepare", "merge"):
-            build, inputs = (merge, args.parts) if args.command == "merge" else (prepare, args.source)
+        else:
+            build, inputs = ((merge, args.parts) if args.command == "merge"
+                             else (prepare, args.source))
             build(inputs, args.out, args.tokenizer, args.vocab_size or 32000,
                   parse_mix(args.mix) if args.mix else None, args.val_every or VAL_EVERY,
                   quiet=args.quiet, workers=args.workers)
-        if args.command in ("prepare", "merge"):
+        if args.command != "stats":
             print(f"{args.out} ready in {time.perf_counter() - start:.1f} s")
-        else:
-            print_stats(args.data_dir, args.train_tokens)
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk

@@ -10,16 +10,14 @@ is the best choice under one of three rules:
     acc_norm    argmax  log P(continuation | context) / characters of the choice
     acc_answer  argmax  log P(continuation | context) - log P(continuation | "Answer:")
 
-acc_norm is Gao et al.'s (the harness's), which the paper follows: the characters of the choice
-as written, the delimiter's space not counted. The paper uses it everywhere except OpenBookQA and
-BoolQ, where it uses acc_answer (after GPT-3) [LLaMA §3]. Context and continuation are tokenized
-together; the continuation's tokens are those after the longest prefix the joint encoding shares
-with the context's own, so the tokens scored are the ones the model really sees. WinoGrande uses
-partial evaluation: the option fills the blank and ends the context, the rest of the sentence is
-the one continuation both options share (so acc is its only rule). MMLU [LLaMA Table 9] is 5-shot
-multiple choice over the answer letters. Closed-book QA (NaturalQuestions, TriviaQA) is greedy
-generation, cut at the first line break, dot or comma, matched exactly after normalization
-[LLaMA App. A], 0- to 64-shot. Perplexity is measured on held-out text or a token shard.
+The paper uses acc_norm (Gao et al.'s: the characters of the choice as written, the delimiter's
+space not counted) everywhere except OpenBookQA and BoolQ, where it uses acc_answer (after
+GPT-3) [LLaMA §3]. WinoGrande uses partial evaluation: the option fills the blank and ends the
+context, the rest of the sentence is the one continuation both options share (so acc is its only
+rule). MMLU [LLaMA Table 9] is 5-shot multiple choice over the answer letters. Closed-book QA
+(NaturalQuestions, TriviaQA) is greedy generation, cut at the first line break, dot or comma,
+matched exactly after normalization [LLaMA App. A], 0- to 64-shot. Perplexity is measured on
+held-out text or a token shard.
 
     python eval.py --ckpt llama/7B --task hellaswag --data hellaswag_val.jsonl --limit 500
     python eval.py --ckpt llama/7B --task nq --data NQ-open.dev.jsonl --shots 5 \\
@@ -27,79 +25,29 @@ generation, cut at the first line break, dot or comma, matched exactly after nor
     python eval.py --ckpt llama/7B --task mmlu --data data/test --shots-from data/dev
     python eval.py --ckpt out/tiny --task perplexity --data heldout.txt
 
-Files each task reads, in the original release's layout or in that of the Hugging Face dataset
-exported to JSON lines (`datasets.load_dataset(NAME, CONFIG)[SPLIT].to_json("x.jsonl")`); the
-layout is recognized record by record:
-
-    boolq       BoolQ dev.jsonl or SuperGLUE BoolQ val.jsonl: passage, question, answer|label
-                HF google/boolq or super_glue boolq, validation: the same (label 0/1 or bool)
-    piqa        PIQA valid.jsonl: goal, sol1, sol2; labels in valid-labels.lst beside it
-                HF piqa, validation: the same with label 0|1
-    siqa        Social IQa dev.jsonl: context, question, answerA..C; dev-labels.lst (1..3)
-                HF allenai/social_i_qa, validation: the same with label "1".."3"
-    hellaswag   hellaswag_val.jsonl: activity_label, ctx_a, ctx_b, endings [4], label
-                HF Rowan/hellaswag, validation: the same with label "0".."3"
-    winogrande  WinoGrande 1.1 dev.jsonl: sentence (one "_"), option1, option2, answer "1"|"2"
-                HF allenai/winogrande winogrande_xl, validation: the same
-    arc_easy,   ARC-V1-Feb2018 ARC-{Easy,Challenge}-Test.jsonl:
-    arc_challenge question {stem, choices [{text, label}]}, answerKey
-                HF allenai/ai2_arc, test: question, choices {text [..], label [..]}, answerKey
-    openbookqa  OpenBookQA-V1-Sep2018 Data/Main/test.jsonl: as ARC
-                HF allenai/openbookqa main, test: question_stem, choices, answerKey
-    nq          NQ-open.dev.jsonl (3610 questions): question, answer [..]
-                HF google-research-datasets/nq_open, validation: the same
-    triviaqa    TriviaQA qa/wikipedia-dev.json or web-dev.json: {"Data": [{Question,
-                Answer {Value, Aliases}}]}, or such records one a line
-                HF mandarjoshi/trivia_qa rc.nocontext, validation: question, answer {value,
-                aliases}. NOTE: the paper says "filtered dev set" and no more.
-    mmlu        Hendrycks et al.'s data/test (data/dev for the shots): SUBJECT_test.csv, rows of
-                question, A, B, C, D, answer letter
-                HF cais/mmlu all, test (dev for the shots): question, subject, choices [4],
-                answer 0..3
-    perplexity  UTF-8 text, or a token shard (.npy, or .bin of uint16 / uint32 ids)
-
---shots-from names the file the shots are drawn from: a QA train file, MMLU's dev split.
-
-What differs from EleutherAI's lm-evaluation-harness (0.4), and why it is kept:
-  - OpenBookQA and BoolQ also get acc_answer, conditioned on "Answer:" as the paper says; the
-    harness reports acc / acc_norm there (its mutual-information rule conditions on <s> alone).
-  - Closed-book QA prompts are the paper's (Figure 3: "Answer these questions:\n", "Q: ..\nA:",
-    NQ questions capitalized with a "?"), not the harness's ("Answer these questions:\n\n" for
-    nq_open, "Question: ..?\nAnswer:" for triviaqa); answers are normalized as the paper says
-    (SQuAD's rule) and TriviaQA's value counts beside its aliases. Shots are drawn per question
-    with the harness's seed, not in its order. The paper's "final dot" is read as the harness
-    reads it, any ".", so "St. Louis" answers "St".
-  - The split between context and continuation is the longest shared token prefix, not the
-    length of the context's own tokens; the two agree whenever the joint tokens start with the
-    context's, as they do at a space with SentencePiece.
-  - Everything else -- prompts of the multiple-choice tasks and MMLU, HellaSwag's clean-up (its
-    ".." where "[title]" follows a period included), acc_norm, the context's trailing spaces
-    moved to the continuation, left truncation of over-long prompts, <s> first, the stop
-    strings -- is the harness's, string for string.
-
-The JSON report (--out) holds the metrics, the paper's rule in words and its LLaMA-7B number,
-the time taken, and per example, in choice order: the context(s), the choices, every choice's
-log-likelihood (and after "Answer:" where that rule applies), the pick of each rule, the label;
-for QA the prompt, the generation, the extracted answer. It is written only after a run that
-succeeded, by renaming a file checked writable before the work started.
-
-Reading order
-  1. Records          typed access to one record; errors that name the field
-  2. Readers          one small function per benchmark, the prompts, one table of tasks
-  3. Task files       JSON lines, JSON, CSV -> Examples; few-shot prompts
-  4. Scoring          batches of similar length (QA's too); tokenize together, pad, one
-                      forward per batch, sum log-probs
-  5. Multiple choice  the three rules, MMLU's averages
-  6. Closed-book QA   greedy answers that stop at a stop string, exact match
-  7. Perplexity       non-overlapping windows of max_seq_len tokens
-  8. main             the command line, every flag checked before any work
+Reading map
+  1. Tasks            one reader per benchmark writes its prompt; the table of tasks; the shots
+  2. Scoring          context + continuation tokenized together, batched by length, one
+                      forward per batch; the continuation's log-probabilities summed
+  3. Multiple choice  the three rules; MMLU's averages by subject and category
+  4. Closed-book QA   greedy answers that stop at the paper's stop strings; exact match
+  5. Perplexity       non-overlapping windows of max_seq_len tokens
+  ------------------------------------------------------------------------------ (the banner)
+  6. Task files       the file each task reads, in its original or Hugging Face layout
+  7. Command line     the flag rules, the --out check, the report, main
 
 Shape legend: B batch, T sequence, V vocab.
 
-What this file leaves out:
-  - The paper's own prompts for the multiple-choice tasks: unpublished; the harness's are used.
-  - RACE, GSM8k, MATH, HumanEval and MBPP.
-  - Tensor-parallel evaluation: the model is loaded on one device.
+Papers: LLaMA [Touvron et al. 2023, §3, App. A]; EleutherAI's lm-evaluation-harness 0.4 [Gao et
+al.]; MMLU [Hendrycks et al. 2021]; partial evaluation [Trinh and Le 2018]. The harness's
+prompts, clean-ups and rules are kept string for string, except: OpenBookQA and BoolQ also get
+acc_answer, as the paper says; QA prompts and answer normalization are the paper's (Figure 3,
+SQuAD's rule), shots drawn per question; context and continuation split at their longest shared
+token prefix, the harness's split whenever the joint tokens start with the context's.
+
+What this file leaves out: the paper's own prompts for the multiple-choice tasks (unpublished;
+the harness's are used); RACE, GSM8k, MATH, HumanEval and MBPP; tensor-parallel evaluation (the
+model is loaded on one device).
 """
 
 import csv
@@ -122,15 +70,482 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint as C
-from cli import OneLineParser
-from data import token_dtype
+from cli import OneLineParser, Progress, check
 from generate import generate_tokens, load_model
 from model import plan_free_attention
+from tokenizer import token_dtype
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Records
+# 1. Tasks: examples and their prompts
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    contexts: list                # one per choice; all equal except in WinoGrande
+    choices: list                 # the choices as written; each is scored as " " + choice
+    label: int = -1               # index of the right choice (-1 for QA)
+    answers: list = field(default_factory=list)   # closed-book QA: accepted answers
+    question: str = ""            # QA and MMLU: the question alone, to follow the shots
+    subject: str = ""             # MMLU
+
+    @property
+    def continuations(self) -> list:
+        return [" " + c for c in self.choices]
+
+
+# A reader turns one record of a task file into an Example with the task's prompt. Its `r` is a
+# Record (section 6): r.text("goal") is the field "goal", refused by name unless it is a string.
+
+def read_boolq(r) -> Example:
+    ctx = f"{r.text('passage')}\nQuestion: {r.text('question')}?\nAnswer:"
+    return Example([ctx] * 2, ["no", "yes"], int(r.flag("label", "answer")))
+
+
+def read_piqa(r) -> Example:
+    ctx = f"Question: {r.text('goal')}\nAnswer:"
+    return Example([ctx] * 2, [r.text("sol1"), r.text("sol2")], r.label("label", 2))
+
+
+def read_siqa(r) -> Example:
+    ctx = f"Q: {r.text('context')} {r.text('question')}\nA:"
+    choices = [r.text(k) for k in ("answerA", "answerB", "answerC")]
+    return Example([ctx] * 3, choices, r.label("label", 3, first=1))    # NOTE: 1-based labels
+
+
+def hellaswag_clean(text: str) -> str:
+    """The harness's clean-up of HellaSwag's WikiHow markup, rule for rule, in its order:
+
+        "[header] How to dry hair [title] Towel it."  ->  " How to dry hair. Towel it."
+
+    " [title]" (a space before it) becomes ". ", any other [tag] is deleted, and one pass turns
+    each double space into one. NOTE: a "[title]" opening the text keeps the space after it, and
+    one after a period leaves ".."; the harness scores those strings, so they are kept.
+    """
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def read_hellaswag(r) -> Example:
+    endings = r.texts("endings")
+    # NOTE: str.capitalize() also lower-cases the rest of ctx_b, as the harness's does.
+    ctx = f"{r.text('activity_label')}: {r.text('ctx_a')} {r.text('ctx_b').capitalize()}"
+    return Example([hellaswag_clean(ctx)] * len(endings), [hellaswag_clean(e) for e in endings],
+                   r.label("label", len(endings)))
+
+
+def read_winogrande(r) -> Example:
+    before, blank, after = r.text("sentence").partition("_")
+    if not blank:
+        raise BadRecord("field sentence has no blank '_'")
+    # PAPER: partial evaluation: score the words after the blank given each filled-in start.
+    return Example([before + r.text("option1"), before + r.text("option2")], [after.strip()] * 2,
+                   r.label("answer", 2, first=1))
+
+
+def read_arc(r) -> Example:
+    question, choices, label = ai2_question(r)                 # AI2's layout or HF's (section 6)
+    return Example([f"Question: {question}\nAnswer:"] * len(choices), choices, label)
+
+
+def read_openbookqa(r) -> Example:
+    question, choices, label = ai2_question(r)
+    return Example([question] * len(choices), choices, label)   # the stem alone, as the harness
+
+
+def read_nq(r) -> Example:
+    question, answers = r.text("question"), r.texts("answer")
+    # PAPER: Figure 3 writes NQ's lower-case questions capitalized, with "?" [LLaMA App. A].
+    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+    return Example([], [], answers=answers, question=question)
+
+
+def read_triviaqa(r) -> Example:
+    # The release's {Question, Answer {Value, Aliases}}; HF's {question, answer {value, aliases}}.
+    answers = [r.text("Answer.Value", "answer.value")] + r.texts("Answer.Aliases", "answer.aliases")
+    return Example([], [], answers=list(dict.fromkeys(answers)),
+                   question=r.text("Question", "question"))
+
+
+LETTERS = ["A", "B", "C", "D"]
+
+
+def read_mmlu(r) -> Example:
+    subject, choices, label = mmlu_question(r)                 # CSV's layout or HF's (section 6)
+    block = "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, choices))
+    return Example([], LETTERS, label, question=f"{r.text('question').strip()}{block}\nAnswer:",
+                   subject=subject)
+
+
+def qa_prompt(question: str, shots: list) -> str:
+    """The paper's closed-book QA prompt (its Figure 3, 1-shot):
+
+        Answer these questions:
+        Q: Who sang who wants to be a millionaire in high society?
+        A: Frank Sinatra
+        Q: Who wrote the book the origin of species?
+        A:
+    """
+    solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n" for s in shots)
+    # PAPER: the header is prepended in every setting, 0-shot included [LLaMA App. A].
+    return f"Answer these questions:\n{solved}Q: {question}\nA:"
+
+
+def mmlu_prompt(e: Example, shots: list) -> str:
+    """The standard MMLU prompt, the harness's string for string (Hendrycks et al.'s, with one
+    space after "about"): a header, then each solved shot as "QUESTION\\nA. ..\\nD. ..\\nAnswer: B"
+    and a blank line, then the question, ending in "Answer:"."""
+    header = ("The following are multiple choice questions (with answers) about "
+              f"{e.subject.replace('_', ' ')}.\n\n")
+    return header + "".join(f"{s.question} {LETTERS[s.label]}\n\n" for s in shots) + e.question
+
+
+@dataclass
+class Task:
+    read: object          # Record -> Example
+    metric: str           # the rule the paper's table uses
+    rules: tuple          # the rules reported
+    llama_7b: dict        # shots -> LLaMA-7B's score in the paper
+    table: str            # where the paper prints it
+    fields: str           # the format, for error messages
+    max_shots: int = 0    # None: any number
+
+
+ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
+AI2_FIELDS = ("question.stem + question.choices, or question (or question_stem) + "
+              "choices.text/label; answerKey")
+# PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
+TASKS = {
+    "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
+                  "passage, question, label or answer (true/false)"),
+    "piqa": Task(read_piqa, "acc_norm", NORM, {0: 79.8}, "Table 3",
+                 "goal, sol1, sol2, label (0-1) or a X-labels.lst beside X.jsonl"),
+    "siqa": Task(read_siqa, "acc_norm", NORM, {0: 48.9}, "Table 3",
+                 "context, question, answerA, answerB, answerC, label (1-3) or a X-labels.lst"),
+    "hellaswag": Task(read_hellaswag, "acc_norm", NORM, {0: 76.1}, "Table 3",
+                      "activity_label, ctx_a, ctx_b, endings (a list of strings), label"),
+    "winogrande": Task(read_winogrande, "acc", ("acc",), {0: 70.1}, "Table 3",
+                       "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
+    "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3", AI2_FIELDS),
+    "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3", AI2_FIELDS),
+    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3", AI2_FIELDS),
+    "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
+               "question, answer (a list of strings)", max_shots=None),
+    "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
+                     "Table 5 (filtered dev set)", "Question + Answer {Value, Aliases}, or "
+                     "question + answer {value, aliases}", max_shots=None),
+    "mmlu": Task(read_mmlu, "acc", ("acc",), {5: 35.1}, "Table 9",
+                 "question, subject, choices (4 strings), answer (A-D or 0-3); or CSV rows "
+                 "question, A, B, C, D, answer in SUBJECT_test.csv", max_shots=5),
+    "perplexity": Task(None, "perplexity", (), {}, "", "text, or a .npy/.bin token shard"),
+}
+MMLU_LLAMA_7B = {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3, "other": 38.1}
+# PAPER: LLaMA-7B 5-shot by category [LLaMA Table 9]; the average, 35.1, is in TASKS.
+ALIASES = {"nq_open": "nq", "trivia_qa": "triviaqa", "social_iqa": "siqa"}   # HF's names
+FEWSHOT_SEED = 1234     # the harness's; the paper does not say how its shots were drawn
+
+
+def add_prompts(name: str, examples: list, pool: list, shots: int):
+    """Write the context of each QA or MMLU example: zero-shot, or `shots` solved examples of
+    `pool` (the train / dev file) first. MMLU takes the first of the same subject, in file order
+    (its dev split has 5 a subject); QA draws its own shots for each question."""
+    if name == "mmlu":
+        dev = defaultdict(list)
+        for s in pool or []:
+            dev[s.subject].append(s)
+        for e in examples:
+            if len(dev[e.subject]) < shots:
+                raise ValueError(f"--shots-from holds {len(dev[e.subject])} {e.subject} "
+                                 f"questions; {shots}-shot needs {shots}: give MMLU's dev split")
+            e.contexts = [mmlu_prompt(e, dev[e.subject][:shots])] * len(e.choices)
+        return
+    rng = random.Random(FEWSHOT_SEED)
+    for e in examples:
+        # NOTE: one more than needed, so that the question itself can be left out if drawn.
+        drawn = rng.sample(pool, min(shots + 1, len(pool))) if shots else []
+        solved = [s for s in drawn if s.question != e.question][:shots]
+        if len(solved) < shots:
+            raise ValueError(f"--shots-from holds {len(pool)} questions, too few for "
+                             f"{shots}-shot prompts; give the task's train file")
+        e.contexts = [qa_prompt(e.question, solved)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Scoring by log-likelihood
+# ---------------------------------------------------------------------------------------------
+
+def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
+    """(token ids of context + continuation, how many of the last ones are the continuation)."""
+    # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
+    # SentencePiece piece carries the space before its word.
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    whole = tok.encode(context + continuation, bos=True)
+    ctx = tok.encode(context, bos=True)
+    shared = 0
+    while shared < len(ctx) and shared < len(whole) and ctx[shared] == whole[shared]:
+        shared += 1
+    n = len(whole) - shared
+    if n == 0:
+        raise ValueError(f"continuation {continuation!r} has no tokens of its own")
+    # NOTE: an over-long sequence keeps its end: all of the continuation, the nearest context.
+    whole = whole[-(max_seq_len + 1):]
+    return whole, min(n, len(whole) - 1)
+
+
+@torch.inference_mode()
+def score_tokens(model, seqs: list, batch_size: int = 8, label: str = "scoring") -> list:
+    """Sum of log p(token) over the last n tokens of each (ids, n) in seqs: one float each.
+
+    One forward per batch of similar lengths, right-padded with token 0. Right padding needs no
+    mask: a causal model never lets a position see the padding after it.
+    """
+    device = model.output.weight.device
+
+    def score(batch: list) -> list:
+        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True)  # (B, T)
+        logits = model(x.to(device))                                           # (B, T, V)
+        sums = []
+        for row, (ids, n) in enumerate(batch):
+            L = len(ids) - 1                         # position L - 1 predicts the last token
+            logp = logits[row, L - n:L].log_softmax(-1)                        # (n, V)
+            target = torch.tensor(ids[-n:], device=device)
+            sums.append(logp.gather(-1, target[:, None]).sum())
+        return torch.stack(sums).tolist()                                      # one sync a batch
+    return by_length(score, seqs, batch_size, label, size=lambda seq: len(seq[0]))
+
+
+def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "scoring") -> list:
+    """log P(continuation | context) for each (context, continuation) pair."""
+    unique = list(dict.fromkeys(pairs))     # PERF: identical pairs (BoolQ's "Answer:" ones) once
+    seqs = [encode_pair(tok, c, x, model.args.max_seq_len) for c, x in unique]
+    score = dict(zip(unique, score_tokens(model, seqs, batch_size, label)))
+    return [score[p] for p in pairs]
+
+
+def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
+    """run(batch) over batches of items of similar size, longest first, with a progress line on
+    stderr; returns one result per item, in the items' order.
+    PERF: sorted by length, not in file order, a batch pads little; the longest batch comes first,
+    so that a batch too large for memory fails at once, not at the end."""
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    results, bar = [None] * len(items), Progress(label, len(batches))
+    for k, batch in enumerate(batches, 1):
+        for i, result in zip(batch, run([items[i] for i in batch])):
+            results[i] = result
+        bar.show(k, f"{k}/{len(batches)} {bar.seconds():.0f}s", final=k == len(batches))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+def choose(lls: list, choices: list, lls_answer=None) -> dict:
+    """The choice each rule picks: acc, acc_norm and, given P(c | "Answer:"), acc_answer."""
+    def argmax(xs):
+        return max(range(len(xs)), key=xs.__getitem__)
+    # PAPER: characters of the choice as written, the delimiter's space not counted [Gao et al.].
+    picks = {"acc": argmax(lls), "acc_norm": argmax([ll / len(c) for ll, c in zip(lls, choices)])}
+    if lls_answer is not None:
+        picks["acc_answer"] = argmax([ll - u for ll, u in zip(lls, lls_answer)])
+    return picks
+
+
+def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8) -> dict:
+    task = TASKS[name]
+    # PERF: MMLU's four one-token letters share a context: one forward and four logits would do
+    # (Hendrycks et al.'s way), a quarter of the work; every task takes the one general path.
+    pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
+    lls = iter(loglikelihoods(model, tok, pairs, batch_size, name))
+    uncond = None
+    if "acc_answer" in task.rules:
+        uncond = iter(loglikelihoods(model, tok, [("Answer:", x) for _, x in pairs], batch_size,
+                                     name + " | Answer:"))
+    rows = []
+    for i, e in enumerate(examples):
+        ll = [next(lls) for _ in e.choices]
+        ua = [next(uncond) for _ in e.choices] if uncond else None
+        picks = {rule: pick for rule, pick in choose(ll, e.choices, ua).items()
+                 if rule in task.rules}
+        shared = all(c == e.contexts[0] for c in e.contexts)    # WinoGrande's differ
+        rows.append(dict(index=i, **({"context": e.contexts[0]} if shared else
+                                     {"contexts": e.contexts}),
+                         choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
+                         label=e.label, **({"subject": e.subject} if e.subject else {})))
+    metrics = {rule: fmean(row["picks"][rule] == row["label"] for row in rows)
+               for rule in task.rules}
+    report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
+                  examples=rows)
+    if name == "mmlu":
+        report.update(mmlu_averages(rows))
+    return report
+
+
+def mmlu_averages(rows: list) -> dict:
+    """Accuracy per subject, and per category, each over its questions (not a mean of subjects:
+    Hendrycks et al.'s evaluate.py and the harness average this way)."""
+    right = defaultdict(list)
+    for row in rows:
+        right[row["subject"]].append(row["picks"]["acc"] == row["label"])
+    categories = {category: [hit for s in subjects for hit in right.get(s, [])]
+                  for category, subjects in MMLU_SUBJECTS.items()}
+    return dict(subjects={s: fmean(hits) for s, hits in sorted(right.items())},
+                categories={c: fmean(hits) for c, hits in categories.items() if hits})
+
+
+# MMLU's 57 subjects by the category the paper's Table 16 puts them in (the harness's grouping).
+MMLU_SUBJECTS = {
+    "humanities": """formal_logic high_school_european_history high_school_us_history
+        high_school_world_history international_law jurisprudence logical_fallacies
+        moral_disputes moral_scenarios philosophy prehistory professional_law
+        world_religions""".split(),
+    "stem": """abstract_algebra anatomy astronomy college_biology college_chemistry
+        college_computer_science college_mathematics college_physics computer_security
+        conceptual_physics electrical_engineering elementary_mathematics high_school_biology
+        high_school_chemistry high_school_computer_science high_school_mathematics
+        high_school_physics high_school_statistics machine_learning""".split(),
+    "social_sciences": """econometrics high_school_geography high_school_government_and_politics
+        high_school_macroeconomics high_school_microeconomics high_school_psychology
+        human_sexuality professional_psychology public_relations security_studies sociology
+        us_foreign_policy""".split(),
+    "other": """business_ethics clinical_knowledge college_medicine global_facts human_aging
+        management marketing medical_genetics miscellaneous nutrition professional_accounting
+        professional_medicine virology""".split(),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Closed-book QA
+# ---------------------------------------------------------------------------------------------
+
+QA_STOPS = ("\n", ".", ",")   # PAPER: "first line break, final dot or comma" [LLaMA App. A]
+
+
+def extract_answer(generation: str) -> str:
+    """The answer in a generation: the text before its first stop string, spaces stripped.
+    NOTE: any dot stops, as in the harness: "St. Louis" answers "St"."""
+    ends = [generation.find(s) for s in QA_STOPS if s in generation]
+    return generation[:min(ends, default=len(generation))].strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's exact-match rule)."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+class AllStopped(Exception):
+    """Raised by greedy_generations' watcher to end generate_tokens' loop early."""
+
+
+def greedy_generations(model, tok, prompts: list, max_new_tokens: int) -> list:
+    """Greedy text after each prompt (token ids); decoding stops as soon as every row has
+    produced a stop string or EOS, not after max_new_tokens."""
+    new, stopped = [[] for _ in prompts], [False] * len(prompts)
+
+    def watch(tokens):                       # generate_tokens' on_token: one step's new tokens
+        for i, t in enumerate(tokens):
+            if t is not None and not stopped[i]:
+                new[i].append(t)
+                stopped[i] = t == tok.eos_id or any(s in tok.decode(new[i]) for s in QA_STOPS)
+        if all(stopped):
+            raise AllStopped          # PERF: a batch ends with its last answer
+    try:
+        generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                        on_token=watch)
+    except AllStopped:
+        pass
+    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in new]
+
+
+def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens: int = 24):
+    prompts = [tok.encode(e.contexts[0], bos=True) for e in examples]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"example {longest + 1}'s prompt is {len(prompts[longest])} tokens; with "
+                         f"--max-new-tokens {max_new_tokens} it exceeds the model's max_seq_len "
+                         f"{model.args.max_seq_len}: use fewer --shots or new tokens")
+    # PERF: prompts of similar length share a batch, so that few steps only read prompt tokens.
+    generations = by_length(lambda batch: greedy_generations(model, tok, batch, max_new_tokens),
+                            prompts, batch_size, "answering")
+    rows = []
+    for i, (e, generation) in enumerate(zip(examples, generations)):
+        pred = extract_answer(generation)
+        match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
+        rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
+                         answers=e.answers, exact_match=match))
+    em = fmean(r["exact_match"] for r in rows)
+    return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
+                examples=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Perplexity
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) -> dict:
+    """exp(mean negative log-likelihood per token) over non-overlapping windows.
+
+    Window i holds tokens [i L, (i + 1) L] (L + 1 tokens; the first is context only), so every
+    token after the first is predicted exactly once. NOTE: the first tokens of each window see
+    little context, which makes this a little higher than a sliding-window perplexity.
+    """
+    ids, n_bytes = read_tokens(path, tok)                # (N,) ids; the text's bytes, if text
+    L = model.args.max_seq_len
+    starts = list(range(0, len(ids) - 1, L))[:limit]
+    seqs = [(ids[s:s + L + 1].tolist(), len(ids[s:s + L + 1]) - 1) for s in starts]
+    lls = score_tokens(model, seqs, batch_size, "perplexity")
+    n_tokens = sum(n for _, n in seqs)
+    nll = -sum(lls) / n_tokens
+    metrics = {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": n_tokens}
+    if n_bytes is not None and n_tokens == len(ids) - 1:       # the whole text was scored
+        metrics["bits_per_byte"] = -sum(lls) / math.log(2) / n_bytes
+    return dict(metrics=metrics, paper_metric="perplexity", paper_value=metrics["perplexity"],
+                examples=[dict(index=i, start=s, tokens=n, loglik=ll)
+                          for i, (s, (_, n), ll) in enumerate(zip(starts, seqs, lls))])
+
+
+# =============================================================================================
+# Below: what running it on real files needs -- the task files in their two layouts, checked
+# record by record, and the command line: flag rules, the --out check, the printed report.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 6. Task files
+# ---------------------------------------------------------------------------------------------
+# Files each task reads, in the original release's layout or in that of the Hugging Face dataset
+# exported to JSON lines (`datasets.load_dataset(NAME, CONFIG)[SPLIT].to_json("x.jsonl")`); the
+# layout is recognized record by record. --shots-from names the file the shots are drawn from.
+#
+#   boolq       BoolQ dev.jsonl or SuperGLUE BoolQ val.jsonl: passage, question, answer|label
+#               HF google/boolq or super_glue boolq, validation: the same (label 0/1 or bool)
+#   piqa        PIQA valid.jsonl: goal, sol1, sol2; labels in valid-labels.lst beside it
+#               HF piqa, validation: the same with label 0|1
+#   siqa        Social IQa dev.jsonl: context, question, answerA..C; dev-labels.lst (1..3)
+#               HF allenai/social_i_qa, validation: the same with label "1".."3"
+#   hellaswag   hellaswag_val.jsonl: activity_label, ctx_a, ctx_b, endings [4], label
+#               HF Rowan/hellaswag, validation: the same with label "0".."3"
+#   winogrande  WinoGrande 1.1 dev.jsonl: sentence (one "_"), option1, option2, answer "1"|"2"
+#               HF allenai/winogrande winogrande_xl, validation: the same
+#   arc_easy,   ARC-V1-Feb2018 ARC-{Easy,Challenge}-Test.jsonl:
+#   arc_challenge question {stem, choices [{text, label}]}, answerKey
+#               HF allenai/ai2_arc, test: question, choices {text [..], label [..]}, answerKey
+#   openbookqa  OpenBookQA-V1-Sep2018 Data/Main/test.jsonl: as ARC
+#               HF allenai/openbookqa main, test: question_stem, choices, answerKey
+#   nq          NQ-open.dev.jsonl (3610 questions): question, answer [..]
+#               HF google-research-datasets/nq_open, validation: the same
+#   triviaqa    TriviaQA qa/wikipedia-dev.json or web-dev.json: {"Data": [{Question,
+#               Answer {Value, Aliases}}]}, or such records one a line
+#               HF mandarjoshi/trivia_qa rc.nocontext, validation: question, answer {value,
+#               aliases}. NOTE: the paper says "filtered dev set" and no more.
+#   mmlu        Hendrycks et al.'s data/test (data/dev for the shots): SUBJECT_test.csv, rows of
+#               question, A, B, C, D, answer letter
+#               HF cais/mmlu all, test (dev for the shots): question, subject, choices [4],
+#               answer 0..3
+#   perplexity  UTF-8 text, or a token shard (.npy, or .bin of uint16 / uint32 ids)
 
 class BadRecord(ValueError):
     """A field of one record is missing or malformed; read_task adds the file, line, format."""
@@ -190,71 +605,6 @@ class Record:
         return number - first
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Readers, prompts and the table of tasks
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Example:
-    contexts: list                # one per choice; all equal except in WinoGrande
-    choices: list                 # the choices as written; each is scored as " " + choice
-    label: int = -1               # index of the right choice (-1 for QA)
-    answers: list = field(default_factory=list)   # closed-book QA: accepted answers
-    question: str = ""            # QA and MMLU: the question alone, to follow the shots
-    subject: str = ""             # MMLU
-
-    @property
-    def continuations(self) -> list:
-        return [" " + c for c in self.choices]
-
-
-def read_boolq(r: Record) -> Example:
-    ctx = f"{r.text('passage')}\nQuestion: {r.text('question')}?\nAnswer:"
-    return Example([ctx] * 2, ["no", "yes"], int(r.flag("label", "answer")))
-
-
-def read_piqa(r: Record) -> Example:
-    ctx = f"Question: {r.text('goal')}\nAnswer:"
-    return Example([ctx] * 2, [r.text("sol1"), r.text("sol2")], r.label("label", 2))
-
-
-def read_siqa(r: Record) -> Example:
-    ctx = f"Q: {r.text('context')} {r.text('question')}\nA:"
-    choices = [r.text(k) for k in ("answerA", "answerB", "answerC")]
-    return Example([ctx] * 3, choices, r.label("label", 3, first=1))    # NOTE: 1-based labels
-
-
-def hellaswag_clean(text: str) -> str:
-    """The harness's clean-up of HellaSwag's WikiHow markup, rule for rule, in its order:
-
-        "[header] How to dry hair [title] Towel it."  ->  " How to dry hair. Towel it."
-
-    " [title]" (a space before it) becomes ". ", any other [tag] is deleted, and one pass turns
-    each double space into one. NOTE: a "[title]" opening the text keeps the space after it, and
-    one after a period leaves ".."; the harness scores those strings, so they are kept.
-    """
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def read_hellaswag(r: Record) -> Example:
-    endings = r.texts("endings")
-    # NOTE: str.capitalize() also lower-cases the rest of ctx_b, as the harness's does.
-    ctx = f"{r.text('activity_label')}: {r.text('ctx_a')} {r.text('ctx_b').capitalize()}"
-    return Example([hellaswag_clean(ctx)] * len(endings), [hellaswag_clean(e) for e in endings],
-                   r.label("label", len(endings)))
-
-
-def read_winogrande(r: Record) -> Example:
-    before, blank, after = r.text("sentence").partition("_")
-    if not blank:
-        raise BadRecord("field sentence has no blank '_'")
-    # PAPER: partial evaluation: score the words after the blank given each filled-in start.
-    return Example([before + r.text("option1"), before + r.text("option2")], [after.strip()] * 2,
-                   r.label("answer", 2, first=1))
-
-
 def ai2_question(r: Record) -> tuple:
     """(question, choice texts, label) of ARC or OpenBookQA, in AI2's layout or Hugging Face's."""
     layout, choices = r.get("question.choices", "choices")
@@ -274,73 +624,9 @@ def ai2_question(r: Record) -> tuple:
     return question, texts, keys.index(key)
 
 
-def read_arc(r: Record) -> Example:
-    question, choices, label = ai2_question(r)
-    return Example([f"Question: {question}\nAnswer:"] * len(choices), choices, label)
-
-
-def read_openbookqa(r: Record) -> Example:
-    question, choices, label = ai2_question(r)
-    return Example([question] * len(choices), choices, label)   # the stem alone, as the harness
-
-
-def read_nq(r: Record) -> Example:
-    question, answers = r.text("question"), r.texts("answer")
-    # PAPER: Figure 3 writes NQ's lower-case questions capitalized, with "?" [LLaMA App. A].
-    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
-    return Example([], [], answers=answers, question=question)
-
-
-def read_triviaqa(r: Record) -> Example:
-    # The release's {Question, Answer {Value, Aliases}}; HF's {question, answer {value, aliases}}.
-    answers = [r.text("Answer.Value", "answer.value")] + r.texts("Answer.Aliases", "answer.aliases")
-    return Example([], [], answers=list(dict.fromkeys(answers)),
-                   question=r.text("Question", "question"))
-
-
-def qa_prompt(question: str, shots: list) -> str:
-    """The paper's closed-book QA prompt (its Figure 3, 1-shot):
-
-        Answer these questions:
-        Q: Who sang who wants to be a millionaire in high society?
-        A: Frank Sinatra
-        Q: Who wrote the book the origin of species?
-        A:
-    """
-    solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n" for s in shots)
-    # PAPER: the header is prepended in every setting, 0-shot included [LLaMA App. A].
-    return f"Answer these questions:\n{solved}Q: {question}\nA:"
-
-
-LETTERS = ["A", "B", "C", "D"]
-
-# MMLU's 57 subjects by the category the paper's Table 16 puts them in (the harness's grouping).
-MMLU_SUBJECTS = {
-    "humanities": """
-        formal_logic high_school_european_history high_school_us_history high_school_world_history
-        international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy
-        prehistory professional_law world_religions""".split(),
-    "stem": """
-        abstract_algebra anatomy astronomy college_biology college_chemistry
-        college_computer_science college_mathematics college_physics computer_security
-        conceptual_physics electrical_engineering elementary_mathematics high_school_biology
-        high_school_chemistry high_school_computer_science high_school_mathematics
-        high_school_physics high_school_statistics machine_learning""".split(),
-    "social_sciences": """
-        econometrics high_school_geography high_school_government_and_politics
-        high_school_macroeconomics high_school_microeconomics high_school_psychology
-        human_sexuality professional_psychology public_relations security_studies sociology
-        us_foreign_policy""".split(),
-    "other": """
-        business_ethics clinical_knowledge college_medicine global_facts human_aging management
-        marketing medical_genetics miscellaneous nutrition professional_accounting
-        professional_medicine virology""".split(),
-}
-MMLU_LLAMA_7B = {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3, "other": 38.1}
-# PAPER: LLaMA-7B 5-shot by category [LLaMA Table 9]; the average, 35.1, is in TASKS.
-
-
-def read_mmlu(r: Record) -> Example:
+def mmlu_question(r: Record) -> tuple:
+    """(subject, the 4 choices, label) of an MMLU row: the answer a letter (the CSV files) or an
+    index (Hugging Face's), the subject one of the 57."""
     subject = r.text("subject")
     if not any(subject in subjects for subjects in MMLU_SUBJECTS.values()):
         raise BadRecord(f"field subject is {subject!r}, not one of MMLU's 57 (eval.MMLU_SUBJECTS)")
@@ -350,87 +636,8 @@ def read_mmlu(r: Record) -> Example:
     _, answer = r.get("answer")
     if answer not in LETTERS and (isinstance(answer, bool) or answer not in range(4)):
         raise BadRecord(f"field answer is {answer!r}; it must be a letter A-D or an index 0-3")
-    block = "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, choices))
-    return Example([], LETTERS, LETTERS.index(answer) if answer in LETTERS else answer,
-                   question=f"{r.text('question').strip()}{block}\nAnswer:", subject=subject)
+    return subject, choices, LETTERS.index(answer) if answer in LETTERS else answer
 
-
-def mmlu_prompt(e: Example, shots: list) -> str:
-    """The standard MMLU prompt, the harness's string for string (Hendrycks et al.'s, with one
-    space after "about"): a header, the solved shots, the question:
-
-        The following are multiple choice questions (with answers) about abstract algebra.
-
-        Find the degree of ...
-        A. 0
-        ...
-        D. 6
-        Answer: B
-
-        ...
-        Answer:
-    """
-    header = ("The following are multiple choice questions (with answers) about "
-              f"{e.subject.replace('_', ' ')}.\n\n")
-    return header + "".join(f"{s.question} {LETTERS[s.label]}\n\n" for s in shots) + e.question
-
-
-RULES = {   # what each metric means, written into every report
-    "acc": "argmax log P(continuation | context)",
-    "acc_norm": "argmax log P(continuation | context) / characters of the choice",
-    "acc_answer": "argmax P(continuation | context) / P(continuation | 'Answer:')",
-    "exact_match": "greedy answer, cut at the first line break, dot or comma, == a gold answer "
-                   "after SQuAD normalization",
-    "perplexity": "exp(mean negative log-likelihood per token)",
-}
-
-
-@dataclass
-class Task:
-    read: object          # Record -> Example
-    metric: str           # the rule the paper's table uses
-    rules: tuple          # the rules reported
-    llama_7b: dict        # shots -> LLaMA-7B's score in the paper
-    table: str            # where the paper prints it
-    fields: str           # the format, for error messages
-    max_shots: int = 0    # None: any number
-
-
-ALL_RULES, NORM = ("acc", "acc_norm", "acc_answer"), ("acc", "acc_norm")
-AI2_FIELDS = ("question.stem + question.choices, or question (or question_stem) + "
-              "choices.text/label; answerKey")
-# PAPER: LLaMA-7B's scores [LLaMA Tables 3, 4, 5 (filtered dev set), 9].
-TASKS = {
-    "boolq": Task(read_boolq, "acc_answer", ALL_RULES, {0: 76.5}, "Table 3",
-                  "passage, question, label or answer (true/false)"),
-    "piqa": Task(read_piqa, "acc_norm", NORM, {0: 79.8}, "Table 3",
-                 "goal, sol1, sol2, label (0-1) or a X-labels.lst beside X.jsonl"),
-    "siqa": Task(read_siqa, "acc_norm", NORM, {0: 48.9}, "Table 3",
-                 "context, question, answerA, answerB, answerC, label (1-3) or a X-labels.lst"),
-    "hellaswag": Task(read_hellaswag, "acc_norm", NORM, {0: 76.1}, "Table 3",
-                      "activity_label, ctx_a, ctx_b, endings (a list of strings), label"),
-    "winogrande": Task(read_winogrande, "acc", ("acc",), {0: 70.1}, "Table 3",
-                       "sentence (with one '_'), option1, option2, answer ('1' or '2')"),
-    "arc_easy": Task(read_arc, "acc_norm", NORM, {0: 72.8}, "Table 3", AI2_FIELDS),
-    "arc_challenge": Task(read_arc, "acc_norm", NORM, {0: 47.6}, "Table 3", AI2_FIELDS),
-    "openbookqa": Task(read_openbookqa, "acc_answer", ALL_RULES, {0: 57.2}, "Table 3", AI2_FIELDS),
-    "nq": Task(read_nq, "exact_match", (), {0: 16.8, 1: 18.7, 5: 22.0, 64: 26.1}, "Table 4",
-               "question, answer (a list of strings)", max_shots=None),
-    "triviaqa": Task(read_triviaqa, "exact_match", (), {0: 50.0, 1: 53.4, 5: 56.3, 64: 57.6},
-                     "Table 5 (filtered dev set)", "Question + Answer {Value, Aliases}, or "
-                     "question + answer {value, aliases}", max_shots=None),
-    "mmlu": Task(read_mmlu, "acc", ("acc",), {5: 35.1}, "Table 9",
-                 "question, subject, choices (4 strings), answer (A-D or 0-3); or CSV rows "
-                 "question, A, B, C, D, answer in SUBJECT_test.csv", max_shots=5),
-    "perplexity": Task(None, "perplexity", (), {}, "", "text, or a .npy/.bin token shard"),
-}
-ALIASES = {"nq_open": "nq", "trivia_qa": "triviaqa", "social_iqa": "siqa"}   # HF's names
-FEWSHOT_SEED = 1234     # the harness's; the paper does not say how its shots were drawn
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Task files
-# ---------------------------------------------------------------------------------------------
 
 def decode(raw: bytes, path: str, first_line: int = 1) -> str:
     """UTF-8 bytes -> str, or a one-line error that says where the first bad byte is."""
@@ -524,227 +731,6 @@ def read_task(name: str, path: str, limit=None) -> list:
     return examples
 
 
-def add_prompts(name: str, examples: list, pool: list, shots: int):
-    """Write the context of each QA or MMLU example: zero-shot, or `shots` solved examples of
-    `pool` (the train / dev file) first. MMLU takes the first of the same subject, in file order
-    (its dev split has 5 a subject); QA draws its own shots for each question."""
-    if name == "mmlu":
-        dev = defaultdict(list)
-        for s in pool or []:
-            dev[s.subject].append(s)
-        for e in examples:
-            if len(dev[e.subject]) < shots:
-                raise ValueError(f"--shots-from holds {len(dev[e.subject])} {e.subject} "
-                                 f"questions; {shots}-shot needs {shots}: give MMLU's dev split")
-            e.contexts = [mmlu_prompt(e, dev[e.subject][:shots])] * len(e.choices)
-        return
-    rng = random.Random(FEWSHOT_SEED)
-    for e in examples:
-        # NOTE: one more than needed, so that the question itself can be left out if drawn.
-        drawn = rng.sample(pool, min(shots + 1, len(pool))) if shots else []
-        solved = [s for s in drawn if s.question != e.question][:shots]
-        if len(solved) < shots:
-            raise ValueError(f"--shots-from holds {len(pool)} questions, too few for "
-                             f"{shots}-shot prompts; give the task's train file")
-        e.contexts = [qa_prompt(e.question, solved)]
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Scoring
-# ---------------------------------------------------------------------------------------------
-
-def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
-    """run(batch) over batches of items of similar size, longest first, with a one-line progress
-    bar on stderr; returns one result per item, in the items' order.
-    PERF: sorted by length, not in file order, a batch pads little; the longest batch comes first,
-    so that a batch too large for memory fails at once, not at the end."""
-    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    results, t0 = [None] * len(items), time.perf_counter()
-    for k, batch in enumerate(batches, 1):
-        for i, result in zip(batch, run([items[i] for i in batch])):
-            results[i] = result
-        bar = "#" * (30 * k // len(batches))
-        print(f"\r{label} [{bar:<30}] {k}/{len(batches)} {time.perf_counter() - t0:.0f}s",
-              end="" if k < len(batches) else "\n", file=sys.stderr, flush=True)
-    return results
-
-
-def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
-    """(token ids of context + continuation, how many of the last ones are the continuation)."""
-    # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
-    # SentencePiece piece carries the space before its word.
-    stripped = context.rstrip()
-    context, continuation = stripped, context[len(stripped):] + continuation
-    whole = tok.encode(context + continuation, bos=True)
-    ctx = tok.encode(context, bos=True)
-    shared = 0
-    while shared < len(ctx) and shared < len(whole) and ctx[shared] == whole[shared]:
-        shared += 1
-    n = len(whole) - shared
-    if n == 0:
-        raise ValueError(f"continuation {continuation!r} has no tokens of its own")
-    # NOTE: an over-long sequence keeps its end: all of the continuation, the nearest context.
-    whole = whole[-(max_seq_len + 1):]
-    return whole, min(n, len(whole) - 1)
-
-
-@torch.inference_mode()
-def score_tokens(model, seqs: list, batch_size: int = 8, label: str = "scoring") -> list:
-    """Sum of log p(token) over the last n tokens of each (ids, n) in seqs: one float each.
-
-    One forward per batch of similar lengths, right-padded with token 0. Right padding needs no
-    mask: a causal model never lets a position see the padding after it.
-    """
-    device = model.output.weight.device
-
-    def score(batch: list) -> list:
-        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True)  # (B, T)
-        logits = model(x.to(device))                                           # (B, T, V)
-        sums = []
-        for row, (ids, n) in enumerate(batch):
-            L = len(ids) - 1                         # position L - 1 predicts the last token
-            logp = logits[row, L - n:L].log_softmax(-1)                        # (n, V)
-            target = torch.tensor(ids[-n:], device=device)
-            sums.append(logp.gather(-1, target[:, None]).sum())
-        return torch.stack(sums).tolist()                                      # one sync a batch
-    return by_length(score, seqs, batch_size, label, size=lambda seq: len(seq[0]))
-
-
-def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "scoring") -> list:
-    """log P(continuation | context) for each (context, continuation) pair."""
-    unique = list(dict.fromkeys(pairs))     # PERF: identical pairs (BoolQ's "Answer:" ones) once
-    seqs = [encode_pair(tok, c, x, model.args.max_seq_len) for c, x in unique]
-    score = dict(zip(unique, score_tokens(model, seqs, batch_size, label)))
-    return [score[p] for p in pairs]
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Multiple choice
-# ---------------------------------------------------------------------------------------------
-
-def choose(lls: list, choices: list, lls_answer=None) -> dict:
-    """The choice each rule picks: acc, acc_norm and, given P(c | "Answer:"), acc_answer."""
-    def argmax(xs):
-        return max(range(len(xs)), key=xs.__getitem__)
-    # PAPER: characters of the choice as written, the delimiter's space not counted [Gao et al.].
-    picks = {"acc": argmax(lls), "acc_norm": argmax([ll / len(c) for ll, c in zip(lls, choices)])}
-    if lls_answer is not None:
-        picks["acc_answer"] = argmax([ll - u for ll, u in zip(lls, lls_answer)])
-    return picks
-
-
-def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8) -> dict:
-    task = TASKS[name]
-    # PERF: MMLU's four one-token letters share a context: one forward and four logits would do
-    # (Hendrycks et al.'s way), a quarter of the work; every task takes the one general path.
-    pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
-    lls = iter(loglikelihoods(model, tok, pairs, batch_size, name))
-    uncond = None
-    if "acc_answer" in task.rules:
-        uncond = iter(loglikelihoods(model, tok, [("Answer:", x) for _, x in pairs], batch_size,
-                                     name + " | Answer:"))
-    rows = []
-    for i, e in enumerate(examples):
-        ll = [next(lls) for _ in e.choices]
-        ua = [next(uncond) for _ in e.choices] if uncond else None
-        picks = {rule: pick for rule, pick in choose(ll, e.choices, ua).items()
-                 if rule in task.rules}
-        shared = all(c == e.contexts[0] for c in e.contexts)    # WinoGrande's differ
-        rows.append(dict(index=i, **({"context": e.contexts[0]} if shared else
-                                     {"contexts": e.contexts}),
-                         choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
-                         label=e.label, **({"subject": e.subject} if e.subject else {})))
-    metrics = {rule: fmean(row["picks"][rule] == row["label"] for row in rows)
-               for rule in task.rules}
-    report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
-                  examples=rows)
-    if name == "mmlu":
-        report.update(mmlu_averages(rows))
-    return report
-
-
-def mmlu_averages(rows: list) -> dict:
-    """Accuracy per subject, and per category, each over its questions (not a mean of subjects:
-    Hendrycks et al.'s evaluate.py and the harness average this way)."""
-    right = defaultdict(list)
-    for row in rows:
-        right[row["subject"]].append(row["picks"]["acc"] == row["label"])
-    categories = {category: [hit for s in subjects for hit in right.get(s, [])]
-                  for category, subjects in MMLU_SUBJECTS.items()}
-    return dict(subjects={s: fmean(hits) for s, hits in sorted(right.items())},
-                categories={c: fmean(hits) for c, hits in categories.items() if hits})
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Closed-book QA
-# ---------------------------------------------------------------------------------------------
-
-QA_STOPS = ("\n", ".", ",")   # PAPER: "first line break, final dot or comma" [LLaMA App. A]
-
-
-def extract_answer(generation: str) -> str:
-    """The answer in a generation: the text before its first stop string, spaces stripped.
-    NOTE: any dot stops, as in the harness: "St. Louis" answers "St"."""
-    ends = [generation.find(s) for s in QA_STOPS if s in generation]
-    return generation[:min(ends, default=len(generation))].strip()
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (SQuAD's exact-match rule)."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-class AllStopped(Exception):
-    """Raised by greedy_generations' watcher to end generate_tokens' loop early."""
-
-
-def greedy_generations(model, tok, prompts: list, max_new_tokens: int) -> list:
-    """Greedy text after each prompt (token ids); decoding stops as soon as every row has
-    produced a stop string or EOS, not after max_new_tokens."""
-    new, stopped = [[] for _ in prompts], [False] * len(prompts)
-
-    def watch(tokens):                       # generate_tokens' on_token: one step's new tokens
-        for i, t in enumerate(tokens):
-            if t is not None and not stopped[i]:
-                new[i].append(t)
-                stopped[i] = t == tok.eos_id or any(s in tok.decode(new[i]) for s in QA_STOPS)
-        if all(stopped):
-            raise AllStopped          # PERF: a batch ends with its last answer
-    try:
-        generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
-                        on_token=watch)
-    except AllStopped:
-        pass
-    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in new]
-
-
-def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens: int = 24):
-    prompts = [tok.encode(e.contexts[0], bos=True) for e in examples]
-    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if len(prompts[longest]) + max_new_tokens > model.args.max_seq_len:
-        raise ValueError(f"example {longest + 1}'s prompt is {len(prompts[longest])} tokens; with "
-                         f"--max-new-tokens {max_new_tokens} it exceeds the model's max_seq_len "
-                         f"{model.args.max_seq_len}: use fewer --shots or new tokens")
-    # PERF: prompts of similar length share a batch, so that few steps only read prompt tokens.
-    generations = by_length(lambda batch: greedy_generations(model, tok, batch, max_new_tokens),
-                            prompts, batch_size, "answering")
-    rows = []
-    for i, (e, generation) in enumerate(zip(examples, generations)):
-        pred = extract_answer(generation)
-        match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
-        rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
-                         answers=e.answers, exact_match=match))
-    em = fmean(r["exact_match"] for r in rows)
-    return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
-                examples=rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Perplexity
-# ---------------------------------------------------------------------------------------------
-
 def read_text(path: str) -> str:
     """A text to measure perplexity on: UTF-8, not empty."""
     if not os.path.isfile(path):
@@ -759,72 +745,47 @@ def read_text(path: str) -> str:
 
 def read_tokens(path: str, tok) -> tuple:
     """(1-D array of token ids, bytes of text or None): a .npy / .bin shard, else UTF-8 text."""
+    if not path.endswith((".npy", ".bin")):
+        text = read_text(path)
+        return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.endswith(".npy"):
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    elif path.endswith(".bin"):  # NOTE: raw ids, as data.py and nanoGPT write them
+    else:                        # NOTE: raw ids, as data.py and nanoGPT write them
         ids = np.memmap(path, mode="r", dtype=token_dtype(tok.n_words))
-    else:
-        text = read_text(path)
-        return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
     if ids.ndim != 1 or len(ids) < 2 or int(ids.max()) >= tok.n_words:
         raise ValueError(f"{path} must be a 1-D array of at least 2 token ids below the "
                          f"tokenizer's {tok.n_words}; was it prepared with another tokenizer?")
     return ids, None
 
 
-def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) -> dict:
-    """exp(mean negative log-likelihood per token) over non-overlapping windows.
-
-    Window i holds tokens [i L, (i + 1) L] (L + 1 tokens; the first is context only), so every
-    token after the first is predicted exactly once. NOTE: the first tokens of each window see
-    little context, which makes this a little higher than a sliding-window perplexity.
-    """
-    ids, n_bytes = read_tokens(path, tok)
-    L = model.args.max_seq_len
-    starts = list(range(0, len(ids) - 1, L))[:limit]
-    seqs = [(ids[s:s + L + 1].tolist(), len(ids[s:s + L + 1]) - 1) for s in starts]
-    lls = score_tokens(model, seqs, batch_size, "perplexity")
-    n_tokens = sum(n for _, n in seqs)
-    nll = -sum(lls) / n_tokens
-    metrics = {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": n_tokens}
-    if n_bytes is not None and n_tokens == len(ids) - 1:       # the whole text was scored
-        metrics["bits_per_byte"] = -sum(lls) / math.log(2) / n_bytes
-    return dict(metrics=metrics, paper_metric="perplexity", paper_value=metrics["perplexity"],
-                examples=[dict(index=i, start=s, tokens=n, loglik=ll)
-                          for i, (s, (_, n), ll) in enumerate(zip(starts, seqs, lls))])
-
-
 # ---------------------------------------------------------------------------------------------
-# 8. Command line
+# 7. Command line
 # ---------------------------------------------------------------------------------------------
 
 def check_args(a, name: str):
     """Every flag against its range, before a file is read; ValueError says what to do."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}")
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)")
-    if a.limit is not None and a.limit < 1:
-        raise ValueError(f"--limit {a.limit}: give at least 1 example, or leave it out for all")
-    if a.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {a.max_new_tokens}: give at least 1 (an answer's "
-                         "length in tokens, 24 by default)")
-    if a.shots < 0:
-        raise ValueError(f"--shots {a.shots}: give 0 or more solved examples (the paper: 0, 1, "
-                         "5, 64 for QA, 5 for MMLU)")
-    if TASKS[name].max_shots == 0 and a.shots > 0:
-        raise ValueError(f"--shots {a.shots}: {name} is zero-shot in the paper; few-shot "
-                         "prompts are for nq, triviaqa and mmlu")
-    if name == "mmlu" and a.shots > TASKS[name].max_shots:
-        raise ValueError(f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give "
-                         "0 to 5")
-    if a.shots > 0 and a.shots_from is None:
-        raise ValueError(f"--shots {a.shots} needs --shots-from, the file the solved examples "
-                         "come from (a QA train file, or MMLU's dev split)")
-    if a.shots == 0 and a.shots_from is not None:
-        raise ValueError("--shots-from is read only for few-shot prompts: give --shots N too")
+    most = TASKS[name].max_shots if name in TASKS else None      # shots: None for any number
+    check([                                # (what must hold, the one-line refusal)
+        (name in TASKS, f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}"),
+        (a.batch_size >= 1,
+         f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)"),
+        (a.limit is None or a.limit >= 1,
+         f"--limit {a.limit}: give at least 1 example, or leave it out for all"),
+        (a.max_new_tokens >= 1, f"--max-new-tokens {a.max_new_tokens}: give at least 1 (an "
+                                "answer's length in tokens, 24 by default)"),
+        (a.shots >= 0, f"--shots {a.shots}: give 0 or more solved examples (the paper: 0, 1, 5, "
+                       "64 for QA, 5 for MMLU)"),
+        (most != 0 or a.shots == 0, f"--shots {a.shots}: {name} is zero-shot in the paper; "
+                                    "few-shot prompts are for nq, triviaqa and mmlu"),
+        (name != "mmlu" or a.shots <= most,
+         f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give 0 to 5"),
+        (a.shots == 0 or a.shots_from is not None, f"--shots {a.shots} needs --shots-from, the "
+         "file the solved examples come from (a QA train file, or MMLU's dev split)"),
+        (a.shots != 0 or a.shots_from is None,
+         "--shots-from is read only for few-shot prompts: give --shots N too"),
+    ])
 
 
 def check_output(path):
@@ -849,7 +810,23 @@ def check_output(path):
     os.remove(tmp)
 
 
+RULES = {   # what each metric means, in words, written into every report and printed
+    "acc": "argmax log P(continuation | context)",
+    "acc_norm": "argmax log P(continuation | context) / characters of the choice",
+    "acc_answer": "argmax P(continuation | context) / P(continuation | 'Answer:')",
+    "exact_match": "greedy answer, cut at the first line break, dot or comma, == a gold answer "
+                   "after SQuAD normalization",
+    "perplexity": "exp(mean negative log-likelihood per token)",
+}
+
+
 def print_report(report: dict):
+    """The metrics; MMLU's subjects and categories; the paper's rule and LLaMA-7B's number.
+
+    The JSON report (--out) holds these, the time taken, and per example, in choice order: the
+    context(s), the choices, every choice's log-likelihood (and after "Answer:" where that rule
+    applies), the pick of each rule, the label; for QA the prompt, the generation, the answer.
+    """
     name, shots, metric = report["task"], report["shots"], report["paper_metric"]
     scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in report["metrics"].items())
@@ -873,15 +850,18 @@ def main(argv=None):
                       description="LLaMA's benchmarks, scored as the paper and the harness do.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
-    p.add_argument("--data", required=True, help="the task's file; see the docstring")
-    p.add_argument("--limit", type=int, help="only the first N examples (MMLU: of each subject)")
-    p.add_argument("--shots", type=int,
-                   help="solved examples before each question: QA 0 (default), 1, 5, 64; MMLU 5")
+    p.add_argument("--data", required=True, help="the task's file; eval.py's section 6 lists them")
+    p.add_argument("--limit", type=int,
+                   help="only the first N examples (MMLU: of each subject); default all")
+    p.add_argument("--shots", type=int, help="solved examples before each question: QA 0 "
+                   "(default), 1, 5, 64; MMLU 5 (default)")
     p.add_argument("--shots-from", help="file the shots come from: QA train, MMLU dev")
-    p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24, help="closed-book QA answers")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the JSON report here; default: printed only")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward; default 8")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="closed-book QA answers; default 24")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default cuda if there is one, else cpu")
     a = p.parse_args(argv)
     key = a.task.lower().replace("-", "_")
     name = ALIASES.get(key, key)

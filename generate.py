@@ -1,29 +1,28 @@
 """
-generate.py -- load any LLaMA checkpoint (ours, Meta's, Hugging Face's) and sample from it fast.
+generate.py -- sample from any LLaMA checkpoint (ours, Meta's, Hugging Face's), fast.
 
-Two jobs live here, because eval.py and train.py's `--init-from` need the first and everybody
-needs the second: turning a folder of weights into a `Transformer` plus its `Tokenizer`, and
-decoding text from it with the preallocated KV cache of model.py. It does not train and does not
-score benchmarks (eval.py does).
+Two jobs live here: turning a folder of weights into a `Transformer` plus its `Tokenizer` on a
+device (load_model, which eval.py and train.py's `--init-from` share), and decoding text from it
+with the preallocated KV cache of model.py. Reading a folder in any of the three layouts, and
+writing the Hugging Face export, are checkpoint.py's. It does not train and does not score
+benchmarks (eval.py does).
 
     python generate.py --ckpt out/tiny --prompt "The capital of France is" --max-new-tokens 32
     python generate.py --ckpt llama/7B --prompt "Hi" --prompt "A longer prompt" --temperature 0
     python generate.py --ckpt llama/7B --export-hf hf/7B     # a folder transformers can load
+    torchrun --nproc_per_node 2 generate.py --tp 2 --ckpt llama/7B --prompt "Hi"
 
 Reading order
-  1. Reading checkpoints   which layout a folder holds; ours and Meta's (params.json +
-                           consolidated.NN.pth), Hugging Face's (config.json + safetensors);
-                           read_checkpoint, the core that train.py's --init-from shares
-  2. Hugging Face layout   key names, the q/k row permutation, reading and export_hf
-  3. load_model            checkpoint -> Transformer on a device, in fp32 (CPU) or bf16 (CUDA),
+  1. load_model            checkpoint -> Transformer on a device, in fp32 (CPU) or bf16 (CUDA),
                            sliced over tensor-parallel ranks by parallel.py when tp > 1; on
                            CUDA at tp 1 with wq|wk|wv and w1|w3 fused (fuse_projections)
-  4. Sampling              greedy, temperature, top-k, top-p (nucleus)
-  5. Decoding              generate_tokens: batched prompts of different lengths over one KV
-                           cache, each step compiled and replayed from a CUDA graph if asked;
-                           generate: text in, text out
-  6. The weight-read bound memory bandwidth (measured by a copy) / bytes of weights
-  7. main                  the command line, streaming a single prompt as it decodes
+  2. Sampling              greedy, temperature, top-k, top-p (nucleus)
+  3. Decoding              static_decoder: one step, compiled and replayed from a CUDA graph if
+                           asked; generate_tokens: batched prompts of different lengths over
+                           one KV cache; generate: text in, text out
+  4. The weight-read bound tokens/s <= memory bandwidth / bytes of weights read per step
+  ---------------------------------------------------------------------------- (the banner)
+  5. Command line          Streamer (one prompt printed as it decodes), the flag rules, main
 
 How prompts of different lengths share one cache (what Meta's reference does): prompts are
 left-aligned in a (B, T_total) grid. The first forward covers the columns every prompt fills;
@@ -35,33 +34,14 @@ their true positions, so no attention mask or position offset is needed:
     row 0     <s> A  B  C  .  .  .      prefill columns 0-1 in one forward, then
     row 1     <s> D  .  .  .  .  .      step 2: row 0 keeps B, row 1 samples; step 3 ...
 
-Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
-
-Speed. At batch 1 a decoding step multiplies one vector by every weight matrix, so it is bound
-by reading the weights once: tokens/s <= memory bandwidth / bytes of weights (the embedding
-table excluded: a step reads one row of it). main prints that bound beside the measured rate.
-On CUDA (bf16) the step is model.forward with its position given as a tensor (static shapes,
-see model.py), captured once in a CUDA graph and replayed: one launch per token instead of ~15
-kernel launches per layer, whose CPU-side overhead would otherwise dominate a step of a small
-model. On CPU (fp32) the eager forward is used, or with --compile the compiled one. main leaves
-cuDNN's attention kernel out (model.plan_free_attention): it plans anew for each shape, and each
-prefill and eager step has a new one.
-
 Shape legend: B batch, T sequence, S cache positions, D model width, H query heads, K key/value
 heads, E head dim, V vocab.
 
-Tensor parallelism (`torchrun --nproc_per_node 2 generate.py --tp 2 ...`): every rank loads the
-full weights on the CPU, parallel.parallelize keeps its slice, and the vocabulary-parallel
-logits are gathered so that every rank samples the same token from the same seeded generator.
-
-What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, added tokens
-(an embedding larger than the tokenizer is refused), or `.bin` weights (convert them to
-safetensors); sharded HF export (one file); Llama 3's tiktoken tokenizer; CUDA graphs and
-compilation under tensor parallelism (the eager forward is used there); loading only this
-rank's shard file (each rank reads all of them); speculative decoding and continuous batching.
+What this file leaves out: Llama 3's tiktoken tokenizer; CUDA graphs and compilation under
+tensor parallelism (the eager forward is used there); speculative decoding and continuous
+batching. (The layouts it cannot read are listed in checkpoint.py.)
 """
 
-import math
 import os
 import sys
 import time
@@ -71,13 +51,13 @@ import torch
 
 import checkpoint as C
 import parallel as P
-from cli import OneLineParser
+from cli import OneLineParser, check, finite
 from model import Transformer, plan_free_attention
 from tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. load_model
+# 1. load_model
 # ---------------------------------------------------------------------------------------------
 
 def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None):
@@ -115,7 +95,7 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Sampling
+# 2. Sampling
 # ---------------------------------------------------------------------------------------------
 
 def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0,
@@ -142,7 +122,7 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Decoding
+# 3. Decoding
 # ---------------------------------------------------------------------------------------------
 
 def static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: bool = False):
@@ -152,9 +132,13 @@ def static_decoder(model: Transformer, batch: int, cuda_graph: bool, compile: bo
     that it is compiled once, and captured once in a CUDA graph whose replays read each step's
     token and position from the same two input tensors. Same forward, so tested equal.
     compile: torch.compile it first (once per call of generate_tokens: seconds to a minute).
-    PERF: inductor fuses the elementwise work of each norm, rotation and SwiGLU product into
-    single kernels, so the graph replays far fewer launches; the eager forward is the simpler
-    version. On CPU at batch 1, model.Linear then reads each weight in a fused product and sum.
+    main decodes this way on CUDA (bf16), replayed from a CUDA graph, and on CPU (fp32) with
+    --compile; else the eager forward.
+    PERF: a replay is one launch per token instead of ~15 kernel launches per layer, whose
+    CPU-side overhead would otherwise dominate a step of a small model. Inductor fuses the
+    elementwise work of each norm, rotation and SwiGLU product into single kernels, so the graph
+    replays far fewer launches; the eager forward is the simpler version. On CPU at batch 1,
+    model.Linear then reads each weight in a fused product and sum.
     """
     device = model.output.weight.device
     forward = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
@@ -197,22 +181,19 @@ def generate_tokens(model: Transformer, prompts: list, max_new_tokens: int,
     every step with a list holding each row's new token, or None where the row is still reading
     its prompt or has finished. `stats`, a dict if given, receives prefill_s, decode_s and
     decode_steps.
+
+    Under tensor parallelism (a model parallel.parallelize sliced) each rank computes its slice
+    of the vocabulary; the logits are gathered so that every rank samples the same token from
+    the same seeded generator.
     """
     lens = [len(p) for p in prompts]
-    if not prompts or min(lens) == 0:
-        raise ValueError("every prompt needs at least one token; encode with bos=True")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token")
+    check_request(lens, max_new_tokens, model.args.max_seq_len)      # below the banner
     B, total = len(prompts), max(lens) + max_new_tokens
-    if total > model.args.max_seq_len:
-        raise ValueError(f"the longest prompt ({max(lens)} tokens) + max_new_tokens="
-                         f"{max_new_tokens} exceeds max_seq_len={model.args.max_seq_len}; "
-                         "shorten one or the other")
     device = model.output.weight.device
     grid = getattr(model, "grid", None)                     # set by parallel.parallelize
     tp_group = grid.tp_group if grid is not None and grid.tp > 1 else None
     # NOTE: under tp the eager forward: capturing or compiling the collectives of parallel.py's
-    # hooks is left out (see the docstring).
+    # hooks is left out (see the module docstring).
     static = static and tp_group is None
     tokens = torch.full((B, total), -1, dtype=torch.long, device=device)   # (B, T_total)
     for i, p in enumerate(prompts):
@@ -270,19 +251,41 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: list, max_new_to
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The weight-read bound
+# 4. The weight-read bound
 # ---------------------------------------------------------------------------------------------
 
 def weight_bytes(model: Transformer) -> int:
     """Bytes read per decoding step: every weight except the embedding table, of which a step
-    reads only B rows."""
+    reads only B rows.
+
+    At batch 1 a decoding step multiplies one vector by every weight matrix, so it is bound by
+    reading the weights once: tokens/s <= memory bandwidth / weight_bytes. main prints the rate
+    at which a run read them, to set against the device's bandwidth (tests/bench_cpu.py decode
+    measures the bandwidth and the bound)."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if not n.startswith("tok_embeddings"))
 
 
+# =============================================================================================
+# Below: what running this file as a script needs -- printing one prompt as it decodes, the
+# flags and their one-line refusals, and main.
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# 7. Command line
+# 5. Command line
 # ---------------------------------------------------------------------------------------------
+
+def check_request(lens: list, max_new_tokens: int, max_seq_len: int):
+    """generate_tokens' prompt lengths and budget, each refused with what to do."""
+    if not lens or min(lens) == 0:
+        raise ValueError("every prompt needs at least one token; encode with bos=True")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token")
+    if max(lens) + max_new_tokens > max_seq_len:
+        raise ValueError(f"the longest prompt ({max(lens)} tokens) + max_new_tokens="
+                         f"{max_new_tokens} exceeds max_seq_len={max_seq_len}; "
+                         "shorten one or the other")
+
 
 class Streamer:
     """on_token callback that prints a single prompt's continuation as it is decoded."""
@@ -311,17 +314,15 @@ class Streamer:
 
 def check_options(a):
     """Every flag on its own, and the output folder, before any weights are read."""
-    for name, ok, rule in (
-            ("max_new_tokens", a.max_new_tokens >= 1, "1 or more"),
-            ("temperature", math.isfinite(a.temperature) and a.temperature >= 0,
-             "0 (greedy) or more"),
-            ("top_p", 0 < a.top_p <= 1, "in (0, 1]; 1 turns it off"),
-            ("top_k", a.top_k >= 0, "0 (off) or more"),
-            ("seed", a.seed >= 0, "0 or more"),
-            ("tp", a.tp >= 1, "1 or more"),
-            ("max_seq_len", a.max_seq_len is None or a.max_seq_len >= 1, "1 or more")):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(a, name)} must be {rule}")
+    check([("max_new_tokens", a.max_new_tokens, a.max_new_tokens >= 1, "1 or more"),
+           ("temperature", a.temperature, finite(a.temperature) and a.temperature >= 0,
+            "0 (greedy) or more"),
+           ("top_p", a.top_p, 0 < a.top_p <= 1, "in (0, 1]; 1 turns it off"),
+           ("top_k", a.top_k, a.top_k >= 0, "0 (off) or more"),
+           ("seed", a.seed, a.seed >= 0, "0 or more"),
+           ("tp", a.tp, a.tp >= 1, "1 or more"),
+           ("max_seq_len", a.max_seq_len, a.max_seq_len is None or a.max_seq_len >= 1,
+            "1 or more")])
     try:
         device = torch.device(a.device)
     except RuntimeError:
@@ -352,18 +353,21 @@ def check_options(a):
 def main(argv=None):
     p = OneLineParser(prog="generate.py", status=1,    # status 1: as every other refusal here
                       description="Sample from a LLaMA checkpoint (ours, Meta's, HF's).")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 to disable")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens added to each prompt at most; default %(default)s")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; default %(default)s")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 turns it off; default %(default)s")
+    p.add_argument("--top-k", type=int, default=0, help="0 to disable; default %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="of the sampling; default %(default)s")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda; default %(default)s here")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-seq-len", type=int, help="override the checkpoint's")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree (under torchrun); default %(default)s")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, plain forward()")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (on CUDA before the graph captures it): "
@@ -375,7 +379,9 @@ def main(argv=None):
     world, grid, device = None, None, a.device
     try:
         check_options(a)
-        plan_free_attention()             # PERF: every step has a new shape (model.py)
+        # PERF: cuDNN's attention plans anew for each shape, and each prefill and eager step has
+        # a new one: it is left out (model.plan_free_attention).
+        plan_free_attention()
         if a.tp > 1:
             world = P.init_distributed(a.device)  # reads torchrun's RANK, WORLD_SIZE, ...
             grid, device = P.make_grid(world, tp=a.tp), world.device    # collective: all ranks

@@ -14,7 +14,8 @@ Reading order
   1. TRAINER_SPEC      Meta's settings, one line each with what it does
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
-  4. Command line      main (the parser and its numbers come from cli.py)
+  ---------------------------------------------------------------------------- (the banner)
+  4. Command line      main: train a model, or show how a text is cut (the kit is cli.py's)
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -141,7 +142,7 @@ class Tokenizer:
         """encode() of many texts at once: a list of int32 numpy arrays, one per text.
         PERF: replaces [encode(t) for t in texts]: one call into SentencePiece's C++ for the
         whole list, no Python list of ids per text; `threads` > 1 shares the list among C++
-        threads (data.py runs one process per core instead, see `python data.py bench`)."""
+        threads (data.py runs one process per core instead; tests/bench_data.py times both)."""
         return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=threads,
                               return_type="numpy")
 
@@ -149,6 +150,16 @@ class Tokenizer:
         """The pieces of `text`, for looking at what the model sees."""
         return self.sp.encode(text, out_type=str)
 
+
+def token_dtype(n_words: int) -> str:
+    """The id type of a token shard: uint16 when the vocabulary fits (half the bytes), else
+    uint32. data.py writes shards with it; eval.py reads them."""
+    return "uint16" if n_words <= 2**16 else "uint32"
+
+
+# =============================================================================================
+# Below: what running this file as a script needs -- its flags, and one-line refusals.
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # 4. Command line
@@ -159,7 +170,7 @@ def main(argv=None):
                       description="Train or inspect a LLaMA-style SentencePiece BPE.")
     p.add_argument("--train", nargs="+", metavar="FILE", help="text files to train on")
     p.add_argument("--vocab-size", type=number(int, 260), default=32000,
-                   help="pieces: 256 bytes + <unk> <s> </s> at least, 32000 in LLaMA")
+                   help="pieces: 256 bytes + <unk> <s> </s> at least; default %(default)s, LLaMA's")
     p.add_argument("--out", help="where to write the trained PATH.model")
     p.add_argument("--model", help="an existing .model to inspect with --encode")
     p.add_argument("--encode", metavar="TEXT", help="print the pieces and ids of TEXT")

@@ -8,6 +8,7 @@ prepare's MB/s with 1, 2, ... worker processes (checking that every run writes t
 Timings on a shared machine vary: read ratios, not absolute figures, and rerun.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import tempfile
 import time
 from typing import List, Optional
 
+import data
 from cli import OneLineParser, number
 from data import (DEMO_MB, MixtureSampler, _map, _sha256, _train_on, _WORKER, default_workers,
                   demo_records, documents, load_manifest, prepare)
@@ -109,10 +111,11 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
         for run, n in enumerate(workers):
             out = os.path.join(tmp, f"out-{run}")
             start = time.perf_counter()
-            report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
+            with stage_seconds() as stages:
+                report = prepare(sources, out, tokenizer=tokenizer, workers=n, quiet=True)
             seconds = time.perf_counter() - start
             first = seconds if run == 0 else first
-            stats, stages = report["sources"].values(), report["seconds"]
+            stats = report["sources"].values()
             tokens = sum(s[split]["tokens"] for s in stats for split in ("train", "val"))
             raw, read = sum(s["raw_mb"] for s in stats), sum(s["read"] for s in stats)
             print(f"prepare {mb:g} MB, {n} workers: {seconds:.1f} s ("
@@ -121,6 +124,33 @@ def bench_prepare(mb: float, workers: List[int], tokenizer: Optional[str] = None
                   f"{tokens / seconds / n * 3600 / 1e9:.2f} G tokens/h per core, "
                   f"dedup {read / max(stages['dedup'], 1e-9):,.0f} documents/s, same bytes as "
                   f"{workers[0]} worker(s): {_same_files(out, os.path.join(tmp, 'out-0'))}")
+
+
+@contextlib.contextmanager
+def stage_seconds():
+    """Yield {stage: seconds}, filled while a build runs in the block: data.py's stages are
+    wrapped with a clock (the work of the workers is timed by the _each_file call that waits
+    for it, under its label), and put back at the end."""
+    seconds = dict(clean=0.0, dedup=0.0, tokenizer=0.0, tokenize=0.0)
+    stage_of = {"_each_file": None, "dedup_source": "dedup", "_train_on": "tokenizer",
+                "concatenate": "tokenize"}                # None: the label, "clean" or "tokenize"
+    real = {name: getattr(data, name) for name in stage_of}
+
+    def clocked(name):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real[name](*args, **kwargs)
+            finally:
+                seconds[stage_of[name] or args[0]] += time.perf_counter() - start
+        return run
+    for name in real:
+        setattr(data, name, clocked(name))
+    try:
+        yield seconds
+    finally:
+        for name, fn in real.items():
+            setattr(data, name, fn)
 
 
 def _same_files(a: str, b: str) -> bool:

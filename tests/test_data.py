@@ -64,10 +64,12 @@ RULE_CASES = [
      ["The capital of France lies on the Seine.", "See the city site."]),
     (data.wiki_formatting, "== History ==\n'''Paris''' is ''very'' old.<br/>\n=== Name ===",
      ["==", "'''", "''", "<br/>"], ["History\nParis is very old.\nName"]),
-    (data.tex_comments, "We prove it. % to be checked\n% a whole comment line\nIt costs 50\\% less.",
+    (data.tex_comments,
+     "We prove it. % to be checked\n% a whole comment line\nIt costs 50\\% less.",
      ["to be checked", "whole comment line"], ["We prove it. ", "It costs 50\\% less."]),
     (data.tex_inline_macros,
-     "\\newcommand{\\R}{\\mathbb{R}}\n\\def\\eps{\\varepsilon}\n$x \\in \\R^n$, $\\eps > 0$, \\Rset",
+     "\\newcommand{\\R}{\\mathbb{R}}\n\\def\\eps{\\varepsilon}\n"
+     "$x \\in \\R^n$, $\\eps > 0$, \\Rset",
      ["\\newcommand", "\\def", "\\R^n", "\\eps "],
      ["$x \\in \\mathbb{R}^n$, $\\varepsilon > 0$", "\\Rset"]),
     (data.tex_body,
@@ -205,9 +207,11 @@ def test_books_threshold_is_ninety_percent_overlap():
 # ---------------------------------------------------------------------------------------------
 
 WIKI_DOCS = [f"'''Town {i}''' is a [[town]] in [[Region {i % 3}|the region]].{{{{Infobox}}}}\n"
-             f"== History ==\nIt was founded in {1800 + i} by settlers.<!-- check -->" for i in range(12)]
+             f"== History ==\nIt was founded in {1800 + i} by settlers.<!-- check -->"
+             for i in range(12)]
 NOTES = [f"Note {i}: the quick brown fox jumps over {i} lazy dogs, then rests under a tree.\n"
-         f"Numbers like {i * 37} and symbols like é, ü and 🦙 survive the round trip." for i in range(9)]
+         f"Numbers like {i * 37} and symbols like é, ü and 🦙 survive the round trip."
+         for i in range(9)]
 
 
 def _write_jsonl(path, texts):
@@ -374,11 +378,11 @@ def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus,
     root, model = corpus
     argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
             "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2"]
-    killed = _run_cli(argv, tmp_path, "import os, signal, time\n"  # killed at the first result,
-                      "real = data.clean_file\n"                   # while a worker still works
+    killed = _run_cli(argv, tmp_path, "import cli, os, signal, time\n"  # killed at the first
+                      "real = data.clean_file\n"            # result, while a worker still works
                       "def slow(task):\n    time.sleep(0.3)\n    return real(task)\n"
-                      "data.clean_file = slow\n"
-                      "data.Progress.add = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
+                      "data.clean_file = slow\n"            # the progress line shows each result
+                      "cli.Progress.show = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)")
     # run() returns once the workers have closed the stderr they inherited: they have exited
     assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr
     assert sorted(os.listdir(tmp_path)) == [".tmp-out"]
@@ -754,7 +758,8 @@ def test_epochs_match_table1(tmp_path):
     # Sources sized as Table 1 implies (share / epochs, in windows of 8+1 tokens); a run of as
     # many windows as 1.4T tokens in miniature gives back Table 1's epochs.
     scale = 50
-    sizes = {n: round(share / epochs * scale) * 8 + 1 for n, (share, epochs, _) in data.TABLE1.items()}
+    sizes = {n: round(share / epochs * scale) * 8 + 1
+             for n, (share, epochs, _) in data.TABLE1.items()}
     folder = make_dataset(tmp_path, sizes, {n: v[0] for n, v in data.TABLE1.items()})
     sampler = data.MixtureSampler(folder, seq_len=8)  # default weights: the manifest's Table 1
     sampler.next_batch(100 * scale)

@@ -319,12 +319,14 @@ def test_manual_swiglu_backward_under_cpu_bf16_autocast():
 
 
 def test_manual_backward_in_the_whole_model():
+    # The flag parallel.apply_recompute sets for "selective", here set on every layer by hand.
     args = small_args()
     model = build(args).train()
     tokens = torch.randint(0, args.vocab_size, (2, 8))
     grads = []
     for manual in (False, True):
-        model.set_manual_ffn_backward(manual)
+        for layer in model.layers:
+            layer.feed_forward.manual_backward = manual
         model.zero_grad()
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
