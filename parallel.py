@@ -4,41 +4,34 @@ proven equal to one process.
 
 model.py is the single-device reference and stays that way. This file takes a Transformer built
 on every rank from the same seed and, in place, swaps its modules for sharded ones (a short
-visible table, TP_PLAN), so that each rank of a tensor-parallel group holds one slice of the very
-same full initialization. Every collective is a named call tagged with its group and direction,
-so that `grep COMM: parallel.py` prints the communication schedule. Every parallel path
-degrades to the plain one when its axis has size 1, and one process is the default. Pipeline
-parallelism then keeps, on each rank, the chunks of layers of its stage (PipelineStage) and runs
-a step's micro-batches through them in the order of a schedule (pipeline_step). What all this
-costs (activation bytes, collectives per step, memory and time at cluster scale) is predicted in
-planner.py, which imports this file; this file imports only model.py.
+visible table, TP_PLAN): each rank of a tensor-parallel group holds one slice of the very same
+full initialization. Every collective is a named call tagged with its group and direction, so
+that `grep COMM: parallel.py` prints the communication schedule. Every parallel path degrades to
+the plain one when its axis has size 1; one process is the default. What it all costs is
+predicted in planner.py, which imports this file; this file imports model.py and checkpoint.py.
 
     torchrun --nproc_per_node=4 train.py --preset tiny --tp 2 --sp     # how it is used
     torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4
     python -m pytest -q tests/test_parallel.py tests/test_pipeline.py  # proven equal to 1 process
-    python planner.py --accounting                                     # what it costs, predicted
 
-Reading order
-  1. The process grid        init_distributed, Grid: a (pp, dp, tp) mesh, tp innermost
-  2. Checks                  check_config: refuse impossible splits before any work
-  3. Collectives             all_reduce, all_gather, reduce_scatter: the only calls to the wire
-  4. Conjugate operators     f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp [Korthikanti]
-  5. Parallel layers         the Region around a module (and sp's kept shard), column/row-
-                             parallel linears, the vocabulary-parallel embedding; TP_PLAN, the
-                             table that parallelize() follows
-  6. The loss                vocabulary-parallel cross-entropy: full logits are never gathered
-  7. Recomputation           none | selective | full, correct with any use of the RNG
-  8. Data parallelism        GradSync: naive all-reduce and overlapped Buckets, side by side
-  9. Pipeline parallelism    three schedules (afab, 1f1b, interleaved) drawn and played;
-                             PipelineStage; pipeline_step, its sends and receives
-                             batched by the ticks of the timeline
- 10. Clipping                the global norm, each parameter counted once
- 11. Checkpoints             shards in Meta's split; any tp x pp layout loads any other
+Reading map
+  1. The process grid       Dist, Grid, make_grid: a (pp, dp, tp) mesh, tp innermost
+  2. Collectives            all_reduce, all_gather, reduce_scatter: the only calls to the wire
+  3. Conjugate operators    f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp
+  4. Parallel layers        column/row-parallel linears, vocab-parallel embedding, TP_PLAN
+  5. The loss               vocabulary-parallel cross-entropy: full logits are never gathered
+  6. Recomputation          none | selective | full: apply_recompute's table of what is kept
+  7. Data parallelism       GradSync: naive all-reduce and overlapped Buckets, side by side
+  8. Pipeline parallelism   schedules as warmup / steady 1F1B / cooldown; the exchange, drawn
+  9. Clipping               the global norm, each parameter counted once
+  ---------------------------------------------------------------------------- (the banner)
+ 10. Launching              torchrun's variables, the process group, restarts, failures
+ 11. Checks                 impossible splits refused in one line, before any work
+ 12. Checkpoints            Meta's shards (checkpoint.py's split); any tp x pp loads any other
 
-How one transformer block is split over tp = 2 ranks, with sequence parallelism (sp). Column-
-parallel matrices (wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by
-input columns, exactly Meta's shard split (checkpoint.shard_dim), so a shard here is a shard of
-`consolidated.NN.pth` (the embedding is the one exception, see VocabParallelEmbedding):
+One transformer block over tp = 2 ranks with sequence parallelism (sp). Column-parallel matrices
+(wq wk wv w1 w3, output) are split by output rows, row-parallel ones (wo w2) by input columns:
+Meta's split (checkpoint.shard_dim; the embedding is the one exception, VocabParallelEmbedding).
 
       residual (B, T/tp, D)                           wq (H*E, D)          wo (D, H*E)
         |  norm                                       +--------+           +----+----+
@@ -47,34 +40,22 @@ input columns, exactly Meta's shard split (checkpoint.shard_dim), so a shard her
       (B, T, D) ---> wq wk wv (this rank's heads)     | rank 1 |  H/2..H   |    |    |
                      attention on H/tp, K/tp heads    +--------+           +----+----+
                      wo -> partial sums (B, T, D)     split dim 0          split dim 1
-        |  g_sp: reduce-scatter T (fwd)
-        |        all-gather (bwd)
+        |  g_sp: reduce-scatter T (fwd), all-gather (bwd)
       (B, T/tp, D) + residual                         same for the FFN: w1 w3 dim 0, w2 dim 1
-
-Without sp the residual stream is replicated, f is the identity forward (all-reduce backward) and
-g an all-reduce forward (identity backward) [PTD-P §2.3, Fig. 3]. With sp the residual stream,
-the norms and their saved activations are split along T, and each all-reduce becomes an
-all-gather plus a reduce-scatter: the same bytes, a tp-th of the activation memory [Korthikanti
-§4.2.2].
 
 Shape legend: B batch, T sequence, D model width, H query heads, K key/value heads, E head dim,
 F FFN hidden, V vocab, N = B*T tokens; a split dimension carries its divisor, (B, T/tp, D).
 
-Seed policy, stated once: tensor-parallel peers hold shards of one full initialization (every rank
-builds the full model from the same seed, then parallelize() slices it), so results do not depend
-on tp; pipeline stages keep their layers of that same initialization, so results do not depend on
-pp; data-parallel replicas are identical and differ only in their data.
+Seed policy, stated once: tensor-parallel peers hold shards of one full initialization and
+pipeline stages their layers of it (no result depends on tp or pp); dp replicas differ in data.
 
-What this file leaves out: ZeRO/FSDP sharding of optimizer state, fused or compute-overlapped
-tp collectives (Megatron overlaps the all-gather with the matmul), gradient buckets that are
-views into one flat buffer (we copy), and ignored target positions in the loss (every position
-is a target). Decoding with a KV cache works under tp but not sp (one new token cannot be split
-over T): parallelize with sp=False for generation. Of pipelining: a chunk's output stays
-allocated until its backward (Megatron frees the data once sent), without sp every tp rank sends
-the whole activation (Megatron's scatter/gather splits it over tp [PTD-P §4.1]; sp splits it
-anyway), a message is received at the tick it is sent and held until its op runs (Megatron
-receives just in time), interleaving needs micro-batches in multiples of pp, and every rank
-builds the full model before it keeps its stage, as it does before its tp slice.
+What this file leaves out: ZeRO/FSDP sharding of optimizer state; tp collectives overlapped with
+compute; gradient buckets that are views into one flat buffer (we copy); ignored target positions
+in the loss. Decoding works under tp, not sp (one new token cannot be split over T): parallelize
+with sp=False to generate. Of pipelining: Megatron frees an activation once sent, splits it over
+tp to send it [PTD-P §4.1] and receives it just in time; we keep it, send it whole without sp and
+receive it at the tick it is sent; interleaving needs micro-batches in multiples of pp. Every
+rank builds the full model before it keeps its slice and its stage.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
@@ -94,7 +75,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import meta_weights, piece, shard_dim
+from checkpoint import merge_state_dicts, meta_weights, piece, shard_dim
 from model import ModelArgs, Transformer, activation_dtype
 
 
@@ -104,7 +85,8 @@ from model import ModelArgs, Transformer, activation_dtype
 
 @dataclass
 class Dist:
-    """This process in the world: what torchrun told it, and the device it computes on."""
+    """This process in the world: what torchrun told it, and the device it computes on. Made by
+    init_distributed (section 10, below the banner), which joins the process group."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -120,71 +102,6 @@ class Dist:
         """print, on rank 0 alone: what every rank knows is said once."""
         if self.is_main:
             print(*args, **kwargs)
-
-
-def launcher() -> dict:
-    """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset)."""
-    env = os.environ
-    return dict(world_size=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
-                local_rank=int(env.get("LOCAL_RANK", "0")),
-                master=(env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", "0"))),
-                restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),    # --max-restarts
-                max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
-                agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
-
-
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
-    """Join the process group torchrun describes; one process when WORLD_SIZE is unset.
-
-    timeout_s: how long any collective or send may wait for its peers before it raises
-    (is_collective_failure tells those errors apart), instead of holding the job forever.
-    NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
-    """
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    env = launcher()
-    if env["world_size"] == 1:
-        return Dist(device=torch.device("cuda" if use_cuda else "cpu"), timeout_s=timeout_s,
-                    restart=env["restart"])
-    rank, world_size, local_rank = env["rank"], env["world_size"], env["local_rank"]
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    timeout, store = timedelta(seconds=timeout_s), None
-    if env["agent_store"]:
-        # NOTE: torchrun's agent keeps one store for every restart of the job, so a restarted
-        # round could read the addresses the dead round's ranks published, and hang or fail to
-        # connect. Each round's keys go under their own prefix.
-        agent = dist.TCPStore(*env["master"], world_size, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"llama-recipe/restart-{env['restart']}", agent)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                            timeout=timeout, store=store)
-    return Dist(rank, world_size, local_rank, dev, timeout_s, env["restart"])
-
-
-def stop_restarts() -> None:
-    """Ask torchrun not to restart the job: a configuration error would only come back.
-
-    torchrun restarts a job whenever a worker exits non-zero, for whatever reason. Its agent is
-    this process's parent, and SIGTERM makes it stop every worker and exit non-zero at once.
-    Local rank 0 of each node asks, after the error is printed; without restarts, nothing.
-    """
-    env = launcher()
-    if env["max_restarts"] > 0 and env["local_rank"] == 0:
-        os.kill(os.getppid(), signal.SIGTERM)
-
-
-def is_collective_failure(e: BaseException) -> bool:
-    """Whether an error is a collective giving up: a peer silent past the process group's
-    timeout, or gone (what gloo and NCCL report then, in their own words)."""
-    markers = ("Timed out", "timed out", "timeout", "Connection closed by peer", "Connection reset",
-               "pair closure", "NCCL error", "Broken pipe")
-    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers)
-
-
-def destroy(world: Dist) -> None:
-    """Leave the process group (call it in a `finally`)."""
-    if world.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @dataclass
@@ -247,30 +164,10 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Checks
+# 2. Collectives
 # ---------------------------------------------------------------------------------------------
-
-def check_config(args: ModelArgs, tp: int, sp: bool = False, seq_len: Optional[int] = None):
-    """Refuse, in one line, a split that cannot work. Needs no process group: call it first."""
-    if tp < 1:
-        raise ValueError(f"tp={tp} must be a positive integer")
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-             "vocab_size": args.vocab_size, "FFN hidden": args.ffn_hidden}
-    ok = [d for d in range(1, args.n_kv_heads + 1) if all(n % d == 0 for n in sizes.values())]
-    for name, n in sizes.items():
-        if n % tp:
-            raise ValueError(f"tp={tp} must divide {name}={n}; use one of "
-                             f"{', '.join(map(str, ok))}")
-    if sp and seq_len is not None and seq_len % tp:
-        raise ValueError(f"sequence parallelism splits the sequence over tp={tp}: seq_len="
-                         f"{seq_len} is not divisible; use a multiple of {tp}")
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Collectives
-# ---------------------------------------------------------------------------------------------
-# The three calls below (and GradSync's asynchronous all-reduce) are the only places bytes
-# leave this process. The tests count them by patching torch.distributed.
+# The three calls below (and GradSync's asynchronous all-reduce) carry every byte of tensor and
+# data parallelism. The tests count them by patching torch.distributed.
 #
 # PERF: all-gather and reduce-scatter concatenate along dim 0; the sequence is dim 1 of our
 # (B, T, D) activations, so each call transposes once. Megatron keeps activations (T, B, D) to
@@ -304,12 +201,14 @@ def reduce_scatter(x, dim: int, group):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Conjugate operators
+# 3. Conjugate operators
 # ---------------------------------------------------------------------------------------------
 # PAPER: f and g are conjugate: what one does forward, the other does backward [PTD-P §2.3,
 # Fig. 3]. A tensor-parallel region opens with f and closes with g. Under sequence parallelism
 # they become f_sp and g_sp, which Korthikanti calls g and g-bar [Korthikanti §4.2.2, Fig. 5];
-# we name them after the side of the region they sit on.
+# we name them after the side of the region they sit on. Each all-reduce becomes an all-gather
+# and a reduce-scatter: the same bytes, and the residual stream, its norms and what they save
+# split along T, a tp-th of the activation memory.
 
 class f(torch.autograd.Function):
     """Identity forward; all-reduce of the input gradient over tp backward."""
@@ -367,7 +266,7 @@ class g_sp(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Parallel layers
+# 4. Parallel layers
 # ---------------------------------------------------------------------------------------------
 
 def shard(full: torch.Tensor, dim: int, grid: Grid) -> torch.Tensor:
@@ -563,7 +462,7 @@ def parallelize(model: Transformer, grid: Grid, sp: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The loss
+# 5. The loss
 # ---------------------------------------------------------------------------------------------
 
 class CrossEntropy(torch.autograd.Function):
@@ -626,7 +525,7 @@ def loss_fn(logits, targets, grid: Grid):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Recomputation
+# 6. Recomputation
 # ---------------------------------------------------------------------------------------------
 
 class Recompute(torch.autograd.Function):
@@ -669,19 +568,27 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 def apply_recompute(model: Transformer, mode: str) -> None:
-    """Trade compute for activation memory [Korthikanti §5, LLaMA §2.4].
+    """Trade compute for activation memory [Korthikanti §5, LLaMA §2.4]. The one place that says
+    what autograd keeps of a layer from its forward to its backward, and what it recomputes:
 
-    none       autograd keeps what it keeps.
-    selective  keep what is expensive to recompute, the outputs of the linear layers; recompute
-               the rest of the attention (the weight-free core: softmax(q k^T) v, K and V at
-               their K heads) and SwiGLU's elementwise silu(a) * b, through model.py's
-               hand-written FFN backward [LLaMA §2.4]. Cost: the core's forward again, no matmul
-               with a weight.
-    full       keep only each block's input; run the whole block again in backward (its tp
-               collectives included): about one more forward pass.
-    apply_recompute owns `feed_forward.manual_backward` (on for selective only). Works at any tp,
-    on a Transformer or a PipelineStage (whose layers are keyed by number). It wraps methods in
-    place, so once: it sets model.recompute = mode and refuses a second call.
+      mode       kept, per layer                             recomputed in backward
+      none       what each op saves: per norm its input,     nothing
+                 output and 1/rms; the column linears'
+                 input y (its T/tp shard under sp); q k v;
+                 SDPA's output (wo's input) and log-sum-exp
+                 (the T x T scores under the math backend);
+                 a = w1 y, b = w3 y, silu(a), silu(a) * b
+      selective  none's, less the log-sum-exp (or scores),   the core softmax(q k^T / sqrt(E)) v
+                 silu(a) and silu(a) * b; k and v at their   from q k v; silu(a) and silu(a) * b
+                 K heads                                     from a and b (model.SwiGLUFunction)
+      full       the block's input x, (B, T, D), or          the whole block, its tp collectives
+                 (B, T/tp, D) under sp                       included: one more forward pass
+
+    Selective runs no matmul with a weight twice. planner.activation_bytes_per_layer counts each
+    row's bytes (tested equal to what autograd saves). apply_recompute is the one writer of
+    FeedForward.manual_backward, on for selective alone. Works at any tp, on a Transformer or a
+    PipelineStage (whose layers are keyed by number). It wraps methods in place, so once: it
+    sets model.recompute = mode and refuses a second call.
     """
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"recompute mode {mode!r} is unknown; choose none, selective or full")
@@ -698,7 +605,7 @@ def apply_recompute(model: Transformer, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Data parallelism
+# 7. Data parallelism
 # ---------------------------------------------------------------------------------------------
 
 def make_buckets(numels: list, bucket_bytes: float, bytes_per_el: int) -> list:
@@ -821,14 +728,15 @@ def _copy_back(params, flat):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Pipeline parallelism
+# 8. Pipeline parallelism
 # ---------------------------------------------------------------------------------------------
 # PAPER: the layers are cut into pp * v chunks of consecutive layers; pipeline rank r holds chunks
 # r, r + pp, r + 2 pp, ... (v "virtual stages" per rank) [PTD-P §2.2]. Chunk 0 begins with the
 # embedding, the last chunk ends with the final norm, the output and the loss. A step's batch is
 # cut into m micro-batches; an activation crosses to the next chunk's rank with a point-to-point
-# send, its gradient comes back with another. Every rank can compute every rank's schedule, so
-# each knows in which order its peers send: no tags are needed (NCCL has none).
+# send, its gradient comes back with another. The order of each rank (schedule_order) fixes
+# when every op runs (play) and so when every message travels (messages); every rank computes
+# all three for every rank, so each knows what its peers send, and when, without a message.
 
 PIPELINE_SCHEDULES = ("afab", "1f1b", "interleaved")
 
@@ -837,44 +745,18 @@ def default_schedule(virtual_stages: int) -> str:
     return "interleaved" if virtual_stages > 1 else "1f1b"
 
 
-def check_pipeline(n_layers: int, pp: int, virtual_stages: int = 1,
-                   micro_batches: Optional[int] = None, schedule: Optional[str] = None):
-    """Refuse, in one line, a pipeline that cannot run. Needs no process group: call it first."""
-    v = virtual_stages
-    schedule = schedule or default_schedule(v)
-    if pp < 1 or v < 1:
-        raise ValueError(f"pp={pp} and virtual stages={v} must be positive integers")
-    if schedule not in PIPELINE_SCHEDULES:
-        raise ValueError(f"pipeline schedule {schedule!r} is unknown; choose one of "
-                         f"{', '.join(PIPELINE_SCHEDULES)}")
-    if n_layers % (pp * v):
-        ok = ", ".join(str(d) for d in range(1, n_layers + 1) if n_layers % d == 0)
-        raise ValueError(f"n_layers={n_layers} cannot be cut into pp={pp} x virtual stages={v} "
-                         f"= {pp * v} equal chunks; choose pp x v among {ok}")
-    if schedule == "interleaved" and v == 1:
-        raise ValueError("the interleaved schedule needs 2 or more virtual stages per rank; "
-                         "raise --virtual-stages or use the 1f1b schedule")
-    if schedule != "interleaved" and v > 1:
-        raise ValueError(f"the {schedule} schedule runs one chunk per rank; virtual stages={v} "
-                         "need the interleaved schedule")
-    if v > 1 and pp == 1:
-        raise ValueError(f"virtual stages={v} interleave chunks over pipeline ranks; add pp > 1 "
-                         "or use one virtual stage")
-    if schedule == "interleaved" and micro_batches is not None and micro_batches % pp:
-        raise ValueError(f"the interleaved schedule runs micro-batches in groups of pp={pp}: "
-                         f"micro-batches={micro_batches} must be a multiple of {pp}")
-
-
 def schedule_order(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
                    rank: int = 0) -> list:
     """The (op, micro-batch, chunk) a pipeline rank runs, in order: op "F" or "B", chunk 0..v-1.
 
-    Every schedule is: `warmup` forwards, then one forward and one backward in turn, then the
-    remaining backwards. Only the warmup differs. Below, pp = 4 and m = 4, each F or B drawn one
-    unit long (`timeline` draws them; a test holds these drawings to the code); in the last one
-    every rank has v = 2 chunks of half the layers, F for chunk 0 and f for chunk 1:
+    Every schedule has the paper's three phases [PTD-P §2.2]: a warmup of forwards alone; a
+    steady state of one forward, then one backward; a cooldown of the backwards left. Only the
+    warmup's length differs. Below, pp = 4 and m = 4, each op drawn at the tick `play` runs it
+    (a test holds these drawings to the code); in the last one each rank has v = 2 chunks of
+    half the layers, F for chunk 0 and f for chunk 1:
 
-    afab, all forwards then all backwards (GPipe): warmup = m. Bubble (pp-1)/m; m in flight.
+    afab, all forwards then all backwards (GPipe): warmup = m, no steady state. Bubble (pp-1)/m;
+    m micro-batches in flight.
       rank 0  F0 F1 F2 F3                   B0 B1 B2 B3
       rank 1     F0 F1 F2 F3             B0 B1 B2 B3
       rank 2        F0 F1 F2 F3       B0 B1 B2 B3
@@ -895,85 +777,62 @@ def schedule_order(schedule: str, pp: int, micro_batches: int, virtual_stages: i
       rank 3           F0 F1 F2 F3 f0 b0 f1 b1 f2 b2 f3 b3 B0 B1 B2 B3
     """
     m, v = micro_batches, virtual_stages
-    if v == 1:
-        forward = [(i, 0) for i in range(m)]
-    else:
-        forward = [(g + i, k) for g in range(0, m, pp) for k in range(v)
-                   for i in range(min(pp, m - g))]     # a last group shorter: forwards alone
-    backward = [(i, v - 1 - k) for i, k in forward]                 # chunks in reverse
-    n = m * v
-    warmup = min(n, {"afab": n, "1f1b": pp - 1 - rank,
-                     "interleaved": 2 * (pp - 1 - rank) + (v - 1) * pp}[schedule])
-    order = [("F", *fw) for fw in forward[:warmup]]
-    for fw, bw in zip(forward[warmup:], backward):
-        order += [("F", *fw), ("B", *bw)]
-    return order + [("B", *bw) for bw in backward[n - warmup:]]
+    # The forwards in the order a rank runs them: groups of pp micro-batches (a last one may be
+    # shorter) through chunk 0, the same group through chunk 1, ...; one chunk: one by one. The
+    # backwards in that same order, chunks reversed.
+    forwards = [(g + i, k) for g in range(0, m, pp) for k in range(v)
+                for i in range(min(pp, m - g))]
+    backwards = iter([(i, v - 1 - k) for i, k in forwards])
+    forwards, order = iter(forwards), []
+    warmup = min(m * v, {"afab": m * v, "1f1b": pp - 1 - rank,
+                         "interleaved": 2 * (pp - 1 - rank) + (v - 1) * pp}[schedule])
+    for _ in range(warmup):                                         # 1. warmup
+        order.append(("F", *next(forwards)))
+    for _ in range(m * v - warmup):                                 # 2. steady: 1F1B
+        order += [("F", *next(forwards)), ("B", *next(backwards))]
+    for _ in range(warmup):                                         # 3. cooldown
+        order.append(("B", *next(backwards)))
+    return order
 
 
 def play(orders: list, pp: int, virtual_stages: int = 1) -> list:
-    """Each rank's `order` (schedule_order's list) played with unit-time ops and instant
-    messages: per rank, [(tick, op, micro-batch, chunk), ...]. A rank starts its next op at the
-    first tick after the op it waits for (the forward of the chunk before, the backward of the
-    chunk after) has run; a schedule that deadlocks raises. Every rank can play every rank's
-    order, so all agree on the ticks without a message: pipeline_step exchanges by them."""
-    last = pp * virtual_stages - 1
-    todo, done, ticks, tick = [list(o) for o in orders], set(), [[] for _ in range(pp)], 0
+    """When each op of every rank's order runs, in ticks of one op: per rank, [(tick, op,
+    micro-batch, chunk), ...]. An op runs at the first tick after the op whose output it reads
+    has run: a forward after the forward of the chunk before (chunk 0 reads tokens), a backward
+    after the backward of the chunk after (the last chunk's reads its own loss). A schedule that
+    deadlocks raises."""
+    last, todo, done = pp * virtual_stages - 1, [list(order) for order in orders], set()
+    ticks, tick = [[] for _ in orders], 0
+
+    def ready(r, op, i, k):
+        c = k * pp + r
+        return (op, c) in (("F", 0), ("B", last)) or (op, i, c - 1 if op == "F" else c + 1) in done
+
     while any(todo):
-        started = []
-        for r in range(pp):
-            if todo[r]:
-                op, i, k = todo[r][0]
-                c = k * pp + r
-                waits_for = ("F", i, c - 1) if op == "F" else ("B", i, c + 1)
-                if (op, c) in (("F", 0), ("B", last)) or waits_for in done:
-                    started.append((op, i, c))
-                    ticks[r].append((tick, *todo[r].pop(0)))
-        if not started:
+        now = [(r, todo[r].pop(0)) for r in range(pp) if todo[r] and ready(r, *todo[r][0])]
+        if not now:
             raise RuntimeError(f"the schedule deadlocks at pp={pp}, v={virtual_stages}")
-        done.update(started)
+        for r, (op, i, k) in now:
+            ticks[r].append((tick, op, i, k))
+            done.add((op, i, k * pp + r))
         tick += 1
     return ticks
 
 
-def timeline(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1) -> list:
-    """Each rank's row of the schedule as `play` runs it, one cell per tick; v <= 2 to draw."""
-    width = len(str(micro_batches - 1)) + 1
-    ticks = play([schedule_order(schedule, pp, micro_batches, virtual_stages, r)
-                  for r in range(pp)], pp, virtual_stages)
-    n = max(row[-1][0] for row in ticks) + 1
-    rows = []
+def messages(ticks: list, pp: int, virtual_stages: int = 1) -> dict:
+    """What travels after each tick: {tick: [(from, to, message), ...]}, pipeline ranks. A
+    forward sends its output to the next chunk's rank, a backward its input's gradient to the
+    previous chunk's. A message names the op that reads it: ("F", i, c) is the activation that
+    chunk c's forward of micro-batch i reads, ("B", i, c) the gradient its backward reads."""
+    last, sent = pp * virtual_stages - 1, {}
     for r, row in enumerate(ticks):
-        cells = [" " * width] * n
         for t, op, i, k in row:
-            cells[t] = ((op if k == 0 else op.lower()) + str(i)).ljust(width)
-        rows.append(f"rank {r}  " + " ".join(cells).rstrip())
-    return rows
-
-
-def exchanges(ticks: list, pp: int, virtual_stages: int, rank: int) -> dict:
-    """What `rank` sends and receives after each tick of `play`'s ticks: {tick: [(kind, step,
-    message)]}, kind "send" or "recv", step +1 or -1 (the peer's place in the pipeline ring).
-
-    A message names the op that will read it: ("F", i, c) is the activation that chunk c's
-    forward of micro-batch i reads, ("B", i, c) the gradient that its backward reads. Whatever
-    the ops at tick t send travels in one exchange after tick t, and its receiver posts the
-    matching receive in its own exchange of tick t, however long before it needs the data.
-    """
-    last, plan = pp * virtual_stages - 1, {}
-    for q, row in enumerate(ticks):
-        for t, op, i, k in row:
-            c = k * pp + q
+            c = k * pp + r
             if op == "F" and c < last:
-                message, step = ("F", i, c + 1), 1
-            elif op == "B" and c > 0:
-                message, step = ("B", i, c - 1), -1
-            else:
-                continue
-            if q == rank:
-                plan.setdefault(t, []).append(("send", step, message))
-            if (q + step) % pp == rank:
-                plan.setdefault(t, []).append(("recv", -step, message))
-    return plan
+                sent.setdefault(t, []).append((r, (r + 1) % pp, ("F", i, c + 1)))
+            if op == "B" and c > 0:
+                sent.setdefault(t, []).append((r, (r - 1) % pp, ("B", i, c - 1)))
+    return sent
 
 
 def in_flight(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
@@ -1029,13 +888,33 @@ class PipelineStage(nn.Module):
         return x
 
 
-def _arrived(inbox: dict, message: tuple) -> torch.Tensor:
-    """The tensor of a message received in an earlier exchange, once its batch has completed.
 
-    NOTE: the messages of one batch share its list of works, and each work is waited once and
+
+# NCCL's rule: a send may wait until its receive is posted (nothing is buffered), and each rank's
+# calls run one at a time, in the order it made them. Played in ticks, 1f1b at pp = 2, m = 3, and
+# its exchange (a: activation, g: gradient, sent after the tick of the op that makes it):
+#
+#     tick      0    1    2    3    4    5    6    7
+#     rank 0    F0   F1        B0   F2   B1        B2
+#     rank 1         F0   B0   F1   B1   F2   B2
+#     0 -> 1    a0   a1             a2
+#     1 -> 0              g0        g1        g2
+#
+# At tick 4 both ranks send. Made as two calls, isend then recv, each would wait in its send
+# for a receive its peer has not posted: a hang that gloo, which buffers sends, never shows. So
+# after tick t every rank makes one batch_isend_irecv (one NCCL group: its operations progress
+# together) of its sends of tick t and the receives of what its neighbours send at tick t. All
+# ranks derive the same ticks, so every operation's partner is in the peer's batch of the same
+# tick, which the peer reaches after its batches before it: by induction on t, every batch
+# completes, and the n-th message from a to b is the n-th that b receives from a (NCCL has no
+# tags). tests/p2p_rules.py replays every test's recorded traffic under this rule.
+
+def _landed(tensor: torch.Tensor, works: list) -> torch.Tensor:
+    """tensor, received or sent in an earlier exchange, once that exchange has completed.
+
+    NOTE: the messages of one exchange share its list of works, and each work is waited once and
     dropped from the list (a second wait on a completed gloo receive can block).
     """
-    tensor, works = inbox.pop(message)
     while works:
         works.pop().wait()
     return tensor
@@ -1052,17 +931,9 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     would leave them: with a GradSync call sync.finish() next. Returns the loss, on every rank.
     With pp = 1 and the 1f1b schedule this is plain gradient accumulation. backward=False runs
     the forwards alone, without autograd (validation). amp: a context entered for each forward.
-
-    The ops run in the schedule's order, and the messages travel by the ticks of `play`: after
-    tick t every rank makes one batch_isend_irecv holding what its op of tick t sends and a
-    receive for each message its neighbours send at tick t (see exchanges). NOTE: NCCL may hold
-    a send until its receive is posted, and runs a rank's calls in the order they were made; in
-    1F1B's steady state neighbours send to each other at the same moment, so one send and one
-    receive at a time (isend, then recv) can hang both. Batched by tick, every send's receive is
-    in the peer's batch of the same tick, which each rank reaches after the batches before it:
-    by induction on t, every batch completes. A message waits in `inbox` until its op reads it.
+    The ops run in schedule_order, at the ticks of `play`; after each tick, one exchange (above).
     """
-    m, v, pp = micro_batches, stage.virtual_stages, grid.pp
+    m, v, pp, me = micro_batches, stage.virtual_stages, grid.pp, grid.pp_rank
     schedule = schedule or default_schedule(v)
     check_pipeline(stage.args.n_layers, pp, v, m if backward else None, schedule)
     if batch.shape[0] % m:
@@ -1071,67 +942,57 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     micro = batch.chunk(m)                                      # m x (B/m, T+1)
     b, seq_len = micro[0].shape[0], micro[0].shape[1] - 1
     shape = (b, seq_len // (grid.tp if stage.sequence_parallel else 1), stage.args.dim)
-    device = batch.device
     with amp:                                   # what the stages send: bf16 under autocast
-        dtype = activation_dtype(device, next(stage.parameters()).dtype)
-    last = pp * v - 1
-    orders = [schedule_order(schedule, pp, m, v, r) for r in range(pp)]
-    if not backward:
-        orders = [[o for o in order if o[0] == "F"] for order in orders]
+        dtype = activation_dtype(batch.device, next(stage.parameters()).dtype)
+    orders = [[o for o in schedule_order(schedule, pp, m, v, r) if backward or o[0] == "F"]
+              for r in range(pp)]                       # forward-only: the forwards, in order
     ticks = play(orders, pp, v)
-    mine, plan = ticks[grid.pp_rank], exchanges(ticks, pp, v, grid.pp_rank)
+    exchange, last = messages(ticks, pp, v), pp * v - 1
     # COMM: the dp all-reduce must see complete gradients: forwards run under no_sync(), except
     # one whose backward is this rank's last op (1f1b's last rank, and pp = 1); GradSync.finish
     # sends the rest after the flush, as PTD-P does.
-    order = [o[1:] for o in mine]
-    i, k = order[-1][1:]
-    overlap_at = len(order) - 2 if order[-2:] == [("F", i, k), ("B", i, k)] else -1
-    ops_at = {t: (n, op, i, k) for n, (t, op, i, k) in enumerate(mine)}
-    held, inbox, sending, loss = {}, {}, [], torch.zeros((), device=device)
-    for tick in range(max((row[-1][0] for row in ticks), default=-1) + 1):
+    i, k = orders[me][-1][1:]
+    synced = len(orders[me]) - 2 if orders[me][-2:] == [("F", i, k), ("B", i, k)] else -1
+    ops_at = {t: (n, op, i, k) for n, (t, op, i, k) in enumerate(ticks[me])}
+    held, inbox, sending, loss = {}, {}, [], torch.zeros((), device=batch.device)
+    for tick in range(max(row[-1][0] for row in ticks) + 1):
         out = None                              # what this rank's op of this tick sends on
         if tick in ops_at:
             n, op, i, k = ops_at[tick]
-            c = k * pp + grid.pp_rank
+            c = k * pp + me
             if op == "F":
-                if c == 0:
-                    x = micro[i][:, :-1]
-                else:
-                    x = _arrived(inbox, ("F", i, c)).requires_grad_(backward)
-                no_sync = sync.no_sync() if sync is not None and n != overlap_at else nullcontext()
+                x = micro[i][:, :-1] if c == 0 else \
+                    _landed(*inbox.pop(("F", i, c))).requires_grad_(backward)
+                no_sync = sync.no_sync() if sync is not None and n != synced else nullcontext()
                 with no_sync, amp, torch.set_grad_enabled(backward):
                     y = stage(x, k)
                     if c == last:
                         y = loss_fn(y, micro[i][:, 1:], grid) / m
-                if c == last:
-                    loss += y.detach()
-                else:
-                    out = y.detach()
+                        loss += y.detach()
+                out = y.detach() if c < last else None
                 if backward:
                     held[i, k] = (x, y)
             else:
                 x, y = held.pop((i, k))
-                torch.autograd.backward(y, _arrived(inbox, ("B", i, c)) if c < last else None)
+                torch.autograd.backward(y, _landed(*inbox.pop(("B", i, c))) if c < last else None)
                 out = x.grad if c > 0 else None
-        if tick in plan:
+        ops, received = [], {}
+        for src, dst, message in exchange.get(tick, ()):
             # COMM: pp send and receive, one batch per tick: this tick's activation or gradient
-            # to its neighbour, and whatever the neighbours send at this tick (see exchanges).
-            ops, received = [], []
-            for kind, step, message in plan[tick]:
-                peer = grid.pp_ranks[(grid.pp_rank + step) % pp]
-                if kind == "send":
-                    ops.append(dist.P2POp(dist.isend, out, peer, grid.pp_group))
-                else:
-                    received.append((message, torch.empty(shape, dtype=dtype, device=device)))
-                    ops.append(dist.P2POp(dist.irecv, received[-1][1], peer, grid.pp_group))
+            # to its neighbour, and whatever the neighbours send at this tick
+            if src == me:
+                ops.append(dist.P2POp(dist.isend, out, grid.pp_ranks[dst], grid.pp_group))
+            if dst == me:
+                received[message] = buffer = torch.empty(shape, dtype=dtype, device=batch.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, grid.pp_ranks[src], grid.pp_group))
+        if ops:
             works = dist.batch_isend_irecv(ops)
-            inbox.update((message, (buffer, works)) for message, buffer in received)
+            inbox.update((message, (buffer, works)) for message, buffer in received.items())
             sending = [(t_, w) for t_, w in sending if not all(w_.is_completed() for w_ in w)]
             if out is not None:
                 sending.append((out, works))    # kept alive until it has left
-    for _, works in sending:
-        while works:
-            works.pop().wait()
+    for out, works in sending:
+        _landed(out, works)
     if pp > 1:
         # COMM: pp broadcast, the step's loss (one number) from the last rank to the others
         dist.broadcast(loss, grid.pp_ranks[-1], group=grid.pp_group)
@@ -1139,7 +1000,7 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Clipping
+# 9. Clipping
 # ---------------------------------------------------------------------------------------------
 
 def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
@@ -1169,14 +1030,135 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
     return norm.item()
 
 
+# =============================================================================================
+# Below: what running it for real needs. Joining the process group torchrun describes, and
+# stopping its restarts; the checks that refuse a split before any work; checkpoint resharding.
+
 # ---------------------------------------------------------------------------------------------
-# 11. Checkpoints
+# 10. Launching
 # ---------------------------------------------------------------------------------------------
-# A file per tp rank, `consolidated.{tp_rank:02d}.pth`, holding exactly what Meta's file of that
-# rank would hold (checkpoint.shard_dim), all layers: under pp, merge_stages gathers the stages' parts
-# first. Loading goes through the full state dict (merge the files with checkpoint.merge_state_dicts),
-# and each rank takes its slice and its layers: a checkpoint saved at one tp x pp layout loads
-# at any other.
+
+def launcher() -> dict:
+    """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset)."""
+    env = os.environ
+    return dict(world_size=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
+                local_rank=int(env.get("LOCAL_RANK", "0")),
+                master=(env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", "0"))),
+                restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),    # --max-restarts
+                max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+                agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
+    """Join the process group torchrun describes; one process when WORLD_SIZE is unset.
+
+    timeout_s: how long any collective or send may wait for its peers before it raises
+    (is_collective_failure tells those errors apart), instead of holding the job forever.
+    NCCL and cuda:LOCAL_RANK when CUDA is there (and device is not "cpu"), else gloo.
+    """
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    env = launcher()
+    if env["world_size"] == 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"), timeout_s=timeout_s,
+                    restart=env["restart"])
+    dev = torch.device("cuda", env["local_rank"]) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    timeout, store = timedelta(seconds=timeout_s), None
+    if env["agent_store"]:
+        # NOTE: torchrun's agent keeps one store for every restart of the job, so a restarted
+        # round could read the addresses the dead round's ranks published, and hang or fail to
+        # connect. Each round's keys go under their own prefix.
+        agent = dist.TCPStore(*env["master"], env["world_size"], is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"llama-recipe/restart-{env['restart']}", agent)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=env["rank"],
+                            world_size=env["world_size"], timeout=timeout, store=store)
+    return Dist(env["rank"], env["world_size"], env["local_rank"], dev, timeout_s, env["restart"])
+
+
+def stop_restarts() -> None:
+    """Ask torchrun not to restart the job: a configuration error would only come back.
+
+    torchrun restarts a job whenever a worker exits non-zero, for whatever reason. Its agent is
+    this process's parent, and SIGTERM makes it stop every worker and exit non-zero at once.
+    Local rank 0 of each node asks, after the error is printed; without restarts, nothing.
+    """
+    env = launcher()
+    if env["max_restarts"] > 0 and env["local_rank"] == 0:
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an error is a collective giving up: a peer silent past the process group's
+    timeout, or gone (what gloo and NCCL report then, in their own words)."""
+    markers = ("Timed out", "timed out", "timeout", "Connection closed by peer", "Connection reset",
+               "pair closure", "NCCL error", "Broken pipe")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers)
+
+
+def destroy(world: Dist) -> None:
+    """Leave the process group (call it in a `finally`)."""
+    if world.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Checks
+# ---------------------------------------------------------------------------------------------
+
+def check_config(args: ModelArgs, tp: int, sp: bool = False, seq_len: Optional[int] = None):
+    """Refuse, in one line, a split that cannot work. Needs no process group: call it first."""
+    if tp < 1:
+        raise ValueError(f"tp={tp} must be a positive integer")
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+             "vocab_size": args.vocab_size, "FFN hidden": args.ffn_hidden}
+    ok = [d for d in range(1, args.n_kv_heads + 1) if all(n % d == 0 for n in sizes.values())]
+    for name, n in sizes.items():
+        if n % tp:
+            raise ValueError(f"tp={tp} must divide {name}={n}; use one of "
+                             f"{', '.join(map(str, ok))}")
+    if sp and seq_len is not None and seq_len % tp:
+        raise ValueError(f"sequence parallelism splits the sequence over tp={tp}: seq_len="
+                         f"{seq_len} is not divisible; use a multiple of {tp}")
+
+
+def check_pipeline(n_layers: int, pp: int, virtual_stages: int = 1,
+                   micro_batches: Optional[int] = None, schedule: Optional[str] = None):
+    """Refuse, in one line, a pipeline that cannot run. Needs no process group: call it first."""
+    v = virtual_stages
+    schedule = schedule or default_schedule(v)
+    if pp < 1 or v < 1:
+        raise ValueError(f"pp={pp} and virtual stages={v} must be positive integers")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"pipeline schedule {schedule!r} is unknown; choose one of "
+                         f"{', '.join(PIPELINE_SCHEDULES)}")
+    if n_layers % (pp * v):
+        ok = ", ".join(str(d) for d in range(1, n_layers + 1) if n_layers % d == 0)
+        raise ValueError(f"n_layers={n_layers} cannot be cut into pp={pp} x virtual stages={v} "
+                         f"= {pp * v} equal chunks; choose pp x v among {ok}")
+    if schedule == "interleaved" and v == 1:
+        raise ValueError("the interleaved schedule needs 2 or more virtual stages per rank; "
+                         "raise --virtual-stages or use the 1f1b schedule")
+    if schedule != "interleaved" and v > 1:
+        raise ValueError(f"the {schedule} schedule runs one chunk per rank; virtual stages={v} "
+                         "need the interleaved schedule")
+    if v > 1 and pp == 1:
+        raise ValueError(f"virtual stages={v} interleave chunks over pipeline ranks; add pp > 1 "
+                         "or use one virtual stage")
+    if schedule == "interleaved" and micro_batches is not None and micro_batches % pp:
+        raise ValueError(f"the interleaved schedule runs micro-batches in groups of pp={pp}: "
+                         f"micro-batches={micro_batches} must be a multiple of {pp}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Checkpoints
+# ---------------------------------------------------------------------------------------------
+# A file per tp rank, `consolidated.{tp_rank:02d}.pth`, holding what Meta's file of that rank
+# holds, all layers: under pp, merge_stages gathers the stages' parts first. The split is
+# checkpoint.py's (shard_dim, piece, merge_state_dicts), parallelize's too, with one exception:
+# the embedding, split by vocabulary rows at run time (VocabParallelEmbedding) and by width in
+# Meta's files. Loading goes through the full state dict, and each rank takes its slice and its
+# layers: a checkpoint saved at one tp x pp layout loads at any other.
 
 def _runtime_dim(key: str) -> Optional[int]:
     """How parallelize() splits key: Meta's dim, except the embedding, split by vocab rows."""
@@ -1189,8 +1171,7 @@ def shard_state_dict(model, grid: Grid) -> dict:
     for key, t in model.state_dict().items():
         if grid.tp > 1 and _runtime_dim(key) != shard_dim(key):  # the embedding: rows -> width
             # COMM: tp all-gather, checkpoint save
-            full = all_gather(t, _runtime_dim(key), grid.tp_group)
-            t = shard(full, shard_dim(key), grid)
+            t = shard(all_gather(t, _runtime_dim(key), grid.tp_group), shard_dim(key), grid)
         out[key] = t.detach().cpu().clone()
     return out
 
@@ -1206,16 +1187,17 @@ def merge_stages(state: dict, grid: Grid) -> Optional[dict]:
 
 
 def full_state_dict(model, grid: Grid) -> Optional[dict]:
-    """The whole model, Meta's keys, on rank 0: tp, pp and dp rank 0 (None on the others)."""
+    """The whole model, Meta's keys, on rank 0 (None on the others): the tp ranks' files of
+    shard_state_dict and merge_stages, merged by checkpoint.merge_state_dicts."""
     state = merge_stages(shard_state_dict(model, grid), grid)
-    if grid.pp_rank > 0:
+    if grid.pp_rank > 0 or grid.dp_rank > 0:
         return None
+    shards = [state] if grid.tp == 1 else [None] * grid.tp if grid.tp_rank == 0 else None
     if grid.tp > 1:
-        for key, t in state.items():
-            if shard_dim(key) is not None:
-                # COMM: tp all-gather, checkpoint save
-                state[key] = all_gather(t, shard_dim(key), grid.tp_group)
-    return state if grid.tp_rank == 0 and grid.dp_rank == 0 and grid.pp_rank == 0 else None
+        # COMM: tp gather of the shards to tp rank 0, checkpoint save
+        dist.gather_object(state, shards, dst=dist.get_global_rank(grid.tp_group, 0),
+                           group=grid.tp_group)
+    return merge_state_dicts(shards) if shards else None
 
 
 def load_sharded(model, full_state: dict, grid: Grid) -> None:
@@ -1228,4 +1210,3 @@ def load_sharded(model, full_state: dict, grid: Grid) -> None:
         dim = _runtime_dim(key)
         pieces[key] = t if dim is None or grid.tp == 1 else shard(t, dim, grid)
     model.load_state_dict(pieces, strict=True)
-

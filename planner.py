@@ -141,8 +141,7 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
       tp + sp + selective  [(8 + 6b) D + 2b K E + 2b F + 8] / t
       full                 b D / t with sp, b D without                   (the block's input)
 
-    Selective keeps q, wo's input, the core's k and v (K heads), a and b; it drops SDPA's own
-    saved tensors, its output and log-sum-exp, silu(a) and the product. In bf16 (b = 2) with
+    What each mode keeps and recomputes: parallel.apply_recompute's table. In bf16 (b = 2) with
     K = H (7B) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token,
     where Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: it is fused).
     keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).

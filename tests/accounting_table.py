@@ -3,8 +3,7 @@ step, predicted by planner.py's formulas and measured on 4 gloo workers (saved_t
 counted calls). Run from the repository root: `PYTHONPATH=. python tests/accounting_table.py`."""
 import os, sys; sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import torch, model as M, parallel as P, planner
-from distributed import spawn
-from test_parallel import saved_bytes_of_layer, record_collectives, tally
+from distributed import spawn, saved_bytes_of_layer, record_collectives, tally
 
 B, T = 4, 256
 ROWS = [("none", 1, False, "none"), ("tp", 2, False, "none"), ("tp+sp", 2, True, "none"),

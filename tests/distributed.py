@@ -14,6 +14,12 @@ seconds is killed and fails the test, so a stuck collective never hangs the suit
 importable by the child (a module-level function of a test file or of the project) and return
 picklable values.
 
+What a worker measures, for its test to compare with a closed form or with planner.py's
+prediction: `record_collectives` logs every collective launched (axis, op, bytes) and `tally`
+counts them as planner.comm_per_step does; `saved_bytes_of_layer` and `held_bytes` weigh what
+autograd keeps (saved_tensors_hooks), `state_bytes` a stage's weights, gradients and optimizer
+state. (Point-to-point calls are recorded by p2p_rules.py.)
+
 For whole programs: `python(...)` runs one to its end, `start(...)` and `torchrun(...)` leave it
 running, `wait_for_step` watches its metrics.jsonl until a step is logged, `losses` reads them,
 and `children` finds the workers torchrun started (to kill one).
@@ -29,8 +35,12 @@ import sys
 import time
 import traceback
 
+from contextlib import contextmanager
+
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.autograd.graph import saved_tensors_hooks
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
@@ -123,6 +133,148 @@ def spawn_each(fn, world_size: int, items: list, timeout: float = 180.0) -> list
     ports = [free_port() for _ in items]
     by_rank = spawn(_each_in_a_fresh_group, world_size, fn, items, ports, timeout=timeout)
     return [list(results) for results in zip(*by_rank)]
+
+
+# --- what a worker measures ---------------------------------------------------------------------
+
+@contextmanager
+def record_collectives(grid, events=None):
+    """Patch torch.distributed to log (axis, op, payload bytes) for every collective launched."""
+    events = [] if events is None else events
+    real = {name: getattr(dist, name) for name in
+            ("all_reduce", "all_gather_single", "reduce_scatter_single")}
+
+    def logged(name):
+        def call(*args, **kwargs):
+            group = kwargs.get("group")
+            axis = "tp" if group is grid.tp_group else "dp" if group is grid.dp_group else "?"
+            payload = args[1] if name == "reduce_scatter_single" else args[0]  # the full tensor
+            nbytes = payload.numel() * payload.element_size()
+            events.append((axis, name.replace("_single", ""), nbytes))
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in real:
+        setattr(dist, name, logged(name))
+    try:
+        yield events
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+
+
+def tally(events) -> dict:
+    """record_collectives' events as planner.comm_per_step counts them: {"tp all_gather": (calls,
+    payload bytes), ...}."""
+    table = {}
+    for axis, op, nbytes in events:
+        calls, total = table.get(f"{axis} {op}", (0, 0))
+        table[f"{axis} {op}"] = (calls + 1, total + nbytes)
+    return table
+
+
+def weight_copies(params):
+    """A test for the bf16 copies of weights that autocast makes and saves (as they are, or as
+    their transpose): the planner counts those with the weights, 2 bytes per parameter."""
+    by_numel = {}
+    for p in params:
+        by_numel.setdefault(p.numel(), []).append(p)
+
+    def is_copy(t):
+        for p in by_numel.get(t.numel(), []):
+            if t.dtype != p.dtype and t.dim() == p.dim():
+                for view in (t, t.t()) if t.dim() == 2 else (t,):
+                    if view.shape == p.shape and torch.equal(view, p.detach().to(t.dtype)):
+                        return True
+        return False
+    return is_copy
+
+
+def saved_bytes_of_layer(model, tokens, index=0, amp=False):
+    """Bytes of the distinct storages autograd saves during the forward of layers[index], under
+    bf16 autocast if amp (the weights' bf16 copies left out: see weight_copies)."""
+    params = list(model.parameters())
+    static = {t.untyped_storage().data_ptr() for t in [*params, *model.buffers()]}
+    is_copy, seen, recording = weight_copies(params), {}, [False]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if recording[0] and storage.data_ptr() not in static and not is_copy(t):
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layer = model.layers[index]
+    hooks = [layer.register_forward_pre_hook(lambda *_: recording.__setitem__(0, True)),
+             layer.register_forward_hook(lambda *_: recording.__setitem__(0, False))]
+    with saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values())
+
+
+def held_bytes(stage, rows, grid, m, schedule, amp=False):
+    """One pipeline step; the most bytes of activations the stage holds at once, measured.
+
+    Each chunk-forward is charged the floating-point storages autograd saves while it and its
+    loss run (not parameters or buffers) and its output, held by pipeline_step until its
+    backward; the schedule's order then says which are held together."""
+    # NOTE: imported here: gpu_check.py imports this file before the repository is on its path.
+    import parallel as P
+    static = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
+    is_copy = weight_copies(list(stage.parameters()))
+    charged, recording = [], [False]
+
+    def charge(t):
+        storage = t.untyped_storage()
+        if recording[0] and t.is_floating_point() and storage.data_ptr() not in static \
+                and not is_copy(t):
+            charged[-1][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def forward_starts(module, args):
+        charged.append({})
+        recording[0] = True
+
+    def forward_ends(module, args, out):
+        if args[1] * grid.pp + grid.pp_rank < grid.pp * stage.virtual_stages - 1:
+            charge(out)                                          # held for the backward call
+
+    real_backward = torch.autograd.backward
+
+    def backward(*args, **kwargs):
+        recording[0] = False
+        return real_backward(*args, **kwargs)
+
+    hooks = [stage.register_forward_pre_hook(forward_starts),
+             stage.register_forward_hook(forward_ends)]
+    torch.autograd.backward = backward
+    try:
+        with saved_tensors_hooks(charge, lambda t: t):
+            P.pipeline_step(stage, rows, grid, m, schedule,
+                            amp=torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
+    finally:
+        torch.autograd.backward = real_backward
+        for h in hooks:
+            h.remove()
+    order = P.schedule_order(schedule, grid.pp, m, stage.virtual_stages, grid.pp_rank)
+    forwards = iter(sum(c.values()) for c in charged)
+    sizes, held, most = {}, 0, 0
+    for op, i, k in order:
+        if op == "F":
+            sizes[i, k] = next(forwards)
+        held += sizes[i, k] if op == "F" else -sizes[i, k]
+        most = max(most, held)
+    return most
+
+
+def state_bytes(stage, opt) -> dict:
+    """Bytes of the stage's weights, gradients and AdamW's two moments, measured."""
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return dict(weights=nbytes(stage.parameters()),
+                grads=nbytes(p.grad for p in stage.parameters()), optimizer=nbytes(moments))
 
 
 # --- whole programs, as a user runs them ---------------------------------------------------------

@@ -1,31 +1,32 @@
 """Tests for parallel.py, on CPU, with gloo workers spawned from inside pytest (distributed.py).
 
-Three groups of 4 workers, each running many checks, keep the file fast:
+Three groups of 4 workers, each running many experiments, keep the file fast. The workers return
+what they measured; each test compares it with a closed form, the unsharded modules, one plain
+process (written out below, no parallel.py in it) or planner.py's prediction:
   1. operators and layers: the collectives, f, g, f_sp, g_sp against closed forms; every parallel
      layer and the vocabulary-parallel cross-entropy against the unsharded module, both passes.
   2. training: per-step losses of tp 4, tp 2 (+sp), dp 4, dp 2 x tp 2 and each recompute mode equal
-     those of one plain process (written out below, no parallel.py in it); naive and bucketed
-     data parallelism give equal gradients; the first bucket's all-reduce starts before backward
-     reaches the first layer.
+     those of one plain process; naive and bucketed data parallelism give equal gradients; the
+     first bucket's all-reduce starts before backward reaches the first layer.
   3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal
      planner.py's predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
 Plus, in this process: recomputation with random ops, bad configurations refused in one line.
+What the workers run comes after the tests, at the end of the file.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.autograd.graph import saved_tensors_hooks
 
 import checkpoint as C
 import model as M
 import parallel as P
 import planner
-from distributed import spawn
+from distributed import record_collectives, saved_bytes_of_layer, spawn, tally
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,75 @@ def tiny(kv_heads: int) -> M.ModelArgs:
     return M.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=256,
                        multiple_of=32, max_seq_len=SEQ)
 
+
+def close(actual, expected, what, rtol=1e-4, atol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# --- 1. operators and layers -------------------------------------------------------------------
+
+def test_collectives_and_operators_match_closed_forms(layers):
+    """On a tp group of n, rank r's inputs (operator_inputs) are r + 1, or its slice of the
+    positions 0..4n-1 along T, so that every answer is a closed form of n and r."""
+    for rank in range(WORLD):
+        for n in (2, 4):
+            got, r, what = layers[rank]["operators", n], rank % n, f"tp={n}, rank {rank}"
+            x = operator_inputs(n, r)
+            total = n * (n + 1) / 2                                   # the sum of r + 1
+            pos = torch.arange(4 * n).float()[None, :, None]          # (1, T, 1), T = 4n
+            owner = torch.arange(n).float().repeat_interleave(4)[None, :, None]   # of each position
+            mine = slice(4 * r, 4 * r + 4)                            # rank r's T/n positions
+            close(got["all_reduce"], torch.full((3,), total), f"all_reduce, {what}")
+            close(got["all_gather"], torch.arange(n).float().repeat_interleave(3)[None, :, None]
+                  .expand(2, -1, 5), f"all_gather along dim 1, {what}")
+            close(got["reduce_scatter"], x["reduce_scatter"][:, mine] / (r + 1) * total,
+                  f"reduce_scatter along dim 1, {what}")
+            # f: identity forward, sum of the ranks' gradients (r + 1 each) backward
+            close(got["f"][0], x["f"][0], f"f forward, {what}")
+            close(got["f"][1], torch.full((2, 4 * n, 3), total), f"f backward, {what}")
+            # g: sum forward, identity backward
+            close(got["g"][0], torch.full((2, 4 * n, 3), total), f"g forward, {what}")
+            close(got["g"][1], pos.expand(2, -1, 3), f"g backward, {what}")
+            # f_sp: all-gather along T forward, reduce-scatter backward
+            close(got["f_sp"][0], (pos * 10 + owner).expand(2, -1, 3), f"f_sp forward, {what}")
+            close(got["f_sp"][1], (pos[:, mine] * total).expand(2, 4, 3), f"f_sp backward, {what}")
+            # g_sp: reduce-scatter along T forward, all-gather backward
+            close(got["g_sp"][0], (pos[:, mine] * total).expand(2, 4, 3), f"g_sp forward, {what}")
+            close(got["g_sp"][1], (owner + 1).expand(2, -1, 3), f"g_sp backward, {what}")
+
+
+LAYER_CONFIGS = [(2, False, True), (2, True, True), (4, False, True), (4, True, True),
+                 (2, True, False)]                # (tp, sp, keep_shard); False: the naive sp
+
+
+def test_parallel_layers_match_unsharded_modules(layers):
+    """Attention, FFN, embedding, and output + loss, each alone, both passes, against the full
+    modules in this process: outputs and input gradients at this rank's positions (its T/tp
+    under sp), logits and weight gradients at its slice, in Meta's split but for the embedding
+    (by vocabulary rows); the loss all-reduces N numbers three times, never the N x V logits."""
+    for tp, sp, keep_shard in LAYER_CONFIGS:
+        args = tiny(kv_heads=tp)
+        want = both_passes(perturbed_model(args), *layer_inputs(args), plain_loss)
+        for rank in range(WORLD):
+            got, r = layers[rank]["layers", tp, sp, keep_shard], rank % tp
+            what = f"tp={tp} sp={sp} keep_shard={keep_shard}, rank {rank}"
+            mine = (lambda t: t.chunk(tp, 1)[r]) if sp else (lambda t: t)
+            for name, ref in want.items():
+                if name == "output":
+                    assert got[name]["out"].shape == (2, SEQ, args.vocab_size // tp), what
+                    close(got[name]["out"], C.piece(ref["out"], 2, tp, r), f"logits, {what}")
+                else:
+                    close(got[name]["out"], mine(ref["out"]), f"{name} forward, {what}")
+                if "dx" in ref:
+                    close(got[name]["dx"], mine(ref["dx"]), f"{name} input grad, {what}")
+                for key, grad in ref["grads"].items():
+                    dim = 0 if key.startswith("tok_embeddings") else C.shard_dim(key)
+                    close(got[name]["grads"][key], C.piece(grad, dim, tp, r), f"{key}, {what}")
+            close(got["output"]["loss"], want["output"]["loss"], f"loss, {what}")
+            assert got["output"]["calls"] == [("tp", "all_reduce", 2 * SEQ * 4)] * 3, what
+
+
+# --- 2. training equals one process -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Config:
@@ -52,271 +122,6 @@ class Config:
     backward_in_no_sync: bool = True  # False: DDP's other idiom, the forward alone in no_sync()
     keep_shard: bool = True           # False: the naive sp, saving the gathered input
     bf16: bool = False                # under bf16 autocast
-
-
-def close(actual, expected, what, rtol=1e-4, atol=1e-5):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-@contextmanager
-def record_collectives(grid, events=None):
-    """Patch torch.distributed to log (axis, op, payload bytes) for every collective launched."""
-    events = [] if events is None else events
-    real = {name: getattr(dist, name) for name in
-            ("all_reduce", "all_gather_single", "reduce_scatter_single")}
-
-    def logged(name):
-        def call(*args, **kwargs):
-            group = kwargs.get("group")
-            axis = "tp" if group is grid.tp_group else "dp" if group is grid.dp_group else "?"
-            payload = args[1] if name == "reduce_scatter_single" else args[0]  # the full tensor
-            nbytes = payload.numel() * payload.element_size()
-            events.append((axis, name.replace("_single", ""), nbytes))
-            return real[name](*args, **kwargs)
-        return call
-
-    for name in real:
-        setattr(dist, name, logged(name))
-    try:
-        yield events
-    finally:
-        for name, fn in real.items():
-            setattr(dist, name, fn)
-
-
-def tally(events) -> dict:
-    """record_collectives' events as planner.comm_per_step counts them: {"tp all_gather": (calls,
-    payload bytes), ...}."""
-    table = {}
-    for axis, op, nbytes in events:
-        calls, total = table.get(f"{axis} {op}", (0, 0))
-        table[f"{axis} {op}"] = (calls + 1, total + nbytes)
-    return table
-
-
-def weight_copies(params):
-    """A test for the bf16 copies of weights that autocast makes and saves (as they are, or as
-    their transpose): the planner counts those with the weights, 2 bytes per parameter."""
-    by_numel = {}
-    for p in params:
-        by_numel.setdefault(p.numel(), []).append(p)
-
-    def is_copy(t):
-        for p in by_numel.get(t.numel(), []):
-            if t.dtype != p.dtype and t.dim() == p.dim():
-                for view in (t, t.t()) if t.dim() == 2 else (t,):
-                    if view.shape == p.shape and torch.equal(view, p.detach().to(t.dtype)):
-                        return True
-        return False
-    return is_copy
-
-
-def saved_bytes_of_layer(model, tokens, index=0, amp=False):
-    """Bytes of the distinct storages autograd saves during the forward of layers[index], under
-    bf16 autocast if amp (the weights' bf16 copies left out: see weight_copies)."""
-    params = list(model.parameters())
-    static = {t.untyped_storage().data_ptr() for t in [*params, *model.buffers()]}
-    is_copy, seen, recording = weight_copies(params), {}, [False]
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if recording[0] and storage.data_ptr() not in static and not is_copy(t):
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    layer = model.layers[index]
-    hooks = [layer.register_forward_pre_hook(lambda *_: recording.__setitem__(0, True)),
-             layer.register_forward_hook(lambda *_: recording.__setitem__(0, False))]
-    with saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        model(tokens)
-    for h in hooks:
-        h.remove()
-    return sum(seen.values())
-
-
-def batches(args, steps=STEPS):
-    """The global batch of every training step, (steps, GLOBAL_BATCH, SEQ + 1) tokens: one fixed
-    batch, repeated, so that the model learns it (random tokens would leave the loss at log V)."""
-    gen = torch.Generator().manual_seed(1234)
-    batch = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
-    return batch.expand(steps, -1, -1)
-
-
-def perturbed_model(args, seed=0):
-    """The seeded model with its norms and matrices moved off their initial values."""
-    torch.manual_seed(seed)
-    model = M.Transformer(args)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-# --- 1. operators and layers -------------------------------------------------------------------
-
-def check_collectives(grid):
-    n, r, group = grid.tp, grid.tp_rank, grid.tp_group
-    total = n * (n + 1) / 2                                       # sum of (rank + 1)
-    close(P.all_reduce(torch.full((3,), r + 1.0), group), torch.full((3,), total), "all_reduce")
-    gathered = P.all_gather(torch.full((2, 3, 5), float(r)), 1, group)
-    close(gathered, torch.arange(n).float().repeat_interleave(3)[None, :, None].expand(2, -1, 5),
-          "all_gather along dim 1")
-    base = torch.arange(2 * 4 * n * 3).float().view(2, 4 * n, 3)
-    close(P.reduce_scatter(base * (r + 1), 1, group), base[:, 4 * r:4 * r + 4] * total,
-          "reduce_scatter along dim 1")
-
-
-def check_operators(grid):
-    n, r, group = grid.tp, grid.tp_rank, grid.tp_group
-    total = n * (n + 1) / 2
-    pos = torch.arange(4 * n).float()[None, :, None]              # (1, T, 1), T = 4n
-    # f: identity forward, sum of the ranks' gradients backward
-    x = torch.randn(2, 4 * n, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    y = P.f.apply(x, group)
-    close(y, x.detach(), "f forward")
-    (y * (r + 1)).sum().backward()
-    close(x.grad, torch.full_like(x, total), "f backward")
-    # g: sum forward, identity backward
-    x = torch.full((2, 4 * n, 3), r + 1.0, requires_grad=True)
-    y = P.g.apply(x, group)
-    close(y, torch.full_like(x, total), "g forward")
-    (y * pos).sum().backward()
-    close(x.grad, pos.expand_as(x), "g backward")
-    # f_sp: all-gather along T forward, reduce-scatter backward
-    x = (pos[:, 4 * r:4 * r + 4] * 10 + r).expand(2, 4, 3).clone().requires_grad_()
-    y = P.f_sp.apply(x, group)
-    expected = pos * 10 + torch.arange(n).float().repeat_interleave(4)[None, :, None]
-    close(y, expected.expand(2, -1, 3), "f_sp forward")
-    (y * pos * (r + 1)).sum().backward()
-    close(x.grad, (pos[:, 4 * r:4 * r + 4] * total).expand(2, 4, 3), "f_sp backward")
-    # g_sp: reduce-scatter along T forward, all-gather backward
-    x = (pos * (r + 1)).expand(2, -1, 3).clone().requires_grad_()
-    y = P.g_sp.apply(x, group)
-    close(y, (pos[:, 4 * r:4 * r + 4] * total).expand(2, 4, 3), "g_sp forward")
-    (y * (r + 1)).sum().backward()
-    ranks_plus_one = torch.arange(1, n + 1).float().repeat_interleave(4)[None, :, None]
-    close(x.grad, ranks_plus_one.expand(2, -1, 3), "g_sp backward")
-
-
-def check_layers(grid, kv_heads, sp, keep_shard=True):
-    """Attention, FFN, embedding and output(+loss) against the unsharded modules, both passes."""
-    args, r, B = tiny(kv_heads), grid.tp_rank, 2
-    what = f"tp={grid.tp} sp={sp} keep_shard={keep_shard}"
-    full = perturbed_model(args)
-    par = P.parallelize(perturbed_model(args), grid, sp=sp, keep_shard=keep_shard)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(B, SEQ, args.dim, generator=gen)
-    dy = torch.randn(B, SEQ, args.dim, generator=gen)
-    tokens = torch.randint(0, args.vocab_size, (B, SEQ + 1), generator=gen)
-    local = (lambda t: t.chunk(grid.tp, 1)[r]) if sp else (lambda t: t)   # this rank's positions
-    cos, sin = full.rope_cos[:SEQ], full.rope_sin[:SEQ]
-
-    for name in ("attention", "feed_forward"):
-        ref_mod, par_mod = getattr(full.layers[0], name), getattr(par.layers[0], name)
-        extra = (cos, sin) if name == "attention" else ()
-        xr = x.clone().requires_grad_()
-        (ref_mod(xr, *extra) * dy).sum().backward()
-        xp = local(x).clone().requires_grad_()
-        out = par_mod(xp, *extra)
-        (out * local(dy)).sum().backward()
-        close(out, local(ref_mod(x, *extra)), f"{name} forward, {what}")
-        close(xp.grad, local(xr.grad), f"{name} input grad, {what}")
-        for key, p in par_mod.named_parameters():
-            ref_grad = ref_mod.get_parameter(key).grad
-            close(p.grad, P.shard(ref_grad, C.shard_dim(key), grid), f"{name}.{key} grad, {what}")
-
-    # the embedding: split by vocabulary rows
-    emb = par.tok_embeddings(tokens[:, :-1])
-    (emb * local(dy)).sum().backward()
-    (full.tok_embeddings(tokens[:, :-1]) * dy).sum().backward()
-    close(emb, local(full.tok_embeddings(tokens[:, :-1])), f"embedding forward, {what}")
-    close(par.tok_embeddings.weight.grad, P.shard(full.tok_embeddings.weight.grad, 0, grid),
-          f"embedding grad, {what}")
-
-    # the output layer over the vocabulary, and the loss that never gathers the logits
-    hr = x.clone().requires_grad_()
-    ref_logits = full.output(hr)
-    F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    hp = local(x).clone().requires_grad_()
-    logits = par.output(hp)
-    assert logits.shape == (B, SEQ, args.vocab_size // grid.tp)
-    close(logits, P.shard(ref_logits.detach(), 2, grid), f"output forward, {what}")
-    with record_collectives(grid) as calls:            # (it overwrites the logits: loss_fn)
-        loss = P.loss_fn(logits, tokens[:, 1:], grid)
-    assert calls == [("tp", "all_reduce", B * SEQ * 4)] * 3, calls  # N numbers, never N x V
-    loss.backward()
-    close(loss, F.cross_entropy(ref_logits.flatten(0, 1), tokens[:, 1:].flatten()), f"loss, {what}")
-    close(hp.grad, local(hr.grad), f"output input grad, {what}")
-    close(par.output.weight.grad, P.shard(full.output.weight.grad, 0, grid), f"output grad, {what}")
-
-
-def worker_operators_and_layers():
-    world = P.init_distributed(device="cpu")
-    try:
-        grids = {tp: P.make_grid(world, tp=tp) for tp in (2, 4)}
-        for grid in grids.values():
-            check_collectives(grid)
-            check_operators(grid)
-        for tp in (2, 4):
-            for sp in (False, True):
-                check_layers(grids[tp], kv_heads=tp, sp=sp)
-        check_layers(grids[2], kv_heads=2, sp=True, keep_shard=False)   # the naive sp version
-        return "ok"
-    finally:
-        P.destroy(world)
-
-
-def test_operators_and_layers_match_closed_forms_and_unsharded_modules():
-    assert spawn(worker_operators_and_layers, WORLD) == ["ok"] * WORLD
-
-
-# --- 2. training equals one process -------------------------------------------------------------
-
-def train(config, grid, accum=2, bucket_mb=0.05):
-    """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches."""
-    args = tiny(config.kv_heads)
-    torch.manual_seed(0)
-    model = P.parallelize(M.Transformer(args), grid, sp=config.sp)
-    P.apply_recompute(model, config.recompute)
-    sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=config.overlap)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, norms = [], []
-    for batch in batches(args):
-        rows, total = batch.chunk(grid.dp)[grid.dp_rank], torch.zeros(())
-        for i, micro in enumerate(rows.chunk(accum)):
-            with sync.no_sync() if i < accum - 1 else nullcontext():
-                loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
-                if config.backward_in_no_sync:
-                    loss.backward()
-            if not config.backward_in_no_sync:
-                loss.backward()
-            total += loss.detach()
-        sync.finish()
-        norms.append(P.clip_grad_norm(model, CLIP, grid))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if grid.dp > 1:                                          # for logging only
-            total = P.all_reduce(total, grid.dp_group) / grid.dp
-        losses.append(total.item())
-    return losses, norms
-
-
-def reference(args, steps=STEPS, lr=LR):
-    """One plain process, the whole global batch at once: the numbers to match."""
-    torch.manual_seed(0)
-    model = M.Transformer(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, norms = [], []
-    for batch in batches(args, steps):
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, norms
 
 
 CONFIGS = [
@@ -336,49 +141,6 @@ CONFIGS = [
 ]
 
 
-def worker_training():
-    world = P.init_distributed(device="cpu")
-    try:
-        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
-        out = {config.name: train(config, grids[config.tp]) for config in CONFIGS}
-
-        # naive and bucketed data parallelism: the same gradients after finish()
-        grid, args = grids[2], tiny(2)
-        micro = batches(args)[0].chunk(grid.dp)[grid.dp_rank]
-        grads = []
-        for overlap in (False, True):
-            torch.manual_seed(0)
-            model = P.parallelize(M.Transformer(args), grid, sp=True)
-            sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=overlap)
-            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
-            sync.finish()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        out["naive - bucketed"] = max((a - b).abs().max().item() for a, b in zip(*grads))
-        out["bucketed grad norm"] = sum(g.pow(2).sum().item() for g in grads[1])
-
-        # overlap, shown: the order of collective launches and of backward reaching layers[0]
-        torch.manual_seed(0)
-        model = P.parallelize(M.Transformer(args), grid, sp=True)
-        sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=True)
-        events = []
-        model.layers[0].register_full_backward_pre_hook(
-            lambda *_: events.append("backward reaches layers[0]"))
-        with record_collectives(grid, events):
-            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
-            events.append("backward done")
-            sync.finish()
-        out["events"] = [e if isinstance(e, str) else f"{e[0]} {e[1]}" for e in events]
-        out["buckets"] = len(sync.buckets)
-        return out
-    finally:
-        P.destroy(world)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    return spawn(worker_training, WORLD, timeout=240)
-
-
 def test_training_losses_equal_one_process(trained):
     refs = {kv: reference(tiny(kv)) for kv in (2, 4)}
     for kv, (losses, _) in refs.items():
@@ -394,8 +156,9 @@ def test_training_losses_equal_one_process(trained):
 
 def test_naive_and_bucketed_data_parallel_give_equal_gradients(trained):
     for rank in range(WORLD):
-        assert trained[rank]["bucketed grad norm"] > 0
-        assert trained[rank]["naive - bucketed"] < 1e-7
+        naive, bucketed = trained[rank]["naive grads"], trained[rank]["bucketed grads"]
+        assert sum(g.pow(2).sum().item() for g in bucketed) > 0
+        assert max((a - b).abs().max().item() for a, b in zip(naive, bucketed)) < 1e-7, rank
 
 
 def test_first_bucket_all_reduce_starts_before_backward_reaches_first_layer(trained):
@@ -440,64 +203,6 @@ COMM_CONFIGS = [
            bf16=True),
 ]
 ACC_BATCH = 2
-
-
-def one_step(model, grid, sync, accum=2, amp=False):
-    rows = batches(model.args)[0].chunk(grid.dp)[grid.dp_rank][:ACC_BATCH * accum]
-    for i, micro in enumerate(rows.chunk(accum)):
-        with sync.no_sync() if i < accum - 1 else nullcontext(), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
-        loss.backward()
-    sync.finish()
-    P.clip_grad_norm(model, CLIP, grid)
-
-
-def worker_accounting_and_checkpoints():
-    world = P.init_distributed(device="cpu")
-    try:
-        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
-        out = {"activations": {}, "comm": {}}
-        tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
-        for config in ACTIVATION_CONFIGS:
-            for amp in (False, True):
-                torch.manual_seed(0)
-                model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grids[config.tp],
-                                      sp=config.sp, keep_shard=config.keep_shard)
-                P.apply_recompute(model, config.recompute)
-                out["activations"][config.name, amp] = saved_bytes_of_layer(model, tokens, amp=amp)
-        for config in COMM_CONFIGS:
-            grid = grids[config.tp]
-            torch.manual_seed(0)
-            model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grid, sp=config.sp)
-            P.apply_recompute(model, config.recompute)
-            sync = P.GradSync(model, grid, bucket_mb=0.05, overlap=config.overlap)
-            with record_collectives(grid) as calls:
-                one_step(model, grid, sync, amp=config.bf16)
-            out["comm"][config.name] = tally(calls)
-
-        # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
-        grid = grids[2]
-        saved = P.parallelize(perturbed_model(tiny(4)), grid, sp=True)
-        out["shard"] = P.shard_state_dict(saved, grid)
-        out["full"] = P.full_state_dict(saved, grid)
-        shards = [None] * grid.tp
-        dist.all_gather_object(shards, out["shard"], group=grid.tp_group)
-        merged = C.merge_state_dicts(shards)
-        loaded = P.parallelize(M.Transformer(tiny(4)), grids[4], sp=False)
-        P.load_sharded(loaded, merged, grids[4])
-        with torch.no_grad():
-            out["logits at tp 4"] = P.all_gather(loaded(tokens), 2, grids[4].tp_group)
-            out["logits at tp 2"] = P.all_gather(saved(tokens), 2, grid.tp_group)
-        out["merged"] = merged
-        return out
-    finally:
-        P.destroy(world)
-
-
-@pytest.fixture(scope="module")
-def accounted():
-    return spawn(worker_accounting_and_checkpoints, WORLD, timeout=240)
 
 
 def test_activation_bytes_measured_equal_prediction(accounted):
@@ -584,6 +289,8 @@ def test_recompute_modes_give_equal_gradients_with_random_ops():
                 core = layer.attention.core
                 layer.attention.core = lambda q, k, v, core=core: F.dropout(core(q, k, v), 0.3)
         P.apply_recompute(model, "none" if mode == "no dropout" else mode)
+        assert all(layer.feed_forward.manual_backward == (mode == "selective")   # its one writer
+                   for layer in model.layers)
         torch.manual_seed(1)
         step_loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], P.Grid())
         step_loss.backward()
@@ -674,3 +381,264 @@ def test_parallelize_follows_the_table(monkeypatch):
         assert layer.attention.wq.weight.shape == (tiny(2).dim // 2, tiny(2).dim)
     assert type(model.tok_embeddings) is P.VocabParallelEmbedding
     assert type(model.output) is P.ColumnParallelLinear
+
+
+# --- what the workers run, and the one-process reference ---------------------------------------
+
+def batches(args, steps=STEPS):
+    """The global batch of every training step, (steps, GLOBAL_BATCH, SEQ + 1) tokens: one fixed
+    batch, repeated, so that the model learns it (random tokens would leave the loss at log V)."""
+    gen = torch.Generator().manual_seed(1234)
+    batch = torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    return batch.expand(steps, -1, -1)
+
+
+def perturbed_model(args, seed=0):
+    """The seeded model with its norms and matrices moved off their initial values."""
+    torch.manual_seed(seed)
+    model = M.Transformer(args)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def operator_inputs(n: int, r: int) -> dict:
+    """Rank r's inputs on a tp group of n (and, for the operators, the gradient dy that flows
+    back into their output): r + 1, its slice of the positions 0..4n-1 along T, or both."""
+    pos = torch.arange(4 * n).float()[None, :, None]              # (1, T, 1), T = 4n
+    return {"all_reduce": torch.full((3,), r + 1.0),
+            "all_gather": torch.full((2, 3, 5), float(r)),
+            "reduce_scatter": torch.arange(2 * 4 * n * 3).float().view(2, 4 * n, 3) * (r + 1),
+            "f": (torch.randn(2, 4 * n, 3, generator=torch.Generator().manual_seed(0)), r + 1.0),
+            "g": (torch.full((2, 4 * n, 3), r + 1.0), pos),
+            "f_sp": ((pos[:, 4 * r:4 * r + 4] * 10 + r).expand(2, 4, 3), pos * (r + 1)),
+            "g_sp": ((pos * (r + 1)).expand(2, -1, 3), r + 1.0)}
+
+
+def measure_operators(grid) -> dict:
+    """The collectives' answers; each operator's output and input gradient, both passes."""
+    x, group = operator_inputs(grid.tp, grid.tp_rank), grid.tp_group
+    out = {"all_reduce": P.all_reduce(x["all_reduce"].clone(), group),
+           "all_gather": P.all_gather(x["all_gather"], 1, group),
+           "reduce_scatter": P.reduce_scatter(x["reduce_scatter"], 1, group)}
+    for name in ("f", "g", "f_sp", "g_sp"):
+        xr, dy = x[name][0].clone().requires_grad_(), x[name][1]
+        y = getattr(P, name).apply(xr, group)
+        (y * dy).sum().backward()
+        out[name] = (y.detach(), xr.grad)
+    return out
+
+
+def layer_inputs(args):
+    """The activations x (B, T, D), the gradient dy that flows back into a module's output, and
+    the tokens (B, T+1) of test_parallel_layers_match_unsharded_modules."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, SEQ, args.dim, generator=gen)
+    dy = torch.randn(2, SEQ, args.dim, generator=gen)
+    return x, dy, torch.randint(0, args.vocab_size, (2, SEQ + 1), generator=gen)
+
+
+def plain_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def both_passes(model, x, dy, tokens, loss_fn) -> dict:
+    """Each module alone, forward and backward: layers[0]'s attention and FFN on x with dy back,
+    the embedding on the tokens with dy back, the output on x with loss_fn's gradient back.
+    {module: its output, its input's gradient (dx), its weights' gradients (Meta's keys)}."""
+    cos, sin, out = model.rope_cos[:SEQ], model.rope_sin[:SEQ], {}
+    for name, extra in (("layers.0.attention", (cos, sin)), ("layers.0.feed_forward", ()),
+                        ("output", ())):
+        module, xr = model.get_submodule(name), x.clone().requires_grad_()
+        y = module(xr, *extra)
+        out[name] = dict(out=y.detach().clone())                  # the loss overwrites logits
+        if name == "output":
+            loss = loss_fn(y, tokens[:, 1:])
+            out[name]["loss"] = loss.detach()
+            loss.backward()
+        else:
+            (y * dy).sum().backward()
+        out[name].update(dx=xr.grad, grads={f"{name}.{key}": p.grad
+                                            for key, p in module.named_parameters()})
+    emb = model.tok_embeddings(tokens[:, :-1])
+    (emb * dy).sum().backward()
+    out["tok_embeddings"] = dict(out=emb.detach(), grads={
+        "tok_embeddings.weight": model.tok_embeddings.weight.grad})
+    return out
+
+
+def recorded_loss(grid, calls):
+    """P.loss_fn over grid's tp group, each collective it launches logged into calls."""
+    def loss_fn(logits, targets):
+        with record_collectives(grid, calls):
+            return P.loss_fn(logits, targets, grid)
+    return loss_fn
+
+
+def worker_operators_and_layers():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (2, 4)}
+        out = {("operators", tp): measure_operators(grid) for tp, grid in grids.items()}
+        for tp, sp, keep_shard in LAYER_CONFIGS:
+            grid, args, calls = grids[tp], tiny(kv_heads=tp), []
+            x, dy, tokens = layer_inputs(args)
+            mine = (lambda t: t.chunk(tp, 1)[grid.tp_rank]) if sp else (lambda t: t)
+            model = P.parallelize(perturbed_model(args), grid, sp=sp, keep_shard=keep_shard)
+            measured = both_passes(model, mine(x), mine(dy), tokens, recorded_loss(grid, calls))
+            measured["output"]["calls"] = calls
+            out["layers", tp, sp, keep_shard] = measured
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return spawn(worker_operators_and_layers, WORLD)
+
+
+def train(config, grid, accum=2, bucket_mb=0.05):
+    """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches."""
+    args = tiny(config.kv_heads)
+    torch.manual_seed(0)
+    model = P.parallelize(M.Transformer(args), grid, sp=config.sp)
+    P.apply_recompute(model, config.recompute)
+    sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=config.overlap)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches(args):
+        rows, total = batch.chunk(grid.dp)[grid.dp_rank], torch.zeros(())
+        for i, micro in enumerate(rows.chunk(accum)):
+            with sync.no_sync() if i < accum - 1 else nullcontext():
+                loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
+                if config.backward_in_no_sync:
+                    loss.backward()
+            if not config.backward_in_no_sync:
+                loss.backward()
+            total += loss.detach()
+        sync.finish()
+        norms.append(P.clip_grad_norm(model, CLIP, grid))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if grid.dp > 1:                                          # for logging only
+            total = P.all_reduce(total, grid.dp_group) / grid.dp
+        losses.append(total.item())
+    return losses, norms
+
+
+def reference(args, steps=STEPS, lr=LR):
+    """One plain process, the whole global batch at once: the numbers to match."""
+    torch.manual_seed(0)
+    model = M.Transformer(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches(args, steps):
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, norms
+
+
+def worker_training():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
+        out = {config.name: train(config, grids[config.tp]) for config in CONFIGS}
+
+        # naive and bucketed data parallelism: the same gradients after finish()
+        grid, args = grids[2], tiny(2)
+        micro = batches(args)[0].chunk(grid.dp)[grid.dp_rank]
+        for overlap in (False, True):
+            torch.manual_seed(0)
+            model = P.parallelize(M.Transformer(args), grid, sp=True)
+            sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=overlap)
+            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
+            sync.finish()
+            grads = [p.grad for p in model.parameters()]
+            out["bucketed grads" if overlap else "naive grads"] = grads
+
+        # overlap, shown: the order of collective launches and of backward reaching layers[0]
+        torch.manual_seed(0)
+        model = P.parallelize(M.Transformer(args), grid, sp=True)
+        sync = P.GradSync(model, grid, bucket_mb=0.02, overlap=True)
+        events = []
+        model.layers[0].register_full_backward_pre_hook(
+            lambda *_: events.append("backward reaches layers[0]"))
+        with record_collectives(grid, events):
+            P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid).backward()
+            events.append("backward done")
+            sync.finish()
+        out["events"] = [e if isinstance(e, str) else f"{e[0]} {e[1]}" for e in events]
+        out["buckets"] = len(sync.buckets)
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return spawn(worker_training, WORLD, timeout=240)
+
+
+def one_step(model, grid, sync, accum=2, amp=False):
+    rows = batches(model.args)[0].chunk(grid.dp)[grid.dp_rank][:ACC_BATCH * accum]
+    for i, micro in enumerate(rows.chunk(accum)):
+        with sync.no_sync() if i < accum - 1 else nullcontext(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = P.loss_fn(model(micro[:, :-1]), micro[:, 1:], grid) / accum
+        loss.backward()
+    sync.finish()
+    P.clip_grad_norm(model, CLIP, grid)
+
+
+def worker_accounting_and_checkpoints():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {tp: P.make_grid(world, tp=tp) for tp in (1, 2, 4)}
+        out = {"activations": {}, "comm": {}}
+        tokens = batches(tiny(2))[0][:ACC_BATCH, :-1]
+        for config in ACTIVATION_CONFIGS:
+            for amp in (False, True):
+                torch.manual_seed(0)
+                model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grids[config.tp],
+                                      sp=config.sp, keep_shard=config.keep_shard)
+                P.apply_recompute(model, config.recompute)
+                out["activations"][config.name, amp] = saved_bytes_of_layer(model, tokens, amp=amp)
+        for config in COMM_CONFIGS:
+            grid = grids[config.tp]
+            torch.manual_seed(0)
+            model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grid, sp=config.sp)
+            P.apply_recompute(model, config.recompute)
+            sync = P.GradSync(model, grid, bucket_mb=0.05, overlap=config.overlap)
+            with record_collectives(grid) as calls:
+                one_step(model, grid, sync, amp=config.bf16)
+            out["comm"][config.name] = tally(calls)
+
+        # checkpoints: save at tp 2 (Meta's split, one shard per tp rank), load at tp 4
+        grid = grids[2]
+        saved = P.parallelize(perturbed_model(tiny(4)), grid, sp=True)
+        out["shard"] = P.shard_state_dict(saved, grid)
+        out["full"] = P.full_state_dict(saved, grid)
+        shards = [None] * grid.tp
+        dist.all_gather_object(shards, out["shard"], group=grid.tp_group)
+        merged = C.merge_state_dicts(shards)
+        loaded = P.parallelize(M.Transformer(tiny(4)), grids[4], sp=False)
+        P.load_sharded(loaded, merged, grids[4])
+        with torch.no_grad():
+            out["logits at tp 4"] = P.all_gather(loaded(tokens), 2, grids[4].tp_group)
+            out["logits at tp 2"] = P.all_gather(saved(tokens), 2, grid.tp_group)
+        out["merged"] = merged
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def accounted():
+    return spawn(worker_accounting_and_checkpoints, WORLD, timeout=240)

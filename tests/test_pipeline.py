@@ -1,10 +1,10 @@
-"""Tests for pipeline parallelism (parallel.py §9), on CPU (the planner's are in test_planner.py).
+"""Tests for pipeline parallelism (parallel.py §8), on CPU (the planner's are in test_planner.py).
 
-One group of 4 gloo workers (distributed.py) runs every multi-process check, so that the file
-pays for one spawn:
+One group of 4 gloo workers (distributed.py) runs every multi-process experiment, so that the
+file pays for one spawn, and returns what it measured:
   1. training: per-step losses and gradient norms of pp 2 under each schedule, pp 2 with 2
      virtual stages, pp 2 x tp 2 (+sp), pp 2 x dp 2, with recomputation, equal those of one plain
-     process (written out below, no parallel.py in it) over 10 steps;
+     process (test_parallel.reference, no parallel.py in it) over 10 steps;
   2. schedules: at pp 4, the sends and receives each rank exchanges, batch by batch, are the ones
      read off the timelines drawn in schedule_order's docstring, column by column; and every
      rank's recorded point-to-point calls, in every configuration here, replay without deadlock
@@ -12,13 +12,13 @@ pays for one spawn:
   3. memory: the activation bytes each stage holds at its worst moment, and its weights,
      gradients and optimizer state, equal planner.py's prediction;
   4. checkpoints: saved at pp 2 x tp 2, the files are Meta's; loaded at pp 4, the loss is the same.
-A second group runs train.py itself at pp 2 x dp 2 and pp 2 (2 virtual stages) x tp 2 + sp: its
-losses and validation losses equal one process, its checkpoint is Meta's files, read at pp 1.
-In this process: the drawn timelines are the code's, their bubble is PTD-P's formula, pp = 1 is
-plain gradient accumulation, and bad pipelines are refused in one line (by parallel.py, and by
-train.py before any work).
+A second group runs train.py itself at pp 2 x dp 2 and pp 2 (2 virtual stages) x tp 2 + sp.
+In this process: the drawn timelines and exchange are the code's, the bubble is PTD-P's formula,
+pp = 1 is plain gradient accumulation, bad pipelines are refused in one line. What the workers
+run comes after the tests.
 """
 
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +27,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.autograd.graph import saved_tensors_hooks
 
 import checkpoint as C
 import data
@@ -36,11 +35,11 @@ import parallel as P
 import planner
 import train as T
 import test_parallel as parallel_tests
-from distributed import spawn, spawn_each
+from distributed import held_bytes, spawn, spawn_each, state_bytes
 from p2p_rules import Deadlock, P2PRecorder, replay
 from test_parallel import perturbed_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]   # tests/conftest.py
 
 WORLD = 4
 STEPS, GLOBAL_BATCH, SEQ, LR, CLIP = 10, 8, 16, 5e-3, 1.0
@@ -49,17 +48,6 @@ STEPS, GLOBAL_BATCH, SEQ, LR, CLIP = 10, 8, 16, 5e-3, 1.0
 def tiny(n_layers: int = 4) -> M.ModelArgs:
     return M.ModelArgs(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=256,
                        multiple_of=32, max_seq_len=SEQ)
-
-
-def batches(args):
-    """test_parallel's fixed global batch, repeated for this file's STEPS."""
-    return parallel_tests.batches(args, STEPS)
-
-
-def reference(args):
-    """One plain process, the whole global batch at once: test_parallel's, at this file's STEPS
-    and LR."""
-    return parallel_tests.reference(args, STEPS, LR)
 
 
 @dataclass(frozen=True)
@@ -74,18 +62,6 @@ class Config:
     recompute: str = "none"
     data_parallel: bool = False     # False: each of the dp pipelines trains on the whole batch
     bf16: bool = False              # under bf16 autocast
-
-
-def build_stage(args, grid, v=1, sp=False, recompute="none", model=None):
-    if model is None:
-        torch.manual_seed(0)
-        model = M.Transformer(args)
-    model = P.parallelize(model, grid, sp=sp)
-    P.apply_recompute(model, recompute)
-    return P.PipelineStage(model, grid, v)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 # --- 1. training equals one process -------------------------------------------------------------
@@ -105,214 +81,6 @@ CONFIGS = [
 ]
 
 
-def train(config, args, grid):
-    stage = build_stage(args, grid, config.v, config.sp, config.recompute)
-    # GradSync also sums the norms' gradients over tp under sp; on the pp 2 x dp 2 grid without
-    # data parallelism there is nothing for it to do.
-    needs_sync = config.data_parallel or grid.dp == 1
-    sync = P.GradSync(stage, grid, bucket_mb=0.02) if needs_sync else None
-    opt = torch.optim.AdamW(stage.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
-    losses, norms = [], []
-    for batch in batches(args):
-        rows = batch.chunk(grid.dp)[grid.dp_rank] if config.data_parallel else batch
-        loss = P.pipeline_step(stage, rows, grid, config.micro_batches, config.schedule, sync)
-        if sync is not None:
-            sync.finish()
-        if config.data_parallel:
-            loss = P.all_reduce(loss, grid.dp_group) / grid.dp          # for logging only
-        norms.append(P.clip_grad_norm(stage, CLIP, grid))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, norms
-
-
-# --- 2. the order of sends and receives ---------------------------------------------------------
-
-def cells_by_tick(rows: list) -> list:
-    """Timeline rows ("rank r  F0 F1 ...", three characters a tick) -> per rank, {tick: cell}."""
-    ticks = []
-    for line in rows:
-        cells = line.split("rank ", 1)[1][3:]                   # after "rank r  "
-        ticks.append({t: cells[3 * t:3 * t + 2].strip() for t in range((len(cells) + 1) // 3)
-                      if cells[3 * t:3 * t + 2].strip()})
-    return ticks
-
-
-def drawn_timelines() -> dict:
-    """The timelines of schedule_order's docstring: {schedule: per rank, {tick: cell}}."""
-    rows = [line for line in P.schedule_order.__doc__.splitlines() if re.match(r"\s+rank \d", line)]
-    ticks = cells_by_tick(rows)
-    return {name: ticks[4 * i:4 * i + 4] for i, name in enumerate(P.PIPELINE_SCHEDULES)}
-
-
-def expected_exchanges(drawn, rank, pp, v):
-    """The batches a rank must exchange to run the drawn timelines, read off column by column:
-    at each tick, what its own cell sends and what its neighbours' cells send to it."""
-    last, batches_ = pp * v - 1, []
-    for t in range(max(max(row) for row in drawn) + 1):
-        batch = []
-        for q, row in enumerate(drawn):
-            cell = row.get(t)
-            if cell is None:
-                continue
-            op, c = cell[0].upper(), (0 if cell[0].isupper() else 1) * pp + q
-            to = (q + 1) % pp if op == "F" and c < last else (q - 1) % pp if op == "B" and c > 0 \
-                else None
-            if to is not None and q == rank:
-                batch.append(("send", to))
-            if to == rank:
-                batch.append(("recv", q))
-        if batch:
-            batches_.append(sorted(batch))
-    return batches_
-
-
-# --- 3. memory ---------------------------------------------------------------------------------
-
-def held_bytes(stage, rows, grid, m, schedule, amp=False):
-    """One pipeline step; the most bytes of activations the stage holds at once, measured.
-
-    Each chunk-forward is charged the floating-point storages autograd saves while it and its
-    loss run (not parameters or buffers) and its output, held by pipeline_step until its
-    backward; the schedule's order then says which are held together."""
-    static = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
-    is_copy = parallel_tests.weight_copies(list(stage.parameters()))
-    charged, recording = [], [False]
-
-    def charge(t):
-        storage = t.untyped_storage()
-        if recording[0] and t.is_floating_point() and storage.data_ptr() not in static \
-                and not is_copy(t):
-            charged[-1][storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def forward_starts(module, args):
-        charged.append({})
-        recording[0] = True
-
-    def forward_ends(module, args, out):
-        if args[1] * grid.pp + grid.pp_rank < grid.pp * stage.virtual_stages - 1:
-            charge(out)                                          # held for the backward call
-
-    real_backward = torch.autograd.backward
-
-    def backward(*args, **kwargs):
-        recording[0] = False
-        return real_backward(*args, **kwargs)
-
-    hooks = [stage.register_forward_pre_hook(forward_starts),
-             stage.register_forward_hook(forward_ends)]
-    torch.autograd.backward = backward
-    try:
-        with saved_tensors_hooks(charge, lambda t: t):
-            P.pipeline_step(stage, rows, grid, m, schedule,
-                            amp=torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
-    finally:
-        torch.autograd.backward = real_backward
-        for h in hooks:
-            h.remove()
-    order = P.schedule_order(schedule, grid.pp, m, stage.virtual_stages, grid.pp_rank)
-    forwards = iter(sum(c.values()) for c in charged)
-    sizes, held, most = {}, 0, 0
-    for op, i, k in order:
-        if op == "F":
-            sizes[i, k] = next(forwards)
-        held += sizes[i, k] if op == "F" else -sizes[i, k]
-        most = max(most, held)
-    return most
-
-
-def state_bytes(stage, opt) -> dict:
-    """Bytes of the stage's weights, gradients and AdamW's two moments, measured."""
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    moments = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
-    return dict(weights=nbytes(stage.parameters()),
-                grads=nbytes(p.grad for p in stage.parameters()), optimizer=nbytes(moments))
-
-
-# One pipeline per dp rank, on 4 sequences.
-MEMORY_CONFIGS = [
-    Config("1f1b", schedule="1f1b", micro_batches=4),
-    Config("afab", schedule="afab", micro_batches=4),
-    Config("interleaved selective", schedule="interleaved", micro_batches=4, v=2,
-           recompute="selective"),
-    Config("interleaved full", schedule="interleaved", micro_batches=4, v=2, recompute="full"),
-    Config("tp2+sp 1f1b", schedule="1f1b", micro_batches=4, tp=2, sp=True),
-    Config("tp2 afab", schedule="afab", micro_batches=2, tp=2),
-    Config("1f1b bf16", schedule="1f1b", micro_batches=4, bf16=True),
-    Config("tp2+sp interleaved selective bf16", schedule="interleaved", micro_batches=2, tp=2,
-           v=2, sp=True, recompute="selective", bf16=True),
-]
-
-
-# --- the workers --------------------------------------------------------------------------------
-
-def worker():
-    world = P.init_distributed(device="cpu")
-    try:
-        grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp) for tp, pp in ((1, 2), (2, 2), (1, 4))}
-        args = tiny()
-        out = {"train": {}, "pp4 loss": {}, "memory": {}}
-        out["traffic"] = {}                  # every point-to-point call, replayed in the test
-        for config in CONFIGS:
-            with P2PRecorder() as calls:
-                out["train"][config.name] = train(config, args, grids[config.tp, 2])
-            out["traffic"][config.name] = calls
-        for name, tp, v, m in (("pp2 validation", 1, 1, 4), ("pp2 v2 x tp2 validation", 2, 2, 2)):
-            with P2PRecorder() as calls, torch.no_grad():
-                P.pipeline_step(build_stage(args, grids[tp, 2], v), batches(args)[0],
-                                grids[tp, 2], m, backward=False)
-            out["traffic"][name] = calls
-        six = tiny(n_layers=6)                  # 3 virtual stages of 1 layer on each of 2 ranks
-        with P2PRecorder() as calls:
-            P.pipeline_step(build_stage(six, grids[1, 2], 3), batches(six)[0], grids[1, 2], 4)
-        out["traffic"]["pp2 v3 interleaved"] = calls
-
-        # the order of sends and receives at pp 4, 8 layers (2 chunks of 1 layer per rank)
-        grid, deep = grids[1, 4], tiny(n_layers=8)
-        for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
-            with P2PRecorder() as calls:
-                loss = P.pipeline_step(build_stage(deep, grid, v), batches(deep)[0], grid, 4,
-                                       schedule)
-            out["pp4 loss"][schedule] = loss.item()
-            out["traffic"][f"pp4 {schedule}"] = calls
-
-        # memory: activations held at the worst moment; weights, gradients, optimizer state
-        rows = batches(args)[0][:4]
-        for config in MEMORY_CONFIGS:
-            grid = grids[config.tp, 2]
-            stage = build_stage(args, grid, config.v, config.sp, config.recompute)
-            out["memory"][config.name] = held_bytes(stage, rows, grid, config.micro_batches,
-                                                    config.schedule, config.bf16)
-        grid = grids[2, 2]
-        stage = build_stage(args, grid, 1, sp=True)
-        opt = torch.optim.AdamW(stage.parameters())
-        P.pipeline_step(stage, rows, grid, 2)
-        opt.step()
-        out["state bytes"] = state_bytes(stage, opt)
-
-        # checkpoints: saved at pp 2 x tp 2 (+sp), loaded at pp 4
-        saved = build_stage(args, grid, 1, sp=True, model=perturbed_model(args))
-        out["full"] = P.full_state_dict(saved, grid)
-        out["consolidated"] = P.merge_stages(P.shard_state_dict(saved, grid), grid)
-        full = [out["full"]]
-        dist.broadcast_object_list(full, src=0)
-        grid = grids[1, 4]
-        loaded = build_stage(args, grid, 1)
-        P.load_sharded(loaded, full[0], grid)
-        out["loss at pp 4"] = P.pipeline_step(loaded, rows, grid, 2).item()
-        out["keys at pp 4"] = sorted(loaded.state_dict())
-        return out
-    finally:
-        P.destroy(world)
-
-
-@pytest.fixture(scope="module")
-def ran():
-    return spawn(worker, WORLD, timeout=300)
-
-
 def test_pipeline_training_equals_one_process(ran):
     ref_losses, ref_norms = reference(tiny())
     assert ref_losses[-1] < ref_losses[0] - 1.0, "the reference must learn, or equality is weak"
@@ -323,6 +91,8 @@ def test_pipeline_training_equals_one_process(ran):
             assert losses == pytest.approx(ref_losses, rel=1e-4), f"{what}: losses"
             assert norms == pytest.approx(ref_norms, rel=1e-4), f"{what}: grad norms"
 
+
+# --- 2. the order of sends and receives ---------------------------------------------------------
 
 def test_sends_and_receives_follow_the_drawn_timelines(ran):
     deep, drawn = tiny(n_layers=8), drawn_timelines()
@@ -350,24 +120,6 @@ def test_recorded_traffic_cannot_deadlock_under_nccl_rules(ran):
         assert replay(calls) == sum(len(seq) for seq in calls.values()), name
 
 
-def sends_then_receives(schedule, pp, m, v=1):
-    """Each rank's calls as pipeline_step made them before it exchanged by ticks: per op, a
-    blocking receive of its input, then an isend of its output, one call each."""
-    last, calls = pp * v - 1, {}
-    for rank in range(pp):
-        seq = []
-        for op, i, k in P.schedule_order(schedule, pp, m, v, rank):
-            c = k * pp + rank
-            if op == "F":
-                seq += [[("recv", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
-                seq += [[("send", (rank + 1) % pp, 8, "f32")]] if c < last else []
-            else:
-                seq += [[("recv", (rank + 1) % pp, 8, "f32")]] if c < last else []
-                seq += [[("send", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
-        calls[rank] = seq
-    return calls
-
-
 def test_the_checker_finds_deadlocks():
     send, recv = (lambda p: ("send", p, 8, "f32")), (lambda p: ("recv", p, 8, "f32"))
     crossing = {0: [[send(1)], [recv(1)]], 1: [[send(0)], [recv(0)]]}
@@ -384,6 +136,23 @@ def test_the_checker_finds_deadlocks():
     with pytest.raises(Deadlock):
         replay(sends_then_receives("1f1b", 2, 4))
     assert replay(sends_then_receives("afab", 2, 4)) > 0        # no crossing: all sends first
+
+
+# --- 3. memory ---------------------------------------------------------------------------------
+
+# One pipeline per dp rank, on 4 sequences.
+MEMORY_CONFIGS = [
+    Config("1f1b", schedule="1f1b", micro_batches=4),
+    Config("afab", schedule="afab", micro_batches=4),
+    Config("interleaved selective", schedule="interleaved", micro_batches=4, v=2,
+           recompute="selective"),
+    Config("interleaved full", schedule="interleaved", micro_batches=4, v=2, recompute="full"),
+    Config("tp2+sp 1f1b", schedule="1f1b", micro_batches=4, tp=2, sp=True),
+    Config("tp2 afab", schedule="afab", micro_batches=2, tp=2),
+    Config("1f1b bf16", schedule="1f1b", micro_batches=4, bf16=True),
+    Config("tp2+sp interleaved selective bf16", schedule="interleaved", micro_batches=2, tp=2,
+           v=2, sp=True, recompute="selective", bf16=True),
+]
 
 
 def test_memory_prediction_equals_measured_bytes(ran):
@@ -405,6 +174,8 @@ def test_memory_prediction_equals_measured_bytes(ran):
         assert ran[rank]["state bytes"] == dict(weights=n * weights, grads=n * grads,
                                                 optimizer=n * optimizer), rank
 
+
+# --- 4. checkpoints ----------------------------------------------------------------------------
 
 def test_checkpoint_saved_at_pp2_tp2_loads_at_pp4(ran):
     args = tiny()
@@ -433,14 +204,14 @@ def test_checkpoint_saved_at_pp2_tp2_loads_at_pp4(ran):
 def test_drawn_timelines_are_the_codes():
     drawn = drawn_timelines()
     for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
-        assert cells_by_tick(P.timeline(schedule, 4, 4, v)) == drawn[schedule], schedule
+        assert cells_by_tick(timeline(schedule, 4, 4, v)) == drawn[schedule], schedule
 
 
 @pytest.mark.parametrize("schedule,pp,m,v", [
     (s, pp, m, 1) for s in ("afab", "1f1b") for pp in (2, 3, 4) for m in (1, 2, 5, 8)] + [
     ("interleaved", pp, m, v) for pp in (2, 3, 4) for v in (2, 3) for m in (pp, 2 * pp, 3 * pp)])
 def test_bubble_is_ptdp_formula_and_1f1b_bounds_memory(schedule, pp, m, v):
-    rows = P.timeline(schedule, pp, m, v)                       # unit-time F and B
+    rows = timeline(schedule, pp, m, v)                       # unit-time F and B
     width = len(str(m - 1)) + 2                                  # a cell and its space
     slots = max(len(row) - len("rank 0  ") + 1 for row in rows) // width
     busy = 2 * m * v
@@ -451,6 +222,23 @@ def test_bubble_is_ptdp_formula_and_1f1b_bounds_memory(schedule, pp, m, v):
             assert held == m
         if schedule == "1f1b":
             assert held == min(pp - rank, m)
+
+
+def test_the_drawn_exchange_is_the_codes():
+    """parallel.py's picture of NCCL's rule, 1f1b at pp 2 and m 3: its rows of ops are play's
+    ticks, its rows of messages are `messages` (a: an activation, g: a gradient)."""
+    block = inspect.getsource(P).split("# NCCL's rule")[1].split("\ndef ")[0]
+    header, *rows = re.findall(r"^#(\s{4,}(?:tick|rank \d|\d -> \d).*)$", block, re.M)
+    columns = {m.start(): int(m.group()) for m in re.finditer(r"\d+", header)}    # column: tick
+    first = min(columns)
+    drawn = {row[:first].strip(): {t: row[c:c + 3].strip() for c, t in columns.items()
+                                   if row[c:c + 3].strip()} for row in rows}
+    ticks = P.play([P.schedule_order("1f1b", 2, 3, 1, r) for r in range(2)], 2)
+    want = {f"rank {r}": {t: f"{op}{i}" for t, op, i, _ in row} for r, row in enumerate(ticks)}
+    for t, sent in P.messages(ticks, 2).items():
+        for src, dst, (kind, i, _) in sent:
+            want.setdefault(f"{src} -> {dst}", {})[t] = ("a" if kind == "F" else "g") + str(i)
+    assert drawn == want
 
 
 def test_pp1_is_plain_gradient_accumulation():
@@ -562,3 +350,185 @@ def test_train_py_refuses_bad_pipelines_before_any_work(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())                          # nothing written
+
+
+# --- what the workers run, and the drawings read --------------------------------------------------
+
+def batches(args):
+    """test_parallel's fixed global batch, repeated for this file's STEPS."""
+    return parallel_tests.batches(args, STEPS)
+
+
+def reference(args):
+    """One plain process, the whole global batch at once: test_parallel's, at this file's STEPS
+    and LR."""
+    return parallel_tests.reference(args, STEPS, LR)
+
+
+def build_stage(args, grid, v=1, sp=False, recompute="none", model=None):
+    if model is None:
+        torch.manual_seed(0)
+        model = M.Transformer(args)
+    model = P.parallelize(model, grid, sp=sp)
+    P.apply_recompute(model, recompute)
+    return P.PipelineStage(model, grid, v)
+
+
+def train(config, args, grid):
+    stage = build_stage(args, grid, config.v, config.sp, config.recompute)
+    # GradSync also sums the norms' gradients over tp under sp; on the pp 2 x dp 2 grid without
+    # data parallelism there is nothing for it to do.
+    needs_sync = config.data_parallel or grid.dp == 1
+    sync = P.GradSync(stage, grid, bucket_mb=0.02) if needs_sync else None
+    opt = torch.optim.AdamW(stage.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    losses, norms = [], []
+    for batch in batches(args):
+        rows = batch.chunk(grid.dp)[grid.dp_rank] if config.data_parallel else batch
+        loss = P.pipeline_step(stage, rows, grid, config.micro_batches, config.schedule, sync)
+        if sync is not None:
+            sync.finish()
+        if config.data_parallel:
+            loss = P.all_reduce(loss, grid.dp_group) / grid.dp          # for logging only
+        norms.append(P.clip_grad_norm(stage, CLIP, grid))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, norms
+
+
+def cells_by_tick(rows: list) -> list:
+    """Timeline rows ("rank r  F0 F1 ...", three characters a tick) -> per rank, {tick: cell}."""
+    ticks = []
+    for line in rows:
+        cells = line.split("rank ", 1)[1][3:]                   # after "rank r  "
+        ticks.append({t: cells[3 * t:3 * t + 2].strip() for t in range((len(cells) + 1) // 3)
+                      if cells[3 * t:3 * t + 2].strip()})
+    return ticks
+
+
+def drawn_timelines() -> dict:
+    """The timelines of schedule_order's docstring: {schedule: per rank, {tick: cell}}."""
+    rows = [line for line in P.schedule_order.__doc__.splitlines() if re.match(r"\s+rank \d", line)]
+    ticks = cells_by_tick(rows)
+    return {name: ticks[4 * i:4 * i + 4] for i, name in enumerate(P.PIPELINE_SCHEDULES)}
+
+
+def expected_exchanges(drawn, rank, pp, v):
+    """The batches a rank must exchange to run the drawn timelines, read off column by column:
+    at each tick, what its own cell sends and what its neighbours' cells send to it."""
+    last, batches_ = pp * v - 1, []
+    for t in range(max(max(row) for row in drawn) + 1):
+        batch = []
+        for q, row in enumerate(drawn):
+            cell = row.get(t)
+            if cell is None:
+                continue
+            op, c = cell[0].upper(), (0 if cell[0].isupper() else 1) * pp + q
+            to = (q + 1) % pp if op == "F" and c < last else (q - 1) % pp if op == "B" and c > 0 \
+                else None
+            if to is not None and q == rank:
+                batch.append(("send", to))
+            if to == rank:
+                batch.append(("recv", q))
+        if batch:
+            batches_.append(sorted(batch))
+    return batches_
+
+
+def timeline(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1) -> list:
+    """Each rank's row of the schedule as parallel.play runs it, one cell per tick; v <= 2 to draw
+    (F for chunk 0, f for chunk 1)."""
+    width = len(str(micro_batches - 1)) + 1
+    ticks = P.play([P.schedule_order(schedule, pp, micro_batches, virtual_stages, r)
+                    for r in range(pp)], pp, virtual_stages)
+    n = max(row[-1][0] for row in ticks) + 1
+    rows = []
+    for r, row in enumerate(ticks):
+        cells = [" " * width] * n
+        for t, op, i, k in row:
+            cells[t] = ((op if k == 0 else op.lower()) + str(i)).ljust(width)
+        rows.append(f"rank {r}  " + " ".join(cells).rstrip())
+    return rows
+
+
+def sends_then_receives(schedule, pp, m, v=1):
+    """Each rank's calls as pipeline_step made them before it exchanged by ticks: per op, a
+    blocking receive of its input, then an isend of its output, one call each."""
+    last, calls = pp * v - 1, {}
+    for rank in range(pp):
+        seq = []
+        for op, i, k in P.schedule_order(schedule, pp, m, v, rank):
+            c = k * pp + rank
+            if op == "F":
+                seq += [[("recv", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
+                seq += [[("send", (rank + 1) % pp, 8, "f32")]] if c < last else []
+            else:
+                seq += [[("recv", (rank + 1) % pp, 8, "f32")]] if c < last else []
+                seq += [[("send", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
+        calls[rank] = seq
+    return calls
+
+
+def worker():
+    world = P.init_distributed(device="cpu")
+    try:
+        grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp) for tp, pp in ((1, 2), (2, 2), (1, 4))}
+        args = tiny()
+        out = {"train": {}, "pp4 loss": {}, "memory": {}}
+        out["traffic"] = {}                  # every point-to-point call, replayed in the test
+        for config in CONFIGS:
+            with P2PRecorder() as calls:
+                out["train"][config.name] = train(config, args, grids[config.tp, 2])
+            out["traffic"][config.name] = calls
+        for name, tp, v, m in (("pp2 validation", 1, 1, 4), ("pp2 v2 x tp2 validation", 2, 2, 2)):
+            with P2PRecorder() as calls, torch.no_grad():
+                P.pipeline_step(build_stage(args, grids[tp, 2], v), batches(args)[0],
+                                grids[tp, 2], m, backward=False)
+            out["traffic"][name] = calls
+        six = tiny(n_layers=6)                  # 3 virtual stages of 1 layer on each of 2 ranks
+        with P2PRecorder() as calls:
+            P.pipeline_step(build_stage(six, grids[1, 2], 3), batches(six)[0], grids[1, 2], 4)
+        out["traffic"]["pp2 v3 interleaved"] = calls
+
+        # the order of sends and receives at pp 4, 8 layers (2 chunks of 1 layer per rank)
+        grid, deep = grids[1, 4], tiny(n_layers=8)
+        for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
+            with P2PRecorder() as calls:
+                loss = P.pipeline_step(build_stage(deep, grid, v), batches(deep)[0], grid, 4,
+                                       schedule)
+            out["pp4 loss"][schedule] = loss.item()
+            out["traffic"][f"pp4 {schedule}"] = calls
+
+        # memory: activations held at the worst moment; weights, gradients, optimizer state
+        rows = batches(args)[0][:4]
+        for config in MEMORY_CONFIGS:
+            grid = grids[config.tp, 2]
+            stage = build_stage(args, grid, config.v, config.sp, config.recompute)
+            out["memory"][config.name] = held_bytes(stage, rows, grid, config.micro_batches,
+                                                    config.schedule, config.bf16)
+        grid = grids[2, 2]
+        stage = build_stage(args, grid, 1, sp=True)
+        opt = torch.optim.AdamW(stage.parameters())
+        P.pipeline_step(stage, rows, grid, 2)
+        opt.step()
+        out["state bytes"] = state_bytes(stage, opt)
+
+        # checkpoints: saved at pp 2 x tp 2 (+sp), loaded at pp 4
+        saved = build_stage(args, grid, 1, sp=True, model=perturbed_model(args))
+        out["full"] = P.full_state_dict(saved, grid)
+        out["consolidated"] = P.merge_stages(P.shard_state_dict(saved, grid), grid)
+        full = [out["full"]]
+        dist.broadcast_object_list(full, src=0)
+        grid = grids[1, 4]
+        loaded = build_stage(args, grid, 1)
+        P.load_sharded(loaded, full[0], grid)
+        out["loss at pp 4"] = P.pipeline_step(loaded, rows, grid, 2).item()
+        out["keys at pp 4"] = sorted(loaded.state_dict())
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def ran():
+    return spawn(worker, WORLD, timeout=300)
