@@ -494,37 +494,37 @@ def _count(text: str, binary: bool = False, flag: str = "count") -> float:
 
 def main(argv=None):
     p = cli.OneLineParser(prog="planner.py", description="Predict memory per GPU, communication, "
-                      "bubble and speed of a 3D layout; or search the layouts (--search); or "
-                      "inference memory (--serve).")
-    p.add_argument("--preset", default="7b", choices=PRESETS)
+                          "bubble and speed of a 3D layout; or search the layouts (--search); or "
+                          "inference memory (--serve).",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="7b", choices=PRESETS, help="the model")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int,
-                       help="override the preset")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu", default="a100-80gb", choices=GPUS)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--virtual-stages", type=int, default=1)
-    p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, help="default: 1f1b, or interleaved "
+        p.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in all")
+    p.add_argument("--gpu", default="a100-80gb", choices=GPUS, help="their data sheet")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--virtual-stages", type=int, default=1, help="chunks per pipeline rank")
+    p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, help="unset: 1f1b, or interleaved "
                    "with --virtual-stages > 1")
-    p.add_argument("--micro-batch", type=int, default=1,
-                   help="sequences per micro-batch")
-    p.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES)
-    p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES,
+                   help="activation recomputation")
+    p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=True,
+                   help="sequence parallelism (with --tp > 1)")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="bytes per value")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--global-batch-tokens", default="4M", help="4M = 4 x 2^20 = 2048 x 2048")
     p.add_argument("--train-tokens", default="1T", help="for the days to train, e.g. 1.4T")
     p.add_argument("--search", action="store_true", help="rank every layout that fits")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=int, default=10, help="--search: layouts printed")
     p.add_argument("--serve", action="store_true", help="inference: weights + KV cache")
-    p.add_argument("--batch", type=int, default=1,
-                   help="--serve: sequences decoded at once")
+    p.add_argument("--batch", type=int, default=1, help="--serve: sequences decoded at once")
     p.add_argument("--context", type=int, default=2048, help="--serve: positions cached")
     p.add_argument("--check", action="store_true", help="the published runs, predicted")
     p.add_argument("--accounting", action="store_true", help="activation bytes per layer and "
                    "collectives per step, tiny and 7b")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="a machine-readable answer")
     a = p.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
                                             "vocab_size") if getattr(a, k) is not None}
