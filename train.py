@@ -5,39 +5,31 @@ This is the story a reader follows end to end: data.py serves a Table-1-weighted
 windows, model.py's Transformer predicts the next token, AdamW with warmup and cosine decay
 [LLaMA §2.3] updates the weights, and the run is saved so it can resume exactly after a crash.
 parallel.py is used when torchrun starts several processes; with one process every parallel step
-is the identity.
+is the identity. What a run leaves in --out, and how a checkpoint is written so that a kill
+leaves at worst a `.tmp-` folder that nothing reads, is checkpoint.py's.
 
     python train.py                                   # the demo: tiny model, built-in corpus, CPU
     python train.py --preset tiny --steps 200 --out out/run1
     python train.py --out out/run1 --resume           # continue exactly where run1 stopped
-    torchrun --nproc_per_node=4 train.py --tp 2 --sp  # tensor+sequence parallel x2, data parallel x2
+    torchrun --nproc_per_node=4 train.py --tp 2 --sp  # tensor and sequence parallel x2, dp x2
     torchrun --nproc_per_node=4 train.py --pp 2 --virtual-stages 2 --micro-batches 4  # pipeline
 
-Reading order
-  1. TrainConfig          every option once; the CLI is derived from it; the checks of the flags
-  2. Recipe               learning-rate schedule, optimizer with its decay groups
-  3. Checkpoints          Meta's layout + training state, written atomically; the run lock
-  4. Measuring            bf16 autocast, peak FLOP/s for MFU, the CPU allocator, progress, metrics
-  5. Opening a run        new, resumed or restarted: its configuration, data, model and state
-  6. train()              the loop: accumulate, synchronize, clip, step, log, validate, save
-  8. main()               errors in one line, exit codes, the process group
+Reading map
+  1. TrainConfig          every option once; the command line is derived from it
+  2. The recipe           the learning-rate schedule; AdamW with its decay groups; bf16 autocast
+  3. The training loop    train(): build, then accumulate, synchronize, clip, step, log, validate,
+                          save; forward_backward, validation_loss
+  ---------------------------------------------------------------------------- (the banner)
+  4. Checks               the flags alone, then together and against the world, in one line each
+  5. Opening a run        new, resumed or restarted: its lock, saved options, data and model
+  6. Checkpoints          saved and loaded across ranks (the files themselves: checkpoint.py)
+  7. Measuring            MFU's peak, the CPU allocator, the loss curve, samples, signals
+  8. main                 errors in one line, exit codes, the process group
 
-A checkpoint folder (OUT/checkpoints/step-000600/) is a Meta release folder plus training state:
-
-    params.json  consolidated.00.pth .. consolidated.{tp-1}.pth  tokenizer.model   <- the model
-    train_state.00.pth .. train_state.{tp-1}.pth                                   <- optimizer,
-                                                          step, sampler, RNG, config (per tp rank)
-    train_config.json                                  <- the run's options, which --resume restores
-
-Under pipeline parallelism the first stage gathers every stage's layers before it writes, so the
-model files are the same whatever --pp; each stage writes its own optimizer state,
-train_state.{tp_rank}.stage{pp_rank}.pth.
-
-It is written as `.tmp-step-000600/` and renamed when complete; OUT/checkpoints/latest names the
-newest complete one and is replaced last. A kill at any moment leaves at worst a `.tmp-` folder
-that nothing reads. `--resume` restores the run's own options (a flag that would change what it
-computes is refused), starts from the newest complete checkpoint that every rank can read, and
-one run at a time holds OUT (OUT/train.lock).
+`--resume` restores the run's own options (a flag that would change what it computes is refused),
+starts from the newest complete checkpoint that every rank can read, and one run at a time holds
+OUT (OUT/train.lock). Under pipeline parallelism the first stage gathers every stage's layers
+before it writes, so the model files are the same whatever --pp.
 
 Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
 
@@ -45,6 +37,8 @@ What this file leaves out: resuming at a different tensor- or pipeline-parallel 
 optimizer state (use --init-from: weights only, any layout), --compile under pipeline
 parallelism, samples at the end under tensor or pipeline parallelism, and mixed precision other
 than bf16 autocast (no fp16 loss scaling).
+
+Papers: LLaMA (arXiv 2302.13971) for the recipe; Megatron-LM (2104.04473, PTD-P) for the grid.
 """
 
 import argparse
@@ -57,53 +51,53 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 import checkpoint as C           # everything on disk: checkpoints, the run lock, metrics
+import cli
 import data
 import generate
 import model as M
 import parallel as P
-from cli import OneLineParser, Progress, first_line
 from tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Configuration
+# 1. Every option of a run
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
-    """Every option of a run. `--batch-size` is sequences per micro-batch *per data-parallel rank*,
-    and `--micro-batches` how many make one optimizer step: the global batch is batch_size *
-    micro_batches * dp sequences of seq_len tokens. One process accumulates the micro-batches'
-    gradients; a pipeline runs them through its stages in the order of its schedule."""
+    """Every option of a run; the comment beside each is its --help. `--batch-size` is sequences
+    per micro-batch *per data-parallel rank*, and `--micro-batches` how many make one optimizer
+    step: the global batch is batch_size * micro_batches * dp sequences of seq_len tokens. One
+    process accumulates the micro-batches' gradients; a pipeline runs them through its stages in
+    the order of its schedule."""
     preset: str = "tiny"            # a name from model.PRESETS; vocab_size comes from the tokenizer
     steps: int = 400                # optimizer steps (the demo: about three minutes on 2 CPU cores)
     batch_size: int = 16            # sequences per micro-batch per rank
-    seq_len: int = 128
+    seq_len: int = 128              # tokens per training window (T)
     lr: float = 3e-3                # peak; LLaMA 7B used 3e-4 at 4M tokens per batch [Table 2]
     warmup: int = 40                # linear warmup steps (LLaMA: 2000)
     min_lr_ratio: float = 0.1       # cosine decays to this fraction of the peak [LLaMA §2.3]
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1       # AdamW's, on matrices only
+    beta1: float = 0.9              # AdamW's decay of the gradient's running mean
+    beta2: float = 0.95             # AdamW's decay of the squared gradient's running mean
     clip: float = 1.0               # global gradient norm
-    seed: int = 0
-    out: str = "out/demo"
+    seed: int = 0                   # the initialization and the data order
+    out: str = "out/demo"           # the run's folder: checkpoints, metrics.jsonl, loss.png
     resume: bool = False            # continue from OUT/checkpoints/latest
-    init_from: str = ""             # start from any model checkpoint (ours, Meta's, HF) with a fresh optimizer
-    data: str = "data/demo"         # a folder made by `python data.py prepare`; the demo is built if missing
+    init_from: str = ""             # weights to start from (ours, Meta's, HF); a fresh optimizer
+    data: str = "data/demo"         # from `python data.py prepare`; the default is built if missing
     mix: str = ""                   # source weights "name=w,..."; empty: the dataset's defaults
-    eval_every: int = 100
+    eval_every: int = 100           # steps between validations
     eval_windows: int = 64          # held-out windows for validation loss
-    save_every: int = 200
+    save_every: int = 200           # steps between checkpoints
     keep: int = 2                   # complete checkpoints kept
-    log_every: int = 10
+    log_every: int = 10             # steps between progress lines
     samples: int = 3                # continuations printed at the end
     tp: int = 1                     # tensor-parallel degree (torchrun: world = tp * pp * dp)
     pp: int = 1                     # pipeline-parallel degree: stages of consecutive layers
@@ -112,10 +106,10 @@ class TrainConfig:
     pp_schedule: str = "auto"       # auto (1f1b, interleaved with virtual stages) | afab | 1f1b
     sp: bool = False                # sequence parallelism (needs tp > 1)
     recompute: str = "none"         # none | selective | full
-    bucket_mb: float = 25.0         # data-parallel gradient bucket size
+    bucket_mb: float = 25.0         # data-parallel gradient bucket size, MB
     overlap: bool = True            # overlap data-parallel all-reduce with the backward pass
     attention: str = "auto"         # auto | xformers | sdpa | math
-    compile: Optional[bool] = None  # torch.compile the model; unset: on for one CUDA process (uses_compile)
+    compile: Optional[bool] = None  # torch.compile the model; unset: on for one CUDA process
     device: str = "auto"            # auto | cpu | cuda
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
@@ -126,112 +120,9 @@ class TrainConfig:
         """--pp-schedule for parallel.py: None picks 1f1b, or interleaved with virtual stages."""
         return None if self.pp_schedule == "auto" else self.pp_schedule
 
-    def global_batch(self, dp: int) -> int:
-        return self.batch_size * self.micro_batches * dp
-
-
-def parse_args(argv=None) -> tuple:
-    """(TrainConfig, {option: value} for those the command line names: what --resume may
-    override). The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under
-    torchrun; an option left out keeps the dataclass's default."""
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[1],
-                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                      argument_default=argparse.SUPPRESS)
-    for f in fields(TrainConfig):
-        kind = (dict(action=argparse.BooleanOptionalAction) if f.type in (bool, Optional[bool])
-                else dict(type=type(f.default)))
-        p.add_argument("--" + f.name.replace("_", "-"), **kind)
-    given = vars(p.parse_args(argv))
-    return TrainConfig(**given), given
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work: reported in one line before any work is done."""
-
-
-class RunStopped(RuntimeError):
-    """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
-
-
-def _positive(x) -> bool:
-    return math.isfinite(x) and x > 0     # NOTE: `x > 0` alone would let inf through
-
-
-def check_flags(cfg: TrainConfig):
-    """Every number and name on its own, before any process group or file is touched."""
-    if cfg.preset not in M.PRESETS:
-        raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}")
-    if cfg.recompute not in P.RECOMPUTE_MODES:
-        raise ConfigError(f"--recompute {cfg.recompute!r}: choose none, selective or full")
-    if cfg.attention not in M.ATTENTION_BACKENDS:
-        raise ConfigError(f"--attention {cfg.attention!r}: choose "
-                          f"{', '.join(M.ATTENTION_BACKENDS)}")
-    if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
-    counts = ("steps", "batch_size", "seq_len", "tp", "eval_windows", "keep", "log_every",
-              "eval_every", "save_every", "pp", "virtual_stages", "micro_batches")
-    # NOTE: every comparison with nan is false, so each rule is written as what a value must be.
-    rules = [(name, _positive(getattr(cfg, name)), "positive") for name in counts] + [
-        ("lr", _positive(cfg.lr), "a positive number, e.g. 3e-4"),
-        ("clip", _positive(cfg.clip),
-         "a positive global norm, e.g. 1.0 (a huge one, 1e9, turns clipping off)"),
-        ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         "0 or more, e.g. 0.1"),
-        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1), e.g. 0.9"),
-        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1), e.g. 0.95"),
-        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1], e.g. 0.1"),
-        ("warmup", cfg.warmup >= 0, "0 or more steps"),
-        ("bucket_mb", _positive(cfg.bucket_mb), "positive, e.g. 25"),
-        ("max_bad_steps", cfg.max_bad_steps >= 1, "1 or more"),
-        ("samples", 0 <= cfg.samples <= 3, "0 to 3"),
-        ("seed", cfg.seed >= 0, "0 or more"),
-        ("timeout", _positive(cfg.timeout), "positive seconds, e.g. 600")]
-    for name, ok, rule in rules:
-        if not ok:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be {rule}")
-    if cfg.resume and cfg.init_from:
-        raise ConfigError("--resume continues a run, --init-from starts a new one: give one of them")
-
-
-def check_config(cfg: TrainConfig, world_size: int):
-    """The flags together, and against the number of processes torchrun started."""
-    if world_size % (cfg.tp * cfg.pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
-                          f"{cfg.pp} = {cfg.tp * cfg.pp}; launch a multiple of {cfg.tp * cfg.pp} "
-                          "processes")
-    if cfg.pp > 1 and cfg.compile:
-        raise ConfigError("--compile is not supported with --pp > 1; drop one of them")
-    if cfg.sp and cfg.tp == 1:
-        raise ConfigError("--sp splits activations over the tensor-parallel group; add --tp 2 or more")
-    if not cfg.init_from:           # the preset against the grid now, before the data is built
-        check_split(M.preset(cfg.preset), cfg)
-
-
-def uses_compile(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
-    """--compile or --no-compile as given; unset, compile on CUDA in a single process.
-
-    PERF: on one H200, `1b` at sequence 2048 in bf16 trains at 54.6% MFU compiled against 41.0%
-    eager, and the compilation costs its first step tens of seconds (tests/gpu_check.py; the
-    README's GPU section). Several processes compile only when asked: parallel.py's hooks
-    under torch.compile have not been measured, and CPU compiles slowly for a small gain.
-    """
-    if cfg.compile is not None:
-        return cfg.compile
-    return device.type == "cuda" and world_size == 1
-
-
-def check_split(args: M.ModelArgs, cfg: TrainConfig):
-    """parallel.py's rules: heads, vocabulary, FFN width and sequence against --tp and --sp,
-    layers and micro-batches against --pp, --virtual-stages and the schedule."""
-    P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
-    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
-                     cfg.pipeline_schedule)
-
 
 # ---------------------------------------------------------------------------------------------
-# 2. The recipe: schedule and optimizer [LLaMA §2.3]
+# 2. The recipe: schedule, optimizer, precision [LLaMA §2.3]
 # ---------------------------------------------------------------------------------------------
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -254,118 +145,13 @@ def make_optimizer(model, cfg: TrainConfig):
     would shrink every activation rather than regularize a mapping (the usual GPT/Megatron rule:
     decay tensors of 2 or more dimensions).
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     # PERF: the fused kernel updates every tensor in one pass, on CUDA and on CPU (the `tiny`
     # model's step on 2 cores: 2 ms against 14 for the default, foreach, which is the simpler).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# 3. Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
-                    tok_path):
-    """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
-    stages' layers first); each stage writes its optimizer state; global rank 0 renames.
-
-    Weights that are not finite are never saved (on any rank: the ranks agree first), and a
-    write that fails on any rank leaves `latest` where it was."""
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    if not _all_ranks(finite, world):
-        raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
-                         f"checkpoint is still {C.latest(cfg.out)}; lower --lr and resume")
-    tmp = lock = failed = None
-    if world.is_main:
-        try:
-            tmp, lock = C.start_build(C.step_folder(cfg.out, step))
-        except OSError as e:
-            failed = e
-    if not _all_ranks(failed is None, world):
-        raise failed or OSError("rank 0 could not start the checkpoint; see its message")
-    try:
-        tmp = _from_main(tmp, world)
-        shard = P.shard_state_dict(model, grid)     # this rank's tp slice (a tp all-gather inside)
-        shard = P.merge_stages(shard, grid)         # all layers on pp rank 0, None elsewhere
-        failed = None
-        if grid.dp_rank == 0:                       # each file is flushed before the rename
-            try:
-                C.save_torch(dict(step=step, optimizer=optimizer.state_dict(),
-                                  sampler=sampler.state_dict(), rng=_rng_state(),
-                                  config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
-                                  pp=grid.pp),
-                             os.path.join(tmp, C.train_state_name(grid.tp_rank, grid.pp_rank,
-                                                                  grid.pp)))
-                if grid.pp_rank == 0:
-                    C.save_torch(shard, os.path.join(tmp, C.shard_file(grid.tp_rank)))
-                if grid.pp_rank == 0 and grid.tp_rank == 0:
-                    C.write_model(tmp, args, tok_path, dataclasses.asdict(cfg))
-            except OSError as e:
-                failed = e
-        if not _all_ranks(failed is None, world):
-            raise failed or OSError(f"another rank could not write {tmp}; see its message")
-        final = C.publish(cfg.out, tmp, step, cfg.keep) if world.is_main else None
-    finally:
-        if lock is not None:
-            os.close(lock)
-    _barrier(world)
-    return final
-
-
-def _from_main(value, world):
-    """The main rank's `value` on every rank (a path: the ranks write into one folder)."""
-    if world.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)                   # COMM: world, one object
-    return box[0]
-
-
-def load_checkpoint(path, model, optimizer, sampler, grid):
-    """Restore model, optimizer, sampler and RNG from `path`; return the steps it had done."""
-    state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
-    P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
-    optimizer.load_state_dict(state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
-    _set_rng_state(state["rng"])
-    return state["step"]
-
-
-def _rng_state():
-    """torch's generators, so that a resumed run draws what the original drew. They are the only
-    global ones a step could touch: the sampler keeps its own state, and no step draws from
-    numpy's or Python's."""
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def _barrier(world):
-    if world.world_size > 1:
-        dist.barrier()
-
-
-def _all_ranks(ok: bool, world) -> bool:
-    """True on every rank if `ok` is true on every rank: one decision, so no rank is left
-    waiting in a collective that the others skipped."""
-    if world.world_size == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=world.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)              # COMM: world, min of one float
-    return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Measuring: precision, peak FLOP/s, the CPU allocator, progress, metrics
-# ---------------------------------------------------------------------------------------------
 
 def autocast(cfg: TrainConfig, device: torch.device) -> tuple:
     """(compute dtype, the context every forward runs in): bf16 autocast with --dtype bf16, or
@@ -375,264 +161,15 @@ def autocast(cfg: TrainConfig, device: torch.device) -> tuple:
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
 
 
-_timed_peaks = {}                    # (device, dtype) -> the fastest timing so far, (FLOP/s, how)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, again: bool = False) -> tuple:
-    """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
-
-    Timed once per process, and again when asked (again=True): the fastest timing so far stands.
-    NOTE: on a shared machine one timing can be far off; the fastest of the large matmuls that
-    fit in a third of a second (six at least) is the figure least disturbed by neighbours. A
-    whole window can still be slowed (the demo once printed MFU 118%), so the training loop
-    times it again when a step beats the peak.
-    """
-    if device.type == "cuda":
-        known = M.data_sheet_peak(torch.cuda.get_device_name(device))
-        if known is not None:
-            family, flops = known
-            return flops, f"{family} data sheet, dense bf16"
-    key = (str(device), dtype)
-    if again or key not in _timed_peaks:
-        n = 4096 if device.type == "cuda" else 1024
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        times, start = [], time.perf_counter()
-        while len(times) < 6 or time.perf_counter() - start < 0.33:
-            _sync(device)
-            t = time.perf_counter()
-            a @ b
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        timed = (2 * n ** 3 / min(times), f"fastest of {len(times)} timed {n}x{n} {dtype} matmuls")
-        _timed_peaks[key] = max(_timed_peaks.get(key, timed), timed)
-    return _timed_peaks[key]
-
-
-def peak_tokens_per_s(args: M.ModelArgs, seq_len: int, device, dtype, devices: int = 1,
-                      again: bool = False) -> tuple:
-    """(tokens/s at 100% MFU, the formula in words): MFU = tokens/s * FLOP/token / (peak FLOP/s
-    per device * devices), so MFU is tokens/s over the first number. again: peak_flops's."""
-    flops_token = M.flops_per_token(args, seq_len)
-    peak, source = peak_flops(device, dtype, again)
-    return peak * devices / flops_token, (
-        f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token, N without the input "
-        f"embedding) / ({peak / 1e12:.2f} TFLOP/s peak per device [{source}] x {devices} "
-        f"device{'s' if devices > 1 else ''})")
-
-
-def keep_freed_memory() -> bool:
-    """Let the memory of freed CPU tensors stay in the process for the next step (Linux, glibc).
-
-    PERF: glibc's malloc gives large freed blocks back to the kernel: a block over its mmap
-    threshold (at most 32 MiB) is unmapped when freed, and free memory at the top of the heap
-    beyond the trim threshold is cut off. A training step frees its activations and allocates the
-    same sizes again at the next one, so each step maps them afresh, and every 4 KiB page faults
-    and is zeroed on its first write. At the shapes of tests/bench_cpu.py train that is 15,000 to
-    25,000 faults a step (8,192 of them the 32 MiB of logits), 3-6% of our step, and 38,000 to
-    41,000 in transformers' step, 7-15% of it. Raising both thresholds to 1 GiB keeps the blocks
-    for reuse: no faults. The demo trains 3-5% faster. The process then keeps about its peak
-    usage, which a run reaches at every step anyway. The simpler version is malloc's defaults;
-    PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc. GPU
-    tensors need none of this: torch's CUDA caching allocator keeps its blocks already. Returns
-    whether the thresholds were set.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt                          # glibc only (not musl, macOS, Windows)
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3         # from glibc's <malloc.h>
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
-    """The training and validation curves, where matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(l) for l in open(metrics_path)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=label, lw=1)
-    ax.set(xlabel="step", ylabel="loss (nats/token)")
-    ax.legend()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
-
-
 # ---------------------------------------------------------------------------------------------
-# 5. Opening a run: what it continues, its data, its model
+# 3. The training loop
 # ---------------------------------------------------------------------------------------------
-
-# What makes a run the run it is: resuming with another value would not continue it exactly.
-FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "micro_batches", "lr",
-                   "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip", "seed",
-                   "init_from", "dtype", "tp", "pp", "virtual_stages", "pp_schedule", "sp")
-
-
-def open_run(cfg: TrainConfig, given: dict, world, say) -> tuple:
-    """(configuration, checkpoints to resume from, the run lock or None): what this launch
-    continues or starts.
-
-    --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
-    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
-    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
-    """
-    restarted = world.restart > 0            # torchrun started this round after a failure
-    found = C.checkpoints(cfg.out)
-    if cfg.resume and not found:
-        raise ConfigError(f"--resume: no complete checkpoint under {cfg.out}/checkpoints; run "
-                          "without --resume")
-    if found and (cfg.resume or restarted):
-        cfg = restore_config(cfg, given, found[0], say)
-    elif not restarted and (held := C.holds_a_run(cfg.out)):
-        raise ConfigError(f"{cfg.out} already holds a run ({held}); pass --resume to "
-                          "continue it, or choose another --out")
-    check_config(cfg, world.world_size)
-    lock, refused = None, None
-    if world.is_main:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            lock = C.lock_run(cfg.out)
-        except ValueError as e:                      # a live run holds it
-            refused = ConfigError(str(e))
-        except OSError as e:
-            refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
-                                  "writable folder")
-    if not _all_ranks(refused is None, world):
-        raise refused or ConfigError("rank 0 refused the run (its message says why)")
-    return cfg, found, lock
-
-
-def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
-    """The saved run's configuration, with the flags this command line names itself where they
-    leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
-
-    A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
-    ones the run would have had. A path is compared as the folder it names. A new --steps is
-    said, with the learning rate before and after the recomputed decay.
-    """
-    saved = C.saved_config(ckpt)
-    if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
-        saved["micro_batches"] = saved["grad_accum"]
-    same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
-            "mix": lambda m: m and data.parse_mix(m)}
-    for name, value in given.items():
-        norm = same.get(name, lambda v: v)
-        if name in FIXED_ON_RESUME and name in saved and norm(saved[name]) != norm(value):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"cannot resume {ckpt} with {flag} {value}: the run was trained "
-                              f"with {flag} {saved[name]!r}, and another value would not continue "
-                              f"it; drop {flag}, or start a new run from these weights with "
-                              f"--init-from {ckpt}")
-    known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in known}
-    restored = TrainConfig(**{**values, **given, "resume": cfg.resume, "out": cfg.out})
-    done, planned = C.step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
-    if restored.steps != planned.steps and done < restored.steps:
-        say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
-            f"decay is recomputed over {restored.steps}, so the learning rate goes from "
-            f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, restored):.3g} at "
-            f"step {done + 1}, and reaches its floor at step {restored.steps}")
-    return restored
-
-
-def setup_data(cfg: TrainConfig, world):
-    """The token windows and the tokenizer; the demo corpus is built on first use."""
-    if not os.path.isdir(cfg.data):
-        if cfg.data != TrainConfig.data:
-            raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
-                              "prepare ... --out DIR`")
-        if world.is_main:
-            data.prepare_demo(cfg.data)
-        _barrier(world)
-    tok_path = os.path.join(cfg.data, "tokenizer.model")
-    weights = data.parse_mix(cfg.mix) if cfg.mix else None
-    sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
-    return sampler, Tokenizer(tok_path), tok_path
-
-
-def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
-    """(ModelArgs, full state or None): a resumed run's own, --init-from's model, or a preset
-    sized to the tokenizer; checked against the grid (the preset was, before the data)."""
-    state, source = None, ckpt or cfg.init_from
-    if ckpt:                                 # resuming: the checkpoint's model, loaded later
-        args = C.read_params(ckpt)
-    elif cfg.init_from:
-        args, state, _ = C.read_checkpoint(cfg.init_from)
-    else:
-        args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
-    if args.vocab_size != tokenizer.n_words:
-        raise ConfigError(f"{source} has a model of vocab {args.vocab_size} but --data {cfg.data} "
-                          f"was tokenized with {tokenizer.n_words} pieces; prepare the data with "
-                          "the checkpoint's tokenizer.model")
-    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
-    check_split(args, cfg)
-    return args, state
-
-
-def build_model(cfg: TrainConfig, args: M.ModelArgs, state, world, grid):
-    # NOTE: parallel.py's seed policy: every rank builds this same full model from the same seed,
-    # and parallelize() / PipelineStage keep each rank's part of it.
-    torch.manual_seed(cfg.seed)
-    model = M.Transformer(args)
-    if state is not None:
-        model.load_state_dict(state)
-    model.set_attention_backend(cfg.attention)
-    model = P.parallelize(model, grid, sp=cfg.sp).to(world.device)
-    P.apply_recompute(model, cfg.recompute)
-    if grid.pp > 1:                              # keep this rank's stage: its chunks of layers
-        model = P.PipelineStage(model, grid, cfg.virtual_stages)
-    return model, make_optimizer(model, cfg)
-
-
-def resume_from(candidates: list, model, optimizer, sampler, world, grid, say) -> tuple:
-    """(path, steps done) of the newest checkpoint that every rank reads whole. One that does
-    not load (a truncated or corrupt file) is passed over, saying so, for the one before it."""
-    for path in candidates:
-        why = None
-        try:
-            start = load_checkpoint(path, model, optimizer, sampler, grid)
-        except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
-            why = f"{type(e).__name__}: {first_line(e, 300)}"
-        if _all_ranks(why is None, world):
-            return path, start
-        say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to the "
-            "complete checkpoint before it")
-    raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
-                      "start a new run with another --out")
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. The training loop
-# ---------------------------------------------------------------------------------------------
-
-def restore_handlers(old_handlers: dict, say):
-    """Give SIGTERM and SIGINT back the handlers they had before the loop (once)."""
-    if old_handlers and sys.stdout.isatty():
-        say()                                # ends the progress bar's line
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
-    old_handlers.clear()
-
 
 def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
     """The run: opened (new, or the saved one it continues), trained, saved. Returns the per-step
     losses and validation losses (for tests and the caller)."""
     say = world.say
-    cfg, found, lock = open_run(cfg, given or {}, world, say)
-    old_handlers = {}                        # SIGTERM's and SIGINT's, while the loop runs
+    cfg, found, lock = open_run(cfg, given or {}, world)    # the helpers are below the banner
     try:
         if found and C.step_of(found[0]) >= cfg.steps:
             say(f"{cfg.out} is finished: it trained {C.step_of(found[0])} steps of --steps "
@@ -642,19 +179,28 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         if device.type == "cpu":
             keep_freed_memory()
         dtype, amp = autocast(cfg, device)
-        sampler, tokenizer, tok_path = setup_data(cfg, world)
+        sampler, tokenizer, tok_path = open_data(cfg, world)
         args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
-        model, optimizer = build_model(cfg, args, init_state, world, grid)
-        start = 0                            # optimizer steps already done
-        if found:
-            ckpt, start = resume_from(found, model, optimizer, sampler, world, grid, say)
-            say(f"resumed from {ckpt} at step {start}")
+        # NOTE: parallel.py's seed policy: every rank builds this same full model from the same
+        # seed, and parallelize() / PipelineStage keep each rank's part of it.
+        torch.manual_seed(cfg.seed)
+        model = M.Transformer(args)
+        if init_state is not None:                           # --init-from's weights
+            model.load_state_dict(init_state)
+        model.set_attention_backend(cfg.attention)
+        model = P.parallelize(model, grid, sp=cfg.sp).to(device)
+        P.apply_recompute(model, cfg.recompute)
+        if grid.pp > 1:                              # keep this rank's stage: its chunks of layers
+            model = P.PipelineStage(model, grid, cfg.virtual_stages)
+        optimizer = make_optimizer(model, cfg)
+        start = resume(found, model, optimizer, sampler, world, grid) if found else 0
         step_fn = torch.compile(model) if uses_compile(cfg, device, world.world_size) else model
         sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
         metrics = os.path.join(cfg.out, "metrics.jsonl")
         if world.is_main:
             C.truncate_metrics(metrics, start)
-        tokens_per_step, peak_tps = describe_run(cfg, args, world, grid, dtype, say)
+        global_batch = cfg.batch_size * cfg.micro_batches * grid.dp          # sequences
+        peak_tps = describe_run(cfg, args, world, grid, dtype, global_batch)
         val = data.validation_windows(cfg.data, cfg.seq_len, cfg.eval_windows, seed=cfg.seed)
 
         def validate(step: int):
@@ -671,84 +217,66 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         losses, val_losses, bad_in_a_row = {}, {}, 0
         if start == 0:
             validate(0)
-        bar = Progress("", cfg.steps, stream=sys.stdout, every=0, quiet=not world.is_main)
-        stop = {"signal": None}              # set by SIGTERM/SIGINT, honoured between steps
-        old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                        for s in (signal.SIGTERM, signal.SIGINT)}
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(step - 1, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler.next_batch(cfg.global_batch(grid.dp), grid.dp_rank, grid.dp).to(device)
-            loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
-            grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                bad_in_a_row = 0
-            else:                                             # skip: weights stay as they were
-                bad_in_a_row += 1
-                say(f"\nstep {step}: non-finite loss {loss} or grad norm {grad_norm}; skipped")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
-                                     "lower --lr, or resume from an earlier checkpoint")
-            optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            losses[step], tps = loss, tokens_per_step / (time.perf_counter() - t0)
-            if tps > peak_tps:             # the peak was timed while the machine was busy
-                peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, device, dtype,
-                                                      world.world_size, again=True)
-                say(f"\npeak timed again, as step {step} ran faster: {formula}")
-            if world.is_main:
-                C.log_metrics(metrics, dict(
-                    step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                    grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps, skipped=not finite,
-                    tokens_by_source=sampler.tokens_by_source()))
-            if step % cfg.log_every == 0 or step in (1, cfg.steps):
-                bar.show(step, f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} |g| "
-                         f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                validate(step)
-            if not _all_ranks(stop["signal"] is None, world):   # any rank signalled: all stop
-                say(f"\nsignal received: saving step {step} and stopping")
-                save(step)
-                return dict(losses=losses, val_losses=val_losses, stopped_at=step)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save(step)
-        restore_handlers(old_handlers, say)    # Ctrl-C interrupts the plot and the samples again
-        if world.is_main:
+        bar = cli.Progress("", cfg.steps, stream=sys.stdout, every=0, quiet=not world.is_main)
+        with stop_signals(say) as stop:        # SIGTERM, SIGINT: saved and stopped between steps
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                lr = lr_at(step - 1, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = sampler.next_batch(global_batch, grid.dp_rank, grid.dp).to(device)
+                loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
+                grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                if finite:
+                    optimizer.step()
+                else:                                         # skip: weights stay as they were
+                    say(f"\nstep {step}: non-finite loss {loss} or grad norm {grad_norm}; skipped")
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step "
+                                         f"{step}: lower --lr, or resume from an earlier "
+                                         "checkpoint")
+                optimizer.zero_grad(set_to_none=True)
+                synchronize(device)
+                losses[step], tps = loss, global_batch * cfg.seq_len / (time.perf_counter() - t0)
+                if tps > peak_tps:             # the peak was timed while the machine was busy
+                    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, device, dtype,
+                                                          world.world_size, again=True)
+                    say(f"\npeak timed again, as step {step} ran faster: {formula}")
+                if world.is_main:
+                    C.log_metrics(metrics, dict(
+                        step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
+                        grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps,
+                        skipped=not finite, tokens_by_source=sampler.tokens_by_source()))
+                if step % cfg.log_every == 0 or step in (1, cfg.steps):
+                    bar.show(step, f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} |g| "
+                             f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    validate(step)
+                if not _all_ranks(stop["signal"] is None, world):   # one rank signalled: all stop
+                    say(f"\nsignal received: saving step {step} and stopping")
+                    save(step)
+                    return dict(losses=losses, val_losses=val_losses, stopped_at=step)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save(step)
+        if world.is_main:                  # the signals are as they were: Ctrl-C interrupts these
             png = plot_losses(metrics, os.path.join(cfg.out, "loss.png"))
             say(f"metrics: {metrics}" + (f", curve: {png}" if png else ""))
         if cfg.samples and grid.tp == 1 and grid.pp == 1:
             print_samples(model, tokenizer, cfg, say)
         return dict(losses=losses, val_losses=val_losses, stopped_at=None)
     finally:
-        restore_handlers(old_handlers, say)
         if lock is not None:
             C.unlock_run(cfg.out, lock)
-
-
-def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, dtype, say) -> tuple:
-    """Print the configuration, the model, the grid and the MFU formula; return the tokens of
-    one step and the tokens/s at 100% MFU."""
-    tokens_per_step = cfg.global_batch(grid.dp) * cfg.seq_len
-    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, world.device, dtype, world.world_size)
-    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
-        f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
-    say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
-        f"batch {cfg.global_batch(grid.dp)} sequences x {cfg.seq_len} = {tokens_per_step:,} "
-        f"tokens in {cfg.micro_batches} micro-batches of {cfg.batch_size} per rank")
-    say(formula)
-    return tokens_per_step, peak_tps
 
 
 def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -> float:
     """Gradients of one step's batch (B * micro-batches, T+1) summed into .grad, synchronized
     over data parallelism; returns the step's mean loss (over micro-batches and replicas)."""
     if grid.pp > 1:                           # the micro-batches in the schedule's order
-        loss_sum = P.pipeline_step(model, batch, grid, cfg.micro_batches, cfg.pipeline_schedule, sync, amp)
+        loss_sum = P.pipeline_step(model, batch, grid, cfg.micro_batches, cfg.pipeline_schedule,
+                                   sync, amp)
     else:
         loss_sum = torch.zeros((), device=batch.device)
         for micro, chunk in enumerate(batch.split(cfg.batch_size)):           # (B, T+1) each
@@ -780,7 +308,417 @@ def validation_loss(model, val, cfg: TrainConfig, grid, amp) -> float:
     return total / len(val)
 
 
-def print_samples(model, tokenizer, cfg, say):
+# =============================================================================================
+# Below: what running it for real needs -- the checks of the flags, opening a run (its lock, its
+# saved options), checkpoints across ranks, measuring, and main with its exit codes.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checks
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> tuple:
+    """(TrainConfig, {option: value} for those the command line names: what --resume may
+    override). The CLI is the dataclass: `--batch-size 8`, `--sp/--no-sp`, the same under
+    torchrun; an option left out keeps the dataclass's default."""
+    p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n\n")[1],
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          argument_default=argparse.SUPPRESS)
+    cli.add_fields(p, TrainConfig)
+    given = vars(p.parse_args(argv))
+    return TrainConfig(**given), given
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work: reported in one line before any work is done."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
+
+
+def check_flags(cfg: TrainConfig):
+    """Every number and name on its own, before any process group or file is touched."""
+    def rule(flag: str, ok, what: str) -> tuple:      # NOTE: nan and inf pass no rule
+        value = getattr(cfg, flag)
+        return flag, value, cli.finite(value) and ok(value), what
+    counts = ("steps", "batch_size", "seq_len", "tp", "eval_windows", "keep", "log_every",
+              "eval_every", "save_every", "pp", "virtual_stages", "micro_batches")
+    cli.check([
+        (cfg.preset in M.PRESETS,
+         f"unknown --preset {cfg.preset!r}; choose one of {', '.join(M.PRESETS)}"),
+        (cfg.recompute in P.RECOMPUTE_MODES,
+         f"--recompute {cfg.recompute!r}: choose none, selective or full"),
+        (cfg.attention in M.ATTENTION_BACKENDS,
+         f"--attention {cfg.attention!r}: choose {', '.join(M.ATTENTION_BACKENDS)}"),
+        (cfg.dtype in ("auto", "fp32", "bf16") and cfg.device in ("auto", "cpu", "cuda"),
+         "--dtype is auto, fp32 or bf16 and --device is auto, cpu or cuda"),
+        (cfg.device != "cuda" or torch.cuda.is_available(),
+         "--device cuda but no CUDA device is visible; use --device cpu"),
+        *[rule(name, lambda x: x > 0, "positive") for name in counts],
+        rule("lr", lambda x: x > 0, "a positive number, e.g. 3e-4"),
+        rule("clip", lambda x: x > 0,
+             "a positive global norm, e.g. 1.0 (a huge one, 1e9, turns clipping off)"),
+        rule("weight_decay", lambda x: x >= 0, "0 or more, e.g. 0.1"),
+        rule("beta1", lambda x: 0 <= x < 1, "in [0, 1), e.g. 0.9"),
+        rule("beta2", lambda x: 0 <= x < 1, "in [0, 1), e.g. 0.95"),
+        rule("min_lr_ratio", lambda x: 0 <= x <= 1, "in [0, 1], e.g. 0.1"),
+        rule("warmup", lambda x: x >= 0, "0 or more steps"),
+        rule("bucket_mb", lambda x: x > 0, "positive, e.g. 25"),
+        rule("max_bad_steps", lambda x: x >= 1, "1 or more"),
+        rule("samples", lambda x: 0 <= x <= 3, "0 to 3"),
+        rule("seed", lambda x: x >= 0, "0 or more"),
+        rule("timeout", lambda x: x > 0, "positive seconds, e.g. 600"),
+        (not (cfg.resume and cfg.init_from),
+         "--resume continues a run, --init-from starts a new one: give one of them")],
+        ConfigError)
+
+
+def check_config(cfg: TrainConfig, world_size: int):
+    """The flags together, and against the number of processes torchrun started."""
+    n = cfg.tp * cfg.pp
+    cli.check([
+        (world_size % n == 0, f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
+                              f"{cfg.pp} = {n}; launch a multiple of {n} processes"),
+        (not (cfg.pp > 1 and cfg.compile),
+         "--compile is not supported with --pp > 1; drop one of them"),
+        (not cfg.sp or cfg.tp > 1,
+         "--sp splits activations over the tensor-parallel group; add --tp 2 or more")],
+        ConfigError)
+    if not cfg.init_from:           # the preset against the grid now, before the data is built
+        check_split(M.preset(cfg.preset), cfg)
+
+
+def check_split(args: M.ModelArgs, cfg: TrainConfig):
+    """parallel.py's rules: heads, vocabulary, FFN width and sequence against --tp and --sp,
+    layers and micro-batches against --pp, --virtual-stages and the schedule."""
+    P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
+    P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
+                     cfg.pipeline_schedule)
+
+
+def uses_compile(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
+    """--compile or --no-compile as given; unset, compile on CUDA in a single process.
+
+    PERF: on one H200, `1b` at sequence 2048 in bf16 trains at 54.6% MFU compiled against 41.0%
+    eager, and the compilation costs its first step tens of seconds (tests/gpu_check.py; the
+    README's GPU section). Several processes compile only when asked: parallel.py's hooks
+    under torch.compile have not been measured, and CPU compiles slowly for a small gain.
+    """
+    return cfg.compile if cfg.compile is not None else device.type == "cuda" and world_size == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Opening a run: what it continues, its lock, its data, its model
+# ---------------------------------------------------------------------------------------------
+
+# What makes a run the run it is: resuming with another value would not continue it exactly.
+FIXED_ON_RESUME = ("preset", "data", "mix", "seq_len", "batch_size", "micro_batches", "lr",
+                   "warmup", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip", "seed",
+                   "init_from", "dtype", "tp", "pp", "virtual_stages", "pp_schedule", "sp")
+
+
+def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
+    """(configuration, checkpoints to resume from, the run lock or None): what this launch
+    continues or starts.
+
+    --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
+    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
+    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
+    """
+    restarted = world.restart > 0            # torchrun started this round after a failure
+    found = C.checkpoints(cfg.out)
+    if cfg.resume and not found:
+        raise ConfigError(f"--resume: no complete checkpoint under {cfg.out}/checkpoints; run "
+                          "without --resume")
+    if found and (cfg.resume or restarted):
+        cfg = restore_config(cfg, given, found[0], world.say)
+    elif not restarted and (held := C.holds_a_run(cfg.out)):
+        raise ConfigError(f"{cfg.out} already holds a run ({held}); pass --resume to "
+                          "continue it, or choose another --out")
+    check_config(cfg, world.world_size)
+    lock = refused = None
+    if world.is_main:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            lock = C.lock_run(cfg.out)
+        except ValueError as e:                      # a live run holds it
+            refused = e
+        except OSError as e:
+            refused = ConfigError(f"--out {cfg.out} cannot be written ({e.strerror}); choose a "
+                                  "writable folder")
+    if not _all_ranks(refused is None, world):
+        raise refused or ConfigError("rank 0 refused the run (its message says why)")
+    return cfg, found, lock
+
+
+def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
+    """The saved run's configuration, with the flags this command line names itself where they
+    leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
+
+    A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
+    ones the run would have had. A path is compared as the folder it names. A new --steps is
+    said, with the learning rate before and after the recomputed decay.
+    """
+    saved = C.saved_config(ckpt)
+    if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
+        saved["micro_batches"] = saved["grad_accum"]
+    same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
+            "mix": lambda m: m and data.parse_mix(m)}
+    for name, value in given.items():
+        norm, flag = same.get(name, lambda v: v), "--" + name.replace("_", "-")
+        if name in FIXED_ON_RESUME and name in saved and norm(saved[name]) != norm(value):
+            raise ConfigError(f"cannot resume {ckpt} with {flag} {value}: the run was trained "
+                              f"with {flag} {saved[name]!r}, and another value would not continue "
+                              f"it; drop {flag}, or start a new run from these weights with "
+                              f"--init-from {ckpt}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    restored = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given,
+                              "resume": cfg.resume, "out": cfg.out})
+    done, planned = C.step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
+    if restored.steps != planned.steps and done < restored.steps:
+        say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
+            f"decay is recomputed over {restored.steps}, so the learning rate goes from "
+            f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, restored):.3g} at "
+            f"step {done + 1}, and reaches its floor at step {restored.steps}")
+    return restored
+
+
+def open_data(cfg: TrainConfig, world) -> tuple:
+    """(sampler, tokenizer, its path): the token windows; the demo corpus is built on first use."""
+    if not os.path.isdir(cfg.data):
+        if cfg.data != TrainConfig.data:
+            raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
+                              "prepare ... --out DIR`")
+        if world.is_main:
+            data.prepare_demo(cfg.data)
+        _all_ranks(True, world)                          # the others wait for rank 0's build
+    tok_path = os.path.join(cfg.data, "tokenizer.model")
+    weights = data.parse_mix(cfg.mix) if cfg.mix else None
+    sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
+    return sampler, Tokenizer(tok_path), tok_path
+
+
+def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
+    """(ModelArgs, full state or None): a resumed run's own, --init-from's model, or a preset
+    sized to the tokenizer; checked against the grid (the preset was, before the data)."""
+    state, source = None, ckpt or cfg.init_from
+    if ckpt:                                 # resuming: the checkpoint's model, loaded later
+        args = C.read_params(ckpt)
+    elif cfg.init_from:
+        args, state, _ = C.read_checkpoint(cfg.init_from)
+    else:
+        args = M.preset(cfg.preset, vocab_size=tokenizer.n_words)
+    if args.vocab_size != tokenizer.n_words:
+        raise ConfigError(f"{source} has a model of vocab {args.vocab_size} but --data {cfg.data} "
+                          f"was tokenized with {tokenizer.n_words} pieces; prepare the data with "
+                          "the checkpoint's tokenizer.model")
+    args = dataclasses.replace(args, max_seq_len=max(args.max_seq_len, cfg.seq_len))
+    check_split(args, cfg)
+    return args, state
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Checkpoints across ranks (the files themselves: checkpoint.py)
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
+                    tok_path):
+    """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
+    stages' layers first); each stage writes its optimizer state; global rank 0 renames.
+
+    Weights that are not finite are never saved (on any rank: the ranks agree first), and a
+    write that fails on any rank leaves `latest` where it was."""
+    if not _all_ranks(all(bool(torch.isfinite(p).all()) for p in model.parameters()), world):
+        raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
+                         f"checkpoint is still {C.latest(cfg.out)}; lower --lr and resume")
+    tmp = lock = failed = None
+    if world.is_main:
+        try:
+            tmp, lock = C.start_build(C.step_folder(cfg.out, step))
+        except OSError as e:
+            failed = e
+    try:
+        box = [tmp]                                 # every rank writes into rank 0's folder
+        if world.world_size > 1:
+            dist.broadcast_object_list(box, src=0)  # COMM: world, the folder's path
+        if (tmp := box[0]) is None:
+            raise failed or OSError("rank 0 could not start the checkpoint; see its message")
+        # This rank's tp slice (a tp all-gather inside), all layers on pp rank 0 (None elsewhere).
+        shard = P.merge_stages(P.shard_state_dict(model, grid), grid)
+        if grid.dp_rank == 0:                       # each file is flushed before the rename
+            # torch's generators, so that a resumed run draws what the original drew: the
+            # sampler keeps its own state, and no step draws from numpy's or Python's.
+            rng = dict(torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+            state = dict(step=step, optimizer=optimizer.state_dict(), sampler=sampler.state_dict(),
+                         rng=rng, config=dataclasses.asdict(cfg), tp=grid.tp, dp=grid.dp,
+                         pp=grid.pp)
+            try:
+                name = C.train_state_name(grid.tp_rank, grid.pp_rank, grid.pp)
+                C.save_torch(state, os.path.join(tmp, name))
+                if grid.pp_rank == 0:
+                    C.save_torch(shard, os.path.join(tmp, C.shard_file(grid.tp_rank)))
+                if grid.pp_rank == 0 and grid.tp_rank == 0:
+                    C.write_model(tmp, args, tok_path, dataclasses.asdict(cfg))
+            except OSError as e:
+                failed = e
+        if not _all_ranks(failed is None, world):
+            raise failed or OSError(f"another rank could not write {tmp}; see its message")
+        if world.is_main:
+            C.publish(cfg.out, tmp, step, cfg.keep)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    _all_ranks(True, world)                          # no rank goes on before the rename
+
+
+def resume(candidates: list, model, optimizer, sampler, world, grid) -> int:
+    """Restore model, optimizer, sampler and RNG from the newest checkpoint that every rank
+    reads whole; return the steps it had done. One that does not load (a truncated or corrupt
+    file) is passed over, saying so, for the one before it."""
+    for path in candidates:
+        why = None
+        try:
+            state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
+            P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
+            why = f"{type(e).__name__}: {cli.first_line(e, 300)}"
+        if _all_ranks(why is None, world):
+            world.say(f"resumed from {path} at step {state['step']}")
+            return state["step"]
+        world.say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to "
+                  "the complete checkpoint before it")
+    raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
+                      "start a new run with another --out")
+
+
+def _all_ranks(ok: bool, world) -> bool:
+    """True on every rank if `ok` is true on every rank: one decision, so no rank is left
+    waiting in a collective that the others skipped (and, as every rank takes part, a barrier)."""
+    if world.world_size == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=world.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)              # COMM: world, min of one float
+    return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Measuring: the run described, peak FLOP/s for MFU, the CPU allocator, the curve, samples
+# ---------------------------------------------------------------------------------------------
+
+def describe_run(cfg: TrainConfig, args: M.ModelArgs, world, grid, dtype, global_batch) -> float:
+    """Print the configuration, the model, the grid and the MFU formula; return the tokens/s at
+    100% MFU."""
+    peak_tps, formula = peak_tokens_per_s(args, cfg.seq_len, world.device, dtype, world.world_size)
+    say = world.say
+    say(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    say(f"model: {cfg.preset if not cfg.init_from else cfg.init_from} "
+        f"{M.count_parameters(args):,} parameters, {json.dumps(dataclasses.asdict(args))}")
+    say(f"grid: world {world.world_size} = pp {grid.pp} x dp {grid.dp} x tp {grid.tp}; global "
+        f"batch {global_batch} sequences x {cfg.seq_len} = {global_batch * cfg.seq_len:,} "
+        f"tokens in {cfg.micro_batches} micro-batches of {cfg.batch_size} per rank")
+    say(formula)
+    return peak_tps
+
+
+_timed_peaks = {}                    # (device, dtype) -> the fastest timing so far, (FLOP/s, how)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, again: bool = False) -> tuple:
+    """(FLOP/s, where it came from): a data-sheet figure on known GPUs, else a timed matmul.
+
+    Timed once per process, and again when asked (again=True): the fastest timing so far stands.
+    NOTE: on a shared machine one timing can be far off; the fastest of the large matmuls that
+    fit in a third of a second (six at least) is the figure least disturbed by neighbours. A
+    whole window can still be slowed (the demo once printed MFU 118%), so the training loop
+    times it again when a step beats the peak.
+    """
+    known = device.type == "cuda" and M.data_sheet_peak(torch.cuda.get_device_name(device))
+    if known:
+        return known[1], f"{known[0]} data sheet, dense bf16"
+    key = (str(device), dtype)
+    if again or key not in _timed_peaks:
+        n = 4096 if device.type == "cuda" else 1024
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        times, start = [], time.perf_counter()
+        while len(times) < 6 or time.perf_counter() - start < 0.33:
+            synchronize(device)
+            t = time.perf_counter()
+            a @ b
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        timed = (2 * n ** 3 / min(times), f"fastest of {len(times)} timed {n}x{n} {dtype} matmuls")
+        _timed_peaks[key] = max(_timed_peaks.get(key, timed), timed)
+    return _timed_peaks[key]
+
+
+def peak_tokens_per_s(args: M.ModelArgs, seq_len: int, device, dtype, devices: int = 1,
+                      again: bool = False) -> tuple:
+    """(tokens/s at 100% MFU, the formula in words): MFU = tokens/s * FLOP/token / (peak FLOP/s
+    per device * devices), so MFU is tokens/s over the first number. again: peak_flops's."""
+    flops_token = M.flops_per_token(args, seq_len)
+    peak, source = peak_flops(device, dtype, again)
+    return peak * devices / flops_token, (
+        f"MFU = tokens/s * (6N + 12*L*D*T = {flops_token:,} FLOP/token, N without the input "
+        f"embedding) / ({peak / 1e12:.2f} TFLOP/s peak per device [{source}] x {devices} "
+        f"device{'s' if devices > 1 else ''})")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def keep_freed_memory() -> bool:
+    """Let the memory of freed CPU tensors stay in the process for the next step (Linux, glibc).
+
+    PERF: glibc's malloc gives large freed blocks back to the kernel: a block over its mmap
+    threshold (at most 32 MiB) is unmapped when freed, and free memory at the top of the heap
+    beyond the trim threshold is cut off. A training step frees its activations and allocates the
+    same sizes again at the next one, so each step maps them afresh, and every 4 KiB page faults
+    and is zeroed on its first write. At the shapes of tests/bench_cpu.py train that is 15,000 to
+    25,000 faults a step (8,192 of them the 32 MiB of logits), 3-6% of our step, and 38,000 to
+    41,000 in transformers' step, 7-15% of it. Raising both thresholds to 1 GiB keeps the blocks
+    for reuse: no faults. The demo trains 3-5% faster. The process then keeps about its peak
+    usage, which a run reaches at every step anyway. The simpler version is malloc's defaults;
+    PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc. GPU
+    tensors need none of this: torch's CUDA caching allocator keeps its blocks already. Returns
+    whether the thresholds were set.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt       # glibc only (not musl, macOS, Windows)
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3         # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
+    """The training and validation curves, where matplotlib is installed."""
+    try:
+        from matplotlib.figure import Figure     # no pyplot: no window, no global state
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in open(metrics_path)]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for key, style, label in (("loss", "-", "train"), ("val_loss", "o-", "validation")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1)
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
+    ax.legend()
+    fig.savefig(png_path, dpi=100)
+    return png_path
+
+
+def print_samples(model, tokenizer, cfg: TrainConfig, say):
     prompts = ["def ", "import ", "The "][:cfg.samples]
     model.eval()
     texts = generate.generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.8,
@@ -789,19 +727,30 @@ def print_samples(model, tokenizer, cfg, say):
         say(f"--- sample: {p!r}\n{p}{t}")
 
 
+@contextlib.contextmanager
+def stop_signals(say):
+    """{"signal": None} while the loop runs, the number of SIGTERM or SIGINT once one arrives:
+    honoured between steps. The handlers are given back when the loop ends."""
+    stop = {"signal": None}
+    old = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+           for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        if sys.stdout.isatty():
+            say()                                # ends the progress bar's line
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 # ---------------------------------------------------------------------------------------------
-# 7. main
+# 8. main
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    try:
-        cfg, given = parse_args(argv)
-    except SystemExit as e:
-        if e.code:                           # a bad flag (not --help): every restart would
-            P.stop_restarts()                # refuse it again
-        raise
     world = None
     try:
+        cfg, given = parse_args(argv)
         check_flags(cfg)
         if cfg.resume and (found := C.checkpoints(cfg.out)):
             # The process group needs these before open_run restores the rest: a resumed run
@@ -811,20 +760,23 @@ def main(argv=None) -> dict:
                                               if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
         return train(cfg, world, given)
+    except SystemExit as e:                  # argparse's: a bad flag (not --help) would be
+        if e.code and world is None:         # refused by every restart again
+            P.stop_restarts()
+        raise
     except (ValueError, OSError, RunStopped) as e:
+        again = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
         if world is None or world.is_main:
-            again = (" (then --resume continues the run)"
-                     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
-            print(f"error: {e}{again}", file=sys.stderr, flush=True)
+            print(f"error: {e}" + (" (then --resume continues the run)" if again else ""),
+                  file=sys.stderr, flush=True)
         if isinstance(e, ValueError):        # a configuration (ConfigError is one): it would
             P.stop_restarts()                # fail every restart the same way
-            sys.exit(2)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
     except RuntimeError as e:
         if world is None or world.world_size == 1 or not P.is_collective_failure(e):
             raise
         # Every rank says it: the stuck or dead rank may be rank 0.
-        print(f"error: rank {world.rank}: {first_line(e, 200)}; a rank is stuck (more "
+        print(f"error: rank {world.rank}: {cli.first_line(e, 200)}; a rank is stuck (more "
               f"than --timeout {cfg.timeout:g} s) or gone: see the other ranks' messages, then "
               "--resume", file=sys.stderr, flush=True)
         # NOTE: a group with a rank stuck or gone cannot be left cleanly: gloo's threads, still

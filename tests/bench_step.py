@@ -19,13 +19,8 @@ import torch.nn.functional as F
 import model as M
 import parallel as P
 from cli import OneLineParser, add_fields
-from train import TrainConfig, autocast, make_optimizer, peak_tokens_per_s, uses_compile
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+from train import (TrainConfig, autocast, make_optimizer, peak_tokens_per_s, synchronize,
+                   uses_compile)
 
 
 def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int = 3,
@@ -67,7 +62,7 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
             fwd = torch.compile(model) if uses_compile(cfg, device) else model
         times, cuda, memory, first_step_s = [], device.type == "cuda", {}, None
         for i in range(warmup + steps):
-            _sync(device)
+            synchronize(device)
             if cuda and i == warmup:
                 torch.cuda.reset_peak_memory_stats(device)
                 memory["state_bytes"] = torch.cuda.memory_allocated(device) - base
@@ -86,7 +81,7 @@ def bench(cfg: TrainConfig, device: torch.device, steps: int = 10, warmup: int =
                 memory["after_backward_bytes"] = torch.cuda.memory_allocated(device) - base
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _sync(device)
+            synchronize(device)
             elapsed = time.perf_counter() - t
             first_step_s = first_step_s or elapsed
             if i >= warmup:
