@@ -1300,7 +1300,7 @@ def main(argv=None):
                     help="size of the --demo corpus: 1 (default) is 6.5 MB of text")
     pp.add_argument("--shard", type=shard_flag, metavar="I/N",
                     help="clean files I, I+N, I+2N, ... into a part folder for `merge`")
-    pm.add_argument("parts", nargs="+", metavar="PART")
+    pm.add_argument("parts", nargs="+", metavar="PART", help="part folders of prepare --shard")
     for q, pieces in ((pp, "32000, 4096 with --demo"), (pm, "32000")):
         q.add_argument("--tokenizer", help="a SentencePiece .model (default: train one)")
         q.add_argument("--vocab-size", type=number(int, 260),
@@ -1308,10 +1308,10 @@ def main(argv=None):
         q.add_argument("--mix", help="default weights stored with the data, e.g. c4=15,github=4.5")
         q.add_argument("--val-every", type=number(int, 2),
                        help=f"every Nth kept document is held out (default {VAL_EVERY})")
-        q.add_argument("--out", required=True)
-        q.add_argument("--quiet", action="store_true")
+        q.add_argument("--out", required=True, help="the folder to build (it must not exist yet)")
+        q.add_argument("--quiet", action="store_true", help="no progress lines")
         q.add_argument("--workers", type=number(int, 1), help="processes (default: every core)")
-    ps.add_argument("data_dir")
+    ps.add_argument("data_dir", help="a prepared dataset folder")
     ps.add_argument("--train-tokens", type=number(float, 0, above=True),
                     help="run length for the epochs column")
     args = p.parse_args(argv)
