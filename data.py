@@ -63,6 +63,8 @@ banding (Leskovec, Rajaraman, Ullman, "Mining of Massive Datasets", ch. 3).
 
 import argparse
 import ast
+import codecs
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -71,6 +73,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import re
@@ -799,10 +802,14 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".txt")
 
 def source_files(folder: str) -> List[str]:
     """Every .jsonl/.jsonl.gz/.txt file under `folder`, symlinks followed, sorted so that a build
-    is reproducible. A folder reached twice (a symlink loop, or two links to one folder) or a
-    link that leads nowhere is an error, not something to read twice or skip in silence."""
+    is reproducible. A folder reached twice (a symlink loop, or two links to one folder), a link
+    that leads nowhere, or a name that is no regular file (a FIFO, a device) is an error, not
+    something to read twice, block on, or skip in silence."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"source folder {folder!r} does not exist")
+        there = os.path.exists(folder)
+        raise (NotADirectoryError if there else FileNotFoundError)(
+            f"source folder {folder!r} {'is not a folder' if there else 'does not exist'}; give "
+            f"a folder of {', '.join(SUFFIXES)} files")
     files, seen = [], {}
     for d, _, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(d)
@@ -811,43 +818,67 @@ def source_files(folder: str) -> List[str]:
                              "link to the same folder); remove the link")
         seen[real] = d
         for path in (os.path.join(d, name) for name in names if name.endswith(SUFFIXES)):
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise ValueError(f"{path!r} is a broken symlink or a symlink loop; fix or remove "
                                  "it")
+            C.regular_file(path, "source file")      # a FIFO, a device: one line, not a hang
             files.append(path)
     if not files:
         raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
     return sorted(files)
 
 
+RECORD_LIMIT = 256 << 20  # bytes of one jsonl record (a book is a few MB); longer ones: dropped
+
+
 def read_records(path: str, dropped: Counter):
     """Yield the records of one file; count what cannot be read in `dropped`.
 
     A record is a dict with a "text" string (RedPajama's layout) or, for a raw StackExchange dump,
-    a "question" string and a list of "answers" {text, score}. A .txt file is one record.
+    a "question" string and a list of "answers" {text, score}. A .txt file is one record. A
+    UTF-8 byte-order mark opening a file is not text: it is dropped.
     """
     if os.path.getsize(path) == 0:
         dropped["empty_file"] += 1
         return
-    is_txt = path.endswith(".txt")
-    with open(path, "rb") as raw:
-        f = gzip.open(raw) if path.endswith(".gz") else raw
-        try:
-            for line in [f.read()] if is_txt else f:
-                if not is_txt and not line.strip():
-                    continue
-                try:
-                    text = line.decode("utf-8")
-                    record = {"text": text} if is_txt else json.loads(text)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
-                    continue
-                if _is_record(record):
-                    yield record
-                else:
-                    dropped["bad_json"] += 1
-        except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
-            dropped["bad_gzip"] += 1                        # what was read before
+    if path.endswith(".txt"):            # one document, read whole: C.read_file's bound
+        lines = [C.read_file(path, what="source file", advice="split it into documents")]
+    else:
+        raw = open(path, "rb")
+        lines = _lines(gzip.open(raw) if path.endswith(".gz") else raw, dropped)
+    try:
+        for n, line in enumerate(lines):
+            if n == 0:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not path.endswith(".txt") and not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+                record = {"text": text} if path.endswith(".txt") else json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
+                continue
+            if _is_record(record):
+                yield record
+            else:
+                dropped["bad_json"] += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
+        dropped["bad_gzip"] += 1                        # what was read before
+    finally:
+        if not path.endswith(".txt"):
+            raw.close()
+
+
+def _lines(f, dropped: Counter):
+    """The lines of a binary file, each read with a bound: a line longer than RECORD_LIMIT is
+    skipped to its end and counted, never held whole in memory."""
+    while line := f.readline(RECORD_LIMIT + 1):
+        if len(line) > RECORD_LIMIT and not line.endswith(b"\n"):
+            while (rest := f.readline(RECORD_LIMIT + 1)) and not rest.endswith(b"\n"):
+                pass
+            dropped["record_too_long"] += 1
+            continue
+        yield line
 
 
 def _is_record(record) -> bool:
@@ -869,7 +900,7 @@ def default_workers() -> int:
 
 
 _WORKER = {}  # NOTE: what each worker process holds for its tasks (the build's hooks, its
-              # tokenizer). A Pool cannot pickle a lambda; a forked worker inherits it.
+              # tokenizer). A task is pickled; a lambda cannot be, and a forked worker inherits it.
 
 
 def _worker_init(hooks: dict, in_pool: bool):
@@ -882,17 +913,106 @@ def _worker_init(hooks: dict, in_pool: bool):
         sys.stderr = open(os.devnull, "w")
 
 
-def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = False):
+def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = False,
+         label: str = "a"):
     """Yield fn(task) for every task from `workers` processes (None: every core): in the order
-    of `tasks` if `ordered`, else as they finish (results then say which task they are for)."""
-    workers = workers or default_workers()
-    if workers == 1:  # PERF: the simple version, a loop in this process; --workers 1 runs it
+    of `tasks` if `ordered`, else as they finish (results then say which task they are for).
+
+    A worker that dies (the out-of-memory killer's SIGKILL) fails the stage at once, in one
+    line (ChildProcessError), instead of leaving its task lost and the parent waiting for it,
+    as multiprocessing.Pool does. Each worker is sent one task at a time over its own pipe."""
+    workers = min(workers or default_workers(), len(tasks))
+    if workers <= 1:  # PERF: the simple version, a loop in this process; --workers 1 runs it
         _worker_init(hooks, in_pool=False)
         yield from map(fn, tasks)
         return
     # NOTE: "fork": workers start in milliseconds with this module (and torch) already imported.
-    with multiprocessing.get_context("fork").Pool(workers, _worker_init, (hooks, True)) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks)
+    context = multiprocessing.get_context("fork")
+    pipes = [context.Pipe() for _ in range(workers)]            # (this end, the worker's end)
+    procs = []
+    for k, (_, theirs) in enumerate(pipes):
+        others = [c for j, pair in enumerate(pipes) for c in pair if c is not theirs]
+        procs.append(context.Process(target=_serve, args=(fn, theirs, others, hooks),
+                                     daemon=True))
+        procs[-1].start()
+    for _, theirs in pipes:
+        theirs.close()
+    queue, busy, results, first = iter(enumerate(tasks)), {}, {}, 0
+
+    def feed(k: int):
+        if (item := next(queue, None)) is not None:
+            pipes[k][0].send(item)
+            busy[k] = item[0]
+    try:
+        for k in range(workers):
+            feed(k)
+        while busy:
+            ready = multiprocessing.connection.wait(
+                [pipes[k][0] for k in busy] + [procs[k].sentinel for k in busy])
+            for k in list(busy):
+                try:
+                    message = pipes[k][0].recv() if pipes[k][0] in ready else None
+                except (EOFError, OSError):      # it died while sending
+                    message = None
+                if message is None and procs[k].sentinel not in ready:
+                    continue
+                if message is None:
+                    procs[k].join()
+                    raise ChildProcessError(_died(procs[k].exitcode, label))
+                i, ok, result = message
+                if not ok:
+                    raise result
+                del busy[k]
+                feed(k)
+                results[i] = result
+                if not ordered:
+                    yield results.pop(i)
+                while ordered and first in results:
+                    yield results.pop(first)
+                    first += 1
+    finally:                                 # done, failed, interrupted or closed early
+        for (mine, _), proc in zip(pipes, procs):
+            with contextlib.suppress(OSError):
+                mine.send(None)              # a worker between tasks ends
+            mine.close()
+            if busy:
+                proc.terminate()             # one still working is stopped
+            proc.join()
+
+
+def _serve(fn, conn, others: list, hooks: dict):
+    """A worker process: fn(task) for each task its parent sends, each answered (index, True,
+    result) or (index, False, the exception); it ends on None, or when its parent is gone."""
+    for c in others:                         # the parent's ends: the pipe reads EOF once it dies
+        c.close()
+    _worker_init(hooks, in_pool=True)
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        i, task = item
+        try:
+            answer = (i, True, fn(task))
+        except Exception as e:
+            answer = (i, False, e)
+        try:
+            conn.send(answer)
+        except (OSError, EOFError):          # the parent is gone
+            return
+        except Exception as e:               # a result or exception that cannot be pickled
+            conn.send((i, False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
+def _died(code: Optional[int], label: str) -> str:
+    how = (f"was killed by {signal.Signals(-code).name}" if code and code < 0
+           and -code in signal.Signals._value2member_map_ else f"exited with status {code}")
+    killer = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
+    return (f"a worker process of the {label} stage {how}{killer} before it finished its "
+            "task; nothing was written to --out: run again, with fewer --workers if memory ran "
+            "short")
 
 
 def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
@@ -903,7 +1023,8 @@ def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
     bar, done, results = Progress(f"{label:<8}", sum(size.values()), quiet=quiet), 0, {}
     # PERF: the largest files first, so that no worker is left with a big one at the end (the
     # simple version: in file order)
-    for key, result in _map(fn, sorted(tasks, key=lambda task: -size[task[0]]), workers, hooks):
+    for key, result in _map(fn, sorted(tasks, key=lambda task: -size[task[0]]), workers, hooks,
+                            label=label):
         results[key], done = result, done + size[key]
         bar.show(done, f"{done / bar.total:4.0%} {done / 1e6 / bar.seconds():6.1f} MB/s",
                  final=len(results) == len(tasks))
@@ -1037,12 +1158,11 @@ def _read_parts(folders: List[str]) -> list:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder!r} has no part.json: it is not the output of "
                                     "`python data.py prepare --shard I/N ...`")
-        with open(path) as f:
-            part = json.load(f)
-        if part.get("format") != PART_FORMAT:
+        part = C.read_json(path, "run its shard again", "part")
+        found = part.get("format") if isinstance(part, dict) else None
+        if found != PART_FORMAT:
             raise ValueError(f"{folder!r} was written by another version of data.py (part format "
-                             f"{part.get('format')}, this one reads {PART_FORMAT}); run its shard "
-                             "again")
+                             f"{found}, this one reads {PART_FORMAT}); run its shard again")
         if parts and part["sources"] != parts[0][1]["sources"]:
             raise ValueError(f"{folder!r} and {parts[0][0]!r} were prepared from different "
                              "sources or files; run every shard with the same --source flags "
@@ -1075,11 +1195,10 @@ def load_manifest(data_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{data_dir!r} has no manifest.json: it is not a prepared dataset "
                                 "or its build was interrupted; run `python data.py prepare ...`")
+    manifest = C.read_json(path, "prepare the dataset again", "manifest")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
         check_dataset(data_dir, manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         # not UTF-8 JSON, or a field missing or of the wrong type; check_dataset's errors pass
         raise ValueError(f"{path!r} does not have the layout of a manifest ({type(e).__name__}: "
                          f"{e}); prepare the dataset again") from None
@@ -1105,6 +1224,7 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
         raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
                          f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the "
                          "data again")
+    root = os.path.realpath(data_dir)
     for name, source in manifest["sources"].items():
         if not re.fullmatch(NAME, name):
             raise ValueError(f"source {name!r} in {data_dir}/manifest.json is not a folder name "
@@ -1112,6 +1232,12 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
                              "itself; prepare the data again")
         for split in ("train", "val"):
             base, count = os.path.join(data_dir, name, split), source[split]
+            for path in (base + ".bin", base + ".idx"):
+                if os.path.dirname(os.path.realpath(path)) != os.path.join(root, name):
+                    raise ValueError(f"{path!r} leads out of {data_dir} (a symlink to "
+                                     f"{os.path.realpath(path)!r}): a dataset reads only files "
+                                     "inside itself; copy the files in, or prepare the data "
+                                     "again")
             for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
                                (base + ".idx", (count["documents"] + 1) * 8)):
                 found = os.path.getsize(path) if os.path.isfile(path) else "no"
@@ -1132,6 +1258,51 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def dataset_identity(data_dir: str) -> dict:
+    """What a run records of the dataset it reads (train.py keeps it in each checkpoint as
+    dataset.json), for --resume to refuse the same folder prepared again: the manifest's
+    tokenizer, dtype and default weights, and per source and split the counts and the sha256
+    of 4096 ids and 4096 offsets sampled evenly (milliseconds; a full hash would read every
+    token of a dataset that may hold a trillion)."""
+    manifest = load_manifest(data_dir)
+    sources = {}
+    for name, source in sorted(manifest["sources"].items()):
+        sources[name] = {}
+        for split in ("train", "val"):
+            base, count = os.path.join(data_dir, name, split), source[split]
+            digest = hashlib.sha256()
+            for path, dtype, n in ((base + ".bin", manifest["dtype"], count["tokens"]),
+                                   (base + ".idx", np.int64, count["documents"] + 1)):
+                if n:
+                    values = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+                    digest.update(values[np.linspace(0, n - 1, 4096).astype(np.int64)].tobytes())
+            sources[name][split] = dict(tokens=count["tokens"], documents=count["documents"],
+                                        sample_sha256=digest.hexdigest())
+    return dict(tokenizer_sha256=manifest["tokenizer_sha256"], dtype=manifest["dtype"],
+                weights=manifest["weights"], sources=sources)
+
+
+def dataset_changes(saved: dict, now: dict) -> Optional[str]:
+    """The first way the dataset `now` differs from the one a run `saved` (dataset_identity),
+    in words; None when it is the same. KeyError or TypeError: `saved` is damaged."""
+    if saved["tokenizer_sha256"] != now["tokenizer_sha256"] or saved["dtype"] != now["dtype"]:
+        return "its tokenizer.model is another one"
+    if sorted(saved["sources"]) != sorted(now["sources"]):
+        return f"its sources were {sorted(saved['sources'])}, now {sorted(now['sources'])}"
+    for name, splits in saved["sources"].items():
+        for split in ("train", "val"):
+            was, new = splits[split], now["sources"][name][split]
+            if (was["tokens"], was["documents"]) != (new["tokens"], new["documents"]):
+                return (f"source {name}'s {split} split held {was['tokens']:,} tokens in "
+                        f"{was['documents']:,} documents, now {new['tokens']:,} in "
+                        f"{new['documents']:,}")
+            if was["sample_sha256"] != new["sample_sha256"]:
+                return f"source {name}'s {split} split holds other tokens (a sample differs)"
+    if saved["weights"] != now["weights"]:
+        return f"its default mixture was {saved['weights']}, now {now['weights']}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1211,7 +1382,7 @@ def demo_records(scale: float = 1.0, workers: Optional[int] = None) -> dict:
             others.append((path, module))
     # PERF: parsing modules for their docstrings is most of the demo's reading time, so workers
     # parse them, in order, until the cap is reached; the simple version is a loop over _module_doc.
-    docs = _map(_module_doc, others, workers, {}, ordered=True)
+    docs = _map(_module_doc, others, workers, {}, ordered=True, label="demo's docs")
     for module, text in docs:
         if size["docs"] >= caps["docs"]:
             break
@@ -1259,8 +1430,7 @@ def print_stats(data_dir: str, train_tokens: Optional[float] = None):
     """A table per source: kept and dropped documents, tokens, and the epochs that the weights
     imply for a run of `train_tokens` (default: as many tokens as the training split holds)."""
     manifest = load_manifest(data_dir)
-    with open(os.path.join(data_dir, "stats.json")) as f:
-        report = json.load(f)
+    report = C.read_json(os.path.join(data_dir, "stats.json"), "prepare the dataset again")
     total_w = sum(manifest["weights"].values())
     tokens = {n: s["train"]["tokens"] for n, s in manifest["sources"].items()}
     train_tokens = train_tokens or sum(tokens.values())
@@ -1326,6 +1496,10 @@ def main(argv=None):
                 "--val-every to `data.py merge`")], error=pp.error)
     try:
         start = time.perf_counter()
+        if args.command != "stats":          # the build never writes into what it reads
+            C.check_outputs([("--out", args.out)], [("--tokenizer", args.tokenizer)] + (
+                [("PART", part) for part in args.parts] if args.command == "merge" else
+                [("--source", parse_source(spec)[2]) for spec in args.source]))
         if args.command == "stats":
             print_stats(args.data_dir, args.train_tokens)
         elif args.command == "prepare" and args.shard:

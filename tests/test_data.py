@@ -390,6 +390,43 @@ def test_killed_while_workers_run_they_die_quietly_and_release_the_build(corpus,
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("stage,stalls", [("clean", "clean_document"), ("tokenize", "_kept")])
+def test_a_worker_killed_mid_stage_fails_the_build_in_one_line(corpus, tmp_path, stage, stalls):
+    """SIGKILL of one pool worker, as the out-of-memory killer sends it, in the middle of each
+    stage: the build ends within seconds in one line, and leaves neither OUT nor .tmp-OUT (a
+    multiprocessing.Pool starts a new worker, loses the task, and its parent waits forever)."""
+    root, model = corpus
+    marker = tmp_path / "worker.pid"
+    argv = ["prepare", "--source", f"wiki={root}/wiki", "--source", f"notes={root}/notes",
+            "--tokenizer", model, "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f"import os, sys, time; sys.path.insert(0, {repo!r}); import data\n"
+              f"parent, real = os.getpid(), data.{stalls}\n"
+              "def stall(*a, **k):   # a worker of this stage tells its pid, then works forever\n"
+              "    if os.getpid() != parent:\n"
+              f"        open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+              "        time.sleep(300)\n"
+              "    return real(*a, **k)\n"
+              f"data.{stalls} = stall\n"
+              f"data.main({argv!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)             # today's Pool: a hang, then this fails
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1 and out == ""
+    assert err == (f"error: a worker process of the {stage} stage was killed by SIGKILL (the "
+                   "out-of-memory killer sends SIGKILL) before it finished its task; nothing was "
+                   "written to --out: run again, with fewer --workers if memory ran short\n")
+    assert sorted(os.listdir(tmp_path)) == ["worker.pid"]    # no OUT, no .tmp-out
+
+
 def test_a_build_in_progress_is_not_mistaken_for_a_leftover(tmp_path):
     with C.building(str(tmp_path / "out")) as tmp:
         open(os.path.join(tmp, "x"), "w").close()
@@ -476,6 +513,114 @@ def test_symlink_loops_are_one_line_errors(corpus, tmp_path, make_loop, message)
                    "--out", str(tmp_path / "out")])
     assert str(e.value).startswith("error: ") and message in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,make", [
+    ("pipe.jsonl", os.mkfifo), ("zero.txt", lambda path: os.symlink("/dev/zero", path))])
+def test_a_fifo_or_a_device_among_the_sources_is_named_not_read(corpus, tmp_path, name, make):
+    """A FIFO would block the build forever and /dev/zero never end; they were called "a broken
+    symlink"."""
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", ["A document."])
+    make(src / name)
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
+                   "--out", str(tmp_path / "out")])
+    assert str(e.value) == (f"error: source file {src / name} is not a regular file but a FIFO, "
+                            "a device or a socket, which cannot be read to an end; give a file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_that_is_no_folder_is_called_so(corpus, tmp_path):
+    _, model = corpus
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", "s=/dev/zero", "--tokenizer", model,
+                   "--out", str(tmp_path / "out")])
+    assert str(e.value) == ("error: source folder '/dev/zero' is not a folder; give a folder of "
+                            ".jsonl, .jsonl.gz, .txt files")
+
+
+def test_a_txt_document_larger_than_the_bound_is_refused_in_one_line(corpus, tmp_path,
+                                                                    monkeypatch):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.txt").write_text("word " * 400)
+    monkeypatch.setattr(C, "TEXT_LIMIT", 1000)       # the bound, at a test's size
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
+                   "--out", str(tmp_path / "out"), "--workers", "1", "--quiet"])
+    assert str(e.value) == (f"error: source file {src}/big.txt holds 2,000 bytes, more than the "
+                            "1,000 bytes read at once; split it into documents")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(corpus, tmp_path):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps({"text": f"Document number {i} is fine."}) for i in range(4)]
+    (src / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    (src / "bom.txt").write_bytes(b"\xef\xbb\xbfA text file saved by Notepad.")
+    report = data.prepare([f"s={src}"], str(tmp_path / "out"), tokenizer=model, quiet=True,
+                          workers=1)
+    assert report["sources"]["s"]["kept"] == 5 and report["sources"]["s"]["dropped"] == {}
+    tok = Tokenizer(model)
+    texts = {tok.decode(ids[1:-1].tolist()) for split in ("train", "val")
+             for ids in data.documents(str(tmp_path / "out"), "s", split)}
+    assert "A text file saved by Notepad." in texts and "Document number 0 is fine." in texts
+
+
+@pytest.mark.parametrize("out", ["src/ds", "src"])
+def test_an_out_inside_a_source_is_refused(corpus, tmp_path, out):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", ["A document."])
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
+                   "--out", str(tmp_path / out)])
+    assert str(e.value) == (f"error: --out {tmp_path / out} "
+                            f"{'is' if out == 'src' else 'lies inside'} --source {src}: writing "
+                            "it would overwrite what this command reads; choose an --out "
+                            "outside it")
+    assert sorted(os.listdir(src)) == ["a.jsonl"]
+
+
+def test_a_source_folder_symlinked_out_of_the_dataset_is_refused(prepared, tmp_path):
+    """The README says a dataset reads only folders inside itself; a link out was followed."""
+    outside = tmp_path / "elsewhere"
+    shutil.move(os.path.join(prepared, "wiki"), outside)
+    os.symlink(outside, os.path.join(prepared, "wiki"))
+    with pytest.raises(ValueError, match=r"wiki/train.bin' leads out of .* a dataset reads "
+                                         r"only files inside itself"):
+        data.MixtureSampler(prepared, 8)
+
+
+def test_the_identity_of_a_dataset_names_what_changed(corpus, tmp_path):
+    root, model = corpus
+    sources = [f"wiki:wikipedia={root}/wiki", f"notes={root}/notes"]
+    data.prepare(sources, str(tmp_path / "a"), tokenizer=model, quiet=True, workers=1)
+    data.prepare(sources, str(tmp_path / "b"), tokenizer=model, val_every=3, quiet=True,
+                 workers=1)
+    data.prepare(sources, str(tmp_path / "c"), tokenizer=model, quiet=True, workers=1,
+                 weights={"wiki": 1, "notes": 3})
+    a = data.dataset_identity(str(tmp_path / "a"))
+    assert data.dataset_changes(a, data.dataset_identity(str(tmp_path / "a"))) is None
+    b = data.load_manifest(str(tmp_path / "b"))["sources"]["notes"]
+    assert data.dataset_changes(a, data.dataset_identity(str(tmp_path / "b"))) == (
+        f"source notes's train split held {a['sources']['notes']['train']['tokens']:,} tokens in "
+        f"{a['sources']['notes']['train']['documents']} documents, now "
+        f"{b['train']['tokens']:,} in {b['train']['documents']}")
+    assert data.dataset_changes(a, data.dataset_identity(str(tmp_path / "c"))).startswith(
+        "its default mixture was {'wiki': ")
+    bin_path = tmp_path / "a" / "notes" / "val.bin"
+    ids = np.fromfile(bin_path, dtype=np.uint16)
+    np.roll(ids, 1).tofile(bin_path)                     # the same counts, other tokens
+    assert data.dataset_changes(a, data.dataset_identity(str(tmp_path / "a"))) == (
+        "source notes's val split holds other tokens (a sample differs)")
 
 
 def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(corpus, tmp_path, monkeypatch):
@@ -665,10 +810,11 @@ def test_merge_refuses_parts_that_do_not_fit(many_files, corpus, tmp_path, capsy
     root, _ = corpus
     data.prepare_shard([f"notes={root}/notes"], str(tmp_path / "other"), 0, 1, quiet=True)
     out = str(tmp_path / "out")
+    (tmp_path / "no-part").mkdir()
     for given, says in ((parts[:2], "got ['0/3', '1/3']"),
                         ([parts[0], parts[0], parts[1]], "got ['0/3', '0/3', '1/3']"),
                         ([parts[0], str(tmp_path / "other")], "different sources or files"),
-                        ([str(tmp_path)], "has no part.json")):
+                        ([str(tmp_path / "no-part")], "has no part.json")):
         with pytest.raises(SystemExit) as e:
             data.main(["merge", *given, "--out", out])
         assert str(e.value).startswith("error: ") and says in str(e.value)
