@@ -17,6 +17,7 @@ a file into place or takes a lock.
         train_state.00.pth                optimizer, step, sampler, RNG (per tp rank; under pp
                                           train_state.00.stage01.pth per stage)
         train_config.json                 the run's options, which --resume restores
+        dataset.json                      what it read: --resume refuses data changed since
 
 Reading map
   1. Meta's layout      which dimension each tensor is split along; split and merge; reading a
@@ -24,8 +25,10 @@ Reading map
   2. Hugging Face       key names, the q/k row permutation, export with a tokenizer.json
   3. A training run     step folders, `latest`, the training state, saved options, metrics
   ---------------------------------------------------------------------------- (the banner)
-  4. Checks             every tensor present with its shape; files that cannot be read
+  4. Checks             every tensor present with its shape, before a model is built; a
+                        `latest` that leads elsewhere; an output that would overwrite an input
   5. Writing safely     one atomic write, one lock, build-in-a-temporary-folder-then-rename
+  6. Reading safely     one bounded reader; a checkpoint held while it is read
 
 Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
 
@@ -42,6 +45,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from typing import Optional
 
 import torch
@@ -115,21 +119,22 @@ def read_checkpoint(ckpt: str):
     The layout is recognized by its files: `config.json` + `*.safetensors` is Hugging Face's;
     `params.json` + `consolidated.NN.pth` is Meta's and ours. Shards of any count are merged.
     """
-    ckpt = checkpoint_folder(ckpt)
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    if os.path.isfile(os.path.join(ckpt, "config.json")):
-        args, state = read_hf(ckpt)
-        source, config = ckpt, "config.json"
-    elif os.path.isfile(os.path.join(ckpt, "params.json")):
-        shards = meta_shards(ckpt)
-        state = merge_state_dicts([load_weights(p) for p in shards])
-        args, source, config = read_params(ckpt), shards[0], "params.json"
-    else:
-        raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth (Meta's "
-                                "or ours) nor config.json + *.safetensors (Hugging Face's)")
-    tok_path = find_tokenizer(ckpt)
-    check_state(args, state, tok_path, source, config)
+    with reading(ckpt) as ckpt:        # held: a run's --keep passes over it (section 6)
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
+        if os.path.isfile(os.path.join(ckpt, "config.json")):
+            args, state = read_hf(ckpt)
+            source, config = ckpt, "config.json"
+        elif os.path.isfile(os.path.join(ckpt, "params.json")):
+            shards = meta_shards(ckpt)
+            state = merge_state_dicts([load_weights(p) for p in shards])
+            args, source, config = read_params(ckpt), shards[0], "params.json"
+        else:
+            raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth "
+                                    "(Meta's or ours) nor config.json + *.safetensors (Hugging "
+                                    "Face's)")
+        tok_path = find_tokenizer(ckpt)
+        check_state(args, state, tok_path, source, config)
     return args, state, tok_path
 
 
@@ -137,11 +142,7 @@ def read_params(ckpt: str) -> ModelArgs:
     """params.json of a Meta-layout folder (ours, Meta's) as ModelArgs, validated; Meta's
     vocab_size -1 ("take it from the tokenizer") is read off the folder's tokenizer."""
     path = os.path.join(ckpt, "params.json")
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the release") from None
+    params = read_json(path, "restore it from the release")
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a JSON object of ModelArgs fields")
     if params.get("vocab_size", -1) == -1:
@@ -168,8 +169,7 @@ def checkpoint_folder(path: str) -> str:
     """`path`, or for a run's OUT/checkpoints/latest (a file that names the newest complete
     checkpoint) the folder it names: `--ckpt out/demo/checkpoints/latest` reads the newest."""
     if os.path.isfile(path) and os.path.basename(path) == "latest":
-        with open(path) as f:
-            return os.path.join(os.path.dirname(path), f.read().strip())
+        return os.path.join(os.path.dirname(path), pointed_step(path))    # checked: section 4
     return path
 
 
@@ -224,8 +224,7 @@ def read_hf(folder: str):
     """config.json + *.safetensors (one file or several) -> (ModelArgs, Meta-named state)."""
     path = os.path.join(folder, "config.json")
     try:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path, "download it again")
         if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
             raise ValueError(f"it describes model_type={cfg.get('model_type')!r} rope_scaling="
                              f"{cfg.get('rope_scaling')}: only plain Llama is supported")
@@ -347,7 +346,7 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     }
     with building(out) as tmp:
         # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2, ensure_ascii=False)
@@ -374,10 +373,11 @@ def step_of(path: str) -> int:
 def latest(out: str) -> Optional[str]:
     """The folder that OUT/checkpoints/latest names, or None. Only complete folders are named."""
     pointer = os.path.join(out, "checkpoints", "latest")
-    if not os.path.isfile(pointer):
+    try:
+        path = checkpoint_folder(pointer) if os.path.isfile(pointer) else None
+    except ValueError:                   # it names no step folder: damaged, ignored
         return None
-    path = checkpoint_folder(pointer)
-    return path if os.path.isdir(path) else None
+    return path if path and os.path.isdir(path) else None
 
 
 def checkpoints(out: str) -> list:
@@ -404,11 +404,14 @@ def train_state_name(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
     return f"train_state.{tp_rank:02d}{stage}.pth"
 
 
-def write_model(folder: str, args: ModelArgs, tok_path: str, config: dict):
-    """The files of a step folder that one rank writes: params.json, tokenizer.model and the
-    run's options (train_config.json)."""
+def write_model(folder: str, args: ModelArgs, tok_path: str, config: dict,
+                dataset: Optional[dict] = None):
+    """The files of a step folder that one rank writes: params.json, tokenizer.model, the run's
+    options (train_config.json) and what it read (dataset.json: data.dataset_identity)."""
     write_atomic(os.path.join(folder, "params.json"), args.to_json())
     write_atomic(os.path.join(folder, "train_config.json"), json.dumps(config, indent=2))
+    if dataset is not None:
+        write_atomic(os.path.join(folder, "dataset.json"), json.dumps(dataset, indent=2))
     with open(tok_path, "rb") as f:
         write_atomic(os.path.join(folder, "tokenizer.model"), f.read())
 
@@ -420,7 +423,7 @@ def publish(out: str, tmp: str, step: int, keep: int) -> str:
     finish_build(tmp, final, replace=True)
     write_atomic(os.path.join(out, "checkpoints", "latest"), os.path.basename(final))
     for old in checkpoints(out)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_unread(old)               # one being read (generate.py, eval.py) waits: section 6
     return final
 
 
@@ -433,9 +436,20 @@ def saved_config(folder: str) -> dict:
     """The run's options as its checkpoint recorded them (train_config.json)."""
     path = os.path.join(folder, "train_config.json")
     if os.path.isfile(path):
-        return json.load(open(path))
+        config = read_json(path, "copy it from another checkpoint of the run")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a JSON object of the run's options; copy it from "
+                             "another checkpoint of the run")
+        return config
     first = min(f for f in os.listdir(folder) if f.startswith("train_state."))  # older folders
     return torch.load(os.path.join(folder, first), map_location="cpu", weights_only=True)["config"]
+
+
+def saved_dataset(folder: str) -> Optional[dict]:
+    """What the run read (dataset.json), or None in a folder saved before it was recorded."""
+    path = os.path.join(folder, "dataset.json")
+    return read_json(path, "copy it from another checkpoint of the run") if os.path.isfile(
+        path) else None
 
 
 def log_metrics(path: str, record: dict):
@@ -489,15 +503,20 @@ def meta_shards(folder: str) -> list:
 def load_weights(path: str) -> dict:
     """One weights file, torch.save's or safetensors', or a one-line error naming it."""
     hf = path.endswith(".safetensors")
+    regular_file(path, "weights file")        # a file we may read: else a message that says so
     try:
         # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
-        return load_file(path) if hf else torch.load(path, map_location="cpu",
-                                                     weights_only=True, mmap=True)
+        state = load_file(path) if hf else torch.load(path, map_location="cpu",
+                                                      weights_only=True, mmap=True)
     except Exception as e:   # NOTE: zipfile, pickle, torch and safetensors raise many kinds
         why = first_line(e, 80) or type(e).__name__
         fix = ("truncated or not a safetensors file; download it again" if hf else
                "truncated, corrupt, or not a torch.save zip file; copy or convert it again")
         raise ValueError(f"cannot read {path} ({why}): it is {fix}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds {type(state).__name__}, not a state dict of named "
+                         "tensors; copy or convert it again")
+    return state
 
 
 def expected_shapes(args: ModelArgs) -> dict:
@@ -507,27 +526,95 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 
 def check_state(args: ModelArgs, state: dict, tok_path: str, source: str, config: str):
-    """The tokenizer's size against the embedding, then every tensor the architecture needs,
-    with the shape it implies, and nothing else."""
+    """Every value a tensor; the tokenizer's size against the embedding, then every tensor the
+    architecture needs, with the shape it implies, and nothing else."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{key} in {source} is {type(value).__name__}, not a tensor: not a "
+                             "model's weights; re-download or re-save them")
     n_words = Tokenizer(tok_path).n_words
     rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
     if rows != n_words:
         raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
                          "tokens: it belongs to another model; use the model's own tokenizer.model")
+    check_shapes(args, {k: tuple(v.shape) for k, v in state.items()}, source, config)
+
+
+def check_shapes(args: ModelArgs, shapes: dict, source: str, config: str):
+    """{key: shape} of the weights against what `config` (params.json, config.json) implies. The
+    depth first, from the keys alone: a config that says 10,000 layers is refused before even a
+    model on the meta device is built for it."""
+    layers = {int(m[1]) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layers and max(layers) + 1 != args.n_layers:
+        raise ValueError(f"{source} holds {max(layers) + 1} layers but {config} says n_layers="
+                         f"{args.n_layers}: the weights and {config} come from different models; "
+                         f"restore {config} beside its weights")
     expected = expected_shapes(args)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         raise ValueError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing): not a "
                          "complete LLaMA checkpoint; re-download or re-export it")
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise ValueError(f"{source} has unexpected tensor {extra[0]}: not a plain LLaMA model")
     for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"{key} in {source} has shape {tuple(state[key].shape)} but {config} "
+        if tuple(shapes[key]) != shape:
+            raise ValueError(f"{key} in {source} has shape {tuple(shapes[key])} but {config} "
                              f"(dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
                              f"n_kv_heads={args.n_kv_heads}) implies {shape}: the weights and "
                              f"{config} come from different models")
+
+
+def merged_shapes(shards: list) -> dict:
+    """{key: shape} of the state dict merge_state_dicts would make of these shards, without
+    making it: the split dimension summed over the shards."""
+    shapes = {}
+    for key, t in meta_weights(shards[0]).items():
+        shape, dim = list(t.shape), shard_dim(key)
+        if dim is not None and dim < len(shape):
+            shape[dim] = sum(s[key].shape[dim] for s in shards if key in s)
+        shapes[key] = tuple(shape)
+    return shapes
+
+
+def check_params(folder: str, args: ModelArgs):
+    """A run's params.json against its weight files' shapes, before a model is built from it
+    (the files are mapped, not read: no tensor is loaded). Files that cannot be read are left
+    to the caller, which passes over such a checkpoint (train.resume)."""
+    try:
+        shards = [load_weights(p) for p in meta_shards(folder)]
+    except (OSError, ValueError):
+        return
+    check_shapes(args, merged_shapes(shards), os.path.join(folder, shard_file(0)),
+                 os.path.join(folder, "params.json"))
+
+
+def pointed_step(pointer: str) -> str:
+    """The step folder a `latest` file names, refused unless it is a name step-NNNNNN beside it:
+    a pointer that leads out of its run's checkpoints/ is damaged, not followed."""
+    name = read_file(pointer, 4096, "checkpoint pointer").decode("utf-8", "replace").strip()
+    if step_of(name) < 0 or name != os.path.basename(name):
+        raise ValueError(f"{pointer} names {name[:80]!r}, not a step-NNNNNN folder beside it: it "
+                         "is damaged; write the name of the newest complete step folder into "
+                         "it, or give that folder as --ckpt")
+    return name
+
+
+def check_outputs(outputs: list, inputs: list):
+    """Refuse, in one line, an output that is an input or lies inside one: a report written over
+    its benchmark, an export inside the checkpoint it reads. outputs and inputs are (flag, path)
+    pairs; paths are compared as the files they name (symlinks resolved). Every script calls it
+    before any work."""
+    for out_flag, out in outputs:
+        where = os.path.realpath(out)
+        for in_flag, source in inputs:
+            if not source:
+                continue
+            root = os.path.realpath(source)
+            if where == root or where.startswith(root.rstrip(os.sep) + os.sep):
+                raise ValueError(f"{out_flag} {out} {'is' if where == root else 'lies inside'} "
+                                 f"{in_flag} {source}: writing it would overwrite what this "
+                                 f"command reads; choose an {out_flag} outside it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,18 +624,39 @@ def check_state(args: ModelArgs, state: dict, tok_path: str, source: str, config
 def write_atomic(path: str, content):
     """Write text (or bytes) to path.tmp, flush it to disk, close it, then rename it over path:
     readers see the old file or the new one, never a part. A full disk raises here, before the
-    rename, and leaves no .tmp behind."""
+    rename, and leaves no .tmp behind. The file keeps the mode of the one it replaces (a new one
+    gets the usual 0666 less the umask)."""
     tmp = path + ".tmp"
     try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path) else new_file_mode()
         with open(tmp, "wb" if isinstance(content, bytes) else "w") as fh:
             fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file here: 0666 less the umask (safetensors writes 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_safetensors(tensors: dict, path: str):
+    """safetensors' save_file, its failure an OSError (it raises its own SafetensorError, on a
+    full disk too), the file given the mode of any new file (it writes 0600)."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:                   # NOTE: SafetensorError, not an OSError
+        raise OSError(f"could not write {path} ({first_line(e, 80)}): is the disk "
+                      "full?") from None
+    os.chmod(path, new_file_mode())
 
 
 def save_torch(obj, path: str):
@@ -563,13 +671,15 @@ def save_torch(obj, path: str):
         os.fsync(fh.fileno())
 
 
-def lock(path: str) -> Optional[int]:
-    """An exclusive lock on `path` (a folder, or a file made if absent), held until the returned
-    descriptor is closed; None while another process holds it. The system drops a lock when its
-    process dies, however it dies, so a kill never leaves one stuck; forked workers share it."""
+def lock(path: str, shared: bool = False, wait: bool = False) -> Optional[int]:
+    """A lock on `path` (a folder, or a file made if absent), held until the returned descriptor
+    is closed: exclusive, or shared with other readers; None while another process holds a lock
+    that excludes it (unless `wait`). The system drops a lock when its process dies, however it
+    dies, so a kill never leaves one stuck; forked workers share it."""
     fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                    | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         return None
@@ -578,18 +688,69 @@ def lock(path: str) -> Optional[int]:
 
 def lock_run(out: str) -> int:
     """OUT/train.lock, for one run per --out at a time; it holds its owner's pid and host, for
-    the message another run gets. ValueError when a live run holds it."""
+    the message another run gets. ValueError when another process holds it, saying which."""
     path = os.path.join(out, "train.lock")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path} is a folder (or not a file), where a run keeps its lock file; "
+                         f"move it out of {out}, then run again")
     fd = lock(path)
     if fd is None:
-        with open(path) as f:
-            owner = f.read().split()
-        who = f"pid {owner[0]} on {owner[1]}" if len(owner) == 2 else "its pid unknown"
-        raise ValueError(f"{out} is in use by another run ({who}); wait for it to end, or "
-                         "choose another --out")
+        raise ValueError(held_by(out, path))
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
     return fd
+
+
+def held_by(out: str, path: str) -> str:
+    """Who holds a run's lock, and how to clear it: the pid and host the file names, checked
+    against the processes of this machine that have it open (`fuser`'s answer). The pid a file
+    names can be gone while a process it started (and that inherited the lock) holds it."""
+    owner = read_file(path, 4096, "run lock").decode("utf-8", "replace").split()
+    pid, host = owner if len(owner) == 2 else ("", "")
+    named = f"pid {pid} on {host}" if pid else "its pid unknown"
+    holders = lock_holders(path)
+    if host == socket.gethostname() and pid.isdigit() and int(pid) in holders:
+        return (f"{out} is in use by another run ({named}); wait for it to end, or choose "
+                "another --out")
+    if holders:
+        return (f"{out} is in use: {path} is held by pid {holders[0]} ({command(holders[0])}), "
+                f"though it names {named}; if that process is no run of {out}, end it (kill "
+                f"{holders[0]}) and run again, or choose another --out")
+    if host and host != socket.gethostname():
+        return (f"{out} is in use by a run on {host} (pid {pid}), through a shared filesystem; "
+                f"wait for it to end or end it there (the file server releases the lock of a "
+                f"machine that went down within minutes), or choose another --out")
+    return (f"{out} is in use by another run ({named}); `fuser -v {path}` names the process "
+            "that holds it: wait for it to end, or end it; or choose another --out")
+
+
+def command(pid: int) -> str:
+    """The first 60 characters of a process's command line, or "?"."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read(200).replace(b"\0", b" ").decode("utf-8", "replace").strip()[:60]
+    except OSError:
+        return "?"
+
+
+def lock_holders(path: str) -> list:
+    """The pids of the other processes of this machine that have `path` open, as `fuser PATH`
+    finds them in /proc ([] where there is no /proc, or none can be read)."""
+    try:
+        target = os.stat(path)
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        found.append(int(pid))
+                        break
+    return found
 
 
 def unlock_run(out: str, fd: int):
@@ -613,6 +774,16 @@ def start_build(out_dir: str) -> tuple:
         shutil.rmtree(tmp)
     os.mkdir(tmp)
     return tmp, lock(tmp)
+
+
+def remove_leftovers(folder: str):
+    """Remove the .tmp-NAME folders in `folder` that no build holds: what killed builds, or
+    failed ones that could not clean up, left behind (a run's checkpoints/ on a full disk)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.startswith(".tmp-") and os.path.isdir(path):
+            remove_unread(path)
 
 
 def finish_build(tmp: str, out_dir: str, replace: bool = False):
@@ -649,3 +820,115 @@ def building(out_dir: str):
         raise
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Reading safely
+# ---------------------------------------------------------------------------------------------
+# Every text, record or settings file the project reads whole goes through read_file: a regular
+# file of bounded size, or one line that says what it is. A FIFO would block the reader forever,
+# /dev/zero never end, and a 50 GB file would be read into memory before anything failed.
+
+TEXT_LIMIT = 1 << 30        # a benchmark, a text to score, a .txt document: 1 GiB at most
+JSON_LIMIT = 64 << 20       # params.json, manifest.json, train_config.json, latest...
+
+
+def regular_file(path: str, what: str = "file") -> os.stat_result:
+    """os.stat of `path` (links followed) if it is a regular file, else a one-line error."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        broken = " (a symlink to nothing)" if os.path.islink(path) else ""
+        raise FileNotFoundError(f"{what} {path} does not exist{broken}") from None
+    except OSError as e:
+        raise unreadable(path, e, what) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file but a FIFO, a device or a socket, "
+                         "which cannot be read to an end; give a file")
+    return st
+
+
+def unreadable(path: str, e: OSError, what: str) -> OSError:
+    """An OSError met reading `path`, said in one line with what to do."""
+    if isinstance(e, PermissionError):
+        return PermissionError(f"cannot read {what} {path}: permission denied; give your user "
+                               "read access to it (chmod u+r), then run again")
+    return OSError(e.errno, f"cannot read {what} {path} ({e.strerror or e})")
+
+
+def read_file(path: str, limit: Optional[int] = None, what: str = "file",
+              advice: str = "split it into smaller files") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (TEXT_LIMIT), or a one-line error."""
+    limit = TEXT_LIMIT if limit is None else limit
+    st = regular_file(path, what)
+    too_big = ValueError(f"{what} {path} holds {size_text(st.st_size)}, more than the "
+                         f"{size_text(limit)} read at once; {advice}")
+    if st.st_size > limit:
+        raise too_big
+    try:
+        with open(path, "rb") as f:
+            content = f.read(limit + 1)
+    except OSError as e:
+        raise unreadable(path, e, what) from None
+    if len(content) > limit:                 # it grew since os.stat
+        raise too_big
+    return content
+
+
+def size_text(n: int) -> str:
+    return f"{n:,} bytes" if n < 2**20 else f"{n / 2**20:,.0f} MiB"
+
+
+def read_json(path: str, fix: str, what: str = "file"):
+    """A JSON file read whole (read_file's bound: JSON_LIMIT), or a one-line error that names
+    the file and says `fix`."""
+    raw = read_file(path, JSON_LIMIT, what, fix)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({first_line(e, 80)}); {fix}") from None
+
+
+@contextlib.contextmanager
+def reading(ckpt: str):
+    """Yield the folder `ckpt` names (OUT/checkpoints/latest resolved), held by a shared lock
+    while the caller reads it: a run rotating its checkpoints (--keep) then leaves it for its
+    next save (remove_unread) instead of deleting it under the reader. When the folder that
+    `latest` named was deleted before the lock was taken, `latest` is read again."""
+    for _ in range(10):
+        folder = checkpoint_folder(ckpt)
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:                          # gone, or no folder: the caller says so
+            fd = None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)       # waits while a rotation deletes it
+            try:
+                alive = os.path.samestat(os.fstat(fd), os.stat(folder))
+            except OSError:
+                alive = False
+            if not alive:                        # deleted meanwhile: the newer `latest`
+                os.close(fd)
+                continue
+        try:
+            yield folder
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return
+    raise FileNotFoundError(f"{ckpt} kept naming deleted folders while a run rotated its "
+                            "checkpoints; run again")
+
+
+def remove_unread(folder: str):
+    """Delete a folder unless a reader holds it (reading) or a build is writing it (building):
+    that one stays, and is removed by the next call."""
+    held = lock(folder)
+    if held is None:
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(held)
