@@ -15,7 +15,8 @@ Reading order
   2. train_tokenizer   files or an iterator of strings -> PATH.model, written atomically
   3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
   ---------------------------------------------------------------------------- (the banner)
-  4. Command line      main: train a model, or show how a text is cut (the kit is cli.py's)
+  4. Command line      main: train a model, or show how a text is cut (the kit is cli.py's);
+                       its training files checked, SentencePiece's failures in words
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -80,9 +81,7 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
                          "pieces plus <unk>, <s>, </s>; use at least 260")
     is_files = isinstance(source, (list, tuple))
     if is_files:
-        for path in source:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"training file {path!r} does not exist")
+        check_training_files(source)          # below the banner
     # NOTE: the model is handed back in memory (model_writer), not written under a model_prefix:
     # SentencePiece stores the prefix inside the model, and a temporary path would make two
     # trainings on the same text differ. The thread count is stored too, but changes no piece.
@@ -98,10 +97,8 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as e:
-        # SentencePiece's own message says what to change ("Vocabulary size is too high
-        # (32000). Please set it to a value <= 1234."); keep it, drop its C++ source location.
-        reason = str(e).rsplit("] ", 1)[-1]
-        raise ValueError(f"SentencePiece could not train on this text: {reason}") from None
+        raise ValueError(f"SentencePiece could not train on this text: {trainer_reason(e)}") \
+            from None
     # NOTE: imported here, not above: checkpoint.py, the one owner of writes, imports this file.
     from checkpoint import write_atomic
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -164,6 +161,31 @@ def token_dtype(n_words: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # 4. Command line
 # ---------------------------------------------------------------------------------------------
+
+def check_training_files(paths: list):
+    """Each a regular file: SentencePiece would wait forever on a FIFO, and call a folder or a
+    missing file by another name."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"training file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise ValueError(f"training file {path!r} is not a regular file (a folder, a FIFO, a "
+                             "device); give a text file")
+
+
+def trainer_reason(e: RuntimeError) -> str:
+    """SentencePiece's own words for a failed training, its C++ source location dropped: they
+    say what to change ("Vocabulary size is too high (32000). Please set it to a value <= 1234.").
+    Some failures carry no words, only the check that failed: those are said here."""
+    text = str(e)
+    reason = text.rsplit("] ", 1)[-1].strip()
+    if reason:
+        return reason
+    if "sentences_.empty()" in text:
+        return "it holds no sentence to learn from (every line is empty); give it some text"
+    check = text[text.find("[") + 1:text.rfind("]")] if "[" in text else text
+    return f"its check `{check}` failed"
+
 
 def main(argv=None):
     p = OneLineParser(prog="tokenizer.py",

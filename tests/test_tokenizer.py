@@ -100,6 +100,25 @@ def test_missing_training_file_is_a_clear_error(tmp_path):
         tk.train_tokenizer([str(tmp_path / "absent.txt")], str(tmp_path / "x.model"), vocab_size=300)
 
 
+def test_text_without_a_sentence_says_so(tmp_path):
+    """SentencePiece fails here with no words of its own, only the check that failed: the
+    message ended in an empty reason."""
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x.model")])
+    assert e.value.code == ("error: SentencePiece could not train on this text: it holds no "
+                            "sentence to learn from (every line is empty); give it some text")
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_a_fifo_to_train_on_is_named_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")                      # SentencePiece would wait forever
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "pipe.txt"), "--out", str(tmp_path / "x.model")])
+    assert e.value.code == (f"error: training file '{tmp_path / 'pipe.txt'}' is not a regular "
+                            "file (a folder, a FIFO, a device); give a text file")
+
+
 def test_encode_batch_is_encode_of_each_text(tok):
     texts = [t for t in CORPUS[:5]] + ["", "🦙 12345"]
     for threads in (1, 2):
