@@ -50,6 +50,7 @@ the harness's are used); RACE, GSM8k, MATH, HumanEval and MBPP; tensor-parallel 
 model is loaded on one device).
 """
 
+import codecs
 import csv
 import io
 import json
@@ -661,8 +662,7 @@ def records(path: str):
         for name in files:
             yield from records(os.path.join(path, name))
         return
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = read_task_file(path)
     if path.endswith(".csv"):            # NOTE: a CSV is MMLU's; its name holds the subject
         subject = re.sub(r"_(test|dev|val)\.csv$", "", os.path.basename(path))
         for n, row in enumerate(csv.reader(io.StringIO(decode(raw, path))), 1):
@@ -692,6 +692,13 @@ def records(path: str):
                                      "object per line") from None
 
 
+def read_task_file(path: str, what: str = "task file",
+                   advice: str = "split it into smaller files") -> bytes:
+    """A file's bytes, read with checkpoint.read_file's bound, its UTF-8 byte-order mark (which
+    Windows editors write) dropped: it is no text."""
+    return C.read_file(path, what=what, advice=advice).removeprefix(codecs.BOM_UTF8)
+
+
 def read_task(name: str, path: str, limit=None) -> list:
     """A benchmark file -> Examples (MMLU: `limit` of each subject), or a one-line error naming
     the file, the line or record, and the field."""
@@ -702,8 +709,7 @@ def read_task(name: str, path: str, limit=None) -> list:
     labels_path = os.path.splitext(path)[0] + "-labels.lst"
     labels = None
     if os.path.isfile(labels_path):              # PIQA and SIQA ship labels in a side file
-        with open(labels_path, "rb") as f:
-            labels = decode(f.read(), labels_path).split()
+        labels = decode(read_task_file(labels_path), labels_path).split()
     examples, per_subject = [], Counter()
     for where, record in records(path):
         if limit is not None and name != "mmlu" and len(examples) >= limit:
@@ -722,6 +728,10 @@ def read_task(name: str, path: str, limit=None) -> list:
         if not all(e.choices):
             raise ValueError(f"{where}: choice {e.choices.index('')} is empty after the task's "
                              "clean-up; fix or remove the record")
+        if task.metric != "exact_match" and len(e.choices) < 2:
+            raise ValueError(f"{where} has {len(e.choices)} choice(s): a multiple-choice record "
+                             "needs 2 or more, or it is scored right whatever the model does; fix "
+                             "or remove the record")
         if limit is not None and per_subject[e.subject] >= limit:
             continue                             # MMLU: the first `limit` of each subject
         per_subject[e.subject] += 1
@@ -733,10 +743,8 @@ def read_task(name: str, path: str, limit=None) -> list:
 
 def read_text(path: str) -> str:
     """A text to measure perplexity on: UTF-8, not empty."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, "rb") as f:
-        text = decode(f.read(), path)
+    text = decode(read_task_file(path, "data file", "give a .bin token shard of it (python "
+                                 "data.py prepare) instead"), path)
     if not text.strip():
         raise ValueError(f"{path} holds no text to score; give a text file, or a .npy/.bin "
                          "token shard")
@@ -748,8 +756,7 @@ def read_tokens(path: str, tok) -> tuple:
     if not path.endswith((".npy", ".bin")):
         text = read_text(path)
         return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
+    C.regular_file(path, "data file")              # mapped, not read: any size
     if path.endswith(".npy"):
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
     else:                        # NOTE: raw ids, as data.py and nanoGPT write them
@@ -788,13 +795,24 @@ def check_args(a, name: str):
     ])
 
 
-def check_output(path):
-    """Check --out before any work: a file name in a folder we can write to. The report is
-    written at the end (checkpoint.write_atomic), so a run that fails leaves an earlier report
-    as it was."""
+def check_output(a):
+    """Check --out before any work: a file name in a folder we can write to, which is none of
+    the files the evaluation reads. The report is written at the end (checkpoint.write_atomic),
+    so a run that fails leaves an earlier report as it was."""
+    path = a.out
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
+    if not path.strip():
+        raise ValueError(f"--out {path!r} names no file; give a file name such as report.json, "
+                         "or leave --out out to print the report only")
+    labels = os.path.splitext(a.data)[0] + "-labels.lst"
+    C.check_outputs([("--out", path)], [("--data", a.data), ("--data", labels),
+                                        ("--shots-from", a.shots_from),
+                                        *C.checkpoint_paths("--ckpt", a.ckpt)])
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path} is not a regular file (a device, a FIFO); give the name "
+                         "of a file to write the report to")
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name such as "
                          f"{os.path.join(path, 'report.json')}")
@@ -845,6 +863,17 @@ def print_report(report: dict):
           f"({report['examples_per_s']:.1f} examples/s)")
 
 
+def write_report(path: str, report: dict):
+    """The JSON report, written whole or not at all; a failure (a full disk) is one line that
+    says the scores printed above are complete."""
+    try:
+        C.write_atomic(path, json.dumps(report, indent=1))
+    except OSError as e:
+        raise OSError(f"the scores above are complete, but the report could not be written to "
+                      f"{path} ({e.strerror or e}); free some space or choose another --out, "
+                      "and run again to keep it") from None
+
+
 def main(argv=None):
     p = OneLineParser(prog="eval.py", status=1,       # status 1: as every other refusal here
                       description="LLaMA's benchmarks, scored as the paper and the harness do.")
@@ -868,7 +897,7 @@ def main(argv=None):
     a.shots = a.shots if a.shots is not None else 5 if name == "mmlu" else 0
     try:
         check_args(a, name)
-        check_output(a.out)
+        check_output(a)
         # Read the task before the model: a malformed file fails in a second, not a minute.
         if name != "perplexity":
             examples = read_task(name, a.data, a.limit)
@@ -895,7 +924,7 @@ def main(argv=None):
             report["llama_7b_categories"] = MMLU_LLAMA_7B if a.shots == 5 else None
         print_report(report)
         if a.out:
-            C.write_atomic(a.out, json.dumps(report, indent=1))
+            write_report(a.out, report)
         return report
     except (ValueError, OSError) as e:      # OSError: a missing or unreadable file, a full disk
         sys.exit(f"error: {e}")

@@ -601,3 +601,127 @@ def test_a_prompt_too_long_for_the_model_is_refused_before_decoding(ckpt, tmp_pa
     assert re.fullmatch(r"error: example \d's prompt is \d+ tokens; with --max-new-tokens 100 it "
                         r"exceeds the model's max_seq_len 128: use fewer --shots or new tokens",
                         message)
+
+
+# --- an output never overwrites an input; a file is read with a bound ---------------------------
+
+def test_an_out_that_is_an_input_is_refused_before_any_work(ckpt, tmp_path):
+    data = write(tmp_path, "hs.jsonl", open(fixture("hellaswag.jsonl")).read().splitlines())
+    before = open(data, "rb").read()
+    for out, flag, what in ((data, "--data", data), (os.path.join(ckpt, "report.json"), "--ckpt",
+                                                    ckpt)):
+        with pytest.raises(SystemExit) as info:
+            E.main(["--ckpt", ckpt, "--task", "hellaswag", "--data", data, "--out", out])
+        relation = "is" if out == data else "lies inside"
+        assert info.value.code == (f"error: --out {out} {relation} {flag} {what}: writing it "
+                                   "would overwrite what this command reads; choose an --out "
+                                   "outside it")
+    assert open(data, "rb").read() == before and os.listdir(ckpt).count("report.json") == 0
+
+
+def test_an_empty_out_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit) as info:                  # before the missing checkpoint
+        E.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data",
+                fixture("piqa.jsonl"), "--out", ""])
+    assert info.value.code == ("error: --out '' names no file; give a file name such as "
+                               "report.json, or leave --out out to print the report only")
+
+
+def run_eval_capped(*argv, timeout=60):
+    """eval.py in its own process, its memory capped at 4 GiB: a reader without a bound meets
+    MemoryError there in seconds instead of filling this machine."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "eval.py", *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=cap)
+
+
+@pytest.mark.parametrize("task,make", [
+    ("hellaswag", lambda path: os.symlink("/dev/zero", path)),
+    ("perplexity", lambda path: os.symlink("/dev/zero", path)),
+    ("hellaswag", os.mkfifo),                                  # a reader would wait forever
+])
+def test_dev_zero_or_a_fifo_as_data_is_one_line(tmp_path, task, make):
+    path = tmp_path / "data.jsonl"
+    make(str(path))
+    run = run_eval_capped("--ckpt", str(tmp_path / "no-such-ckpt"), "--task", task, "--data",
+                          str(path))
+    what = "task file" if task != "perplexity" else "data file"
+    assert run.returncode == 1 and run.stderr == (
+        f"error: {what} {path} is not a regular file but a FIFO, a device or a socket, which "
+        "cannot be read to an end; give a file\n")
+
+
+def test_a_task_file_larger_than_the_bound_is_one_line(tmp_path, monkeypatch):
+    import checkpoint as C
+    monkeypatch.setattr(C, "TEXT_LIMIT", 100)                 # the bound, at a test's size
+    message = refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data",
+                       fixture("piqa.jsonl")], tmp_path)
+    size = os.path.getsize(fixture("piqa.jsonl"))
+    assert message == (f"error: task file {fixture('piqa.jsonl')} holds {size:,} bytes, more "
+                       "than the 100 bytes read at once; split it into smaller files")
+
+
+def test_an_unreadable_data_file_says_what_to_do(tmp_path, monkeypatch):
+    import builtins
+    data, real = fixture("piqa.jsonl"), builtins.open
+
+    def no_access(path, *a, **k):              # what a file without read permission gives
+        if str(path) == data:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_access)
+    assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data", data],
+                   tmp_path) == (f"error: cannot read task file {data}: permission denied; give "
+                                 "your user read access to it (chmod u+r), then run again")
+
+
+# --- no silent wrong result ---------------------------------------------------------------------
+
+def test_a_multiple_choice_record_with_one_choice_is_refused(tmp_path):
+    hella = {"activity_label": "x", "ctx_a": "A man", "ctx_b": "the cat", "endings": ["a"],
+             "label": 0}                             # one choice: right whatever the model says
+    path = write(tmp_path, "one.jsonl", [json.dumps(hella)])
+    assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "hellaswag", "--data",
+                    path], tmp_path) == (
+        f"error: {path} line 1 has 1 choice(s): a multiple-choice record needs 2 or more, or it "
+        "is scored right whatever the model does; fix or remove the record")
+
+
+@pytest.mark.parametrize("name", ["piqa.jsonl", "mmlu/test/world_religions_test.csv"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
+    raw = open(fixture(name), "rb").read()
+    path = tmp_path / os.path.basename(name)
+    path.write_bytes(b"\xef\xbb\xbf" + raw)                  # what Windows editors write first
+    if name.startswith("piqa"):
+        (tmp_path / "piqa-labels.lst").write_bytes(
+            b"\xef\xbb\xbf" + open(fixture("piqa-labels.lst"), "rb").read())
+    task = "piqa" if name.startswith("piqa") else "mmlu"
+    with_bom, without = E.read_task(task, str(path)), E.read_task(task, fixture(name))
+    assert [(e.contexts, e.choices, e.label, e.question) for e in with_bom] == [
+        (e.contexts, e.choices, e.label, e.question) for e in without]
+
+
+def test_a_failed_report_write_says_the_scores_are_complete(ckpt, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    os.symlink("/dev/full", str(out) + ".tmp")                 # the kernel's full disk
+    with pytest.raises(SystemExit) as info:
+        E.main(["--ckpt", ckpt, "--task", "boolq", "--data", fixture("boolq.jsonl"), "--out",
+                str(out)])
+    assert info.value.code == (f"error: the scores above are complete, but the report could not "
+                               f"be written to {out} (No space left on device); free some space "
+                               "or choose another --out, and run again to keep it")
+    assert "boolq (3 examples): acc" in capsys.readouterr().out      # the scores were printed
+    assert sorted(os.listdir(tmp_path)) == []                   # no report, no .tmp left
+
+
+def test_a_rewritten_report_keeps_its_mode(ckpt, tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text("an earlier report")
+    os.chmod(out, 0o640)
+    E.main(["--ckpt", ckpt, "--task", "boolq", "--data", fixture("boolq.jsonl"), "--out",
+            str(out)])
+    assert json.load(open(out))["task"] == "boolq" and os.stat(out).st_mode & 0o777 == 0o640
