@@ -665,17 +665,26 @@ def xformers_ops():
     """xformers.ops, or None when the package is absent or has no usable kernel here.
 
     NOTE: the package can import while its CUDA extension does not load (a wheel built for
-    another torch or CUDA); its kernels then refuse every call. With a GPU present, one tiny call
-    decides, once per process, so that `auto` falls back to sdpa instead of failing mid-run.
+    another torch or CUDA), or while it has a forward kernel and no backward for this GPU; its
+    kernels then refuse a call, the backward's in the middle of training. With a GPU present,
+    one tiny training call decides, once per process (xformers_trains), so that `auto` falls
+    back to sdpa instead of failing mid-run.
     """
     try:
         import xformers.ops as xops
-        if torch.cuda.is_available():
-            x = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-            xops.memory_efficient_attention(x, x, x)
-        return xops
-    except Exception:  # ImportError, or a build whose CUDA extension does not load
+    except Exception:  # ImportError, or a build whose extension fails to load
         return None
+    return xops if not torch.cuda.is_available() or xformers_trains(xops, "cuda") else None
+
+
+def xformers_trains(xops, device) -> bool:
+    """Whether xops' memory-efficient attention runs forward and backward, in bf16, on device."""
+    try:
+        x = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        xops.memory_efficient_attention(x, x, x).sum().backward()
+        return x.grad is not None
+    except Exception:  # a kernel missing for this GPU, dtype or pass
+        return False
 
 
 def check_backend(name: str):

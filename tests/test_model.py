@@ -1,9 +1,11 @@
 """Tests for model.py: golden parameter counts and FLOPs per token, parity with a plain
-re-derivation of the LLaMA equations, fp32 rotary tables, attention backends, the KV cache and the
-static-shape decoding step, the hand-written SwiGLU backward, Meta's key names and shard layout,
-and refusal of impossible architectures."""
+re-derivation of the LLaMA equations, fp32 rotary tables, attention backends (the xformers probe,
+its backward included), the KV cache and the static-shape decoding step, the hand-written SwiGLU
+backward, Meta's key names and shard layout, and refusal of impossible architectures."""
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -178,6 +180,39 @@ def test_auto_backend_on_cpu_is_sdpa():
         M.resolve_backend("xformers", torch.device("cpu"))
     with pytest.raises(ValueError, match="choose one of"):
         M.resolve_backend("flash9", torch.device("cpu"))
+
+
+class ForwardOnly(torch.autograd.Function):
+    """A stand-in attention kernel with a forward and no backward, as an xformers build without
+    backward kernels for a GPU has."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        raise NotImplementedError("no backward kernel for this GPU")
+
+
+@pytest.mark.parametrize("trains", [False, True])
+def test_xformers_probe_refuses_a_build_without_backward(monkeypatch, trains):
+    """The probe runs a backward too: a build whose forward works and backward fails is
+    refused (auto then picks sdpa); one whose both work is taken. On CPU: a stand-in module
+    as xformers.ops, the probe's CUDA call made on the CPU."""
+    kernel = (lambda q, k, v: q.clone()) if trains else ForwardOnly.apply
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = lambda q, k, v, attn_bias=None: kernel(q, k, v)
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    probe = M.xformers_trains
+    monkeypatch.setattr(M, "xformers_trains", lambda xops, device: probe(xops, "cpu"))
+    x = torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16)
+    assert torch.equal(ops.memory_efficient_attention(x, x, x), x)    # the forward works
+    assert M.xformers_ops.__wrapped__() is (ops if trains else None)   # uncached: this module
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
