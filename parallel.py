@@ -16,16 +16,17 @@ predicted in planner.py, which imports this file; this file imports model.py and
 
 Reading map
   1. The process grid       Dist, Grid, make_grid: a (pp, dp, tp) mesh, tp innermost
-  2. Collectives            all_reduce, all_gather, reduce_scatter: the only calls to the wire
+  2. Collectives            all_reduce, all_gather, reduce_scatter, blocking or async
   3. Conjugate operators    f, g [PTD-P] and their sequence-parallel forms f_sp, g_sp
-  4. Parallel layers        column/row-parallel linears, vocab-parallel embedding, TP_PLAN
+  4. Parallel layers        column/row-parallel linears, the column backward overlapped (the
+                            plain version beside it), vocab-parallel embedding, TP_PLAN
   5. The loss               vocabulary-parallel cross-entropy: full logits are never gathered
   6. Recomputation          none | selective | full: apply_recompute's table of what is kept
   7. Data parallelism       GradSync: naive all-reduce and overlapped Buckets, side by side
   8. Pipeline parallelism   schedules as warmup / steady 1F1B / cooldown; the exchange, drawn
   9. Clipping               the global norm, each parameter counted once
   ---------------------------------------------------------------------------- (the banner)
- 10. Launching              torchrun's variables, the process group, restarts, failures
+ 10. Launching              torchrun's variables, the process group, NCCL's start-up, restarts
  11. Checks                 impossible splits refused in one line, before any work
  12. Checkpoints            Meta's shards (checkpoint.py's split); any tp x pp loads any other
 
@@ -49,13 +50,14 @@ F FFN hidden, V vocab, N = B*T tokens; a split dimension carries its divisor, (B
 Seed policy, stated once: tensor-parallel peers hold shards of one full initialization and
 pipeline stages their layers of it (no result depends on tp or pp); dp replicas differ in data.
 
-What this file leaves out: ZeRO/FSDP sharding of optimizer state; tp collectives overlapped with
-compute; gradient buckets that are views into one flat buffer (we copy); ignored target positions
-in the loss. Decoding works under tp, not sp (one new token cannot be split over T): parallelize
-with sp=False to generate. Of pipelining: Megatron frees an activation once sent, splits it over
-tp to send it [PTD-P §4.1] and receives it just in time; we keep it, send it whole without sp and
-receive it at the tick it is sent; interleaving needs micro-batches in multiples of pp. Every
-rank builds the full model before it keeps its slice and its stage.
+What this file leaves out: ZeRO/FSDP sharding of optimizer state; overlap of the forward's tp
+collectives and of g_sp's backward all-gather (the column linears' backward alone overlaps);
+gradient buckets that are views into one flat buffer (we copy). Decoding works under tp, not sp
+(one new token cannot be split over T): parallelize with sp=False to generate. Of pipelining:
+Megatron frees an activation once sent, splits it over tp to send it [PTD-P §4.1] and receives
+it just in time; we keep it, send it whole without sp and receive it at the tick it is sent;
+interleaving needs micro-batches in multiples of pp. Every rank builds the full model before it
+keeps its slice and its stage.
 
 Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
@@ -158,37 +160,53 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
                 mine = group
         return mine
 
-    return Grid(tp, dp, pp, tp_rank, dp_rank, pp_rank, tp_group=group_along(2),
+    grid = Grid(tp, dp, pp, tp_rank, dp_rank, pp_rank, tp_group=group_along(2),
                 dp_group=group_along(1), pp_group=group_along(0),
                 pp_ranks=tuple(mesh[:, dp_rank, tp_rank].tolist()))
+    start_groups(grid, world.device)                        # NCCL's start-up rule (section 10)
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. Collectives
 # ---------------------------------------------------------------------------------------------
 # The three calls below (and GradSync's asynchronous all-reduce) carry every byte of tensor and
-# data parallelism. The tests count them by patching torch.distributed.
+# data parallelism. The tests count them by patching torch.distributed. With async_op=True each
+# returns a Pending at once: its wait() blocks until the collective has landed and returns what
+# the call would have returned, so that compute can run while the bytes travel.
 #
 # PERF: all-gather and reduce-scatter concatenate along dim 0; the sequence is dim 1 of our
 # (B, T, D) activations, so each call transposes once. Megatron keeps activations (T, B, D) to
 # avoid the copy; we keep model.py's layout.
 
-def all_reduce(x, group, op=dist.ReduceOp.SUM):
+@dataclass
+class Pending:
+    """A collective in flight, and how to read its result once it has landed."""
+    work: Any
+    result: Any                             # () -> the tensor the blocking call would return
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.result()
+
+
+def all_reduce(x, group, op=dist.ReduceOp.SUM, async_op=False):
     """Sum (or max) of x over the group, in place; returns x."""
-    dist.all_reduce(x, op=op, group=group)
-    return x
+    work = dist.all_reduce(x, op=op, group=group, async_op=async_op)
+    return Pending(work, lambda: x) if async_op else x
 
 
-def all_gather(x, dim: int, group):
+def all_gather(x, dim: int, group, async_op=False):
     """Concatenate every rank's x along dim: (.., n/tp, ..) -> (.., n, ..)."""
     size = dist.get_world_size(group)
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_single(out, x, group=group)
-    return out.movedim(0, dim).contiguous()
+    work = dist.all_gather_single(out, x, group=group, async_op=async_op)
+    result = lambda: out.movedim(0, dim).contiguous()
+    return Pending(work, result) if async_op else result()
 
 
-def reduce_scatter(x, dim: int, group):
+def reduce_scatter(x, dim: int, group, async_op=False):
     """Sum x over the group and keep this rank's slice of dim: (.., n, ..) -> (.., n/tp, ..)."""
     size = dist.get_world_size(group)
     if x.shape[dim] % size:
@@ -196,8 +214,9 @@ def reduce_scatter(x, dim: int, group):
                          f"make it a multiple of {size}")
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    dist.reduce_scatter_single(out, x, group=group)
-    return out.movedim(0, dim).contiguous()
+    work = dist.reduce_scatter_single(out, x, group=group, async_op=async_op)
+    result = lambda: out.movedim(0, dim).contiguous()
+    return Pending(work, result) if async_op else result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +227,8 @@ def reduce_scatter(x, dim: int, group):
 # they become f_sp and g_sp, which Korthikanti calls g and g-bar [Korthikanti §4.2.2, Fig. 5];
 # we name them after the side of the region they sit on. Each all-reduce becomes an all-gather
 # and a reduce-scatter: the same bytes, and the residual stream, its norms and what they save
-# split along T, a tp-th of the activation memory.
+# split along T, a tp-th of the activation memory. f and f_sp enter a region in the plain
+# version; the overlapped one does their work inside the column linears (section 4).
 
 class f(torch.autograd.Function):
     """Identity forward; all-reduce of the input gradient over tp backward."""
@@ -220,7 +240,8 @@ class f(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return all_reduce(dy.clone(), ctx.group), None          # COMM: tp all-reduce, backward (f)
+        # COMM: tp all-reduce, backward (f, plain)
+        return all_reduce(dy.clone(), ctx.group), None
 
 
 class g(torch.autograd.Function):
@@ -241,12 +262,12 @@ class f_sp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        # COMM: tp all-gather, forward (f_sp)
+        # COMM: tp all-gather, forward (f_sp, plain)
         return all_gather(x, 1, group)
 
     @staticmethod
     def backward(ctx, dy):
-        # COMM: tp reduce-scatter, backward (f_sp)
+        # COMM: tp reduce-scatter, backward (f_sp, plain)
         return reduce_scatter(dy, 1, ctx.group), None
 
 
@@ -277,97 +298,105 @@ def shard(full: torch.Tensor, dim: int, grid: Grid) -> torch.Tensor:
 class Region:
     """Where one module's input enters tensor-parallel work and where its output leaves it.
 
-    Installed as a forward pre-hook (enter: f, or f_sp under sp) and a forward hook (leave: g, or
-    g_sp) on an unchanged model.py module, so the module's own forward and its state_dict keys
-    stay as they are. Several column-parallel linears read the one entered input (wq wk wv, or
-    w1 w3), so the forward gather and the backward reduction happen once per module, not once
-    per linear: the gradients of the three meet in autograd before f's backward runs. A region
-    whose output is already split (the output layer's logits) does not leave: `leaves` False.
+    Installed as a forward pre-hook (enter) and a forward hook (leave: g, or g_sp, if its output
+    is a partial sum: `leaves`) on an unchanged model.py module, so the module's own forward and
+    its state_dict keys stay as they are. Several column-parallel linears read the one entered
+    input (wq wk wv, or w1 w3): their input is gathered, and its gradient reduced, once per
+    module. Two versions of the entry, side by side (tests prove them equal):
+
+      plain       enter through f (f_sp under sp); each column linear is a plain product. The
+                  linears' input gradients meet in autograd, then f's backward reduces them:
+                  the wire waits for every product, then the products wait for the wire.
+      overlapped  (tp_overlap) the region's column linears run as one ColumnParallelLinears,
+                  which communicates itself, its backward's products computed while the bytes
+                  travel. The module still calls its linears one by one: the first call of a
+                  forward computes them all, the others take their output.
     """
 
-    def __init__(self, grid: Grid, sp: bool, leaves: bool, keep_shard: bool = True):
-        self.group, self.sp, self.leaves, self.keep_shard = grid.tp_group, sp, leaves, keep_shard
-        self.entered = None        # (full, shard, KeptShard) while the module runs forward, sp only
+    def __init__(self, grid: Grid, sp: bool, leaves: bool, overlap: bool = True):
+        self.group, self.sp, self.leaves, self.overlap = grid.tp_group, sp, leaves, overlap
+        self.linears = []              # its ColumnParallelLinears, in order
+        self.outputs = None            # overlapped: (this forward's input, one output per linear)
 
     def enter(self, module, args):
-        x = args[0]
-        if not self.sp:
-            return (f.apply(x, self.group), *args[1:])
-        full = f_sp.apply(x, self.group)                         # (B, T/tp, D) -> (B, T, D)
-        self.entered = (full, x, KeptShard(self.group)) if self.keep_shard else None
-        return (full, *args[1:])
+        self.outputs = None
+        if not self.overlap:
+            return ((f_sp if self.sp else f).apply(args[0], self.group), *args[1:])
 
     def leave(self, module, args, out):
-        self.entered = None
+        self.outputs = None
         return (g_sp if self.sp else g).apply(out, self.group) if self.leaves else out
 
-    def linear(self, x, weight):
-        """x W^T for a column-parallel linear of this region (under sp, keeping x's shard)."""
-        if self.entered is None or x is not self.entered[0]:
-            return F.linear(x, weight)
-        return LinearKeepShard.apply(*self.entered, weight)
+    def linear(self, x, i: int):
+        """Column linear i of this region on the entered x (its T/tp shard, overlapped with sp)."""
+        if not self.overlap:
+            return F.linear(x, self.linears[i].weight)
+        if self.outputs is None or self.outputs[0] is not x:     # the first of this input's
+            weights = [linear.weight for linear in self.linears]
+            self.outputs = x, ColumnParallelLinears.apply(x, self.group, self.sp, *weights)
+        return self.outputs[1][i]
 
 
-# Sequence parallelism's memory saving, all of it [Korthikanti §4.2.2]: the gathered (B, T, D)
-# input would be saved by each column linear for its weight gradient; they save this rank's
-# (B, T/tp, D) shard instead, and the first of them to run backward gathers it again, once for
-# all of them. keep_shard=False is the naive version (more memory, one all-gather fewer); both are
-# tested equal.
+class ColumnParallelLinears(torch.autograd.Function):
+    """The column-parallel linears of one region, y_i = x W_i^T, doing f's (or f_sp's)
+    communication themselves so that it overlaps their backward's products. Megatron's
+    asynchronous input-gradient all-reduce [Megatron-LM's column linear; LLaMA §2.4]:
 
-class KeptShard:
-    """The regathered input of one forward of a region, shared by its column linears' backwards.
+      forward   x: (B, T, D), or under sp this rank's (B, T/tp, D), gathered first; saved as it
+                came, so under sp the shard: the memory saving of sp, all of it [Korthikanti
+                §4.2.2], where the plain version saves the gathered input
+      backward  no sp   start the all-reduce of dx = sum_i dy_i W_i | dW_i = dy_i^T x | wait
+                sp      start the all-gather of x | dx                                  | wait
+                        start the reduce-scatter of dx              | dW_i = dy_i^T x  | wait
 
-    One per forward, so micro-batches in flight never share one; the last user frees it.
+    One function for all of a region's linears, so that the one reduction of their summed
+    input gradient travels while every weight gradient of the region is computed.
     """
 
-    def __init__(self, group):
-        self.group, self.users, self.full = group, 0, None
-
-    def regather(self, shard_):
-        if self.full is None:
-            # COMM: tp all-gather, backward (keep_shard)
-            self.full = all_gather(shard_, 1, self.group)
-        full, self.users = self.full, self.users - 1
-        if self.users == 0:
-            self.full = None
-        return full
-
-
-class LinearKeepShard(torch.autograd.Function):
-    """y = full W^T, saving the (B, T/tp, D) shard instead of full; full is regathered backward."""
+    @staticmethod
+    def forward(ctx, x, group, sp, *weights):
+        ctx.group, ctx.sp = group, sp
+        ctx.save_for_backward(x, *weights)
+        # COMM: tp all-gather, forward (sp; f_sp's forward, in the column layer)
+        full = all_gather(x, 1, group) if sp else x                    # (B, T, D)
+        return tuple(F.linear(full, w) for w in weights)                # autocast applies
 
     @staticmethod
-    def forward(ctx, full, shard_, kept, weight):
-        ctx.kept, kept.users = kept, kept.users + 1
-        ctx.save_for_backward(shard_, weight)
-        return F.linear(full, weight)                            # autocast applies as usual
-
-    @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         # NOTE: the backward may run outside the forward's autocast (it does on CPU): the
         # matmuls run in dy's dtype explicitly, as autograd does for an autocast forward.
-        shard_, weight = ctx.saved_tensors
-        full = ctx.kept.regather(shard_)                         # (B, T, D)
-        dx = dy @ weight.to(dy.dtype)                            # (B, T, D), this rank's part
-        dw = dy.flatten(0, -2).t() @ full.flatten(0, -2).to(dy.dtype)
-        return dx.to(full.dtype), None, None, dw.to(weight.dtype)
+        x, *weights = ctx.saved_tensors
+        group, dtype = ctx.group, dys[0].dtype
+        if ctx.sp:
+            # COMM: tp all-gather of the kept shard, backward, async: travels while dx is computed
+            gathering = all_gather(x, 1, group, async_op=True)
+        dx = sum(dy @ w.to(dtype) for dy, w in zip(dys, weights))      # (B, T, D), partial
+        full = gathering.wait() if ctx.sp else x                        # (B, T, D)
+        # COMM: tp reduce-scatter (sp) or all-reduce (f's) of dx, backward, async: travels
+        # while the weight gradients are computed
+        reducing = (reduce_scatter(dx, 1, group, async_op=True) if ctx.sp
+                    else all_reduce(dx, group, async_op=True))
+        full = full.flatten(0, -2).to(dtype)                            # (B*T, D)
+        dws = [(dy.flatten(0, -2).t() @ full).to(w.dtype) for dy, w in zip(dys, weights)]
+        dx = reducing.wait()                                # (B, T, D), or (B, T/tp, D) with sp
+        return dx.to(x.dtype), None, None, *dws
 
 
 class ColumnParallelLinear(nn.Module):
     """A Linear whose output features (rows of W) are split: y_r = x W_r^T, (.., out/tp).
 
-    No communication of its own: its input has already entered the region (replicated, or
-    gathered under sp), and its output stays split (heads, FFN columns, vocabulary). It computes
-    through its region, which knows whether x is the gathered input whose shard to keep.
+    It reads the input of its region and leaves its output split (heads, FFN columns,
+    vocabulary); it computes through its region, which knows which version runs.
     """
 
     def __init__(self, full: nn.Linear, grid: Grid, region: Region):
         super().__init__()
         self.weight = nn.Parameter(shard(full.weight, 0, grid))  # (out/tp, in)
-        self.region = region
+        self.region, self.index = region, len(region.linears)
+        region.linears.append(self)
 
     def forward(self, x):
-        return self.region.linear(x, self.weight)
+        return self.region.linear(x, self.index)
 
 
 class RowParallelLinear(nn.Module):
@@ -426,11 +455,13 @@ TP_PLAN = {
 
 
 def parallelize(model: Transformer, grid: Grid, sp: bool = False,
-                keep_shard: bool = True) -> Transformer:
+                tp_overlap: bool = True) -> Transformer:
     """Swap model's modules for their tensor-parallel shards, in place, following TP_PLAN.
 
     model must be the full model, built identically on every rank (same seed). Build the
     optimizer after this call: the parameters are new objects. A no-op at tp=1 (sp included).
+    tp_overlap: the column linears' backward communication overlapped with their products
+    (ColumnParallelLinears); False: the plain version, f and f_sp (Region).
     Sets two attributes on the model, which other files read (a model never parallelized has
     neither: read them as getattr(model, "grid", None)):
       model.grid                 the Grid it is split over (generate.py gathers logits over tp)
@@ -448,7 +479,7 @@ def parallelize(model: Transformer, grid: Grid, sp: bool = False,
         kinds = set(swaps.values())
         leaves = bool(kinds & {RowParallelLinear, VocabParallelEmbedding})    # partial sums
         for name in [name for name, _ in model.named_modules() if fnmatch(name, pattern)]:
-            region = Region(grid, sp, leaves, keep_shard)
+            region = Region(grid, sp, leaves, tp_overlap)
             for child, cls in swaps.items():
                 path = f"{name}.{child}" if child else name
                 full = model.get_submodule(path)
@@ -474,6 +505,10 @@ class CrossEntropy(torch.autograd.Function):
     softmax(z) - onehot(target), this rank's columns of it. At tp = 1 (group None) the same
     lines run with nothing to reduce.
 
+    A target equal to IGNORE_INDEX (-100, F.cross_entropy's) is a position without a target
+    (padding; a prompt that a fine-tuning run does not learn): its loss is 0, its gradient 0,
+    and loss_fn leaves it out of the count.
+
     PERF: the forward writes exp(z - max) over the logits, and the backward scales that into
     the gradient in place. F.cross_entropy, the simpler version, keeps log_softmax(z) and builds
     a zeroed N x V gradient besides: two more N x V tensors a step (at 2048 tokens, 32 MiB each
@@ -482,7 +517,8 @@ class CrossEntropy(torch.autograd.Function):
     take 64 ms against 92 under malloc's defaults, which page every new tensor in afresh, and
     55-58 ms against 56-58 with freed memory kept (train.keep_freed_memory). On a GPU one
     block, one launch per pass.
-    NOTE: so the logits must not be read once the loss is taken; nothing here reads them.
+    NOTE: so the logits must not be read once the loss is taken. The forward marks the tensor
+    it writes over (`overwritten_by_loss`), and a second loss of the same logits raises.
     """
 
     @staticmethod
@@ -490,9 +526,14 @@ class CrossEntropy(torch.autograd.Function):
         def reduce(x, op=dist.ReduceOp.SUM):
             return x if group is None else all_reduce(x, group, op)
 
+        owner = logits if logits._base is None else logits._base     # whose memory is written
+        if getattr(owner, "overwritten_by_loss", False):
+            raise RuntimeError("these logits were overwritten by an earlier loss; compute them "
+                               "again, or give the first loss logits.clone()")
+        owner.overwritten_by_loss = True
         N, n_local = logits.shape
         rows = max(1, 2**18 // n_local) if logits.device.type == "cpu" else N
-        local = targets - vocab_start
+        local, counted = targets - vocab_start, targets != IGNORE_INDEX
         mine = (local >= 0) & (local < n_local)
         local = local.clamp(0, n_local - 1)
         z_mine = logits.gather(1, local[:, None]).squeeze(1) * mine   # read before overwritten
@@ -505,23 +546,30 @@ class CrossEntropy(torch.autograd.Function):
         sum_exp = reduce(sum_exp)                                           # (N,)
         # COMM: tp all-reduce (target logit), forward
         z_target = reduce(z_mine)
-        ctx.save_for_backward(e, sum_exp, local, mine)
-        return zmax + sum_exp.log() - z_target             # log sum_v exp(z_v) - z_target, (N,)
+        ctx.save_for_backward(e, sum_exp, local, mine, counted)
+        loss = zmax + sum_exp.log() - z_target             # log sum_v exp(z_v) - z_target, (N,)
+        return loss.where(counted, 0.0)                 # 0 at an ignored position
 
     @staticmethod
     def backward(ctx, dloss):
-        e, sum_exp, local, mine = ctx.saved_tensors
+        e, sum_exp, local, mine, counted = ctx.saved_tensors
+        dloss = dloss.where(counted, 0.0)               # an ignored position: no gradient
         dz = e.mul_((dloss / sum_exp)[:, None])         # softmax(z) * dloss, in place
         dz.scatter_add_(1, local[:, None], -(dloss * mine)[:, None])
         return dz, None, None, None
 
 
+IGNORE_INDEX = -100
+
+
 def loss_fn(logits, targets, grid: Grid):
-    """Mean cross-entropy over all B*T positions. logits (B, T, V) at tp=1, (B, T, V/tp) beyond.
-    It overwrites the logits: with exponentials, then with their gradient (CrossEntropy)."""
+    """Mean cross-entropy over the B*T positions whose target is not IGNORE_INDEX. logits
+    (B, T, V) at tp=1, (B, T, V/tp) beyond. It overwrites the logits: with exponentials, then
+    with their gradient (CrossEntropy)."""
     logits, targets = logits.flatten(0, 1), targets.flatten()
     group = grid.tp_group if grid.tp > 1 else None
-    return CrossEntropy.apply(logits, targets, group, grid.tp_rank * logits.shape[-1]).mean()
+    losses = CrossEntropy.apply(logits, targets, group, grid.tp_rank * logits.shape[-1])  # (N,)
+    return losses.sum() / (targets != IGNORE_INDEX).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1071,9 +1119,26 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
         # connect. Each round's keys go under their own prefix.
         agent = dist.TCPStore(*env["master"], env["world_size"], is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"llama-recipe/restart-{env['restart']}", agent)
+    # NOTE: device_id binds this process's GPU to the group (and NCCL starts its communicator
+    # now, with every rank); start_groups does the same for each group make_grid creates.
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=env["rank"],
-                            world_size=env["world_size"], timeout=timeout, store=store)
+                            world_size=env["world_size"], timeout=timeout, store=store,
+                            device_id=dev if use_cuda else None)
     return Dist(env["rank"], env["world_size"], env["local_rank"], dev, timeout_s, env["restart"])
+
+
+def start_groups(grid: Grid, device: torch.device) -> None:
+    """Start every group's communicator with all of its ranks, as soon as the grid is made.
+
+    NOTE: torch's batch_isend_irecv requires that, when it is the first collective call on a
+    group, every rank of the group takes part (else the behaviour is undefined). The pipeline's
+    first exchange involves two ranks only (at pp >= 3, tick 0: ranks 0 and 1). So each group's
+    first call is this one, made by all its ranks, in the same order on every rank.
+    """
+    for group in (grid.tp_group, grid.dp_group, grid.pp_group):
+        if group is not None:
+            # COMM: tp, dp, pp all-reduce of one number each, at start-up, all ranks of the group
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
 
 
 def stop_restarts() -> None:

@@ -36,10 +36,11 @@ with compute at compute_efficiency x the data-sheet peak (recomputation included
 collectives overlapped with it as LLaMA does [LLaMA §2.4], sends and all-reduces at
 link_efficiency x the link's bandwidth, ring algorithms (wire_bytes). The slowest stage sets
 the pace; a step is (m + (pp - 1) / v) micro-batches plus the dp all-reduce after the flush: the
-bubble (pp-1)/(v m) of PTD-P §2.2. parallel.py runs its tp collectives exposed, so plan() also
-gives the step at compute + tp collectives, as this code runs it. Memory per GPU: weights,
-gradients and optimizer state of its stage (2 + 4 + 12 bytes per parameter), plus the
-activations its schedule holds at the worst moment (parallel.in_flight over the schedule).
+bubble (pp-1)/(v m) of PTD-P §2.2. parallel.py overlaps only the column linears' backward
+collectives, so plan() also gives the step as this code runs it: compute + the other tp
+collectives (tp_overlapped_bytes). Memory per GPU: weights, gradients and optimizer state of its
+stage (2 + 4 + 12 bytes per parameter), plus the activations its schedule holds at the worst
+moment (parallel.in_flight over the schedule).
 
 What this leaves out: ZeRO/FSDP sharding of optimizer state, overlap of the dp all-reduce with
 backward (PTD-P does it after the flush, as parallel.py does), the optimizer step's time,
@@ -94,7 +95,9 @@ PRECISIONS = {  # bytes per parameter (weights, gradients, optimizer) and per ac
 # that check is a fit; LLaMA-65B is the one the assumptions were not fitted to. LLaMA publishes
 # no layout (§2.4 names model and sequence parallelism only): tp 8 x pp 4 is our assumption, tp
 # filling a node of 8 and pp 4 the shallowest pipeline that then fits (pp 2 needs 73.8 of 72
-# usable GiB). parallel.py runs tp exposed: 306 tokens/s/GPU for 65B where overlapped gives 353.
+# usable GiB). parallel.py, which overlaps the backward's column collectives and leaves the
+# forward's (and g_sp's backward all-gather) exposed: 323 tokens/s/GPU for 65B where all of tp
+# overlapped gives 353 (306 with none overlapped).
 PUBLISHED = {
     "LLaMA-65B on 2048 A100-80GB [LLaMA §2.4]": (
         PRESETS["65b"], dict(gpus=2048, tp=8, pp=4, recompute="selective", train_tokens=1.4e12),
@@ -116,7 +119,7 @@ PUBLISHED = {
 
 def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: int = 1,
                                sp: bool = False, recompute: str = "none",
-                               bytes_per_el: int = 4, keep_shard: bool = True,
+                               bytes_per_el: int = 4, tp_overlap: bool = True,
                                grouped_kv: bool = SDPA_GROUPS) -> float:
     """Bytes that autograd keeps, per transformer layer, between forward and backward.
 
@@ -144,13 +147,14 @@ def activation_bytes_per_layer(args: ModelArgs, batch: int, seq_len: int, tp: in
     What each mode keeps and recomputes: parallel.apply_recompute's table. In bf16 (b = 2) with
     K = H (7B) the none row is 24D + 8F + 4H + 8: with F = 8D/3, about 45 D bytes per token,
     where Korthikanti's GPT layer keeps 34 D + 5 a s (no attention matrix here: it is fused).
-    keep_shard=False (naive sp) keeps the gathered input instead of the shard: + 2 b D (1 - 1/t).
+    tp_overlap=False (the plain tp backward: f_sp, then plain products) keeps the gathered input
+    instead of the shard under sp: + 2 b D (1 - 1/t).
     """
     D, F_, H, K, E, b, t = (args.dim, args.ffn_hidden, args.n_heads, args.n_kv_heads,
                             args.head_dim, bytes_per_el, tp)
     seq_div = t if sp else 1                                     # residual stream: split under sp
     norm = (4 + b) * D + 4
-    y = b * D / t if sp and keep_shard else b * D                # a sub-layer's column input
+    y = b * D / t if sp and tp_overlap else b * D                # a sub-layer's column input
     if recompute == "full":
         per_token = b * D / seq_div
     elif recompute == "selective":
@@ -182,7 +186,7 @@ def wire_bytes(op: str, n: int, payload: float) -> float:
 def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: int = 1,
                   sp: bool = False, recompute: str = "none", micro_batches: int = 1,
                   bucket_mb: float = 25.0, overlap: bool = True, bytes_per_el: int = 4,
-                  keep_shard: bool = True, grad_bytes: int = 4) -> dict:
+                  tp_overlap: bool = True, grad_bytes: int = 4) -> dict:
     """Collectives one rank launches per optimizer step: {"tp all_gather": (calls, payload)...}.
 
     batch is this rank's micro-batch. A step = micro_batches forward+backward passes,
@@ -193,8 +197,8 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
       tp, no sp   all-reduce: embedding (fwd) + 2 per layer fwd (g) + 2 per layer bwd (f)
                   + output (bwd f) = 2 + 4L; full recompute runs g again in bwd: + 2L
       tp + sp     all-gather: 2L + 1 fwd (f_sp) + 2L + 1 bwd (g_sp, embedding included)
-                  + one regather per region whose column linears kept the shard (attention,
-                  FFN unless selective's hand-written FFN bypasses them, the output)
+                  + with tp_overlap, one regather of the kept shard per region in bwd
+                  (attention, FFN, output: 2L + 1; parallel.ColumnParallelLinears)
                   reduce-scatter: 2L + 1 fwd (g_sp) + 2L + 1 bwd (f_sp); full: + 2L of each
       loss        3 all-reduces of N fp32 numbers (max, sum of exp, target logit)
       per step    sp: one all-reduce of the 2L+1 norm weight gradients; clipping: one scalar
@@ -217,7 +221,7 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
         if not sp:
             add("tp all_reduce", m * (2 + 4 * L + 2 * L * full), A)
         else:
-            regathers = (2 * L + 1) if keep_shard else 0
+            regathers = (2 * L + 1) if tp_overlap else 0
             add("tp all_gather", m * (4 * L + 2 + 2 * L * full + regathers), A)
             add("tp reduce_scatter", m * (4 * L + 2 + 2 * L * full), A)
             add("tp all_reduce", 1, (2 * L + 1) * args.dim * grad_bytes)
@@ -229,6 +233,19 @@ def comm_per_step(args: ModelArgs, batch: int, seq_len: int, tp: int = 1, dp: in
                  else len(numels))
         add("dp all_reduce", calls, sum(numels) * grad_bytes / calls)
     return out
+
+
+def tp_overlapped_bytes(args: ModelArgs, batch: int, seq_len: int, tp: int, sp: bool,
+                        bytes_per_el: int = 4) -> float:
+    """Of one pass's tp bytes on the wire (comm_per_step), those that parallel.py sends while
+    it computes: in the backward of each region's column linears (attention, FFN, output: 2L +
+    1), the reduction of the input gradient, an all-reduce, or under sp a reduce-scatter and
+    the all-gather of the kept shard (ColumnParallelLinears). The rest is exposed: the
+    forward's collectives, g_sp's backward all-gather, the loss's, a full recompute's forward."""
+    A = batch * seq_len * args.dim * bytes_per_el
+    region = (wire_bytes("reduce_scatter", tp, A) + wire_bytes("all_gather", tp, A) if sp
+              else wire_bytes("all_reduce", tp, A))
+    return (2 * args.n_layers + 1) * region
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +316,10 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     at compute_efficiency x peak, tp collectives overlapped with it [LLaMA §2.4], sends and
     all-reduces at link_efficiency x bandwidth. The slowest stage sets the pace; a step is
     (m + (pp-1)/v) micro-batch times [PTD-P §2.2] plus the dp all-reduce of fp32 gradients after
-    the flush. "tp_exposed" is the same step at compute + tp collectives, as parallel.py runs.
+    the flush. "this_code" is the same step as parallel.py runs it: compute + the tp collectives
+    it leaves exposed (all but tp_overlapped_bytes), + what of the overlapped ones outlasts the
+    products they travel under (the column linears' weight gradients, and under sp their input
+    gradients).
     Recomputation costs FLOPs: full one more forward of the layers, selective the attention
     core's forward again. MFU counts model FLOPs only (model.flops_per_token).
     """
@@ -341,6 +361,11 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
                comm_per_step(stage_args, micro_batch, seq_len, tp, 1, sp, recompute,
                              bytes_per_el=el).items()} if tp > 1 else {}
     tp_time = sum(tp_comm.values()) / tp_link
+    hidden = tp_overlapped_bytes(stage_args, micro_batch, seq_len, tp, sp, el) if tp > 1 else 0
+    columns = L // pp * ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+                         + 2 * args.ffn_hidden) + args.vocab_size      # column weights' rows
+    under = (2 if sp else 1) * 2 * N * D * columns / tp / (hw.peak * a["compute_efficiency"])
+    exposed = tp_time - hidden / tp_link + max(0.0, hidden / tp_link - under)
     p2p = 2 * v * N * D * el / (tp if sp else 1) if pp > 1 else 0        # sent per micro-batch
     bubble = (pp - 1) / (v * m)
     dp_bytes = wire_bytes("all_reduce", dp, busiest["parameters"] * g_b)
@@ -354,7 +379,7 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
             out["days"] = train_tokens / (tokens_per_s * gpus) / 86400
         return out
 
-    speed, tp_exposed = pace(max(compute, tp_time)), pace(compute + tp_time)
+    speed, this_code = pace(max(compute, tp_time)), pace(compute + exposed)
     step = speed.pop("step")
     h, V = D, args.vocab_size                  # PTD-P's formula: counts a full recompute
     megatron = 96 * sequences * seq_len * L * h * h * (1 + seq_len / (6 * h) + V / (16 * L * h))
@@ -369,11 +394,11 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
                     usable=hw.memory * a["usable_memory"],
                     fits=busiest["total"] <= hw.memory * a["usable_memory"]),
         comm_bytes_per_step=dict(tp={k: c * m for k, c in tp_comm.items()},
-                                 pp_send=p2p * m, dp_all_reduce=dp_bytes),
+                                 tp_overlapped=hidden * m, pp_send=p2p * m, dp_all_reduce=dp_bytes),
         time=dict(compute_per_micro_batch=compute, tp_per_micro_batch=tp_time,
-                  pp_per_micro_batch=p2p / net, dp_all_reduce=dp_bytes / net, bubble=bubble,
-                  step=step),
-        **speed, tp_exposed=tp_exposed,
+                  tp_exposed_per_micro_batch=exposed, pp_per_micro_batch=p2p / net,
+                  dp_all_reduce=dp_bytes / net, bubble=bubble, step=step),
+        **speed, this_code=this_code,
         megatron_tflops_per_gpu=megatron / step / gpus / 1e12,
         assumptions=dict(ASSUMPTIONS, **asdict(hw)),
     )
@@ -410,7 +435,7 @@ def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
 def format_plan(p: dict) -> str:
     """The plan as the text `python planner.py` prints."""
     model, lay, mem, t, a = p["model"], p["layout"], p["memory"], p["time"], p["assumptions"]
-    x = p["tp_exposed"]
+    x = p["this_code"]
     GiB, m, c = 2**30, lay["micro_batches"], p["comm_bytes_per_step"]
     lines = [
         f"model   {model['parameters'] / 1e9:.1f}B parameters: {model['n_layers']} layers, dim "
@@ -430,25 +455,31 @@ def format_plan(p: dict) -> str:
     lines += [f"  {'fits' if mem['fits'] else 'DOES NOT FIT'}: {mem['per_gpu'] / GiB:.1f} of "
               f"{mem['usable'] / GiB:.1f} usable GiB", "",
               "communication per step and GPU, bytes on the wire (ring algorithms)"]
-    lines += [f"  {key:<18}{nbytes / 1e9:9.2f} GB  {lay['tp_link']}, overlapped with compute"
+    lines += [f"  {key:<18}{nbytes / 1e9:9.2f} GB  {lay['tp_link']}"
               for key, nbytes in c["tp"].items()]
+    if c["tp"]:
+        tp_exposed = sum(c["tp"].values()) - c["tp_overlapped"]
+        lines.append(f"  {'tp, as parallel.py':<18}{tp_exposed / 1e9:9.2f} GB  exposed; "
+                     f"{c['tp_overlapped'] / 1e9:.2f} GB overlapped by the column backward")
     lines += [f"  {'pp send/recv':<18}{c['pp_send'] / 1e9:9.2f} GB  network, exposed",
               f"  {'dp all_reduce':<18}{c['dp_all_reduce'] / 1e9:9.2f} GB  network, exposed, "
               "after the pipeline flush", "",
               f"time    a micro-batch on the slowest stage: compute "
-              f"{t['compute_per_micro_batch'] * 1e3:.1f} ms (tp {t['tp_per_micro_batch'] * 1e3:.1f}"
-              f" ms under it), pp sends {t['pp_per_micro_batch'] * 1e3:.1f} ms",
+              f"{t['compute_per_micro_batch'] * 1e3:.1f} ms, tp {t['tp_per_micro_batch'] * 1e3:.1f}"
+              f" ms ({t['tp_exposed_per_micro_batch'] * 1e3:.1f} exposed by parallel.py), pp "
+              f"sends {t['pp_per_micro_batch'] * 1e3:.1f} ms",
               f"        bubble (pp-1)/(v m) = {100 * t['bubble']:.1f}%; dp all-reduce "
               f"{t['dp_all_reduce']:.2f} s; step {t['step']:.2f} s",
               f"speed   {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU {100 * p['mfu']:.1f}% = "
               "tokens/s x (6N + 12 L D T) / peak, tp overlapped (LLaMA §2.4)",
               f"        {x['tokens_per_s_per_gpu']:.0f} tokens/s/GPU; MFU {100 * x['mfu']:.1f}% "
-              f"with tp exposed, as parallel.py runs it (step {x['step']:.2f} s)",
+              f"as parallel.py runs it, the tp bytes it leaves exposed added (step "
+              f"{x['step']:.2f} s)",
               f"        {p['megatron_tflops_per_gpu']:.0f} TFLOP/s/GPU by PTD-P's count, "
               "96 B s l h^2 (1 + s/6h + V/16lh) per step (a full recompute included)"]
     if "days" in p:
         lines.append(f"        {p['train_tokens'] / 1e12:.2f}T tokens in {p['days']:.1f} days "
-                     f"({x['days']:.1f} with tp exposed)")
+                     f"({x['days']:.1f} as parallel.py runs it)")
     lines += ["", f"assumptions: compute at {a['compute_efficiency']:.0%} of {a['peak'] / 1e12:.0f}"
               f" TFLOP/s (calibrated on the Megatron-1T run); links at {a['link_efficiency']:.0%}"
               f" of NVLink {a['nvlink'] / 1e9:.0f} GB/s and network {a['network'] / 1e9:.0f} GB/s",

@@ -18,7 +18,8 @@ What a worker measures, for its test to compare with a closed form or with plann
 prediction: `record_collectives` logs every collective launched (axis, op, bytes) and `tally`
 counts them as planner.comm_per_step does; `saved_bytes_of_layer` and `held_bytes` weigh what
 autograd keeps (saved_tensors_hooks), `state_bytes` a stage's weights, gradients and optimizer
-state. (Point-to-point calls are recorded by p2p_rules.py.)
+state. (Every torch.distributed call, and each wait, is recorded by p2p_rules.py, which replays
+them under NCCL's rules.)
 
 For whole programs: `python(...)` runs one to its end, `start(...)` and `torchrun(...)` leave it
 running, `wait_for_step` watches its metrics.jsonl until a step is logged, `losses` reads them,

@@ -4,13 +4,16 @@ Three groups of 4 workers, each running many experiments, keep the file fast. Th
 what they measured; each test compares it with a closed form, the unsharded modules, one plain
 process (written out below, no parallel.py in it) or planner.py's prediction:
   1. operators and layers: the collectives, f, g, f_sp, g_sp against closed forms; every parallel
-     layer and the vocabulary-parallel cross-entropy against the unsharded module, both passes.
+     layer and the vocabulary-parallel cross-entropy against the unsharded module, both passes;
+     the overlapped and plain tp backwards give equal gradients, and the recorded order of one
+     backward shows the overlap; the loss ignores targets of -100 as F.cross_entropy does.
   2. training: per-step losses of tp 4, tp 2 (+sp), dp 4, dp 2 x tp 2 and each recompute mode equal
      those of one plain process; naive and bucketed data parallelism give equal gradients; the
      first bucket's all-reduce starts before backward reaches the first layer.
   3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal
      planner.py's predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
-Plus, in this process: recomputation with random ops, bad configurations refused in one line.
+Plus, in this process: recomputation with random ops, a second loss of the same logits refused,
+bad configurations refused in one line.
 What the workers run comes after the tests, at the end of the file.
 """
 
@@ -21,12 +24,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint as C
 import model as M
 import parallel as P
 import planner
 from distributed import record_collectives, saved_bytes_of_layer, spawn, tally
+from p2p_rules import Recorder
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +81,7 @@ def test_collectives_and_operators_match_closed_forms(layers):
 
 
 LAYER_CONFIGS = [(2, False, True), (2, True, True), (4, False, True), (4, True, True),
-                 (2, True, False)]                # (tp, sp, keep_shard); False: the naive sp
+                 (2, True, False), (4, False, False)]    # (tp, sp, tp_overlap); False: plain
 
 
 def test_parallel_layers_match_unsharded_modules(layers):
@@ -84,12 +89,12 @@ def test_parallel_layers_match_unsharded_modules(layers):
     modules in this process: outputs and input gradients at this rank's positions (its T/tp
     under sp), logits and weight gradients at its slice, in Meta's split but for the embedding
     (by vocabulary rows); the loss all-reduces N numbers three times, never the N x V logits."""
-    for tp, sp, keep_shard in LAYER_CONFIGS:
+    for tp, sp, tp_overlap in LAYER_CONFIGS:
         args = tiny(kv_heads=tp)
         want = both_passes(perturbed_model(args), *layer_inputs(args), plain_loss)
         for rank in range(WORLD):
-            got, r = layers[rank]["layers", tp, sp, keep_shard], rank % tp
-            what = f"tp={tp} sp={sp} keep_shard={keep_shard}, rank {rank}"
+            got, r = layers[rank]["layers", tp, sp, tp_overlap], rank % tp
+            what = f"tp={tp} sp={sp} tp_overlap={tp_overlap}, rank {rank}"
             mine = (lambda t: t.chunk(tp, 1)[r]) if sp else (lambda t: t)
             for name, ref in want.items():
                 if name == "output":
@@ -106,6 +111,109 @@ def test_parallel_layers_match_unsharded_modules(layers):
             assert got["output"]["calls"] == [("tp", "all_reduce", 2 * SEQ * 4)] * 3, what
 
 
+OVERLAP_CONFIGS = [(tp, sp, amp) for tp in (2, 4) for sp in (False, True) for amp in (False, True)]
+
+
+def test_overlapped_and_plain_tp_backwards_give_equal_gradients(layers):
+    """The whole model, forward and backward, with the column linears' backward overlapped
+    (ColumnParallelLinears) and plain (f, f_sp): the same loss, bit for bit (the forwards are the
+    same products), and the same gradients of every weight on every rank. They differ only in
+    the order in which the input gradients of wq wk wv (w1 w3) are summed: in fp32 by 1e-6 of
+    the largest, under bf16 autocast by less than twice what bf16 itself changes (the plain
+    version's gradients in bf16 against fp32; the two measure 0.86 of it at most)."""
+    for tp, sp, amp in OVERLAP_CONFIGS:
+        for rank in range(WORLD):
+            overlapped, plain = (layers[rank]["whole model", tp, sp, amp, o] for o in (True, False))
+            fp32 = layers[rank]["whole model", tp, sp, False, False]
+            what = f"tp={tp} sp={sp} {'bf16' if amp else 'fp32'}, rank {rank}"
+            assert torch.equal(overlapped["loss"], plain["loss"]), what
+            assert list(overlapped["grads"]) == list(plain["grads"]), what
+            for name, grad in plain["grads"].items():
+                got = overlapped["grads"][name]
+                assert grad.abs().max() > 0, f"{name}, {what}: no gradient"
+                if amp:
+                    bf16_noise = (grad - fp32["grads"][name]).norm()
+                    assert 0 < bf16_noise and (got - grad).norm() <= 2 * bf16_noise, \
+                        f"{name}, {what}: {(got - grad).norm()} against bf16's {bf16_noise}"
+                else:
+                    close(got, grad, f"{name}, {what}", rtol=0, atol=1e-6 * grad.abs().max())
+
+
+def test_column_backward_overlaps_its_collectives_with_weight_gradients(layers):
+    """One backward at tp 2, in the order it ran: the tp collectives (blocking, or started and
+    waited), and each matrix product, a weight gradient or another. In the overlapped version
+    each region's reduction of its input gradient (an all-reduce; under sp a reduce-scatter) is
+    started before its weight gradients and waited after them all: output 1, then per layer
+    from the last FFN 2 (w1 w3), attention 3 (wq wk wv). Under sp the kept shard's all-gather is
+    started before the input gradient's products and waited before the weight gradients. The
+    plain version blocks in each reduction, after its products."""
+    regions = [1, 2, 3, 2, 3]                                  # weight gradients per region
+    for sp in (False, True):
+        reduce = "reduce_scatter" if sp else "all_reduce"
+        events = layers[0]["backward order", sp, True]
+        starts = [i for i, e in enumerate(events) if e == f"start tp {reduce}"]
+        waits = [i for i, e in enumerate(events) if e == f"wait tp {reduce}"]
+        assert len(starts) == len(waits) == len(regions), events
+        for start, wait, n in zip(starts, waits, regions):
+            between = events[start + 1:wait]
+            assert between.count("weight grad") == n, (start, wait, events)
+            assert not any(e.startswith(("start", "wait", "tp")) for e in between), between
+        if sp:
+            gathers = [i for i, e in enumerate(events) if e == "start tp all_gather"]
+            assert len(gathers) == len(regions), events
+            for gather, start in zip(gathers, starts):
+                wait = events.index("wait tp all_gather", gather)
+                assert "product" in events[gather:wait] and wait < start, events[gather:start]
+                assert "weight grad" not in events[gather:start], events[gather:start]
+        else:
+            assert not any(e.startswith("tp ") for e in events), events     # g backward: none
+        plain = layers[0]["backward order", sp, False]
+        assert not any(e.startswith(("start", "wait")) for e in plain), plain
+        reductions = [i for i, e in enumerate(plain) if e == f"tp {reduce}"]
+        grads = [i for i, e in enumerate(plain) if e == "weight grad"]
+        assert len(reductions) == len(regions) and len(grads) == sum(regions), plain
+        done = 0                          # the plain reduction comes after its region's products
+        for reduction, n in zip(reductions, regions):
+            done += n
+            assert grads[done - 1] < reduction, plain
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_loss_ignores_targets_of_minus_100_as_f_cross_entropy(request, tp):
+    """Targets equal to -100 are left out of the sum and the count, at every tp, as
+    F.cross_entropy's ignore_index: the loss, and the gradient of this rank's logits."""
+    z, t = ignored_targets_inputs()
+    leaf = z.clone().requires_grad_()
+    want = F.cross_entropy(leaf.flatten(0, 1), t.flatten())
+    want.backward()
+    assert (t == -100).sum() == 8 and want.item() != F.cross_entropy(
+        z.flatten(0, 1), t.flatten().clamp(min=0)).item()              # the ignored ones matter
+    got = [ignored_targets_loss(P.Grid())] if tp == 1 else [   # tp 1 here, the others on workers
+        request.getfixturevalue("layers")[rank]["ignored targets", tp] for rank in range(WORLD)]
+    for rank, (loss, grad) in enumerate(got):
+        close(loss, want.detach(), f"loss at tp {tp}, rank {rank}", rtol=1e-6)
+        close(grad, C.piece(leaf.grad, 2, tp, rank % tp), f"gradient at tp {tp}, rank {rank}",
+              rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_loss_of_the_same_logits_raises():
+    """loss_fn writes over its logits (parallel.CrossEntropy): a second loss of them, or of a
+    view of them, raises instead of giving the loss of what is left there."""
+    torch.manual_seed(0)
+    z, t = 4 * torch.randn(4, 8, 32), torch.randint(0, 32, (4, 8))
+    want = F.cross_entropy(z.flatten(0, 1), t.flatten()).item()
+    logits = z.clone()
+    assert P.loss_fn(logits, t, P.Grid()).item() == pytest.approx(want, rel=1e-6)
+    left = F.cross_entropy(logits.flatten(0, 1), t.flatten()).item()    # what a second reads
+    assert abs(left - want) > 0.1, (left, want)
+    for again in (logits, logits[:2], logits.view(32, 1, 32)):
+        with pytest.raises(RuntimeError, match="overwritten by an earlier loss; compute them"):
+            P.loss_fn(again, t.view(again.shape[:2]) if again.shape[1] == 1 else t[:len(again)],
+                      P.Grid())
+    for _ in range(2):                                              # each loss its own copy
+        assert P.loss_fn(z.clone(), t, P.Grid()).item() == pytest.approx(want, rel=1e-6)
+
+
 # --- 2. training equals one process -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -120,7 +228,8 @@ class Config:
     recompute: str = "none"
     overlap: bool = True              # bucketed all-reduces launched in backward; False: naive dp
     backward_in_no_sync: bool = True  # False: DDP's other idiom, the forward alone in no_sync()
-    keep_shard: bool = True           # False: the naive sp, saving the gathered input
+    tp_overlap: bool = True           # False: the plain tp backward (f, f_sp; sp saves the
+                                      # gathered input, not its shard)
     bf16: bool = False                # under bf16 autocast
 
 
@@ -132,6 +241,8 @@ CONFIGS = [
     Config("dp4", tp=1, kv_heads=2),
     Config("dp4, forward-only no_sync", tp=1, kv_heads=2, backward_in_no_sync=False),
     Config("dp2 x tp2+sp naive dp", tp=2, kv_heads=2, sp=True, overlap=False),
+    Config("tp4+sp plain tp", tp=4, kv_heads=4, sp=True, tp_overlap=False),
+    Config("dp2 x tp2 plain tp", tp=2, kv_heads=2, tp_overlap=False),
     Config("dp2 x tp2+sp selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
     Config("dp2 x tp2+sp full", tp=2, kv_heads=2, sp=True, recompute="full"),
     Config("dp2 x tp2 selective", tp=2, kv_heads=2, recompute="selective"),
@@ -180,7 +291,7 @@ ONE_PROCESS_ACTIVATION_CONFIGS = [Config(mode, tp=1, kv_heads=2, recompute=mode)
 ACTIVATION_CONFIGS = [
     Config("tp", tp=2, kv_heads=2),
     Config("tp+sp", tp=2, kv_heads=2, sp=True),
-    Config("tp+sp naive", tp=2, kv_heads=2, sp=True, keep_shard=False),
+    Config("tp+sp plain", tp=2, kv_heads=2, sp=True, tp_overlap=False),
     Config("tp+sp+selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
     Config("tp+sp+full", tp=2, kv_heads=2, sp=True, recompute="full"),
     Config("tp+selective", tp=2, kv_heads=2, recompute="selective"),
@@ -196,6 +307,7 @@ COMM_CONFIGS = [
     Config("dp2 x tp2+sp selective", tp=2, kv_heads=2, sp=True, recompute="selective"),
     Config("dp2 x tp2+sp full", tp=2, kv_heads=2, sp=True, recompute="full"),
     Config("dp2 x tp2+sp naive dp", tp=2, kv_heads=2, sp=True, overlap=False),
+    Config("dp2 x tp2+sp plain tp", tp=2, kv_heads=2, sp=True, tp_overlap=False),
     Config("tp4+sp", tp=4, kv_heads=4, sp=True),
     Config("dp4", tp=1, kv_heads=2),
     Config("dp2 x tp2 bf16", tp=2, kv_heads=2, bf16=True),
@@ -213,7 +325,7 @@ def test_activation_bytes_measured_equal_prediction(accounted):
         for amp in (False, True):
             want = planner.activation_bytes_per_layer(
                 tiny(config.kv_heads), ACC_BATCH, SEQ, tp=config.tp, sp=config.sp,
-                recompute=config.recompute, keep_shard=config.keep_shard,
+                recompute=config.recompute, tp_overlap=config.tp_overlap,
                 bytes_per_el=2 if amp else 4)
             if config.tp == 1:                       # in this process, the plain model
                 torch.manual_seed(0)
@@ -230,7 +342,7 @@ def test_activation_bytes_measured_equal_prediction(accounted):
     for amp in (False, True):
         assert measured["none", amp] > measured["tp", amp] > measured["tp+sp", amp] > \
             measured["tp+sp+selective", amp] > measured["tp+sp+full", amp]
-        assert measured["tp+sp naive", amp] > measured["tp+sp", amp]         # what keep_shard saves
+        assert measured["tp+sp plain", amp] > measured["tp+sp", amp]    # the kept shard saves
     assert measured["tp+sp", True] < 0.6 * measured["tp+sp", False]          # bf16 nearly halves it
 
 
@@ -239,7 +351,8 @@ def test_collective_calls_and_bytes_equal_prediction(accounted):
         want = planner.comm_per_step(tiny(config.kv_heads), ACC_BATCH, SEQ, tp=config.tp,
                                      dp=WORLD // config.tp, sp=config.sp,
                                      recompute=config.recompute, micro_batches=2, bucket_mb=0.05,
-                                     overlap=config.overlap, bytes_per_el=2 if config.bf16 else 4)
+                                     overlap=config.overlap, tp_overlap=config.tp_overlap,
+                                     bytes_per_el=2 if config.bf16 else 4)
         for rank in range(WORLD):
             got = accounted[rank]["comm"][config.name]
             what = f"{config.name}, rank {rank}"
@@ -477,19 +590,93 @@ def recorded_loss(grid, calls):
     return loss_fn
 
 
+def ignored_targets_inputs():
+    """Logits (2, T, 256) and their targets, 8 of them -100 (ignored)."""
+    gen = torch.Generator().manual_seed(3)
+    z = 3 * torch.randn(2, SEQ, 256, generator=gen)
+    t = torch.randint(0, 256, (2, SEQ), generator=gen)
+    t[0, :5], t[1, -3:] = -100, -100
+    return z, t
+
+
+def ignored_targets_loss(grid):
+    """P.loss_fn on this rank's vocabulary slice of ignored_targets_inputs: loss, its gradient."""
+    z, t = ignored_targets_inputs()
+    leaf = C.piece(z, 2, grid.tp, grid.tp_rank).clone().requires_grad_()
+    loss = P.loss_fn(leaf * 1, t, grid)             # leaf * 1: the loss writes over its input
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def whole_model_gradients(grid, sp, amp, tp_overlap):
+    """Loss and gradients (by name) of one forward and backward of the whole model."""
+    args = tiny(kv_heads=grid.tp)
+    tokens = batches(args)[0][:2]
+    model = P.parallelize(perturbed_model(args), grid, sp=sp, tp_overlap=tp_overlap)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], grid)
+    loss.backward()
+    return dict(loss=loss.detach(), grads={n: p.grad for n, p in model.named_parameters()})
+
+
+class Products(TorchDispatchMode):
+    """Appends the shape of each matrix product (aten.mm) to a list, in the order they run."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default:
+            self.log.append(tuple(out.shape))
+        return out
+
+
+def backward_order(grid, sp, tp_overlap):
+    """One backward at tp 2 (3 sequences: no product's output has a weight's shape by chance),
+    as events: "tp all_reduce" (blocking), "start tp all_reduce" and "wait tp all_reduce"
+    (asynchronous), "weight grad" (a product of a column weight's shape), "product"."""
+    args = tiny(kv_heads=grid.tp)
+    tokens = batches(args)[0][:3]
+    model = P.parallelize(perturbed_model(args), grid, sp=sp, tp_overlap=tp_overlap)
+    columns = {tuple(m.weight.shape) for m in model.modules()
+               if isinstance(m, P.ColumnParallelLinear)}
+    loss = P.loss_fn(model(tokens[:, :-1]), tokens[:, 1:], grid)
+    log = []
+    with Recorder(log), Products(log):
+        loss.backward()
+
+    def name(call):
+        axis = "tp" if call.group == grid.tp_group.group_name else call.group
+        return f"{axis} {call.op.replace('_single', '')}"
+    return [("weight grad" if e in columns else "product") if isinstance(e, tuple)
+            else f"wait {name(log[e.waits])}" if e.op == "wait"
+            else ("" if e.blocking else "start ") + name(e) for e in log]
+
+
 def worker_operators_and_layers():
     world = P.init_distributed(device="cpu")
     try:
         grids = {tp: P.make_grid(world, tp=tp) for tp in (2, 4)}
         out = {("operators", tp): measure_operators(grid) for tp, grid in grids.items()}
-        for tp, sp, keep_shard in LAYER_CONFIGS:
+        for tp, sp, tp_overlap in LAYER_CONFIGS:
             grid, args, calls = grids[tp], tiny(kv_heads=tp), []
             x, dy, tokens = layer_inputs(args)
             mine = (lambda t: t.chunk(tp, 1)[grid.tp_rank]) if sp else (lambda t: t)
-            model = P.parallelize(perturbed_model(args), grid, sp=sp, keep_shard=keep_shard)
+            model = P.parallelize(perturbed_model(args), grid, sp=sp, tp_overlap=tp_overlap)
             measured = both_passes(model, mine(x), mine(dy), tokens, recorded_loss(grid, calls))
             measured["output"]["calls"] = calls
-            out["layers", tp, sp, keep_shard] = measured
+            out["layers", tp, sp, tp_overlap] = measured
+        for tp, sp, amp in OVERLAP_CONFIGS:
+            for tp_overlap in (True, False):
+                out["whole model", tp, sp, amp, tp_overlap] = whole_model_gradients(
+                    grids[tp], sp, amp, tp_overlap)
+        for sp in (False, True):
+            for tp_overlap in (True, False):
+                out["backward order", sp, tp_overlap] = backward_order(grids[2], sp, tp_overlap)
+        for tp in (2, 4):
+            out["ignored targets", tp] = ignored_targets_loss(grids[tp])
         return out
     finally:
         P.destroy(world)
@@ -504,7 +691,7 @@ def train(config, grid, accum=2, bucket_mb=0.05):
     """AdamW steps on the fixed global batch; each dp rank takes its rows, in micro-batches."""
     args = tiny(config.kv_heads)
     torch.manual_seed(0)
-    model = P.parallelize(M.Transformer(args), grid, sp=config.sp)
+    model = P.parallelize(M.Transformer(args), grid, sp=config.sp, tp_overlap=config.tp_overlap)
     P.apply_recompute(model, config.recompute)
     sync = P.GradSync(model, grid, bucket_mb=bucket_mb, overlap=config.overlap)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
@@ -607,13 +794,14 @@ def worker_accounting_and_checkpoints():
             for amp in (False, True):
                 torch.manual_seed(0)
                 model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grids[config.tp],
-                                      sp=config.sp, keep_shard=config.keep_shard)
+                                      sp=config.sp, tp_overlap=config.tp_overlap)
                 P.apply_recompute(model, config.recompute)
                 out["activations"][config.name, amp] = saved_bytes_of_layer(model, tokens, amp=amp)
         for config in COMM_CONFIGS:
             grid = grids[config.tp]
             torch.manual_seed(0)
-            model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grid, sp=config.sp)
+            model = P.parallelize(M.Transformer(tiny(config.kv_heads)), grid, sp=config.sp,
+                                  tp_overlap=config.tp_overlap)
             P.apply_recompute(model, config.recompute)
             sync = P.GradSync(model, grid, bucket_mb=0.05, overlap=config.overlap)
             with record_collectives(grid) as calls:

@@ -7,12 +7,16 @@ file pays for one spawn, and returns what it measured:
      process (test_parallel.reference, no parallel.py in it) over 10 steps;
   2. schedules: at pp 4, the sends and receives each rank exchanges, batch by batch, are the ones
      read off the timelines drawn in schedule_order's docstring, column by column; and every
-     rank's recorded point-to-point calls, in every configuration here, replay without deadlock
-     under NCCL's rules (p2p_rules.py: no buffered sends, one call at a time);
+     rank's recorded torch.distributed calls, in every configuration here, replay without
+     deadlock under NCCL's rules (p2p_rules.py: no buffered sends, one call at a time on a group,
+     every group started by all its ranks);
   3. memory: the activation bytes each stage holds at its worst moment, and its weights,
      gradients and optimizer state, equal planner.py's prediction;
   4. checkpoints: saved at pp 2 x tp 2, the files are Meta's; loaded at pp 4, the loss is the same.
-A second group runs train.py itself at pp 2 x dp 2 and pp 2 (2 virtual stages) x tp 2 + sp.
+Two more groups, of 6 and 8 workers, record one step of each schedule at pp 3 and pp 4, with
+dp 2 and with tp 2 + sp (the 4 workers do pp 2), and one at pp 3 with the groups not started:
+that one must fail the replay. Another runs train.py itself at pp 2 x dp 2 and pp 2 (2 virtual
+stages) x tp 2 + sp.
 In this process: the drawn timelines and exchange are the code's, the bubble is PTD-P's formula,
 pp = 1 is plain gradient accumulation, bad pipelines are refused in one line. What the workers
 run comes after the tests.
@@ -36,7 +40,7 @@ import planner
 import train as T
 import test_parallel as parallel_tests
 from distributed import held_bytes, spawn, spawn_each, state_bytes
-from p2p_rules import Deadlock, P2PRecorder, replay
+from p2p_rules import Call, Deadlock, Recorder, collective, concat, p2p, replay
 from test_parallel import perturbed_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]   # tests/conftest.py
@@ -103,10 +107,12 @@ def test_sends_and_receives_follow_the_drawn_timelines(ran):
     for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
         for rank in range(WORLD):
             calls = ran[rank]["traffic"][f"pp4 {schedule}"]
-            got = [sorted((kind, peer) for kind, peer, *_ in call) for call in calls]
+            got = [sorted((kind, peer) for kind, peer, *_ in c.what)
+                   for c in calls if c.op == "p2p"]
             assert got == expected_exchanges(drawn[schedule], rank, 4, v), (schedule, rank)
             assert ran[rank]["pp4 loss"][schedule] == pytest.approx(loss, rel=1e-5), schedule
-    count = lambda schedule: sum(len(call) for call in ran[1]["traffic"][f"pp4 {schedule}"])
+    count = lambda schedule: sum(len(c.what) for c in ran[1]["traffic"][f"pp4 {schedule}"]
+                                 if c.op == "p2p")
     assert count("interleaved") == 2 * count("1f1b")                        # v x messages
 
 
@@ -114,28 +120,99 @@ def test_recorded_traffic_cannot_deadlock_under_nccl_rules(ran):
     names = list(ran[0]["traffic"])
     assert len(names) == len(CONFIGS) + 3 + 3          # + validation x2, v3, pp 4 x 3 schedules
     for name in names:
-        calls = {rank: ran[rank]["traffic"][name] for rank in range(WORLD)}
-        assert all(calls.values()), name                                  # traffic was recorded
-        assert all(len(call) >= 1 for seq in calls.values() for call in seq)
+        calls = {rank: concat(ran[rank]["started"], ran[rank]["traffic"][name])
+                 for rank in range(WORLD)}
+        assert all(any(c.op == "p2p" for c in seq) for seq in calls.values()), name
         assert replay(calls) == sum(len(seq) for seq in calls.values()), name
 
 
+SCHEDULES = (("afab", 1), ("1f1b", 1), ("interleaved", 2))
+
+
+def test_every_schedule_at_pp_2_3_4_with_dp2_and_with_tp2_sp_replays_clean(ran, deeper):
+    """One step of each schedule at pp 2, 3 and 4, once with dp 2 and once with tp 2 + sp, the
+    grid made and the gradients synchronized and clipped: every call of every rank recorded,
+    collectives and waits included, replays under NCCL's rules; the loss is one process's."""
+    runs = {2: ran, **deeper}
+    for pp, by_rank in runs.items():
+        names = list(by_rank[0]["schedules"]["traffic"])
+        assert names == [f"pp{pp} x {axis} {s}" for axis in ("dp2", "tp2+sp") for s, _ in SCHEDULES]
+        want = one_process_loss(tiny(2 * pp), 2 * pp)
+        for name in names:
+            calls = {rank: concat(r["schedules"]["started"], r["schedules"]["traffic"][name])
+                     for rank, r in enumerate(by_rank)}
+            ops = {c.op for seq in calls.values() for c in seq}
+            assert {"p2p", "wait", "all_reduce", "broadcast"} <= ops, (name, ops)
+            if "tp2" in name:
+                assert {"all_gather_single", "reduce_scatter_single"} <= ops, (name, ops)
+            assert replay(calls) == sum(len(seq) for seq in calls.values()), name
+            for rank, r in enumerate(by_rank):
+                assert r["schedules"]["loss"][name] == pytest.approx(want, rel=1e-5), (name, rank)
+
+
+def test_pipeline_without_group_start_breaks_nccl_start_up_rule(deeper):
+    """At pp 3 the first exchange (tick 0) involves ranks 0 and 1 of each pipeline only: without
+    start_groups it is the pipeline group's first call, which NCCL leaves undefined."""
+    calls = {rank: r["unstarted"] for rank, r in enumerate(deeper[3])}
+    with pytest.raises(Deadlock, match=r"first call on that group and reaches ranks \[0, 2\] "
+                                       r"only: NCCL needs all of \[0, 2, 4\]"):
+        replay(calls)
+
+
+def f32(kind, peer):
+    return (kind, peer, 8, "f32")
+
+
 def test_the_checker_finds_deadlocks():
-    send, recv = (lambda p: ("send", p, 8, "f32")), (lambda p: ("recv", p, 8, "f32"))
-    crossing = {0: [[send(1)], [recv(1)]], 1: [[send(0)], [recv(0)]]}
-    with pytest.raises(Deadlock, match="rank 0 at call 0.*rank 1 at call 0"):
-        replay(crossing)
-    assert replay({0: [[send(1), recv(1)]], 1: [[send(0), recv(0)]]}) == 2    # batched: fine
-    assert replay({0: [[send(1)], [recv(1)]], 1: [[recv(0)], [send(0)]]}) == 4
+    send = lambda peer, **kw: p2p(f32("send", peer), **kw)
+    recv = lambda peer, **kw: p2p(f32("recv", peer), **kw)
+    blocking = {0: [send(1, blocking=True), recv(1, blocking=True)],
+                1: [send(0, blocking=True), recv(0, blocking=True)]}
+    with pytest.raises(Deadlock, match="rank 0 call 0.*rank 1 call 0"):
+        replay(blocking)
+    # asynchronous, but one call at a time on a group: the sends still wait for the receives
+    with pytest.raises(Deadlock):
+        replay({0: [send(1), recv(1)], 1: [send(0), recv(0)]})
+    batched = lambda peer: p2p(f32("send", peer), f32("recv", peer))
+    assert replay({0: [batched(1)], 1: [batched(0)]}) == 2                  # batched: fine
+    assert replay({0: [send(1), recv(1)], 1: [recv(0), send(0)]}) == 4
     with pytest.raises(Deadlock, match="expects"):                          # sizes must agree
-        replay({0: [[send(1)]], 1: [[("recv", 0, 9, "f32")]]})
+        replay({0: [send(1)], 1: [p2p(("recv", 0, 9, "f32"))]})
     with pytest.raises(Deadlock):                                           # a send nobody takes
-        replay({0: [[send(1)]], 1: []})
+        replay({0: [send(1)], 1: []})
     # the issue itself: one call at a time, neighbours both send first in 1f1b's steady state
     # (pp 2, m 4: rank 0 sends act 2 and then waits for grad 1; rank 1 sends grad 1 first)
     with pytest.raises(Deadlock):
         replay(sends_then_receives("1f1b", 2, 4))
     assert replay(sends_then_receives("afab", 2, 4)) > 0        # no crossing: all sends first
+
+
+def test_the_checker_holds_collectives_to_nccl_rules():
+    pp = dict(group="pp", ranks=(0, 1))
+    loss = lambda **kw: collective("broadcast", "pp", (0, 1), [("src", "1")], **kw)
+    send, recv = p2p(f32("send", 1), **pp), p2p(f32("recv", 0), **pp)
+    # a send then the loss's broadcast, against the broadcast then the receive: each rank's
+    # second call on the group waits for its first, which waits for the other rank's second
+    with pytest.raises(Deadlock, match="rank 0 call 0: p2p.*rank 1 call 0: broadcast"):
+        replay({0: [send, loss()], 1: [loss(), recv]})
+    assert replay({0: [send, loss()], 1: [recv, loss()]}) == 4
+    # the same with a wait: an asynchronous broadcast lets its rank go on, its wait does not
+    assert replay({0: [send, loss(blocking=False), Call("wait", waits=1)],
+                   1: [recv, loss(blocking=False), Call("wait", waits=1)]}) == 6
+    with pytest.raises(Deadlock, match="disagrees"):                # same op, same shape
+        replay({0: [collective("all_reduce", "tp", (0, 1), [("tensor", ((4,), "f32"))])],
+                1: [collective("all_reduce", "tp", (0, 1), [("tensor", ((5,), "f32"))])]})
+    with pytest.raises(Deadlock, match="no call can complete"):      # a member never comes
+        replay({0: [collective("all_reduce", "tp", (0, 1))], 1: []})
+    # NCCL's start-up rule, pp 3: the first exchange (tick 0) is ranks 0 and 1 only
+    three = dict(group="pp", ranks=(0, 1, 2))
+    steps = {0: [p2p(f32("send", 1), **three)],
+             1: [p2p(f32("recv", 0), **three), p2p(f32("send", 2), **three)],
+             2: [p2p(f32("recv", 1), **three)]}
+    with pytest.raises(Deadlock, match=r"rank 0 call 0: p2p .* reaches ranks \[0, 1\] only"):
+        replay(steps)
+    start = collective("all_reduce", "pp", (0, 1, 2), [("tensor", ((1,), "f32"))])
+    assert replay({r: [start, *seq] for r, seq in steps.items()}) == 7
 
 
 # --- 3. memory ---------------------------------------------------------------------------------
@@ -460,40 +537,93 @@ def sends_then_receives(schedule, pp, m, v=1):
         for op, i, k in P.schedule_order(schedule, pp, m, v, rank):
             c = k * pp + rank
             if op == "F":
-                seq += [[("recv", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
-                seq += [[("send", (rank + 1) % pp, 8, "f32")]] if c < last else []
+                seq += [p2p(f32("recv", (rank - 1) % pp), blocking=True)] if c > 0 else []
+                seq += [p2p(f32("send", (rank + 1) % pp))] if c < last else []
             else:
-                seq += [[("recv", (rank + 1) % pp, 8, "f32")]] if c < last else []
-                seq += [[("send", (rank - 1) % pp, 8, "f32")]] if c > 0 else []
+                seq += [p2p(f32("recv", (rank + 1) % pp), blocking=True)] if c < last else []
+                seq += [p2p(f32("send", (rank - 1) % pp))] if c > 0 else []
         calls[rank] = seq
     return calls
+
+
+def one_process_loss(args, rows):
+    """The loss of the plain seeded model on the first rows of the fixed batch."""
+    torch.manual_seed(0)
+    batch = batches(args)[0][:rows]
+    with torch.no_grad():
+        logits = M.Transformer(args)(batch[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+
+
+def record_schedules(world, pp):
+    """One step of each schedule at pp, on the world's 2 pp ranks: with dp 2 (each pipeline on
+    the same 2 pp sequences, m = pp), then with tp 2 + sp; every call recorded, the grids'
+    making too. The model has 2 pp layers: one per chunk of the interleaved schedule."""
+    with Recorder() as started:
+        grids = {"dp2": P.make_grid(world, pp=pp), "tp2+sp": P.make_grid(world, tp=2, pp=pp)}
+    args, out = tiny(2 * pp), {"started": started, "traffic": {}, "loss": {}}
+    rows = batches(args)[0][:2 * pp]
+    for axis, grid in grids.items():
+        for schedule, v in SCHEDULES:
+            stage = build_stage(args, grid, v, sp=grid.tp > 1)
+            sync = P.GradSync(stage, grid, bucket_mb=0.01)
+            name = f"pp{pp} x {axis} {schedule}"
+            with Recorder() as calls:
+                loss = P.pipeline_step(stage, rows, grid, pp, schedule, sync)
+                sync.finish()
+                P.clip_grad_norm(stage, CLIP, grid)
+            out["traffic"][name], out["loss"][name] = calls, loss.item()
+    return out
+
+
+def worker_deeper(pp):
+    """record_schedules at pp on 2 pp workers; at pp 3, a step made without start_groups too."""
+    world = P.init_distributed(device="cpu")
+    try:
+        out = {"schedules": record_schedules(world, pp)}
+        if pp == 3:
+            P.start_groups = lambda grid, device: None            # the code before the rule
+            with Recorder() as calls:
+                grid = P.make_grid(world, pp=pp)
+                P.pipeline_step(build_stage(tiny(6), grid), batches(tiny(6))[0][:6], grid, 3)
+            out["unstarted"] = calls
+        return out
+    finally:
+        P.destroy(world)
+
+
+@pytest.fixture(scope="module")
+def deeper():
+    return {pp: spawn(worker_deeper, 2 * pp, pp, timeout=300) for pp in (3, 4)}
 
 
 def worker():
     world = P.init_distributed(device="cpu")
     try:
-        grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp) for tp, pp in ((1, 2), (2, 2), (1, 4))}
+        with Recorder() as started:
+            grids = {(tp, pp): P.make_grid(world, tp=tp, pp=pp)
+                     for tp, pp in ((1, 2), (2, 2), (1, 4))}
         args = tiny()
-        out = {"train": {}, "pp4 loss": {}, "memory": {}}
-        out["traffic"] = {}                  # every point-to-point call, replayed in the test
+        out = {"train": {}, "pp4 loss": {}, "memory": {}, "started": started}
+        out["traffic"] = {}                  # every torch.distributed call, replayed in the test
         for config in CONFIGS:
-            with P2PRecorder() as calls:
+            with Recorder() as calls:
                 out["train"][config.name] = train(config, args, grids[config.tp, 2])
             out["traffic"][config.name] = calls
         for name, tp, v, m in (("pp2 validation", 1, 1, 4), ("pp2 v2 x tp2 validation", 2, 2, 2)):
-            with P2PRecorder() as calls, torch.no_grad():
+            with Recorder() as calls, torch.no_grad():
                 P.pipeline_step(build_stage(args, grids[tp, 2], v), batches(args)[0],
                                 grids[tp, 2], m, backward=False)
             out["traffic"][name] = calls
         six = tiny(n_layers=6)                  # 3 virtual stages of 1 layer on each of 2 ranks
-        with P2PRecorder() as calls:
+        with Recorder() as calls:
             P.pipeline_step(build_stage(six, grids[1, 2], 3), batches(six)[0], grids[1, 2], 4)
         out["traffic"]["pp2 v3 interleaved"] = calls
 
         # the order of sends and receives at pp 4, 8 layers (2 chunks of 1 layer per rank)
         grid, deep = grids[1, 4], tiny(n_layers=8)
         for schedule, v in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
-            with P2PRecorder() as calls:
+            with Recorder() as calls:
                 loss = P.pipeline_step(build_stage(deep, grid, v), batches(deep)[0], grid, 4,
                                        schedule)
             out["pp4 loss"][schedule] = loss.item()
@@ -524,6 +654,7 @@ def worker():
         P.load_sharded(loaded, full[0], grid)
         out["loss at pp 4"] = P.pipeline_step(loaded, rows, grid, 2).item()
         out["keys at pp 4"] = sorted(loaded.state_dict())
+        out["schedules"] = record_schedules(world, 2)
         return out
     finally:
         P.destroy(world)
