@@ -955,7 +955,9 @@ class PipelineStage(nn.Module):
 # ranks derive the same ticks, so every operation's partner is in the peer's batch of the same
 # tick, which the peer reaches after its batches before it: by induction on t, every batch
 # completes, and the n-th message from a to b is the n-th that b receives from a (NCCL has no
-# tags). tests/p2p_rules.py replays every test's recorded traffic under this rule.
+# tags). The first exchange is not the pipeline group's first call (start_groups: NCCL's
+# start-up rule). tests/p2p_rules.py replays every torch.distributed call the tests' runs make,
+# collectives and waits included, under these rules.
 
 def _landed(tensor: torch.Tensor, works: list) -> torch.Tensor:
     """tensor, received or sent in an earlier exchange, once that exchange has completed.
