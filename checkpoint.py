@@ -505,6 +505,10 @@ def load_weights(path: str) -> dict:
     hf = path.endswith(".safetensors")
     regular_file(path, "weights file")        # a file we may read: else a message that says so
     try:
+        open(path, "rb").close()
+    except OSError as e:                      # not "truncated or corrupt": unreadable
+        raise unreadable(path, e, "weights file") from None
+    try:
         # PERF: mmap maps the file instead of reading it; only the tensors used get paged in.
         state = load_file(path) if hf else torch.load(path, map_location="cpu",
                                                       weights_only=True, mmap=True)
@@ -516,6 +520,10 @@ def load_weights(path: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds {type(state).__name__}, not a state dict of named "
                          "tensors; copy or convert it again")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{key} in {path} is {type(value).__name__}, not a tensor: not a "
+                             "model's weights; re-download or re-save them")
     return state
 
 
@@ -526,12 +534,8 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 
 def check_state(args: ModelArgs, state: dict, tok_path: str, source: str, config: str):
-    """Every value a tensor; the tokenizer's size against the embedding, then every tensor the
-    architecture needs, with the shape it implies, and nothing else."""
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{key} in {source} is {type(value).__name__}, not a tensor: not a "
-                             "model's weights; re-download or re-save them")
+    """The tokenizer's size against the embedding, then every tensor the architecture needs,
+    with the shape it implies, and nothing else."""
     n_words = Tokenizer(tok_path).n_words
     rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
     if rows != n_words:
@@ -600,6 +604,14 @@ def pointed_step(pointer: str) -> str:
     return name
 
 
+def checkpoint_paths(flag: str, ckpt: str) -> list:
+    """(flag, path) pairs of what reading the checkpoint `ckpt` reads, for check_outputs: the
+    path given, the folder a `latest` names, and the tokenizer.model of Meta's parent folder."""
+    folder = checkpoint_folder(ckpt)
+    parent = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer.model")
+    return [(flag, ckpt), (flag, folder)] + ([(flag, parent)] if os.path.isfile(parent) else [])
+
+
 def check_outputs(outputs: list, inputs: list):
     """Refuse, in one line, an output that is an input or lies inside one: a report written over
     its benchmark, an export inside the checkpoint it reads. outputs and inputs are (flag, path)
@@ -653,7 +665,7 @@ def save_safetensors(tensors: dict, path: str):
     full disk too), the file given the mode of any new file (it writes 0600)."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
-    except Exception as e:                   # NOTE: SafetensorError, not an OSError
+    except Exception as e:                   # NOTE: SafetensorError is no OSError
         raise OSError(f"could not write {path} ({first_line(e, 80)}): is the disk "
                       "full?") from None
     os.chmod(path, new_file_mode())
@@ -776,6 +788,13 @@ def start_build(out_dir: str) -> tuple:
     return tmp, lock(tmp)
 
 
+def abandon_build(tmp: str, fd: int):
+    """A build that failed (a full disk): start_build's folder removed, then its lock released,
+    so that nothing half-written stays to take the space it needs when it is run again."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.close(fd)
+
+
 def remove_leftovers(folder: str):
     """Remove the .tmp-NAME folders in `folder` that no build holds: what killed builds, or
     failed ones that could not clean up, left behind (a run's checkpoints/ on a full disk)."""
@@ -877,8 +896,10 @@ def read_file(path: str, limit: Optional[int] = None, what: str = "file",
     return content
 
 
-def size_text(n: int) -> str:
-    return f"{n:,} bytes" if n < 2**20 else f"{n / 2**20:,.0f} MiB"
+def size_text(n: float) -> str:
+    """A size in words: 2,000 bytes, 64 MiB, 1,039.6 GiB."""
+    return (f"{n:,.0f} bytes" if n < 2**20 else f"{n / 2**20:,.0f} MiB" if n < 2**30 else
+            f"{n / 2**30:,.1f} GiB")
 
 
 def read_json(path: str, fix: str, what: str = "file"):

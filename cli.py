@@ -76,6 +76,18 @@ def first_line(e: BaseException, limit: int) -> str:
     return (str(e).splitlines() or [""])[0][:limit]
 
 
+def port_in_use(e: BaseException, master: tuple) -> str:
+    """The one line for a process group that could not start because its rendezvous port is
+    taken (torch says EADDRINUSE), or "" for any other error. master: (address, port). Under
+    torchrun the launcher binds the port itself, and fails in its own words before any script
+    runs; this is for ranks started with MASTER_ADDR and MASTER_PORT by other means."""
+    if "EADDRINUSE" not in str(e):
+        return ""
+    return (f"error: the rendezvous port {master[1]} on {master[0]} is in use by another process "
+            "(another job?); give this job a free one (torchrun --master-port N, or "
+            "MASTER_PORT=N)")
+
+
 def number(kind=int, low=1, above=False):
     """An argparse type: a `kind` (int or float) >= low (> low if `above`), or an error that
     says which numbers to use."""

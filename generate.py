@@ -51,6 +51,7 @@ import torch
 
 import checkpoint as C
 import parallel as P
+import cli
 from cli import OneLineParser, check, finite
 from model import Transformer, plan_free_attention
 from tokenizer import Tokenizer
@@ -67,7 +68,9 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
     (parallel.parallelize); every rank of it calls load_model and keeps its slice. Without one,
     on CUDA, the projections are fused for inference (model.Transformer.fuse_projections).
     """
-    args, state, tok_path = C.read_checkpoint(ckpt)
+    with C.reading(ckpt) as folder:         # held: a run's --keep leaves it until it is read
+        args, state, tok_path = C.read_checkpoint(folder)
+        tokenizer = Tokenizer(tok_path)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
     # fp32 on CPU (its bf16 matmuls are slow and inexact), bf16 on CUDA as Meta serves it.
@@ -91,7 +94,7 @@ def load_model(ckpt: str, device="cpu", dtype=None, max_seq_len=None, grid=None)
     # on each projection.
     if grid is None and torch.device(device).type == "cuda":
         model.fuse_projections()
-    return model, Tokenizer(tok_path)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +339,7 @@ def check_options(a):
             raise ValueError(f"--prompt {text!r} is not valid UTF-8 text; give it as UTF-8") \
                 from None
     if a.export_hf:
+        C.check_outputs([("--export-hf", a.export_hf)], C.checkpoint_paths("--ckpt", a.ckpt))
         if os.path.exists(a.export_hf) and (not os.path.isdir(a.export_hf)
                                             or os.listdir(a.export_hf)):
             raise ValueError(f"--export-hf {a.export_hf} exists and is not an empty folder; give "
@@ -388,7 +392,8 @@ def main(argv=None):
         is_main = world is None or world.is_main
         say = print if world is None else world.say
         if a.export_hf and is_main:
-            C.export_hf(*C.read_checkpoint(a.ckpt), a.export_hf)
+            with C.reading(a.ckpt) as folder:       # the tokenizer is read again by the export
+                C.export_hf(*C.read_checkpoint(folder), a.export_hf)
             say(f"wrote {a.export_hf} (Hugging Face LlamaForCausalLM layout)")
         if not a.prompt:
             return
@@ -416,6 +421,10 @@ def main(argv=None):
             "set against the device's memory bandwidth (tests/bench_cpu.py decode measures it)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if world is None and (line := cli.port_in_use(e, P.launcher()["master"])):
+            sys.exit(line)                   # the rendezvous could not start: nothing ran
+        raise
     finally:
         if world is not None:
             P.destroy(world)

@@ -48,6 +48,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -62,6 +63,7 @@ import data
 import generate
 import model as M
 import parallel as P
+import planner
 from tokenizer import Tokenizer
 
 
@@ -179,8 +181,9 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         if device.type == "cpu":
             keep_freed_memory()
         dtype, amp = autocast(cfg, device)
-        sampler, tokenizer, tok_path = open_data(cfg, world)
+        sampler, tokenizer, dataset = open_data(cfg, world, found)   # dataset: what is saved
         args, init_state = model_args(cfg, tokenizer, found[0] if found else None)
+        check_memory(cfg, args, grid, world, dtype)  # a first step that cannot fit: refused now
         # NOTE: parallel.py's seed policy: every rank builds this same full model from the same
         # seed, and parallelize() / PipelineStage keep each rank's part of it.
         torch.manual_seed(cfg.seed)
@@ -210,22 +213,30 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                 C.log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
         def save(step: int):
-            save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, tok_path)
+            nonlocal last_saved
+            save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args, dataset)
+            last_saved = step
 
         # `step` counts optimizer updates done: step 1 is the first update, checkpoints and
         # metrics are named by it, and validation at step 0 is the untrained model.
-        losses, val_losses, bad_in_a_row = {}, {}, 0
+        losses, val_losses, bad_in_a_row, last_saved = {}, {}, 0, start
         if start == 0:
             validate(0)
         bar = cli.Progress("", cfg.steps, stream=sys.stdout, every=0, quiet=not world.is_main)
-        with stop_signals(say) as stop:        # SIGTERM, SIGINT: saved and stopped between steps
+        with stop_signals(say) as stop:  # SIGTERM, SIGINT: stopped between steps or micro-batches
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step - 1, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                before = step_start(sampler)            # what a dropped step gives back
                 batch = sampler.next_batch(global_batch, grid.dp_rank, grid.dp).to(device)
-                loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp)
+                try:
+                    loss = forward_backward(model, step_fn, batch, cfg, grid, sync, amp,
+                                            stop=lambda: stop_now(stop, world))
+                except StepDropped:                   # a stop between two micro-batches
+                    drop_step(step, before, sampler, optimizer, last_saved, save, say)
+                    return dict(losses=losses, val_losses=val_losses, stopped_at=step - 1)
                 grad_norm = P.clip_grad_norm(model, cfg.clip, grid)
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 bad_in_a_row = 0 if finite else bad_in_a_row + 1
@@ -271,15 +282,19 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
             C.unlock_run(cfg.out, lock)
 
 
-def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp) -> float:
+def forward_backward(model, step_fn, batch, cfg: TrainConfig, grid, sync, amp,
+                     stop=None) -> float:
     """Gradients of one step's batch (B * micro-batches, T+1) summed into .grad, synchronized
-    over data parallelism; returns the step's mean loss (over micro-batches and replicas)."""
+    over data parallelism; returns the step's mean loss (over micro-batches and replicas).
+    stop(), asked between micro-batches, True: the step is dropped (StepDropped)."""
     if grid.pp > 1:                           # the micro-batches in the schedule's order
         loss_sum = P.pipeline_step(model, batch, grid, cfg.micro_batches, cfg.pipeline_schedule,
                                    sync, amp)
     else:
         loss_sum = torch.zeros((), device=batch.device)
         for micro, chunk in enumerate(batch.split(cfg.batch_size)):           # (B, T+1) each
+            if micro and stop is not None and stop():
+                raise StepDropped(micro)
             last = micro == cfg.micro_batches - 1
             # COMM: the data-parallel all-reduce runs only on the last micro-batch.
             with (contextlib.nullcontext() if last else sync.no_sync()), amp:
@@ -337,6 +352,10 @@ class RunStopped(RuntimeError):
     """The run cannot go on (repeated non-finite losses): reported in one line, exit code 1."""
 
 
+class StepDropped(Exception):
+    """A stop (SIGTERM, SIGINT) between two micro-batches: the unfinished step is dropped."""
+
+
 def check_flags(cfg: TrainConfig):
     """Every number and name on its own, before any process group or file is touched."""
     def rule(flag: str, ok, what: str) -> tuple:      # NOTE: nan and inf pass no rule
@@ -383,7 +402,14 @@ def check_config(cfg: TrainConfig, world_size: int):
         (not (cfg.pp > 1 and cfg.compile),
          "--compile is not supported with --pp > 1; drop one of them"),
         (not cfg.sp or cfg.tp > 1,
-         "--sp splits activations over the tensor-parallel group; add --tp 2 or more")],
+         "--sp splits activations over the tensor-parallel group; add --tp 2 or more"),
+        (cfg.pp > 1 or cfg.pp_schedule == "auto",
+         f"--pp-schedule {cfg.pp_schedule} orders a pipeline's micro-batches, and --pp 1 has no "
+         "pipeline: drop --pp-schedule, or add --pp 2 or more"),
+        (cfg.warmup <= cfg.steps,
+         f"--warmup {cfg.warmup} is longer than the run's --steps {cfg.steps}: the learning rate "
+         f"would never reach its peak --lr {cfg.lr:g} nor decay; give --warmup {cfg.steps} or "
+         "less")],
         ConfigError)
     if not cfg.init_from:           # the preset against the grid now, before the data is built
         check_split(M.preset(cfg.preset), cfg)
@@ -395,6 +421,34 @@ def check_split(args: M.ModelArgs, cfg: TrainConfig):
     P.check_config(args, cfg.tp, cfg.sp, cfg.seq_len)
     P.check_pipeline(args.n_layers, cfg.pp, cfg.virtual_stages, cfg.micro_batches,
                      cfg.pipeline_schedule)
+
+
+def check_memory(cfg: TrainConfig, args: M.ModelArgs, grid, world, dtype):
+    """Refuse, before the model is built, a first step that cannot fit: planner.py's accounting
+    of this rank's stage -- its weights, gradients and AdamW state (PRECISIONS) and the
+    activations its schedule holds at once (stage_activation_bytes) -- against the memory free
+    on the device. A lower bound (temporary buffers come on top, and ranks that share a host
+    share its memory): a step refused here cannot fit; one let through may still not."""
+    bf16 = dtype == torch.bfloat16
+    state = (sum(planner.PRECISIONS["bf16" if bf16 else "fp32"][:3])
+             * planner.stage_parameters(args, grid.tp, grid.pp, grid.pp_rank))
+    held = planner.stage_activation_bytes(args, cfg.batch_size, cfg.seq_len, grid.tp, grid.pp,
+                                          cfg.virtual_stages, cfg.micro_batches,
+                                          cfg.pipeline_schedule, cfg.sp, cfg.recompute,
+                                          2 if bf16 else 4, grid.pp_rank)
+    free = available_memory(world.device)
+    if _all_ranks(free is None or state + held <= free, world):
+        return
+    if free is None or state + held <= free:
+        raise ConfigError("the first step does not fit in another rank's memory; see its message")
+    fix = ("the weights and optimizer state alone do not fit: use a smaller --preset, or split "
+           "the model over more devices with --tp or --pp" if state > free else
+           "lower --batch-size (and raise --micro-batches to keep the global batch), or add "
+           "--recompute full")
+    raise ConfigError(f"the first step needs at least {C.size_text(state)} for the weights, "
+                      f"gradients and AdamW state and {C.size_text(held)} of activations "
+                      f"(--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}; planner.py's "
+                      f"accounting), but {world.device} has {C.size_text(free)} free; {fix}")
 
 
 def uses_compile(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
@@ -423,25 +477,30 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
     continues or starts.
 
     --resume (or torchrun's restart) continues the run in --out with its own saved configuration;
-    otherwise --out must hold no run at all. Then --out must be writable, and no other run may
-    be using it: the lock is taken by rank 0, and every rank learns whether it got it.
+    otherwise --out must hold no checkpoint (a run that saved none is started again). Then --out
+    must be writable and no input of the run, and no other run may be using it: the lock is
+    taken by rank 0, and every rank learns whether it got it.
     """
     restarted = world.restart > 0            # torchrun started this round after a failure
     found = C.checkpoints(cfg.out)
     if cfg.resume and not found:
-        raise ConfigError(f"--resume: no complete checkpoint under {cfg.out}/checkpoints; run "
-                          "without --resume")
+        raise ConfigError(f"--resume: {cfg.out} holds no complete checkpoint to continue (a run "
+                          "stopped before its first save, or none was started); start the run "
+                          "again without --resume, with its flags")
     if found and (cfg.resume or restarted):
         cfg = restore_config(cfg, given, found[0], world.say)
-    elif not restarted and (held := C.holds_a_run(cfg.out)):
-        raise ConfigError(f"{cfg.out} already holds a run ({held}); pass --resume to "
+    elif found:
+        raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
                           "continue it, or choose another --out")
     check_config(cfg, world.world_size)
+    C.check_outputs([("--out", cfg.out)], [("--data", cfg.data)] + (
+        C.checkpoint_paths("--init-from", cfg.init_from) if cfg.init_from else []))
     lock = refused = None
     if world.is_main:
         try:
             os.makedirs(cfg.out, exist_ok=True)
             lock = C.lock_run(cfg.out)
+            C.remove_leftovers(os.path.join(cfg.out, "checkpoints"))  # e.g. a save's, disk full
         except ValueError as e:                      # a live run holds it
             refused = e
         except OSError as e:
@@ -449,7 +508,36 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
                                   "writable folder")
     if not _all_ranks(refused is None, world):
         raise refused or ConfigError("rank 0 refused the run (its message says why)")
+    if not found and (held := C.holds_a_run(cfg.out)):
+        world.say(f"{cfg.out} holds a run that saved no checkpoint ({held}): it starts again "
+                  "from step 0, and its metrics are replaced")
     return cfg, found, lock
+
+
+def saved_options(ckpt: str) -> dict:
+    """The options a checkpoint saved (train_config.json), each of its TrainConfig type: a file
+    edited by hand (`"lr": "abc"`) is refused naming the file and the field."""
+    saved = C.saved_config(ckpt)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in saved and not of_kind(saved[f.name], f):
+            kind = "true, false or null" if f.default is None else KINDS[type(f.default)]
+            raise ConfigError(f"{ckpt}/train_config.json: {f.name} is {saved[f.name]!r}, not "
+                              f"{kind}: the file was edited or damaged; fix the value, or copy "
+                              "the file from another checkpoint of the run")
+    return saved
+
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def of_kind(value, field) -> bool:
+    """Whether a saved value has its option's type (JSON's 3 is a float too; true is no int)."""
+    if field.default is None:                            # Optional[bool]
+        return value is None or isinstance(value, bool)
+    kind = type(field.default)
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
@@ -458,9 +546,10 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
 
     A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
     ones the run would have had. A path is compared as the folder it names. A new --steps is
-    said, with the learning rate before and after the recomputed decay.
+    said, with the learning rate before and after the recomputed decay. The saved values are
+    checked as the flags are (check_flags), naming the file.
     """
-    saved = C.saved_config(ckpt)
+    saved = saved_options(ckpt)
     if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
         saved["micro_batches"] = saved["grad_accum"]
     same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
@@ -475,7 +564,13 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     restored = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given,
                               "resume": cfg.resume, "out": cfg.out})
-    done, planned = C.step_of(ckpt), dataclasses.replace(restored, steps=saved["steps"])
+    try:
+        check_flags(restored)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt}/train_config.json holds {e}; fix the value there, or copy the "
+                          "file from another checkpoint of the run") from None
+    done = C.step_of(ckpt)
+    planned = dataclasses.replace(restored, steps=saved.get("steps", restored.steps))
     if restored.steps != planned.steps and done < restored.steps:
         say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
             f"decay is recomputed over {restored.steps}, so the learning rate goes from "
@@ -484,8 +579,10 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     return restored
 
 
-def open_data(cfg: TrainConfig, world) -> tuple:
-    """(sampler, tokenizer, its path): the token windows; the demo corpus is built on first use."""
+def open_data(cfg: TrainConfig, world, found: list) -> tuple:
+    """(sampler, tokenizer, what each checkpoint records of the data: its tokenizer's path and
+    identity); the demo corpus is built on first use. A resumed run's data must be the data it
+    was trained on (the checkpoint's dataset.json): one prepared again in place is refused."""
     if not os.path.isdir(cfg.data):
         if cfg.data != TrainConfig.data:
             raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
@@ -496,7 +593,20 @@ def open_data(cfg: TrainConfig, world) -> tuple:
     tok_path = os.path.join(cfg.data, "tokenizer.model")
     weights = data.parse_mix(cfg.mix) if cfg.mix else None
     sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
-    return sampler, Tokenizer(tok_path), tok_path
+    identity = data.dataset_identity(cfg.data)
+    if found and (saved := C.saved_dataset(found[0])) is not None:
+        try:
+            changed = data.dataset_changes(saved, identity)
+        except (KeyError, TypeError, AttributeError):
+            changed = f"{found[0]}/dataset.json does not say what it was (the file is damaged)"
+        if changed and cfg.mix and changed.startswith("its default mixture"):
+            changed = None                               # --mix sets this run's mixture itself
+        if changed:
+            raise ConfigError(f"cannot resume {found[0]}: --data {cfg.data} changed since it was "
+                              f"saved: {changed}; resume on the data the run was trained on "
+                              "(prepare it again as it was), or start a new run from these "
+                              f"weights with --init-from {found[0]}")
+    return sampler, Tokenizer(tok_path), dict(tokenizer=tok_path, identity=identity)
 
 
 def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple:
@@ -505,6 +615,7 @@ def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple
     state, source = None, ckpt or cfg.init_from
     if ckpt:                                 # resuming: the checkpoint's model, loaded later
         args = C.read_params(ckpt)
+        C.check_params(ckpt, args)           # against its weights' shapes, before it is built
     elif cfg.init_from:
         args, state, _ = C.read_checkpoint(cfg.init_from)
     else:
@@ -523,12 +634,13 @@ def model_args(cfg: TrainConfig, tokenizer, ckpt: Optional[str] = None) -> tuple
 # ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.ModelArgs,
-                    tok_path):
+                    dataset: dict):
     """Every rank calls this. dp rank 0 of each tp rank writes its shard (pp rank 0 gathers the
     stages' layers first); each stage writes its optimizer state; global rank 0 renames.
 
     Weights that are not finite are never saved (on any rank: the ranks agree first), and a
-    write that fails on any rank leaves `latest` where it was."""
+    write that fails on any rank leaves `latest` where it was and removes what it wrote (on a
+    full disk, the space it took). dataset: open_data's, the data's tokenizer and identity."""
     if not _all_ranks(all(bool(torch.isfinite(p).all()) for p in model.parameters()), world):
         raise RunStopped(f"the weights are not finite at step {step}: not saved, the latest "
                          f"checkpoint is still {C.latest(cfg.out)}; lower --lr and resume")
@@ -560,10 +672,14 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
                 if grid.pp_rank == 0:
                     C.save_torch(shard, os.path.join(tmp, C.shard_file(grid.tp_rank)))
                 if grid.pp_rank == 0 and grid.tp_rank == 0:
-                    C.write_model(tmp, args, tok_path, dataclasses.asdict(cfg))
+                    C.write_model(tmp, args, dataset["tokenizer"], dataclasses.asdict(cfg),
+                                  dataset["identity"])
             except OSError as e:
                 failed = e
         if not _all_ranks(failed is None, world):
+            if world.is_main:
+                C.abandon_build(tmp, lock)
+                lock = None
             raise failed or OSError(f"another rank could not write {tmp}; see its message")
         if world.is_main:
             C.publish(cfg.out, tmp, step, cfg.keep)
@@ -583,10 +699,18 @@ def resume(candidates: list, model, optimizer, sampler, world, grid) -> int:
             state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
             P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
             optimizer.load_state_dict(state["optimizer"])
-            sampler.load_state_dict(state["sampler"])
+            try:
+                sampler.load_state_dict(state["sampler"])
+            except ValueError as e:          # another mixture: a configuration, not a damaged file
+                raise ConfigError(f"cannot resume {path}: the data sampler it saved differs from "
+                                  f"this run's ({e}): --data was prepared again since; resume "
+                                  "on the data the run was trained on, or start a new run with "
+                                  f"--init-from {path}") from None
             torch.set_rng_state(state["rng"]["torch"])
             if state["rng"]["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["rng"]["cuda"])
+        except ConfigError:
+            raise
         except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
             why = f"{type(e).__name__}: {cli.first_line(e, 300)}"
         if _all_ranks(why is None, world):
@@ -699,6 +823,37 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def available_memory(device: torch.device) -> Optional[float]:
+    """Bytes this process may still allocate on `device`, or None where it cannot be known: on
+    CUDA the device's free memory; on CPU the least of the system's MemAvailable, the cgroup's
+    limit less its usage (a container), and the address-space limit (ulimit -v) less this
+    process's size."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    def number(path: str, key: str = "") -> Optional[float]:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            return None
+        if key:
+            line = next((l for l in text.splitlines() if l.startswith(key)), "")
+            return float(line.split()[1]) * 1024 if line else None    # kB
+        return float(text) if text.strip().isdigit() else None
+    found = [number("/proc/meminfo", "MemAvailable:")]
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        if (cap := number(limit)) is not None and (used := number(usage)) is not None:
+            found.append(cap - used)
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY and (size := number("/proc/self/status",
+                                                                    "VmSize:")) is not None:
+        found.append(address_space - size)
+    found = [x for x in found if x is not None]
+    return min(found) if found else None
+
+
 def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
     """The training and validation curves, where matplotlib is installed."""
     try:
@@ -743,19 +898,57 @@ def stop_signals(say):
             signal.signal(s, h)
 
 
+def step_start(sampler) -> tuple:
+    """What a step about to begin may have to give back if it is dropped (drop_step): where the
+    sampler stood, and torch's generators (no step draws from them today; one that did would
+    draw again what it drew)."""
+    return (sampler.state_dict(), torch.get_rng_state(),
+            torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def stop_now(stop: dict, world) -> bool:
+    """Whether a signal asks the run to stop, agreed by every rank (one rank's signal stops
+    them all, and no rank waits in the all-reduce of a step the others dropped).
+    PERF: under several processes, one all-reduce of a float per micro-batch: a host sync; one
+    process asks only its own flag."""
+    return stop["signal"] is not None if world.world_size == 1 else not _all_ranks(
+        stop["signal"] is None, world)
+
+
+def drop_step(step: int, before: tuple, sampler, optimizer, last_saved: int, save, say):
+    """A stop between micro-batches: the unfinished step's gradients are dropped and the sampler
+    and generators put back where the step began, so that the step finished last is saved as
+    it was and a resumed run does this step again, exactly (tests/test_faults.py)."""
+    sampler.load_state_dict(before[0])
+    torch.set_rng_state(before[1])
+    if before[2] is not None:
+        torch.cuda.set_rng_state(before[2])
+    optimizer.zero_grad(set_to_none=True)
+    done = step - 1
+    if done > last_saved:
+        say(f"\nsignal received in step {step}: it is dropped; saving step {done} and stopping")
+        save(done)
+    elif done:
+        say(f"\nsignal received in step {step}: it is dropped; step {done} is saved already; "
+            "stopping")
+    else:
+        say("\nsignal received in step 1: it is dropped, and no step has finished, so there is "
+            "nothing to save; run the same command again to start over")
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. main
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    world = None
+    world = cfg = None
     try:
         cfg, given = parse_args(argv)
         check_flags(cfg)
         if cfg.resume and (found := C.checkpoints(cfg.out)):
             # The process group needs these before open_run restores the rest: a resumed run
             # keeps its own device and timeout unless the command line names them again.
-            saved = C.saved_config(found[0])
+            saved = saved_options(found[0])
             cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("device", "timeout")
                                               if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)
@@ -765,14 +958,14 @@ def main(argv=None) -> dict:
             P.stop_restarts()
         raise
     except (ValueError, OSError, RunStopped) as e:
-        again = isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
         if world is None or world.is_main:
-            print(f"error: {e}" + (" (then --resume continues the run)" if again else ""),
-                  file=sys.stderr, flush=True)
+            print(f"error: {e}{advice(e, cfg)}", file=sys.stderr, flush=True)
         if isinstance(e, ValueError):        # a configuration (ConfigError is one): it would
             P.stop_restarts()                # fail every restart the same way
         sys.exit(2 if isinstance(e, ValueError) else 1)
     except RuntimeError as e:
+        if world is None and (line := cli.port_in_use(e, P.launcher()["master"])):
+            sys.exit(line)                   # the rendezvous could not start: nothing ran
         if world is None or world.world_size == 1 or not P.is_collective_failure(e):
             raise
         # Every rank says it: the stuck or dead rank may be rank 0.
@@ -787,6 +980,21 @@ def main(argv=None) -> dict:
     finally:
         if world is not None:
             P.destroy(world)
+
+
+def advice(e: BaseException, cfg: Optional[TrainConfig]) -> str:
+    """What follows an error's line: "(then --resume continues the run)" only where a run has a
+    checkpoint to continue from and the error may pass (a full disk, a failed write); for a
+    permission error that names no fix, the fix."""
+    if isinstance(e, PermissionError) and e.errno is not None:
+        return f"; give your user access to {e.filename}, then run again"
+    if not isinstance(e, OSError) or isinstance(e, (FileNotFoundError, PermissionError)):
+        return ""
+    try:
+        resumable = cfg is not None and bool(C.checkpoints(cfg.out))
+    except OSError:
+        resumable = False
+    return " (then --resume continues the run)" if resumable else ""
 
 
 if __name__ == "__main__":

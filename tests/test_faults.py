@@ -6,9 +6,12 @@ Each case checks three things: the exact one-line message, the exit code, and wh
 disk. A full disk is the kernel's own: writes into /dev/full fail with ENOSPC.
 """
 
+import builtins
 import errno
 import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +21,9 @@ import pytest
 import torch
 
 import checkpoint as C
+import data
 import generate as G
+import model as M
 import parallel as P
 import planner
 import train as T
@@ -75,7 +80,8 @@ def test_readme_resume_pair_with_a_sigterm_finishes_the_run_exactly(demo_data, t
     ("--seq-len", "64", "64", "32"), ("--seed", "1", "1", "0")])
 def test_resume_refuses_a_flag_that_would_change_the_run(demo_data, tmp_path, capsys, flag,
                                                          value, shown, saved):
-    T.main(readme_run(tmp_path, demo_data)[1:] + ["--steps", "2", "--save-every", "2"])
+    T.main(readme_run(tmp_path, demo_data)[1:] + ["--steps", "2", "--warmup", "1",
+                                                  "--save-every", "2"])
     before = (sorted(os.listdir(tmp_path / "checkpoints")), losses(tmp_path))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -175,7 +181,7 @@ def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, t
         owner.kill()
         owner.wait()
     # the owner is gone (as after kill -9): its lock is stale, taken over, and released at the end
-    T.main(base_argv(demo_data, tmp_path / "busy", "--steps", "2"))
+    T.main(base_argv(demo_data, tmp_path / "busy", "--steps", "2", "--warmup", "1"))
     assert not (tmp_path / "busy" / "train.lock").exists()
 
 
@@ -466,3 +472,421 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(demo_data, tmp_path):
         log = node.communicate(timeout=300)[0]
         assert node.returncode == 0, log
     assert losses(tmp_path / "two") == pytest.approx(one, rel=1e-4)
+
+
+# --- 7. a stop inside a step; a run never continues on other data -------------------------------
+
+def test_a_stop_between_micro_batches_drops_the_step_and_resume_redoes_it(demo_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """SIGTERM in the second of four micro-batches of step 4: steps 1-3 are saved, step 4 is
+    dropped, and --resume does it again: the losses are those of a run never stopped."""
+    def argv(out):
+        return base_argv(demo_data, out, "--steps", "6", "--batch-size", "2",
+                         "--micro-batches", "4")
+    straight = T.main(argv(tmp_path / "straight"))["losses"]
+    real_loss, calls = P.loss_fn, []
+
+    def signal_in_step_4(logits, targets, grid):
+        if torch.is_grad_enabled():                      # a training micro-batch
+            calls.append(1)
+            if len(calls) == 3 * 4 + 2:                  # the second micro-batch of step 4
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(logits, targets, grid)
+
+    monkeypatch.setattr(P, "loss_fn", signal_in_step_4)
+    out = tmp_path / "stopped"
+    stopped = T.main(argv(out))
+    assert stopped["stopped_at"] == 3 and sorted(stopped["losses"]) == [1, 2, 3]
+    assert len(calls) == 14                              # its last two micro-batches never ran
+    assert "signal received in step 4: it is dropped; saving step 3 and stopping" in (
+        capsys.readouterr().out)
+    assert C.latest(str(out)).endswith("step-000003") and sorted(losses(out)) == [1, 2, 3]
+    monkeypatch.setattr(P, "loss_fn", real_loss)
+    resumed = T.main(["--out", str(out), "--resume"])
+    assert sorted(resumed["losses"]) == [4, 5, 6]
+    assert losses(out) == straight                       # equal, bit for bit
+
+
+def prepare_again(demo_data, folder, **options):
+    """The demo's own raw files prepared once more into `folder`, in place of what was there:
+    the same sources and tokenizer, with other prepare options."""
+    new = folder + ".new"
+    data.prepare([f"{name}:{kind}={demo_data}/raw/{name}" for name, kind in
+                  data.DEMO_KINDS.items()], new, tokenizer=os.path.join(demo_data,
+                                                                        "tokenizer.model"),
+                 quiet=True, workers=1, **{"weights": data.DEMO_WEIGHTS, **options})
+    shutil.rmtree(folder)
+    os.rename(new, folder)
+
+
+def first_change(was: dict, now: dict) -> str:
+    """The first source and split, in name order, whose token or document count differs between
+    two manifests, said as the refusal says it."""
+    for name in sorted(was["sources"]):
+        for split in ("train", "val"):
+            a, b = was["sources"][name][split], now["sources"][name][split]
+            if a != b:
+                return (f"source {name}'s {split} split held {a['tokens']:,} tokens in "
+                        f"{a['documents']:,} documents, now {b['tokens']:,} in "
+                        f"{b['documents']:,}")
+
+
+@pytest.mark.parametrize("options", [
+    dict(val_every=20), dict(weights={"code": 0.2, "docs": 0.3, "reference": 0.5})])
+def test_resume_refuses_data_prepared_again_in_place(demo_data, tmp_path, capsys, options):
+    """--val-every changed the split the run trains on without a word; another mixture was
+    refused as "cannot read checkpoint ... falling back", then "no checkpoint can be read"."""
+    ds = str(tmp_path / "ds")
+    shutil.copytree(demo_data, ds)
+    prepare_again(demo_data, ds)                          # as the demo built it: no change
+    out = tmp_path / "run"
+    T.main(base_argv(ds, out, "--steps", "4", "--save-every", "2"))
+    was = data.load_manifest(ds)
+    prepare_again(demo_data, ds, **options)
+    changed = (first_change(was, data.load_manifest(ds)) if "val_every" in options else
+               "its default mixture was {'code': 0.5, 'docs': 0.3, 'reference': 0.2}, now "
+               "{'code': 0.2, 'docs': 0.3, 'reference': 0.5}")
+    before = (sorted(os.listdir(out / "checkpoints")), losses(out))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(out), "--resume", "--steps", "6"])
+    assert e.value.code == 2
+    ckpt = f"{out}/checkpoints/step-000004"
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: cannot resume {ckpt}: --data {ds} changed since it was saved: {changed}; resume "
+        "on the data the run was trained on (prepare it again as it was), or start a new run "
+        f"from these weights with --init-from {ckpt}")
+    assert (sorted(os.listdir(out / "checkpoints")), losses(out)) == before
+
+
+# --- 8. nothing is allocated before it is checked --------------------------------------------
+
+@pytest.mark.parametrize("field,value,says", [
+    ("n_layers", 10000, "{ckpt}/consolidated.00.pth holds 4 layers but {ckpt}/params.json says "
+                        "n_layers=10000: the weights and {ckpt}/params.json come from different "
+                        "models; restore {ckpt}/params.json beside its weights"),
+    ("dim", 2**20, "tok_embeddings.weight in {ckpt}/consolidated.00.pth has shape (512, 256) but "
+                   "{ckpt}/params.json (dim=1048576, n_layers=4, n_heads=8, n_kv_heads=4) "
+                   "implies (512, 1048576): the weights and {ckpt}/params.json come from "
+                   "different models"),
+])
+def test_resume_compares_params_json_with_the_weights_before_building(demo_data, tmp_path,
+                                                                     monkeypatch, capsys, field,
+                                                                     value, says):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
+    ckpt = C.latest(str(tmp_path))
+    params = json.load(open(os.path.join(ckpt, "params.json")))
+    json.dump({**params, field: value}, open(os.path.join(ckpt, "params.json"), "w"))
+    real_init, built = M.Transformer.__init__, []
+
+    def allocates(self, args, *a, **k):         # a model of those shapes, off the meta device
+        if getattr(args, field) == value and torch.get_default_device().type != "meta":
+            built.append(args)
+            raise MemoryError(f"a model of {field}={value} was built")
+        return real_init(self, args, *a, **k)
+
+    monkeypatch.setattr(M.Transformer, "__init__", allocates)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume", "--steps", "4"])
+    assert e.value.code == 2 and built == []
+    assert one_error_line(capsys.readouterr().err) == f"error: {says.format(ckpt=ckpt)}"
+
+
+def test_a_first_step_that_cannot_fit_is_refused_before_it_starts(demo_data, tmp_path):
+    """--batch-size 100000 was killed by the system at 20 GB, without a word. The process is
+    capped at 16 GiB here, so that code without the check fails fast instead of filling the
+    machine."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+    out = tmp_path / "out"
+    run = python("train.py", *base_argv(demo_data, out, "--batch-size", "100000", "--seq-len",
+                                        "128"), preexec_fn=cap)
+    assert run.returncode == 2, run.stderr
+    line = one_error_line(run.stderr)
+    args = M.preset("tiny", vocab_size=512)                # the demo's tokenizer
+    state = 16 * planner.stage_parameters(args, 1, 1)      # fp32 weights, gradients, m and v
+    held = planner.stage_activation_bytes(args, 100000, 128)
+    assert C.size_text(state) == "49 MiB" and C.size_text(held) == "1,039.6 GiB"
+    assert line.startswith("error: the first step needs at least 49 MiB for the weights, "
+                           "gradients and AdamW state and 1,039.6 GiB of activations "
+                           "(--batch-size 100000 x --seq-len 128; planner.py's accounting), but "
+                           "cpu has ")
+    assert line.endswith(" free; lower --batch-size (and raise --micro-batches to keep the "
+                         "global batch), or add --recompute full")
+    assert os.listdir(out) == []                           # no metrics, no checkpoint, no lock
+
+
+def test_the_memory_check_is_planner_accounting_against_what_is_free(monkeypatch):
+    """The figures of the refusal are planner.py's: the stage's parameters at 16 bytes in fp32
+    (weights, gradients, AdamW's two moments) and stage_activation_bytes."""
+    args = M.preset("tiny", vocab_size=512)
+    cfg = T.TrainConfig(batch_size=16, seq_len=128, micro_batches=8)
+    grid, world = P.make_grid(P.Dist(), tp=1, pp=1), P.Dist()
+    need = (16 * planner.stage_parameters(args, 1, 1)
+            + planner.stage_activation_bytes(args, 16, 128, micro_batches=8))
+    monkeypatch.setattr(T, "available_memory", lambda device: need)
+    T.check_memory(cfg, args, grid, world, torch.float32)            # exactly fits
+    monkeypatch.setattr(T, "available_memory", lambda device: need - 1)
+    with pytest.raises(T.ConfigError, match="^the first step needs at least"):
+        T.check_memory(cfg, args, grid, world, torch.float32)
+    monkeypatch.setattr(T, "available_memory", lambda device: None)  # unknown: not refused
+    T.check_memory(cfg, args, grid, world, torch.float32)
+
+
+# --- 9. advice that is true ----------------------------------------------------------------------
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(demo_data, tmp_path, monkeypatch,
+                                                              capsys):
+    """--resume and a new run no longer send the user to each other."""
+    real_clip, calls = P.clip_grad_norm, []
+
+    def killed_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(P, "clip_grad_norm", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "100"))
+    monkeypatch.setattr(P, "clip_grad_norm", real_clip)
+    assert sorted(losses(tmp_path)) == [1, 2] and not C.checkpoints(str(tmp_path))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume"])
+    assert e.value.code == 2 and one_error_line(capsys.readouterr().err) == (
+        f"error: --resume: {tmp_path} holds no complete checkpoint to continue (a run stopped "
+        "before its first save, or none was started); start the run again without --resume, "
+        "with its flags")
+    again = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "100"))
+    assert f"{tmp_path} holds a run that saved no checkpoint ({tmp_path}/metrics.jsonl): it " \
+           "starts again from step 0, and its metrics are replaced" in capsys.readouterr().out
+    assert sorted(again["losses"]) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def hold_lock(path, names: str):
+    """A process that holds `path` locked as a run does, the file naming `names` (a pid and a
+    host that need not be its own)."""
+    owner = start("-c", "import fcntl, os, sys, time; "
+                  "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                  "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, sys.argv[2].encode()); "
+                  "time.sleep(60)", str(path), names)
+    deadline = time.time() + 60
+    while not (path.exists() and path.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    return owner
+
+
+@pytest.mark.parametrize("names", ["1 {host}", "4242 another-host"])
+def test_a_lock_naming_another_process_says_which_holds_it(demo_data, tmp_path, capsys, names):
+    """The pid a lock names can be reused (after a reboot) or live on another host, while a
+    process that inherited the lock holds it: the message names the holder, and how to end it."""
+    os.makedirs(tmp_path / "busy")
+    lock = tmp_path / "busy" / "train.lock"
+    names = names.format(host=socket.gethostname())
+    owner = hold_lock(lock, names)
+    try:
+        with pytest.raises(SystemExit) as e:
+            T.main(base_argv(demo_data, tmp_path / "busy"))
+        named = names.split()
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {tmp_path}/busy is in use: {lock} is held by pid "
+                               f"{owner.pid} (")
+        assert line.endswith(f"), though it names pid {named[0]} on {named[1]}; if that process "
+                             f"is no run of {tmp_path}/busy, end it (kill {owner.pid}) and run "
+                             "again, or choose another --out")
+        assert e.value.code == 2 and os.listdir(tmp_path / "busy") == ["train.lock"]
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_lock_that_is_a_folder_is_named(demo_data, tmp_path, capsys):
+    os.makedirs(tmp_path / "out" / "train.lock")
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path / "out"))
+    assert e.value.code == 2 and one_error_line(capsys.readouterr().err) == (
+        f"error: {tmp_path}/out/train.lock is a folder (or not a file), where a run keeps its "
+        f"lock file; move it out of {tmp_path}/out, then run again")
+
+
+@pytest.mark.parametrize("content,says", [
+    ('{"lr": "abc"}', "{path}: lr is 'abc', not a number: the file was edited or damaged; fix the "
+                      "value, or copy the file from another checkpoint of the run"),
+    ("{not json", "{path} is not valid JSON (Expecting property name enclosed in double quotes: "
+                  "line 1 column 2 (char 1)); copy it from another checkpoint of the run"),
+])
+def test_train_config_edited_by_hand_is_named(demo_data, tmp_path, capsys, content, says):
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
+    path = os.path.join(C.latest(str(tmp_path)), "train_config.json")
+    saved = json.load(open(path))
+    open(path, "w").write(json.dumps({**saved, **json.loads(content)}) if content.startswith(
+        '{"') else content)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume", "--steps", "3"])
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: {says.format(path=path)}"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pp-schedule", "afab"], "--pp-schedule afab orders a pipeline's micro-batches, and --pp 1 "
+                                "has no pipeline: drop --pp-schedule, or add --pp 2 or more"),
+    (["--warmup", "40"], "--warmup 40 is longer than the run's --steps 12: the learning rate "
+                         "would never reach its peak --lr 0.003 nor decay; give --warmup 12 or "
+                         "less"),
+])
+def test_flags_that_would_be_ignored_are_refused(demo_data, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path / "out", *extra))
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_dataset_file_says_what_to_do_not_resume(demo_data, tmp_path, monkeypatch,
+                                                               capsys):
+    manifest, real = os.path.join(demo_data, "manifest.json"), builtins.open
+
+    def no_access(path, *a, **k):             # what a file without read permission gives
+        if str(path) == manifest:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_access)
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(demo_data, tmp_path / "out"))
+    assert e.value.code == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: cannot read manifest {manifest}: permission denied; give your user read access "
+        "to it (chmod u+r), then run again")
+
+
+@pytest.mark.parametrize("out", ["ds", "ds/run"])
+def test_an_out_that_is_or_lies_inside_the_data_is_refused(demo_data, tmp_path, capsys, out):
+    ds = str(tmp_path / "ds")
+    shutil.copytree(demo_data, ds)
+    before = sorted(os.listdir(ds))
+    with pytest.raises(SystemExit) as e:
+        T.main(base_argv(ds, tmp_path / out))
+    assert e.value.code == 2 and one_error_line(capsys.readouterr().err) == (
+        f"error: --out {tmp_path / out} {'is' if out == 'ds' else 'lies inside'} --data {ds}: "
+        "writing it would overwrite what this command reads; choose an --out outside it")
+    assert sorted(os.listdir(ds)) == before
+
+
+def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = python("train.py", "--out", str(tmp_path / "out"), "--device", "cpu",
+                     env=dict(os.environ, **torchrun_env(0, 2, port)))
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == (f"error: the rendezvous port {port} on 127.0.0.1 is in use by another "
+                          "process (another job?); give this job a free one (torchrun "
+                          "--master-port N, or MASTER_PORT=N)\n")
+
+
+# --- 10. generate.py and eval.py read what a run writes, while it writes -------------------------
+
+def test_a_checkpoint_being_read_outlives_a_rotation(demo_data, tmp_path, monkeypatch):
+    """generate.py reads OUT/checkpoints/latest while the run saves its next step with --keep 1:
+    the folder being read stays until the save after, instead of vanishing mid-load ("tokenizer
+    model not found; train one with tokenizer.py")."""
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2", "--keep", "1"))
+    root = tmp_path / "checkpoints"
+
+    def save_step(step):                 # what the run does at its next save, files and all
+        tmp, fd = C.start_build(C.step_folder(str(tmp_path), step))
+        for name in os.listdir(root / "step-000004"):
+            shutil.copyfile(root / "step-000004" / name, os.path.join(tmp, name))
+        C.publish(str(tmp_path), tmp, step, keep=1)
+        os.close(fd)
+
+    real_load, saved = C.load_weights, []
+
+    def a_save_meanwhile(path):
+        state = real_load(path)
+        if not saved:
+            saved.append(6)
+            save_step(6)                             # latest moves on, --keep 1 rotates
+        return state
+
+    monkeypatch.setattr(C, "load_weights", a_save_meanwhile)
+    model, tok = G.load_model(str(root / "latest"))
+    assert model.args.n_layers == 4 and tok.n_words == 512
+    assert sorted(os.listdir(root)) == ["latest", "step-000004", "step-000006"]   # held
+    monkeypatch.setattr(C, "load_weights", real_load)
+    save_step(8)
+    assert sorted(os.listdir(root)) == ["latest", "step-000008"]
+
+
+def test_a_latest_that_leads_out_of_its_run_is_refused(demo_data, tmp_path, capsys):
+    T.main(base_argv(demo_data, tmp_path / "run", "--steps", "2", "--warmup", "1"))
+    shutil.copytree(C.latest(str(tmp_path / "run")), tmp_path / "elsewhere")
+    pointer = tmp_path / "run" / "checkpoints" / "latest"
+    pointer.write_text("../../elsewhere")
+    said = generate_error("--ckpt", str(pointer), "--prompt", "def ", "--max-new-tokens", "2")
+    assert said == (f"error: {pointer} names '../../elsewhere', not a step-NNNNNN folder beside "
+                    "it: it is damaged; write the name of the newest complete step folder into "
+                    "it, or give that folder as --ckpt")
+    resumed = T.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "3"])
+    assert sorted(resumed["losses"]) == [3]              # train.py passes over it, as before
+
+
+def test_a_state_dict_holding_a_string_is_one_line(tmp_path, tok_path):  # noqa: F811
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    weights = os.path.join(ckpt, "consolidated.00.pth")
+    torch.save({**torch.load(weights, weights_only=True), "output.weight": "abc"}, weights)
+    assert generate_error("--ckpt", ckpt, "--prompt", "the") == (
+        f"error: output.weight in {weights} is str, not a tensor: not a model's weights; "
+        "re-download or re-save them")
+
+
+def test_an_unreadable_checkpoint_is_not_called_corrupt(tmp_path, tok_path,  # noqa: F811
+                                                       monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    weights, real = os.path.join(ckpt, "consolidated.00.pth"), builtins.open
+
+    def no_access(path, *a, **k):             # what a file without read permission gives
+        if str(path) == weights:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_access)
+    assert generate_error("--ckpt", ckpt, "--prompt", "the") == (
+        f"error: cannot read weights file {weights}: permission denied; give your user read "
+        "access to it (chmod u+r), then run again")
+
+
+def test_export_hf_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tok_path,  # noqa
+                                                                 monkeypatch):
+    from safetensors import SafetensorError
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+
+    def full_disk(tensors, path, **k):          # what safetensors raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+    monkeypatch.setattr(C, "save_file", full_disk)
+    assert generate_error("--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")) == (
+        f"error: could not write {tmp_path}/.tmp-hf/model.safetensors (Error while serializing: "
+        "I/O error: No space left on device): is the disk full?")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]     # the empty folder it was given
+    assert os.listdir(tmp_path / "hf") == []
+
+
+def test_an_export_inside_its_checkpoint_is_refused(tmp_path, tok_path):  # noqa: F811
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    assert generate_error("--ckpt", ckpt, "--export-hf", f"{ckpt}/hf") == (
+        f"error: --export-hf {ckpt}/hf lies inside --ckpt {ckpt}: writing it would overwrite "
+        "what this command reads; choose an --export-hf outside it")
+    assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+
+
+def test_an_exported_model_file_gets_the_mode_of_any_new_file(tmp_path, tok_path):  # noqa
+    ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
+    G.main(["--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "hf"):                   # safetensors writes 0600
+        assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o666 & ~umask, name

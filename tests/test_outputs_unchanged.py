@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+import data
 from distributed import ROOT
 
 pytestmark = pytest.mark.slow
@@ -90,6 +91,9 @@ def without_bench(saved: dict) -> dict:
 @pytest.mark.parametrize("what", ["data", "run/checkpoints/step-000002", "hf"])
 def test_the_same_bytes_as_before(before_and_now, what):
     before, now = files(before_and_now / "before" / what), files(before_and_now / "now" / what)
+    if what.startswith("run/"):      # the one file added: the identity of the data beside it
+        identity = data.dataset_identity(str(before_and_now / "now" / "data"))
+        assert json.loads(now.pop("dataset.json")) == identity
     assert sorted(before) == sorted(now)
     differ = [name for name in before if before[name] != now[name]]
     # The two files that hold the run's options: equal once --bench is left out of the old.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import data
 import parallel as P
 import train as T
 from distributed import losses, start, wait_for_step
@@ -97,10 +98,12 @@ def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatc
 
 
 def test_checkpoint_is_meta_layout(demo_data, tmp_path):
-    T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
     ckpt = C.latest(str(tmp_path))
-    assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "params.json", "tokenizer.model",
-                                        "train_config.json", "train_state.00.pth"]
+    assert sorted(os.listdir(ckpt)) == ["consolidated.00.pth", "dataset.json", "params.json",
+                                        "tokenizer.model", "train_config.json",
+                                        "train_state.00.pth"]
+    assert json.load(open(os.path.join(ckpt, "dataset.json"))) == data.dataset_identity(demo_data)
     params = json.load(open(os.path.join(ckpt, "params.json")))
     assert params["dim"] == 256 and params["n_layers"] == 4
     state = torch.load(os.path.join(ckpt, "consolidated.00.pth"), weights_only=True)
@@ -124,7 +127,8 @@ def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkey
     monkeypatch.setattr(torch, "save", real_save)
     root = tmp_path / "checkpoints"
     assert C.latest(str(tmp_path)).endswith("step-000002")
-    assert (root / ".tmp-step-000004").exists() and not (root / "step-000004").exists()
+    # the failed save's folder is gone with the space it took: the advice above holds at once
+    assert sorted(os.listdir(root)) == ["latest", "step-000002"]
     resumed = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2", "--resume"))
     assert sorted(resumed["losses"]) == [3, 4, 5, 6]
 
@@ -185,17 +189,18 @@ def test_compile_is_the_default_for_one_cuda_process_only(demo_data, tmp_path, m
     assert T.uses_compile(T.parse_args(["--compile"])[0], cpu)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
-    T.main(base_argv(demo_data, tmp_path / "a", "--steps", "1"))
+    T.main(base_argv(demo_data, tmp_path / "a", "--steps", "1", "--warmup", "1"))
     assert compiled == []
-    T.main(base_argv(demo_data, tmp_path / "b", "--steps", "1", "--compile"))
+    T.main(base_argv(demo_data, tmp_path / "b", "--steps", "1", "--warmup", "1",
+                     "--compile"))
     assert len(compiled) == 1
 
 
 def test_existing_run_is_not_overwritten_and_incompatible_resume_refused(demo_data, tmp_path, capsys):
-    T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     with pytest.raises(SystemExit):
-        T.main(base_argv(demo_data, tmp_path, "--steps", "2"))
+        T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
     assert "pass --resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--resume", "--seq-len", "512"))
@@ -210,7 +215,8 @@ def test_missing_data_dir_is_refused(tmp_path, capsys):
 
 
 def test_resume_starts_with_the_runs_own_device_and_timeout(demo_data, tmp_path, monkeypatch):
-    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--timeout", "123"))
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1", "--timeout",
+                     "123"))
     launched, real = [], P.init_distributed
     monkeypatch.setattr(P, "init_distributed", lambda **kw: launched.append(kw) or real(**kw))
     T.main(["--out", str(tmp_path), "--resume", "--steps", "3"])
