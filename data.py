@@ -227,9 +227,9 @@ class MixtureSampler:
         mine = self.state_dict()
         for key in ("seq_len", "seed", "split", "weights"):
             if state[key] != mine[key]:
-                raise ValueError(f"cannot resume: the saved sampler has {key}={state[key]!r}, this "
-                                 f"one {mine[key]!r}; build it with the same seq_len, weights, "
-                                 "seed and split")
+                raise ValueError(f"the saved sampler has {key}={state[key]!r}, this one "
+                                 f"{mine[key]!r}; build it with the same seq_len, weights, seed "
+                                 "and split")
         self.served = [int(state["served"][n]) for n in self.names]
 
     def tokens_by_source(self) -> dict:
