@@ -841,32 +841,30 @@ def read_records(path: str, dropped: Counter):
     if os.path.getsize(path) == 0:
         dropped["empty_file"] += 1
         return
-    if path.endswith(".txt"):            # one document, read whole: C.read_file's bound
-        lines = [C.read_file(path, what="source file", advice="split it into documents")]
-    else:
-        raw = open(path, "rb")
-        lines = _lines(gzip.open(raw) if path.endswith(".gz") else raw, dropped)
-    try:
-        for n, line in enumerate(lines):
-            if n == 0:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not path.endswith(".txt") and not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-                record = {"text": text} if path.endswith(".txt") else json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
-                continue
-            if _is_record(record):
-                yield record
-            else:
-                dropped["bad_json"] += 1
-    except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
-        dropped["bad_gzip"] += 1                        # what was read before
-    finally:
-        if not path.endswith(".txt"):
-            raw.close()
+    is_txt = path.endswith(".txt")
+    with contextlib.ExitStack() as files:
+        if is_txt:                       # one document, read whole: C.read_file's bound
+            lines = [C.read_file(path, what="source file", advice="split it into documents")]
+        else:
+            raw = files.enter_context(open(path, "rb"))
+            lines = _lines(gzip.open(raw) if path.endswith(".gz") else raw, dropped)
+        try:
+            for n, line in enumerate(lines):
+                line = line.removeprefix(codecs.BOM_UTF8) if n == 0 else line
+                if not is_txt and not line.strip():
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                    record = {"text": text} if is_txt else json.loads(text)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
+                    continue
+                if _is_record(record):
+                    yield record
+                else:
+                    dropped["bad_json"] += 1
+        except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
+            dropped["bad_gzip"] += 1                        # what was read before
 
 
 def _lines(f, dropped: Counter):

@@ -35,8 +35,9 @@ Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabul
 
 What this file leaves out: resuming at a different tensor- or pipeline-parallel layout with the
 optimizer state (use --init-from: weights only, any layout), --compile under pipeline
-parallelism, samples at the end under tensor or pipeline parallelism, and mixed precision other
-than bf16 autocast (no fp16 loss scaling).
+parallelism, samples at the end under tensor or pipeline parallelism, mixed precision other
+than bf16 autocast (no fp16 loss scaling), and a stop inside a pipeline's step (under --pp a
+signal is honoured between steps; without it, between micro-batches too).
 
 Papers: LLaMA (arXiv 2302.13971) for the recipe; Megatron-LM (2104.04473, PTD-P) for the grid.
 """
@@ -432,9 +433,13 @@ def check_memory(cfg: TrainConfig, args: M.ModelArgs, grid, world, dtype):
     bf16 = dtype == torch.bfloat16
     state = (sum(planner.PRECISIONS["bf16" if bf16 else "fp32"][:3])
              * planner.stage_parameters(args, grid.tp, grid.pp, grid.pp_rank))
+    # NOTE: compiled, the partitioner may keep less than the eager code does: the bound then
+    # counts only what no recomputation avoids, each block's input and the head (as "full").
+    compiled = uses_compile(cfg, world.device, world.world_size)
     held = planner.stage_activation_bytes(args, cfg.batch_size, cfg.seq_len, grid.tp, grid.pp,
                                           cfg.virtual_stages, cfg.micro_batches,
-                                          cfg.pipeline_schedule, cfg.sp, cfg.recompute,
+                                          cfg.pipeline_schedule, cfg.sp,
+                                          "full" if compiled else cfg.recompute,
                                           2 if bf16 else 4, grid.pp_rank)
     free = available_memory(world.device)
     if _all_ranks(free is None or state + held <= free, world):
@@ -443,8 +448,8 @@ def check_memory(cfg: TrainConfig, args: M.ModelArgs, grid, world, dtype):
         raise ConfigError("the first step does not fit in another rank's memory; see its message")
     fix = ("the weights and optimizer state alone do not fit: use a smaller --preset, or split "
            "the model over more devices with --tp or --pp" if state > free else
-           "lower --batch-size (and raise --micro-batches to keep the global batch), or add "
-           "--recompute full")
+           "lower --batch-size (and raise --micro-batches to keep the global batch)" + (
+               ", or add --recompute full" if not compiled and cfg.recompute != "full" else ""))
     raise ConfigError(f"the first step needs at least {C.size_text(state)} for the weights, "
                       f"gradients and AdamW state and {C.size_text(held)} of activations "
                       f"(--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}; planner.py's "
@@ -567,8 +572,8 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     try:
         check_flags(restored)
     except ConfigError as e:
-        raise ConfigError(f"{ckpt}/train_config.json holds {e}; fix the value there, or copy the "
-                          "file from another checkpoint of the run") from None
+        raise ConfigError(f"{ckpt}/train_config.json: {e}; fix the value there, or copy the file "
+                          "from another checkpoint of the run") from None
     done = C.step_of(ckpt)
     planned = dataclasses.replace(restored, steps=saved.get("steps", restored.steps))
     if restored.steps != planned.steps and done < restored.steps:
@@ -830,28 +835,32 @@ def available_memory(device: torch.device) -> Optional[float]:
     process's size."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
-    def number(path: str, key: str = "") -> Optional[float]:
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError:
-            return None
-        if key:
-            line = next((l for l in text.splitlines() if l.startswith(key)), "")
-            return float(line.split()[1]) * 1024 if line else None    # kB
-        return float(text) if text.strip().isdigit() else None
-    found = [number("/proc/meminfo", "MemAvailable:")]
+    found = [_number("/proc/meminfo", "MemAvailable:")]
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                          ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                           "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        if (cap := number(limit)) is not None and (used := number(usage)) is not None:
+        if (cap := _number(limit)) is not None and (used := _number(usage)) is not None:
             found.append(cap - used)
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if address_space != resource.RLIM_INFINITY and (size := number("/proc/self/status",
-                                                                    "VmSize:")) is not None:
+    size = _number("/proc/self/status", "VmSize:")
+    if address_space != resource.RLIM_INFINITY and size is not None:
         found.append(address_space - size)
     found = [x for x in found if x is not None]
     return min(found) if found else None
+
+
+def _number(path: str, key: str = "") -> Optional[float]:
+    """The number a /proc or /sys file holds (bytes), or the one after `key` (kB): None if the
+    file is not there or holds no number ("max": no cgroup limit)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    if key:
+        line = next((l for l in text.splitlines() if l.startswith(key)), "")
+        return float(line.split()[1]) * 1024 if line else None
+    return float(text) if text.strip().isdigit() else None
 
 
 def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
@@ -885,7 +894,8 @@ def print_samples(model, tokenizer, cfg: TrainConfig, say):
 @contextlib.contextmanager
 def stop_signals(say):
     """{"signal": None} while the loop runs, the number of SIGTERM or SIGINT once one arrives:
-    honoured between steps. The handlers are given back when the loop ends."""
+    honoured between steps, and between micro-batches (drop_step). The handlers are given back
+    when the loop ends."""
     stop = {"signal": None}
     old = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
            for s in (signal.SIGTERM, signal.SIGINT)}

@@ -548,13 +548,27 @@ def test_a_txt_document_larger_than_the_bound_is_refused_in_one_line(corpus, tmp
     src = tmp_path / "src"
     src.mkdir()
     (src / "big.txt").write_text("word " * 400)
-    monkeypatch.setattr(C, "TEXT_LIMIT", 1000)       # the bound, at a test's size
+    monkeypatch.setattr(C, "TEXT_LIMIT", 1000, raising=False)   # the bound, at test size
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", "--source", f"s={src}", "--tokenizer", model,
                    "--out", str(tmp_path / "out"), "--workers", "1", "--quiet"])
     assert str(e.value) == (f"error: source file {src}/big.txt holds 2,000 bytes, more than the "
                             "1,000 bytes read at once; split it into documents")
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_record_longer_than_the_bound_is_skipped_and_counted(corpus, tmp_path, monkeypatch):
+    """A jsonl line is read with a bound: one longer (a file with no line breaks) is never held
+    whole; it is skipped to its end and counted."""
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "a.jsonl", ["Short one.", "x" * 500, "Another short one."])
+    monkeypatch.setattr(data, "RECORD_LIMIT", 100, raising=False)
+    report = data.prepare([f"s={src}"], str(tmp_path / "out"), tokenizer=model, quiet=True,
+                          workers=1)
+    assert report["sources"]["s"]["kept"] == 2
+    assert report["sources"]["s"]["dropped"] == {"record_too_long": 1}
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_record(corpus, tmp_path):

@@ -657,7 +657,7 @@ def test_dev_zero_or_a_fifo_as_data_is_one_line(tmp_path, task, make):
 
 def test_a_task_file_larger_than_the_bound_is_one_line(tmp_path, monkeypatch):
     import checkpoint as C
-    monkeypatch.setattr(C, "TEXT_LIMIT", 100)                 # the bound, at a test's size
+    monkeypatch.setattr(C, "TEXT_LIMIT", 100, raising=False)   # the bound, at test size
     message = refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data",
                        fixture("piqa.jsonl")], tmp_path)
     size = os.path.getsize(fixture("piqa.jsonl"))
