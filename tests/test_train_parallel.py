@@ -111,3 +111,41 @@ def test_parallel_runs_equal_one_process(parallel, single_process):
                 for step, loss in reference.items():
                     assert losses[step] == pytest.approx(loss, rel=rel), \
                         f"{run.name}, rank {rank}, step {step}"
+
+
+def signalled_in_step_4(argv) -> dict:
+    """train.main on a worker, rank 1 sent SIGTERM in the second of four micro-batches of
+    step 4 (at module level: a spawned worker imports it)."""
+    import os
+    import signal
+
+    import torch
+
+    import parallel as P
+    real, calls = P.loss_fn, []
+
+    def loss(logits, targets, grid):
+        if torch.is_grad_enabled():                      # a training micro-batch
+            calls.append(1)
+            if len(calls) == 3 * 4 + 2 and os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(logits, targets, grid)
+    P.loss_fn = loss
+    return dict(T.main(argv), micro_batches_run=len(calls))
+
+
+def test_a_stop_on_one_rank_between_micro_batches_drops_the_step_on_all(demo_data, tmp_path):
+    """dp 2: only rank 1 is signalled, mid-step; both ranks drop step 4 (none is left waiting in
+    the all-reduce of a step the other dropped), step 3 is saved, and --resume finishes the run
+    with the losses of one process."""
+    flags = ("--steps", "6", "--micro-batches", "4", "--log-every", "1")
+    one = T.main(argv(demo_data, tmp_path / "one", 4, *flags))["losses"]
+    out = tmp_path / "dp2"
+    stopped = spawn_each(signalled_in_step_4, 2, [argv(demo_data, out, 2, *flags)])[0]
+    assert [r["stopped_at"] for r in stopped] == [3, 3]
+    assert [r["micro_batches_run"] for r in stopped] == [14, 14]    # step 4: two of four
+    resumed = spawn_each(T.main, 2, [["--out", str(out), "--resume"]])[0]
+    for rank in resumed:
+        assert sorted(rank["losses"]) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert rank["losses"][step] == pytest.approx(one[step], rel=1e-4)
