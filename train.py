@@ -525,14 +525,14 @@ def saved_options(ckpt: str) -> dict:
     saved = C.saved_config(ckpt)
     for f in dataclasses.fields(TrainConfig):
         if f.name in saved and not of_kind(saved[f.name], f):
-            kind = "true, false or null" if f.default is None else KINDS[type(f.default)]
+            kind = "true, false or null" if f.default is None else TYPE_WORDS[type(f.default)]
             raise ConfigError(f"{ckpt}/train_config.json: {f.name} is {saved[f.name]!r}, not "
                               f"{kind}: the file was edited or damaged; fix the value, or copy "
                               "the file from another checkpoint of the run")
     return saved
 
 
-KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def of_kind(value, field) -> bool:
