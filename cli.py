@@ -7,7 +7,8 @@ Each script keeps its own flags and its `main`; what they have in common is here
   2. Flags from a dataclass   add_fields: one --flag per field, its help the comment written
                         beside the field, its default shown in --help
   3. Numbers and rules  number (an argparse type with a range), check (a table of rules, one
-                        message format), first_line (a library's message inside ours)
+                        message format), first_line (a library's message inside ours),
+                        port_in_use (a rendezvous that could not start, in one line)
   4. Progress           one status line: redrawn in place on a terminal, plain lines in a log
 
 This file imports no other file of the project, and nothing in it touches the disk.
