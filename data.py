@@ -24,9 +24,10 @@ Reading map (train.py reads through sections 1 and 2, and builds the demo with s
   5. prepare            its stages: clean_file -> dedup_source -> tokenize_file -> concatenate
   ---------------------------------------------------------------------------- (the banner)
   6. Reading sources    .jsonl / .jsonl.gz / .txt -> records; unreadable input is counted
-  7. Worker processes   a pool of forked workers, one progress line
+  7. Worker processes   forked workers, a pipe each (one that dies fails the stage), progress
   8. prepare's options  the checks before any work; --shard I/N on N machines, then merge
-  9. Dataset checks     load_manifest: a prepared folder checked against its manifest
+  9. Dataset checks     load_manifest: a prepared folder checked against its manifest; the
+                        identity a run records of it (dataset_identity)
  10. Demo corpus        the Python standard library as three sources
  11. Command line       prepare, merge, stats
 

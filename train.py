@@ -20,10 +20,13 @@ Reading map
   3. The training loop    train(): build, then accumulate, synchronize, clip, step, log, validate,
                           save; forward_backward, validation_loss
   ---------------------------------------------------------------------------- (the banner)
-  4. Checks               the flags alone, then together and against the world, in one line each
-  5. Opening a run        new, resumed or restarted: its lock, saved options, data and model
+  4. Checks               the flags alone, then together and against the world (memory too), in
+                          one line each
+  5. Opening a run        new, resumed or restarted: its lock, saved options, data (the data it
+                          was trained on) and model
   6. Checkpoints          saved and loaded across ranks (the files themselves: checkpoint.py)
-  7. Measuring            MFU's peak, the CPU allocator, the loss curve, samples, signals
+  7. Measuring            MFU's peak, the CPU allocator, free memory, the loss curve, samples,
+                          signals (a step dropped between micro-batches)
   8. main                 errors in one line, exit codes, the process group
 
 `--resume` restores the run's own options (a flag that would change what it computes is refused),
