@@ -725,3 +725,15 @@ def test_a_rewritten_report_keeps_its_mode(ckpt, tmp_path):
     E.main(["--ckpt", ckpt, "--task", "boolq", "--data", fixture("boolq.jsonl"), "--out",
             str(out)])
     assert json.load(open(out))["task"] == "boolq" and os.stat(out).st_mode & 0o777 == 0o640
+
+
+def test_an_out_that_is_a_fifo_or_a_device_is_refused_not_replaced(tmp_path):
+    """The report is renamed over --out: a FIFO (or, run as root, /dev/null) would be replaced
+    by a file."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as info:                  # before the missing checkpoint
+        E.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data",
+                fixture("piqa.jsonl"), "--out", str(tmp_path / "pipe")])
+    assert info.value.code == (f"error: --out {tmp_path / 'pipe'} is not a regular file (a "
+                               "device, a FIFO); give the name of a file to write the report to")
+    assert os.path.exists(tmp_path / "pipe") and not os.path.isfile(tmp_path / "pipe")
