@@ -17,24 +17,28 @@ context, the rest of the sentence is the one continuation both options share (so
 rule). MMLU [LLaMA Table 9] is 5-shot multiple choice over the answer letters. Closed-book QA
 (NaturalQuestions, TriviaQA) is greedy generation, cut at the first line break, dot or comma,
 matched exactly after normalization [LLaMA App. A], 0- to 64-shot. Perplexity is measured on
-held-out text or a token shard.
+held-out text or a token shard. Every accuracy and exact match comes with its standard error,
+as the harness computes it: the hits' sample standard deviation (n - 1) over sqrt(n).
 
     python eval.py --ckpt llama/7B --task hellaswag --data hellaswag_val.jsonl --limit 500
     python eval.py --ckpt llama/7B --task nq --data NQ-open.dev.jsonl --shots 5 \\
                    --shots-from NQ-open.train.jsonl --out nq5.json
     python eval.py --ckpt llama/7B --task mmlu --data data/test --shots-from data/dev
     python eval.py --ckpt out/tiny --task perplexity --data heldout.txt
+    python eval.py --ckpt llama/7B --task common_sense --data benchmarks/   # Table 3, one load
+    python eval.py --ckpt llama/7B --task piqa,boolq --data piqa=valid.jsonl --data boolq=dev.jsonl
 
 Reading map
   1. Tasks            one reader per benchmark writes its prompt; the table of tasks; the shots
   2. Scoring          context + continuation tokenized together, batched by length, one
                       forward per batch; the continuation's log-probabilities summed
-  3. Multiple choice  the three rules; MMLU's averages by subject and category
+  3. Multiple choice  the three rules; standard errors; MMLU's averages by subject and category
   4. Closed-book QA   greedy answers that stop at the paper's stop strings; exact match
   5. Perplexity       non-overlapping windows of max_seq_len tokens
   ------------------------------------------------------------------------------ (the banner)
   6. Task files       the file each task reads, in its original or Hugging Face layout
-  7. Command line     the flag rules, the --out check, the report, main
+  7. Command line     several tasks in one run (each task's file), the flag rules, the --out
+                      check, the report (one section per task, the table beside LLaMA-7B), main
 
 Shape legend: B batch, T sequence, V vocab.
 
@@ -50,6 +54,7 @@ the harness's are used); RACE, GSM8k, MATH, HumanEval and MBPP; tensor-parallel 
 model is loaded on one device).
 """
 
+import argparse
 import codecs
 import csv
 import io
@@ -244,6 +249,9 @@ TASKS = {
 MMLU_LLAMA_7B = {"humanities": 34.0, "stem": 30.5, "social_sciences": 38.3, "other": 38.1}
 # PAPER: LLaMA-7B 5-shot by category [LLaMA Table 9]; the average, 35.1, is in TASKS.
 ALIASES = {"nq_open": "nq", "trivia_qa": "triviaqa", "social_iqa": "siqa"}   # HF's names
+# PAPER: Table 3's common-sense reasoning set, in the paper's column order.
+SUITES = {"common_sense": ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
+                           "arc_challenge", "openbookqa"]}
 FEWSHOT_SEED = 1234     # the harness's; the paper does not say how its shots were drawn
 
 
@@ -276,8 +284,9 @@ def add_prompts(name: str, examples: list, pool: list, shots: int):
 # 2. Scoring by log-likelihood
 # ---------------------------------------------------------------------------------------------
 
-def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
-    """(token ids of context + continuation, how many of the last ones are the continuation)."""
+def encode_pair(tok, context: str, continuation: str, max_seq_len=None):
+    """(token ids of context + continuation, how many of the last ones are the continuation),
+    the ids cut to max_seq_len + 1 if given (keep_end)."""
     # NOTE: the context's trailing spaces go with the continuation, as in the harness: a
     # SentencePiece piece carries the space before its word.
     stripped = context.rstrip()
@@ -290,9 +299,14 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len: int):
     n = len(whole) - shared
     if n == 0:
         raise ValueError(f"continuation {continuation!r} has no tokens of its own")
-    # NOTE: an over-long sequence keeps its end: all of the continuation, the nearest context.
-    whole = whole[-(max_seq_len + 1):]
-    return whole, min(n, len(whole) - 1)
+    return (whole, n) if max_seq_len is None else keep_end(whole, n, max_seq_len)
+
+
+def keep_end(ids: list, n: int, max_seq_len: int) -> tuple:
+    """An over-long sequence keeps its end: all of the continuation, the nearest context (the
+    harness cuts on the left too, and warns; loglikelihoods does)."""
+    ids = ids[-(max_seq_len + 1):]
+    return ids, min(n, len(ids) - 1)
 
 
 @torch.inference_mode()
@@ -320,7 +334,9 @@ def score_tokens(model, seqs: list, batch_size: int = 8, label: str = "scoring")
 def loglikelihoods(model, tok, pairs: list, batch_size: int = 8, label: str = "scoring") -> list:
     """log P(continuation | context) for each (context, continuation) pair."""
     unique = list(dict.fromkeys(pairs))     # PERF: identical pairs (BoolQ's "Answer:" ones) once
-    seqs = [encode_pair(tok, c, x, model.args.max_seq_len) for c, x in unique]
+    seqs, L = [encode_pair(tok, c, x) for c, x in unique], model.args.max_seq_len
+    warn_cut(label, sum(len(ids) > L + 1 for ids, _ in seqs), len(seqs), L)      # below the banner
+    seqs = [keep_end(ids, n, L) for ids, n in seqs]
     score = dict(zip(unique, score_tokens(model, seqs, batch_size, label)))
     return [score[p] for p in pairs]
 
@@ -376,25 +392,44 @@ def evaluate_choices(model, tok, name: str, examples: list, batch_size: int = 8)
                                      {"contexts": e.contexts}),
                          choices=e.choices, loglik=ll, loglik_answer=ua, picks=picks,
                          label=e.label, **({"subject": e.subject} if e.subject else {})))
-    metrics = {rule: fmean(row["picks"][rule] == row["label"] for row in rows)
-               for rule in task.rules}
-    report = dict(metrics=metrics, paper_metric=task.metric, paper_value=metrics[task.metric],
-                  examples=rows)
+    hits = {rule: [row["picks"][rule] == row["label"] for row in rows] for rule in task.rules}
+    metrics = {rule: fmean(h) for rule, h in hits.items()}
+    stderr = {rule: mean_stderr(h) for rule, h in hits.items()}
+    report = dict(metrics=metrics, stderr=stderr, paper_metric=task.metric,
+                  paper_value=metrics[task.metric], paper_stderr=stderr[task.metric], examples=rows)
     if name == "mmlu":
         report.update(mmlu_averages(rows))
     return report
 
 
+def mean_stderr(hits: list):
+    """The standard error of an accuracy, as the harness computes it (its mean_stderr): the sample
+    standard deviation of the 0/1 hits (divided by n - 1) over sqrt(n), which for an accuracy p
+    is sqrt(p (1 - p) / (n - 1)); None for one example. OpenBookQA's 500 questions at 57.2%
+    give 57.2 ± 2.2: a difference of two points between two models means little."""
+    n = len(hits)
+    if n < 2:
+        return None
+    mean = sum(hits) / n                # NOTE: the harness's order of operations, to the last bit
+    return math.sqrt(sum((x - mean) ** 2 for x in hits) / (n - 1)) / math.sqrt(n)
+
+
 def mmlu_averages(rows: list) -> dict:
     """Accuracy per subject, and per category, each over its questions (not a mean of subjects:
-    Hendrycks et al.'s evaluate.py and the harness average this way)."""
+    Hendrycks et al.'s evaluate.py and the harness average this way), with standard errors.
+    NOTE: the harness's error for a group pools its subjects' variances (pooled_sample_stderr),
+    leaving out how far the subjects' means lie apart; here it is that of the group's questions."""
     right = defaultdict(list)
     for row in rows:
         right[row["subject"]].append(row["picks"]["acc"] == row["label"])
     categories = {category: [hit for s in subjects for hit in right.get(s, [])]
                   for category, subjects in MMLU_SUBJECTS.items()}
-    return dict(subjects={s: fmean(hits) for s, hits in sorted(right.items())},
-                categories={c: fmean(hits) for c, hits in categories.items() if hits})
+    categories = {c: hits for c, hits in categories.items() if hits}
+    subjects = dict(sorted(right.items()))
+    return dict(subjects={s: fmean(hits) for s, hits in subjects.items()},
+                categories={c: fmean(hits) for c, hits in categories.items()},
+                subjects_stderr={s: mean_stderr(hits) for s, hits in subjects.items()},
+                categories_stderr={c: mean_stderr(hits) for c, hits in categories.items()})
 
 
 # MMLU's 57 subjects by the category the paper's Table 16 puts them in (the harness's grouping).
@@ -478,9 +513,9 @@ def evaluate_qa(model, tok, examples: list, batch_size: int = 8, max_new_tokens:
         match = any(normalize_answer(pred) == normalize_answer(a) for a in e.answers)
         rows.append(dict(index=i, prompt=e.contexts[0], generation=generation, prediction=pred,
                          answers=e.answers, exact_match=match))
-    em = fmean(r["exact_match"] for r in rows)
-    return dict(metrics={"exact_match": em}, paper_metric="exact_match", paper_value=em,
-                examples=rows)
+    em, se = fmean(r["exact_match"] for r in rows), mean_stderr([r["exact_match"] for r in rows])
+    return dict(metrics={"exact_match": em}, stderr={"exact_match": se},
+                paper_metric="exact_match", paper_value=em, paper_stderr=se, examples=rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +539,8 @@ def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) 
     metrics = {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": n_tokens}
     if n_bytes is not None and n_tokens == len(ids) - 1:       # the whole text was scored
         metrics["bits_per_byte"] = -sum(lls) / math.log(2) / n_bytes
-    return dict(metrics=metrics, paper_metric="perplexity", paper_value=metrics["perplexity"],
+    return dict(metrics=metrics, stderr={}, paper_metric="perplexity",
+                paper_value=metrics["perplexity"], paper_stderr=None,
                 examples=[dict(index=i, start=s, tokens=n, loglik=ll)
                           for i, (s, (_, n), ll) in enumerate(zip(starts, seqs, lls))])
 
@@ -706,6 +742,9 @@ def read_task(name: str, path: str, limit=None) -> list:
     if not os.path.exists(path):
         raise FileNotFoundError(f"task file {path} does not exist; see eval.py's docstring for "
                                 f"which {name} file to download")
+    if os.path.isdir(path) and name != "mmlu":      # only MMLU's CSV files come in a folder
+        raise ValueError(f"task file {path} is a folder; give {name}'s file itself (eval.py's "
+                         "section 6 names it)")
     labels_path = os.path.splitext(path)[0] + "-labels.lst"
     labels = None
     if os.path.isfile(labels_path):              # PIQA and SIQA ship labels in a side file
@@ -770,12 +809,94 @@ def read_tokens(path: str, tok) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # 7. Command line
 # ---------------------------------------------------------------------------------------------
+# One run scores one task or several (--task piqa,boolq or a suite of SUITES) with one model
+# load. Each task becomes a job: the flags of a one-task run, with that task's own --data and
+# --shots-from, so that the same checks, readers and report serve one task and several.
+
+def task_name(word: str) -> str:
+    """A task's name as typed -> ours: any case, '-' for '_', HF's names (ALIASES) too."""
+    key = word.strip().lower().replace("-", "_")
+    return ALIASES.get(key, key)
+
+
+def task_names(spec: str) -> list:
+    """--task -> task names: one, several joined by commas, or a suite of SUITES."""
+    return [n for word in spec.split(",") for n in SUITES.get(task_name(word), [task_name(word)])]
+
+
+def per_task(values: list, names: list, flag: str) -> tuple:
+    """--data or --shots-from values -> ({task: path} of those written TASK=PATH, [the others])."""
+    given, bare = {}, []
+    for value in values or []:
+        key, eq, path = value.partition("=")
+        name = task_name(key)
+        if not eq or name not in TASKS:
+            bare.append(value)                           # a path, perhaps with a '=' of its own
+        elif name not in names:
+            raise ValueError(f"{flag} {value}: {name} is not among --task {', '.join(names)}")
+        elif name in given:
+            raise ValueError(f"{flag} gives {name} twice; give one file a task")
+        else:
+            given[name] = path
+    return given, bare
+
+
+def in_folder(folder: str, name: str) -> str:
+    """A task's file in a --data folder: NAME.jsonl, NAME.json, or (MMLU's CSV files) NAME/."""
+    for path in (os.path.join(folder, name + ext) for ext in (".jsonl", ".json", "")):
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"--data {folder} is a folder without {name}.jsonl or {name}.json; "
+                            f"give {name}'s file (eval.py's section 6 names it), or put it there "
+                            "under that name")
+
+
+def jobs_of(a) -> list:
+    """One namespace per task: the flags of a one-task run, its own data, shots and shots file."""
+    names = task_names(a.task)
+    for name in names:
+        check([(name in TASKS, f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or "
+                               f"the suite {', '.join(SUITES)} (the paper's Table 3)"),
+               (names.count(name) == 1, f"--task names {name} twice; score each task once")])
+    data, bare = per_task(a.data, names, "--data")
+    rest = [name for name in names if name not in data]
+    folder = bare and os.path.isdir(bare[0]) and names != ["mmlu"]     # MMLU's: its CSV files
+    check([(len(bare) <= 1, f"--data: give one file (or one folder of TASK.jsonl files), and "
+                            f"TASK=FILE for the others; got {len(bare)} paths without a task"),
+           (rest or not bare, f"--data {bare[0] if bare else ''}: every task has its file "
+                              "already; leave it out"),
+           (bare or not rest, f"--data: give a file for each task as TASK=FILE, or a folder "
+                              f"holding TASK.jsonl files; {rest[0] if rest else ''} has none"),
+           (folder or len(names) == 1 or not bare, f"--data {bare[0] if bare else ''} is not a "
+            "folder: with several tasks give TASK=FILE for each, or a folder holding TASK.jsonl "
+            "files")])
+    for name in rest:                        # a folder holds the files of the tasks not named
+        data[name] = in_folder(bare[0], name) if folder else bare[0]
+    few = [n for n in names if TASKS[n].max_shots != 0]          # QA and MMLU
+    shots_from, bare = per_task(a.shots_from, names, "--shots-from")
+    check([(len(bare) <= 1 and (not bare or len(few) <= 1), "--shots-from: with several few-shot "
+            f"tasks ({', '.join(few)}) give TASK=FILE for each")])
+    if bare:
+        shots_from[(few or names)[0]] = bare[0]
+    jobs = []
+    for name in names:
+        # A zero-shot task beside few-shot ones stays zero-shot; alone, its --shots is refused.
+        typed = a.shots if name in few or not few else None
+        shots = typed if typed is not None else 5 if name == "mmlu" else 0
+        jobs.append(argparse.Namespace(**{**vars(a), "task": name, "data": data[name],
+                                          "shots": shots, "shots_typed": typed is not None,
+                                          "shots_from": shots_from.get(name)}))
+    return jobs
+
 
 def check_args(a, name: str):
     """Every flag against its range, before a file is read; ValueError says what to do."""
-    most = TASKS[name].max_shots if name in TASKS else None      # shots: None for any number
+    most = TASKS[name].max_shots                                 # shots: None for any number
+    needs_shots = (f"--shots {a.shots} needs --shots-from, the file the solved examples come "
+                   "from (a QA train file, or MMLU's dev split)" if a.shots_typed else
+                   f"{name} is {a.shots}-shot by default, as in the paper: give --shots-from "
+                   "with MMLU's dev split (data/dev), or --shots 0")
     check([                                # (what must hold, the one-line refusal)
-        (name in TASKS, f"unknown task {a.task!r}; choose one of {', '.join(TASKS)}"),
         (a.batch_size >= 1,
          f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)"),
         (a.limit is None or a.limit >= 1,
@@ -788,14 +909,13 @@ def check_args(a, name: str):
                                     "few-shot prompts are for nq, triviaqa and mmlu"),
         (name != "mmlu" or a.shots <= most,
          f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give 0 to 5"),
-        (a.shots == 0 or a.shots_from is not None, f"--shots {a.shots} needs --shots-from, the "
-         "file the solved examples come from (a QA train file, or MMLU's dev split)"),
+        (a.shots == 0 or a.shots_from is not None, needs_shots),
         (a.shots != 0 or a.shots_from is None,
          "--shots-from is read only for few-shot prompts: give --shots N too"),
     ])
 
 
-def check_output(a):
+def check_output(a, jobs: list):
     """Check --out before any work: a file name in a folder we can write to, which is none of
     the files the evaluation reads. The report is written at the end (checkpoint.write_atomic),
     so a run that fails leaves an earlier report as it was."""
@@ -806,10 +926,10 @@ def check_output(a):
     if not path.strip():
         raise ValueError(f"--out {path!r} names no file; give a file name such as report.json, "
                          "or leave --out out to print the report only")
-    labels = os.path.splitext(a.data)[0] + "-labels.lst"
-    C.check_outputs([("--out", path)], [("--data", a.data), ("--data", labels),
-                                        ("--shots-from", a.shots_from),
-                                        *C.checkpoint_paths("--ckpt", a.ckpt)])
+    reads = [(flag, p) for j in jobs for flag, p in (
+        ("--data", j.data), ("--data", os.path.splitext(j.data)[0] + "-labels.lst"),
+        ("--shots-from", j.shots_from))]
+    C.check_outputs([("--out", path)], reads + C.checkpoint_paths("--ckpt", a.ckpt))
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         raise ValueError(f"--out {path} is not a regular file (a device, a FIFO); give the name "
                          "of a file to write the report to")
@@ -828,6 +948,47 @@ def check_output(a):
     os.remove(tmp)
 
 
+def warn_cut(label: str, cut: int, total: int, max_seq_len: int):
+    """One line on stderr when contexts lost tokens on the left (the harness warns too)."""
+    if cut:
+        print(f"warning: {label}: {cut} of {total} sequences are longer than the model's "
+              f"max_seq_len {max_seq_len}; their contexts were cut on the left, so they score "
+              "shorter prompts", file=sys.stderr)
+
+
+def read_examples(job) -> list:
+    """The task's examples with their prompts, read before the model: a malformed file fails in
+    a second, not a minute. Perplexity: its text checked, and read again once a tokenizer is."""
+    if job.task == "perplexity":
+        if not job.data.endswith((".npy", ".bin")):
+            read_text(job.data)
+        return None
+    examples = read_task(job.task, job.data, job.limit)
+    if TASKS[job.task].max_shots != 0:                 # QA and MMLU: the prompts
+        pool = read_task(job.task, job.shots_from) if job.shots else None
+        add_prompts(job.task, examples, pool, job.shots)
+    return examples
+
+
+def run_task(model, tok, job, examples) -> dict:
+    """One task scored: its report, as eval.py --task NAME --out writes it."""
+    name, t0 = job.task, time.perf_counter()
+    if name == "perplexity":
+        report = evaluate_perplexity(model, tok, job.data, job.batch_size, job.limit)
+    elif TASKS[name].metric == "exact_match":
+        report = evaluate_qa(model, tok, examples, job.batch_size, job.max_new_tokens)
+    else:
+        report = evaluate_choices(model, tok, name, examples, job.batch_size)
+    seconds, n = time.perf_counter() - t0, len(report["examples"])
+    report = dict(task=name, ckpt=job.ckpt, data=job.data, shots=job.shots,
+                  shots_from=job.shots_from, n=n, paper_rule=RULES[report["paper_metric"]],
+                  llama_7b_paper=TASKS[name].llama_7b.get(job.shots), seconds=seconds,
+                  examples_per_s=n / seconds, **report)
+    if name == "mmlu":
+        report["llama_7b_categories"] = MMLU_LLAMA_7B if job.shots == 5 else None
+    return report
+
+
 RULES = {   # what each metric means, in words, written into every report and printed
     "acc": "argmax log P(continuation | context)",
     "acc_norm": "argmax log P(continuation | context) / characters of the choice",
@@ -838,29 +999,62 @@ RULES = {   # what each metric means, in words, written into every report and pr
 }
 
 
+def plus_minus(value: float, se, scale: float = 1.0, digits: int = 4) -> str:
+    """'0.6667 ± 0.3333': a score and its standard error, N/A for one example (the harness's)."""
+    se = "N/A" if se is None else f"{scale * se:.{digits}f}"
+    return f"{scale * value:.{digits}f} ± {se}"
+
+
 def print_report(report: dict):
-    """The metrics; MMLU's subjects and categories; the paper's rule and LLaMA-7B's number.
+    """The metrics with their standard errors; MMLU's subjects and categories; the paper's rule
+    and LLaMA-7B's number.
 
     The JSON report (--out) holds these, the time taken, and per example, in choice order: the
     context(s), the choices, every choice's log-likelihood (and after "Answer:" where that rule
     applies), the pick of each rule, the label; for QA the prompt, the generation, the answer.
     """
-    name, shots, metric = report["task"], report["shots"], report["paper_metric"]
-    scores = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+    name, shots, metric, se = (report["task"], report["shots"], report["paper_metric"],
+                               report["stderr"])
+    scores = "  ".join(f"{k} {plus_minus(v, se[k])}" if k in se else
+                       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in report["metrics"].items())
     print(f"{name}{f' {shots}-shot' if shots else ''} ({report['n']} examples): {scores}")
     if name == "mmlu":                     # each subject, then each category beside the paper's
         paper = report.get("llama_7b_categories") or {}
+        errors = {**report["subjects_stderr"], **report["categories_stderr"]}
         for group, acc in {**report["subjects"], **report["categories"]}.items():
             beside = f"   LLaMA-7B {paper[group]}" if group in paper else ""
-            print(f"  {group:<40} {100 * acc:5.1f}{beside}")
+            print(f"  {group:<40} {plus_minus(acc, errors[group], 100, 1):>12}{beside}")
     if name != "perplexity":
         paper = report["llama_7b_paper"]
         paper = f"LLaMA-7B {paper}" if paper is not None else f"no {shots}-shot LLaMA-7B number"
         print(f"the paper's {TASKS[name].table} uses {metric} ({RULES[metric]}): ours "
-              f"{100 * report['paper_value']:.1f}, {paper}")
+              f"{plus_minus(report['paper_value'], report['paper_stderr'], 100, 1)}, {paper}")
     print(f"{report['n']} examples in {report['seconds']:.1f} s "
           f"({report['examples_per_s']:.1f} examples/s)")
+
+
+def suite_report(a, reports: list) -> dict:
+    """One report for several tasks: the table, then a section per task, each as a one-task
+    run writes it."""
+    table = [dict(task=r["task"], shots=r["shots"], n=r["n"], metric=r["paper_metric"],
+                  ours=r["paper_value"], stderr=r["paper_stderr"], llama_7b=r["llama_7b_paper"])
+             for r in reports]
+    seconds = sum(r["seconds"] for r in reports)
+    return dict(ckpt=a.ckpt, task=a.task, seconds=seconds, table=table,
+                tasks={r["task"]: r for r in reports})
+
+
+def print_table(report: dict):
+    """Each task's paper metric beside LLaMA-7B's number [LLaMA Tables 3, 4, 5, 9]."""
+    print(f"\n{'task':<16}{'examples':>8}  {'metric':<12}{'ours':>13}  LLaMA-7B")
+    for row in report["table"]:
+        task = f"{row['task']} {row['shots']}-shot" if row["shots"] else row["task"]
+        ours = (f"{row['ours']:.2f}" if row["metric"] == "perplexity" else
+                plus_minus(row["ours"], row["stderr"], 100, 1))
+        paper = "-" if row["llama_7b"] is None else row["llama_7b"]
+        print(f"{task:<16}{row['n']:>8}  {row['metric']:<12}{ours:>13}  {paper}")
+    print(f"{len(report['table'])} tasks in {report['seconds']:.1f} s, the model loaded once")
 
 
 def write_report(path: str, report: dict):
@@ -878,13 +1072,17 @@ def main(argv=None):
     p = OneLineParser(prog="eval.py", status=1,       # status 1: as every other refusal here
                       description="LLaMA's benchmarks, scored as the paper and the harness do.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ours, Meta's or HF's)")
-    p.add_argument("--task", required=True, help=", ".join(TASKS))
-    p.add_argument("--data", required=True, help="the task's file; eval.py's section 6 lists them")
+    p.add_argument("--task", required=True, help=f"{', '.join(TASKS)}; several joined by commas; "
+                   f"or {', '.join(SUITES)} (the paper's Table 3)")
+    p.add_argument("--data", required=True, action="append",
+                   help="the task's file (eval.py's section 6 lists them); with several tasks "
+                        "TASK=FILE for each, or a folder holding TASK.jsonl files")
     p.add_argument("--limit", type=int,
-                   help="only the first N examples (MMLU: of each subject); default all")
+                   help="only the first N examples of each task (MMLU: of each subject)")
     p.add_argument("--shots", type=int, help="solved examples before each question: QA 0 "
                    "(default), 1, 5, 64; MMLU 5 (default)")
-    p.add_argument("--shots-from", help="file the shots come from: QA train, MMLU dev")
+    p.add_argument("--shots-from", action="append",
+                   help="file the shots come from: QA train, MMLU dev (TASK=FILE for several)")
     p.add_argument("--out", help="write the JSON report here; default: printed only")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward; default 8")
     p.add_argument("--max-new-tokens", type=int, default=24,
@@ -892,37 +1090,21 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default cuda if there is one, else cpu")
     a = p.parse_args(argv)
-    key = a.task.lower().replace("-", "_")
-    name = ALIASES.get(key, key)
-    a.shots = a.shots if a.shots is not None else 5 if name == "mmlu" else 0
     try:
-        check_args(a, name)
-        check_output(a)
-        # Read the task before the model: a malformed file fails in a second, not a minute.
-        if name != "perplexity":
-            examples = read_task(name, a.data, a.limit)
-            if TASKS[name].max_shots != 0:                 # QA and MMLU: the prompts
-                pool = read_task(name, a.shots_from) if a.shots else None
-                add_prompts(name, examples, pool, a.shots)
-        elif not a.data.endswith((".npy", ".bin")):
-            read_text(a.data)               # NOTE: read again once the tokenizer is loaded
+        jobs = jobs_of(a)
+        for job in jobs:
+            check_args(job, job.task)
+        check_output(a, jobs)
+        examples = [read_examples(job) for job in jobs]          # every file before the model
         model, tok = load_model(a.ckpt, a.device)
         plan_free_attention()             # PERF: batches of every length (model.py)
-        t0 = time.perf_counter()
-        if name == "perplexity":
-            report = evaluate_perplexity(model, tok, a.data, a.batch_size, a.limit)
-        elif TASKS[name].metric == "exact_match":
-            report = evaluate_qa(model, tok, examples, a.batch_size, a.max_new_tokens)
-        else:
-            report = evaluate_choices(model, tok, name, examples, a.batch_size)
-        seconds, n = time.perf_counter() - t0, len(report["examples"])
-        report = dict(task=name, ckpt=a.ckpt, data=a.data, shots=a.shots, shots_from=a.shots_from,
-                      n=n, paper_rule=RULES[report["paper_metric"]],
-                      llama_7b_paper=TASKS[name].llama_7b.get(a.shots), seconds=seconds,
-                      examples_per_s=n / seconds, **report)
-        if name == "mmlu":
-            report["llama_7b_categories"] = MMLU_LLAMA_7B if a.shots == 5 else None
-        print_report(report)
+        reports = []
+        for job, task_examples in zip(jobs, examples):
+            reports.append(run_task(model, tok, job, task_examples))
+            print_report(reports[-1])
+        report = reports[0] if len(reports) == 1 else suite_report(a, reports)
+        if len(reports) > 1:
+            print_table(report)
         if a.out:
             write_report(a.out, report)
         return report

@@ -9,6 +9,7 @@ written."""
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -152,6 +153,13 @@ def test_mmlu_prompt_byte_for_byte_and_limit_per_subject():
 
 # --- scoring -----------------------------------------------------------------------------------
 
+def plain_stderr(hits):
+    """The standard error of a mean of 0/1 hits from its definition: the sample variance (divided
+    by n - 1) over n, square-rooted -- what the harness's mean_stderr computes."""
+    n, p = len(hits), sum(hits) / len(hits)
+    return math.sqrt(sum((h - p) ** 2 for h in hits) / (n - 1) / n)
+
+
 def brute_force_loglik(model, context, continuation, tok):
     """log P(continuation | context), plainly: the context's trailing spaces moved to the
     continuation and the context's own tokens counted off the joint ones (the harness's split),
@@ -174,6 +182,17 @@ def test_encode_pair_splits_at_the_context(loaded):
     ids, n = E.encode_pair(tok, "A tree needs ", "water", 128)   # the space goes with "water"
     assert ids[-n:] == tok.encode("A tree needs water", bos=True)[-n:]
     assert tok.decode(ids[:-n]) == "A tree needs"
+
+
+def test_a_context_cut_on_the_left_is_said(loaded, capsys):
+    model, tok = loaded
+    long = ("the cat sat " * 60, " on the mat")                 # far more than 128 tokens
+    E.loglikelihoods(model, tok, [("A tree needs", " water"), long, long], label="piqa")
+    assert capsys.readouterr().err.startswith(
+        "warning: piqa: 1 of 2 sequences are longer than the model's max_seq_len 128; their "
+        "contexts were cut on the left, so they score shorter prompts\n")
+    E.loglikelihoods(model, tok, [("A tree needs", " water")], label="piqa")
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_batched_scores_equal_brute_force(loaded):
@@ -212,7 +231,7 @@ def test_choice_tasks_against_brute_force(loaded, task):
     rules = {"winogrande": ["acc"], "boolq": ["acc", "acc_norm", "acc_answer"],
              "openbookqa": ["acc", "acc_norm", "acc_answer"]}.get(task, ["acc", "acc_norm"])
     assert list(report["metrics"]) == rules and report["paper_metric"] == E.TASKS[task].metric
-    hits = {rule: 0 for rule in rules}
+    hits = {rule: [] for rule in rules}
     for e, row in zip(examples, report["examples"]):
         lls = [brute_force_loglik(model, c, " " + x, tok) for c, x in zip(e.contexts, e.choices)]
         assert row["loglik"] == pytest.approx(lls, abs=1e-3)
@@ -224,10 +243,12 @@ def test_choice_tasks_against_brute_force(loaded, task):
         for rule in rules:
             pick = int(np.argmax(scores[rule]))
             assert row["picks"][rule] == pick
-            hits[rule] += pick == e.label
+            hits[rule].append(pick == e.label)
         assert row["choices"] == e.choices and row["label"] == e.label    # choice order
         assert row.get("contexts", [row.get("context")] * len(e.choices)) == e.contexts
-    assert report["metrics"] == {rule: hits[rule] / len(examples) for rule in rules}
+    assert report["metrics"] == {rule: sum(hits[rule]) / len(examples) for rule in rules}
+    assert report["stderr"] == {rule: None if len(examples) == 1 else
+                                pytest.approx(plain_stderr(hits[rule])) for rule in rules}
 
 
 def test_winogrande_report_keeps_contexts_in_choice_order(loaded):
@@ -254,10 +275,16 @@ def test_mmlu_two_subjects_against_brute_force(long_ckpt, capsys):
     assert report["categories"] == {"humanities": np.mean(right["world_religions"]),
                                     "stem": np.mean(right["abstract_algebra"])}
     assert report["metrics"] == {"acc": np.mean(sum(right.values(), []))}
+    assert report["stderr"] == {"acc": pytest.approx(plain_stderr(sum(right.values(), [])))}
+    assert report["subjects_stderr"] == {s: pytest.approx(plain_stderr(r))
+                                         for s, r in right.items()}
+    assert report["categories_stderr"] == {
+        "humanities": pytest.approx(plain_stderr(right["world_religions"])),
+        "stem": pytest.approx(plain_stderr(right["abstract_algebra"]))}
     assert report["shots"] == 5 and report["llama_7b_paper"] == 35.1
     out = capsys.readouterr().out
-    assert re.search(r"\n  humanities +\d+\.\d   LLaMA-7B 34\.0\n"
-                     r"  stem +\d+\.\d   LLaMA-7B 30\.5\n", out)
+    assert re.search(r"\n  humanities +\d+\.\d ± \d+\.\d   LLaMA-7B 34\.0\n"
+                     r"  stem +\d+\.\d ± \d+\.\d   LLaMA-7B 30\.5\n", out)
     assert "the paper's Table 9 uses acc" in out and "LLaMA-7B 35.1" in out
     hf = E.main(argv + ["--data", fixture("hf/mmlu_test.jsonl"),
                         "--shots-from", fixture("hf/mmlu_dev.jsonl")])
@@ -337,6 +364,8 @@ def test_qa_answers_equal_plain_greedy_decoding(loaded):
     examples[1].answers = [report["examples"][1]["prediction"] + " extra words"]
     again = E.evaluate_qa(model, tok, examples, batch_size=2, max_new_tokens=12)
     assert [r["exact_match"] for r in again["examples"]][:2] == [True, False]
+    assert again["stderr"] == {"exact_match": pytest.approx(
+        plain_stderr([r["exact_match"] for r in again["examples"]]))}
 
 
 def test_few_shot_qa_from_the_command_line(long_ckpt, capsys):
@@ -376,6 +405,129 @@ def test_perplexity_equals_plain_computation_on_text_and_shards(loaded, tmp_path
     for shard in ("shard.npy", "shard.bin"):
         other = E.evaluate_perplexity(model, tok, str(tmp_path / shard))
         assert other["metrics"]["perplexity"] == pytest.approx(report["metrics"]["perplexity"])
+
+
+# --- standard errors; several tasks in one run --------------------------------------------------
+
+def test_standard_error_is_the_harness_formula():
+    """mean_stderr against its definition written here (the harness's mean_stderr: sample
+    standard deviation over sqrt(n)) and against its closed form for an accuracy p of n
+    examples, sqrt(p (1 - p) / (n - 1)); one example has none, as the harness's N/A."""
+    rng = random.Random(0)
+    for n in (2, 3, 20, 500):
+        hits = [rng.random() < 0.3 for _ in range(n)]
+        p = sum(hits) / n
+        assert E.mean_stderr(hits) == pytest.approx(plain_stderr(hits), rel=1e-12)
+        assert E.mean_stderr(hits) == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12)
+    assert E.mean_stderr([True]) is None
+    assert 100 * E.mean_stderr([True] * 286 + [False] * 214) == pytest.approx(2.215, abs=1e-3)
+    assert E.plus_minus(0.5, 0.25, 100, 1) == "50.0 ± 25.0" and E.plus_minus(1.0, None) == (
+        "1.0000 ± N/A")
+
+
+# lm-evaluation-harness 0.4.13's figures on the shared set, tests/fixtures/eval/shared (20
+# examples a task, Hugging Face's layout), for this module's `ckpt` model exported by
+# generate.py --export-hf, from the run:
+#   lm_eval --model hf --model_args pretrained=HF,dtype=float32 --device cpu --batch_size 1 \
+#           --include_path TASKS --tasks shared_boolq,shared_piqa,...,shared_openbookqa
+# with each task's YAML the harness's own, but for `dataset_path: json` and its data_files the
+# shared file (boolq and siqa also list acc_norm). Its picks were ours on all 160 examples, its
+# log-likelihoods ours within 1e-3. (task, rule): (accuracy, standard error) from its results.
+HARNESS = {
+    ("boolq", "acc"): (0.55, 0.11413288653790232),
+    ("boolq", "acc_norm"): (0.55, 0.11413288653790232),
+    ("piqa", "acc"): (0.6, 0.11239029738980327),
+    ("piqa", "acc_norm"): (0.35, 0.10942433098048308),
+    ("siqa", "acc"): (0.35, 0.10942433098048311),
+    ("siqa", "acc_norm"): (0.25, 0.09933992677987828),
+    ("hellaswag", "acc"): (0.35, 0.1094243309804831),
+    ("hellaswag", "acc_norm"): (0.05, 0.049999999999999975),
+    ("winogrande", "acc"): (0.55, 0.11413288653790232),
+    ("arc_easy", "acc"): (0.35, 0.10942433098048308),
+    ("arc_easy", "acc_norm"): (0.25, 0.09933992677987828),
+    ("arc_challenge", "acc"): (0.3, 0.10513149660756935),
+    ("arc_challenge", "acc_norm"): (0.25, 0.09933992677987828),
+    ("openbookqa", "acc"): (0.1, 0.06882472016116853),
+    ("openbookqa", "acc_norm"): (0.3, 0.10513149660756933),
+}
+
+
+def test_one_run_of_table3_gives_the_harness_figures(ckpt, capsys):
+    report = E.main(["--ckpt", ckpt, "--task", "common_sense", "--data", fixture("shared")])
+    assert list(report["tasks"]) == E.SUITES["common_sense"] == [
+        "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+        "openbookqa"]                                        # the columns of the paper's Table 3
+    for (task, rule), (acc, stderr) in HARNESS.items():
+        section = report["tasks"][task]
+        assert (section["metrics"][rule], section["stderr"][rule]) == (acc, stderr), (task, rule)
+    out = capsys.readouterr().out
+    assert re.search(r"\nhellaswag +20  acc_norm +5\.0 ± 5\.0  76\.1\n", out)   # 100 x HARNESS
+
+
+def test_several_tasks_load_once_and_report_as_one_task_runs(ckpt, tmp_path, capsys,
+                                                            monkeypatch):
+    loads, load = [], E.load_model
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: loads.append(a) or load(*a, **k))
+    out = str(tmp_path / "report.json")
+    report = E.main(["--ckpt", ckpt, "--task", "piqa,nq_open,BoolQ", "--data", fixture(""),
+                     "--data", "nq=" + fixture("hf/nq.jsonl"), "--max-new-tokens", "4",
+                     "--out", out])
+    assert len(loads) == 1 and json.load(open(out)) == report
+    printed = capsys.readouterr().out
+    singles = [E.main(["--ckpt", ckpt, "--task", task, "--data", path, "--max-new-tokens", "4"])
+               for task, path in (("piqa", fixture("piqa.jsonl")), ("nq", fixture("hf/nq.jsonl")),
+                                  ("boolq", fixture("boolq.jsonl")))]
+    assert list(report["tasks"]) == ["piqa", "nq", "boolq"]
+    for single in singles:                  # each section is the report of a one-task run
+        section = report["tasks"][single["task"]]
+        for timing in ("seconds", "examples_per_s"):
+            del section[timing], single[timing]
+        assert section == single
+    assert report["table"] == [dict(task=s["task"], shots=0, n=s["n"], metric=s["paper_metric"],
+                                    ours=s["paper_value"], stderr=s["paper_stderr"],
+                                    llama_7b=s["llama_7b_paper"]) for s in singles]
+    table = printed[printed.index("\ntask "):].splitlines()[2:]
+    piqa = E.plus_minus(singles[0]["paper_value"], singles[0]["paper_stderr"], 100, 1)
+    assert re.fullmatch(rf"piqa +2  acc_norm +{re.escape(piqa)}  79\.8", table[0])
+    assert re.fullmatch(r"nq +3  exact_match +\d+\.\d ± \d+\.\d  16\.8", table[1])
+    assert re.fullmatch(r"boolq +3  acc_answer +\d+\.\d ± \d+\.\d  76\.5", table[2])
+    assert re.fullmatch(r"3 tasks in \d+\.\d s, the model loaded once", table[3])
+
+
+def test_a_zero_shot_task_beside_a_few_shot_one_stays_zero_shot(long_ckpt):
+    report = E.main(["--ckpt", long_ckpt, "--task", "boolq,nq", "--data", fixture(""),
+                     "--shots", "1", "--shots-from", fixture("nq_train.jsonl"),
+                     "--max-new-tokens", "4"])
+    assert [(t["task"], t["shots"]) for t in report["table"]] == [("boolq", 0), ("nq", 1)]
+    assert report["tasks"]["nq"]["shots_from"] == fixture("nq_train.jsonl")
+    assert report["table"][1]["llama_7b"] == 18.7
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "piqa,boolq", "--data", fixture("piqa.jsonl")],
+     f"--data {fixture('piqa.jsonl')} is not a folder: with several tasks give TASK=FILE for "
+     "each, or a folder holding TASK.jsonl files"),
+    (["--task", "piqa,boolq", "--data", "piqa=" + fixture("piqa.jsonl")],
+     "--data: give a file for each task as TASK=FILE, or a folder holding TASK.jsonl files; "
+     "boolq has none"),
+    (["--task", "piqa", "--data", "boolq=" + fixture("boolq.jsonl")],
+     f"--data boolq={fixture('boolq.jsonl')}: boolq is not among --task piqa"),
+    (["--task", "piqa", "--data", "piqa=" + fixture("piqa.jsonl"), "--data", fixture("")],
+     f"--data {fixture('')}: every task has its file already; leave it out"),
+    (["--task", "boolq,common_sense", "--data", fixture("")],
+     "--task names boolq twice; score each task once"),
+    (["--task", "piqa,mmlu", "--data", fixture("hf")],
+     f"--data {fixture('hf')} is a folder without mmlu.jsonl or mmlu.json; give mmlu's file "
+     "(eval.py's section 6 names it), or put it there under that name"),
+    (["--task", "nq,triviaqa", "--data", fixture(""), "--shots", "1", "--shots-from",
+      fixture("nq_train.jsonl")],
+     "--shots-from: with several few-shot tasks (nq, triviaqa) give TASK=FILE for each"),
+    (["--task", "piqa,hellaswag", "--data", fixture(""), "--batch-size", "0"],
+     "--batch-size 0: give at least 1 (sequences per forward)"),
+])
+def test_several_tasks_refused_in_one_line_before_any_work(tmp_path, argv, message):
+    assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), *argv], tmp_path) == (
+        f"error: {message}")
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -474,6 +626,24 @@ def test_shots_need_their_file_and_mmlu_has_five(tmp_path):
                                  "--shots N too")
     assert refused(base + ["--task", "mmlu", "--shots", "6"], tmp_path) == (
         "error: --shots 6: MMLU's dev split has 5 questions a subject; give 0 to 5")
+    assert refused(base + ["--task", "mmlu"], tmp_path) == (     # 5 shots, but none was typed
+        "error: mmlu is 5-shot by default, as in the paper: give --shots-from with MMLU's dev "
+        "split (data/dev), or --shots 0")
+
+
+def test_a_folder_for_a_one_file_task_says_so(ckpt, tmp_path):
+    """Only MMLU reads a folder of CSV files; any other task finds its file in a folder by its
+    name, or is told so in its own words."""
+    for folder in (fixture("mmlu"), fixture("mmlu/test")):     # the second holds CSV files
+        assert refused(["--ckpt", ckpt, "--task", "piqa", "--data", folder], tmp_path) == (
+            f"error: --data {folder} is a folder without piqa.jsonl or piqa.json; give piqa's "
+            "file (eval.py's section 6 names it), or put it there under that name")
+    assert refused(["--ckpt", ckpt, "--task", "nq", "--data", fixture("nq.jsonl"), "--shots",
+                    "1", "--shots-from", fixture("hf")], tmp_path) == (
+        f"error: task file {fixture('hf')} is a folder; give nq's file itself (eval.py's section "
+        "6 names it)")
+    report = E.main(["--ckpt", ckpt, "--task", "piqa", "--data", fixture("")])
+    assert report["data"] == fixture("piqa.jsonl") and report["n"] == 2
 
 
 def test_a_bad_flag_exits_with_status_1_and_one_line(tmp_path):
@@ -716,6 +886,15 @@ def test_a_failed_report_write_says_the_scores_are_complete(ckpt, tmp_path, caps
                                "or choose another --out, and run again to keep it")
     assert "boolq (3 examples): acc" in capsys.readouterr().out      # the scores were printed
     assert sorted(os.listdir(tmp_path)) == []                   # no report, no .tmp left
+
+
+def test_a_new_report_gets_the_mode_of_any_new_file(ckpt, tmp_path):
+    out = tmp_path / "report.json"
+    E.main(["--ckpt", ckpt, "--task", "boolq", "--data", fixture("boolq.jsonl"), "--out",
+            str(out)])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask      # not the 0600 of a temporary
 
 
 def test_a_rewritten_report_keeps_its_mode(ckpt, tmp_path):
