@@ -26,15 +26,17 @@ Reading map
   3. A training run     step folders, `latest`, the training state, saved options, metrics
   ---------------------------------------------------------------------------- (the banner)
   4. Checks             every tensor present with its shape, before a model is built; a
-                        `latest` that leads elsewhere; an output that would overwrite an input
+                        `latest` that leads elsewhere; an output that would overwrite an input;
+                        a tokenizer the export cannot write exactly (its .model's settings)
   5. Writing safely     one atomic write, one lock, build-in-a-temporary-folder-then-rename
   6. Reading safely     one bounded reader; a checkpoint held while it is read
 
 Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
 
 What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, `.bin`
-weights (convert them to safetensors), sharded HF export (one file); loading only one rank's
-shard file (each rank reads all of them and keeps its slice).
+weights (convert them to safetensors), sharded HF export (one file); exporting a SentencePiece
+model not of LLaMA's kind (refused: unigram, normalizing, ...); loading only one rank's shard
+file (each rank reads all of them and keeps its slice).
 """
 
 import contextlib
@@ -310,9 +312,14 @@ def hf_tokenizer_json(tokenizer_path: str) -> dict:
 def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     """Write a folder that transformers loads as this model: `LlamaForCausalLM.from_pretrained`
     with the same logits, `AutoTokenizer` with SentencePiece's ids, `generate` with its <s>, </s>.
-    Built in a temporary folder and renamed (building): `out` appears whole or not at all.
+    Built in a temporary folder and renamed (building): `out` appears whole or not at all. A
+    tokenizer that tokenizer.json cannot reproduce is refused first (check_exportable).
     """
+    check_exportable(tokenizer_path)                            # below the banner
     tok = Tokenizer(tokenizer_path)
+    # NOTE: LLaMA has no pad token; <unk> pads (as in Hugging Face's own LLaMA conversion), on
+    # the left, so that a padded batch generates without transformers' warnings.
+    pad = tok.pad_id if tok.pad_id >= 0 else tok.sp.unk_id()
     dtype = next(iter(state.values())).dtype
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -322,7 +329,7 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad,
         "torch_dtype": str(dtype).split(".")[-1],
     }
     tensors = {}
@@ -332,8 +339,9 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         tensors[hf_name(key)] = w.contiguous()
     files = {
         "config.json": config,
-        # generate()'s own defaults: <s> first, stop at </s>.
-        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+        # generate()'s own defaults: <s> first, stop at </s>, pad with <unk>.
+        "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                                   "pad_token_id": pad},
         "tokenizer.json": hf_tokenizer_json(tokenizer_path),
         # NOTE: the generic class loads tokenizer.json as written, in transformers 4 and 5;
         # naming LlamaTokenizer would let transformers 5 rebuild it with its own pre-tokenizer.
@@ -341,8 +349,11 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": tok.sp.id_to_piece(tok.bos_id),
             "eos_token": tok.sp.id_to_piece(tok.eos_id),
-            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()), "add_bos_token": True,
-            "add_eos_token": False, "model_max_length": args.max_seq_len},
+            "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()),
+            "pad_token": tok.sp.id_to_piece(pad), "padding_side": "left", "add_bos_token": True,
+            "add_eos_token": False, "model_max_length": args.max_seq_len,
+            # NOTE: no token_type_ids, which transformers 4's generate() refuses for Llama.
+            "model_input_names": ["input_ids", "attention_mask"]},
     }
     with building(out) as tmp:
         # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.
@@ -525,6 +536,71 @@ def load_weights(path: str) -> dict:
             raise ValueError(f"{key} in {path} is {type(value).__name__}, not a tensor: not a "
                              "model's weights; re-download or re-save them")
     return state
+
+
+# What hf_tokenizer_json writes exactly is a SentencePiece model of LLaMA's kind. Its settings
+# are read from the .model file itself, a protobuf message (SentencePiece's
+# sentencepiece_model.proto; the field numbers below are that file's).
+SP_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}      # TrainerSpec.model_type
+SP_ODD_PIECES = {4: "user-defined", 5: "unused"}                    # SentencePiece.type
+
+
+def proto_fields(message: bytes) -> dict:
+    """{field number: [values]} of one protobuf message: an int for a varint (a number, an enum,
+    a bool), bytes for a length-delimited field (a string, or a message inside), and the raw
+    bytes of a fixed-size one (a float). The wire format, plainly."""
+    fields, i = {}, 0
+
+    def varint():                  # 7 bits a byte, the lowest first; a top bit set: more follow
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            byte, i = message[i], i + 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+    while i < len(message):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        else:
+            size = varint() if wire == 2 else {1: 8, 5: 4}[wire]
+            value, i = message[i:i + size], i + size
+        fields.setdefault(field, []).append(value)
+    return fields
+
+
+def check_exportable(tokenizer_path: str):
+    """Refuse, in one line, a SentencePiece model that hf_tokenizer_json cannot write exactly.
+    That tokenizer.json emulates LLaMA's kind -- BPE; no normalization but the dummy prefix and a
+    "▁" for each space, none removed; byte fallback; no piece matched whole -- and any other
+    kind would encode differently without a word (a unigram model given BPE merges, say)."""
+    model = proto_fields(Tokenizer(tokenizer_path).sp.serialized_model_proto())
+    trainer, norm = (proto_fields(model.get(k, [b""])[0]) for k in (2, 3))
+
+    def setting(fields, number, default):           # the last value written, or proto's default
+        return fields.get(number, [default])[-1]
+    kind = SP_MODEL_TYPES.get(setting(trainer, 3, 1), "unknown")
+    odd = [SP_ODD_PIECES[t] for piece in model.get(1, [])
+           if (t := setting(proto_fields(piece), 3, 1)) in SP_ODD_PIECES]
+    name = setting(norm, 1, b"").decode()
+    problems = [why for ok, why in (
+        (kind == "bpe", f"its model type is {kind}, not bpe"),
+        (not setting(norm, 2, b""), f"it normalizes text ({name})"),
+        (setting(norm, 3, 1), "it adds no dummy prefix (add_dummy_prefix false)"),
+        (not setting(norm, 4, 1), "it removes extra whitespace (remove_extra_whitespaces)"),
+        (setting(norm, 5, 1), "it keeps spaces as spaces (escape_whitespaces false)"),
+        (not setting(trainer, 24, 0), "it puts the ▁ after words (treat_whitespace_as_suffix)"),
+        (setting(trainer, 35, 0), "it has no byte fallback"),
+        (not odd, f"it has {len(odd)} piece(s) of kind {' and '.join(sorted(set(odd)))}"),
+    ) if not ok]
+    if problems:
+        raise ValueError(f"{tokenizer_path} cannot be exported as a tokenizer.json that encodes "
+                         f"as it does: {'; '.join(problems)}. The export writes LLaMA's kind "
+                         "(BPE, no normalization, spaces kept, byte fallback: tokenizer.py's "
+                         "TRAINER_SPEC); convert this one with transformers' own converter")
 
 
 def expected_shapes(args: ModelArgs) -> dict:

@@ -344,6 +344,8 @@ def check_options(a):
                                             or os.listdir(a.export_hf)):
             raise ValueError(f"--export-hf {a.export_hf} exists and is not an empty folder; give "
                              "a new folder (nothing is overwritten)")
+        if os.path.isdir(folder := C.checkpoint_folder(a.ckpt)):  # a tokenizer.json it would get
+            C.check_exportable(C.find_tokenizer(folder))           # wrong: before any write
         try:
             os.makedirs(a.export_hf, exist_ok=True)
             probe = os.path.join(a.export_hf, ".write-test")

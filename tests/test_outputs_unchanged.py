@@ -5,7 +5,8 @@ The code of commit BEFORE is taken from this repository's history (git archive) 
 the working tree on the same machine, with the same inputs, through the same command lines: a
 prepared demo dataset, a two-step training run's checkpoint, and its Hugging Face export. Every
 file is the same bytes, except the two that hold the run's options, which lack --bench (moved to
-tests/bench_step.py) and are otherwise equal. Then today's train.py resumes the run the old code
+tests/bench_step.py) and are otherwise equal, and the export's three settings files, which add
+its pad token. Then today's train.py resumes the run the old code
 saved, and today's generate.py reads it.
 """
 
@@ -71,6 +72,11 @@ def before_and_now(tmp_path_factory):
     return root
 
 
+PAD_TOKEN = {"config.json": {"pad_token_id": 0}, "generation_config.json": {"pad_token_id": 0},
+             "tokenizer_config.json": {"pad_token": "<unk>", "padding_side": "left",
+                                       "model_input_names": ["input_ids", "attention_mask"]}}
+
+
 def same(a, b) -> bool:
     """Equal values: tensors element for element, containers item by item."""
     if torch.is_tensor(a):
@@ -101,6 +107,12 @@ def test_the_same_bytes_as_before(before_and_now, what):
         differ.remove("train_config.json")
         assert without_bench(json.loads(before["train_config.json"])) == json.loads(
             now["train_config.json"])
+    # The export's three settings files: the same, plus its pad token (<unk>, padding on the
+    # left) and the tokenizer's model_input_names, added since for transformers' generate().
+    for name, added in PAD_TOKEN.items():
+        if name in differ:
+            differ.remove(name)
+            assert {**json.loads(before[name]), **added} == json.loads(now[name]), name
     for name in [n for n in differ if n.startswith("train_state.")]:
         differ.remove(name)
         old, new = (torch.load(io.BytesIO(x[name]), weights_only=True) for x in (before, now))
