@@ -207,8 +207,9 @@ def main(argv=None):
             print(f"wrote {args.out} ({Tokenizer(args.out).n_words} pieces)")
         if args.encode is not None:
             tok = Tokenizer(args.model or args.out or "")
-            print(" ".join(tok.pieces(args.encode)))
-            print(tok.encode(args.encode))
+            ids = tok.encode(args.encode)                      # <s> first, as the model reads it
+            print(" ".join(tok.sp.id_to_piece(i) for i in ids))    # one piece for each id
+            print(ids)
         if not args.train and args.encode is None:
             p.error("nothing to do: give --train FILE... --out PATH.model, or --model PATH "
                     "--encode TEXT")

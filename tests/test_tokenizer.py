@@ -4,6 +4,7 @@ never overwriting a model, nothing left by a full disk), and clear errors for mi
 model files."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -69,6 +70,16 @@ def test_cli_trains_from_files(tmp_path, capsys):
     tk.main(["--train", str(src), "--vocab-size", "400", "--out", str(out)])
     assert tk.Tokenizer(str(out)).n_words == 400
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_encode_prints_a_piece_for_each_id(tok, capsys):
+    """The docstring's worked example: "In 2023" is <s> ▁In ▁ 2 0 2 3, ids from 1 (<s>)."""
+    tk.main(["--model", tok.path, "--encode", "In 2023 🦙"])
+    pieces, ids = capsys.readouterr().out.splitlines()
+    assert ids == str(tok.encode("In 2023 🦙", bos=True)) and ids.startswith("[1, ")
+    assert pieces.split(" ") == ["<s>", *tok.pieces("In 2023 🦙")]
+    assert pieces.split(" ")[-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]
+    assert len(pieces.split(" ")) == len(json.loads(ids))
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
