@@ -304,7 +304,7 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len=None):
 
 def keep_end(ids: list, n: int, max_seq_len: int) -> tuple:
     """An over-long sequence keeps its end: all of the continuation, the nearest context (the
-    harness cuts on the left too, and warns; loglikelihoods does)."""
+    harness cuts on the left too; it warns, and so does loglikelihoods)."""
     ids = ids[-(max_seq_len + 1):]
     return ids, min(n, len(ids) - 1)
 
