@@ -3,8 +3,9 @@ reads to the same examples; the prompt strings byte for byte (HellaSwag's clean-
 MMLU); batched, padded scoring against a brute-force scorer written here; each rule's picks and
 metrics recomputed plainly (acc_norm's denominator included); MMLU's subject and category
 averages; QA answers cut at each stop string, with decoding that stops once every row has
-answered; perplexity; the report; bad input refused in one line before any work, nothing
-written."""
+answered; perplexity; standard errors against their definition and against
+lm-evaluation-harness's own figures on a shared set; several tasks in one run, each section its
+one-task report; the report; bad input refused in one line before any work, nothing written."""
 
 import json
 import math

@@ -2,7 +2,9 @@
 and compiled steps against the eager forward, sampling rules, tensor-parallel decoding on two gloo
 workers against one process, Meta's sharded layout, the Hugging Face export (weights against an
 independent rotate-half forward written here, tokenizer.json against a byte-pair merge by hand,
-and transformers itself when installed), the command line, and one-line errors on bad input."""
+and transformers itself, which the test command installs: a varied corpus, logits, greedy and
+padded generation without a warning; SentencePiece models of another kind refused), the command
+line, and one-line errors on bad input."""
 
 import contextlib
 import io
