@@ -63,6 +63,7 @@ Papers: Megatron-LM (arXiv 1909.08053), PTD-P (2104.04473), Korthikanti et al., 
 Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.13971) §2.4.
 """
 
+import gc
 import os
 import signal
 from contextlib import contextmanager, nullcontext
@@ -1166,6 +1167,12 @@ def is_collective_failure(e: BaseException) -> bool:
 def destroy(world: Dist) -> None:
     """Leave the process group (call it in a `finally`)."""
     if world.world_size > 1 and dist.is_initialized():
+        # NOTE: GradSync's and the tp regions' hooks hold the groups in reference cycles (a
+        # parameter's hook -> GradSync -> the model -> the parameter). Freed only at interpreter
+        # exit, after the destroy, a gloo group can abort a finished run ("terminate called
+        # without an active exception", exit -6): 1 exit in 20 on two ranks, 13 in 50 in a
+        # minimal script. Collected here, first: 0 in 40, 0 in 50.
+        gc.collect()
         dist.destroy_process_group()
 
 
