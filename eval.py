@@ -293,10 +293,7 @@ def encode_pair(tok, context: str, continuation: str, max_seq_len=None):
     context, continuation = stripped, context[len(stripped):] + continuation
     whole = tok.encode(context + continuation, bos=True)
     ctx = tok.encode(context, bos=True)
-    shared = 0
-    while shared < len(ctx) and shared < len(whole) and ctx[shared] == whole[shared]:
-        shared += 1
-    n = len(whole) - shared
+    n = len(whole) - len(os.path.commonprefix([ctx, whole]))    # commonprefix takes lists too
     if n == 0:
         raise ValueError(f"continuation {continuation!r} has no tokens of its own")
     return (whole, n) if max_seq_len is None else keep_end(whole, n, max_seq_len)
@@ -923,22 +920,19 @@ def check_output(a, jobs: list):
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
-    if not path.strip():
-        raise ValueError(f"--out {path!r} names no file; give a file name such as report.json, "
-                         "or leave --out out to print the report only")
+    check([(path.strip() != "", f"--out {path!r} names no file; give a file name such as "
+                                "report.json, or leave --out out to print the report only")])
     reads = [(flag, p) for j in jobs for flag, p in (
         ("--data", j.data), ("--data", os.path.splitext(j.data)[0] + "-labels.lst"),
         ("--shots-from", j.shots_from))]
     C.check_outputs([("--out", path)], reads + C.checkpoint_paths("--ckpt", a.ckpt))
-    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {path} is not a regular file (a device, a FIFO); give the name "
-                         "of a file to write the report to")
-    if os.path.isdir(path):
-        raise ValueError(f"--out {path} is a folder; give a file name such as "
-                         f"{os.path.join(path, 'report.json')}")
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {path}: {folder} is not a folder; create it, or choose another "
-                         "place")
+    check([(os.path.isfile(path) or os.path.isdir(path) or not os.path.exists(path),
+            f"--out {path} is not a regular file (a device, a FIFO); give the name of a file to "
+            "write the report to"),
+           (not os.path.isdir(path), f"--out {path} is a folder; give a file name such as "
+                                     f"{os.path.join(path, 'report.json')}"),
+           (os.path.isdir(folder), f"--out {path}: {folder} is not a folder; create it, or "
+                                   "choose another place")])
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eval-", suffix=".json")
     except OSError as e:
