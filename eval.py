@@ -56,6 +56,7 @@ model is loaded on one device).
 
 import argparse
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -359,12 +360,12 @@ def by_length(run, items: list, batch_size: int, label: str, size=len) -> list:
 
 def choose(lls: list, choices: list, lls_answer=None) -> dict:
     """The choice each rule picks: acc, acc_norm and, given P(c | "Answer:"), acc_answer."""
-    def argmax(xs):
-        return max(range(len(xs)), key=xs.__getitem__)
     # PAPER: characters of the choice as written, the delimiter's space not counted [Gao et al.].
-    picks = {"acc": argmax(lls), "acc_norm": argmax([ll / len(c) for ll, c in zip(lls, choices)])}
+    # NOTE: np.argmax picks the first of equal scores, as max() would.
+    picks = {"acc": int(np.argmax(lls)),
+             "acc_norm": int(np.argmax([ll / len(c) for ll, c in zip(lls, choices)]))}
     if lls_answer is not None:
-        picks["acc_answer"] = argmax([ll - u for ll, u in zip(lls, lls_answer)])
+        picks["acc_answer"] = int(np.argmax([ll - u for ll, u in zip(lls, lls_answer)]))
     return picks
 
 
@@ -486,11 +487,9 @@ def greedy_generations(model, tok, prompts: list, max_new_tokens: int) -> list:
                 stopped[i] = t == tok.eos_id or any(s in tok.decode(new[i]) for s in QA_STOPS)
         if all(stopped):
             raise AllStopped          # PERF: a batch ends with its last answer
-    try:
+    with contextlib.suppress(AllStopped):
         generate_tokens(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
                         on_token=watch)
-    except AllStopped:
-        pass
     return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in new]
 
 
@@ -743,9 +742,8 @@ def read_task(name: str, path: str, limit=None) -> list:
         raise ValueError(f"task file {path} is a folder; give {name}'s file itself (eval.py's "
                          "section 6 names it)")
     labels_path = os.path.splitext(path)[0] + "-labels.lst"
-    labels = None
-    if os.path.isfile(labels_path):              # PIQA and SIQA ship labels in a side file
-        labels = decode(read_task_file(labels_path), labels_path).split()
+    labels = (decode(read_task_file(labels_path), labels_path).split()  # PIQA's, SIQA's side file
+              if os.path.isfile(labels_path) else None)
     examples, per_subject = [], Counter()
     for where, record in records(path):
         if limit is not None and name != "mmlu" and len(examples) >= limit:
