@@ -847,7 +847,8 @@ def in_folder(folder: str, name: str) -> str:
 
 
 def jobs_of(a) -> list:
-    """One namespace per task: the flags of a one-task run, its own data, shots and shots file."""
+    """One namespace per task: the flags of a one-task run, its own data, shots and shots file;
+    each checked (check_args)."""
     names = task_names(a.task)
     for name in names:
         check([(name in TASKS, f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or "
@@ -881,12 +882,14 @@ def jobs_of(a) -> list:
         jobs.append(argparse.Namespace(**{**vars(a), "task": name, "data": data[name],
                                           "shots": shots, "shots_typed": typed is not None,
                                           "shots_from": shots_from.get(name)}))
+        check_args(jobs[-1])
     return jobs
 
 
-def check_args(a, name: str):
-    """Every flag against its range, before a file is read; ValueError says what to do."""
-    most = TASKS[name].max_shots                                 # shots: None for any number
+def check_args(a):
+    """Every flag of a task's job against its range, before a file is read; ValueError says what
+    to do."""
+    name, most = a.task, TASKS[a.task].max_shots            # shots: None for any number
     needs_shots = (f"--shots {a.shots} needs --shots-from, the file the solved examples come "
                    "from (a QA train file, or MMLU's dev split)" if a.shots_typed else
                    f"{name} is {a.shots}-shot by default, as in the paper: give --shots-from "
@@ -963,7 +966,8 @@ def read_examples(job) -> list:
 
 
 def run_task(model, tok, job, examples) -> dict:
-    """One task scored: its report, as eval.py --task NAME --out writes it."""
+    """One task scored and its report printed: the report as eval.py --task NAME --out writes
+    it."""
     name, t0 = job.task, time.perf_counter()
     if name == "perplexity":
         report = evaluate_perplexity(model, tok, job.data, job.batch_size, job.limit)
@@ -978,6 +982,7 @@ def run_task(model, tok, job, examples) -> dict:
                   examples_per_s=n / seconds, **report)
     if name == "mmlu":
         report["llama_7b_categories"] = MMLU_LLAMA_7B if job.shots == 5 else None
+    print_report(report)
     return report
 
 
@@ -1084,16 +1089,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         jobs = jobs_of(a)
-        for job in jobs:
-            check_args(job, job.task)
         check_output(a, jobs)
         examples = [read_examples(job) for job in jobs]          # every file before the model
         model, tok = load_model(a.ckpt, a.device)
         plan_free_attention()             # PERF: batches of every length (model.py)
-        reports = []
-        for job, task_examples in zip(jobs, examples):
-            reports.append(run_task(model, tok, job, task_examples))
-            print_report(reports[-1])
+        reports = [run_task(model, tok, job, task_examples)            # each printed
+                   for job, task_examples in zip(jobs, examples)]
         report = reports[0] if len(reports) == 1 else suite_report(a, reports)
         if len(reports) > 1:
             print_table(report)
