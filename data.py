@@ -842,42 +842,40 @@ def read_records(path: str, dropped: Counter):
     if os.path.getsize(path) == 0:
         dropped["empty_file"] += 1
         return
-    is_txt = path.endswith(".txt")
-    with contextlib.ExitStack() as files:
-        if is_txt:                       # one document, read whole: C.read_file's bound
-            lines = [C.read_file(path, what="source file", advice="split it into documents")]
-        else:
-            raw = files.enter_context(open(path, "rb"))
-            lines = _lines(gzip.open(raw) if path.endswith(".gz") else raw, dropped)
-        try:
-            for n, line in enumerate(lines):
-                line = line.removeprefix(codecs.BOM_UTF8) if n == 0 else line
-                if not is_txt and not line.strip():
-                    continue
-                try:
-                    text = line.decode("utf-8")
-                    record = {"text": text} if is_txt else json.loads(text)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
-                    continue
-                if _is_record(record):
-                    yield record
-                else:
-                    dropped["bad_json"] += 1
-        except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep
-            dropped["bad_gzip"] += 1                        # what was read before
+    is_txt = path.endswith(".txt")       # one document, read whole: C.read_file's bound
+    lines = ([C.read_file(path, what="source file", advice="split it into documents")] if is_txt
+             else _lines(path, dropped))
+    try:
+        for n, line in enumerate(lines):
+            line = line.removeprefix(codecs.BOM_UTF8) if n == 0 else line
+            if not is_txt and not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+                record = {"text": text} if is_txt else json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
+                continue
+            if _is_record(record):
+                yield record
+            else:
+                dropped["bad_json"] += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep what
+        dropped["bad_gzip"] += 1                        # was read before
 
 
-def _lines(f, dropped: Counter):
-    """The lines of a binary file, each read with a bound: a line longer than RECORD_LIMIT is
-    skipped to its end and counted, never held whole in memory."""
-    while line := f.readline(RECORD_LIMIT + 1):
-        if len(line) > RECORD_LIMIT and not line.endswith(b"\n"):
-            while (rest := f.readline(RECORD_LIMIT + 1)) and not rest.endswith(b"\n"):
-                pass
-            dropped["record_too_long"] += 1
-            continue
-        yield line
+def _lines(path: str, dropped: Counter):
+    """The lines of a .jsonl or .jsonl.gz file, each read with a bound: a line longer than
+    RECORD_LIMIT is skipped to its end and counted, never held whole in memory."""
+    with open(path, "rb") as raw:
+        f = gzip.open(raw) if path.endswith(".gz") else raw
+        while line := f.readline(RECORD_LIMIT + 1):
+            if len(line) > RECORD_LIMIT and not line.endswith(b"\n"):
+                while (rest := f.readline(RECORD_LIMIT + 1)) and not rest.endswith(b"\n"):
+                    pass
+                dropped["record_too_long"] += 1
+                continue
+            yield line
 
 
 def _is_record(record) -> bool:
@@ -928,20 +926,17 @@ def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = F
     # NOTE: "fork": workers start in milliseconds with this module (and torch) already imported.
     context = multiprocessing.get_context("fork")
     pipes = [context.Pipe() for _ in range(workers)]            # (this end, the worker's end)
-    procs = []
-    for k, (_, theirs) in enumerate(pipes):
-        others = [c for j, pair in enumerate(pipes) for c in pair if c is not theirs]
-        procs.append(context.Process(target=_serve, args=(fn, theirs, others, hooks),
-                                     daemon=True))
-        procs[-1].start()
-    for _, theirs in pipes:
+    procs = [context.Process(target=_serve, args=(fn, theirs, pipes, hooks), daemon=True)
+             for _, theirs in pipes]
+    for proc, (_, theirs) in zip(procs, pipes):
+        proc.start()
         theirs.close()
-    queue, busy, results, first = iter(enumerate(tasks)), {}, {}, 0
+    queue, busy, results, first = iter(enumerate(tasks)), {}, {}, 0  # busy: worker -> task index
 
     def feed(k: int):
         if (item := next(queue, None)) is not None:
-            pipes[k][0].send(item)
-            busy[k] = item[0]
+            busy[k], task = item
+            pipes[k][0].send(task)
     try:
         for k in range(workers):
             feed(k)
@@ -958,10 +953,9 @@ def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = F
                 if message is None:
                     procs[k].join()
                     raise ChildProcessError(_died(procs[k].exitcode, label))
-                i, ok, result = message
+                i, (ok, result) = busy.pop(k), message
                 if not ok:
                     raise result
-                del busy[k]
                 feed(k)
                 results[i] = result
                 if not ordered:
@@ -979,30 +973,30 @@ def _map(fn, tasks: list, workers: Optional[int], hooks: dict, ordered: bool = F
             proc.join()
 
 
-def _serve(fn, conn, others: list, hooks: dict):
-    """A worker process: fn(task) for each task its parent sends, each answered (index, True,
-    result) or (index, False, the exception); it ends on None, or when its parent is gone."""
-    for c in others:                         # the parent's ends: the pipe reads EOF once it dies
-        c.close()
+def _serve(fn, conn, pipes: list, hooks: dict):
+    """A worker process: fn(task) for each task its parent sends on `conn`, each answered (True,
+    result) or (False, the exception); it ends on None, or when its parent is gone."""
+    for other in itertools.chain(*pipes):    # every end but its own: its pipe reads EOF once it
+        if other is not conn:                # dies, and the parent's once the parent dies
+            other.close()
     _worker_init(hooks, in_pool=True)
     while True:
         try:
-            item = conn.recv()
+            task = conn.recv()
         except (EOFError, OSError):
             return
-        if item is None:
+        if task is None:
             return
-        i, task = item
         try:
-            answer = (i, True, fn(task))
+            answer = (True, fn(task))
         except Exception as e:
-            answer = (i, False, e)
+            answer = (False, e)
         try:
             conn.send(answer)
         except (OSError, EOFError):          # the parent is gone
             return
         except Exception as e:               # a result or exception that cannot be pickled
-            conn.send((i, False, RuntimeError(f"{type(e).__name__}: {e}")))
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
 
 
 def _died(code: Optional[int], label: str) -> str:
@@ -1231,14 +1225,13 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
                              "itself; prepare the data again")
         for split in ("train", "val"):
             base, count = os.path.join(data_dir, name, split), source[split]
-            for path in (base + ".bin", base + ".idx"):
+            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
+                               (base + ".idx", (count["documents"] + 1) * 8)):
                 if os.path.dirname(os.path.realpath(path)) != os.path.join(root, name):
                     raise ValueError(f"{path!r} leads out of {data_dir} (a symlink to "
                                      f"{os.path.realpath(path)!r}): a dataset reads only files "
                                      "inside itself; copy the files in, or prepare the data "
                                      "again")
-            for path, size in ((base + ".bin", count["tokens"] * np.dtype(dtype).itemsize),
-                               (base + ".idx", (count["documents"] + 1) * 8)):
                 found = os.path.getsize(path) if os.path.isfile(path) else "no"
                 if found != size:
                     raise ValueError(f"{path!r} holds {found} bytes where the manifest's "
@@ -1494,14 +1487,15 @@ def main(argv=None):
                 "--shard cleans sources into a part; give --tokenizer, --vocab-size, --mix and "
                 "--val-every to `data.py merge`")], error=pp.error)
     try:
-        start = time.perf_counter()
-        if args.command != "stats":          # the build never writes into what it reads
-            C.check_outputs([("--out", args.out)], [("--tokenizer", args.tokenizer)] + (
-                [("PART", part) for part in args.parts] if args.command == "merge" else
-                [("--source", parse_source(spec)[2]) for spec in args.source]))
         if args.command == "stats":
             print_stats(args.data_dir, args.train_tokens)
-        elif args.command == "prepare" and args.shard:
+            return
+        start = time.perf_counter()
+        # the build never writes into what it reads
+        C.check_outputs([("--out", args.out)], [("--tokenizer", args.tokenizer)] + (
+            [("PART", part) for part in args.parts] if args.command == "merge" else
+            [("--source", parse_source(spec)[2]) for spec in args.source]))
+        if args.command == "prepare" and args.shard:
             prepare_shard(args.source, args.out, *args.shard, quiet=args.quiet,
                           workers=args.workers)
         elif args.command == "prepare" and args.demo:
@@ -1513,8 +1507,7 @@ def main(argv=None):
             build(inputs, args.out, args.tokenizer, args.vocab_size or 32000,
                   parse_mix(args.mix) if args.mix else None, args.val_every or VAL_EVERY,
                   quiet=args.quiet, workers=args.workers)
-        if args.command != "stats":
-            print(f"{args.out} ready in {time.perf_counter() - start:.1f} s")
+        print(f"{args.out} ready in {time.perf_counter() - start:.1f} s")
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was left half-written; run the same command again")
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable path, a full disk
