@@ -66,6 +66,7 @@ Activation Recomputation in Large Transformer Models" (2205.05198), LLaMA (2302.
 import gc
 import os
 import signal
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -704,8 +705,8 @@ class GradSync:
     step whose update is then skipped). As in DDP, a backward is local when its forward ran
     inside no_sync(), so the context may hold the forward alone or forward and backward. After
     it every dp rank holds the dp-mean gradient. Under sp finish() also sums the norm weights'
-    gradients over tp: each rank saw only T/tp positions. One GradSync per model: its hooks stay
-    on the parameters.
+    gradients over tp: each rank saw only T/tp positions. One GradSync per model, kept while the
+    model trains: its hooks stay on the parameters, and hold it weakly.
     """
 
     def __init__(self, model, grid: Grid, bucket_mb: float = 25.0, overlap: bool = True):
@@ -721,9 +722,14 @@ class GradSync:
             self.buckets = [Bucket([order[i] for i in bucket], len(bucket))
                             for bucket in make_buckets(sizes, bucket_mb * 2**20, el)]
             self.bucket_of = {p: bucket for bucket in self.buckets for p in bucket.params}
+            # NOTE: the hooks hold this object weakly. A parameter holding it strongly would make
+            # a cycle through a tensor, which Python's collector cannot free: the model, and the
+            # process groups, would live until interpreter exit, after the process group is
+            # destroyed, where a live gloo group can abort a finished run (exit -6).
+            me = weakref.proxy(self)
             for p in self.params:
-                p.register_post_accumulate_grad_hook(self._grad_ready)
-            model.register_forward_pre_hook(self._forward_starts)
+                p.register_post_accumulate_grad_hook(partial(GradSync._grad_ready, me))
+            model.register_forward_pre_hook(partial(GradSync._forward_starts, me))
 
     @contextmanager
     def no_sync(self):
@@ -1167,11 +1173,10 @@ def is_collective_failure(e: BaseException) -> bool:
 def destroy(world: Dist) -> None:
     """Leave the process group (call it in a `finally`)."""
     if world.world_size > 1 and dist.is_initialized():
-        # NOTE: GradSync's and the tp regions' hooks hold the groups in reference cycles (a
-        # parameter's hook -> GradSync -> the model -> the parameter). Freed only at interpreter
-        # exit, after the destroy, a gloo group can abort a finished run ("terminate called
-        # without an active exception", exit -6): 1 exit in 20 on two ranks, 13 in 50 in a
-        # minimal script. Collected here, first: 0 in 40, 0 in 50.
+        # NOTE: a gloo group still alive at interpreter exit, after the destroy, can abort a
+        # finished run ("terminate called without an active exception", exit -6; 13 exits in
+        # 50 in a minimal script, 0 in 100 with the group freed first). The run's objects hold
+        # the groups in reference cycles (the tp regions and their linears): collected here.
         gc.collect()
         dist.destroy_process_group()
 

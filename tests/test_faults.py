@@ -147,6 +147,10 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_pat
     assert line.startswith(f"error: could not write {tmp_path}/checkpoints/.tmp-step-000004/")
     assert line.endswith("is the disk full? (then --resume continues the run)")
     assert C.latest(str(tmp_path)).endswith("step-000002")
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+    monkeypatch.undo()                                          # space freed: the advice holds
+    T.main(["--out", str(tmp_path), "--resume"])
+    assert C.latest(str(tmp_path)).endswith("step-000006")
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(demo_data, tmp_path):

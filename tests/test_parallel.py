@@ -17,6 +17,7 @@ bad configurations refused in one line.
 What the workers run comes after the tests, at the end of the file.
 """
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -280,6 +281,23 @@ def test_first_bucket_all_reduce_starts_before_backward_reaches_first_layer(trai
     assert dp_launches[0] < reach_first, events
     assert sum(i < reach_first for i in dp_launches) >= 2, events     # several, overlapping
     assert dp_launches[-1] < events.index("backward done"), events    # all launched in backward
+
+
+def test_leaving_the_process_group_frees_every_group(request):
+    """Training leaves its groups in reference cycles (GradSync's hooks hold the model that holds
+    them). P.destroy frees them before it leaves: a gloo group freed later, at interpreter exit,
+    can abort a finished run (exit -6)."""
+    assert spawn(worker_leaving, WORLD) == [{"tp": True, "dp": True}] * WORLD
+
+
+def worker_leaving():
+    world = P.init_distributed(device="cpu")
+    grid = P.make_grid(world, tp=2)
+    train(CONFIGS[3], grid, accum=1)                              # dp2 x tp2, GradSync's hooks
+    freed = {"tp": weakref.ref(grid.tp_group), "dp": weakref.ref(grid.dp_group)}
+    del grid
+    P.destroy(world)
+    return {axis: ref() is None for axis, ref in freed.items()}
 
 
 # --- 3. accounting and checkpoints --------------------------------------------------------------
