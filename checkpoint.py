@@ -71,11 +71,8 @@ def shard_dim(key: str) -> Optional[int]:
     norms are replicated (None).
     """
     name = key.split(".")[-2] if "." in key else key     # "layers.3.attention.wq.weight" -> "wq"
-    if name in ("wq", "wk", "wv", "w1", "w3", "output"):
-        return 0
-    if name in ("wo", "w2", "tok_embeddings"):
-        return 1
-    return None
+    return {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+            "wo": 1, "w2": 1, "tok_embeddings": 1}.get(name)
 
 
 def shard_file(i: int) -> str:
@@ -696,10 +693,8 @@ def check_outputs(outputs: list, inputs: list):
     for out_flag, out in outputs:
         where = os.path.realpath(out)
         for in_flag, source in inputs:
-            if not source:
-                continue
-            root = os.path.realpath(source)
-            if where == root or where.startswith(root.rstrip(os.sep) + os.sep):
+            root = os.path.realpath(source) if source else None
+            if root and os.path.commonpath([root, where]) == root:
                 raise ValueError(f"{out_flag} {out} {'is' if where == root else 'lies inside'} "
                                  f"{in_flag} {source}: writing it would overwrite what this "
                                  f"command reads; choose an {out_flag} outside it")
@@ -826,18 +821,14 @@ def lock_holders(path: str) -> list:
     finds them in /proc ([] where there is no /proc, or none can be read)."""
     try:
         target = os.stat(path)
-        pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
     except OSError:
         return []
     found = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    st = os.stat(f"/proc/{pid}/fd/{fd}")
-                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-                        found.append(int(pid))
-                        break
+    for link in glob.glob("/proc/[0-9]*/fd/*"):   # folders it may not list are passed over
+        pid = int(link.split("/")[2])
+        with contextlib.suppress(OSError):        # a descriptor closed meanwhile
+            if pid != os.getpid() and pid not in found and os.path.samestat(os.stat(link), target):
+                found.append(pid)
     return found
 
 
@@ -874,10 +865,8 @@ def abandon_build(tmp: str, fd: int):
 def remove_leftovers(folder: str):
     """Remove the .tmp-NAME folders in `folder` that no build holds: what killed builds, or
     failed ones that could not clean up, left behind (a run's checkpoints/ on a full disk)."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    for name in names:
-        path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isdir(path):
+    for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        if os.path.isdir(path):
             remove_unread(path)
 
 
@@ -911,10 +900,9 @@ def building(out_dir: str):
         yield tmp
         finish_build(tmp, out_dir)
     except BaseException:                    # Ctrl-C included
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon_build(tmp, fd)
         raise
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -953,10 +941,9 @@ def unreadable(path: str, e: OSError, what: str) -> OSError:
     return OSError(e.errno, f"cannot read {what} {path} ({e.strerror or e})")
 
 
-def read_file(path: str, limit: Optional[int] = None, what: str = "file",
+def read_file(path: str, limit: int = TEXT_LIMIT, what: str = "file",
               advice: str = "split it into smaller files") -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (TEXT_LIMIT), or a one-line error."""
-    limit = TEXT_LIMIT if limit is None else limit
+    """The bytes of a regular file of at most `limit` bytes, or a one-line error."""
     st = regular_file(path, what)
     too_big = ValueError(f"{what} {path} holds {size_text(st.st_size)}, more than the "
                          f"{size_text(limit)} read at once; {advice}")
@@ -1000,21 +987,20 @@ def reading(ckpt: str):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:                          # gone, or no folder: the caller says so
             fd = None
-        if fd is not None:
+        if fd is None:
+            yield folder
+            return
+        try:
             fcntl.flock(fd, fcntl.LOCK_SH)       # waits while a rotation deletes it
             try:
                 alive = os.path.samestat(os.fstat(fd), os.stat(folder))
             except OSError:
                 alive = False
-            if not alive:                        # deleted meanwhile: the newer `latest`
-                os.close(fd)
-                continue
-        try:
-            yield folder
+            if alive:                            # else deleted meanwhile: the newer `latest`
+                yield folder
+                return
         finally:
-            if fd is not None:
-                os.close(fd)
-        return
+            os.close(fd)
     raise FileNotFoundError(f"{ckpt} kept naming deleted folders while a run rotated its "
                             "checkpoints; run again")
 
