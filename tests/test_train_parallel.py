@@ -1,5 +1,6 @@
 """train.py under several processes: per-step losses of tensor, sequence and data parallel runs,
-and of each recomputation mode, equal those of one process with the same global batch.
+and of each recomputation mode, equal those of one process with the same global batch; each run
+frees every process group it made before it returns.
 
 bf16 autocast on CPU (`--dtype bf16`) is the CPU stand-in for the CUDA path: every hand-written
 backward (SwiGLU, the keep-shard linear, recomputation, the vocabulary-parallel loss, f and g)
@@ -78,10 +79,29 @@ def single_process(demo_data, tmp_path_factory):
 def parallel(demo_data, tmp_path_factory):
     """{run name: per rank, {step: loss}}: train.main on 4 workers, one run after the other."""
     root = tmp_path_factory.mktemp("parallel")
-    results = spawn_each(T.main, WORLD, [run_argv(demo_data, root, run) for run in PARALLEL_RUNS],
-                         timeout=400)
-    return {run.name: [rank["losses"] for rank in ranks]
-            for run, ranks in zip(PARALLEL_RUNS, results)}
+    results = spawn_each(main_and_groups_left, WORLD,
+                         [run_argv(demo_data, root, run) for run in PARALLEL_RUNS], timeout=400)
+    return {run.name: ranks for run, ranks in zip(PARALLEL_RUNS, results)}
+
+
+def main_and_groups_left(argv) -> dict:
+    """train.main on a worker, and how many of the process groups it made are still alive when
+    it returns (at module level: a spawned worker imports it)."""
+    import weakref
+
+    import parallel as P
+    real, made = P.make_grid, []
+
+    def make_grid(*args, **kwargs):
+        grid = real(*args, **kwargs)
+        made.extend(weakref.ref(g) for g in (grid.tp_group, grid.dp_group, grid.pp_group) if g)
+        return grid
+    P.make_grid = make_grid
+    try:
+        return dict(T.main(argv), groups_made=len(made),
+                    groups_left=sum(ref() is not None for ref in made))
+    finally:
+        P.make_grid = real
 
 
 def test_recompute_modes_equal_in_one_process(single_process):
@@ -107,10 +127,19 @@ def test_parallel_runs_equal_one_process(parallel, single_process):
         for run in PARALLEL_RUNS:
             if run.dtype != dtype:
                 continue
-            for rank, losses in enumerate(parallel[run.name]):   # every rank logs the same losses
+            for rank, result in enumerate(parallel[run.name]):   # every rank logs the same losses
                 for step, loss in reference.items():
-                    assert losses[step] == pytest.approx(loss, rel=rel), \
+                    assert result["losses"][step] == pytest.approx(loss, rel=rel), \
                         f"{run.name}, rank {rank}, step {step}"
+
+
+def test_a_finished_run_leaves_no_process_group_alive(parallel):
+    """A gloo group still alive at interpreter exit, after the group is left, can abort a run that
+    has finished (exit -6): train.main frees every group it made, in every configuration."""
+    for run in PARALLEL_RUNS:
+        for rank, result in enumerate(parallel[run.name]):
+            assert result["groups_made"] >= 1, (run.name, rank)
+            assert result["groups_left"] == 0, (run.name, rank)
 
 
 def signalled_in_step_4(argv) -> dict:
