@@ -76,6 +76,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -690,8 +691,8 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
                     weights=weights, sources={n: {k: stats[n][k] for k in ("kind", "train", "val")}
                                               for n in keys})
     for filename, content in (("stats.json", report), ("manifest.json", manifest)):
-        with open(os.path.join(tmp, filename), "w") as f:  # no timings: the same bytes each run
-            json.dump(content, f, indent=2)
+        # no timings: the same bytes each run
+        C.write_atomic(os.path.join(tmp, filename), json.dumps(content, indent=2))
     return report
 
 
@@ -1137,8 +1138,7 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Op
                for name, kind, root, paths in listing]
     part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
                 counts=dict(sorted(counts.items())))
-    with open(os.path.join(folder, "part.json"), "w") as f:
-        json.dump(part, f, indent=1)
+    C.write_atomic(os.path.join(folder, "part.json"), json.dumps(part, indent=1))
     return part
 
 
@@ -1248,8 +1248,7 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
 
 
 def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def dataset_identity(data_dir: str) -> dict:
@@ -1344,10 +1343,8 @@ def _module_docs(tree, prefix: str) -> List[str]:
 def _module_doc(task) -> tuple:
     """Worker: (module, its docstrings as one `docs` document, or "" when it has none)."""
     path, module = task
-    with open(path, "rb") as f:
-        source = f.read().decode("utf-8", errors="replace")
     try:
-        tree = ast.parse(source)
+        tree = ast.parse(pathlib.Path(path).read_bytes().decode("utf-8", errors="replace"))
     except SyntaxError:
         return module, ""
     entries = [e for e in [ast.get_docstring(tree) or ""] + _module_docs(tree, "") if e]
@@ -1364,8 +1361,7 @@ def demo_records(scale: float = 1.0, workers: Optional[int] = None) -> dict:
     records = {"code": [], "docs": [], "reference": []}
     size, others = Counter(), []
     for path in stdlib_files():
-        with open(path, "rb") as f:
-            source = f.read().decode("utf-8", errors="replace")
+        source = pathlib.Path(path).read_bytes().decode("utf-8", errors="replace")
         module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
         if size["code"] + len(source) <= caps["code"]:
             records["code"].append({"text": source, "meta": {"module": module}})
