@@ -1051,11 +1051,10 @@ def parse_source(spec: str):
     left, sep, folder = spec.partition("=")
     name, _, kind = left.partition(":")
     kind = kind or TABLE1.get(name, (0, 0, "text"))[2]
-    if not sep or not folder or not re.fullmatch(NAME, name):
-        raise ValueError(f"bad source {spec!r}: write NAME=DIR or NAME:KIND=DIR, NAME in letters, "
-                         "digits, _ and -, e.g. github=/data/redpajama/github")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(KINDS)}")
+    check([(sep and folder and re.fullmatch(NAME, name),
+            f"bad source {spec!r}: write NAME=DIR or NAME:KIND=DIR, NAME in letters, digits, _ "
+            "and -, e.g. github=/data/redpajama/github"),
+           (kind in KINDS, f"unknown kind {kind!r} in {spec!r}; choose one of {', '.join(KINDS)}")])
     return name, kind, folder
 
 
@@ -1208,15 +1207,13 @@ def check_dataset(data_dir: str, manifest: dict) -> None:
                          f"{manifest.get('format')}, this one reads {FORMAT}); delete it and "
                          "prepare it again")
     tokenizer = os.path.join(data_dir, "tokenizer.model")
-    if not os.path.isfile(tokenizer) or _sha256(tokenizer) != manifest["tokenizer_sha256"]:
-        raise ValueError(f"{tokenizer!r} is missing or is not the tokenizer the shards were made "
-                         "with (sha256 differs from the manifest's); put the original back, or "
-                         "prepare the data again with this one")
     vocab, dtype = manifest["vocab_size"], manifest["dtype"]
-    if dtype != token_dtype(vocab):
-        raise ValueError(f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
-                         f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the "
-                         "data again")
+    check([(os.path.isfile(tokenizer) and _sha256(tokenizer) == manifest["tokenizer_sha256"],
+            f"{tokenizer!r} is missing or is not the tokenizer the shards were made with (sha256 "
+            "differs from the manifest's); put the original back, or prepare the data again with "
+            "this one"),
+           (dtype == token_dtype(vocab), f"dtype {dtype!r} in {data_dir}/manifest.json is not the "
+            f"{token_dtype(vocab)} that {vocab} pieces are stored as; prepare the data again")])
     root = os.path.realpath(data_dir)
     for name, source in manifest["sources"].items():
         if not re.fullmatch(NAME, name):
