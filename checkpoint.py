@@ -237,7 +237,7 @@ def read_hf(folder: str):
                          **ffn_args(dim, cfg["intermediate_size"]))
     except KeyError as e:
         raise ValueError(f"{path} lacks the field {e}; it is not a Llama config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError) as e:     # JSON's own errors are ValueErrors
         raise ValueError(f"{path}: {first_line(e, 200)}") from None
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
