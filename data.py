@@ -359,10 +359,8 @@ def code_license_header(text: str) -> str:
     """Remove the leading comment block when it is a license or copyright notice: it repeats in
     every file of a project and teaches nothing [LLaMA §2.1]."""
     lines = text.split("\n")
-    i = 0
-    while i < len(lines) and COMMENT_OR_BLANK.match(lines[i]):
-        i += 1
-    return "\n".join(lines[i:]) if LICENSE_WORDS.search("\n".join(lines[:i])) else text
+    head = list(itertools.takewhile(COMMENT_OR_BLANK.match, lines))  # comment or blank lines
+    return "\n".join(lines[len(head):]) if LICENSE_WORDS.search("\n".join(head)) else text
 
 
 def code_line_length(text: str) -> Optional[str]:
