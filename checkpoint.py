@@ -209,6 +209,14 @@ def permute_rows(w, n_heads: int, to_hf: bool):
     return w.reshape(grid).transpose(1, 2).reshape(n_heads * E, D)
 
 
+def hf_rows(key: str, w, args: ModelArgs, to_hf: bool):
+    """The weight `key`, its rows permuted (permute_rows) if it is a wq or a wk: the two whose
+    outputs are rotated; any other as it is."""
+    if key.endswith(("wq.weight", "wk.weight")):
+        return permute_rows(w, args.n_heads if "wq" in key else args.n_kv_heads, to_hf)
+    return w
+
+
 def ffn_args(dim: int, hidden: int) -> dict:
     """multiple_of / ffn_dim_multiplier for which ModelArgs.ffn_hidden == HF's intermediate_size."""
     def width(**kw):
@@ -248,12 +256,9 @@ def read_hf(folder: str):
     to_meta = {hf_name(k): k for k in expected_shapes(args)}
     state = {}
     for name, w in hf.items():
-        if name.endswith("rotary_emb.inv_freq"):     # a derived buffer some exports carry
-            continue
-        key = to_meta.get(name, name)                # unknown names are reported by check_state
-        if key.endswith(("wq.weight", "wk.weight")):
-            w = permute_rows(w, n_heads if "wq" in key else n_kv_heads, to_hf=False)
-        state[key] = w
+        if not name.endswith("rotary_emb.inv_freq"):     # a derived buffer some exports carry
+            key = to_meta.get(name, name)            # unknown names are reported by check_state
+            state[key] = hf_rows(key, w, args, to_hf=False)
     return args, state
 
 
@@ -329,11 +334,8 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": pad,
         "torch_dtype": str(dtype).split(".")[-1],
     }
-    tensors = {}
-    for key, w in state.items():
-        if key.endswith(("wq.weight", "wk.weight")):
-            w = permute_rows(w, args.n_heads if "wq" in key else args.n_kv_heads, to_hf=True)
-        tensors[hf_name(key)] = w.contiguous()
+    tensors = {hf_name(key): hf_rows(key, w, args, to_hf=True).contiguous()
+               for key, w in state.items()}
     files = {
         "config.json": config,
         # generate()'s own defaults: <s> first, stop at </s>, pad with <unk>.
