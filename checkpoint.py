@@ -414,14 +414,12 @@ def train_state_name(tp_rank: int, pp_rank: int = 0, pp: int = 1) -> str:
     return f"train_state.{tp_rank:02d}{stage}.pth"
 
 
-def write_model(folder: str, args: ModelArgs, tok_path: str, config: dict,
-                dataset: Optional[dict] = None):
+def write_model(folder: str, args: ModelArgs, tok_path: str, config: dict, dataset: dict):
     """The files of a step folder that one rank writes: params.json, tokenizer.model, the run's
     options (train_config.json) and what it read (dataset.json: data.dataset_identity)."""
     write_atomic(os.path.join(folder, "params.json"), args.to_json())
     write_atomic(os.path.join(folder, "train_config.json"), json.dumps(config, indent=2))
-    if dataset is not None:
-        write_atomic(os.path.join(folder, "dataset.json"), json.dumps(dataset, indent=2))
+    write_atomic(os.path.join(folder, "dataset.json"), json.dumps(dataset, indent=2))
     with open(tok_path, "rb") as f:
         write_atomic(os.path.join(folder, "tokenizer.model"), f.read())
 
@@ -756,15 +754,14 @@ def save_torch(obj, path: str):
         os.fsync(fh.fileno())
 
 
-def lock(path: str, shared: bool = False, wait: bool = False) -> Optional[int]:
-    """A lock on `path` (a folder, or a file made if absent), held until the returned descriptor
-    is closed: exclusive, or shared with other readers; None while another process holds a lock
-    that excludes it (unless `wait`). The system drops a lock when its process dies, however it
-    dies, so a kill never leaves one stuck; forked workers share it."""
+def lock(path: str) -> Optional[int]:
+    """An exclusive lock on `path` (a folder, or a file made if absent), held until the returned
+    descriptor is closed; None, at once, while another process holds any lock on it (a reader's
+    shared one: reading). The system drops a lock when its process dies, however it dies, so a
+    kill never leaves one stuck; forked workers share it."""
     fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-                    | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
