@@ -940,9 +940,11 @@ def unreadable(path: str, e: OSError, what: str) -> OSError:
     return OSError(e.errno, f"cannot read {what} {path} ({e.strerror or e})")
 
 
-def read_file(path: str, limit: int = TEXT_LIMIT, what: str = "file",
+def read_file(path: str, limit: Optional[int] = None, what: str = "file",
               advice: str = "split it into smaller files") -> bytes:
-    """The bytes of a regular file of at most `limit` bytes, or a one-line error."""
+    """The bytes of a regular file of at most `limit` bytes (TEXT_LIMIT, read at each call), or
+    a one-line error."""
+    limit = TEXT_LIMIT if limit is None else limit
     st = regular_file(path, what)
     too_big = ValueError(f"{what} {path} holds {size_text(st.st_size)}, more than the "
                          f"{size_text(limit)} read at once; {advice}")
