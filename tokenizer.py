@@ -79,23 +79,21 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     if vocab_size < 260:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 "
                          "pieces plus <unk>, <s>, </s>; use at least 260")
-    is_files = isinstance(source, (list, tuple))
-    if is_files:
+    if isinstance(source, (list, tuple)):
         check_training_files(source)          # below the banner
+        sentences = dict(input=",".join(source))
+    else:
+        sentences = dict(sentence_iterator=iter(source))
     # NOTE: the model is handed back in memory (model_writer), not written under a model_prefix:
     # SentencePiece stores the prefix inside the model, and a temporary path would make two
     # trainings on the same text differ. The thread count is stored too, but changes no piece.
     model = io.BytesIO()
-    kwargs = dict(TRAINER_SPEC, model_writer=model, vocab_size=vocab_size,
-                  input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                  num_threads=num_threads, minloglevel=2)
-    if is_files:
-        kwargs["input"] = ",".join(source)
-    else:
-        kwargs["sentence_iterator"] = iter(source)
     spm.set_random_generator_seed(0)  # the same sample of sentences on every run
     try:
-        spm.SentencePieceTrainer.train(**kwargs)
+        spm.SentencePieceTrainer.train(**TRAINER_SPEC, **sentences, model_writer=model,
+                                       vocab_size=vocab_size, input_sentence_size=max_sentences,
+                                       shuffle_input_sentence=True, num_threads=num_threads,
+                                       minloglevel=2)
     except RuntimeError as e:
         raise ValueError(f"SentencePiece could not train on this text: {trainer_reason(e)}") \
             from None
@@ -128,8 +126,7 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> List[int]:
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
 
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
