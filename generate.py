@@ -280,14 +280,12 @@ def weight_bytes(model: Transformer) -> int:
 
 def check_request(lens: list, max_new_tokens: int, max_seq_len: int):
     """generate_tokens' prompt lengths and budget, each refused with what to do."""
-    if not lens or min(lens) == 0:
-        raise ValueError("every prompt needs at least one token; encode with bos=True")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token")
-    if max(lens) + max_new_tokens > max_seq_len:
-        raise ValueError(f"the longest prompt ({max(lens)} tokens) + max_new_tokens="
-                         f"{max_new_tokens} exceeds max_seq_len={max_seq_len}; "
-                         "shorten one or the other")
+    shortest, longest = min(lens, default=0), max(lens, default=0)
+    check([(shortest > 0, "every prompt needs at least one token; encode with bos=True"),
+           (max_new_tokens > 0, f"max_new_tokens={max_new_tokens}: ask for at least one new token"),
+           (longest + max_new_tokens <= max_seq_len,
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds "
+            f"max_seq_len={max_seq_len}; shorten one or the other")])
 
 
 class Streamer:
@@ -300,19 +298,16 @@ class Streamer:
     def __call__(self, new: list):
         if new[0] is not None and new[0] != self.tok.eos_id:
             self.new.append(new[0])
-            self.show(final=False)
+            self.show()
 
-    def show(self, final: bool):
+    def show(self, final: bool = False):
+        """Print what is new since the last call; `final`: all the rest, and end the line."""
         # Decode prompt + new tokens together: a lone piece loses its leading space, and a
         # byte-fallback character is incomplete ("\ufffd") until its last byte arrives.
         text = self.tok.decode(self.prompt + self.new)
         if final or not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
+            print(text[len(self.shown):], end="\n" if final else "", flush=True)
             self.shown = text
-
-    def finish(self):
-        self.show(final=True)
-        print()
 
 
 def check_options(a):
@@ -410,7 +405,7 @@ def main(argv=None):
                                cuda_graph=cuda and not a.no_cuda_graph, compile=a.compile,
                                on_token=stream, stats=stats)
         if stream:
-            stream.finish()
+            stream.show(final=True)
         else:
             for i, (prompt, out) in enumerate(zip(prompts, outs)):
                 say(f"[{i}] {tok.decode(prompt + out)}")
