@@ -450,12 +450,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
-        # The rotary tables are derived, not learned: non-persistent, so they stay out of the
-        # state_dict (Meta's files sometimes carry a stray `rope.freqs`, which
-        # checkpoint.meta_weights drops).
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)    # (S_max, E/2)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.reset_rotary()
+        self.reset_rotary()                   # the buffers rope_cos, rope_sin: (S_max, E/2)
         self.reset_parameters()
 
     def _apply(self, fn, *args, **kwargs):
@@ -473,8 +468,12 @@ class Transformer(nn.Module):
 
     def reset_rotary(self, device=None):
         """Compute the rotary tables, in fp32, on `device` (default: the current one)."""
+        # The tables are derived, not learned: non-persistent buffers, so they stay out of the
+        # state_dict (Meta's files sometimes carry a stray `rope.freqs`, which
+        # checkpoint.meta_weights drops).
         cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-        self.rope_cos, self.rope_sin = (cos.to(device), sin.to(device)) if device else (cos, sin)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)    # (S_max, E/2)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def reset_parameters(self, std: float = 0.02):
         for name, p in self.named_parameters():
