@@ -126,7 +126,8 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> List[int]:
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
