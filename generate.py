@@ -44,6 +44,7 @@ batching. (The layouts it cannot read are listed in checkpoint.py.)
 
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -343,9 +344,7 @@ def check_options(a):
             C.check_exportable(C.find_tokenizer(folder))           # wrong: before any write
         try:
             os.makedirs(a.export_hf, exist_ok=True)
-            probe = os.path.join(a.export_hf, ".write-test")
-            open(probe, "w").close()
-            os.remove(probe)
+            tempfile.TemporaryFile(dir=a.export_hf).close()     # a file can be made there
         except OSError as e:
             raise ValueError(f"--export-hf {a.export_hf} cannot be written ({e.strerror}); "
                              "choose a writable folder") from None
