@@ -435,8 +435,7 @@ def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
 def format_plan(p: dict) -> str:
     """The plan as the text `python planner.py` prints."""
     model, lay, mem, t, a = p["model"], p["layout"], p["memory"], p["time"], p["assumptions"]
-    x = p["this_code"]
-    GiB, m, c = 2**30, lay["micro_batches"], p["comm_bytes_per_step"]
+    GiB, c, x = 2**30, p["comm_bytes_per_step"], p["this_code"]
     lines = [
         f"model   {model['parameters'] / 1e9:.1f}B parameters: {model['n_layers']} layers, dim "
         f"{model['dim']}, {model['n_heads']} heads, vocab {model['vocab_size']}",
@@ -444,14 +443,12 @@ def format_plan(p: dict) -> str:
         f"{lay['dp']}; sp {'on' if lay['sp'] else 'off'}; {lay['schedule']}, v "
         f"{lay['virtual_stages']}; recompute {lay['recompute']}; {lay['precision']}",
         f"batch   {lay['global_batch_sequences']} x {lay['seq_len']} = "
-        f"{lay['global_batch_sequences'] * lay['seq_len']:,} tokens per step; {m} micro-batches "
-        f"of {lay['micro_batch']} per pipeline", "",
+        f"{lay['global_batch_sequences'] * lay['seq_len']:,} tokens per step; "
+        f"{lay['micro_batches']} micro-batches of {lay['micro_batch']} per pipeline", "",
         "memory per GPU, GiB  weights  gradients  optimizer  activations  in flight   total"]
     for s in mem["stages"]:
-        lines.append(f"  pp rank {s['rank']:<10}" + "".join(
-            f"{s['memory'][k] / GiB:{w}.1f}" for k, w in (("weights", 9), ("gradients", 11),
-                                                           ("optimizer", 11), ("activations", 13)))
-            + f"{s['in_flight']:11d}{s['total'] / GiB:8.1f}")
+        cells = "".join(f"{v / GiB:{w}.1f}" for v, w in zip(s["memory"].values(), (9, 11, 11, 13)))
+        lines.append(f"  pp rank {s['rank']:<10}{cells}{s['in_flight']:11d}{s['total'] / GiB:8.1f}")
     lines += [f"  {'fits' if mem['fits'] else 'DOES NOT FIT'}: {mem['per_gpu'] / GiB:.1f} of "
               f"{mem['usable'] / GiB:.1f} usable GiB", "",
               "communication per step and GPU, bytes on the wire (ring algorithms)"]
@@ -529,7 +526,8 @@ def main(argv=None):
                           "inference memory (--serve).",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="7b", choices=PRESETS, help="the model")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+    model_flags = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")   # ModelArgs fields
+    for name in model_flags:
         p.add_argument("--" + name.replace("_", "-"), type=int, help="override the preset")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in all")
     p.add_argument("--gpu", default="a100-80gb", choices=GPUS, help="their data sheet")
@@ -557,8 +555,7 @@ def main(argv=None):
                    "collectives per step, tiny and 7b")
     p.add_argument("--json", action="store_true", help="a machine-readable answer")
     a = p.parse_args(argv)
-    overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
-                                            "vocab_size") if getattr(a, k) is not None}
+    overrides = {k: getattr(a, k) for k in model_flags if getattr(a, k) is not None}
     try:
         cli.check((name, getattr(a, name), getattr(a, name) >= 1, "1 or more") for name in (
             "gpus", "tp", "pp", "virtual_stages", "micro_batch", "seq_len", "top", "batch",
@@ -593,8 +590,7 @@ def main(argv=None):
             plans = search(args, a.gpus, a.top, **common)
             if a.json:
                 return print(json.dumps(plans, indent=2))
-            print(f"{'tp':>3} {'pp':>3} {'v':>2} {'dp':>5} {'mb':>3} {'m':>5} {'recompute':>9} "
-                  f"{'GiB':>6} {'bubble':>7} {'tok/s/GPU':>9} {'MFU':>6} {'days':>6}")
+            print(" tp  pp  v    dp  mb     m recompute    GiB  bubble tok/s/GPU    MFU   days")
             for q in plans:
                 lay = q["layout"]
                 print(f"{lay['tp']:>3} {lay['pp']:>3} {lay['virtual_stages']:>2} {lay['dp']:>5} "
