@@ -53,6 +53,7 @@ Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.1
 """
 
 import argparse
+import itertools
 import json
 import math
 from dataclasses import asdict, replace
@@ -414,17 +415,16 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
 def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
     """Every layout that fits (tp within a node, pp, v, micro-batch, recompute), fastest first."""
     plans = []
-    for tp in (1, 2, 4, 8):
-        for pp in [d for d in range(1, args.n_layers + 1) if args.n_layers % d == 0]:
-            for v, b, rc in [(v, b, rc) for v in (1, 2, 4) for b in (1, 2, 4, 8)
-                             for rc in RECOMPUTE_MODES]:
-                try:
-                    p = plan(args, gpus, tp=tp, pp=pp, virtual_stages=v, micro_batch=b,
-                             recompute=rc, sp=tp > 1, **fixed)
-                except ValueError:
-                    continue                               # not a valid split of this model
-                if p["memory"]["fits"]:
-                    plans.append(p)
+    depths = [d for d in range(1, args.n_layers + 1) if args.n_layers % d == 0]   # pp: divisors
+    for tp, pp, v, b, rc in itertools.product((1, 2, 4, 8), depths, (1, 2, 4), (1, 2, 4, 8),
+                                              RECOMPUTE_MODES):
+        try:
+            p = plan(args, gpus, tp=tp, pp=pp, virtual_stages=v, micro_batch=b, recompute=rc,
+                     sp=tp > 1, **fixed)
+        except ValueError:
+            continue                                       # not a valid split of this model
+        if p["memory"]["fits"]:
+            plans.append(p)
     return sorted(plans, key=lambda p: -p["tokens_per_s_per_gpu"])[:top]
 
 
@@ -561,7 +561,6 @@ def main(argv=None):
             "gpus", "tp", "pp", "virtual_stages", "micro_batch", "seq_len", "top", "batch",
             "context", *overrides))
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
-        hw = GPUS[a.gpu]
         if a.accounting:
             return accounting_tables()
         if a.check:
@@ -577,8 +576,9 @@ def main(argv=None):
                 return print(json.dumps(rows, indent=2))
             print(f"serving {count_parameters(args) / 1e9:.1f}B parameters in bf16, batch "
                   f"{a.batch} x context {a.context}, per {a.gpu} GPU (GiB):")
+            usable = GPUS[a.gpu].memory * ASSUMPTIONS["usable_memory"]
             for tp, r in rows.items():
-                fits = "fits" if r["total"] <= hw.memory * ASSUMPTIONS["usable_memory"] else "-"
+                fits = "fits" if r["total"] <= usable else "-"
                 print(f"  tp {tp}: weights {r['weights'] / 2**30:7.1f} + KV cache "
                       f"{r['kv_cache'] / 2**30:6.1f} = {r['total'] / 2**30:7.1f}  {fits}")
             return rows
