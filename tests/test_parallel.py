@@ -9,7 +9,8 @@ process (written out below, no parallel.py in it) or planner.py's prediction:
      backward shows the overlap; the loss ignores targets of -100 as F.cross_entropy does.
   2. training: per-step losses of tp 4, tp 2 (+sp), dp 4, dp 2 x tp 2 and each recompute mode equal
      those of one plain process; naive and bucketed data parallelism give equal gradients; the
-     first bucket's all-reduce starts before backward reaches the first layer.
+     first bucket's all-reduce starts before backward reaches the first layer; leaving the
+     process group after training leaves no group alive.
   3. accounting and checkpoints: saved activation bytes and collective calls/bytes equal
      planner.py's predictions; a checkpoint saved at tp 2 loads at tp 4 and at tp 1.
 Plus, in this process: recomputation with random ops, a second loss of the same logits refused,
@@ -283,21 +284,10 @@ def test_first_bucket_all_reduce_starts_before_backward_reaches_first_layer(trai
     assert dp_launches[-1] < events.index("backward done"), events    # all launched in backward
 
 
-def test_leaving_the_process_group_frees_every_group(request):
-    """Training leaves its groups in reference cycles (GradSync's hooks hold the model that holds
-    them). P.destroy frees them before it leaves: a gloo group freed later, at interpreter exit,
-    can abort a finished run (exit -6)."""
+def test_leaving_the_process_group_frees_every_group():
+    """After training (GradSync's hooks, the tp regions), P.destroy leaves no group alive: a gloo
+    group still alive at interpreter exit, after the destroy, can abort a finished run (exit -6)."""
     assert spawn(worker_leaving, WORLD) == [{"tp": True, "dp": True}] * WORLD
-
-
-def worker_leaving():
-    world = P.init_distributed(device="cpu")
-    grid = P.make_grid(world, tp=2)
-    train(CONFIGS[3], grid, accum=1)                              # dp2 x tp2, GradSync's hooks
-    freed = {"tp": weakref.ref(grid.tp_group), "dp": weakref.ref(grid.dp_group)}
-    del grid
-    P.destroy(world)
-    return {axis: ref() is None for axis, ref in freed.items()}
 
 
 # --- 3. accounting and checkpoints --------------------------------------------------------------
@@ -784,6 +774,16 @@ def worker_training():
         return out
     finally:
         P.destroy(world)
+
+
+def worker_leaving():
+    world = P.init_distributed(device="cpu")
+    grid = P.make_grid(world, tp=2)
+    train(CONFIGS[3], grid, accum=1)                              # dp2 x tp2, GradSync's hooks
+    freed = {"tp": weakref.ref(grid.tp_group), "dp": weakref.ref(grid.dp_group)}
+    del grid
+    P.destroy(world)
+    return {axis: ref() is None for axis, ref in freed.items()}
 
 
 @pytest.fixture(scope="module")
