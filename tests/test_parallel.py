@@ -1,8 +1,8 @@
 """Tests for parallel.py, on CPU, with gloo workers spawned from inside pytest (distributed.py).
 
-Three groups of 4 workers, each running many experiments, keep the file fast. The workers return
-what they measured; each test compares it with a closed form, the unsharded modules, one plain
-process (written out below, no parallel.py in it) or planner.py's prediction:
+Four groups of 4 workers, three of them running many experiments each, keep the file fast. The
+workers return what they measured; each test compares it with a closed form, the unsharded
+modules, one plain process (written out below, no parallel.py in it) or planner.py's prediction:
   1. operators and layers: the collectives, f, g, f_sp, g_sp against closed forms; every parallel
      layer and the vocabulary-parallel cross-entropy against the unsharded module, both passes;
      the overlapped and plain tp backwards give equal gradients, and the recorded order of one
