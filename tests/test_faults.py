@@ -511,6 +511,48 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_redoes_it(demo_d
     assert losses(out) == straight                       # equal, bit for bit
 
 
+
+@pytest.mark.parametrize("step,says", [
+    (1, "signal received in step 1: it is dropped, and no step has finished, so there is nothing "
+        "to save; run the same command again to start over"),
+    (3, "signal received in step 3: it is dropped; step 2 is saved already; stopping")])
+def test_a_stop_mid_step_says_what_is_saved(demo_data, tmp_path, monkeypatch, capsys, step, says):
+    """In step 1 nothing has finished: nothing is saved. In step 3, step 2 is saved already (by
+    --save-every 2): it is not saved again."""
+    real_loss, calls = P.loss_fn, []
+
+    def signal_in_step(logits, targets, grid):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == (step - 1) * 4 + 2:             # the second micro-batch of `step`
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(logits, targets, grid)
+
+    monkeypatch.setattr(P, "loss_fn", signal_in_step)
+    out = tmp_path / "run"
+    stopped = T.main(base_argv(demo_data, out, "--steps", "6", "--batch-size", "2",
+                               "--micro-batches", "4", "--save-every", "2"))
+    assert says in capsys.readouterr().out
+    assert stopped["stopped_at"] == step - 1 and len(calls) == (step - 1) * 4 + 2
+    assert C.latest(str(out)) is None if step == 1 else C.latest(str(out)).endswith("step-000002")
+
+
+def test_a_damaged_dataset_json_is_named(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.main(base_argv(demo_data, out, "--steps", "4", "--save-every", "4"))
+    ckpt = f"{out}/checkpoints/step-000004"
+    with open(f"{ckpt}/dataset.json", "w") as fh:
+        fh.write('{"splits": 3}')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(out), "--resume", "--steps", "6"])
+    assert e.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: cannot resume {ckpt}: --data {demo_data} changed since it was saved: {ckpt}/"
+        "dataset.json does not say what it was (the file is damaged); resume on the data the run "
+        "was trained on (prepare it again as it was), or start a new run from these weights with "
+        f"--init-from {ckpt}")
+
 def prepare_again(demo_data, folder, **options):
     """The demo's own raw files prepared once more into `folder`, in place of what was there:
     the same sources and tokenizer, with other prepare options."""
