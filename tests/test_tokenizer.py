@@ -122,6 +122,18 @@ def test_text_without_a_sentence_says_so(tmp_path):
     assert not (tmp_path / "x.model").exists()
 
 
+@pytest.mark.parametrize("raised,said", [
+    ("Internal: src/trainer_interface.cc(683) [(trainer_spec_.vocab_size()) == (model_proto->"
+     "pieces_size())] Vocabulary size is too high (32000). Please set it to a value <= 1234.",
+     "Vocabulary size is too high (32000). Please set it to a value <= 1234."),
+    ("Internal: src/trainer_interface.cc(429) [!sentences_.empty()] ",
+     "it holds no sentence to learn from (every line is empty); give it some text"),
+    ("Internal: src/trainer_interface.cc(100) [some_check()] ",      # any other wordless one
+     "its check `some_check()` failed")])
+def test_a_failed_training_is_said_in_sentencepiece_words_or_by_its_check(raised, said):
+    """SentencePiece's own words, its source location dropped; where it has none, the check."""
+    assert tk.trainer_reason(RuntimeError(raised)) == said
+
 def test_a_fifo_to_train_on_is_named_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "pipe.txt")                      # SentencePiece would wait forever
     with pytest.raises(SystemExit) as e:
