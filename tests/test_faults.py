@@ -749,6 +749,22 @@ def test_a_lock_naming_another_process_says_which_holds_it(demo_data, tmp_path, 
         owner.wait()
 
 
+@pytest.mark.parametrize("names,says", [
+    ("77 far-host", "{out} is in use by a run on far-host (pid 77), through a shared filesystem; "
+                    "wait for it to end or end it there (the file server releases the lock of a "
+                    "machine that went down within minutes), or choose another --out"),
+    ("77 {host}", "{out} is in use by another run (pid 77 on {host}); `fuser -v {lock}` names the "
+                  "process that holds it: wait for it to end, or end it; or choose another --out")])
+def test_a_lock_no_process_here_is_seen_holding_says_where_to_look(tmp_path, monkeypatch, names,
+                                                                  says):
+    """No process of this machine is seen holding the lock (/proc does not show it): held from
+    another host through a shared filesystem, or by a process /proc does not let us see."""
+    host, out = socket.gethostname(), str(tmp_path)
+    lock = tmp_path / "train.lock"
+    lock.write_text(names.format(host=host))
+    monkeypatch.setattr(C, "lock_holders", lambda path: [])
+    assert C.held_by(out, str(lock)) == says.format(out=out, host=host, lock=lock)
+
 def test_a_lock_that_is_a_folder_is_named(demo_data, tmp_path, capsys):
     os.makedirs(tmp_path / "out" / "train.lock")
     with pytest.raises(SystemExit) as e:
