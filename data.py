@@ -689,8 +689,8 @@ def _finish(tmp: str, parts: list, tok: Optional[Tokenizer], vocab_size: int,
                     weights=weights, sources={n: {k: stats[n][k] for k in ("kind", "train", "val")}
                                               for n in keys})
     for filename, content in (("stats.json", report), ("manifest.json", manifest)):
-        # no timings: the same bytes each run
-        C.write_atomic(os.path.join(tmp, filename), json.dumps(content, indent=2))
+        with open(os.path.join(tmp, filename), "w") as f:  # no timings: the same bytes each run
+            json.dump(content, f, indent=2)
     return report
 
 
@@ -1135,7 +1135,8 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Op
                for name, kind, root, paths in listing]
     part = dict(format=PART_FORMAT, shard=[shard, shards], sources=sources,
                 counts=dict(sorted(counts.items())))
-    C.write_atomic(os.path.join(folder, "part.json"), json.dumps(part, indent=1))
+    with open(os.path.join(folder, "part.json"), "w") as f:
+        json.dump(part, f, indent=1)
     return part
 
 
