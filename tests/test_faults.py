@@ -488,16 +488,7 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_redoes_it(demo_d
         return base_argv(demo_data, out, "--steps", "6", "--batch-size", "2",
                          "--micro-batches", "4")
     straight = T.main(argv(tmp_path / "straight"))["losses"]
-    real_loss, calls = P.loss_fn, []
-
-    def signal_in_step_4(logits, targets, grid):
-        if torch.is_grad_enabled():                      # a training micro-batch
-            calls.append(1)
-            if len(calls) == 3 * 4 + 2:                  # the second micro-batch of step 4
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(logits, targets, grid)
-
-    monkeypatch.setattr(P, "loss_fn", signal_in_step_4)
+    calls = sigterm_in_micro_batch(monkeypatch, 3 * 4 + 2)    # the second one of step 4
     out = tmp_path / "stopped"
     stopped = T.main(argv(out))
     assert stopped["stopped_at"] == 3 and sorted(stopped["losses"]) == [1, 2, 3]
@@ -505,11 +496,25 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_redoes_it(demo_d
     assert "signal received in step 4: it is dropped; saving step 3 and stopping" in (
         capsys.readouterr().out)
     assert C.latest(str(out)).endswith("step-000003") and sorted(losses(out)) == [1, 2, 3]
-    monkeypatch.setattr(P, "loss_fn", real_loss)
+    monkeypatch.undo()
     resumed = T.main(["--out", str(out), "--resume"])
     assert sorted(resumed["losses"]) == [4, 5, 6]
     assert losses(out) == straight                       # equal, bit for bit
 
+
+def sigterm_in_micro_batch(monkeypatch, n: int) -> list:
+    """SIGTERM sent to this process in its n-th training micro-batch (parallel.loss_fn patched);
+    the list grows by one per training micro-batch run."""
+    real_loss, calls = P.loss_fn, []
+
+    def loss(logits, targets, grid):
+        if torch.is_grad_enabled():                      # a training micro-batch
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(logits, targets, grid)
+    monkeypatch.setattr(P, "loss_fn", loss)
+    return calls
 
 
 @pytest.mark.parametrize("step,says", [
@@ -519,16 +524,7 @@ def test_a_stop_between_micro_batches_drops_the_step_and_resume_redoes_it(demo_d
 def test_a_stop_mid_step_says_what_is_saved(demo_data, tmp_path, monkeypatch, capsys, step, says):
     """In step 1 nothing has finished: nothing is saved. In step 3, step 2 is saved already (by
     --save-every 2): it is not saved again."""
-    real_loss, calls = P.loss_fn, []
-
-    def signal_in_step(logits, targets, grid):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == (step - 1) * 4 + 2:             # the second micro-batch of `step`
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(logits, targets, grid)
-
-    monkeypatch.setattr(P, "loss_fn", signal_in_step)
+    calls = sigterm_in_micro_batch(monkeypatch, (step - 1) * 4 + 2)   # the second of `step`
     out = tmp_path / "run"
     stopped = T.main(base_argv(demo_data, out, "--steps", "6", "--batch-size", "2",
                                "--micro-batches", "4", "--save-every", "2"))
