@@ -453,9 +453,13 @@ def tex_body(text: str) -> Optional[str]:
 # --- stackexchange: HTML posts ---
 
 def stackexchange_thread(record: dict) -> str:
-    """PAPER: a question followed by its answers, highest score first [LLaMA §2.1]."""
+    """PAPER: a question followed by its answers, highest score first, HTML tags removed [LLaMA
+    §2.1]. Only a raw dump's posts are HTML: RedPajama's {"text"} records were made plain text by
+    its own processing (BeautifulSoup's get_text), and a second strip would delete the
+    `<String>` of `List<String>` as a tag, so they meet no rule."""
     answers = sorted(record["answers"], key=lambda a: -float(a.get("score") or 0))  # stable
-    return "\n\n".join(["Q: " + record["question"]] + ["A: " + a.get("text", "") for a in answers])
+    return "\n\n".join(["Q: " + strip_html(record["question"])]
+                       + ["A: " + strip_html(a.get("text", "")) for a in answers])
 
 
 def strip_html(text: str) -> str:
@@ -473,7 +477,7 @@ RULES = {  # kind: its rules in order; a rule's name in the stats is its functio
     "code": [code_license_header, code_line_length, code_alnum_share],
     "wikipedia": [wiki_comments, wiki_templates, wiki_links, wiki_formatting],
     "arxiv": [tex_comments, tex_inline_macros, tex_body],
-    "stackexchange": [strip_html],
+    "stackexchange": [],  # a raw dump's HTML is stripped as its thread is read (see above)
     "books": [],  # their cleaning is the near-dedup threshold of 0.9 (see NEAR_DUP_OVERLAP)
     "text": [],   # no rule
 }

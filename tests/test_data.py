@@ -148,6 +148,24 @@ def test_stackexchange_answers_sorted_by_score():
     assert text.index("sorted()") < text.index("list.sort()") < text.index("bubble")
 
 
+def test_a_redpajama_stackexchange_text_record_keeps_its_angle_brackets_and_entities():
+    # RedPajama's posts were made plain text by its own processing (BeautifulSoup's get_text):
+    # "<" here is code or math, "&lt;" text that a post wrote, neither is a tag to strip
+    text = ("Q: Why does List<String> xs = new ArrayList<>(); fail when i < n && n > 0?\n"
+            "A: Escape it in HTML as &lt;div&gt;.")
+    cleaned = data.clean_document({"text": text}, "stackexchange",
+                                  data.rules_for("stackexchange"), Counter())
+    assert cleaned == (text, None)
+
+
+def test_a_raw_stackexchange_thread_loses_the_html_of_its_posts():
+    record = {"question": "<p>Why <code>&lt;div&gt;</code>?</p>",
+              "answers": [{"text": "<p>Use <b>CSS</b> &amp; go.</p>", "score": 2}]}
+    cleaned = data.clean_document(record, "stackexchange", data.rules_for("stackexchange"),
+                                  Counter())
+    assert cleaned == ("Q: Why <div>?\n\n\nA: Use CSS & go.\n", None)
+
+
 def test_web_rules_in_order_on_a_page():
     rules = data.rules_for("web")
     page = ("Menu\nAccept our cookie policy to continue reading this page.\nThe council voted "
