@@ -343,6 +343,8 @@ def looks_english(text: str) -> bool:
 LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|permission is hereby granted|all rights reserved",
                            re.I)
 COMMENT_OR_BLANK = re.compile(r"\s*(#|//|/\*|\*|--|$)")
+PREPROCESSOR = re.compile(r"\s*#(include|import|define|undef|if|ifdef|ifndef|elif|else|endif"
+                          r"|pragma|error|warning|line)\b")  # C's `#` lines are code, not comments
 PERMISSIVE = ("mit", "apache", "bsd")
 
 
@@ -357,10 +359,16 @@ def code_license_ok(record: dict) -> bool:
 
 def code_license_header(text: str) -> str:
     """Remove the leading comment block when it is a license or copyright notice: it repeats in
-    every file of a project and teaches nothing [LLaMA §2.1]."""
+    every file of a project and teaches nothing [LLaMA §2.1]. A C preprocessor line (#include,
+    #define, an include guard's #ifndef) ends the block; a script's first line, #!/usr/bin/env
+    python3, is no comment either: it stays, and the block is looked for below it."""
     lines = text.split("\n")
-    head = list(itertools.takewhile(COMMENT_OR_BLANK.match, lines))  # comment or blank lines
-    return "\n".join(lines[len(head):]) if LICENSE_WORDS.search("\n".join(head)) else text
+    start = 1 if lines[0].startswith("#!") else 0
+    head = list(itertools.takewhile(  # comment or blank lines
+        lambda line: COMMENT_OR_BLANK.match(line) and not PREPROCESSOR.match(line), lines[start:]))
+    if not LICENSE_WORDS.search("\n".join(head)):
+        return text
+    return "\n".join(lines[:start] + lines[start + len(head):])
 
 
 def code_line_length(text: str) -> Optional[str]:

@@ -139,6 +139,19 @@ def test_code_license_metadata():
     assert not data.code_license_ok({"text": "x", "meta": {"license": "gpl-3.0"}})
 
 
+def test_a_cpp_license_header_keeps_the_includes_after_it():
+    source = ("/* Copyright 2020 Foo Inc. Licensed under the MIT License. */\n#ifndef FOO_H\n"
+              "#define FOO_H\n#include <stdio.h>\n#pragma once\n\nint f(void);\n#endif\n")
+    assert data.code_license_header(source) == source[source.index("#ifndef"):]
+
+
+def test_a_shebang_stays_above_a_removed_license_header():
+    source = "#!/usr/bin/env python3\n# Copyright 2021 Bar. Apache-2.0 License\n#\nimport os\n"
+    assert data.code_license_header(source) == "#!/usr/bin/env python3\nimport os\n"
+    assert data.code_license_header("#!/bin/sh\n# no notice here\necho hi\n") == \
+        "#!/bin/sh\n# no notice here\necho hi\n"
+
+
 def test_stackexchange_answers_sorted_by_score():
     record = {"question": "How do I sort?", "answers": [
         {"text": "Use bubble sort.", "score": 1}, {"text": "Use sorted().", "score": 10},
