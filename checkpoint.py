@@ -119,6 +119,9 @@ def read_checkpoint(ckpt: str):
     `params.json` + `consolidated.NN.pth` is Meta's and ours. Shards of any count are merged.
     """
     with reading(ckpt) as ckpt:        # held: a run's --keep passes over it (section 6)
+        if os.path.isfile(ckpt):              # e.g. its consolidated.00.pth
+            raise NotADirectoryError(f"checkpoint {ckpt} is a file; give the folder that holds "
+                                     f"it, {os.path.dirname(os.path.abspath(ckpt))}")
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
         if os.path.isfile(os.path.join(ckpt, "config.json")):

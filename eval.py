@@ -78,7 +78,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint as C
 from cli import OneLineParser, Progress, check
-from generate import generate_tokens, load_model
+from generate import device_of, generate_tokens, load_model
 from model import plan_free_attention
 from tokenizer import token_dtype
 
@@ -163,6 +163,8 @@ def read_openbookqa(r) -> Example:
 
 def read_nq(r) -> Example:
     question, answers = r.text("question"), r.texts("answer")
+    if not answers:                     # scored a miss whatever the model says; no shot's answer
+        raise BadRecord("field answer is an empty list; a question needs one answer or more")
     # PAPER: Figure 3 writes NQ's lower-case questions capitalized, with "?" [LLaMA App. A].
     question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
     return Example([], [], answers=answers, question=question)
@@ -468,7 +470,9 @@ def extract_answer(generation: str) -> str:
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (SQuAD's exact-match rule)."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+    # NOTE: articles as SQuAD finds them, between word boundaries: "“the" (a curly quote is no
+    # ASCII punctuation) loses its "the" as it does there.
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 class AllStopped(Exception):
@@ -652,7 +656,9 @@ def ai2_question(r: Record) -> tuple:
         question = r.text("question_stem", "question")
         texts, keys = r.texts("choices.text"), r.texts("choices.label")
     key = r.text("answerKey").strip()
-    if key not in keys or len(texts) != len(keys):
+    if len(texts) != len(keys):
+        raise BadRecord(f"field choices holds {len(texts)} texts but {len(keys)} labels")
+    if key not in keys:
         raise BadRecord(f"field answerKey is {key!r}, not one of the choices' labels {keys}")
     return question, texts, keys.index(key)
 
@@ -667,7 +673,9 @@ def mmlu_question(r: Record) -> tuple:
     if len(choices) != 4:
         raise BadRecord(f"field choices holds {len(choices)} strings, not 4")
     _, answer = r.get("answer")
-    if answer not in LETTERS and (isinstance(answer, bool) or answer not in range(4)):
+    # NOTE: type(), as Record.label: True is no index, and 2.0 (a CSV column with a gap) is in
+    # range(4) but no list index.
+    if answer not in LETTERS and (type(answer) is not int or answer not in range(4)):
         raise BadRecord(f"field answer is {answer!r}; it must be a letter A-D or an index 0-3")
     return subject, choices, LETTERS.index(answer) if answer in LETTERS else answer
 
@@ -786,18 +794,27 @@ def read_text(path: str) -> str:
 
 
 def read_tokens(path: str, tok) -> tuple:
-    """(1-D array of token ids, bytes of text or None): a .npy / .bin shard, else UTF-8 text."""
+    """(1-D array of token ids, bytes of text or None): a .npy / .bin shard, else UTF-8 text.
+    tok None: the file checked before the model and its tokenizer are loaded, all but the ids'
+    range (a .bin is read as the narrowest ids data.py writes; a text is not encoded)."""
     if not path.endswith((".npy", ".bin")):
         text = read_text(path)
-        return np.array(tok.encode(text, bos=True)), len(text.encode("utf-8"))
+        ids = np.array(tok.encode(text, bos=True)) if tok else None
+        return ids, len(text.encode("utf-8"))
     C.regular_file(path, "data file")              # mapped, not read: any size
-    if path.endswith(".npy"):
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    else:                        # NOTE: raw ids, as data.py and nanoGPT write them
-        ids = np.memmap(path, mode="r", dtype=token_dtype(tok.n_words))
-    if ids.ndim != 1 or len(ids) < 2 or int(ids.max()) >= tok.n_words:
-        raise ValueError(f"{path} must be a 1-D array of at least 2 token ids below the "
-                         f"tokenizer's {tok.n_words}; was it prepared with another tokenizer?")
+    try:
+        if path.endswith(".npy"):
+            ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:                    # NOTE: raw ids, as data.py and nanoGPT write them
+            ids = np.memmap(path, mode="r", dtype=token_dtype(tok.n_words if tok else 2))
+    except ValueError as e:      # numpy's words: not an array, empty, a size of no whole ids
+        raise ValueError(f"{path} is not a token shard ({str(e).splitlines()[0]}); give a 1-D "
+                         ".npy array, or a .bin of ids as data.py writes them") from None
+    below = f" below the tokenizer's {tok.n_words}" if tok else ""
+    if (ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) < 2 or int(ids.min()) < 0
+            or (tok and int(ids.max()) >= tok.n_words)):
+        raise ValueError(f"{path} must be a 1-D array of at least 2 token ids (whole numbers, 0 "
+                         f"or more){below}; was it prepared with another tokenizer?")
     return ids, None
 
 
@@ -909,7 +926,8 @@ def check_args(a):
          f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give 0 to 5"),
         (a.shots == 0 or a.shots_from is not None, needs_shots),
         (a.shots != 0 or a.shots_from is None,
-         "--shots-from is read only for few-shot prompts: give --shots N too"),
+         "--shots-from is read only for few-shot prompts: give --shots N too" if most != 0 else
+         f"--shots-from: {name} is zero-shot in the paper and reads no shots; leave it out"),
     ])
 
 
@@ -953,10 +971,9 @@ def warn_cut(label: str, cut: int, total: int, max_seq_len: int):
 
 def read_examples(job) -> list:
     """The task's examples with their prompts, read before the model: a malformed file fails in
-    a second, not a minute. Perplexity: its text checked, and read again once a tokenizer is."""
+    a second, not a minute. Perplexity: its text or token shard checked (read_tokens)."""
     if job.task == "perplexity":
-        if not job.data.endswith((".npy", ".bin")):
-            read_text(job.data)
+        read_tokens(job.data, None)                       # read again once a tokenizer is
         return None
     examples = read_task(job.task, job.data, job.limit)
     if TASKS[job.task].max_shots != 0:                 # QA and MMLU: the prompts
@@ -1088,6 +1105,7 @@ def main(argv=None):
                    help="default cuda if there is one, else cpu")
     a = p.parse_args(argv)
     try:
+        device_of(a.device)
         jobs = jobs_of(a)
         check_output(a, jobs)
         examples = [read_examples(job) for job in jobs]          # every file before the model

@@ -311,6 +311,17 @@ class Streamer:
             self.shown = text
 
 
+def device_of(name: str) -> torch.device:
+    """--device as a torch.device, or a one-line error (generate.py's and eval.py's flag)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    return device
+
+
 def check_options(a):
     """Every flag on its own, and the output folder, before any weights are read."""
     check([("max_new_tokens", a.max_new_tokens, a.max_new_tokens >= 1, "1 or more"),
@@ -322,12 +333,7 @@ def check_options(a):
            ("tp", a.tp, a.tp >= 1, "1 or more"),
            ("max_seq_len", a.max_seq_len, a.max_seq_len is None or a.max_seq_len >= 1,
             "1 or more")])
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        raise ValueError(f"--device {a.device!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    device_of(a.device)
     for text in a.prompt:
         try:
             text.encode("utf-8")
@@ -342,9 +348,11 @@ def check_options(a):
                              "a new folder (nothing is overwritten)")
         if os.path.isdir(folder := C.checkpoint_folder(a.ckpt)):  # a tokenizer.json it would get
             C.check_exportable(C.find_tokenizer(folder))           # wrong: before any write
+        where = os.path.abspath(a.export_hf)   # the export is built beside it, made by then
+        while not os.path.exists(where):       # nothing is created before the checkpoint is read
+            where = os.path.dirname(where)
         try:
-            os.makedirs(a.export_hf, exist_ok=True)
-            tempfile.TemporaryFile(dir=a.export_hf).close()     # a file can be made there
+            tempfile.TemporaryFile(dir=where).close()           # a file can be made there
         except OSError as e:
             raise ValueError(f"--export-hf {a.export_hf} cannot be written ({e.strerror}); "
                              "choose a writable folder") from None

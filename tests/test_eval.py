@@ -302,6 +302,9 @@ def test_answer_extraction_at_each_stop():
     assert E.extract_answer(" no stop at all ") == "no stop at all"
     assert E.normalize_answer("The  Sun!") == E.normalize_answer("sun") == "sun"
     assert E.normalize_answer("an apple, a day") == "apple day"
+    # SQuAD's rule finds an article between word boundaries: beside a curly quote or a dash too.
+    assert E.normalize_answer("“The Sting”") == E.normalize_answer("“ Sting”") == "“ sting”"
+    assert E.normalize_answer("Hall–the Oates") == "hall– oates"
 
 
 class ScriptedModel(torch.nn.Module):
@@ -625,6 +628,9 @@ def test_shots_need_their_file_and_mmlu_has_five(tmp_path):
     assert refused(base + ["--task", "nq", "--shots-from", fixture("nq_train.jsonl")],
                    tmp_path) == ("error: --shots-from is read only for few-shot prompts: give "
                                  "--shots N too")
+    assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("piqa.jsonl"),
+                    "--task", "piqa", "--shots-from", fixture("nq_train.jsonl")], tmp_path) == (
+        "error: --shots-from: piqa is zero-shot in the paper and reads no shots; leave it out")
     assert refused(base + ["--task", "mmlu", "--shots", "6"], tmp_path) == (
         "error: --shots 6: MMLU's dev split has 5 questions a subject; give 0 to 5")
     assert refused(base + ["--task", "mmlu"], tmp_path) == (     # 5 shots, but none was typed
@@ -707,6 +713,31 @@ def test_bad_records_are_refused_in_one_line(tmp_path):
         f"mmlu records need {need['mmlu']}")
 
 
+def test_records_that_would_fail_later_are_refused_in_one_line(tmp_path):
+    """A question without an answer (scored a miss whatever the model says, and no shot), an
+    MMLU answer 2.0 (a CSV column with a gap: in range(4), but no index), and an ARC record whose
+    choices hold more labels than texts, each said as what it is."""
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data"]
+    need = {task: E.TASKS[task].fields for task in E.TASKS}
+    path = write(tmp_path, "nq.jsonl", [json.dumps({"question": "who", "answer": []})])
+    assert refused(base + [path, "--task", "nq"], tmp_path) == (
+        f"error: {path} line 1: field answer is an empty list; a question needs one answer or "
+        f"more; nq records need {need['nq']}")
+    mmlu = {"question": "Which?", "subject": "virology", "choices": ["a", "b", "c", "d"]}
+    path = write(tmp_path, "mmlu.jsonl", [json.dumps({**mmlu, "answer": 2.0})])
+    assert refused(base + [path, "--task", "mmlu", "--shots", "0"], tmp_path) == (
+        f"error: {path} line 1: field answer is 2.0; it must be a letter A-D or an index 0-3; "
+        f"mmlu records need {need['mmlu']}")
+    assert E.read_task("mmlu", write(tmp_path, "ok.jsonl", [json.dumps({**mmlu, "answer": 2})])
+                       )[0].label == 2
+    arc = {"question": "Why?", "choices": {"text": ["a", "b"], "label": ["A", "B", "C"]},
+           "answerKey": "A"}
+    path = write(tmp_path, "arc.jsonl", [json.dumps(arc)])
+    assert refused(base + [path, "--task", "arc_easy"], tmp_path) == (
+        f"error: {path} line 1: field choices holds 2 texts but 3 labels; arc_easy records need "
+        f"{need['arc_easy']}")
+
+
 def test_invalid_utf8_is_one_line(tmp_path):
     base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--data"]
     good = json.dumps({"question": "who", "answer": ["x"]})
@@ -751,6 +782,45 @@ def test_bad_files_and_outputs(ckpt, tmp_path):
     assert info.value.code == (f"error: --out {tmp_path / 'missing' / 'r.json'}: "
                                f"{tmp_path / 'missing'} is not a folder; create it, or choose "
                                "another place")
+
+
+def test_a_token_shard_is_checked_before_the_model_is_loaded(tmp_path):
+    """A shard that cannot be scored is refused before the checkpoint is read (here there is
+    none): a suite does not score its other tasks for hours and then lose their report. Only the
+    ids' range waits for the tokenizer (test_bad_files_and_outputs)."""
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "perplexity", "--data"]
+    np.save(tmp_path / "2d.npy", np.zeros((2, 3), dtype=np.int64))
+    np.save(tmp_path / "float.npy", np.array([1.5, 2.0]))
+    np.save(tmp_path / "negative.npy", np.array([3, -1]))
+    np.save(tmp_path / "one.npy", np.array([3]))
+    for name in ("2d.npy", "float.npy", "negative.npy", "one.npy"):
+        path = tmp_path / name
+        assert refused(base + [str(path)], tmp_path) == (
+            f"error: {path} must be a 1-D array of at least 2 token ids (whole numbers, 0 or "
+            "more); was it prepared with another tokenizer?")
+    assert refused(base + [str(tmp_path / "missing.npy")], tmp_path) == (
+        f"error: data file {tmp_path / 'missing.npy'} does not exist")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "odd.bin").write_bytes(b"abc")                  # no whole uint16 ids
+    (tmp_path / "text.npy").write_bytes(b"not an array")
+    for name in ("empty.bin", "odd.bin", "text.npy"):
+        message = refused(base + [str(tmp_path / name)], tmp_path)
+        assert message.startswith(f"error: {tmp_path / name} is not a token shard (")
+        assert message.endswith("); give a 1-D .npy array, or a .bin of ids as data.py writes "
+                                "them")
+    np.array([3, 5], dtype=np.uint16).tofile(tmp_path / "ok.bin")
+    assert refused(base + [str(tmp_path / "ok.bin")], tmp_path) == (    # then the checkpoint
+        f"error: checkpoint folder {tmp_path / 'no-such-ckpt'} does not exist")
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(tmp_path):
+    base = ["--ckpt", str(tmp_path / "no-such-ckpt"), "--task", "piqa", "--data",
+            fixture("piqa.jsonl"), "--device"]
+    assert refused(base + ["gpu"], tmp_path) == (
+        "error: --device 'gpu' is not a device; use cpu or cuda")
+    if not torch.cuda.is_available():
+        assert refused(base + ["cuda"], tmp_path) == (
+            "error: --device cuda but no CUDA device is visible; use --device cpu")
 
 
 def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):

@@ -590,6 +590,10 @@ def one_line_error(exc_type, fn, *args):
 
 def test_missing_files(tmp_path, tok_path):
     assert "does not exist" in one_line_error(FileNotFoundError, G.load_model, str(tmp_path / "no"))
+    weights = os.path.join(write_checkpoint(tmp_path / "w", tiny_model(), tok_path),
+                           "consolidated.00.pth")               # a file of the folder, not it
+    assert one_line_error(NotADirectoryError, G.load_model, weights) == (
+        f"checkpoint {weights} is a file; give the folder that holds it, {tmp_path / 'w'}")
     (tmp_path / "empty").mkdir()
     assert "neither params.json" in one_line_error(FileNotFoundError, C.read_checkpoint,
                                                    str(tmp_path / "empty"))
@@ -651,3 +655,7 @@ def test_main_streams_prints_rates_and_exports(tmp_path, tok_path, capsys):
     assert os.path.isfile(tmp_path / "hf" / "config.json")
     with pytest.raises(SystemExit, match="error: checkpoint folder .* does not exist"):
         G.main(["--ckpt", str(tmp_path / "missing"), "--prompt", "x"])
+    # A refused export creates nothing, not even the folders of its path.
+    with pytest.raises(SystemExit, match="error: checkpoint folder .* does not exist"):
+        G.main(["--ckpt", str(tmp_path / "missing"), "--export-hf", str(tmp_path / "x" / "hf")])
+    assert not os.path.exists(tmp_path / "x")
