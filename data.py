@@ -867,10 +867,12 @@ def read_records(path: str, dropped: Counter):
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 dropped["bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"] += 1
                 continue
-            if _is_record(record):
-                yield record
-            else:
+            if not _is_record(record):
                 dropped["bad_json"] += 1
+            elif any(map(LONE_SURROGATE.search, _texts(record))):
+                dropped["bad_utf8"] += 1  # "\ud83c" escaped in JSON: half a character, no UTF-8
+            else:
+                yield record
     except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep what
         dropped["bad_gzip"] += 1                        # was read before
 
@@ -889,13 +891,28 @@ def _lines(path: str, dropped: Counter):
             yield line
 
 
+def _is_thread(record: dict) -> bool:
+    """A raw StackExchange record: a "question" string and a list of "answers"."""
+    return isinstance(record.get("question"), str) and isinstance(record.get("answers"), list)
+
+
 def _is_record(record) -> bool:
     if not isinstance(record, dict):
         return False
-    if isinstance(record.get("question"), str) and isinstance(record.get("answers"), list):
+    if _is_thread(record):
         return all(isinstance(a, dict) and isinstance(a.get("text", ""), str)
                    for a in record["answers"])
     return isinstance(record.get("text"), str)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud83c\udf0d" pairs decode to one "🌍"
+
+
+def _texts(record: dict) -> list:
+    """The strings of a record (_is_record's) that become its document."""
+    if _is_thread(record):
+        return [record["question"]] + [a.get("text", "") for a in record["answers"]]
+    return [record["text"]]
 
 
 # ---------------------------------------------------------------------------------------------

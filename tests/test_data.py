@@ -308,6 +308,22 @@ def test_bad_input_is_counted_and_reported(corpus, tmp_path):
         stats["dropped"]
 
 
+def test_a_lone_surrogate_in_a_record_is_counted_as_bad_utf8_and_dropped(corpus, tmp_path):
+    _, model = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    # valid JSON that json.loads accepts, but \ud83c alone is half a character: no UTF-8 for it
+    (src / "a.jsonl").write_text(
+        '{"text": "A llama \\ud83e\\udd99 is a whole character, kept."}\n'
+        '{"text": "\\ud83c half of one"}\n'
+        '{"question": "Why?", "answers": [{"text": "half \\udd99"}]}\n'
+        '{"text": "The last record is fine too."}\n')
+    report = data.prepare([f"misc={src}"], str(tmp_path / "out"), tokenizer=model, quiet=True,
+                          workers=1)
+    assert report["sources"]["misc"]["kept"] == 2
+    assert report["sources"]["misc"]["dropped"] == {"bad_utf8": 2}
+
+
 def _contents(folder):
     """{path inside `folder`: its bytes}; empty if there is no such folder."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
