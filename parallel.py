@@ -567,7 +567,9 @@ IGNORE_INDEX = -100
 def loss_fn(logits, targets, grid: Grid):
     """Mean cross-entropy over the B*T positions whose target is not IGNORE_INDEX. logits
     (B, T, V) at tp=1, (B, T, V/tp) beyond. It overwrites the logits: with exponentials, then
-    with their gradient (CrossEntropy)."""
+    with their gradient (CrossEntropy). NOTE: gradient accumulation (train.py, pipeline_step)
+    and data parallelism average these means, which is one pass's mean when every micro-batch
+    counts as many targets: pretraining's windows all do, a batch with ignored targets may not."""
     logits, targets = logits.flatten(0, 1), targets.flatten()
     group = grid.tp_group if grid.tp > 1 else None
     losses = CrossEntropy.apply(logits, targets, group, grid.tp_rank * logits.shape[-1])  # (N,)
@@ -985,7 +987,7 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     batch is this data-parallel rank's rows, cut into micro_batches along B; every pipeline rank
     passes the same batch (only the first reads the inputs, only the last the targets).
     Gradients are left accumulated, the mean over micro-batches, as one pass over the batch
-    would leave them: with a GradSync call sync.finish() next. Returns the loss, on every rank.
+    would leave them (loss_fn says when): with a GradSync call sync.finish() next. Returns the loss, on every rank.
     With pp = 1 and the 1f1b schedule this is plain gradient accumulation. backward=False runs
     the forwards alone, without autograd (validation). amp: a context entered for each forward.
     The ops run in schedule_order, at the ticks of `play`; after each tick, one exchange (above).

@@ -174,6 +174,20 @@ def test_backends_agree_with_cache_offset():
     torch.testing.assert_close(M.attend(q, k2, v2, "math")[:, 0], math_out[:, 0])
 
 
+def test_the_math_backend_stays_fp32_under_bf16_autocast():
+    """The reference path computes in fp32 even where the model runs under bf16 autocast:
+    scores rounded to bf16's 8 bits would differ from the fp64 equation by about 1e-2."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 16, 2, 32), torch.randn(1, 16, 2, 32), torch.randn(1, 16, 2, 32)
+    scores = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) / math.sqrt(32)
+    scores = scores.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf"))
+    exact = (scores.softmax(-1) @ v.double().transpose(1, 2)).transpose(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = M.attend(q, k, v, "math")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_backend_on_cpu_is_sdpa():
     assert M.resolve_backend("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="xformers"):

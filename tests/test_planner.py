@@ -165,7 +165,9 @@ def test_bad_layouts_are_refused_in_one_line(call, message):
 
 @pytest.mark.parametrize("name,family,peak", [
     ("NVIDIA A100-SXM4-80GB", "A100", 312e12), ("NVIDIA A100-PCIE-40GB", "A100", 312e12),
-    ("NVIDIA H100 80GB HBM3", "H100", 989e12), ("NVIDIA H200", "H200", 989e12)])
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12), ("NVIDIA H200", "H200", 989e12),
+    ("NVIDIA H100 PCIe", "H100 PCIE", 756e12), ("NVIDIA H100 NVL", "H100 NVL", 835e12),
+    ("NVIDIA H200 NVL", "H200 NVL", 835e12)])           # slower cards of a family: their own
 def test_data_sheet_peaks_by_device_name(name, family, peak):
     assert M.data_sheet_peak(name) == (family, peak)
 
