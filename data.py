@@ -465,9 +465,19 @@ def stackexchange_thread(record: dict) -> str:
     §2.1]. Only a raw dump's posts are HTML: RedPajama's {"text"} records were made plain text by
     its own processing (BeautifulSoup's get_text), and a second strip would delete the
     `<String>` of `List<String>` as a tag, so they meet no rule."""
-    answers = sorted(record["answers"], key=lambda a: -float(a.get("score") or 0))  # stable
+    answers = sorted(record["answers"], key=lambda a: -_score(a))  # stable: ties keep their order
     return "\n\n".join(["Q: " + strip_html(record["question"])]
                        + ["A: " + strip_html(a.get("text", "")) for a in answers])
+
+
+def _score(answer: dict) -> float:
+    """An answer's score; one that is no finite number ("n/a", a list) sorts as 0, as a missing
+    one does: its text is still worth keeping, only its place among the answers is unknown."""
+    try:
+        score = float(answer.get("score") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return score if math.isfinite(score) else 0.0
 
 
 def strip_html(text: str) -> str:
@@ -511,7 +521,8 @@ def clean_document(record: dict, kind: str, rules: list, removed: Counter):
     characters each rule took out of the documents that survive it."""
     if kind == "code" and not code_license_ok(record):
         return None, "code_license"
-    text = stackexchange_thread(record) if "answers" in record else record["text"]
+    # _is_record's test: a {"text"} record may carry "answers" as well (a QA dump's)
+    text = stackexchange_thread(record) if _is_thread(record) else record["text"]
     if not text.strip():
         return None, "empty_document"
     for name, rule in rules:

@@ -139,6 +139,23 @@ def test_code_license_metadata():
     assert not data.code_license_ok({"text": "x", "meta": {"license": "gpl-3.0"}})
 
 
+def test_a_record_with_text_and_answers_is_a_text_record():
+    # what _is_record accepted as a {"text"} record is cleaned as one (QA dumps carry both)
+    for answers in (["Paris"], [{"text": "Paris"}]):
+        record = {"text": "Paris is the capital of France.", "answers": answers}
+        assert data.clean_document(record, "text", data.rules_for("text"), Counter()) == \
+            ("Paris is the capital of France.", None)
+
+
+def test_an_answer_whose_score_is_no_number_sorts_as_zero():
+    record = {"question": "Which?", "answers": [
+        {"text": "minus one", "score": -1}, {"text": "not scored", "score": "n/a"},
+        {"text": "two", "score": "2"}, {"text": "a list", "score": [5]},
+        {"text": "nan", "score": "nan"}]}
+    assert data.stackexchange_thread(record) == \
+        "Q: Which?\n\nA: two\n\nA: not scored\n\nA: a list\n\nA: nan\n\nA: minus one"
+
+
 def test_a_cpp_license_header_keeps_the_includes_after_it():
     source = ("/* Copyright 2020 Foo Inc. Licensed under the MIT License. */\n#ifndef FOO_H\n"
               "#define FOO_H\n#include <stdio.h>\n#pragma once\n\nint f(void);\n#endif\n")
