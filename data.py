@@ -734,7 +734,8 @@ def clean_file(task):
                 continue
             texts.write(json.dumps(text) + "\n")
             prints.write(fingerprint(text))
-    return key, dict(read=read, dropped=dict(dropped), removed=dict(removed))
+    sizes = {suffix: os.path.getsize(prefix + suffix) for suffix in (".jsonl", ".sig")}
+    return key, dict(read=read, dropped=dict(dropped), removed=dict(removed), sizes=sizes)
 
 
 def dedup_source(source: dict, files: list, val_every: int):
@@ -793,7 +794,7 @@ def tokenize_file(task):
 def _kept(path: str, fate: np.ndarray, split: int):
     """The cleaned texts of one file (PREFIX.jsonl) whose fate is `split`, in order."""
     with open(path) as f:
-        for line, fate_i in zip(f, fate):
+        for line, fate_i in zip(f, fate, strict=True):  # _read_parts found the file whole
             if fate_i == split:
                 yield json.loads(line)
 
@@ -1072,7 +1073,8 @@ def _each_file(label: str, fn, tasks: list, workers: Optional[int], hooks: dict,
 # the dedup of all parts in file order, trains or copies the tokenizer, tokenizes with every
 # core of its machine and writes one manifest: the same bytes as one `prepare` (tested).
 
-PART_FORMAT = 1    # part.json, written by `prepare --shard` and read by `merge`
+PART_FORMAT = 2    # part.json, written by `prepare --shard` and read by `merge`; 2 added the
+                   # sizes of each file's .jsonl and .sig, to find a copy cut short
 
 
 def building(out_dir: str):
@@ -1164,7 +1166,8 @@ def _clean_part(folder: str, listing: list, shard: int, shards: int, workers: Op
                 hooks: dict, quiet: bool) -> dict:
     """clean_file on files shard, shard + shards, ... of `listing`, into folder/NAME/00000.*;
     write folder/part.json: the listing (to check that parts fit together) and, per file of
-    this part, what was read and dropped. Returns the part.json."""
+    this part, what was read and dropped, and the sizes of its .jsonl and .sig. Returns the
+    part.json."""
     files = [(f"{name}/{k:05d}", path, kind, os.path.join(folder, name, f"{k:05d}"))
              for name, kind, _, paths in listing for k, path in enumerate(paths)]
     for name, *_ in listing:
@@ -1194,6 +1197,14 @@ def _read_parts(folders: List[str]) -> list:
         if found != PART_FORMAT:
             raise ValueError(f"{folder!r} was written by another version of data.py (part format "
                              f"{found}, this one reads {PART_FORMAT}); run its shard again")
+        for key, count in part["counts"].items():  # a part copied between machines, cut short
+            for suffix, size in count["sizes"].items():
+                path = os.path.join(folder, key + suffix)
+                found = os.path.getsize(path) if os.path.isfile(path) else "no"
+                if found != size:
+                    raise ValueError(f"part {folder!r} is not whole: {key}{suffix} holds {found} "
+                                     f"bytes, its part.json says {size} (a copy cut short?); "
+                                     "copy the part again")
         if parts and part["sources"] != parts[0][1]["sources"]:
             raise ValueError(f"{folder!r} and {parts[0][0]!r} were prepared from different "
                              "sources or files; run every shard with the same --source flags "

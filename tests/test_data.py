@@ -901,6 +901,25 @@ def test_merge_refuses_parts_that_do_not_fit(many_files, corpus, tmp_path, capsy
     assert sorted(part["counts"]) == ["c4/00000", "c4/00003", "notes/00002", "wiki/00002"]
 
 
+@pytest.mark.parametrize("suffix,keep", [(".jsonl", "whole lines"), (".jsonl", "mid-line"),
+                                         (".sig", "mid-line")])
+def test_merge_refuses_a_part_whose_files_were_cut_short(many_files, tmp_path, suffix, keep):
+    parts = [str(tmp_path / f"p{i}") for i in range(2)]
+    for i in range(2):
+        data.prepare_shard(many_files, parts[i], i, 2, quiet=True, workers=1)
+    path = os.path.join(parts[1], "c4", "00001" + suffix)  # as a killed rsync leaves it
+    whole = open(path, "rb").read()
+    cut = whole[:whole.index(b"\n") + 1] if keep == "whole lines" else whole[:len(whole) // 2]
+    open(path, "wb").write(cut)
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        data.main(["merge", *parts, "--out", out, "--quiet", "--workers", "1"])
+    assert str(e.value) == (
+        f"error: part {parts[1]!r} is not whole: c4/00001{suffix} holds {len(cut)} bytes, its "
+        f"part.json says {len(whole)} (a copy cut short?); copy the part again")
+    assert not os.path.exists(out)
+
+
 def test_a_fingerprint_is_532_bytes():
     dedup = data.Deduplicator()
     assert dedup.record.itemsize == 532 == len(dedup.fingerprint("any text at all, " * 1000))
