@@ -395,7 +395,8 @@ def wiki_comments(text: str) -> str:
 def wiki_templates(text: str) -> str:
     """{{templates}} (infoboxes, citation needed, ...) and <ref>erences</ref> are removed with
     their content; templates nest, so the innermost are removed until none is left."""
-    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
+    # a self-closing <ref name="a/b"/> first: the paired form would run on to the next </ref>
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
     count = 1
     while count:
         text, count = re.subn(r"\{\{[^{}]*\}\}", "", text)

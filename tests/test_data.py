@@ -113,6 +113,12 @@ def test_document_rules_drop_and_keep(rule, drop, keep):
     assert rule(keep) == keep
 
 
+def test_a_self_closing_ref_whose_name_holds_a_slash_keeps_the_prose_after_it():
+    text = ('Paris is the capital.<ref name="insee/2020"/> It is on the Seine.<ref name="a/b">'
+            '{{cite web|url=x}}</ref> The city is old.')
+    assert data.wiki_templates(text) == "Paris is the capital. It is on the Seine. The city is old."
+
+
 def test_web_line_dedup_across_the_source():
     seen = set()
     page1 = "Home | News | Contact\nCopyright 2019 ACME.\nThe mayor opened the new bridge."
