@@ -1081,10 +1081,15 @@ PART_FORMAT = 2    # part.json, written by `prepare --shard` and read by `merge`
 def building(out_dir: str):
     """checkpoint.building (a temporary folder, renamed to OUT when whole), refusing first an
     OUT that already holds a prepared dataset or part."""
+    check_new(out_dir)
+    return C.building(out_dir)
+
+
+def check_new(out_dir: str):
+    """Refuse an OUT that already holds a prepared dataset or part."""
     if is_complete(out_dir) or os.path.exists(os.path.join(out_dir, "part.json")):
         raise FileExistsError(f"{os.path.abspath(out_dir)!r} already holds a prepared dataset; "
                               "delete it or choose another --out")
-    return C.building(out_dir)
 
 
 def parse_source(spec: str):
@@ -1527,6 +1532,9 @@ def main(argv=None):
                                                 "NAME=DIR"),
                (args.demo or not args.scale, "--scale sizes the --demo corpus; drop it or add "
                                              "--demo"),
+               (not args.demo or all(v is None for v in (args.tokenizer, args.mix, args.val_every)),
+                "--demo builds its own tokenizer, mixture and validation split; drop "
+                "--tokenizer, --mix and --val-every, or prepare --source folders"),
                (not args.shard or not (args.demo or any(v is not None for v in for_merge)),
                 "--shard cleans sources into a part; give --tokenizer, --vocab-size, --mix and "
                 "--val-every to `data.py merge`")], error=pp.error)
@@ -1543,6 +1551,7 @@ def main(argv=None):
             prepare_shard(args.source, args.out, *args.shard, quiet=args.quiet,
                           workers=args.workers)
         elif args.command == "prepare" and args.demo:
+            check_new(args.out)  # prepare_demo keeps a complete one: train.py's first use
             prepare_demo(args.out, args.vocab_size or 4096, args.scale or 1.0, quiet=args.quiet,
                          workers=args.workers)
         else:

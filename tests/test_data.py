@@ -803,6 +803,27 @@ def test_option_clashes_are_one_line(capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
 
 
+@pytest.mark.parametrize("flag", [["--mix", "code=1"], ["--val-every", "2"],
+                                  ["--tokenizer", "t.model"]])
+def test_prepare_demo_refuses_the_options_it_does_not_use(flag, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--demo", "--out", str(tmp_path / "o"), *flag])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        "error: --demo builds its own tokenizer, mixture and validation split; drop --tokenizer, "
+        "--mix and --val-every, or prepare --source folders")
+    assert os.listdir(tmp_path) == []
+
+
+def test_prepare_demo_refuses_an_out_that_holds_a_dataset(prepared):
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--demo", "--scale", "0.01", "--out", prepared])
+    assert str(e.value) == (f"error: {os.path.abspath(prepared)!r} already holds a prepared "
+                            "dataset; delete it or choose another --out")
+    assert data.load_manifest(prepared)["sources"].keys() == {"wiki", "notes"}
+    assert data.prepare_demo(prepared) == prepared  # train.py's first use: a complete one is kept
+
+
 def test_parse_mix():
     assert data.parse_mix("code=0.6, docs=0.3,reference=0.1") == \
         {"code": 0.6, "docs": 0.3, "reference": 0.1}
