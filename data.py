@@ -51,11 +51,11 @@ the model reads window[:-1] and predicts window[1:].
 
 What this file leaves out: fastText language identification and CCNet's perplexity and
 "Wikipedia-reference" filters (they need downloaded models; `language_id` and `quality` are
-hooks, and an English heuristic stands in); metadata a record does not carry (Wikipedia's 20
-languages, GitHub's licenses); dedup across sources; splitting one huge file (a source kept in
-one file is cleaned by one core: `split -l 100000 big.jsonl part-` first); threads (workers are
-processes forked from this one: Linux, macOS); near dedup of more documents than one merge holds
-(see merge).
+hooks of the ccnet and web kinds, and an English heuristic stands in); metadata a record does
+not carry (Wikipedia's 20 languages, GitHub's licenses); dedup across sources; splitting one
+huge file (a source kept in one file is cleaned by one core: `split -l 100000 big.jsonl part-`
+first); threads (workers are processes forked from this one: Linux, macOS); near dedup of more
+documents than one merge holds (see merge).
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -106,7 +106,7 @@ from tokenizer import Tokenizer, token_dtype, train_tokenizer
 # The epochs are share * 1.4T / source size: Wikipedia is small and heavily weighted, so it is
 # seen 2.45 times; GitHub is large and lightly weighted, so not even once.
 TABLE1 = {  # name: (share %, epochs, kind of cleaning)
-    "common_crawl": (67.0, 1.10, "web"),
+    "common_crawl": (67.0, 1.10, "ccnet"),
     "c4": (15.0, 1.06, "web"),
     "github": (4.5, 0.64, "code"),
     "wikipedia": (4.5, 2.45, "wikipedia"),
@@ -269,7 +269,9 @@ def documents(data_dir: str, source: str, split: str = "train"):
 # A rule takes a document's text and returns it cleaned, or None to drop the document. A rule
 # that leaves nothing but whitespace drops it too, and `prepare` counts drops per rule name.
 
-# --- web: CommonCrawl and C4 ---
+# --- ccnet (CommonCrawl) and web (C4) ---
+# PAPER: CommonCrawl is cleaned by CCNet's steps: line dedup, then language id and quality
+# filters (the hooks of rules_for); C4 by its own line and page heuristics [LLaMA §2.1].
 
 DIGIT, PUNCTUATION = re.compile(r"\d"), re.compile(r"[\W_]+")  # PERF: compiled once, not per line
 
@@ -491,6 +493,7 @@ def strip_html(text: str) -> str:
 # --- every kind ---
 
 RULES = {  # kind: its rules in order; a rule's name in the stats is its function's name
+    "ccnet": [web_line_dedup],  # then the language_id and quality hooks
     "web": [web_line_dedup, c4_boilerplate_lines, c4_terminal_punctuation, c4_min_words,
             c4_page_filter, c4_min_sentences],  # then the language_id and quality hooks
     "code": [code_license_header, code_line_length, code_alnum_share],
@@ -506,14 +509,14 @@ KINDS = tuple(RULES)
 def rules_for(kind: str, language_id: Callable[[str], bool] = looks_english,
               quality: Optional[Callable[[str], bool]] = None) -> list:
     """The ordered (name, rule) list of a source kind, made fresh per file: the web line dedup
-    remembers the lines of this file only. Web text then meets the two hooks, each a test that
-    keeps or drops a document."""
+    remembers the lines of this file only. Web text (ccnet, web) then meets the two hooks, each a
+    test that keeps or drops a document."""
     seen = set()
     rules = [(rule.__name__, (lambda text: web_line_dedup(text, seen))
               if rule is web_line_dedup else rule) for rule in RULES[kind]]
     def hook(test):  # a yes/no test as a rule
         return lambda text: text if test(text) else None
-    hooks = [("language_id", language_id), ("quality", quality)] if kind == "web" else []
+    hooks = [("language_id", language_id), ("quality", quality)] if kind in ("ccnet", "web") else []
     return rules + [(name, hook(test)) for name, test in hooks if test]
 
 

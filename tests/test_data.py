@@ -214,6 +214,18 @@ def test_web_rules_in_order_on_a_page():
     assert data.clean_document(german, "web", rules, Counter()) == (None, "language_id")
 
 
+def test_common_crawl_is_cleaned_as_ccnet_and_c4_by_its_own_heuristics():
+    # PAPER: CCNet's steps for CommonCrawl, C4's heuristics for C4 only [LLaMA §2.1]
+    assert data.TABLE1["common_crawl"][2] == "ccnet" and data.TABLE1["c4"][2] == "web"
+    assert [name for name, _ in data.rules_for("ccnet")] == ["web_line_dedup", "language_id"]
+    page = ("Getting started\nThe function takes a dictionary such as {\"a\": 1} and returns "
+            "the keys in the order they were inserted, which is what the users expect of it.")
+    rules = data.rules_for("ccnet", quality=lambda text: "function" in text)
+    assert data.clean_document({"text": page}, "ccnet", rules, Counter()) == (page, None)
+    assert data.clean_document({"text": page}, "web", data.rules_for("web"), Counter()) == \
+        (None, "c4_page_filter")
+
+
 def test_language_and_quality_hooks_replace_the_heuristics():
     page = {"text": "Der Rat hat beschlossen, eine neue Bibliothek zu bauen. Sie wird im nächsten "
                     "Jahr eröffnet. Kinder haben eine eigene Etage mit vielen Büchern."}
