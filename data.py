@@ -55,7 +55,8 @@ hooks of the ccnet and web kinds, and an English heuristic stands in); metadata 
 not carry (Wikipedia's 20 languages, GitHub's licenses); dedup across sources; splitting one
 huge file (a source kept in one file is cleaned by one core: `split -l 100000 big.jsonl part-`
 first); threads (workers are processes forked from this one: Linux, macOS); near dedup of more
-documents than one merge holds (see merge).
+documents than one merge holds (see merge); zstd-compressed sources (RedPajama's common_crawl is
+.jsonl.zst: `zstd -d` them first; zstandard is no dependency).
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -838,8 +839,9 @@ def source_files(folder: str) -> List[str]:
         raise (NotADirectoryError if there else FileNotFoundError)(
             f"source folder {folder!r} {'is not a folder' if there else 'does not exist'}; give "
             f"a folder of {', '.join(SUFFIXES)} files")
-    files, seen = [], {}
+    files, seen, zst = [], {}, False
     for d, _, names in os.walk(folder, followlinks=True):
+        zst = zst or any(name.endswith(".zst") for name in names)
         real = os.path.realpath(d)
         if real in seen:
             raise ValueError(f"{d!r} leads back to {seen[real]!r} (a symlink loop, or a second "
@@ -851,8 +853,10 @@ def source_files(folder: str) -> List[str]:
                                  "it")
             C.regular_file(path, "source file")      # a FIFO, a device: one line, not a hang
             files.append(path)
-    if not files:
-        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
+    if not files:  # RedPajama's common_crawl is .jsonl.zst: zstandard is no dependency of ours
+        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files" + (
+            ", but .zst files (zstd), which data.py does not read; decompress them first with "
+            "`zstd -d`" if zst else ""))
     return sorted(files)
 
 

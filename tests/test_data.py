@@ -388,6 +388,19 @@ def test_bad_sources_refused_before_work_and_nothing_left(corpus, tmp_path):
     assert _leftovers(out) == []
 
 
+def test_a_source_of_zst_files_says_to_decompress_them(corpus, tmp_path):
+    _, model = corpus
+    folder = tmp_path / "common_crawl" / "2019-30"
+    folder.mkdir(parents=True)
+    (folder / "en_head_0000.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
+    with pytest.raises(ValueError) as e:
+        data.prepare([f"common_crawl={tmp_path}/common_crawl"], str(tmp_path / "out"),
+                     tokenizer=model)
+    assert str(e.value) == (f"source folder '{tmp_path}/common_crawl' holds no .jsonl, .jsonl.gz, "
+                            ".txt files, but .zst files (zstd), which data.py does not read; "
+                            "decompress them first with `zstd -d`")
+
+
 def test_crash_midway_leaves_no_partial_output(corpus, tmp_path, monkeypatch):
     root, model = corpus
     out = tmp_path / "out"
