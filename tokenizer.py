@@ -162,8 +162,13 @@ def token_dtype(n_words: int) -> str:
 
 def check_training_files(paths: list):
     """Each a regular file: SentencePiece would wait forever on a FIFO, and call a folder or a
-    missing file by another name."""
+    missing file by another name. No comma in a name: SentencePiece's `input` is the names
+    joined by commas, a string the model records (fed another way, the model's bytes differ)."""
     for path in paths:
+        if "," in path:
+            raise ValueError(f"training file {path!r} has a comma in its name, which "
+                             "SentencePiece reads as a separator between files; rename it or "
+                             "give a link to it without one")
         if not os.path.exists(path):
             raise FileNotFoundError(f"training file {path!r} does not exist")
         if not os.path.isfile(path):
@@ -195,6 +200,9 @@ def main(argv=None):
     p.add_argument("--model", help="an existing .model to inspect with --encode")
     p.add_argument("--encode", metavar="TEXT", help="print the pieces and ids of TEXT")
     args = p.parse_args(argv)
+    if args.encode is not None and not (args.model or args.train):
+        p.error("--encode needs --model PATH, the .model that cuts the text (or --train FILE... "
+                "--out PATH.model)")
     try:
         if args.train:
             if not args.out:

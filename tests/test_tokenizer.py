@@ -142,6 +142,26 @@ def test_a_fifo_to_train_on_is_named_not_waited_on(tmp_path):
                             "file (a folder, a FIFO, a device); give a text file")
 
 
+def test_a_training_file_whose_name_holds_a_comma_is_refused_in_one_line(tmp_path):
+    (tmp_path / "a,b.txt").write_text("\n".join(CORPUS))  # SentencePiece splits its input on ","
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "a,b.txt"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "x.model")])
+    assert e.value.code == (f"error: training file '{tmp_path / 'a,b.txt'}' has a comma in its "
+                            "name, which SentencePiece reads as a separator between files; "
+                            "rename it or give a link to it without one")
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_encode_without_a_model_asks_for_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--encode", "hi"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: --encode needs --model PATH, the .model that cuts the text (or --train FILE... "
+        "--out PATH.model); see python tokenizer.py --help\n")
+
+
 def test_encode_batch_is_encode_of_each_text(tok):
     texts = [t for t in CORPUS[:5]] + ["", "🦙 12345"]
     for threads in (1, 2):
