@@ -395,6 +395,11 @@ def check_flags(cfg: TrainConfig):
         (not (cfg.resume and cfg.init_from),
          "--resume continues a run, --init-from starts a new one: give one of them")],
         ConfigError)
+    if cfg.mix:                           # its words now, before --out or the demo data is made
+        try:
+            data.parse_mix(cfg.mix)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_config(cfg: TrainConfig, world_size: int):

@@ -177,6 +177,18 @@ def test_bad_configs_are_refused_in_one_line(demo_data, tmp_path, capsys, extra,
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train.lock").exists()
 
 
+def test_a_malformed_mix_is_refused_before_out_or_the_demo_data_is_made(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.chdir(tmp_path)               # the default --data, data/demo, would be built here
+    with pytest.raises(SystemExit) as e:
+        T.main(["--mix", "code", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: bad mixture item 'code' in 'code': write NAME=WEIGHT pairs separated by commas, "
+        "e.g. 'code=0.6,docs=0.3,reference=0.1'\n")
+    assert os.listdir(tmp_path) == []         # no --out folder, no data built
+
+
 def test_compile_is_the_default_for_one_cuda_process_only(demo_data, tmp_path, monkeypatch):
     # Unset, --compile means: on for a single CUDA process (measured faster there), off on CPU
     # and under torchrun; --compile and --no-compile decide themselves.
