@@ -33,7 +33,8 @@ Reading map
 
 Loading never executes code from a file: `torch.load(weights_only=True)` and safetensors only.
 
-What this file leaves out: HF checkpoints with `rope_scaling` (Llama 3.1), biases, `.bin`
+What this file leaves out: HF checkpoints with a scaled rotary embedding (Llama 3.1's:
+`rope_scaling`, or in transformers 5 a `rope_parameters` rope_type not "default"), biases, `.bin`
 weights (convert them to safetensors), sharded HF export (one file); exporting a SentencePiece
 model not of LLaMA's kind (refused: unigram, normalizing, ...); loading only one rank's shard
 file (each rank reads all of them and keeps its slice).
@@ -238,12 +239,19 @@ def read_hf(folder: str):
         if cfg.get("model_type", "llama") != "llama" or cfg.get("rope_scaling"):
             raise ValueError(f"it describes model_type={cfg.get('model_type')!r} rope_scaling="
                              f"{cfg.get('rope_scaling')}: only plain Llama is supported")
+        # NOTE: transformers 5 writes the rotary settings inside rope_parameters (theta, and the
+        # scaling rope_scaling held in 4); a rope_theta at the top level is 4's.
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"it describes rope_type={rope['rope_type']!r}, a scaled rotary "
+                             "embedding (Llama 3.1's and later): not read here; only plain Llama "
+                             "is supported")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         n_kv_heads = cfg.get("num_key_value_heads") or n_heads
         args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                          n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
                          norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         rope_theta=cfg.get("rope_theta", 1e4),
+                         rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 1e4)),
                          max_seq_len=cfg.get("max_position_embeddings", 2048),
                          **ffn_args(dim, cfg["intermediate_size"]))
     except KeyError as e:

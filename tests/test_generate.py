@@ -579,6 +579,44 @@ def test_hf_intermediate_size_is_reproduced(dim, hidden):
     assert args.ffn_hidden == hidden
 
 
+def transformers_llama(transformers, folder, tok_path, **config):
+    """A tiny LlamaForCausalLM made and saved by transformers itself, our tokenizer beside it."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, **config)).eval()
+    hf.save_pretrained(folder)
+    shutil.copyfile(tok_path, os.path.join(folder, "tokenizer.model"))
+    return hf
+
+
+def test_a_llama_3_rope_theta_saved_by_transformers_reads_back_with_its_logits(tmp_path,
+                                                                              tok_path):
+    """transformers 5 writes rope_theta inside "rope_parameters" (4 wrote it at the top level):
+    Llama 3's 500000 is read from there, and the model gives transformers' own logits."""
+    transformers = needs_transformers()
+    hf = transformers_llama(transformers, tmp_path / "hf", tok_path, rope_theta=500000.0)
+    args, state, _ = C.read_checkpoint(str(tmp_path / "hf"))
+    assert args.rope_theta == 500000.0
+    model = M.Transformer(args).eval()
+    model.load_state_dict(state)
+    ids = torch.arange(200)[None] % 320          # positions far enough for theta to matter
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_llama_3_1_scaled_rope_saved_by_transformers_is_refused(tmp_path, tok_path):
+    transformers = needs_transformers()
+    transformers_llama(transformers, tmp_path / "hf", tok_path, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192})
+    config = os.path.join(tmp_path / "hf", "config.json")
+    assert one_line_error(ValueError, C.read_checkpoint, str(tmp_path / "hf")) == (
+        f"{config}: it describes rope_type='llama3', a scaled rotary embedding (Llama 3.1's and "
+        "later): not read here; only plain Llama is supported")
+
+
 # --- bad input: one-line errors that say what is wrong -----------------------------------------
 
 def one_line_error(exc_type, fn, *args):
