@@ -402,9 +402,12 @@ def check_flags(cfg: TrainConfig):
             raise ConfigError(str(e)) from None
 
 
-def check_config(cfg: TrainConfig, world_size: int):
-    """The flags together, and against the number of processes torchrun started."""
+def check_config(cfg: TrainConfig, world_size: int, resumed: bool = False):
+    """The flags together, and against the number of processes torchrun started. resumed: the
+    run continues a checkpoint, whose --warmup is its own (fixed on resume)."""
     n = cfg.tp * cfg.pp
+    longer = (f"give --steps {cfg.warmup} or more" if resumed else
+              f"give --warmup {cfg.steps} or less")
     cli.check([
         (world_size % n == 0, f"world size {world_size} is not divisible by --tp {cfg.tp} x --pp "
                               f"{cfg.pp} = {n}; launch a multiple of {n} processes"),
@@ -417,8 +420,7 @@ def check_config(cfg: TrainConfig, world_size: int):
          "pipeline: drop --pp-schedule, or add --pp 2 or more"),
         (cfg.warmup <= cfg.steps,
          f"--warmup {cfg.warmup} is longer than the run's --steps {cfg.steps}: the learning rate "
-         f"would never reach its peak --lr {cfg.lr:g} nor decay; give --warmup {cfg.steps} or "
-         "less")],
+         f"would never reach its peak --lr {cfg.lr:g} nor decay; {longer}")],
         ConfigError)
     if not cfg.init_from:           # the preset against the grid now, before the data is built
         check_split(M.preset(cfg.preset), cfg)
@@ -505,7 +507,7 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
     elif found:
         raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
                           "continue it, or choose another --out")
-    check_config(cfg, world.world_size)
+    check_config(cfg, world.world_size, resumed=bool(found))   # found: a run continued
     C.check_outputs([("--out", cfg.out)], [("--data", cfg.data)] + (
         C.checkpoint_paths("--init-from", cfg.init_from) if cfg.init_from else []))
     lock = refused = None

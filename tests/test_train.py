@@ -220,6 +220,19 @@ def test_existing_run_is_not_overwritten_and_incompatible_resume_refused(demo_da
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
+def test_a_resume_with_steps_below_the_runs_warmup_asks_for_more_steps(demo_data, tmp_path,
+                                                                        capsys):
+    # --warmup is fixed on resume: the advice is about --steps, the one flag that may change.
+    T.main(base_argv(demo_data, tmp_path, "--steps", "3", "--warmup", "3"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume", "--steps", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --warmup 3 is longer than the run's --steps 2: the learning rate would never "
+        "reach its peak --lr 0.003 nor decay; give --steps 3 or more\n")
+
+
 def test_missing_data_dir_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--device", "cpu"])
