@@ -134,7 +134,10 @@ class TrainConfig:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to the peak over `warmup` steps, then cosine decay to min_lr_ratio * peak.
 
-    step counts from 0; the last step (steps - 1) gets exactly the floor.
+    step counts from 0; the step after the warmup gets the peak, and the last step (steps - 1)
+    gets exactly the floor when the warmup ends before it (warmup < steps - 1). A warmup of
+    steps - 1 or steps (check_config allows up to steps) leaves no step to decay over: the last
+    step gets the peak.
     """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -418,6 +421,8 @@ def check_config(cfg: TrainConfig, world_size: int, resumed: bool = False):
         (cfg.pp > 1 or cfg.pp_schedule == "auto",
          f"--pp-schedule {cfg.pp_schedule} orders a pipeline's micro-batches, and --pp 1 has no "
          "pipeline: drop --pp-schedule, or add --pp 2 or more"),
+        # NOTE: a warmup of steps - 1 or steps is let through (short runs, --steps 2 --warmup 1):
+        # the run then ends at the peak, with no step of decay (lr_at's docstring).
         (cfg.warmup <= cfg.steps,
          f"--warmup {cfg.warmup} is longer than the run's --steps {cfg.steps}: the learning rate "
          f"would never reach its peak --lr {cfg.lr:g} nor decay; {longer}")],

@@ -46,6 +46,24 @@ def test_lr_schedule_warmup_peak_cosine_floor():
     assert min(lrs) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("steps,warmup", [(10, 0), (10, 8), (10, 9), (10, 10), (1, 0), (1, 1)])
+def test_lr_schedule_at_its_edges_follows_the_closed_form(steps, warmup):
+    peak, floor = 1.0, 0.1
+    cfg = T.TrainConfig(lr=peak, warmup=warmup, steps=steps, min_lr_ratio=0.1)
+
+    def closed_form(s):
+        if s < warmup:
+            return peak * (s + 1) / warmup
+        if warmup >= steps - 1:                              # no step left to decay over
+            return peak
+        return floor + (peak - floor) * (1 + math.cos(math.pi * (s - warmup)
+                                                      / (steps - 1 - warmup))) / 2
+    assert [T.lr_at(s, cfg) for s in range(steps)] == pytest.approx(
+        [closed_form(s) for s in range(steps)])
+    last = floor if warmup < steps - 1 else peak             # lr_at's docstring
+    assert T.lr_at(steps - 1, cfg) == pytest.approx(last)
+
+
 def test_weight_decay_only_on_matrices():
     import model as M
     m = M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=8))
