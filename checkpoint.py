@@ -282,6 +282,8 @@ def hf_tokenizer_json(tokenizer_path: str) -> dict:
     SentencePiece does: a "▁" before any non-empty text (the dummy prefix), every space a "▁".
     NOTE: transformers 5's own LlamaTokenizer adds that "▁" only to a text that does not start
     with one, so " the" would lose a token; hence this file, loaded as written (see export_hf).
+    NOTE: "<s>" spelled inside a text is text to SentencePiece; `tokenizers` matches it as the
+    control piece unless told not to (encode_special_tokens; export_hf tells transformers).
     """
     sp = Tokenizer(tokenizer_path).sp
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
@@ -363,7 +365,10 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
             "pad_token": tok.sp.id_to_piece(pad), "padding_side": "left", "add_bos_token": True,
             "add_eos_token": False, "model_max_length": args.max_seq_len,
             # NOTE: no token_type_ids, which transformers 4's generate() refuses for Llama.
-            "model_input_names": ["input_ids", "attention_mask"]},
+            "model_input_names": ["input_ids", "attention_mask"],
+            # "<s>" typed in a text is three characters to SentencePiece, not the control id
+            # that tokenizers would match; the post-processor still adds the real <s>.
+            "split_special_tokens": True},
     }
     with building(out) as tmp:
         # NOTE: one file of any size; transformers reads it as it reads its own sharded ones.

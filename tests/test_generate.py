@@ -446,6 +446,21 @@ def test_transformers_loads_the_export(tmp_path, varied_tok_path):
     assert (config.bos_token_id, config.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
 
 
+def test_the_export_encodes_the_spelling_of_a_control_piece_as_text(tmp_path, tok_path):
+    """"<s>", "</s>" and "<unk>" written inside a text are ordinary characters to SentencePiece
+    (and our Tokenizer), not control ids: AutoTokenizer on the export splits them alike, and
+    still puts the real <s> first."""
+    transformers = needs_transformers()
+    _, out = hf_export(tmp_path, tok_path, 320)
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(out), Tokenizer(tok_path)
+    for text in ("The <s>old</s> price", "a <unk> b", "<s>"):
+        ids = hf_tok(text)["input_ids"]
+        assert ids == tok.encode(text, bos=True), repr(text)
+        assert ids[0] == tok.bos_id and ids[1:].count(tok.bos_id) == 0, repr(text)
+        assert hf_tok.decode(ids, skip_special_tokens=True) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
+
+
 @contextlib.contextmanager
 def transformers_says(transformers):
     """Every warning transformers gives in the block, in a list: Python's warnings, and its

@@ -6,8 +6,8 @@ the working tree on the same machine, with the same inputs, through the same com
 prepared demo dataset, a two-step training run's checkpoint, and its Hugging Face export. Every
 file is the same bytes, except the two that hold the run's options, which lack --bench (moved to
 tests/bench_step.py) and are otherwise equal, and the export's three settings files, which add
-its pad token. Then today's train.py resumes the run the old code
-saved, and today's generate.py reads it.
+its pad token (and tokenizer_config.json its split_special_tokens). Then today's train.py
+resumes the run the old code saved, and today's generate.py reads it.
 """
 
 import io
@@ -72,9 +72,10 @@ def before_and_now(tmp_path_factory):
     return root
 
 
-PAD_TOKEN = {"config.json": {"pad_token_id": 0}, "generation_config.json": {"pad_token_id": 0},
-             "tokenizer_config.json": {"pad_token": "<unk>", "padding_side": "left",
-                                       "model_input_names": ["input_ids", "attention_mask"]}}
+ADDED_SINCE = {"config.json": {"pad_token_id": 0}, "generation_config.json": {"pad_token_id": 0},
+               "tokenizer_config.json": {"pad_token": "<unk>", "padding_side": "left",
+                                         "model_input_names": ["input_ids", "attention_mask"],
+                                         "split_special_tokens": True}}
 
 
 def same(a, b) -> bool:
@@ -108,8 +109,9 @@ def test_the_same_bytes_as_before(before_and_now, what):
         assert without_bench(json.loads(before["train_config.json"])) == json.loads(
             now["train_config.json"])
     # The export's three settings files: the same, plus its pad token (<unk>, padding on the
-    # left) and the tokenizer's model_input_names, added since for transformers' generate().
-    for name, added in PAD_TOKEN.items():
+    # left) and the tokenizer's model_input_names, added since for transformers' generate(),
+    # and split_special_tokens, so that "<s>" typed in a text is encoded as text.
+    for name, added in ADDED_SINCE.items():
         if name in differ:
             differ.remove(name)
             assert {**json.loads(before[name]), **added} == json.loads(now[name]), name
