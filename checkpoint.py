@@ -25,9 +25,10 @@ Reading map
   2. Hugging Face       key names, the q/k row permutation, export with a tokenizer.json
   3. A training run     step folders, `latest`, the training state, saved options, metrics
   ---------------------------------------------------------------------------- (the banner)
-  4. Checks             every tensor present with its shape, before a model is built; a
-                        `latest` that leads elsewhere; an output that would overwrite an input;
-                        a tokenizer the export cannot write exactly (its .model's settings)
+  4. Checks             shard files that belong together; every tensor present with its
+                        shape, before a model is built; a `latest` that leads elsewhere; an
+                        output that would overwrite an input; a tokenizer the export cannot
+                        write exactly (its .model's settings)
   5. Writing safely     one atomic write, one lock, build-in-a-temporary-folder-then-rename
   6. Reading safely     one bounded reader; a checkpoint held while it is read
 
@@ -129,9 +130,11 @@ def read_checkpoint(ckpt: str):
             args, state = read_hf(ckpt)
             source, config = ckpt, "config.json"
         elif os.path.isfile(os.path.join(ckpt, "params.json")):
-            shards = meta_shards(ckpt)
-            state = merge_state_dicts([load_weights(p) for p in shards])
-            args, source, config = read_params(ckpt), shards[0], "params.json"
+            paths = meta_shards(ckpt)
+            shards = [load_weights(p) for p in paths]
+            check_shards(paths, shards)                         # below the banner
+            state = merge_state_dicts(shards)
+            args, source, config = read_params(ckpt), paths[0], "params.json"
         else:
             raise FileNotFoundError(f"{ckpt} holds neither params.json + consolidated.*.pth "
                                     "(Meta's or ours) nor config.json + *.safetensors (Hugging "
@@ -522,6 +525,24 @@ def meta_shards(folder: str) -> list:
         raise FileNotFoundError(f"{folder} has {n} consolidated.NN.pth files, not numbered 00 .. "
                                 f"{n - 1:02d}: a shard is missing; re-download or re-save them")
     return paths
+
+
+def check_shards(paths: list, shards: list):
+    """Shard files that belong together, before they are merged: Meta's split makes n equal
+    slices, so each file holds the first one's tensors, each of the same shape."""
+    first = meta_weights(shards[0])
+    fix = ("the shard files come from different checkpoints; put back the consolidated.NN.pth "
+           "files of one checkpoint (re-download or re-save them)")
+    for path, shard in zip(paths[1:], shards[1:]):
+        shard = meta_weights(shard)
+        odd = sorted(set(first) ^ set(shard))           # in one of the two files only
+        if odd:
+            held, lacks = (paths[0], path) if odd[0] in first else (path, paths[0])
+            raise ValueError(f"{lacks} lacks {odd[0]}, which {held} holds: {fix}")
+        for key, t in first.items():
+            if shard[key].shape != t.shape:
+                raise ValueError(f"{key} in {path} has shape {tuple(shard[key].shape)} but "
+                                 f"{tuple(t.shape)} in {paths[0]}: {fix}")
 
 
 def load_weights(path: str) -> dict:

@@ -671,6 +671,24 @@ def test_shapes_that_do_not_match_params_json(tmp_path, tok_path):
     assert "different models" in msg
 
 
+def test_shard_files_of_different_checkpoints_are_refused_naming_the_file(tmp_path, tok_path):
+    """Two consolidated.NN.pth that do not belong together -- a tensor missing from one, or a
+    width that differs in a dimension Meta does not split -- are named before they are merged."""
+    ckpt = write_checkpoint(tmp_path / "mixed", tiny_model(), tok_path, 2)
+    first, second = (os.path.join(ckpt, f"consolidated.0{i}.pth") for i in (0, 1))
+    shard = torch.load(second, weights_only=True)
+    torch.save({k: v for k, v in shard.items() if k != "layers.1.feed_forward.w2.weight"}, second)
+    assert one_line_error(ValueError, G.load_model, ckpt) == (
+        f"{second} lacks layers.1.feed_forward.w2.weight, which {first} holds: the shard files "
+        "come from different checkpoints; put back the consolidated.NN.pth files of one "
+        "checkpoint (re-download or re-save them)")
+    torch.save({**shard, "layers.0.attention.wq.weight": torch.zeros(32, 80)}, second)
+    assert one_line_error(ValueError, G.load_model, ckpt) == (
+        f"layers.0.attention.wq.weight in {second} has shape (32, 80) but (32, 64) in {first}: "
+        "the shard files come from different checkpoints; put back the consolidated.NN.pth "
+        "files of one checkpoint (re-download or re-save them)")
+
+
 def test_tokenizer_of_another_model(tmp_path, tok_path):
     ckpt = write_checkpoint(tmp_path / "d", tiny_model(), tok_path)
     train_tokenizer(iter(tiny_text(seed=1)), os.path.join(ckpt, "tokenizer.model"), vocab_size=300)
