@@ -565,18 +565,22 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
 
     A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
-    ones the run would have had. A path is compared as the folder it names. A new --steps is
-    said, with the learning rate before and after the recomputed decay. The saved values are
-    checked as the flags are (check_flags), naming the file.
+    ones the run would have had. A path is compared as the folder it names; --data, where the
+    checkpoint recorded the dataset (dataset.json), as the data it holds (open_data). A new
+    --steps is said, with the learning rate before and after the recomputed decay. The saved
+    values are checked as the flags are (check_flags), naming the file.
     """
     saved = saved_options(ckpt)
     if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
         saved["micro_batches"] = saved["grad_accum"]
     same = {"data": os.path.realpath, "init_from": lambda p: p and os.path.realpath(p),
             "mix": lambda m: m and data.parse_mix(m)}
+    # A checkpoint with its dataset.json knows the data by its content: --data may name where it
+    # lies now (moved, copied), and open_data refuses a folder that holds other data.
+    fixed = [n for n in FIXED_ON_RESUME if n != "data" or C.saved_dataset(ckpt) is None]
     for name, value in given.items():
         norm, flag = same.get(name, lambda v: v), "--" + name.replace("_", "-")
-        if name in FIXED_ON_RESUME and name in saved and norm(saved[name]) != norm(value):
+        if name in fixed and name in saved and norm(saved[name]) != norm(value):
             raise ConfigError(f"cannot resume {ckpt} with {flag} {value}: the run was trained "
                               f"with {flag} {saved[name]!r}, and another value would not continue "
                               f"it; drop {flag}, or start a new run from these weights with "

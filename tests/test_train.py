@@ -5,10 +5,12 @@ timed again, and freed memory kept by the allocator."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +115,47 @@ def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatc
         assert loss == pytest.approx(straight["losses"][step], rel=1e-6, abs=0)
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == list(range(1, 13))        # step 7 of the crashed run is logged once
+
+
+def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_data, tmp_path,
+                                                                         capsys):
+    # The checkpoint's dataset.json knows the data by its content: --data may name where it lies
+    # now; a folder of other tokens is refused by that identity, whatever its path.
+    straight = T.main(base_argv(demo_data, tmp_path / "straight", "--steps", "4"))
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "run"
+    shutil.copytree(demo_data, old)
+    T.main(base_argv(str(old), out, "--steps", "4", "--save-every", "2"))
+    shutil.rmtree(out / "checkpoints" / "step-000004")             # as if it crashed at step 3
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    old.rename(new)                                                 # the data moved, unchanged
+
+    other = tmp_path / "other"                                      # same layout, other tokens
+    shutil.copytree(new, other)
+    shard = other / "code" / "train.bin"
+    np.fromfile(shard, dtype=np.uint16)[::-1].tofile(shard)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(out), "--resume", "--data", str(other)])
+    assert e.value.code == 2
+    ckpt = out / "checkpoints" / "step-000002"
+    assert capsys.readouterr().err == (
+        f"error: cannot resume {ckpt}: --data {other} changed since it was saved: source "
+        "code's train split holds other tokens (a sample differs); resume on the data the run "
+        "was trained on (prepare it again as it was), or start a new run from these weights "
+        f"with --init-from {ckpt}\n")
+
+    resumed = T.main(["--out", str(out), "--resume", "--data", str(new)])
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step, loss in resumed["losses"].items():
+        assert loss == pytest.approx(straight["losses"][step], rel=1e-6, abs=0)
+
+    ckpt = out / "checkpoints" / "step-000004"          # saved before dataset.json was: by path
+    (ckpt / "dataset.json").unlink()
+    with pytest.raises(SystemExit):
+        T.main(["--out", str(out), "--resume", "--data", str(other)])
+    assert capsys.readouterr().err.startswith(
+        f"error: cannot resume {ckpt} with --data {other}: the run was trained with --data "
+        f"'{new}', and another value would not continue it; drop --data")
 
 
 def test_checkpoint_is_meta_layout(demo_data, tmp_path):
