@@ -148,7 +148,12 @@ def read_params(ckpt: str) -> ModelArgs:
     """params.json of a Meta-layout folder (ours, Meta's) as ModelArgs, validated; Meta's
     vocab_size -1 ("take it from the tokenizer") is read off the folder's tokenizer."""
     path = os.path.join(ckpt, "params.json")
-    params = read_json(path, "restore it from the release")
+    # A run's step folder (its options beside it, or in older ones its training state) has no
+    # release to restore the file from; every checkpoint of the run holds the same one.
+    in_run = os.path.isfile(os.path.join(ckpt, "train_config.json")) or glob.glob(
+        os.path.join(glob.escape(ckpt), "train_state.*.pth"))
+    params = read_json(path, "copy it from another checkpoint of the run" if in_run else
+                       "restore it from the release")
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a JSON object of ModelArgs fields")
     if params.get("vocab_size", -1) == -1:

@@ -343,6 +343,24 @@ def test_generate_reads_damaged_checkpoints_in_one_line(tmp_path, tok_path):  # 
         f"error: {params} is not valid JSON (")
 
 
+def test_a_damaged_params_json_says_where_to_get_it_again(tmp_path, tok_path):  # noqa: F811
+    """A release's params.json is restored from the release; a run's step folder (its
+    train_config.json beside it) has no release: its params.json is the same in every
+    checkpoint of the run."""
+    release = write_checkpoint(tmp_path / "release", tiny_model(), tok_path)
+    step = write_checkpoint(tmp_path / "run" / "checkpoints" / "step-000006", tiny_model(),
+                            tok_path)
+    open(os.path.join(step, "train_config.json"), "w").write("{}")
+    for folder, fix in ((release, "restore it from the release"),
+                        (step, "copy it from another checkpoint of the run")):
+        params = os.path.join(folder, "params.json")
+        open(params, "w").write('{"dim": 6')                     # cut short
+        with pytest.raises(ValueError) as e:
+            C.read_params(folder)
+        assert str(e.value).startswith(f"{params} is not valid JSON (")
+        assert str(e.value).endswith(f"); {fix}")
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--max-new-tokens", "0"], "--max-new-tokens=0 must be 1 or more"),
     (["--temperature", "-1"], "--temperature=-1.0 must be 0 (greedy) or more"),
