@@ -817,9 +817,16 @@ def lock_run(out: str) -> int:
     if os.path.lexists(path) and not os.path.isfile(path):
         raise ValueError(f"{path} is a folder (or not a file), where a run keeps its lock file; "
                          f"move it out of {out}, then run again")
-    fd = lock(path)
-    if fd is None:
-        raise ValueError(held_by(out, path))
+    while True:
+        fd = lock(path)
+        if fd is None:
+            raise ValueError(held_by(out, path))
+        # NOTE: the run before may have removed the file (unlock_run) after we opened it: our
+        # lock is then on a file no longer in OUT, which the next run would not see. Lock again.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
     return fd
@@ -874,6 +881,8 @@ def lock_holders(path: str) -> list:
 
 
 def unlock_run(out: str, fd: int):
+    """Remove OUT/train.lock, then release it: removed while still locked, so that a run that
+    wins the lock after ours sees that its file was removed (lock_run), and locks the new one."""
     with contextlib.suppress(OSError):
         os.remove(os.path.join(out, "train.lock"))
     os.close(fd)

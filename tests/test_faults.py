@@ -8,6 +8,7 @@ disk. A full disk is the kernel's own: writes into /dev/full fail with ENOSPC.
 
 import builtins
 import errno
+import fcntl
 import json
 import os
 import resource
@@ -187,6 +188,29 @@ def test_one_run_per_out_with_a_lock_that_a_kill_cannot_leave_stuck(demo_data, t
     # the owner is gone (as after kill -9): its lock is stale, taken over, and released at the end
     T.main(base_argv(demo_data, tmp_path / "busy", "--steps", "2", "--warmup", "1"))
     assert not (tmp_path / "busy" / "train.lock").exists()
+
+
+def test_a_lock_won_on_the_file_its_run_just_removed_is_taken_again(tmp_path, monkeypatch):
+    """Run B opens train.lock; run A ends (removes the file, then closes it); B's flock then
+    succeeds, on a file no longer in OUT, where a third run would make a new train.lock and
+    lock that too. B sees that what it locked is not OUT/train.lock, and locks that instead."""
+    out, path = str(tmp_path), os.path.join(str(tmp_path), "train.lock")
+    a = C.lock_run(out)
+    flock, ended = fcntl.flock, []
+
+    def a_ends_before_b_flocks(fd, operation):
+        if not ended:
+            ended.append(C.unlock_run(out, a))
+        flock(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", a_ends_before_b_flocks)
+    b = C.lock_run(out)
+    monkeypatch.undo()
+    assert ended and os.path.samestat(os.fstat(b), os.stat(path))
+    with pytest.raises(ValueError) as e:
+        C.lock_run(out)                                      # the third run
+    assert str(e.value).startswith(f"{out} is in use by another run (pid {os.getpid()} on ")
+    C.unlock_run(out, b)
+    assert not os.path.exists(path)
 
 
 def test_two_runs_started_together_on_one_out(demo_data, tmp_path):
