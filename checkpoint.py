@@ -3,17 +3,22 @@ checkpoint.py -- everything the project keeps on disk, and the one way it is wri
 
 A LLaMA checkpoint is a folder. Meta released theirs as `params.json` (ModelArgs), one
 `consolidated.NN.pth` per tensor-parallel rank (the state dict, Meta's key names, split as
-Megatron splits it) and `tokenizer.model`; ours are that same folder plus the training state.
-Hugging Face's are `config.json` + `*.safetensors` under other names, with the rows of wq and wk
-permuted. This file reads all three, writes ours and Hugging Face's, and owns every other file
-a run leaves behind: train.py, generate.py, eval.py and data.py call it; no other file renames
-a file into place or takes a lock.
+Megatron splits it) and `tokenizer.model`; ours are that layout (its names, its split) plus the
+training state. Hugging Face's are `config.json` + `*.safetensors` under other names, with the
+rows of wq and wk permuted. This file reads all three, writes ours and Hugging Face's, and owns
+every other file a run leaves behind: train.py, generate.py, eval.py and data.py call it; no
+other file renames a file into place or takes a lock.
+
+NOTE: Meta's layout, not a Meta release: readers of that layout read a step folder, but Meta's
+own example.py would need the consolidated files alone (it counts every *.pth as a shard) and
+params.json's Meta keys alone (ours adds max_seq_len, which it passes itself, and rope_theta;
+LLaMA-1's ModelArgs also lacks n_kv_heads and ffn_dim_multiplier).
 
     OUT/                                  a training run (train.py --out OUT)
       metrics.jsonl                       one JSON line per step and per validation
       train.lock                          held while a run uses OUT
       checkpoints/latest                  names the newest complete step folder
-      checkpoints/step-000600/            a Meta release folder, plus:
+      checkpoints/step-000600/            Meta's layout (its three files above), plus:
         train_state.00.pth                optimizer, step, sampler, RNG (per tp rank; under pp
                                           train_state.00.stage01.pth per stage)
         train_config.json                 the run's options, which --resume restores
