@@ -508,6 +508,9 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
                           "stopped before its first save, or none was started); start the run "
                           "again without --resume, with its flags")
     if found and (cfg.resume or restarted):
+        # The model is built from params.json: a checkpoint whose file cannot be read is passed
+        # over now, as resume() passes over weights, so that what follows reads the one resumed.
+        found = found[first_readable(found, C.read_params, world)[0]:]
         cfg = restore_config(cfg, given, found[0], world.say)
     elif found:
         raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
@@ -716,30 +719,42 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
 def resume(candidates: list, model, optimizer, sampler, world, grid) -> int:
     """Restore model, optimizer, sampler and RNG from the newest checkpoint that every rank
     reads whole; return the steps it had done. One that does not load (a truncated or corrupt
-    file) is passed over, saying so, for the one before it."""
-    for path in candidates:
+    file) is passed over, saying so, for the one before it (first_readable)."""
+    def load(path: str) -> int:
+        state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
+        P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
+        optimizer.load_state_dict(state["optimizer"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:              # another mixture: a configuration, not a damaged file
+            raise ConfigError(f"cannot resume {path}: the data sampler it saved differs from "
+                              f"this run's ({e}): --data was prepared again since; resume "
+                              "on the data the run was trained on, or start a new run with "
+                              f"--init-from {path}") from None
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        return state["step"]
+
+    i, step = first_readable(candidates, load, world)
+    world.say(f"resumed from {candidates[i]} at step {step}")
+    return step
+
+
+def first_readable(candidates: list, read, world) -> tuple:
+    """(index, read(path)) of the first checkpoint that every rank reads: one that cannot be read
+    is passed over, saying so, for the complete checkpoint before it. A ConfigError is no damaged
+    file: it stops the run."""
+    for i, path in enumerate(candidates):
         why = None
         try:
-            state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
-            P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
-            optimizer.load_state_dict(state["optimizer"])
-            try:
-                sampler.load_state_dict(state["sampler"])
-            except ValueError as e:          # another mixture: a configuration, not a damaged file
-                raise ConfigError(f"cannot resume {path}: the data sampler it saved differs from "
-                                  f"this run's ({e}): --data was prepared again since; resume "
-                                  "on the data the run was trained on, or start a new run with "
-                                  f"--init-from {path}") from None
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            result = read(path)
         except ConfigError:
             raise
         except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
             why = f"{type(e).__name__}: {cli.first_line(e, 300)}"
         if _all_ranks(why is None, world):
-            world.say(f"resumed from {path} at step {state['step']}")
-            return state["step"]
+            return i, result
         world.say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to "
                   "the complete checkpoint before it")
     raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "

@@ -158,6 +158,29 @@ def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_dat
         f"'{new}', and another value would not continue it; drop --data")
 
 
+def test_a_checkpoint_whose_params_json_cannot_be_read_is_passed_over(demo_data, tmp_path,
+                                                                       capsys):
+    # As a damaged weights file is: the run resumes from the checkpoint before it, and the
+    # message about the recomputed decay describes that one.
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    newest, before = (os.path.join(tmp_path, "checkpoints", f"step-00000{s}") for s in (4, 2))
+    params = os.path.join(newest, "params.json")
+    open(params, "w").write('{"dim": 6')                              # cut short
+    capsys.readouterr()
+    resumed = T.main(["--out", str(tmp_path), "--resume", "--steps", "5"])
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"cannot read checkpoint {newest} (ValueError: {params} is not "
+                               "valid JSON (")
+    assert lines[0].endswith("); falling back to the complete checkpoint before it")
+    planned, now = (T.TrainConfig(lr=3e-3, warmup=3, steps=s) for s in (4, 5))
+    assert lines[1] == (f"--steps 5: the run was planned for 4 steps; the cosine decay is "
+                        f"recomputed over 5, so the learning rate goes from "
+                        f"{T.lr_at(1, planned):.3g} at step 2 to {T.lr_at(2, now):.3g} at step 3, "
+                        "and reaches its floor at step 5")
+    assert f"resumed from {before} at step 2" in lines
+
+
 def test_checkpoint_is_meta_layout(demo_data, tmp_path):
     T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1"))
     ckpt = C.latest(str(tmp_path))
