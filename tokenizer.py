@@ -67,7 +67,7 @@ TRAINER_SPEC = dict(
 # ---------------------------------------------------------------------------------------------
 
 def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_size: int = 32000,
-                    max_sentences: int = 2_000_000, num_threads: int = os.cpu_count() or 1) -> str:
+                    max_sentences: int = 2_000_000, num_threads: int = 16) -> str:
     """Train a BPE model on text files or on strings; return `out`.
 
     `source` is either a list of file paths, or an iterator (a generator, `iter(texts)`) of
@@ -86,7 +86,10 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
         sentences = dict(sentence_iterator=iter(source))
     # NOTE: the model is handed back in memory (model_writer), not written under a model_prefix:
     # SentencePiece stores the prefix inside the model, and a temporary path would make two
-    # trainings on the same text differ. The thread count is stored too, but changes no piece.
+    # trainings on the same text differ. The thread count is stored too, though it changes no
+    # piece: a fixed 16 (SentencePiece's own default), not this machine's cores, so that the
+    # same text gives the same file on any machine (a dataset prepared again elsewhere is the
+    # same dataset to --resume).
     model = io.BytesIO()
     spm.set_random_generator_seed(0)  # the same sample of sentences on every run
     try:

@@ -6,7 +6,9 @@ the working tree on the same machine, with the same inputs, through the same com
 prepared demo dataset, a two-step training run's checkpoint, and its Hugging Face export. Every
 file is the same bytes, except the two that hold the run's options, which lack --bench (moved to
 tests/bench_step.py) and are otherwise equal, and the export's three settings files, which add
-its pad token (and tokenizer_config.json its split_special_tokens). Then today's train.py
+its pad token (and tokenizer_config.json its split_special_tokens). The old code runs as on a
+16-core machine (a sitecustomize.py in its tree): SentencePiece stores the thread count it
+trained with, the machine's cores then, 16 on every machine since. Then today's train.py
 resumes the run the old code saved, and today's generate.py reads it.
 """
 
@@ -67,6 +69,7 @@ def before_and_now(tmp_path_factory):
     if archive.returncode:
         pytest.skip(f"commit {BEFORE} is not in this clone's history (a shallow clone?)")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    (old / "sitecustomize.py").write_text("import os\nos.cpu_count = lambda: 16\n")
     produce(str(old), str(root / "before"))
     produce(ROOT, str(root / "now"))
     return root

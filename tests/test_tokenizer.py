@@ -6,11 +6,14 @@ model files."""
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import checkpoint as C
 import tokenizer as tk
+from distributed import ROOT
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -180,6 +183,24 @@ def test_training_is_reproducible_byte_for_byte(tmp_path):
     assert models[0] == models[1] and str(tmp_path).encode() not in models[0]
     a, b = tk.Tokenizer(paths[0]), tk.Tokenizer(paths[2])  # the thread count is recorded, no more
     assert [a.sp.id_to_piece(i) for i in range(400)] == [b.sp.id_to_piece(i) for i in range(400)]
+
+
+def test_the_same_text_gives_the_same_file_on_machines_of_any_core_count(tmp_path):
+    """SentencePiece stores the thread count it trained with: were it the machine's cores, data
+    prepared again on another machine would hold another tokenizer.model, and --resume would
+    refuse it. Each training runs as on a machine of 2 or 64 cores (os.cpu_count patched)."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(CORPUS))
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nos.cpu_count = lambda: int(os.environ['CORES'])\n")
+    models = []
+    for cores in ("2", "64"):
+        out = tmp_path / f"{cores}.model"
+        subprocess.run([sys.executable, "tokenizer.py", "--train", str(text), "--out", str(out),
+                        "--vocab-size", "400"], cwd=ROOT, check=True, capture_output=True,
+                       env=dict(os.environ, CORES=cores, PYTHONPATH=str(tmp_path)))
+        models.append(out.read_bytes())
+    assert models[0] == models[1]
 
 
 @pytest.mark.parametrize("argv", [["--train", "x.txt", "--out", "o.model", "--vocab-size", "259"],
