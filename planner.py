@@ -571,13 +571,22 @@ def main(argv=None):
                                                for k, want in figures.items()))
             return
         if a.serve:
-            rows = {tp: serve_memory(args, a.batch, a.context, tp) for tp in (1, 2, 4, 8)}
+            rows = {}
+            for tp in (1, 2, 4, 8):         # generate.py --tp refuses the splits check_config does
+                try:
+                    check_config(args, tp)
+                    rows[tp] = serve_memory(args, a.batch, a.context, tp)
+                except ValueError as e:
+                    rows[tp] = dict(refused=str(e))
             if a.json:
                 return print(json.dumps(rows, indent=2))
             print(f"serving {count_parameters(args) / 1e9:.1f}B parameters in bf16, batch "
                   f"{a.batch} x context {a.context}, per {a.gpu} GPU (GiB):")
             usable = GPUS[a.gpu].memory * ASSUMPTIONS["usable_memory"]
             for tp, r in rows.items():
+                if "refused" in r:
+                    print(f"  tp {tp}: -  {r['refused']}")
+                    continue
                 fits = "fits" if r["total"] <= usable else "-"
                 print(f"  tp {tp}: weights {r['weights'] / 2**30:7.1f} + KV cache "
                       f"{r['kv_cache'] / 2**30:6.1f} = {r['total'] / 2**30:7.1f}  {fits}")

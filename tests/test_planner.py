@@ -127,6 +127,23 @@ def test_planner_search_and_serve():
     assert planner.serve_memory(M.preset("65b"), 1, 2048, tp=2)["total"] < usable
 
 
+@pytest.mark.parametrize("flags,tp,reason", [
+    (["--preset", "33b", "--gpu", "a100-40gb"], 8, "tp=8 must divide n_heads=52; use one of 1, "
+     "2, 4"),
+    (["--preset", "7b", "--n-kv-heads", "4"], 8, "tp=8 must divide n_kv_heads=4; use one of 1, "
+     "2, 4"),
+])
+def test_serve_prints_a_tp_the_model_cannot_split_as_refused_not_as_fitting(capsys, flags, tp,
+                                                                             reason):
+    """generate.py --tp goes through parallel.check_config: 33b's 52 heads, or 4 KV heads, do not
+    split over 8 ranks, so --serve's tp 8 row says why instead of a memory that fits."""
+    rows = planner.main([*flags, "--serve"])
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  tp {tp}: -  {reason}" in lines
+    assert not [line for line in lines if line.startswith(f"  tp {tp}: weights")]
+    assert rows[tp] == dict(refused=reason) and "total" in rows[4]
+
+
 def test_planner_cli_prints_and_answers_json(capsys):
     planner.main(["--preset", "65b", "--gpus", "2048", "--gpu", "a100-80gb", "--tp", "8", "--pp",
                   "4", "--seq-len", "2048", "--global-batch-tokens", "4M", "--recompute",
