@@ -346,8 +346,9 @@ def looks_english(text: str) -> bool:
 LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|permission is hereby granted|all rights reserved",
                            re.I)
 COMMENT_OR_BLANK = re.compile(r"\s*(#|//|/\*|\*|--|$)")
-PREPROCESSOR = re.compile(r"\s*#(include|import|define|undef|if|ifdef|ifndef|elif|else|endif"
-                          r"|pragma|error|warning|line)\b")  # C's `#` lines are code, not comments
+PREPROCESSOR = re.compile(  # C's `#` lines are code, not comments; C allows `# include` too
+    r"\s*#(include|import|define|undef|if|ifdef|ifndef|elif|else|endif|pragma|error|warning"
+    r"|line)\b|\s*#\s+(include|import)\s*[<\"]|\s*#\s+(define|undef|ifdef|ifndef)\s+\w")
 PERMISSIVE = ("mit", "apache", "bsd")
 
 
@@ -839,9 +840,15 @@ def source_files(folder: str) -> List[str]:
         raise (NotADirectoryError if there else FileNotFoundError)(
             f"source folder {folder!r} {'is not a folder' if there else 'does not exist'}; give "
             f"a folder of {', '.join(SUFFIXES)} files")
-    files, seen, zst = [], {}, False
+    files, seen = [], {}
     for d, _, names in os.walk(folder, followlinks=True):
-        zst = zst or any(name.endswith(".zst") for name in names)
+        # RedPajama's common_crawl is .jsonl.zst: zstandard is no dependency of ours, and a
+        # source read without its compressed files would be a smaller source without a word
+        for name in names:
+            if name.endswith(".zst") and name[:-4].endswith(SUFFIXES) and name[:-4] not in names:
+                raise ValueError(f"{os.path.join(d, name)!r} is zstd-compressed, which data.py "
+                                 "does not read; decompress it first with `zstd -d` (it keeps "
+                                 "the .zst beside)")
         real = os.path.realpath(d)
         if real in seen:
             raise ValueError(f"{d!r} leads back to {seen[real]!r} (a symlink loop, or a second "
@@ -853,10 +860,8 @@ def source_files(folder: str) -> List[str]:
                                  "it")
             C.regular_file(path, "source file")      # a FIFO, a device: one line, not a hang
             files.append(path)
-    if not files:  # RedPajama's common_crawl is .jsonl.zst: zstandard is no dependency of ours
-        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files" + (
-            ", but .zst files (zstd), which data.py does not read; decompress them first with "
-            "`zstd -d`" if zst else ""))
+    if not files:
+        raise ValueError(f"source folder {folder!r} holds no {', '.join(SUFFIXES)} files")
     return sorted(files)
 
 
@@ -912,17 +917,17 @@ def _lines(path: str, dropped: Counter):
 
 
 def _is_thread(record: dict) -> bool:
-    """A raw StackExchange record: a "question" string and a list of "answers"."""
-    return isinstance(record.get("question"), str) and isinstance(record.get("answers"), list)
+    """A raw StackExchange record: a "question" string and a list of "answers" objects, each
+    with its "text" string."""
+    answers = record.get("answers")
+    return isinstance(record.get("question"), str) and isinstance(answers, list) and all(
+        isinstance(a, dict) and isinstance(a.get("text", ""), str) for a in answers)
 
 
 def _is_record(record) -> bool:
-    if not isinstance(record, dict):
-        return False
-    if _is_thread(record):
-        return all(isinstance(a, dict) and isinstance(a.get("text", ""), str)
-                   for a in record["answers"])
-    return isinstance(record.get("text"), str)
+    """A thread, or else a {"text"} record (a QA dump's text may carry its question and answers
+    in other shapes: it is read as text)."""
+    return isinstance(record, dict) and (_is_thread(record) or isinstance(record.get("text"), str))
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud83c\udf0d" pairs decode to one "🌍"

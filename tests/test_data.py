@@ -151,6 +151,12 @@ def test_a_record_with_text_and_answers_is_a_text_record():
         record = {"text": "Paris is the capital of France.", "answers": answers}
         assert data.clean_document(record, "text", data.rules_for("text"), Counter()) == \
             ("Paris is the capital of France.", None)
+    # with its question too: answers that are no thread's objects leave it a text record
+    record = {"text": "Paris is the capital of France.", "question": "Capital?",
+              "answers": ["Paris"]}
+    assert data._is_record(record) and not data._is_thread(record)
+    assert data.clean_document(record, "text", data.rules_for("text"), Counter()) == \
+        ("Paris is the capital of France.", None)
 
 
 def test_an_answer_whose_score_is_no_number_sorts_as_zero():
@@ -166,6 +172,9 @@ def test_a_cpp_license_header_keeps_the_includes_after_it():
     source = ("/* Copyright 2020 Foo Inc. Licensed under the MIT License. */\n#ifndef FOO_H\n"
               "#define FOO_H\n#include <stdio.h>\n#pragma once\n\nint f(void);\n#endif\n")
     assert data.code_license_header(source) == source[source.index("#ifndef"):]
+    spaced = ("/* Copyright 2020 Foo Inc. MIT License */\n# include <stdio.h>\n#  define N 3\n"
+              "int n;\n")
+    assert data.code_license_header(spaced) == spaced[spaced.index("# include"):]
 
 
 def test_a_shebang_stays_above_a_removed_license_header():
@@ -393,12 +402,18 @@ def test_a_source_of_zst_files_says_to_decompress_them(corpus, tmp_path):
     folder = tmp_path / "common_crawl" / "2019-30"
     folder.mkdir(parents=True)
     (folder / "en_head_0000.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
-    with pytest.raises(ValueError) as e:
-        data.prepare([f"common_crawl={tmp_path}/common_crawl"], str(tmp_path / "out"),
-                     tokenizer=model)
-    assert str(e.value) == (f"source folder '{tmp_path}/common_crawl' holds no .jsonl, .jsonl.gz, "
-                            ".txt files, but .zst files (zstd), which data.py does not read; "
-                            "decompress them first with `zstd -d`")
+    message = (f"'{folder}/en_head_0000.jsonl.zst' is zstd-compressed, which data.py does not "
+               "read; decompress it first with `zstd -d` (it keeps the .zst beside)")
+    for done in ([], ["en_head_0001.jsonl"]):     # alone, or beside files decompressed already
+        for name in done:
+            (folder / name).write_text('{"text": "one document"}\n')
+            (folder / (name + ".zst")).write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(ValueError) as e:
+            data.prepare([f"common_crawl={tmp_path}/common_crawl"], str(tmp_path / "out"),
+                         tokenizer=model)
+        assert str(e.value) == message
+    (folder / "en_head_0000.jsonl.zst").unlink()      # every .zst has its decompressed file
+    assert data.source_files(str(tmp_path / "common_crawl")) == [str(folder / "en_head_0001.jsonl")]
 
 
 def test_crash_midway_leaves_no_partial_output(corpus, tmp_path, monkeypatch):
