@@ -927,7 +927,8 @@ def check_args(a):
         (a.shots == 0 or a.shots_from is not None, needs_shots),
         (a.shots != 0 or a.shots_from is None,
          "--shots-from is read only for few-shot prompts: give --shots N too" if most != 0 else
-         f"--shots-from: {name} is zero-shot in the paper and reads no shots; leave it out"),
+         f"--shots-from: {name} reads no shots" + (" (zero-shot in the paper)" if TASKS[name].read
+                                                   else "") + "; leave it out"),
     ])
 
 

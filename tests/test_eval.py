@@ -630,7 +630,10 @@ def test_shots_need_their_file_and_mmlu_has_five(tmp_path):
                                  "--shots N too")
     assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("piqa.jsonl"),
                     "--task", "piqa", "--shots-from", fixture("nq_train.jsonl")], tmp_path) == (
-        "error: --shots-from: piqa is zero-shot in the paper and reads no shots; leave it out")
+        "error: --shots-from: piqa reads no shots (zero-shot in the paper); leave it out")
+    assert refused(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data", fixture("heldout.txt"),
+                    "--task", "perplexity", "--shots-from", fixture("nq_train.jsonl")],
+                   tmp_path) == "error: --shots-from: perplexity reads no shots; leave it out"
     assert refused(base + ["--task", "mmlu", "--shots", "6"], tmp_path) == (
         "error: --shots 6: MMLU's dev split has 5 questions a subject; give 0 to 5")
     assert refused(base + ["--task", "mmlu"], tmp_path) == (     # 5 shots, but none was typed
