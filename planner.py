@@ -35,12 +35,12 @@ The model of a step, stated once. A micro-batch costs a pipeline stage
 with compute at compute_efficiency x the data-sheet peak (recomputation included), tp
 collectives overlapped with it as LLaMA does [LLaMA §2.4], sends and all-reduces at
 link_efficiency x the link's bandwidth, ring algorithms (wire_bytes). The slowest stage sets
-the pace; a step is (m + (pp - 1) / v) micro-batches plus the dp all-reduce after the flush: the
-bubble (pp-1)/(v m) of PTD-P §2.2. parallel.py overlaps only the column linears' backward
-collectives, so plan() also gives the step as this code runs it: compute + the other tp
-collectives (tp_overlapped_bytes). Memory per GPU: weights, gradients and optimizer state of its
-stage (2 + 4 + 12 bytes per parameter), plus the activations its schedule holds at the worst
-moment (parallel.in_flight over the schedule).
+the pace; a step is (m + (pp - 1) / v) micro-batches plus the all-reduces after the flush
+(dp's, and tp's once-a-step few bytes): the bubble (pp-1)/(v m) of PTD-P §2.2. parallel.py
+overlaps only the column linears' backward collectives, so plan() also gives the step as this
+code runs it: compute + the other tp collectives (tp_overlapped_bytes). Memory per GPU:
+weights, gradients and optimizer state of its stage (2 + 4 + 12 bytes per parameter), plus the
+activations its schedule holds at the worst moment (parallel.in_flight over the schedule).
 
 What this leaves out: ZeRO/FSDP sharding of optimizer state, overlap of the dp all-reduce with
 backward (PTD-P does it after the flush, as parallel.py does), the optimizer step's time,
@@ -316,8 +316,9 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     Time per micro-batch on a stage is max(compute, tp collectives) + pipeline sends: compute
     at compute_efficiency x peak, tp collectives overlapped with it [LLaMA §2.4], sends and
     all-reduces at link_efficiency x bandwidth. The slowest stage sets the pace; a step is
-    (m + (pp-1)/v) micro-batch times [PTD-P §2.2] plus the dp all-reduce of fp32 gradients after
-    the flush. "this_code" is the same step as parallel.py runs it: compute + the tp collectives
+    (m + (pp-1)/v) micro-batch times [PTD-P §2.2] plus, after the flush, the all-reduces sent
+    once a step: dp's of fp32 gradients, and tp's of sp's norm-weight gradients and the clipping
+    scalar. "this_code" is the same step as parallel.py runs it: compute + the tp collectives
     it leaves exposed (all but tp_overlapped_bytes), + what of the overlapped ones outlasts the
     products they travel under (the column linears' weight gradients, and under sp their input
     gradients).
@@ -358,10 +359,18 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     tp_link = (hw.nvlink if tp_within_node else hw.network) * a["link_efficiency"]
     net = hw.network * a["link_efficiency"]
     stage_args = replace(args, n_layers=max(1, L // pp))
-    tp_comm = {key: wire_bytes(key.split()[1], tp, payload) for key, (_, payload) in
-               comm_per_step(stage_args, micro_batch, seq_len, tp, 1, sp, recompute,
-                             bytes_per_el=el).items()} if tp > 1 else {}
-    tp_time = sum(tp_comm.values()) / tp_link
+
+    def tp_wire(passes):                   # a step's tp bytes on the wire, by collective
+        return {key: wire_bytes(key.split()[1], tp, payload) for key, (_, payload) in
+                comm_per_step(stage_args, micro_batch, seq_len, tp, 1, sp, recompute, passes,
+                              bytes_per_el=el).items()} if tp > 1 else {}
+
+    # NOTE: a step sends some tp bytes once whatever m (sp's norm-weight gradients, the clipping
+    # scalar): comm_per_step is once + passes x pass, so two step lengths give a pass's bytes.
+    tp_comm = tp_wire(m)
+    tp_pass = sum(tp_wire(2).values()) - sum(tp_wire(1).values())
+    tp_once = sum(tp_comm.values()) - m * tp_pass
+    tp_time = tp_pass / tp_link
     hidden = tp_overlapped_bytes(stage_args, micro_batch, seq_len, tp, sp, el) if tp > 1 else 0
     columns = L // pp * ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim
                          + 2 * args.ffn_hidden) + args.vocab_size      # column weights' rows
@@ -370,9 +379,10 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
     p2p = 2 * v * N * D * el / (tp if sp else 1) if pp > 1 else 0        # sent per micro-batch
     bubble = (pp - 1) / (v * m)
     dp_bytes = wire_bytes("all_reduce", dp, busiest["parameters"] * g_b)
+    after_flush = tp_once / tp_link + dp_bytes / net        # the all-reduces sent once a step
 
     def pace(micro_time):                  # a step's seconds, tokens/s/GPU, MFU and days
-        step = (m + (pp - 1) / v) * (micro_time + p2p / net) + dp_bytes / net
+        step = (m + (pp - 1) / v) * (micro_time + p2p / net) + after_flush
         tokens_per_s = sequences * seq_len / step / gpus
         out = dict(step=step, tokens_per_s_per_gpu=tokens_per_s,
                    mfu=tokens_per_s * flops_per_token(args, seq_len) / hw.peak)
@@ -394,10 +404,11 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
         memory=dict(stages=stages, busiest_rank=busiest["rank"], per_gpu=busiest["total"],
                     usable=hw.memory * a["usable_memory"],
                     fits=busiest["total"] <= hw.memory * a["usable_memory"]),
-        comm_bytes_per_step=dict(tp={k: c * m for k, c in tp_comm.items()},
-                                 tp_overlapped=hidden * m, pp_send=p2p * m, dp_all_reduce=dp_bytes),
+        comm_bytes_per_step=dict(tp=tp_comm, tp_overlapped=hidden * m, pp_send=p2p * m,
+                                 dp_all_reduce=dp_bytes),
         time=dict(compute_per_micro_batch=compute, tp_per_micro_batch=tp_time,
-                  tp_exposed_per_micro_batch=exposed, pp_per_micro_batch=p2p / net,
+                  tp_exposed_per_micro_batch=exposed, tp_once_per_step=tp_once / tp_link,
+                  pp_per_micro_batch=p2p / net,
                   dp_all_reduce=dp_bytes / net, bubble=bubble, step=step),
         **speed, this_code=this_code,
         megatron_tflops_per_gpu=megatron / step / gpus / 1e12,
