@@ -424,14 +424,18 @@ def plan(args: ModelArgs, gpus: int, gpu: str = "a100-80gb", seq_len: int = 2048
 # ---------------------------------------------------------------------------------------------
 
 def search(args: ModelArgs, gpus: int, top: int = 10, **fixed) -> list:
-    """Every layout that fits (tp within a node, pp, v, micro-batch, recompute), fastest first."""
+    """Every layout that fits (tp within a node, pp, v, micro-batch, recompute), fastest first.
+
+    fixed: plan()'s other keywords, the same for every layout; sp (on by default) applies where
+    tp > 1, and a schedule keeps the layouts it can run (interleaved: v > 1; the others: v = 1).
+    """
     plans = []
     depths = [d for d in range(1, args.n_layers + 1) if args.n_layers % d == 0]   # pp: divisors
     for tp, pp, v, b, rc in itertools.product((1, 2, 4, 8), depths, (1, 2, 4), (1, 2, 4, 8),
                                               RECOMPUTE_MODES):
         try:
             p = plan(args, gpus, tp=tp, pp=pp, virtual_stages=v, micro_batch=b, recompute=rc,
-                     sp=tp > 1, **fixed)
+                     **fixed)
         except ValueError:
             continue                                       # not a valid split of this model
         if p["memory"]["fits"]:
@@ -607,7 +611,7 @@ def main(argv=None):
                                                      "--global-batch-tokens")),
                       train_tokens=_count(a.train_tokens, flag="--train-tokens"))
         if a.search:
-            plans = search(args, a.gpus, a.top, **common)
+            plans = search(args, a.gpus, a.top, sp=a.sp, schedule=a.schedule, **common)
             if a.json:
                 return print(json.dumps(plans, indent=2))
             print(" tp  pp  v    dp  mb     m recompute    GiB  bubble tok/s/GPU    MFU   days")

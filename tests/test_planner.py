@@ -163,6 +163,18 @@ def test_serve_prints_a_tp_the_model_cannot_split_as_refused_not_as_fitting(caps
     assert rows[tp] == dict(refused=reason) and "total" in rows[4]
 
 
+def test_search_honours_no_sp_and_the_schedule(capsys):
+    """--search ranks layouts of the code the user runs: with --no-sp and --schedule afab every
+    layout it prints has sp off and runs afab (so v is 1), tensor-parallel ones among them."""
+    plans = planner.main(["--preset", "tiny", "--gpus", "8", "--seq-len", "256",
+                          "--global-batch-tokens", "64K", "--search", "--top", "50", "--no-sp",
+                          "--schedule", "afab"])
+    layouts = [p["layout"] for p in plans]
+    assert any(lay["tp"] > 1 for lay in layouts) and any(lay["pp"] > 1 for lay in layouts)
+    assert all(not lay["sp"] and lay["schedule"] == "afab" for lay in layouts)
+    assert all(lay["virtual_stages"] == 1 for lay in layouts)
+
+
 def test_planner_cli_prints_and_answers_json(capsys):
     planner.main(["--preset", "65b", "--gpus", "2048", "--gpu", "a100-80gb", "--tp", "8", "--pp",
                   "4", "--seq-len", "2048", "--global-batch-tokens", "4M", "--recompute",
