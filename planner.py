@@ -25,7 +25,8 @@ schedules, the gradient buckets, the checks); neither imports it.
 Reading map
   1. Assumptions   ASSUMPTIONS, PRECISIONS, PUBLISHED: every number it takes (GPUS: model.py)
   2. Accounting    activation bytes per layer; collectives and bytes on the wire
-  3. Memory        parameters and activations per GPU, and inference (weights + KV)
+  3. Memory        parameters and activations per GPU, a step's lower bound (train.py's
+                   check), and inference (weights + KV)
   4. Time          plan(): one layout, in full
   5. Search        every layout that fits, fastest first
   (below the banner: the printed plan, the tables, the command line)
@@ -66,7 +67,7 @@ from checkpoint import shard_dim
 from model import (GPUS, PRESETS, SDPA_GROUPS, ModelArgs, Transformer, count_parameters,
                    flops_per_token, preset)
 from parallel import (PIPELINE_SCHEDULES, RECOMPUTE_MODES, check_config, check_pipeline,
-                      default_schedule, in_flight, make_buckets)
+                      default_schedule, in_flight, make_buckets, schedule_order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +272,10 @@ def stage_parameters(args: ModelArgs, tp: int, pp: int, rank: int = 0) -> int:
     return n + (VD // tp if rank == 0 else 0) + (D + VD // tp if rank == pp - 1 else 0)
 
 
-def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1,
-                           pp: int = 1, virtual_stages: int = 1, micro_batches: int = 1,
-                           schedule: Optional[str] = None, sp: bool = False,
-                           recompute: str = "none", bytes_per_el: int = 4, rank: int = 0) -> float:
-    """The most activation bytes a pipeline rank holds at once over one step's schedule.
+def chunk_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1,
+                           pp: int = 1, virtual_stages: int = 1, sp: bool = False,
+                           recompute: str = "none", bytes_per_el: int = 4, rank: int = 0) -> list:
+    """The activation bytes one micro-batch's forward keeps, for each chunk of a pipeline rank.
 
     A chunk's forward keeps its layers' activation_bytes_per_layer, plus its output (B, T, D),
     held for the backward call (Megatron frees its data once sent), or, on the last chunk,
@@ -287,10 +287,58 @@ def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: 
     n = args.n_layers // (pp * virtual_stages)
     layers = n * activation_bytes_per_layer(args, micro_batch, seq_len, tp, sp, recompute, b)
     head = N * (((4 + b) * D + 4) / t + b * D / t + 4 * args.vocab_size / tp + 4)
-    sizes = [layers + (head if k * pp + rank == pp * virtual_stages - 1 else N * D * b / t)
-             for k in range(virtual_stages)]
+    return [layers + (head if k * pp + rank == pp * virtual_stages - 1 else N * D * b / t)
+            for k in range(virtual_stages)]
+
+
+def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1,
+                           pp: int = 1, virtual_stages: int = 1, micro_batches: int = 1,
+                           schedule: Optional[str] = None, sp: bool = False,
+                           recompute: str = "none", bytes_per_el: int = 4, rank: int = 0) -> float:
+    """The most activation bytes a pipeline rank holds at once over one step's schedule: its
+    chunks' chunk_activation_bytes, counted over parallel.in_flight."""
+    sizes = chunk_activation_bytes(args, micro_batch, seq_len, tp, pp, virtual_stages, sp,
+                                   recompute, bytes_per_el, rank)
     schedule = schedule or default_schedule(virtual_stages)
     return in_flight(schedule, pp, micro_batches, virtual_stages, rank, sizes)
+
+
+def stage_step_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1, pp: int = 1,
+                     virtual_stages: int = 1, micro_batches: int = 1,
+                     schedule: Optional[str] = None, sp: bool = False, recompute: str = "none",
+                     precision: str = "fp32", rank: int = 0, copies: bool = True) -> tuple:
+    """(state, activations) at the worst moment of a pipeline rank's step: the fewest bytes the
+    step can need, a lower bound (train.py's check_memory), where plan() adds every term.
+
+    A replay of the rank's schedule (parallel.schedule_order), for what each moment holds: the
+    fp32 weights and AdamW's m and v throughout; the fp32 gradients once each of its chunks has
+    run a backward (zero_grad(set_to_none=True) frees them between steps; a backward makes them
+    as it frees the activations); under bf16 autocast, a chunk's bf16 copies of its blocks'
+    matrices while a micro-batch of it is held, by its graph (copies=False: none kept, as under
+    full recomputation, whose blocks run their forward without autograd); the activations held.
+    So with one micro-batch the worst is the larger of the copies and activations at the
+    backward's start and the gradients at its end; with two, all of them after the second
+    forward; a 1F1B rank holds min(m, pp - rank) micro-batches, and has gradients as it holds
+    them all only when m is larger.
+    """
+    v, (w_b, g_b, o_b, el) = virtual_stages, PRECISIONS[precision]
+    cast = 2 if precision == "bf16" else 0        # of w_b, autocast's copy (PRECISIONS' NOTE)
+    params = stage_parameters(args, tp, pp, rank)
+    kept = (w_b + o_b - cast) * params                          # fp32 weights, AdamW's m and v
+    block, _ = per_block(count_parameters, args)
+    n = args.n_layers // (pp * v)
+    copy = (cast if copies else 0) * n * ((block - 2 * args.dim) // tp)    # a chunk's matrices
+    sizes = chunk_activation_bytes(args, micro_batch, seq_len, tp, pp, v, sp, recompute, el,
+                                   rank)
+    held, backward_done, worst = [0] * v, set(), (kept, 0.0)
+    for op, _, k in schedule_order(schedule or default_schedule(v), pp, micro_batches, v, rank):
+        held[k] += 1 if op == "F" else -1
+        if op == "B":
+            backward_done.add(k)
+        state = (kept + (g_b * params if len(backward_done) == v else 0)
+                 + copy * sum(1 for h in held if h))
+        worst = max(worst, (state, sum(h * size for h, size in zip(held, sizes))), key=sum)
+    return worst
 
 
 def serve_memory(args: ModelArgs, batch: int, context: int, tp: int = 1,

@@ -441,21 +441,24 @@ def check_split(args: M.ModelArgs, cfg: TrainConfig):
 
 def check_memory(cfg: TrainConfig, args: M.ModelArgs, grid, world, dtype):
     """Refuse, before the model is built, a first step that cannot fit: planner.py's accounting
-    of this rank's stage -- its weights, gradients and AdamW state (PRECISIONS) and the
-    activations its schedule holds at once (stage_activation_bytes) -- against the memory free
-    on the device. A lower bound (temporary buffers come on top, and ranks that share a host
-    share its memory): a step refused here cannot fit; one let through may still not."""
+    of this rank's stage at the worst moment of its schedule (stage_step_bytes) -- its weights
+    and AdamW state (PRECISIONS), the gradients and autocast's copies that exist then, and the
+    activations then held -- against the memory free on the device. A lower bound (temporary
+    buffers come on top, and ranks that share a host share its memory): a step refused here
+    cannot fit; one let through may still not. With one micro-batch no gradient exists while
+    the activations are all held: the backward makes them as it frees those."""
     bf16 = dtype == torch.bfloat16
-    state = (sum(planner.PRECISIONS["bf16" if bf16 else "fp32"][:3])
-             * planner.stage_parameters(args, grid.tp, grid.pp, grid.pp_rank))
     # NOTE: compiled, the partitioner may keep less than the eager code does: the bound then
-    # counts only what no recomputation avoids, each block's input and the head (as "full").
+    # counts only what no recomputation avoids, each block's input and the head (as "full"),
+    # and, as under full recomputation, no bf16 copy of the weights.
     compiled = uses_compile(cfg, world.device, world.world_size)
-    held = planner.stage_activation_bytes(args, cfg.batch_size, cfg.seq_len, grid.tp, grid.pp,
-                                          cfg.virtual_stages, cfg.micro_batches,
-                                          cfg.pipeline_schedule, cfg.sp,
-                                          "full" if compiled else cfg.recompute,
-                                          2 if bf16 else 4, grid.pp_rank)
+    full = compiled or cfg.recompute == "full"
+    state, held = planner.stage_step_bytes(args, cfg.batch_size, cfg.seq_len, grid.tp, grid.pp,
+                                           cfg.virtual_stages, cfg.micro_batches,
+                                           cfg.pipeline_schedule, cfg.sp,
+                                           "full" if compiled else cfg.recompute,
+                                           "bf16" if bf16 else "fp32", grid.pp_rank,
+                                           copies=not full)
     free = available_memory(world.device)
     if _all_ranks(free is None or state + held <= free, world):
         return

@@ -3,8 +3,10 @@
   1. accounting: sequence parallelism moves the bytes of the all-reduces it replaces; the tp
      bytes parallel.py overlaps are its column linears' backward ones; the 7b activation figures
      the README quotes; the parameter count per GPU equals the parameters of
-     a real (meta-device) model split as parallelize() splits it. The accounting equal to what
-     the code does is measured in test_parallel.py and test_pipeline.py, on gloo workers.
+     a real (meta-device) model split as parallelize() splits it; a pipeline rank's gradients
+     come on top of its activations only when it runs more micro-batches than it holds (the
+     lower bound train.py checks). The accounting equal to what the code does is measured in
+     test_parallel.py and test_pipeline.py, on gloo workers.
   2. published runs: LLaMA-65B and Megatron-1T within 8%, the bubble of PTD-P's formula.
   3. search, serving memory, the command line, and bad layouts refused in one line.
   4. the data-sheet peaks, looked up by the names CUDA gives the GPUs (train.py's MFU).
@@ -78,6 +80,23 @@ def test_parameters_per_gpu_are_the_split_models(args, tp):
     assert planner.stage_parameters(args, 1, pp=1) == M.count_parameters(args)
     stages = [planner.stage_parameters(args, tp, pp=2, rank=r) for r in (0, 1)]
     assert sum(stages) == planner.stage_parameters(args, tp, pp=1)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_a_rank_holds_its_gradients_with_its_activations_only_past_what_it_holds(
+        rank, micro_batches):
+    """stage_step_bytes, the lower bound of a step: a 1F1B rank holds min(m, pp - rank)
+    micro-batches at once; its gradients (fp32, from its first backward on) come on top of them
+    only when it runs more, after that backward. fp32: weights, m and v are 12 bytes a parameter."""
+    args, pp, m = tiny(2), 2, micro_batches
+    n = planner.stage_parameters(args, 1, pp, rank)
+    state, held = planner.stage_step_bytes(args, 8, SEQ, pp=pp, micro_batches=m, rank=rank)
+    assert held == planner.stage_activation_bytes(args, 8, SEQ, pp=pp, micro_batches=m,
+                                                  rank=rank)
+    assert held == min(m, pp - rank) * planner.chunk_activation_bytes(args, 8, SEQ, pp=pp,
+                                                                      rank=rank)[0]
+    assert state == 12 * n + (4 * n if m > pp - rank else 0)
 
 
 # --- 2. published runs --------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import torch
 
 import checkpoint as C
 import data
+import model as M
 import parallel as P
+import planner
 import train as T
 from distributed import losses, start, wait_for_step
 
@@ -360,6 +362,62 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_data, tmp_path):
     assert "saving step" in output
     ckpt = C.latest(str(tmp_path))
     assert ckpt.endswith(f"step-{max(losses(tmp_path)):06d}")
+
+
+def memory_check_refuses(monkeypatch, cfg, args, free, dtype=torch.float32):
+    """The one-line refusal of T.check_memory with `free` bytes free, or None if it lets the
+    step through."""
+    monkeypatch.setattr(T, "available_memory", lambda device: free)
+    try:
+        T.check_memory(cfg, args, P.make_grid(P.Dist(), tp=1, pp=1), P.Dist(), dtype)
+    except T.ConfigError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("batch,dtype,recompute", [
+    (16, torch.float32, "none"), (1, torch.float32, "none"), (16, torch.bfloat16, "none"),
+    (16, torch.bfloat16, "selective"), (16, torch.bfloat16, "full"), (1, torch.bfloat16, "full")])
+def test_the_memory_check_counts_gradients_with_activations_only_from_a_second_micro_batch(
+        monkeypatch, batch, dtype, recompute):
+    """A lower bound of a step: with one micro-batch the backward makes the gradients as it
+    frees the activations (and autocast's bf16 copies of the blocks' matrices, which their graph
+    holds), so the step needs the fp32 weights and AdamW's m and v (12 bytes per parameter) plus
+    the larger of the gradients (4) and the copies and activations; with two, all at once. Full
+    recomputation keeps no copy (the blocks' forward runs without autograd)."""
+    args = M.preset("tiny", vocab_size=512)
+    params = planner.stage_parameters(args, 1, 1)
+    with torch.device("meta"):
+        blocks = M.Transformer(args).layers
+    matrices = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
+    copies = 2 * matrices if dtype == torch.bfloat16 and recompute != "full" else 0
+    held = planner.stage_activation_bytes(args, batch, 128, recompute=recompute,
+                                          bytes_per_el=2 if dtype == torch.bfloat16 else 4)
+    one = 12 * params + max(4 * params, copies + held)
+    for m, need in ((1, one), (2, 16 * params + copies + held)):
+        cfg = T.TrainConfig(batch_size=batch, seq_len=128, micro_batches=m, recompute=recompute)
+        assert memory_check_refuses(monkeypatch, cfg, args, need + 1, dtype) is None
+        refusal = memory_check_refuses(monkeypatch, cfg, args, need - 1, dtype)
+        assert refusal.startswith("the first step needs at least "), refusal
+    if 4 * params < copies + held:               # the refusal names what its worst moment holds
+        state, activations = C.size_text(12 * params + copies), C.size_text(held)
+        cfg = T.TrainConfig(batch_size=batch, seq_len=128, recompute=recompute)
+        assert memory_check_refuses(monkeypatch, cfg, args, one - 1, dtype).startswith(
+            f"the first step needs at least {state} for the weights, gradients and AdamW state "
+            f"and {activations} of activations (--batch-size {batch} x --seq-len 128; ")
+
+
+@pytest.mark.parametrize("recompute,micro_batches,peak_gib", [
+    ("none", 1, 29.40), ("selective", 1, 26.30), ("full", 1, 18.47),
+    ("none", 2, 33.34), ("selective", 2, 30.42), ("full", 2, 25.27)])
+def test_the_memory_check_lets_through_the_readmes_measured_1b_steps(monkeypatch, recompute,
+                                                                     micro_batches, peak_gib):
+    """The README's GPU table: 1b, batch 4 x sequence 2048, bf16 autocast, eager, measured
+    peaks. A device with that much free runs the step, so the lower bound lets it through (with
+    one micro-batch it refused them, at 31.75, 28.65 and 19.37 GiB)."""
+    cfg = T.TrainConfig(preset="1b", batch_size=4, seq_len=2048, recompute=recompute,
+                        micro_batches=micro_batches, compile=False)
+    assert memory_check_refuses(monkeypatch, cfg, M.preset("1b"), peak_gib * 2**30,
+                                torch.bfloat16) is None
 
 
 # --- measuring: the CPU's peak, the allocator --------------------------------------------------
