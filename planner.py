@@ -314,8 +314,9 @@ def stage_step_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 
     fp32 weights and AdamW's m and v throughout; the fp32 gradients once each of its chunks has
     run a backward (zero_grad(set_to_none=True) frees them between steps; a backward makes them
     as it frees the activations); under bf16 autocast, a chunk's bf16 copies of its blocks'
-    matrices while a micro-batch of it is held, by its graph (copies=False: none kept, as under
-    full recomputation, whose blocks run their forward without autograd); the activations held.
+    matrices while a micro-batch of it is held, by its graph (once, though each forward casts
+    its own; copies=False: none kept, as under full recomputation, whose blocks run their
+    forward without autograd); the activations held.
     So with one micro-batch the worst is the larger of the copies and activations at the
     backward's start and the gradients at its end; with two, all of them after the second
     forward; a 1F1B rank holds min(m, pp - rank) micro-batches, and has gradients as it holds
