@@ -511,9 +511,9 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
                           "stopped before its first save, or none was started); start the run "
                           "again without --resume, with its flags")
     if found and (cfg.resume or restarted):
-        # The model is built from params.json: a checkpoint whose file cannot be read is passed
-        # over now, as resume() passes over weights, so that what follows reads the one resumed.
-        found = found[first_readable(found, C.read_params, world)[0]:]
+        # A checkpoint whose params.json, options or dataset.json cannot be read is passed over
+        # now, as resume() passes over weights, so that what follows reads the one resumed.
+        found = found[first_readable(found, read_opening, world)[0]:]
         cfg = restore_config(cfg, given, found[0], world.say)
     elif found:
         raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
@@ -538,6 +538,13 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
         world.say(f"{cfg.out} holds a run that saved no checkpoint ({held}): it starts again "
                   "from step 0, and its metrics are replaced")
     return cfg, found, lock
+
+
+def read_opening(ckpt: str):
+    """What opening a run reads of the checkpoint it resumes: ValueError if a file is damaged."""
+    C.read_params(ckpt)
+    saved_options(ckpt)
+    C.saved_dataset(ckpt)
 
 
 def saved_options(ckpt: str) -> dict:
@@ -613,7 +620,11 @@ def open_data(cfg: TrainConfig, world, found: list) -> tuple:
     """(sampler, tokenizer, what each checkpoint records of the data: its tokenizer's path and
     identity); the demo corpus is built on first use. A resumed run's data must be the data it
     was trained on (the checkpoint's dataset.json): one prepared again in place is refused."""
+    saved_data = C.saved_config(found[0]).get("data") if found else None
     if not os.path.isdir(cfg.data):
+        if found:                              # a resumed run's data is never built anew
+            raise ConfigError(f"--data {cfg.data} does not exist; give --data with the folder "
+                              f"the run's data (trained on as {saved_data}) lies in now")
         if cfg.data != TrainConfig.data:
             raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
                               "prepare ... --out DIR`")
@@ -631,6 +642,10 @@ def open_data(cfg: TrainConfig, world, found: list) -> tuple:
             changed = f"{found[0]}/dataset.json does not say what it was (the file is damaged)"
         if changed and cfg.mix and changed.startswith("its default mixture"):
             changed = None                               # --mix sets this run's mixture itself
+        if changed and saved_data and os.path.realpath(saved_data) != os.path.realpath(cfg.data):
+            raise ConfigError(f"cannot resume {found[0]}: --data {cfg.data} is not the data the "
+                              f"run was trained on (as {saved_data}): {changed}; give --data with "
+                              "the folder that data lies in now, or drop --data")
         if changed:
             raise ConfigError(f"cannot resume {found[0]}: --data {cfg.data} changed since it was "
                               f"saved: {changed}; resume on the data the run was trained on "
@@ -995,7 +1010,10 @@ def main(argv=None) -> dict:
         if cfg.resume and (found := C.checkpoints(cfg.out)):
             # The process group needs these before open_run restores the rest: a resumed run
             # keeps its own device and timeout unless the command line names them again.
-            saved = saved_options(found[0])
+            try:
+                saved = saved_options(found[0])
+            except ValueError:               # damaged: open_run passes over it, saying so
+                saved = {}
             cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("device", "timeout")
                                               if k in saved and k not in given})
         world = P.init_distributed(device=cfg.device, timeout_s=cfg.timeout)

@@ -141,10 +141,14 @@ def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_dat
     assert e.value.code == 2
     ckpt = out / "checkpoints" / "step-000002"
     assert capsys.readouterr().err == (
-        f"error: cannot resume {ckpt}: --data {other} changed since it was saved: source "
-        "code's train split holds other tokens (a sample differs); resume on the data the run "
-        "was trained on (prepare it again as it was), or start a new run from these weights "
-        f"with --init-from {ckpt}\n")
+        f"error: cannot resume {ckpt}: --data {other} is not the data the run was trained on "
+        f"(as {old}): source code's train split holds other tokens (a sample differs); give "
+        "--data with the folder that data lies in now, or drop --data\n")
+    with pytest.raises(SystemExit) as e:              # the path it was trained on is gone
+        T.main(["--out", str(out), "--resume"])
+    assert capsys.readouterr().err == (
+        f"error: --data {old} does not exist; give --data with the folder the run's data "
+        f"(trained on as {old}) lies in now\n")
 
     resumed = T.main(["--out", str(out), "--resume", "--data", str(new)])
     assert sorted(resumed["losses"]) == [3, 4]
@@ -160,13 +164,14 @@ def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_dat
         f"'{new}', and another value would not continue it; drop --data")
 
 
-def test_a_checkpoint_whose_params_json_cannot_be_read_is_passed_over(demo_data, tmp_path,
-                                                                       capsys):
+@pytest.mark.parametrize("damaged", ["params.json", "train_config.json", "dataset.json"])
+def test_a_checkpoint_whose_settings_cannot_be_read_is_passed_over(demo_data, tmp_path, capsys,
+                                                                   damaged):
     # As a damaged weights file is: the run resumes from the checkpoint before it, and the
     # message about the recomputed decay describes that one.
     T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
     newest, before = (os.path.join(tmp_path, "checkpoints", f"step-00000{s}") for s in (4, 2))
-    params = os.path.join(newest, "params.json")
+    params = os.path.join(newest, damaged)
     open(params, "w").write('{"dim": 6')                              # cut short
     capsys.readouterr()
     resumed = T.main(["--out", str(tmp_path), "--resume", "--steps", "5"])
