@@ -468,8 +468,9 @@ def check_memory(cfg: TrainConfig, args: M.ModelArgs, grid, world, dtype):
            "the model over more devices with --tp or --pp" if state > free else
            "lower --batch-size (and raise --micro-batches to keep the global batch)" + (
                ", or add --recompute full" if not compiled and cfg.recompute != "full" else ""))
-    raise ConfigError(f"the first step needs at least {C.size_text(state)} for the weights, "
-                      f"gradients and AdamW state and {C.size_text(held)} of activations "
+    raise ConfigError(f"the first step needs at least {C.size_text(state)} for the weights and "
+                      "AdamW state (with the gradients and bf16 copies held at its fullest) and "
+                      f"{C.size_text(held)} of activations "
                       f"(--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}; planner.py's "
                       f"accounting), but {world.device} has {C.size_text(free)} free; {fix}")
 

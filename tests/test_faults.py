@@ -689,11 +689,12 @@ def test_a_first_step_that_cannot_fit_is_refused_before_it_starts(demo_data, tmp
     assert run.returncode == 2, run.stderr
     line = one_error_line(run.stderr)
     args = M.preset("tiny", vocab_size=512)                # the demo's tokenizer
-    state = 16 * planner.stage_parameters(args, 1, 1)      # fp32 weights, gradients, m and v
-    held = planner.stage_activation_bytes(args, 100000, 128)
-    assert C.size_text(state) == "49 MiB" and C.size_text(held) == "1,039.6 GiB"
-    assert line.startswith("error: the first step needs at least 49 MiB for the weights, "
-                           "gradients and AdamW state and 1,039.6 GiB of activations "
+    state = 12 * planner.stage_parameters(args, 1, 1)      # fp32 weights, m and v: one
+    held = planner.stage_activation_bytes(args, 100000, 128)  # micro-batch, no gradient yet
+    assert C.size_text(state) == "37 MiB" and C.size_text(held) == "1,039.6 GiB"
+    assert line.startswith("error: the first step needs at least 37 MiB for the weights and "
+                           "AdamW state (with the gradients and bf16 copies held at its fullest) "
+                           "and 1,039.6 GiB of activations "
                            "(--batch-size 100000 x --seq-len 128; planner.py's accounting), but "
                            "cpu has ")
     assert line.endswith(" free; lower --batch-size (and raise --micro-batches to keep the "

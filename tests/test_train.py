@@ -407,8 +407,9 @@ def test_the_memory_check_counts_gradients_with_activations_only_from_a_second_m
         state, activations = C.size_text(12 * params + copies), C.size_text(held)
         cfg = T.TrainConfig(batch_size=batch, seq_len=128, recompute=recompute)
         assert memory_check_refuses(monkeypatch, cfg, args, one - 1, dtype).startswith(
-            f"the first step needs at least {state} for the weights, gradients and AdamW state "
-            f"and {activations} of activations (--batch-size {batch} x --seq-len 128; ")
+            f"the first step needs at least {state} for the weights and AdamW state (with the "
+            f"gradients and bf16 copies held at its fullest) and {activations} of activations "
+            f"(--batch-size {batch} x --seq-len 128; ")
 
 
 @pytest.mark.parametrize("recompute,micro_batches,peak_gib", [
