@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
         if grid.pp > 1:                              # keep this rank's stage: its chunks of layers
             model = P.PipelineStage(model, grid, cfg.virtual_stages)
         optimizer = make_optimizer(model, cfg)
-        start = resume(found, model, optimizer, sampler, world, grid) if found else 0
+        start = resume(found, model, optimizer, sampler, world, grid, cfg) if found else 0
         step_fn = torch.compile(model) if uses_compile(cfg, device, world.world_size) else model
         sync = P.GradSync(model, grid, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap)
         metrics = os.path.join(cfg.out, "metrics.jsonl")
@@ -515,7 +515,7 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
         # A checkpoint whose params.json, options or dataset.json cannot be read is passed over
         # now, as resume() passes over weights, so that what follows reads the one resumed.
         found = found[first_readable(found, read_opening, world)[0]:]
-        cfg = restore_config(cfg, given, found[0], world.say)
+        cfg = restore_config(cfg, given, found[0])
     elif found:
         raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
                           "continue it, or choose another --out")
@@ -574,15 +574,15 @@ def of_kind(value, field) -> bool:
     return isinstance(value, (int, float) if kind is float else kind)
 
 
-def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig:
+def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
     """The saved run's configuration, with the flags this command line names itself where they
     leave the run what it was (--steps, --eval-every, --save-every, --attention, --compile...).
 
     A flag of FIXED_ON_RESUME with another value is refused: the losses would no longer be the
     ones the run would have had. A path is compared as the folder it names; --data, where the
-    checkpoint recorded the dataset (dataset.json), as the data it holds (open_data). A new
-    --steps is said, with the learning rate before and after the recomputed decay. The saved
-    values are checked as the flags are (check_flags), naming the file.
+    checkpoint recorded the dataset (dataset.json), as the data it holds (open_data). The saved
+    values are checked as the flags are (check_flags), naming the file. A new --steps is said
+    once the checkpoint resumed is known (say_new_steps).
     """
     saved = saved_options(ckpt)
     if saved.get("grad_accum", 1) > 1:      # NOTE: older checkpoints named it --grad-accum
@@ -607,13 +607,6 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str, say) -> TrainConfig
     except ConfigError as e:
         raise ConfigError(f"{ckpt}/train_config.json: {e}; fix the value there, or copy the file "
                           "from another checkpoint of the run") from None
-    done = C.step_of(ckpt)
-    planned = dataclasses.replace(restored, steps=saved.get("steps", restored.steps))
-    if restored.steps != planned.steps and done < restored.steps:
-        say(f"--steps {restored.steps}: the run was planned for {planned.steps} steps; the cosine "
-            f"decay is recomputed over {restored.steps}, so the learning rate goes from "
-            f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, restored):.3g} at "
-            f"step {done + 1}, and reaches its floor at step {restored.steps}")
     return restored
 
 
@@ -735,10 +728,11 @@ def save_checkpoint(cfg, step, model, optimizer, sampler, world, grid, args: M.M
     _all_ranks(True, world)                          # no rank goes on before the rename
 
 
-def resume(candidates: list, model, optimizer, sampler, world, grid) -> int:
+def resume(candidates: list, model, optimizer, sampler, world, grid, cfg: TrainConfig) -> int:
     """Restore model, optimizer, sampler and RNG from the newest checkpoint that every rank
     reads whole; return the steps it had done. One that does not load (a truncated or corrupt
-    file) is passed over, saying so, for the one before it (first_readable)."""
+    file) is passed over, saying so, for the one before it (first_readable). Then a new --steps
+    is said for the checkpoint resumed (say_new_steps)."""
     def load(path: str) -> int:
         state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
         P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
@@ -757,7 +751,20 @@ def resume(candidates: list, model, optimizer, sampler, world, grid) -> int:
 
     i, step = first_readable(candidates, load, world)
     world.say(f"resumed from {candidates[i]} at step {step}")
+    say_new_steps(cfg, candidates[i], world.say)
     return step
+
+
+def say_new_steps(cfg: TrainConfig, ckpt: str, say):
+    """A --steps other than the one the resumed checkpoint's run planned, said with the learning
+    rate before and after the recomputed decay."""
+    done = C.step_of(ckpt)
+    planned = dataclasses.replace(cfg, steps=C.saved_config(ckpt).get("steps", cfg.steps))
+    if cfg.steps != planned.steps and done < cfg.steps:
+        say(f"--steps {cfg.steps}: the run was planned for {planned.steps} steps; the cosine "
+            f"decay is recomputed over {cfg.steps}, so the learning rate goes from "
+            f"{lr_at(done - 1, planned):.3g} at step {done} to {lr_at(done, cfg):.3g} at step "
+            f"{done + 1}, and reaches its floor at step {cfg.steps}")
 
 
 def first_readable(candidates: list, read, world) -> tuple:

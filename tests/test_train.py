@@ -164,28 +164,31 @@ def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_dat
         f"'{new}', and another value would not continue it; drop --data")
 
 
-@pytest.mark.parametrize("damaged", ["params.json", "train_config.json", "dataset.json"])
-def test_a_checkpoint_whose_settings_cannot_be_read_is_passed_over(demo_data, tmp_path, capsys,
-                                                                   damaged):
-    # As a damaged weights file is: the run resumes from the checkpoint before it, and the
-    # message about the recomputed decay describes that one.
+@pytest.mark.parametrize("damaged", ["params.json", "train_config.json", "dataset.json",
+                                     "consolidated.00.pth"])
+def test_a_checkpoint_whose_files_cannot_be_read_is_passed_over(demo_data, tmp_path, capsys,
+                                                                damaged):
+    # The run resumes from the checkpoint before it, and the message about the recomputed decay
+    # describes that one, whichever file was damaged (the settings are read as the run opens,
+    # the weights later).
     T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
     newest, before = (os.path.join(tmp_path, "checkpoints", f"step-00000{s}") for s in (4, 2))
-    params = os.path.join(newest, damaged)
-    open(params, "w").write('{"dim": 6')                              # cut short
+    path = os.path.join(newest, damaged)
+    open(path, "w").write('{"dim": 6')                                # cut short
     capsys.readouterr()
     resumed = T.main(["--out", str(tmp_path), "--resume", "--steps", "5"])
     assert sorted(resumed["losses"]) == [3, 4, 5]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"cannot read checkpoint {newest} (ValueError: {params} is not "
-                               "valid JSON (")
+    why = "" if damaged.endswith(".pth") else f"ValueError: {path} is not valid JSON ("
+    assert lines[0].startswith(f"cannot read checkpoint {newest} ({why}")
     assert lines[0].endswith("); falling back to the complete checkpoint before it")
     planned, now = (T.TrainConfig(lr=3e-3, warmup=3, steps=s) for s in (4, 5))
-    assert lines[1] == (f"--steps 5: the run was planned for 4 steps; the cosine decay is "
-                        f"recomputed over 5, so the learning rate goes from "
-                        f"{T.lr_at(1, planned):.3g} at step 2 to {T.lr_at(2, now):.3g} at step 3, "
-                        "and reaches its floor at step 5")
-    assert f"resumed from {before} at step 2" in lines
+    i = lines.index(f"resumed from {before} at step 2")
+    assert lines[i + 1] == (f"--steps 5: the run was planned for 4 steps; the cosine decay is "
+                            f"recomputed over 5, so the learning rate goes from "
+                            f"{T.lr_at(1, planned):.3g} at step 2 to {T.lr_at(2, now):.3g} at "
+                            "step 3, and reaches its floor at step 5")
+    assert sum("the run was planned for" in line for line in lines) == 1
 
 
 def test_checkpoint_is_meta_layout(demo_data, tmp_path):
