@@ -229,6 +229,11 @@ def profile(warmup: int = 3, steps: int = 5):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["decode", "train"]
+    which, benches = sys.argv[1:] or ["decode", "train"], dict(decode=decode, train=train,
+                                                                   profile=profile)
+    if not set(which) <= set(benches):                 # --help, or a name mistyped
+        print(__doc__)
+        sys.exit(0 if set(which) & {"-h", "--help"} else
+                 f"usage: PYTHONPATH=. python tests/bench_cpu.py [{' | '.join(benches)}]...")
     for name in which:
-        {"decode": decode, "train": train, "profile": profile}[name]()
+        benches[name]()
