@@ -268,13 +268,32 @@ def test_exact_and_near_duplicates_found_distinct_kept():
 
 
 def test_books_threshold_is_ninety_percent_overlap():
+    # PAPER: books overlapping by more than 90% are dropped [LLaMA §2.1]; other sources at 0.8
+    assert data.NEAR_DUP_OVERLAP["books"] == 0.9 and data.DEFAULT_OVERLAP == 0.8
     book, other = _random_docs(2, words=2000, seed=1)
     copy97 = book[:1940] + other[:60]     # 97% overlap: dropped at 0.9
+    copy86 = book[:1730] + other[:270]    # 86% overlap: kept at 0.9, dropped at 0.8
     copy70 = book[:1400] + other[:600]    # 70% overlap: kept at 0.9
-    for variant, expected in ((copy97, "near_dup"), (copy70, None)):
-        dedup = data.Deduplicator(data.NEAR_DUP_OVERLAP["books"])
+    for overlap, variant, expected in ((0.9, copy97, "near_dup"), (0.9, copy86, None),
+                                       (0.8, copy86, "near_dup"), (0.9, copy70, None)):
+        dedup = data.Deduplicator(overlap)
         assert dedup.check(" ".join(book)) is None
         assert dedup.check(" ".join(variant)) == expected
+
+
+def test_prepare_keeps_an_86_percent_copy_of_a_book_but_not_of_a_text(corpus, tmp_path):
+    _, model = corpus
+    book, other = _random_docs(2, words=2000, seed=1)
+    copy86 = book[:1730] + other[:270]
+    for name in ("library", "notes"):
+        (tmp_path / name).mkdir()
+        _write_jsonl(tmp_path / name / "a.jsonl", [" ".join(book), " ".join(copy86)])
+    report = data.prepare([f"library:books={tmp_path}/library", f"notes={tmp_path}/notes"],
+                          str(tmp_path / "out"), tokenizer=model, quiet=True, workers=1)
+    assert report["sources"]["library"]["kept"] == 2                 # books: dropped above 0.9
+    assert report["sources"]["library"]["dropped"] == {}
+    assert report["sources"]["notes"]["kept"] == 1                   # text: dropped above 0.8
+    assert report["sources"]["notes"]["dropped"] == {"near_dup": 1}
 
 
 # ---------------------------------------------------------------------------------------------
