@@ -74,6 +74,16 @@ def test_readme_resume_pair_with_a_sigterm_finishes_the_run_exactly(demo_data, t
     config = json.load(open(C.latest(str(out))
                             + "/train_config.json"))
     assert config["mix"] == "code=0.7,docs=0.3" and config["steps"] == 12
+    # --mix is the run's: every step's 4 windows come from code and docs alone (the demo's other
+    # sources get none), code's share within one window of 0.7 (deficit scheduling), and the
+    # resumed run's batches are the straight run's, step for step
+    rows = {run: {r["step"]: r["tokens_by_source"] for r in read_metrics(tmp_path / run)
+                  if "tokens_by_source" in r} for run in ("straight", "run1")}
+    assert rows["run1"] == rows["straight"] and sorted(rows["run1"]) == list(range(1, 13))
+    for step, tokens in rows["run1"].items():
+        windows = {name: count / 33 for name, count in tokens.items()}   # seq_len + 1 tokens
+        assert set(windows) == {"code", "docs"} and sum(windows.values()) == 4 * step
+        assert abs(windows["code"] - 0.7 * 4 * step) <= 1
 
 
 @pytest.mark.parametrize("flag,value,shown,saved", [
