@@ -1,6 +1,7 @@
-"""Tests for train.py: the schedule, accumulation equality, exact resume after a crash, a crash in
-the middle of a save, non-finite steps, refused configurations, a falling loss, the CPU's peak
-timed again, and freed memory kept by the allocator."""
+"""Tests for train.py: the schedule, the optimizer's and clipping's flags, accumulation equality,
+the validation mean, exact resume after a crash, a crash in the middle of a save, non-finite
+steps, refused configurations, a falling loss, the CPU's peak timed again and counted per device,
+and freed memory kept by the allocator."""
 
 import json
 import math
@@ -77,6 +78,23 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() == 2 for p in decay["params"]) and len(decay["params"]) == 2 + 7
     assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 3
     assert opt.defaults["betas"] == (0.9, 0.95)
+    # The flags, not the defaults: other values reach the optimizer.
+    opt = T.make_optimizer(m, T.TrainConfig(weight_decay=0.03, beta1=0.8, beta2=0.99))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    assert opt.defaults["betas"] == (0.8, 0.99)
+
+
+def test_clip_is_the_max_norm_the_gradients_are_clipped_to(demo_data, tmp_path, monkeypatch):
+    real_clip, max_norms = P.clip_grad_norm, []
+
+    def recording(model, max_norm, grid):
+        max_norms.append(max_norm)
+        return real_clip(model, max_norm, grid)
+
+    monkeypatch.setattr(P, "clip_grad_norm", recording)
+    T.main(base_argv(demo_data, tmp_path, "--steps", "2", "--warmup", "1", "--clip", "0.5"))
+    assert max_norms == [0.5, 0.5]
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -89,10 +107,34 @@ def test_accumulation_equals_larger_batch_and_loss_falls(demo_data, tmp_path):
     assert one["val_losses"][12] < one["val_losses"][0] - 0.5
     rows = read_metrics(tmp_path / "a")
     train_rows = [r for r in rows if "loss" in r]
+    # The losses alone would match with gradients summed over the micro-batches, not averaged
+    # (AdamW is blind to their scale, clipping rescales them): the norms tell.
+    accumulated = [r for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert [r["grad_norm"] for r in accumulated] == pytest.approx(
+        [r["grad_norm"] for r in train_rows], rel=1e-5)
+    # Step s (counted from 1) runs at the schedule's lr_at(s - 1).
+    cfg = T.TrainConfig(lr=3e-3, warmup=3, steps=12)
+    assert [r["lr"] for r in train_rows] == [T.lr_at(r["step"] - 1, cfg) for r in train_rows]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_by_source"):
         assert key in train_rows[0]
     assert sum(train_rows[-1]["tokens_by_source"].values()) == 12 * 8 * 33
+
+
+def test_validation_loss_is_the_mean_over_windows_with_an_uneven_last_batch(demo_data,
+                                                                              tmp_path):
+    # 5 windows in batches of 4: a chunk of 4 and a chunk of 1, each window weighing the same.
+    result = T.main(base_argv(demo_data, tmp_path, "--steps", "1", "--warmup", "1",
+                              "--eval-windows", "5"))
+    args = C.read_checkpoint(C.latest(str(tmp_path)))[0]
+    torch.manual_seed(T.TrainConfig().seed)                   # the run's untrained model
+    model = M.Transformer(args)
+    val = data.validation_windows(demo_data, 32, 5, seed=T.TrainConfig().seed)
+    assert len(val) == 5
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(val[:, :-1]).flatten(0, 1),
+                                                 val[:, 1:].flatten()).item()
+    assert result["val_losses"][0] == pytest.approx(want, rel=1e-5)
 
 
 def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatch):
@@ -227,7 +269,8 @@ def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkey
     assert sorted(resumed["losses"]) == [3, 4, 5, 6]
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, monkeypatch,
+                                                         capsys):
     real_loss, calls = P.loss_fn, []
 
     def nan_on_steps_3_and_4(logits, targets, grid):
@@ -245,9 +288,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     assert all(math.isfinite(result["losses"][s]) for s in (1, 2, 5, 6))
 
     monkeypatch.setattr(P, "loss_fn", lambda lo, ta, g: real_loss(lo, ta, g) * float("nan"))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         T.main(base_argv(demo_data, tmp_path / "b", "--steps", "6", "--max-bad-steps", "3"))
     assert e.value.code == 1
+    assert capsys.readouterr().err == ("error: 3 non-finite steps in a row at step 3: lower --lr, "
+                                       "or resume from an earlier checkpoint\n")
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == [1, 2]
 
 
 # --- refused before any work -------------------------------------------------------------------
@@ -441,6 +488,16 @@ def test_a_peak_timed_too_low_is_timed_again(demo_data, tmp_path, monkeypatch, c
     steps = [r for r in read_metrics(tmp_path) if "mfu" in r]
     assert len(steps) == 3 and all(0 < r["mfu"] <= 1 for r in steps)
     assert "peak timed again, as step 1 ran faster" in capsys.readouterr().out
+
+
+def test_the_peak_of_a_run_counts_every_device():
+    # MFU's denominator: the peak per device times the devices (peak_flops is timed once and
+    # kept, so both calls use the same figure).
+    args, cpu = M.preset("tiny", vocab_size=512), torch.device("cpu")
+    one = T.peak_tokens_per_s(args, 32, cpu, torch.float32, devices=1)
+    four = T.peak_tokens_per_s(args, 32, cpu, torch.float32, devices=4)
+    assert four[0] == pytest.approx(4 * one[0], rel=1e-12)
+    assert four[1].endswith(" x 4 devices)")
 
 
 def test_freed_memory_is_used_again_without_page_faults():
