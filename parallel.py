@@ -987,9 +987,10 @@ def pipeline_step(stage: PipelineStage, batch, grid: Grid, micro_batches: int,
     batch is this data-parallel rank's rows, cut into micro_batches along B; every pipeline rank
     passes the same batch (only the first reads the inputs, only the last the targets).
     Gradients are left accumulated, the mean over micro-batches, as one pass over the batch
-    would leave them (loss_fn says when): with a GradSync call sync.finish() next. Returns the loss, on every rank.
-    With pp = 1 and the 1f1b schedule this is plain gradient accumulation. backward=False runs
-    the forwards alone, without autograd (validation). amp: a context entered for each forward.
+    would leave them (loss_fn says when): with a GradSync call sync.finish() next. Returns the
+    loss, on every rank. With pp = 1 and the 1f1b schedule this is plain gradient accumulation.
+    backward=False runs the forwards alone, without autograd (validation). amp: a context
+    entered for each forward.
     The ops run in schedule_order, at the ticks of `play`; after each tick, one exchange (above).
     """
     m, v, pp, me = micro_batches, stage.virtual_stages, grid.pp, grid.pp_rank
