@@ -1099,13 +1099,28 @@ def clip_grad_norm(model, max_norm: float, grid: Grid) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def launcher() -> dict:
-    """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset)."""
+    """torchrun's variables, read here and nowhere else (one process when WORLD_SIZE is unset).
+    One that is no whole number, or a RANK missing beside a WORLD_SIZE above 1 (processes
+    started by other means: each would take rank 0), is refused in one line."""
     env = os.environ
-    return dict(world_size=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
-                local_rank=int(env.get("LOCAL_RANK", "0")),
-                master=(env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", "0"))),
-                restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),    # --max-restarts
-                max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+
+    def number(name: str, default: Optional[str]) -> int:
+        value = env.get(name, default)
+        if value is None:
+            raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name} is not: each "
+                             "process needs its own; launch with torchrun")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a whole number; set it as torchrun does, "
+                             "or launch with torchrun") from None
+
+    world_size = number("WORLD_SIZE", "1")
+    return dict(world_size=world_size, rank=number("RANK", "0" if world_size == 1 else None),
+                local_rank=number("LOCAL_RANK", "0"),
+                master=(env.get("MASTER_ADDR"), number("MASTER_PORT", "0")),
+                restart=number("TORCHELASTIC_RESTART_COUNT", "0"),          # --max-restarts
+                max_restarts=number("TORCHELASTIC_MAX_RESTARTS", "0"),
                 agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
@@ -1160,7 +1175,10 @@ def stop_restarts() -> None:
     this process's parent, and SIGTERM makes it stop every worker and exit non-zero at once.
     Local rank 0 of each node asks, after the error is printed; without restarts, nothing.
     """
-    env = launcher()
+    try:
+        env = launcher()
+    except ValueError:                   # variables torchrun would not set: no torchrun to stop
+        return
     if env["max_restarts"] > 0 and env["local_rank"] == 0:
         os.kill(os.getppid(), signal.SIGTERM)
 

@@ -408,6 +408,8 @@ def check_flags(cfg: TrainConfig):
 def check_config(cfg: TrainConfig, world_size: int, resumed: bool = False):
     """The flags together, and against the number of processes torchrun started. resumed: the
     run continues a checkpoint, whose --warmup is its own (fixed on resume)."""
+    if not cfg.init_from:       # the preset against the grid first: no world size would do
+        check_split(M.preset(cfg.preset), cfg)
     n = cfg.tp * cfg.pp
     longer = (f"give --steps {cfg.warmup} or more" if resumed else
               f"give --warmup {cfg.steps} or less")
@@ -427,8 +429,6 @@ def check_config(cfg: TrainConfig, world_size: int, resumed: bool = False):
          f"--warmup {cfg.warmup} is longer than the run's --steps {cfg.steps}: the learning rate "
          f"would never reach its peak --lr {cfg.lr:g} nor decay; {longer}")],
         ConfigError)
-    if not cfg.init_from:           # the preset against the grid now, before the data is built
-        check_split(M.preset(cfg.preset), cfg)
 
 
 def check_split(args: M.ModelArgs, cfg: TrainConfig):
@@ -1038,8 +1038,9 @@ def main(argv=None) -> dict:
     except (ValueError, OSError, RunStopped) as e:
         if world is None or world.is_main:
             print(f"error: {e}{advice(e, cfg)}", file=sys.stderr, flush=True)
-        if isinstance(e, ValueError):        # a configuration (ConfigError is one): it would
-            P.stop_restarts()                # fail every restart the same way
+        if not isinstance(e, OSError):       # a configuration (ConfigError is one), or a run
+            P.stop_restarts()                # stopped by its numbers: every restart would fail
+                                             # the same way (a restart resumes the same state)
         sys.exit(2 if isinstance(e, ValueError) else 1)
     except RuntimeError as e:
         if world is None and (line := cli.port_in_use(e, P.launcher()["master"])):

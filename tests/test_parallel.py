@@ -198,6 +198,30 @@ def test_loss_ignores_targets_of_minus_100_as_f_cross_entropy(request, tp):
               rtol=1e-5, atol=1e-7)
 
 
+def test_launch_variables_that_torchrun_would_not_set_are_refused_in_one_line(monkeypatch):
+    """Processes started by other means: a WORLD_SIZE above 1 without RANK would make every
+    process rank 0 (and the second's rendezvous be blamed on another job); a variable that is no
+    whole number would end in int()'s words. Neither asks torchrun to stop: it did not start
+    them."""
+    for name in ("RANK", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_MAX_RESTARTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError) as e:
+        P.launcher()
+    assert str(e.value) == ("WORLD_SIZE=2 is set but RANK is not: each process needs its own; "
+                            "launch with torchrun")
+    monkeypatch.setenv("RANK", "1")
+    assert (P.launcher()["rank"], P.launcher()["local_rank"]) == (1, 0)
+    for name, value in (("WORLD_SIZE", ""), ("MASTER_PORT", "29500x")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError) as e:
+            P.launcher()
+        assert str(e.value) == (f"{name}={value!r} is not a whole number; set it as torchrun "
+                                "does, or launch with torchrun")
+        P.stop_restarts()                        # returns: no torchrun agent to ask
+        monkeypatch.setenv(name, "2")
+
+
 def test_a_second_loss_of_the_same_logits_raises():
     """loss_fn writes over its logits (parallel.CrossEntropy): a second loss of them, or of a
     view of them, raises instead of giving the loss of what is left there."""

@@ -408,7 +408,9 @@ def test_train_py_at_pp2_equals_one_process_and_saves_meta_files(demo_data, tmp_
 
 
 @pytest.mark.parametrize("extra,world,message", [
-    (["--pp", "3"], 4, "world size 4 is not divisible by --tp 1 x --pp 3"),
+    (["--pp", "2"], 3, "world size 3 is not divisible by --tp 1 x --pp 2"),
+    (["--pp", "3"], 3, "n_layers=4 cannot be cut into pp=3 x virtual"),     # not a world size
+    (["--pp", "3"], 4, "n_layers=4 cannot be cut into pp=3 x virtual"),     # to launch: a split
     (["--pp", "2", "--virtual-stages", "3"], 4, "n_layers=4 cannot be cut into pp=2 x virtual"),
     (["--pp", "4", "--virtual-stages", "2"], 4, "n_layers=4 cannot be cut into pp=4 x virtual"),
     (["--pp", "2", "--virtual-stages", "2", "--micro-batches", "3"], 4,

@@ -288,10 +288,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     assert all(math.isfinite(result["losses"][s]) for s in (1, 2, 5, 6))
 
     monkeypatch.setattr(P, "loss_fn", lambda lo, ta, g: real_loss(lo, ta, g) * float("nan"))
+    asked = []             # a restart would resume the same state and stop the same way
+    monkeypatch.setattr(P, "stop_restarts", lambda: asked.append(1))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         T.main(base_argv(demo_data, tmp_path / "b", "--steps", "6", "--max-bad-steps", "3"))
-    assert e.value.code == 1
+    assert e.value.code == 1 and asked == [1]
     assert capsys.readouterr().err == ("error: 3 non-finite steps in a row at step 3: lower --lr, "
                                        "or resume from an earlier checkpoint\n")
     assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == [1, 2]
