@@ -95,9 +95,10 @@ def number(kind=int, low=1, above=False):
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            ok = math.isfinite(value) and (value > low if above else value >= low)
+        except (ValueError, OverflowError):     # not a number; an int too large for a float
+            ok = False
+        if not ok:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"use {what} {'above' if above else 'of at least'} "
                                              f"{low}, not {text!r}")
@@ -140,8 +141,8 @@ class Progress:
             return
         self.drawn, share = now, min(done / self.total, 1.0)
         line = " ".join(x for x in (self.label, f"[{'#' * int(20 * share):<20}]", text) if x)
-        if self.tty:
-            print("\r" + line, end="\n" if final else "", file=self.stream, flush=True)
+        if self.tty:                                   # ESC[K: clears a longer line's tail
+            print("\r" + line + "\x1b[K", end="\n" if final else "", file=self.stream, flush=True)
         else:
             print(line, file=self.stream, flush=True)
 

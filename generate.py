@@ -7,7 +7,7 @@ with the preallocated KV cache of model.py. Reading a folder in any of the three
 writing the Hugging Face export, are checkpoint.py's. It does not train and does not score
 benchmarks (eval.py does).
 
-    python generate.py --ckpt out/tiny --prompt "The capital of France is" --max-new-tokens 32
+    python generate.py --ckpt out/demo/checkpoints/latest --prompt "The capital of France is" --max-new-tokens 32
     python generate.py --ckpt llama/7B --prompt "Hi" --prompt "A longer prompt" --temperature 0
     python generate.py --ckpt llama/7B --export-hf hf/7B     # a folder transformers can load
     torchrun --nproc_per_node 2 generate.py --tp 2 --ckpt llama/7B --prompt "Hi"
@@ -112,7 +112,10 @@ def sample(logits, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)            # (B, V)
+    # NOTE: the largest logit is subtracted first: a tiny temperature then sends the others to
+    # -inf, not every logit to inf (which softmax would make nan).
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V)
     if top_k > 0:
         kth = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         probs = probs.masked_fill(probs < kth, 0.0)
@@ -329,7 +332,7 @@ def check_options(a):
             "0 (greedy) or more"),
            ("top_p", a.top_p, 0 < a.top_p <= 1, "in (0, 1]; 1 turns it off"),
            ("top_k", a.top_k, a.top_k >= 0, "0 (off) or more"),
-           ("seed", a.seed, a.seed >= 0, "0 or more"),
+           ("seed", a.seed, 0 <= a.seed < 2**64, "0 to 2**64 - 1"),
            ("tp", a.tp, a.tp >= 1, "1 or more"),
            ("max_seq_len", a.max_seq_len, a.max_seq_len is None or a.max_seq_len >= 1,
             "1 or more")])
@@ -404,6 +407,7 @@ def main(argv=None):
         model, tok = load_model(a.ckpt, device, a.dtype and getattr(torch, a.dtype),
                                 a.max_seq_len, grid)
         prompts = [tok.encode(text, bos=True) for text in a.prompt]
+        check_request([len(p) for p in prompts], a.max_new_tokens, model.args.max_seq_len)
         stream = Streamer(tok, prompts[0]) if len(prompts) == 1 and is_main else None
         say(a.prompt[0] if stream else "", end="", flush=True)
         stats, cuda = {}, torch.device(device).type == "cuda"

@@ -215,6 +215,10 @@ def main(argv=None):
             train_tokenizer(args.train, args.out, vocab_size=args.vocab_size)
             print(f"wrote {args.out} ({Tokenizer(args.out).n_words} pieces)")
         if args.encode is not None:
+            try:
+                args.encode.encode("utf-8")
+            except UnicodeEncodeError:           # bytes that are not UTF-8 arrive as surrogates
+                p.error(f"--encode {args.encode!r} is not valid UTF-8 text; give it as UTF-8")
             tok = Tokenizer(args.model or args.out or "")
             ids = tok.encode(args.encode)                      # <s> first, as the model reads it
             print(" ".join(tok.sp.id_to_piece(i) for i in ids))    # one piece for each id

@@ -393,7 +393,7 @@ def check_flags(cfg: TrainConfig):
         rule("bucket_mb", lambda x: x > 0, "positive, e.g. 25"),
         rule("max_bad_steps", lambda x: x >= 1, "1 or more"),
         rule("samples", lambda x: 0 <= x <= 3, "0 to 3"),
-        rule("seed", lambda x: x >= 0, "0 or more"),
+        rule("seed", lambda x: 0 <= x < 2**64, "0 to 2**64 - 1"),
         rule("timeout", lambda x: x > 0, "positive seconds, e.g. 600"),
         (not (cfg.resume and cfg.init_from),
          "--resume continues a run, --init-from starts a new one: give one of them")],

@@ -318,7 +318,8 @@ def test_non_finite_weights_never_become_latest(demo_data, tmp_path, monkeypatch
     (["--beta2", "1"], "--beta2=1.0 must be in [0, 1), e.g. 0.95"),
     (["--timeout", "0"], "--timeout=0.0 must be positive seconds, e.g. 600"),
     (["--samples", "-1"], "--samples=-1 must be 0 to 3"),
-    (["--seed", "-1"], "--seed=-1 must be 0 or more"),
+    (["--seed", "-1"], "--seed=-1 must be 0 to 2**64 - 1"),
+    (["--seed", str(2**64)], f"--seed={2**64} must be 0 to 2**64 - 1"),
 ])
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:

@@ -124,6 +124,8 @@ def test_sampling_rules():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
     assert torch.equal(G.sample(logits, temperature=0), logits.argmax(-1))
+    # a tiny temperature is greedy, not inf / inf = nan
+    assert torch.equal(G.sample(logits * 30, temperature=1e-40, generator=g), logits.argmax(-1))
     assert torch.equal(G.sample(logits, 1.0, top_p=1.0, top_k=1, generator=g), logits.argmax(-1))
     # probabilities 0.5 0.3 0.15 0.05: the nucleus of p=0.7 is {0, 1} (0.5 < 0.7 <= 0.8)
     row = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
@@ -725,6 +727,13 @@ def test_main_streams_prints_rates_and_exports(tmp_path, tok_path, capsys):
     model, tok = G.load_model(ckpt)
     expected = G.generate(model, tok, ["the cat"], 5, temperature=0)[0]
     assert out.startswith("the cat" + expected + "\n")
+    with pytest.raises(SystemExit) as e:   # refused before the prompt is echoed, on its own line
+        G.main(["--ckpt", ckpt, "--prompt", "the cat " * 40, "--max-new-tokens", "5"])
+    assert str(e.value.code).startswith("error: the longest prompt (")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as e:
+        G.main(["--ckpt", ckpt, "--prompt", "a", "--seed", str(2**64)])
+    assert e.value.code == f"error: --seed={2**64} must be 0 to 2**64 - 1"
     assert "tokens/s" in out and "MB of weights" in out and "GB/s" in out
     G.main(["--ckpt", ckpt, "--prompt", "a", "--prompt", "the dog", "--max-new-tokens", "3",
             "--export-hf", str(tmp_path / "hf")])

@@ -204,7 +204,9 @@ def test_the_same_text_gives_the_same_file_on_machines_of_any_core_count(tmp_pat
 
 
 @pytest.mark.parametrize("argv", [["--train", "x.txt", "--out", "o.model", "--vocab-size", "259"],
-                                  ["--train", "x.txt", "--out", "o.model", "--vocab-size", "1e4"]])
+                                  ["--train", "x.txt", "--out", "o.model", "--vocab-size", "1e4"],
+                                  ["--train", "x.txt", "--out", "o.model", "--vocab-size",
+                                   "9" * 400]])              # too large for a float: no traceback
 def test_cli_numeric_flags_are_one_line_errors(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -213,6 +215,16 @@ def test_cli_numeric_flags_are_one_line_errors(argv, capsys, tmp_path, monkeypat
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: argument --vocab-size: use a whole number of at least 260")
     assert os.listdir(tmp_path) == []
+
+
+def test_encode_of_text_that_is_not_utf8_is_one_line(tok, tmp_path, capsys):
+    path = str(tmp_path / "t.model")
+    open(path, "wb").write(tok.sp.serialized_model_proto())
+    with pytest.raises(SystemExit) as e:             # bytes that are not UTF-8: surrogates
+        tk.main(["--model", path, "--encode", "caf\udce9"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --encode 'caf\\udce9' is not valid UTF-8 text; "
+                                       "give it as UTF-8; see python tokenizer.py --help\n")
 
 
 def test_cli_never_overwrites_a_model(tmp_path, capsys):

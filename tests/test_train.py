@@ -3,6 +3,7 @@ the validation mean, exact resume after a crash, a crash in the middle of a save
 steps, refused configurations, a falling loss, the CPU's peak timed again and counted per device,
 and freed memory kept by the allocator."""
 
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import cli
 import data
 import model as M
 import parallel as P
@@ -267,6 +269,18 @@ def test_crash_during_save_keeps_previous_checkpoint(demo_data, tmp_path, monkey
     assert sorted(os.listdir(root)) == ["latest", "step-000002"]
     resumed = T.main(base_argv(demo_data, tmp_path, "--steps", "6", "--save-every", "2", "--resume"))
     assert sorted(resumed["losses"]) == [3, 4, 5, 6]
+
+
+def test_the_progress_line_on_a_terminal_clears_what_a_longer_one_left():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    screen = Terminal()
+    bar = cli.Progress("", 2, stream=screen, every=0)
+    bar.show(1, "|g| 11.861 MFU 22.7%")
+    bar.show(2, "|g| 2.366 MFU 22.7%", final=True)
+    drawn = screen.getvalue().split("\r")[-1]
+    assert drawn.endswith("MFU 22.7%\x1b[K\n")       # ESC[K: the rest of the old line cleared
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, monkeypatch,
