@@ -7,7 +7,7 @@ with the preallocated KV cache of model.py. Reading a folder in any of the three
 writing the Hugging Face export, are checkpoint.py's. It does not train and does not score
 benchmarks (eval.py does).
 
-    python generate.py --ckpt out/demo/checkpoints/latest --prompt "The capital of France is" --max-new-tokens 32
+    python generate.py --ckpt out/demo/checkpoints/latest --prompt "The capital of France is"
     python generate.py --ckpt llama/7B --prompt "Hi" --prompt "A longer prompt" --temperature 0
     python generate.py --ckpt llama/7B --export-hf hf/7B     # a folder transformers can load
     torchrun --nproc_per_node 2 generate.py --tp 2 --ckpt llama/7B --prompt "Hi"
