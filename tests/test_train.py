@@ -316,7 +316,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
 # --- refused before any work -------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,message", [
-    (["--tp", "3"], "not divisible by --tp 3"),
+    (["--tp", "3"], "tp=3 must divide n_heads=8; use one of 1, 2, 4"),   # whatever the world
+    (["--tp", "2"], "world size 1 is not divisible by --tp 2 x --pp 1 = 2"),
     (["--sp"], "add --tp 2"),
     (["--recompute", "some"], "choose none, selective or full"),
     (["--attention", "flash"], "--attention 'flash': choose auto, xformers, sdpa, math"),
