@@ -911,6 +911,10 @@ def check_args(a):
                    "from (a QA train file, or MMLU's dev split)" if a.shots_typed else
                    f"{name} is {a.shots}-shot by default, as in the paper: give --shots-from "
                    "with MMLU's dev split (data/dev), or --shots 0")
+    zero_shot = " (zero-shot in the paper)" if TASKS[name].read else ""     # perplexity: none
+    reads_no_shots = ("--shots-from is read only for few-shot prompts: give --shots N too"
+                      if most != 0 else f"--shots-from: {name} reads no shots{zero_shot}; leave it "
+                      "out")
     check([                                # (what must hold, the one-line refusal)
         (a.batch_size >= 1,
          f"--batch-size {a.batch_size}: give at least 1 (sequences per forward)"),
@@ -925,10 +929,7 @@ def check_args(a):
         (name != "mmlu" or a.shots <= most,
          f"--shots {a.shots}: MMLU's dev split has 5 questions a subject; give 0 to 5"),
         (a.shots == 0 or a.shots_from is not None, needs_shots),
-        (a.shots != 0 or a.shots_from is None,
-         "--shots-from is read only for few-shot prompts: give --shots N too" if most != 0 else
-         f"--shots-from: {name} reads no shots" + (" (zero-shot in the paper)" if TASKS[name].read
-                                                   else "") + "; leave it out"),
+        (a.shots != 0 or a.shots_from is None, reads_no_shots),
     ])
 
 

@@ -772,7 +772,7 @@ def first_readable(candidates: list, read, world) -> tuple:
     is passed over, saying so, for the complete checkpoint before it. A ConfigError is no damaged
     file: it stops the run. When none can be read, the newest's own one-line error (a damaged
     file named, with what to do) is the run's, where it has one."""
-    failed = []
+    newest = None                            # the first error met, the newest checkpoint's
     for i, path in enumerate(candidates):
         why = None
         try:
@@ -781,13 +781,13 @@ def first_readable(candidates: list, read, world) -> tuple:
             raise
         except Exception as e:               # NOTE: torch, zipfile and pickle raise many kinds
             why = f"{type(e).__name__}: {cli.first_line(e, 300)}"
-            failed.append(e)
+            newest = newest or e
         if _all_ranks(why is None, world):
             return i, result
         world.say(f"cannot read checkpoint {path} ({why or 'on another rank'}); falling back to "
                   "the complete checkpoint before it")
-    if failed and isinstance(failed[0], ValueError):
-        raise ConfigError(str(failed[0])) from None
+    if isinstance(newest, ValueError):
+        raise ConfigError(str(newest)) from None
     raise ConfigError(f"no checkpoint under {os.path.dirname(candidates[0])} can be read; "
                       "start a new run with another --out")
 
