@@ -426,40 +426,56 @@ def wiki_formatting(text: str) -> str:
 
 # --- arxiv: LaTeX sources ---
 
-MACRO_DEF = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\\([A-Za-z]+)\}?\s*\{((?:[^{}]|\{[^{}]*\})*)\}"
-                       r"|\\def\s*\\([A-Za-z]+)\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+# A user macro without arguments, \newcommand{\NAME}{BODY} or \def\NAME{BODY}; its body may
+# nest braces two deep, as \boldsymbol{\mathbf{x}} does. \renewcommand is left alone: it restyles
+# LaTeX's own commands (\section, \cite) in a preamble, and RedPajama inlines only these two.
+MACRO_BODY = r"\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}"
+MACRO_DEF = re.compile(r"\\newcommand\*?\s*\{?\\([A-Za-z]+)\}?\s*" + MACRO_BODY
+                       + r"|\\def\s*\\([A-Za-z]+)\s*" + MACRO_BODY)
+MACRO_PASSES = 4  # inlines macros defined through macros 4 deep; one that uses itself stops
+SECTION = re.compile(r"\\(?:section|chapter)\*?\s*(?:\[[^\]]*\])?\s*\{")  # [short title]
 
 
 def tex_comments(text: str) -> str:
     """PAPER: LLaMA strips LaTeX comments [LLaMA §2.1]. A % escaped as \\% is text, not a
-    comment."""
+    comment; after a line break, \\\\%, it is one."""
     text = re.sub(r"(?m)^[ \t]*%.*\n?", "", text)  # whole-line comments vanish with their line
-    return re.sub(r"(?<!\\)%.*", "", text)
+    # an even run of backslashes before the % (none, or \\\\ breaking a line) escapes nothing
+    return re.sub(r"(?<!\\)((?:\\\\)*)%.*", r"\1", text)
 
 
 def tex_inline_macros(text: str) -> str:
     """PAPER: user macros without arguments are inlined so that every paper reads the same:
-    \\newcommand{\\R}{\\mathbb{R}} turns each \\R into \\mathbb{R} [LLaMA §2.1]."""
+    \\newcommand{\\R}{\\mathbb{R}} turns each \\R into \\mathbb{R} [LLaMA §2.1]. A macro whose
+    body uses another (\\newcommand{\\Rn}{\\R^n}) is inlined in full: the text is rewritten
+    until no macro is left, at most MACRO_PASSES times."""
     macros = {}
 
     def grab(m):
         macros[m.group(1) or m.group(3)] = m.group(2) if m.group(1) else m.group(4)
         return ""
     text = MACRO_DEF.sub(grab, text)
-    for name, body in macros.items():
-        text = re.sub(r"\\" + name + r"(?![A-Za-z])", lambda _: body, text)
+    if not macros:
+        return text
+    use = re.compile(r"\\(" + "|".join(macros) + r")(?![A-Za-z])")  # \R, not \Rset
+    for _ in range(MACRO_PASSES):
+        text, count = use.subn(lambda m: macros[m.group(1)], text)
+        if not count:
+            break
     return text
 
 
 def tex_body(text: str) -> Optional[str]:
     """PAPER: keep from the first section to the bibliography [LLaMA §2.1]; the preamble and the
-    references are boilerplate. A file with no section at all is dropped."""
-    start = re.search(r"\\(?:section|chapter)\*?\s*\{", text)
+    references are boilerplate. The first section is looked for after \\begin{document} when
+    there is one: a preamble may restyle \\section itself. A file with no section is dropped."""
+    document = text.find("\\begin{document}")
+    start = SECTION.search(text, max(document, 0))
     if start is None:
         return None
     body = text[start.start():]
-    end = re.search(r"\\begin\{thebibliography\}|\\bibliography\{|\\printbibliography"
-                    r"|\\end\{document\}", body)
+    end = re.search(r"\\begin\{thebibliography\}|\\bibliography(?:style)?\{"
+                    r"|\\printbibliography|\\end\{document\}", body)
     return body[:end.start()] if end else body
 
 

@@ -211,6 +211,44 @@ def test_a_raw_stackexchange_thread_loses_the_html_of_its_posts():
     assert cleaned == ("Q: Why <div>?\n\n\nA: Use CSS & go.\n", None)
 
 
+def _arxiv(text):
+    """The cleaned text of one arXiv paper, or the rule that dropped it."""
+    cleaned, dropped_by = data.clean_document({"text": text}, "arxiv", data.rules_for("arxiv"),
+                                              Counter())
+    return cleaned if dropped_by is None else dropped_by
+
+
+def test_a_preamble_that_restyles_section_keeps_the_body_from_its_first_section():
+    # \renewcommand redefines a LaTeX command (here \section's style): nothing to inline
+    paper = ("\\documentclass{article}\n\\makeatletter\n\\renewcommand\\section{\\@startsection"
+             "{section}{1}{\\z@}{-3.5ex}{2.3ex}{\\normalfont\\Large\\bfseries}}\n\\makeatother\n"
+             "\\begin{document}\n\\section{Introduction}\nWe prove a theorem.\n\\end{document}\n")
+    assert _arxiv(paper) == "\\section{Introduction}\nWe prove a theorem.\n"
+
+
+def test_a_section_with_a_short_title_starts_the_body():
+    paper = ("\\begin{document}\n\\section[Intro]{Introduction}\nImportant text.\n"
+             "\\section[Method]{Our method}\nMethod text.\n\\end{document}\n")
+    assert _arxiv(paper) == ("\\section[Intro]{Introduction}\nImportant text.\n"
+                             "\\section[Method]{Our method}\nMethod text.\n")
+
+
+def test_macros_nested_two_braces_deep_or_defined_by_other_macros_are_inlined_in_full():
+    paper = ("\\newcommand{\\vx}{\\boldsymbol{\\mathbf{x}}}\n\\newcommand{\\R}{\\mathbb{R}}\n"
+             "\\newcommand{\\Rn}{\\R^n}\n\\section{A}\nWe use $\\vx \\in \\Rn$.\n")
+    assert _arxiv(paper) == "\\section{A}\nWe use $\\boldsymbol{\\mathbf{x}} \\in \\mathbb{R}^n$.\n"
+
+
+def test_a_comment_right_after_a_latex_line_break_is_removed():
+    paper = "\\section{A}\na & b \\\\% TODO: drop this row\n50\\% kept. % a note\n"
+    assert _arxiv(paper) == "\\section{A}\na & b \\\\\n50\\% kept. \n"
+
+
+def test_the_bibliography_style_is_cut_with_the_bibliography():
+    paper = "\\section{A}\nText.\n\\bibliographystyle{plain}\n\\bibliography{refs}\n"
+    assert _arxiv(paper) == "\\section{A}\nText.\n"
+
+
 def test_web_rules_in_order_on_a_page():
     rules = data.rules_for("web")
     page = ("Menu\nAccept our cookie policy to continue reading this page.\nThe council voted "
