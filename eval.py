@@ -105,7 +105,13 @@ class Example:
 # Record (section 6): r.text("goal") is the field "goal", refused by name unless it is a string.
 
 def read_boolq(r) -> Example:
-    ctx = f"{r.text('passage')}\nQuestion: {r.text('question')}?\nAnswer:"
+    passage = r.text("passage")
+    # SuperGLUE's passages, which the harness scores, open with "TITLE -- "; BoolQ's dev.jsonl
+    # keeps the title apart, so it is put back the same way (section 6).
+    title = r.data.get("title")
+    if isinstance(title, str) and not passage.startswith(f"{title} -- "):
+        passage = f"{title} -- {passage}"
+    ctx = f"{passage}\nQuestion: {r.text('question')}?\nAnswer:"
     return Example([ctx] * 2, ["no", "yes"], int(r.flag("label", "answer")))
 
 
@@ -557,8 +563,10 @@ def evaluate_perplexity(model, tok, path: str, batch_size: int = 8, limit=None) 
 # exported to JSON lines (`datasets.load_dataset(NAME, CONFIG)[SPLIT].to_json("x.jsonl")`); the
 # layout is recognized record by record. --shots-from names the file the shots are drawn from.
 #
-#   boolq       BoolQ dev.jsonl or SuperGLUE BoolQ val.jsonl: passage, question, answer|label
-#               HF google/boolq or super_glue boolq, validation: the same (label 0/1 or bool)
+#   boolq       BoolQ dev.jsonl (title, passage, question, answer) or SuperGLUE BoolQ
+#               val.jsonl (passage "TITLE -- ...", question, label): the harness's prompts
+#               HF super_glue boolq, validation: the same with label 0|1. NOTE: HF google/boolq
+#               (question, answer, passage) carries no titles, so its prompts are not the harness's
 #   piqa        PIQA valid.jsonl: goal, sol1, sol2; labels in valid-labels.lst beside it
 #               HF piqa, validation: the same with label 0|1
 #   siqa        Social IQa dev.jsonl: context, question, answerA..C; dev-labels.lst (1..3)

@@ -87,8 +87,8 @@ def test_reader_strings():
     assert wino[0].continuations == [" was soft.", " was soft."]        # partial evaluation
     assert wino[1].contexts[0].endswith("because the fish")             # option1 first
     boolq = E.read_task("boolq", fixture("boolq.jsonl"))[0]
-    assert boolq.contexts[0] == ("The sun is the star at the center of the solar system.\n"
-                                 "Question: is the sun a star?\nAnswer:")
+    assert boolq.contexts[0] == ("Sun -- The sun is the star at the center of the solar system."
+                                 "\nQuestion: is the sun a star?\nAnswer:")
     assert boolq.continuations == [" no", " yes"]
     assert E.read_task("piqa", fixture("piqa.jsonl"))[0].contexts[0] == (
         "Question: To dry a wet dog,\nAnswer:")
@@ -103,6 +103,28 @@ def test_reader_strings():
     assert trivia[1].answers == ["The Sun", "Sun", "sun"]
     nq = E.read_task("nq", fixture("nq.jsonl"))
     assert nq[0].question == "Who sat on the mat?" and nq[0].answers == ["the cat", "a cat"]
+
+
+def test_a_boolq_dev_record_puts_its_title_before_the_passage_as_superglue(tmp_path):
+    """The harness scores SuperGLUE's BoolQ, "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+    whose passage is "TITLE -- PASSAGE"; BoolQ's dev.jsonl keeps the title in a field of its own,
+    and HF google/boolq has none (its prompt lacks the title, the harness's has it)."""
+    passage = ("All biomass goes through at least some of these steps: it needs to be grown, "
+               "collected, dried, fermented, distilled, and burned.")
+    question = "does ethanol take more energy make that produces"
+    dev = {"question": question, "title": "Ethanol fuel", "answer": False, "passage": passage}
+    superglue = {"question": question, "passage": "Ethanol fuel -- " + passage, "idx": 0,
+                 "label": False}
+    google = {"question": question, "answer": False, "passage": passage}
+    both = {**dev, "passage": superglue["passage"]}              # the title in both places
+    path = write(tmp_path, "boolq.jsonl", [json.dumps(r) for r in (dev, superglue, google, both)])
+    harness = ("Ethanol fuel -- All biomass goes through at least some of these steps: it needs to "
+               "be grown, collected, dried, fermented, distilled, and burned.\n"
+               "Question: does ethanol take more energy make that produces?\nAnswer:")
+    contexts = [e.contexts for e in E.read_task("boolq", path)]
+    assert contexts[0] == contexts[1] == [harness] * 2
+    assert contexts[2] == [passage + "\nQuestion: " + question + "?\nAnswer:"] * 2
+    assert contexts[3] == [harness] * 2                     # the title is not written twice
 
 
 def test_hellaswag_strings_are_the_harness():
