@@ -16,7 +16,8 @@ Reading order
   3. Tokenizer         load, encode(text, bos, eos), decode(ids), encode_batch, pieces
   ---------------------------------------------------------------------------- (the banner)
   4. Command line      main: train a model, or show how a text is cut (the kit is cli.py's);
-                       its training files checked, SentencePiece's failures in words
+                       its training files and --out checked before the training,
+                       SentencePiece's failures in words
 
 A worked example with Meta's 32000-piece model: "In 2023" encodes to
     <s> ▁In ▁ 2 0 2 3
@@ -33,6 +34,7 @@ What this file leaves out:
 import io
 import os
 import sys
+import tempfile
 from typing import Iterable, List, Union
 
 import sentencepiece as spm
@@ -76,9 +78,11 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     the same text gives the same model, byte for byte. The model is written to OUT.tmp and
     renamed, so an interrupted run never leaves a truncated `out` behind.
     """
+    # NOTE: 260 is SentencePiece's own floor: 256 byte pieces, <unk> <s> </s>, and "▁", the
+    # space the dummy prefix puts before every text; each other character of the text adds one.
     if vocab_size < 260:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 "
-                         "pieces plus <unk>, <s>, </s>; use at least 260")
+                         "pieces plus <unk>, <s>, </s> and the space piece; use at least 260")
     if isinstance(source, (list, tuple)):
         check_training_files(source)          # below the banner
         sentences = dict(input=",".join(source))
@@ -179,6 +183,20 @@ def check_training_files(paths: list):
                              "device); give a text file")
 
 
+def check_writable(out: str):
+    """A file can be made where --out would go: its nearest existing folder (the folders below
+    it are made after the training) takes a temporary file, so a path under a regular file or
+    in a read-only folder is refused now, not once the training is done."""
+    where = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    try:
+        tempfile.TemporaryFile(dir=where).close()       # a regular file here: Not a directory
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror}); choose a writable "
+                         "path") from None
+
+
 def trainer_reason(e: RuntimeError) -> str:
     """SentencePiece's own words for a failed training, its C++ source location dropped: they
     say what to change ("Vocabulary size is too high (32000). Please set it to a value <= 1234.").
@@ -198,7 +216,8 @@ def main(argv=None):
                       description="Train or inspect a LLaMA-style SentencePiece BPE.")
     p.add_argument("--train", nargs="+", metavar="FILE", help="text files to train on")
     p.add_argument("--vocab-size", type=number(int, 260), default=32000,
-                   help="pieces: 256 bytes + <unk> <s> </s> at least; default %(default)s, LLaMA's")
+                   help="pieces: 260 at least (256 bytes, <unk> <s> </s>, the space piece) and "
+                        "one for each other character of the text; default %(default)s, LLaMA's")
     p.add_argument("--out", help="where to write the trained PATH.model")
     p.add_argument("--model", help="an existing .model to inspect with --encode")
     p.add_argument("--encode", metavar="TEXT", help="print the pieces and ids of TEXT")
@@ -212,6 +231,7 @@ def main(argv=None):
                 p.error("--train needs --out PATH.model")
             if os.path.exists(args.out):
                 p.error(f"--out {args.out} already exists; delete it or choose another path")
+            check_writable(args.out)            # before the training, which may take minutes
             train_tokenizer(args.train, args.out, vocab_size=args.vocab_size)
             print(f"wrote {args.out} ({Tokenizer(args.out).n_words} pieces)")
         if args.encode is not None:

@@ -4,6 +4,7 @@ never overwriting a model, nothing left by a full disk), and clear errors for mi
 model files."""
 
 import errno
+import io
 import json
 import os
 import subprocess
@@ -235,6 +236,37 @@ def test_cli_never_overwrites_a_model(tmp_path, capsys):
                  "--out", str(tmp_path / "o.model")])
     assert e.value.code == 2 and "already exists; delete it" in capsys.readouterr().err
     assert (tmp_path / "o.model").read_bytes() == b"an earlier model"
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_training(tmp_path, monkeypatch):
+    """A path under a regular file can never be written: it was refused only once SentencePiece
+    had trained (minutes on a real corpus), as a raw "[Errno 17] File exists"."""
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS))
+    (tmp_path / "notes").write_text("a file, not a folder")
+    trained = []
+    monkeypatch.setattr(tk.spm.SentencePieceTrainer, "train", lambda **kw: trained.append(kw))
+    out = tmp_path / "notes" / "new" / "o.model"           # the nearest existing path: a file
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "c.txt"), "--vocab-size", "400", "--out", str(out)])
+    assert e.value.code == (f"error: --out {out} cannot be written (Not a directory); choose a "
+                            "writable path")
+    assert trained == []
+
+
+def test_the_vocabulary_floor_of_260_is_sentencepieces_own(tmp_path, capsys):
+    """256 bytes, <unk> <s> </s>, and the "▁" the dummy prefix puts before every text: on spaces
+    alone, the one text with no other character, SentencePiece refuses 259 and trains 260."""
+    spaces = [" "] * 50
+    with pytest.raises(RuntimeError, match="smaller than required_chars. 259 vs 260"):
+        tk.spm.SentencePieceTrainer.train(**tk.TRAINER_SPEC, sentence_iterator=iter(spaces),
+                                          model_writer=io.BytesIO(), vocab_size=259,
+                                          minloglevel=2)
+    tok = tk.Tokenizer(tk.train_tokenizer(iter(spaces), str(tmp_path / "o.model"), 260))
+    assert tok.n_words == 260 and tok.sp.id_to_piece(259) == "▁"
+    with pytest.raises(SystemExit):
+        tk.main(["--help"])
+    assert "pieces: 260 at least (256 bytes, <unk> <s> </s>, the space piece)" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_a_full_disk_leaves_no_model(tmp_path, monkeypatch):
