@@ -345,7 +345,9 @@ def looks_english(text: str) -> bool:
 
 LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|permission is hereby granted|all rights reserved",
                            re.I)
-COMMENT_OR_BLANK = re.compile(r"\s*(#|//|/\*|\*|--|$)")
+# A line comment; not Rust's #[attribute] or #![crate_attribute], which are code. A line that
+# starts with * is a comment only inside a /* */ block (in Markdown it is a bullet).
+LINE_COMMENT = re.compile(r"\s*(#(?![\[!])|//|--)")
 PREPROCESSOR = re.compile(  # C's `#` lines are code, not comments; C allows `# include` too
     r"\s*#(include|import|define|undef|if|ifdef|ifndef|elif|else|endif|pragma|error|warning"
     r"|line)\b|\s*#\s+(include|import)\s*[<\"]|\s*#\s+(define|undef|ifdef|ifndef)\s+\w")
@@ -363,16 +365,31 @@ def code_license_ok(record: dict) -> bool:
 
 def code_license_header(text: str) -> str:
     """Remove the leading comment block when it is a license or copyright notice: it repeats in
-    every file of a project and teaches nothing [LLaMA §2.1]. A C preprocessor line (#include,
+    every file of a project and teaches nothing [LLaMA §2.1]. The block is cut after the last of
+    its paragraphs (comment lines up to a blank line, or a /* */ comment) that holds a notice: a
+    comment below it is the file's own description and stays. A C preprocessor line (#include,
     #define, an include guard's #ifndef) ends the block; a script's first line, #!/usr/bin/env
     python3, is no comment either: it stays, and the block is looked for below it."""
     lines = text.split("\n")
-    start = 1 if lines[0].startswith("#!") else 0
-    head = list(itertools.takewhile(  # comment or blank lines
-        lambda line: COMMENT_OR_BLANK.match(line) and not PREPROCESSOR.match(line), lines[start:]))
-    if not LICENSE_WORDS.search("\n".join(head)):
+    start = end = 1 if lines[0].startswith("#!") else 0
+    block = notice = False  # inside a /* */ comment; the current paragraph holds a license word
+    for i, line in enumerate(lines[start:], start):
+        opens = not block and line.lstrip().startswith("/*")
+        in_block = block or opens
+        if in_block:  # every line of a /* */ comment is comment, whatever it starts with
+            block = "*/" not in (line.split("/*", 1)[1] if opens else line)
+        elif line.strip() and (not LINE_COMMENT.match(line) or PREPROCESSOR.match(line)):
+            break  # the first line of code
+        notice = notice or LICENSE_WORDS.search(line) is not None
+        if notice:
+            end = i + 1
+        if (in_block and not block) or (not in_block and not line.strip()):
+            notice = False  # the paragraph ends: a /* */ comment closed, or a blank line
+    if end == start:  # no notice
         return text
-    return "\n".join(lines[:start] + lines[start + len(head):])
+    while end < len(lines) and not lines[end].strip():  # the blank lines below the notice too
+        end += 1
+    return "\n".join(lines[:start] + lines[end:])
 
 
 def code_line_length(text: str) -> Optional[str]:

@@ -184,6 +184,39 @@ def test_a_shebang_stays_above_a_removed_license_header():
         "#!/bin/sh\n# no notice here\necho hi\n"
 
 
+def test_a_block_comment_license_without_star_prefixes_is_removed_whole():
+    source = ("/*\n   Copyright 2016 The Example Authors.\n\n   Licensed under the Apache License, "
+              "Version 2.0 (the \"License\");\n   you may not use this file except in compliance"
+              " with the License.\n*/\n\npackage main\n\nfunc main() {}\n")
+    assert data.code_license_header(source) == "package main\n\nfunc main() {}\n"
+
+
+def test_a_markdown_bullet_list_that_mentions_a_license_is_no_comment():
+    readme = ("# fastparse\n\n* Parses 1 GB/s on one core\n* MIT licensed, no dependencies\n\n"
+              "Install it with `pip install fastparse`.\n")
+    assert data.code_license_header(readme) == readme
+    assert data.code_license_header("\n# a note\n\nimport os\n") == "\n# a note\n\nimport os\n"
+
+
+def test_the_files_own_comment_after_the_license_and_a_blank_line_stays():
+    source = ("# Copyright 2021 Jane Doe. Licensed under the MIT license.\n\n"
+              "# Fibonacci numbers with memoization.\nimport functools\n")
+    assert data.code_license_header(source) == \
+        "# Fibonacci numbers with memoization.\nimport functools\n"
+    block = ("/* Copyright 2020 Foo Inc. MIT License */\n/* The parser's entry points. */\n"
+             "int parse(void);\n")
+    assert data.code_license_header(block) == "/* The parser's entry points. */\nint parse(void);\n"
+    two_notices = ("# ElementPath\n# Copyright (c) 2003 Fredrik Lundh.\n\n# Licensed to PSF.\n\n"
+                   "# XPath support.\nimport re\n")
+    assert data.code_license_header(two_notices) == "# XPath support.\nimport re\n"
+
+
+def test_rust_attributes_right_after_a_license_comment_are_code():
+    source = ("// Copyright 2019 The Example Developers. Licensed under the MIT license.\n"
+              "#![no_std]\n#[macro_use]\nextern crate alloc;\n")
+    assert data.code_license_header(source) == "#![no_std]\n#[macro_use]\nextern crate alloc;\n"
+
+
 def test_stackexchange_answers_sorted_by_score():
     record = {"question": "How do I sort?", "answers": [
         {"text": "Use bubble sort.", "score": 1}, {"text": "Use sorted().", "score": 10},
