@@ -352,6 +352,23 @@ def test_books_threshold_is_ninety_percent_overlap():
         assert dedup.check(" ".join(variant)) == expected
 
 
+def test_a_book_wholly_inside_an_anthology_three_times_its_size_is_dropped(tmp_path):
+    # overlap 100% > 90%, Jaccard similarity 1/3: books' 64 bands of 2 rows make each such pair
+    # a candidate (probability 0.9995); the 128-value MinHash estimate then puts its overlap
+    # over 0.9 with probability 0.83 (32 bands of 4 rows found only a third of them)
+    docs = []
+    for anthology in _random_docs(20, words=15000, seed=2):
+        docs += [" ".join(anthology), " ".join(anthology[5000:10000])]
+    fingerprint = data.Deduplicator().fingerprint
+    with open(tmp_path / "books.sig", "wb") as f:
+        f.write(b"".join(fingerprint(text) for text in docs))
+    source = {"name": "book", "kind": "books", "files": [("books.jsonl", 1)]}
+    count = {"read": len(docs), "dropped": {}, "removed": {}}
+    stats, _ = data.dedup_source(source, [("book/00000", str(tmp_path / "books"), count)], 50)
+    assert stats["kept"] + stats["dropped"]["near_dup"] == 40
+    assert stats["dropped"]["near_dup"] >= 15
+
+
 def test_prepare_keeps_an_86_percent_copy_of_a_book_but_not_of_a_text(corpus, tmp_path):
     _, model = corpus
     book, other = _random_docs(2, words=2000, seed=1)
