@@ -280,15 +280,22 @@ def chunk_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: 
     A chunk's forward keeps its layers' activation_bytes_per_layer, plus its output (B, T, D),
     held for the backward call (Megatron frees its data once sent), or, on the last chunk,
     the head: the final norm (as a layer's), the output layer's input, and what the loss keeps
-    in fp32: exp(z - max) written over the logits (B, T, V/tp) and its sum (B, T). Token ids and
-    masks (integers) are not counted.
+    in fp32: exp(z - max) written over the logits (B, T, V/tp) and its sum (B, T). A chunk that
+    receives its input (every chunk but the model's first) keeps it too, held by pipeline_step
+    for the backward: counted in its first layer's bytes where autograd saves it as it is (fp32,
+    whose RMSNorm saves x, and full recomputation, which saves the block's input), but under bf16
+    autocast RMSNorm saves its fp32 copy, and the received bf16 input, (B, T/tp, D) under sp,
+    comes on top.
+    Token ids and masks (integers) are not counted.
     """
     b, t, N, D = bytes_per_el, tp if sp else 1, micro_batch * seq_len, args.dim
     n = args.n_layers // (pp * virtual_stages)
     layers = n * activation_bytes_per_layer(args, micro_batch, seq_len, tp, sp, recompute, b)
     head = N * (((4 + b) * D + 4) / t + b * D / t + 4 * args.vocab_size / tp + 4)
-    return [layers + (head if k * pp + rank == pp * virtual_stages - 1 else N * D * b / t)
-            for k in range(virtual_stages)]
+    received = N * D * b / t if b < 4 and recompute != "full" else 0     # the input, bf16 only
+    chunks = [k * pp + rank for k in range(virtual_stages)]              # in the model's order
+    return [layers + (head if c == pp * virtual_stages - 1 else N * D * b / t)
+            + (received if c > 0 else 0) for c in chunks]
 
 
 def stage_activation_bytes(args: ModelArgs, micro_batch: int, seq_len: int, tp: int = 1,

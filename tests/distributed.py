@@ -219,8 +219,9 @@ def held_bytes(stage, rows, grid, m, schedule, amp=False):
     """One pipeline step; the most bytes of activations the stage holds at once, measured.
 
     Each chunk-forward is charged the floating-point storages autograd saves while it and its
-    loss run (not parameters or buffers) and its output, held by pipeline_step until its
-    backward; the schedule's order then says which are held together."""
+    loss run (not parameters or buffers), its received input and its output, both held by
+    pipeline_step until its backward (the input once where autograd saves it too); the
+    schedule's order then says which are held together."""
     # NOTE: imported here: gpu_check.py imports this file before the repository is on its path.
     import parallel as P
     static = {t.untyped_storage().data_ptr() for t in [*stage.parameters(), *stage.buffers()]}
@@ -237,6 +238,7 @@ def held_bytes(stage, rows, grid, m, schedule, amp=False):
     def forward_starts(module, args):
         charged.append({})
         recording[0] = True
+        charge(args[0])                     # a received activation (token ids: integers)
 
     def forward_ends(module, args, out):
         if args[1] * grid.pp + grid.pp_rank < grid.pp * stage.virtual_stages - 1:

@@ -99,6 +99,21 @@ def test_a_rank_holds_its_gradients_with_its_activations_only_past_what_it_holds
     assert state == 12 * n + (4 * n if m > pp - rank else 0)
 
 
+@pytest.mark.parametrize("precision,recompute,received", [
+    ("bf16", "none", 2), ("bf16", "selective", 2), ("bf16", "full", 0), ("fp32", "none", 0)])
+def test_a_chunk_that_receives_its_input_keeps_it_where_autograd_saves_a_copy(
+        precision, recompute, received):
+    """pipeline_step holds a received input until its backward. Under bf16 autocast RMSNorm
+    saves its fp32 copy, not the bf16 input, which comes on top: b x N x D more for chunk 2 of
+    rank 0 (interleaved, pp 2, v 2) than for chunk 0, the model's first, which receives token
+    ids. In fp32 (x.float() is x) and under full recomputation (the block's input) autograd
+    saves the input itself, counted with the layer's."""
+    args, batch, el = replace(tiny(2), n_layers=4), 8, planner.PRECISIONS[precision][3]
+    first, third = planner.chunk_activation_bytes(args, batch, SEQ, pp=2, virtual_stages=2,
+                                                  recompute=recompute, bytes_per_el=el)
+    assert third - first == received * batch * SEQ * args.dim
+
+
 # --- 2. published runs --------------------------------------------------------------------------
 
 def test_planner_reproduces_llama_65b():
