@@ -408,6 +408,13 @@ def code_alnum_share(text: str) -> Optional[str]:
 
 # --- wikipedia: wikitext markup ---
 
+# A page of raw wikitext holds [[links]], {{templates}}, '''bold''', <ref>s or {| tables |};
+# RedPajama's wiki.jsonl is plain text already, where "<int>", "{{ name }}" or 2'' are text, and a
+# record without any of these marks meets no wikitext rule (clean_document).
+WIKITEXT = re.compile(r"\[\[|\{\{[^\s{}]|'''|<ref|\{\|")
+
+
+
 def wiki_comments(text: str) -> str:
     """<!-- editor comments --> are not article text [LLaMA §2.1]."""
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
@@ -421,6 +428,15 @@ def wiki_templates(text: str) -> str:
     count = 1
     while count:
         text, count = re.subn(r"\{\{[^{}]*\}\}", "", text)
+    return text
+
+
+def wiki_tables(text: str) -> str:
+    """{| tables |} are formatting boilerplate [LLaMA §2.1]: removed with their cells, and the
+    line break after them; tables nest, so the innermost are removed until none is left."""
+    count = 1
+    while count:
+        text, count = re.subn(r"\{\|(?:(?!\{\|).)*?\|\}\n?", "", text, flags=re.S)
     return text
 
 
@@ -532,7 +548,7 @@ RULES = {  # kind: its rules in order; a rule's name in the stats is its functio
     "web": [web_line_dedup, c4_boilerplate_lines, c4_terminal_punctuation, c4_min_words,
             c4_page_filter, c4_min_sentences],  # then the language_id and quality hooks
     "code": [code_license_header, code_line_length, code_alnum_share],
-    "wikipedia": [wiki_comments, wiki_templates, wiki_links, wiki_formatting],
+    "wikipedia": [wiki_comments, wiki_templates, wiki_tables, wiki_links, wiki_formatting],
     "arxiv": [tex_comments, tex_inline_macros, tex_body],
     "stackexchange": [],  # a raw dump's HTML is stripped as its thread is read (see above)
     "books": [],  # their cleaning is the near-dedup threshold of 0.9 (see NEAR_DUP_OVERLAP)
@@ -557,13 +573,16 @@ def rules_for(kind: str, language_id: Callable[[str], bool] = looks_english,
 
 def clean_document(record: dict, kind: str, rules: list, removed: Counter):
     """(cleaned text, None) or (None, name of the rule that dropped it). `removed` counts the
-    characters each rule took out of the documents that survive it."""
+    characters each rule took out of the documents that survive it. A wikipedia record without
+    wikitext markup (WIKITEXT: RedPajama's are plain text) meets none of the wikitext rules."""
     if kind == "code" and not code_license_ok(record):
         return None, "code_license"
     # _is_record's test: a {"text"} record may carry "answers" as well (a QA dump's)
     text = stackexchange_thread(record) if _is_thread(record) else record["text"]
     if not text.strip():
         return None, "empty_document"
+    if kind == "wikipedia" and not WIKITEXT.search(text):
+        rules = []  # plain text already (RedPajama's): no markup to remove, see WIKITEXT
     for name, rule in rules:
         before = len(text)
         text = rule(text)

@@ -119,6 +119,25 @@ def test_a_self_closing_ref_whose_name_holds_a_slash_keeps_the_prose_after_it():
     assert data.wiki_templates(text) == "Paris is the capital. It is on the Seine. The city is old."
 
 
+def _wiki(text):
+    return data.clean_document({"text": text}, "wikipedia", data.rules_for("wikipedia"),
+                               Counter())
+
+
+def test_a_redpajama_wikipedia_record_of_plain_text_meets_no_wikitext_rule():
+    # RedPajama's wiki.jsonl was made plain text: "<int>" is C++, "{{ name }}" Jinja, 2'' inches
+    text = ("The <p> element defines a paragraph.\nIn C++, std::vector<int> holds integers.\n"
+            "Jinja prints a variable with {{ name }}.\nIf a<b and b>c nothing follows.\n"
+            "He was 6' 2'' tall.")
+    assert _wiki(text) == (text, None)
+
+
+def test_a_wikitext_table_is_removed_with_its_cells():
+    text = ("'''Ada Lovelace''' was a [[mathematician]].\n== Works ==\n{| class=\"wikitable\"\n"
+            "|-\n! Year !! Title\n|-\n| 1843 || Notes {| \n| nested\n|}\n|}\nShe died in 1852.")
+    assert _wiki(text) == ("Ada Lovelace was a mathematician.\nWorks\nShe died in 1852.", None)
+
+
 def test_web_line_dedup_across_the_source():
     seen = set()
     page1 = "Home | News | Contact\nCopyright 2019 ACME.\nThe mayor opened the new bridge."
