@@ -154,11 +154,11 @@ class Linear(nn.Linear):
     PERF: decoding at batch 1 multiplies one vector by each weight, so a step is bound by reading
     the weights. Under torch.compile on CPU that product is written as an elementwise product and
     a sum over `in`, which inductor fuses into one vectorized pass over the weight spread over
-    every core; MKL's matrix-vector product, which F.linear calls, runs on one (measured on 2
-    cores: 12.6 GB/s against 26.6, and 35 for a plain read; compiled decoding of an 85M model
-    runs at 60-83 tokens/s against 27 eager, tests/bench_cpu.py decode). Eager, the product would
-    be materialized, and for several rows it would be a matmul without a matmul kernel: F.linear
-    stays the path.
+    every core; MKL's matrix-vector product, which F.linear calls, runs on one. On a shared
+    2-core machine, tests/bench_cpu.py decode (a 134M-parameter model, 438 MB of weights read a
+    token) ran compiled at 49-51 tokens/s, eager at 41-43 tokens/s, against a bound of 59-60
+    tokens/s (a copy's 26 GB/s). Eager, the product would be materialized, and for several rows
+    it would be a matmul without a matmul kernel: F.linear stays the path.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -718,11 +718,13 @@ def plan_free_attention():
 
     PERF: cuDNN builds an execution plan for every new shape, about 2 ms per layer on an H200,
     which pays only where shapes repeat, as in training. Decoding and evaluation change shape
-    with every step, prompt or batch. At 7b shapes in bf16 on an H200 (tests/gpu_check.py):
-    eager decoding went from 13 to 39 tokens/s, and a 64-token prefill from 860 ms to 27 ms,
-    while a step replayed from a CUDA graph, whose one shape cuDNN plans once, went from 134 to
-    127 tokens/s (201 to 183 compiled): a net gain for any reply under ~1,700 tokens. Keeping
-    the default is the simpler version. A no-op on CPU.
+    with every step, prompt or batch. At 7b shapes in bf16 on an H200 (tests/gpu_check.py, the
+    README's table): eager decoding went from 11 to 39 tokens/s, and a 64-token prefill from
+    118 ms to 68 ms. A step replayed from a CUDA graph, whose one shape cuDNN plans once, runs
+    at 140 tokens/s without it (186 compiled); an earlier run that measured both found it slower
+    without cuDNN, 127 against 134 tokens/s (183 against 201 compiled), which loses the 50 ms a
+    prefill saves after some 100-130 tokens. Keeping the default is the simpler version. A no-op
+    on CPU.
     """
     torch.backends.cuda.enable_cudnn_sdp(False)
 

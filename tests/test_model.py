@@ -4,6 +4,7 @@ its backward included), the KV cache and the static-shape decoding step, the han
 backward, Meta's key names and shard layout, and refusal of impossible architectures."""
 
 import math
+import re
 import sys
 import types
 
@@ -54,6 +55,22 @@ def test_flops_per_token_formula():
     n = M.count_parameters(args, embedding=False)
     assert n == M.count_parameters(args) - 32000 * 4096
     assert M.flops_per_token(args, 2048) == 6 * n + 12 * 32 * 4096 * 2048
+
+
+def test_linear_perf_note_rates_stay_under_the_bound_of_the_weights_a_token_reads():
+    """model.Linear's note quotes tests/bench_cpu.py decode: its model (dim 768, 12 layers) has
+    134,105,856 parameters, and a step reads all but the embedding, 438 MB in fp32. A rate
+    above bandwidth / bytes is impossible: the note once claimed 83 tokens/s beside 35 GB/s."""
+    args = M.ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=512)
+    weights = 4 * M.count_parameters(args, embedding=False)                  # fp32 bytes
+    assert M.count_parameters(args) == 134_105_856 and round(weights / 1e6) == 438
+    note = " ".join(M.Linear.__doc__.split())
+    assert "a 134M-parameter model, 438 MB of weights read a token" in note
+    ranges = [(int(a), int(b)) for a, b in re.findall(r"(\d+)-(\d+) tokens/s", note)]
+    *measured, (low, high) = ranges                          # the last range is the bound
+    bandwidth = float(re.search(r"a copy's (\d+) GB/s", note)[1]) * 1e9
+    assert low <= bandwidth / weights <= high + 1            # 26 GB/s, rounded: 59.3 tokens/s
+    assert len(measured) == 2 and all(rate < low for pair in measured for rate in pair)
 
 
 def test_tiny_preset_admits_tp_1_2_4():
