@@ -414,7 +414,6 @@ def code_alnum_share(text: str) -> Optional[str]:
 WIKITEXT = re.compile(r"\[\[|\{\{[^\s{}]|'''|<ref|\{\|")
 
 
-
 def wiki_comments(text: str) -> str:
     """<!-- editor comments --> are not article text [LLaMA §2.1]."""
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
