@@ -556,27 +556,59 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def accounting_tables() -> None:
+def accounting() -> dict:
     """`--accounting`: activation bytes per layer and collectives per step, for the `tiny` preset
-    and for 7b (predictions; tests/accounting_table.py prints them beside measurements)."""
+    and for 7b (predictions; tests/accounting_table.py prints them beside measurements).
+    {preset: micro_batch, seq_len, tp, dp, activation_bytes_per_layer {mode: {fp32, bf16}},
+    collectives_per_step {mode: {collective: calls, payload_bytes, sent_bytes}}}, in fp32."""
+    tables = {}
     for name, batch, seq_len, tp in (("tiny", 8, 256, 2), ("7b", 1, 2048, 8)):
-        args = preset(name)
-        print(f"\n{name}: micro-batch {batch}, seq {seq_len}, tp {tp}; activation MiB per layer "
-              f"(fp32 | bf16)")
+        args, dp = preset(name), 2
+        layers = {}
         for label, kw in (("none", dict(tp=1)), ("tp", dict(tp=tp)),
                           ("tp+sp", dict(tp=tp, sp=True)),
                           ("tp+sp+selective", dict(tp=tp, sp=True, recompute="selective")),
                           ("tp+sp+full", dict(tp=tp, sp=True, recompute="full"))):
-            mib = [activation_bytes_per_layer(args, batch, seq_len, bytes_per_el=b, **kw) / 2**20
-                   for b in (4, 2)]
-            print(f"  {label:<18} {mib[0]:10.2f} | {mib[1]:10.2f}")
-        print("  bytes on the wire per step and rank (fp32, dp 2):")
+            layers[label] = {precision: activation_bytes_per_layer(
+                args, batch, seq_len, bytes_per_el=PRECISIONS[precision][3], **kw)
+                for precision in ("fp32", "bf16")}
+        collectives = {}
         for label, kw in (("tp", dict(tp=tp)), ("tp+sp", dict(tp=tp, sp=True))):
-            for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=2, **kw).items():
+            collectives[label] = {}
+            for key, (calls, payload) in comm_per_step(args, batch, seq_len, dp=dp, **kw).items():
                 group, op = key.split()
-                n = tp if group == "tp" else 2
-                print(f"  {label:<6} {key:<18} {calls:5d} calls  {payload / 2**20:10.2f} MiB "
-                      f"payload  {wire_bytes(op, n, payload) / 2**20:10.2f} MiB sent")
+                sent = wire_bytes(op, tp if group == "tp" else dp, payload)
+                collectives[label][key] = dict(calls=calls, payload_bytes=payload,
+                                               sent_bytes=sent)
+        tables[name] = dict(micro_batch=batch, seq_len=seq_len, tp=tp, dp=dp,
+                            activation_bytes_per_layer=layers, collectives_per_step=collectives)
+    return tables
+
+
+def format_accounting(tables: dict) -> str:
+    """The accounting as the tables `python planner.py --accounting` prints, in MiB."""
+    lines, MiB = [], 2**20
+    for name, t in tables.items():
+        lines += ["", f"{name}: micro-batch {t['micro_batch']}, seq {t['seq_len']}, tp {t['tp']}; "
+                  "activation MiB per layer (fp32 | bf16)"]
+        lines += [f"  {label:<18} {b['fp32'] / MiB:10.2f} | {b['bf16'] / MiB:10.2f}"
+                  for label, b in t["activation_bytes_per_layer"].items()]
+        lines.append(f"  bytes on the wire per step and rank (fp32, dp {t['dp']}):")
+        lines += [f"  {label:<6} {key:<18} {c['calls']:5d} calls  {c['payload_bytes'] / MiB:10.2f}"
+                  f" MiB payload  {c['sent_bytes'] / MiB:10.2f} MiB sent"
+                  for label, table in t["collectives_per_step"].items()
+                  for key, c in table.items()]
+    return "\n".join(lines)
+
+
+def check_published() -> dict:
+    """`--check`: each published run's figures, predicted by plan() at its layout:
+    {run: {figure: predicted, published}}."""
+    runs = {}
+    for name, (model, layout, figures) in PUBLISHED.items():
+        q = plan(ModelArgs(**model), **layout)
+        runs[name] = {k: dict(predicted=q[k], published=want) for k, want in figures.items()}
+    return runs
 
 
 def _count(text: str, binary: bool = False, flag: str = "count") -> float:
@@ -633,26 +665,30 @@ def main(argv=None):
             "context", *overrides))
         args = preset(a.preset, **overrides, max_seq_len=max(a.seq_len, a.context))
         if a.accounting:
-            return accounting_tables()
+            tables = accounting()
+            print(json.dumps(tables, indent=2) if a.json else format_accounting(tables))
+            return tables
         if a.check:
-            for name, (model, layout, figures) in PUBLISHED.items():
-                q = plan(ModelArgs(**model), **layout)
-                print(name + ": " + "; ".join(f"{k} {q[k]:.1f}, published {want} "
-                                               f"({100 * (q[k] / want - 1):+.0f}%)"
-                                               for k, want in figures.items()))
-            return
+            runs = check_published()
+            lines = [name + ": " + "; ".join(
+                f"{k} {f['predicted']:.1f}, published {f['published']} "
+                f"({100 * (f['predicted'] / f['published'] - 1):+.0f}%)" for k, f in figures.items())
+                for name, figures in runs.items()]
+            print(json.dumps(runs, indent=2) if a.json else "\n".join(lines))
+            return runs
         if a.serve:
             rows = {}
+            served = PRECISIONS[a.precision][3]     # bytes per weight and per cached value
             for tp in (1, 2, 4, 8):         # generate.py --tp refuses the splits check_config does
                 try:
                     check_config(args, tp)
-                    rows[tp] = serve_memory(args, a.batch, a.context, tp)
+                    rows[tp] = serve_memory(args, a.batch, a.context, tp, served)
                 except ValueError as e:
                     rows[tp] = dict(refused=str(e))
             if a.json:
                 return print(json.dumps(rows, indent=2))
-            print(f"serving {count_parameters(args) / 1e9:.1f}B parameters in bf16, batch "
-                  f"{a.batch} x context {a.context}, per {a.gpu} GPU (GiB):")
+            print(f"serving {count_parameters(args) / 1e9:.1f}B parameters in {a.precision}, "
+                  f"batch {a.batch} x context {a.context}, per {a.gpu} GPU (GiB):")
             usable = GPUS[a.gpu].memory * ASSUMPTIONS["usable_memory"]
             for tp, r in rows.items():
                 if "refused" in r:
@@ -670,6 +706,12 @@ def main(argv=None):
             plans = search(args, a.gpus, a.top, sp=a.sp, schedule=a.schedule, **common)
             if a.json:
                 return print(json.dumps(plans, indent=2))
+            if not plans:                 # an answer (exit 0), as a plan that does not fit
+                usable = GPUS[a.gpu].memory * ASSUMPTIONS["usable_memory"]
+                print(f"no layout fits: {count_parameters(args) / 1e9:.1f}B parameters on "
+                      f"{a.gpus} x {a.gpu} ({usable / 2**30:.1f} usable GiB each); use more "
+                      "--gpus, a --gpu with more memory, or a shorter --seq-len")
+                return plans
             print(" tp  pp  v    dp  mb     m recompute    GiB  bubble tok/s/GPU    MFU   days")
             for q in plans:
                 lay = q["layout"]

@@ -232,6 +232,46 @@ def test_planner_cli_prints_and_answers_json(capsys):
     assert "7b: micro-batch 1, seq 2048, tp 8" in text and "364.27" in text
 
 
+def test_check_and_accounting_answer_json_with_the_tables_figures(capsys):
+    """--json answers every question: --check gives each published run's figures, predicted and
+    published; --accounting the bytes its tables print in MiB, by preset, mode and collective."""
+    planner.main(["--check", "--json"])
+    runs = json.loads(capsys.readouterr().out)
+    assert runs.keys() == planner.PUBLISHED.keys()
+    llama = runs["LLaMA-65B on 2048 A100-80GB [LLaMA §2.4]"]
+    assert llama["tokens_per_s_per_gpu"]["published"] == 380 and llama["days"]["published"] == 21
+    assert round(llama["tokens_per_s_per_gpu"]["predicted"], 1) == 352.7
+    assert round(llama["days"]["predicted"], 1) == 22.4
+    planner.main(["--accounting", "--json"])
+    seven = json.loads(capsys.readouterr().out)["7b"]
+    assert (seven["micro_batch"], seven["seq_len"], seven["tp"], seven["dp"]) == (1, 2048, 8, 2)
+    assert round(seven["activation_bytes_per_layer"]["none"]["bf16"] / 2**20, 2) == 364.27
+    gathers = seven["collectives_per_step"]["tp+sp"]["tp all_gather"]
+    assert gathers["calls"] == 195 and gathers["payload_bytes"] == 6240 * 2**20
+    assert gathers["sent_bytes"] == 5460 * 2**20
+
+
+def test_serve_answers_for_the_precision_asked(capsys):
+    """generate.py serves fp32 weights on CPU: --serve --precision fp32 counts 4 bytes per weight
+    and per cached value, twice bf16's, and says so."""
+    bf16 = planner.main(["--preset", "13b", "--serve"])
+    assert "parameters in bf16, batch 1" in capsys.readouterr().out
+    fp32 = planner.main(["--preset", "13b", "--serve", "--precision", "fp32"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "serving 13.0B parameters in fp32, batch 1 x context 2048, per a100-80gb GPU (GiB):")
+    assert fp32[1]["weights"] == 4 * M.count_parameters(M.preset("13b"))
+    assert fp32[1] == {key: 2 * value for key, value in bf16[1].items()}
+
+
+def test_search_that_finds_no_layout_says_so(capsys):
+    """7b's 18 bytes per parameter need 113 GiB: no layout fits one A100. As a plan that does
+    not fit, the answer is printed (exit 0), and said in words, not as an empty table."""
+    assert planner.main(["--preset", "7b", "--gpus", "1", "--search"]) == []
+    assert capsys.readouterr().out == (
+        "no layout fits: 6.7B parameters on 1 x a100-80gb (72.0 usable GiB each); use more "
+        "--gpus, a --gpu with more memory, or a shorter --seq-len\n")
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: planner.plan(M.preset("65b"), 2048, tp=8, pp=3), "does not divide 2048 GPUs"),
     (lambda: planner.plan(M.preset("65b"), 2048, tp=8, pp=4, virtual_stages=3),
