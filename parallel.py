@@ -178,8 +178,9 @@ def make_grid(world: Dist, tp: int = 1, pp: int = 1) -> Grid:
 # the call would have returned, so that compute can run while the bytes travel.
 #
 # PERF: all-gather and reduce-scatter concatenate along dim 0; the sequence is dim 1 of our
-# (B, T, D) activations, so each call transposes once. Megatron keeps activations (T, B, D) to
-# avoid the copy; we keep model.py's layout.
+# (B, T, D) activations, so each call copies twice, its input into (T, B, D) order and its
+# result back (views, no copy, at B = 1). Megatron keeps activations (T, B, D) to avoid the
+# copies; we keep model.py's layout.
 
 @dataclass
 class Pending:
@@ -225,7 +226,7 @@ def reduce_scatter(x, dim: int, group, async_op=False):
 # 3. Conjugate operators
 # ---------------------------------------------------------------------------------------------
 # PAPER: f and g are conjugate: what one does forward, the other does backward [PTD-P §2.3,
-# Fig. 3]. A tensor-parallel region opens with f and closes with g. Under sequence parallelism
+# Fig. 5]. A tensor-parallel region opens with f and closes with g. Under sequence parallelism
 # they become f_sp and g_sp, which Korthikanti calls g and g-bar [Korthikanti §4.2.2, Fig. 5];
 # we name them after the side of the region they sit on. Each all-reduce becomes an all-gather
 # and a reduce-scatter: the same bytes, and the residual stream, its norms and what they save

@@ -18,6 +18,8 @@ bad configurations refused in one line.
 What the workers run comes after the tests, at the end of the file.
 """
 
+import inspect
+import re
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -526,6 +528,51 @@ def test_parallelize_follows_the_table(monkeypatch):
         assert layer.attention.wq.weight.shape == (tiny(2).dim // 2, tiny(2).dim)
     assert type(model.tok_embeddings) is P.VocabParallelEmbedding
     assert type(model.output) is P.ColumnParallelLinear
+
+
+class CountCopies(TorchDispatchMode):
+    """Counts the tensors copied into a new layout (`.contiguous()` of a moved view)."""
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch,copies", [(2, 2), (1, 0)])
+def test_sequence_collectives_copy_input_and_result_along_t_except_at_batch_1(
+        monkeypatch, batch, copies):
+    """Section 2's PERF note: gathering or scattering T, dim 1 of (B, T, D), copies the input
+    into (T, B, D) order and the result back; at B = 1 both moves are views. A group of one
+    stands in for the collective (it copies nothing of its own)."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_gather_single", lambda out, x, **kw: out.set_(x))
+    monkeypatch.setattr(dist, "reduce_scatter_single", lambda out, x, **kw: out.set_(x))
+    x = torch.randn(batch, 4, 3)                                            # (B, T, D)
+    for collective in (P.all_gather, P.reduce_scatter):
+        with CountCopies() as counted:
+            y = collective(x, 1, None)
+        assert counted.copies == copies and torch.equal(y, x), collective.__name__
+
+
+# PAPER: PTD-P's (arXiv 2104.04473) figures: what each shows, and the section drawn from it.
+PTD_P_FIGURES = {
+    "3": ("2.2.1", "GPipe's pipeline schedule"),
+    "4": ("2.2.2", "the 1F1B schedule, default and interleaved"),
+    "5": ("2.3", "tensor model parallelism: f and g are conjugate"),
+}
+
+
+def test_ptd_p_figures_are_cited_from_the_sections_that_show_them():
+    """A citation [PTD-P §s, Fig. n] names the paper's figure n and its section s: the f/g
+    operators are Fig. 5 of §2.3 (Fig. 3 is GPipe's schedule)."""
+    source = inspect.getsource(P).replace("\n#", "")     # a citation may break across lines
+    cited = re.findall(r"\[PTD-P §([\d.]+),\s+Fig\. (\d+)\]", source)
+    assert ("2.3", "5") in cited
+    for section, figure in cited:
+        assert PTD_P_FIGURES[figure][0] == section, (section, figure)
 
 
 # --- what the workers run, and the one-process reference ---------------------------------------
