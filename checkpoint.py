@@ -47,6 +47,7 @@ file (each rank reads all of them and keeps its slice).
 """
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -261,6 +262,15 @@ def read_hf(folder: str):
                              "is supported")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        # The two that Llama's architecture fixes and a config may still change: model.py has
+        # SiLU ("swish" is transformers' other name for it), and heads of width dim / n_heads.
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"it describes hidden_act={cfg['hidden_act']!r}, not silu: only "
+                             "plain Llama is supported")
+        if cfg.get("head_dim") not in (None, dim // n_heads):
+            raise ValueError(f"it describes head_dim={cfg['head_dim']}, not hidden_size / "
+                             f"num_attention_heads = {dim // n_heads}: only plain Llama is "
+                             "supported")
         args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                          n_kv_heads=n_kv_heads, vocab_size=cfg["vocab_size"],
                          norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -362,6 +372,11 @@ def export_hf(args: ModelArgs, state: dict, tokenizer_path: str, out: str):
     }
     tensors = {hf_name(key): hf_rows(key, w, args, to_hf=True).contiguous()
                for key, w in state.items()}
+    # NOTE: a tied HF model (tie_word_embeddings) is read with one tensor as both embedding and
+    # output; safetensors refuses one tensor under two names, so lm_head is written as a copy.
+    head, embedding = tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
+    if head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr():
+        tensors["lm_head.weight"] = head.clone()
     files = {
         "config.json": config,
         # generate()'s own defaults: <s> first, stop at </s>, pad with <unk>.
@@ -658,6 +673,12 @@ def check_state(args: ModelArgs, state: dict, tok_path: str, source: str, config
     with the shape it implies, and nothing else."""
     n_words = Tokenizer(tok_path).n_words
     rows = state.get("tok_embeddings.weight", torch.empty(n_words, 0)).shape[0]
+    if rows > n_words:                   # rows added in fine-tuning, or padded to a multiple
+        raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
+                         "tokens: tokens added beyond tokenizer.model (added tokens, or a padded "
+                         "vocabulary) are not supported; trim the embedding and output rows back "
+                         f"to its {n_words} pieces (or, if it is another model's tokenizer, use "
+                         "the model's own tokenizer.model)")
     if rows != n_words:
         raise ValueError(f"tokenizer {tok_path} has {n_words} pieces but the model embeds {rows} "
                          "tokens: it belongs to another model; use the model's own tokenizer.model")
@@ -779,14 +800,24 @@ def new_file_mode() -> int:
 
 
 def save_safetensors(tensors: dict, path: str):
-    """safetensors' save_file, its failure an OSError (it raises its own SafetensorError, on a
-    full disk too), the file given the mode of any new file (it writes 0600)."""
+    """safetensors' save_file, a failed write an OSError (it raises its own SafetensorError,
+    "... (os error 28)" on a full disk), the file given the mode of any new file (it writes
+    0600). Anything else it refuses (tensors it cannot write) is raised as it is: no disk's."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
     except Exception as e:                   # NOTE: SafetensorError is no OSError
-        raise OSError(f"could not write {path} ({first_line(e, 80)}): is the disk "
-                      "full?") from None
+        code = e.errno if isinstance(e, OSError) else os_error(str(e))
+        if code is None:
+            raise
+        full = ": is the disk full?" if code in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OSError(f"could not write {path} ({first_line(e, 80)}){full}") from None
     os.chmod(path, new_file_mode())
+
+
+def os_error(message: str) -> Optional[int]:
+    """The errno in a message of Rust's std::io::Error, "... (os error 28)", or None."""
+    m = re.search(r"\(os error (\d+)\)", message)
+    return int(m[1]) if m else None
 
 
 def save_torch(obj, path: str):
@@ -817,11 +848,19 @@ def lock(path: str) -> Optional[int]:
 
 def lock_run(out: str) -> int:
     """OUT/train.lock, for one run per --out at a time; it holds its owner's pid and host, for
-    the message another run gets. ValueError when another process holds it, saying which."""
+    the message another run gets. ValueError when another process holds it, saying which, and
+    when the lock or checkpoints/latest is a folder (`cp -r step-000004 latest`): a run could
+    not replace that `latest`, and would fail at its first save, after each --resume again."""
     path = os.path.join(out, "train.lock")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise ValueError(f"{path} is a folder (or not a file), where a run keeps its lock file; "
                          f"move it out of {out}, then run again")
+    # NOTE: only a real folder: a rename replaces a symlink or any other file (write_atomic).
+    root = os.path.join(out, "checkpoints")
+    pointer = os.path.join(root, "latest")
+    if os.path.isdir(pointer) and not os.path.islink(pointer):
+        raise ValueError(f"{pointer} is a folder, where a run names its newest checkpoint in a "
+                         f"file; move it out of {root}, then run again")
     while True:
         fd = lock(path)
         if fd is None:

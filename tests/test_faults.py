@@ -823,6 +823,24 @@ def test_a_lock_that_is_a_folder_is_named(demo_data, tmp_path, capsys):
         f"lock file; move it out of {tmp_path}/out, then run again")
 
 
+def test_a_latest_that_is_a_folder_is_refused_before_the_run_trains(demo_data, tmp_path,
+                                                                    capsys):
+    """`cp -r step-000004 latest`: a run could never replace it, and would fail at each save."""
+    T.main(base_argv(demo_data, tmp_path, "--steps", "4", "--save-every", "2"))
+    root = tmp_path / "checkpoints"
+    os.remove(root / "latest")
+    shutil.copytree(root / "step-000004", root / "latest")
+    before = losses(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path), "--resume", "--steps", "6"])
+    assert e.value.code == 2 and one_error_line(capsys.readouterr().err) == (
+        f"error: {root}/latest is a folder, where a run names its newest checkpoint in a file; "
+        f"move it out of {root}, then run again")
+    assert losses(tmp_path) == before and sorted(os.listdir(root)) == [
+        "latest", "step-000002", "step-000004"]                # nothing trained, nothing written
+
+
 @pytest.mark.parametrize("content,says", [
     ('{"lr": "abc"}', "{path}: lr is 'abc', not a number: the file was edited or damaged; fix the "
                       "value, or copy the file from another checkpoint of the run"),
@@ -976,12 +994,13 @@ def test_export_hf_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tok_p
     from safetensors import SafetensorError
     ckpt = write_checkpoint(tmp_path / "ckpt", tiny_model(), tok_path)
 
-    def full_disk(tensors, path, **k):          # what safetensors raises on a full disk
-        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+    def full_disk(tensors, path, **k):          # what safetensors 0.8 raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                              "error 28)")
     monkeypatch.setattr(C, "save_file", full_disk)
     assert generate_error("--ckpt", ckpt, "--export-hf", str(tmp_path / "hf")) == (
         f"error: could not write {tmp_path}/.tmp-hf/model.safetensors (Error while serializing: "
-        "I/O error: No space left on device): is the disk full?")
+        "I/O error: No space left on device (os error 28)): is the disk full?")
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]     # neither .tmp-hf nor hf: nothing made
 
 

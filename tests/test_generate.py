@@ -641,6 +641,51 @@ def test_a_llama_3_1_scaled_rope_saved_by_transformers_is_refused(tmp_path, tok_
         "later): not read here; only plain Llama is supported")
 
 
+def test_a_tied_model_saved_by_transformers_exports_with_its_own_lm_head(tmp_path, tok_path):
+    """tie_word_embeddings: no lm_head.weight in the file; the embedding is read as both, and
+    the export writes the output as its own tensor, which transformers loads with the logits."""
+    transformers = needs_transformers()
+    hf = transformers_llama(transformers, tmp_path / "tied", tok_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in safe_open_keys(str(tmp_path / "tied" / "model.safetensors"))
+    C.export_hf(*C.read_checkpoint(str(tmp_path / "tied")), str(tmp_path / "hf"))
+    names = safe_open_keys(str(tmp_path / "hf" / "model.safetensors"))
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.tensor([[1, 7, 42, 99, 5, 300, 2, 18]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_full_disk_is_called_a_full_disk_when_safetensors_fails(tmp_path, monkeypatch):
+    """Only an error of the disk becomes an OSError, and only ENOSPC asks about space; a tensor
+    safetensors refuses is raised as it is."""
+    from safetensors import SafetensorError
+    shared = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        C.save_safetensors({"a": shared, "b": shared}, str(tmp_path / "x.safetensors"))
+
+    def denied(tensors, path, **k):
+        raise SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    monkeypatch.setattr(C, "save_file", denied)
+    assert one_line_error(OSError, C.save_safetensors, {}, "x.safetensors") == (
+        "could not write x.safetensors (Error while serializing: I/O error: Permission denied "
+        "(os error 13))")
+
+
+@pytest.mark.parametrize("config,says", [
+    (dict(hidden_act="gelu"), "it describes hidden_act='gelu', not silu"),
+    (dict(head_dim=32), "it describes head_dim=32, not hidden_size / num_attention_heads = 16")])
+def test_a_hf_config_that_changes_what_llama_fixes_is_refused_naming_the_field(tmp_path, tok_path,
+                                                                               config, says):
+    """A GELU MLP would load as SiLU (wrong logits, no word); heads wider than dim / n_heads
+    would be called weights of another model."""
+    transformers = needs_transformers()
+    transformers_llama(transformers, tmp_path / "hf", tok_path, **config)
+    config_json = os.path.join(tmp_path / "hf", "config.json")
+    assert one_line_error(ValueError, C.read_checkpoint, str(tmp_path / "hf")) == (
+        f"{config_json}: {says}: only plain Llama is supported")
+
+
 # --- bad input: one-line errors that say what is wrong -----------------------------------------
 
 def one_line_error(exc_type, fn, *args):
@@ -703,6 +748,22 @@ def test_tokenizer_of_another_model(tmp_path, tok_path):
     train_tokenizer(iter(tiny_text(seed=1)), os.path.join(ckpt, "tokenizer.model"), vocab_size=300)
     msg = one_line_error(ValueError, G.load_model, ckpt)
     assert "300 pieces" in msg and "embeds 320" in msg
+
+
+def test_a_model_with_tokens_added_beyond_its_tokenizer_is_told_to_trim_them(tmp_path,
+                                                                            tok_path):
+    """An embedding with more rows than tokenizer.model has pieces: tokens added in fine-tuning
+    (transformers' add_special_tokens + resize_token_embeddings) or a padded vocabulary."""
+    ckpt = write_checkpoint(tmp_path / "added", tiny_model(vocab_size=321), tok_path)
+    assert one_line_error(ValueError, G.load_model, ckpt) == (
+        f"tokenizer {ckpt}/tokenizer.model has 320 pieces but the model embeds 321 tokens: tokens "
+        "added beyond tokenizer.model (added tokens, or a padded vocabulary) are not supported; "
+        "trim the embedding and output rows back to its 320 pieces (or, if it is another model's "
+        "tokenizer, use the model's own tokenizer.model)")
+    ckpt = write_checkpoint(tmp_path / "fewer", tiny_model(vocab_size=319), tok_path)
+    assert one_line_error(ValueError, G.load_model, ckpt) == (
+        f"tokenizer {ckpt}/tokenizer.model has 320 pieces but the model embeds 319 tokens: it "
+        "belongs to another model; use the model's own tokenizer.model")
 
 
 def test_hf_folder_without_weights(tmp_path, tok_path):
