@@ -43,9 +43,9 @@ What this file leaves out: HF checkpoints with a scaled rotary embedding (Llama 
 `rope_scaling`, or in transformers 5 a `rope_parameters` rope_type not "default"), a hidden_act
 other than SiLU, a head_dim other than dim / n_heads, biases, `.bin` weights (convert them to
 safetensors); an embedding with tokens added beyond tokenizer.model (added tokens, a padded
-vocabulary); sharded HF export (one file); exporting a SentencePiece
-model not of LLaMA's kind (refused: unigram, normalizing, ...); loading only one rank's shard
-file (each rank reads all of them and keeps its slice).
+vocabulary); sharded HF export (one file); exporting a SentencePiece model not of LLaMA's kind
+(refused: unigram, normalizing, ...); loading only one rank's shard file (each rank reads all of
+them and keeps its slice).
 """
 
 import contextlib
