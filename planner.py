@@ -44,10 +44,13 @@ weights, gradients and optimizer state of its stage (2 + 4 + 12 bytes per parame
 activations its schedule holds at the worst moment (parallel.in_flight over the schedule).
 
 What this leaves out: ZeRO/FSDP sharding of optimizer state, overlap of the dp all-reduce with
-backward (PTD-P does it after the flush, as parallel.py does), the optimizer step's time,
-network topology and congestion, stragglers and failures, the causal kernel doing half the
-attention FLOPs (counted whole, the MFU convention). Each moves a real run by a few percent;
-the two published runs land within 8% (tests/test_planner.py).
+backward (counted after the flush, where PTD-P sends it; parallel.py's buckets start during a
+rank's last backward where that micro-batch's forward came just before it, at pp = 1 and on
+1F1B's last rank, so a pp = 1 step is a little shorter than planned; at pp > 1 the first rank,
+which ends the step, sends them all after its flush), the optimizer step's time, network
+topology and congestion, stragglers and failures, the causal kernel doing half the attention
+FLOPs (counted whole, the MFU convention). Each moves a real run by a few percent; the two
+published runs land within 8% (tests/test_planner.py).
 
 Papers: PTD-P (arXiv 2104.04473), Korthikanti et al. (2205.05198), LLaMA (2302.13971), PaLM
 (2204.02311) appendix B for MFU.

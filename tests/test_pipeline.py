@@ -9,7 +9,8 @@ file pays for one spawn, and returns what it measured:
      read off the timelines drawn in schedule_order's docstring, column by column; and every
      rank's recorded torch.distributed calls, in every configuration here, replay without
      deadlock under NCCL's rules (p2p_rules.py: no buffered sends, one call at a time on a group,
-     every group started by all its ranks);
+     every group started by all its ranks); GradSync's buckets start in the last backward of
+     1F1B's last rank, and after the flush on the first;
   3. memory: the activation bytes each stage holds at its worst moment, and its weights,
      gradients and optimizer state, equal planner.py's prediction;
   4. checkpoints: saved at pp 2 x tp 2, the files are Meta's; loaded at pp 4, the loss is the same.
@@ -114,6 +115,23 @@ def test_sends_and_receives_follow_the_drawn_timelines(ran):
     count = lambda schedule: sum(len(c.what) for c in ran[1]["traffic"][f"pp4 {schedule}"]
                                  if c.op == "p2p")
     assert count("interleaved") == 2 * count("1f1b")                        # v x messages
+
+
+def test_dp_all_reduce_starts_in_the_last_backward_of_1f1b_last_rank_only(ran):
+    """pp 2 x dp 2, 1F1B (planner.py's docstring says so): on the last pp rank, whose last two
+    ops are one micro-batch's forward and backward, GradSync's buckets start during that
+    backward, before the gradient it sends back; the first rank, which ends the step, runs every
+    forward under no_sync() and sends all its buckets after the flush, in finish()."""
+    for rank in range(WORLD):
+        calls, dp_ranks = ran[rank]["traffic"]["pp2 x dp2"], (rank - rank % 2, rank - rank % 2 + 1)
+        is_bucket = lambda c: c.op == "all_reduce" and c.ranks == dp_ranks and not c.blocking
+        step = calls[:next(n for n, c in enumerate(calls) if c.op == "broadcast")]  # the loss's
+        buckets = [n for n, c in enumerate(step) if is_bucket(c)]
+        last_send = max(n for n, c in enumerate(step) if c.op == "p2p")
+        if rank // 2 == 1:                                                  # the last pp rank
+            assert buckets and buckets[0] < last_send, rank
+        else:
+            assert buckets == [] and is_bucket(calls[len(step) + 1]), rank
 
 
 def test_recorded_traffic_cannot_deadlock_under_nccl_rules(ran):
