@@ -36,8 +36,8 @@ before it writes, so the model files are the same whatever --pp.
 
 Shape legend: B sequences per micro-batch per rank, T sequence length, V vocabulary.
 
-What this file leaves out: resuming at a different tensor- or pipeline-parallel layout with the
-optimizer state (use --init-from: weights only, any layout), --compile under pipeline
+What this file leaves out: resuming at a different tensor-, pipeline- or data-parallel layout with
+the optimizer state (use --init-from: weights only, any layout), --compile under pipeline
 parallelism, samples at the end under tensor or pipeline parallelism, mixed precision other
 than bf16 autocast (no fp16 loss scaling), and a stop inside a pipeline's step (under --pp a
 signal is honoured between steps; without it, between micro-batches too).
@@ -109,7 +109,7 @@ class TrainConfig:
     pp: int = 1                     # pipeline-parallel degree: stages of consecutive layers
     virtual_stages: int = 1         # chunks per pipeline rank (> 1: the interleaved schedule)
     micro_batches: int = 1          # per optimizer step (gradient accumulation, or the pipeline's)
-    pp_schedule: str = "auto"       # auto (1f1b, interleaved with virtual stages) | afab | 1f1b
+    pp_schedule: str = "auto"       # auto | afab | 1f1b | interleaved (auto: by --virtual-stages)
     sp: bool = False                # sequence parallelism (needs tp > 1)
     recompute: str = "none"         # none | selective | full
     bucket_mb: float = 25.0         # data-parallel gradient bucket size, MB
@@ -516,6 +516,7 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
         # now, as resume() passes over weights, so that what follows reads the one resumed.
         found = found[first_readable(found, read_opening, world)[0]:]
         cfg = restore_config(cfg, given, found[0])
+        check_world(found[0], trained_grid(found[0], cfg.pp), world.world_size)
     elif found:
         raise ConfigError(f"{cfg.out} already holds a run ({found[0]}); pass --resume to "
                           "continue it, or choose another --out")
@@ -539,6 +540,30 @@ def open_run(cfg: TrainConfig, given: dict, world) -> tuple:
         world.say(f"{cfg.out} holds a run that saved no checkpoint ({held}): it starts again "
                   "from step 0, and its metrics are replaced")
     return cfg, found, lock
+
+
+def trained_grid(ckpt: str, pp: int) -> dict:
+    """{"dp", "tp", "pp"} the checkpoint's run was trained at, from its first train state
+    memory-mapped (no tensor is read); {} where that file cannot say: resume() passes over a
+    damaged one, saying so, and checks the checkpoint it loads instead."""
+    path = os.path.join(ckpt, C.train_state_name(0, 0, pp))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {axis: int(state[axis]) for axis in ("dp", "tp", "pp")}
+    except Exception:                        # NOTE: torch, zipfile and pickle raise many kinds
+        return {}
+
+
+def check_world(ckpt: str, grid: dict, world_size: int):
+    """A run resumes at the world size it was trained at: the data-parallel degree is the rest
+    of the world after tp x pp, and another one would change the global batch (batch size x
+    micro-batches x dp) silently. grid: trained_grid's, or a train state itself."""
+    if "dp" in grid and (n := grid["dp"] * grid["tp"] * grid["pp"]) != world_size:
+        raise ConfigError(f"cannot resume {ckpt} at world size {world_size}: the run was "
+                          f"trained at world size {n} (dp {grid['dp']} x tp {grid['tp']} x pp "
+                          f"{grid['pp']}), and another would change its global batch or its "
+                          f"grid; launch {n} processes, or start a new run from these weights "
+                          f"with --init-from {ckpt}")
 
 
 def read_opening(ckpt: str):
@@ -622,9 +647,16 @@ def open_data(cfg: TrainConfig, world, found: list) -> tuple:
         if cfg.data != TrainConfig.data:
             raise ConfigError(f"--data {cfg.data} does not exist; build it with `python data.py "
                               "prepare ... --out DIR`")
+        refused = None
         if world.is_main:
-            data.prepare_demo(cfg.data)
-        _all_ranks(True, world)                          # the others wait for rank 0's build
+            try:
+                data.prepare_demo(cfg.data)
+            except FileExistsError:            # another run is building it, or has just built it
+                if not data.is_complete(cfg.data):       # built: this run reads it
+                    refused = ConfigError(f"--data {cfg.data} is being built by another process "
+                                          "right now; wait for it to finish, then run again")
+        if not _all_ranks(refused is None, world):       # the others wait for rank 0's build
+            raise refused or ConfigError("rank 0 could not build --data (its message says why)")
     tok_path = os.path.join(cfg.data, "tokenizer.model")
     weights = data.parse_mix(cfg.mix) if cfg.mix else None
     sampler = data.MixtureSampler(cfg.data, cfg.seq_len, weights=weights, seed=cfg.seed)
@@ -735,6 +767,7 @@ def resume(candidates: list, model, optimizer, sampler, world, grid, cfg: TrainC
     is said for the checkpoint resumed (say_new_steps)."""
     def load(path: str) -> int:
         state = C.read_train_state(path, grid.tp_rank, grid.pp_rank, grid.pp)
+        check_world(path, state, world.world_size)   # open_run checked the newest, if it could
         P.load_sharded(model, C.read_checkpoint(path)[1], grid)   # all shards, merged
         optimizer.load_state_dict(state["optimizer"])
         try:

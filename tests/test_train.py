@@ -1,7 +1,7 @@
 """Tests for train.py: the schedule, the optimizer's and clipping's flags, accumulation equality,
 the validation mean, exact resume after a crash, a crash in the middle of a save, non-finite
-steps, refused configurations, a falling loss, the CPU's peak timed again and counted per device,
-and freed memory kept by the allocator."""
+steps, refused configurations, the default data another run builds, a falling loss, the CPU's
+peak timed again and counted per device, and freed memory kept by the allocator."""
 
 import io
 import json
@@ -345,6 +345,48 @@ def test_a_malformed_mix_is_refused_before_out_or_the_demo_data_is_made(tmp_path
         "error: bad mixture item 'code' in 'code': write NAME=WEIGHT pairs separated by commas, "
         "e.g. 'code=0.6,docs=0.3,reference=0.1'\n")
     assert os.listdir(tmp_path) == []         # no --out folder, no data built
+
+
+def demo_argv(out):
+    """A tiny run on the default --data, data/demo, which it builds where it is missing."""
+    return ["--out", str(out), "--preset", "tiny", "--seq-len", "32", "--batch-size", "4",
+            "--steps", "2", "--warmup", "1", "--eval-every", "100", "--eval-windows", "4",
+            "--samples", "0", "--device", "cpu"]
+
+
+def test_a_run_whose_default_data_another_run_is_building_is_told_to_wait(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/.tmp-demo")
+    held = C.lock("data/.tmp-demo")           # another run's build of data/demo, still running
+    try:
+        with pytest.raises(SystemExit) as e:
+            T.main(demo_argv(tmp_path / "run"))
+    finally:
+        os.close(held)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --data data/demo is being built by another process "
+                                       "right now; wait for it to finish, then run again\n")
+    assert sorted(os.listdir("data")) == [".tmp-demo"] and os.listdir(tmp_path / "run") == []
+
+
+def test_a_run_whose_default_data_another_run_built_meanwhile_trains_on_it(demo_data, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def built_by_another_run(out_dir, *args, **kwargs):
+        shutil.copytree(demo_data, out_dir)    # its build lands between our look and our own
+        data.check_new(out_dir)                # "... already holds a prepared dataset; delete it"
+    monkeypatch.setattr(data, "prepare_demo", built_by_another_run)
+    assert sorted(T.main(demo_argv(tmp_path / "run"))["losses"]) == [1, 2]
+
+
+def test_the_pp_schedule_help_lists_every_schedule_it_accepts(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split("--pp-schedule PP_SCHEDULE")[-1].split())
+    listed = text.split(" (")[0].split(" | ")
+    assert listed == ["auto", *P.PIPELINE_SCHEDULES]
 
 
 def test_compile_is_the_default_for_one_cuda_process_only(demo_data, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """train.py under several processes: per-step losses of tensor, sequence and data parallel runs,
 and of each recomputation mode, equal those of one process with the same global batch; each run
-frees every process group it made before it returns.
+frees every process group it made before it returns; a run resumed by another number of processes
+than it was trained with is refused.
 
 bf16 autocast on CPU (`--dtype bf16`) is the CPU stand-in for the CUDA path: every hand-written
 backward (SwiGLU, the keep-shard linear, recomputation, the vocabulary-parallel loss, f and g)
@@ -8,6 +9,7 @@ runs under it in one process with each recompute mode, and under tp 2 + sp and p
 stay within bf16's rounding of fp32's, and each parallel bf16 run equals one bf16 process.
 """
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -178,3 +180,33 @@ def test_a_stop_on_one_rank_between_micro_batches_drops_the_step_on_all(demo_dat
         assert sorted(rank["losses"]) == [4, 5, 6]
         for step in (4, 5, 6):
             assert rank["losses"][step] == pytest.approx(one[step], rel=1e-4)
+
+
+def files_under(folder) -> dict:
+    """{path inside folder: its bytes}: what a run left there."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_a_run_resumes_only_at_the_world_size_it_was_trained_at(demo_data, tmp_path, capsys):
+    """dp is the world left over by tp x pp, and the global batch counts it: a dp 2 run resumed
+    by one process would train on half its batch, and a tp 2 run needs its 2 processes, not a
+    multiple of 2. Both are refused in one line naming the count, before anything is trained or
+    written."""
+    flags = ("--steps", "2", "--warmup", "1", "--save-every", "2")
+    runs = {"dp2": (2, ()), "tp2": (4, ("--tp", "2"))}         # (batch size, flags) on 2 ranks
+    spawn_each(T.main, 2, [argv(demo_data, tmp_path / name, batch_size, *flags, *extra)
+                           for name, (batch_size, extra) in runs.items()])
+    for name, grid in (("dp2", "dp 2 x tp 1 x pp 1"), ("tp2", "dp 1 x tp 2 x pp 1")):
+        out = tmp_path / name
+        before = files_under(out)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            T.main(["--out", str(out), "--resume", "--steps", "4"])
+        ckpt = out / "checkpoints" / "step-000002"
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot resume {ckpt} at world size 1: the run was trained at world size 2 "
+            f"({grid}), and another would change its global batch or its grid; launch 2 "
+            f"processes, or start a new run from these weights with --init-from {ckpt}\n")
+        assert files_under(out) == before
