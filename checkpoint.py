@@ -58,6 +58,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 from typing import Optional
 
 import torch
@@ -775,23 +776,26 @@ def check_outputs(outputs: list, inputs: list):
 # ---------------------------------------------------------------------------------------------
 
 def write_atomic(path: str, content):
-    """Write text (or bytes) to path.tmp, flush it to disk, close it, then rename it over path:
-    readers see the old file or the new one, never a part. A full disk raises here, before the
-    rename, and leaves no .tmp behind. The file keeps the mode of the one it replaces (a new one
-    gets the usual 0666 less the umask)."""
-    tmp = path + ".tmp"
+    """Write text (or bytes) to a new file PATH.XXXXXXXX.tmp beside path, flush it to disk,
+    close it, then rename it over path: readers see the old file or the new one, never a part.
+    Each write has a temporary file of its own: two processes writing one path (two eval.py
+    --out of one report) never write into each other's. A full disk raises here, before the
+    rename, and a failed write or rename leaves no .tmp behind. The file keeps the mode of the
+    one it replaces (a new one gets the usual 0666 less the umask)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path) else new_file_mode()
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(path) or ".")
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path) else new_file_mode()
-        with open(tmp, "wb" if isinstance(content, bytes) else "w") as fh:
+        with open(fd, "wb" if isinstance(content, bytes) else "w") as fh:
             fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode)              # mkstemp makes it 0600
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
 
 
 def new_file_mode() -> int:
@@ -960,10 +964,16 @@ def abandon_build(tmp: str, fd: int):
 
 def remove_leftovers(folder: str):
     """Remove the .tmp-NAME folders in `folder` that no build holds: what killed builds, or
-    failed ones that could not clean up, left behind (a run's checkpoints/ on a full disk)."""
+    failed ones that could not clean up, left behind (a run's checkpoints/ on a full disk); and
+    the NAME.XXXXXXXX.tmp files of writes killed midway (write_atomic's: `latest`'s), which the
+    caller, holding the run (lock_run), knows no live process is writing."""
     for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
         if os.path.isdir(path):
             remove_unread(path)
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+        if os.path.isfile(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def finish_build(tmp: str, out_dir: str, replace: bool = False):

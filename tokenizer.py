@@ -75,8 +75,8 @@ def train_tokenizer(source: Union[List[str], Iterable[str]], out: str, vocab_siz
     `source` is either a list of file paths, or an iterator (a generator, `iter(texts)`) of
     strings. SentencePiece reads "sentences": for files, one per line; from an iterator, one each.
     At most `max_sentences` are sampled (the trainer holds them all in memory) with a fixed seed:
-    the same text gives the same model, byte for byte. The model is written to OUT.tmp and
-    renamed, so an interrupted run never leaves a truncated `out` behind.
+    the same text gives the same model, byte for byte. The model is written to a temporary
+    file beside OUT and renamed, so an interrupted run never leaves a truncated `out` behind.
     """
     # NOTE: 260 is SentencePiece's own floor: 256 byte pieces, <unk> <s> </s>, and "▁", the
     # space the dummy prefix puts before every text; each other character of the text adds one.

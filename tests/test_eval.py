@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import eval as E
 import generate as G
 from test_generate import tiny_model, tok_path, write_checkpoint  # noqa: F401
@@ -971,9 +972,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
         (e.contexts, e.choices, e.label, e.question) for e in without]
 
 
-def test_a_failed_report_write_says_the_scores_are_complete(ckpt, tmp_path, capsys):
+def test_a_failed_report_write_says_the_scores_are_complete(ckpt, tmp_path, capsys,
+                                                            monkeypatch):
     out = tmp_path / "report.json"
-    os.symlink("/dev/full", str(out) + ".tmp")                 # the kernel's full disk
+
+    def temporary_file_on_a_full_disk(prefix, suffix, dir):    # the kernel's full disk
+        tmp = os.path.join(dir, f"{prefix}full{suffix}")
+        os.symlink("/dev/full", tmp)
+        return os.open(tmp, os.O_WRONLY), tmp
+    monkeypatch.setattr(C.tempfile, "mkstemp", temporary_file_on_a_full_disk)
     with pytest.raises(SystemExit) as info:
         E.main(["--ckpt", ckpt, "--task", "boolq", "--data", fixture("boolq.jsonl"), "--out",
                 str(out)])

@@ -129,16 +129,56 @@ def test_resume_extends_steps_and_a_finished_run_says_so(demo_data, tmp_path, ca
 
 # --- 2. nothing on disk is lost ----------------------------------------------------------------
 
-def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path):
+def temporary_file_on_a_full_disk(prefix, suffix, dir):
+    """tempfile.mkstemp, its file the kernel's full disk: a link to /dev/full under its name."""
+    tmp = os.path.join(dir, f"{prefix}full{suffix}")
+    os.symlink("/dev/full", tmp)
+    return os.open(tmp, os.O_WRONLY), tmp
+
+
+def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "latest"
     path.write_text("step-000002")
-    os.symlink("/dev/full", str(path) + ".tmp")           # the kernel's full disk
+    monkeypatch.setattr(C.tempfile, "mkstemp", temporary_file_on_a_full_disk)
     with pytest.raises(OSError) as e:
         C.write_atomic(str(path), "step-000004")
     assert e.value.errno == errno.ENOSPC
-    assert path.read_text() == "step-000002" and not os.path.lexists(str(path) + ".tmp")
+    assert path.read_text() == "step-000002" and os.listdir(tmp_path) == ["latest"]
     with pytest.raises(OSError):
         C.log_metrics("/dev/full", dict(step=1, loss=2.0))   # appends fail loudly too
+
+
+def test_two_writes_of_one_path_at_once_each_complete_whole(tmp_path, monkeypatch):
+    """Two eval.py --out of one report finishing together: a second write of the path runs
+    while the first flushes its file. Each writes a file of its own; neither fails, and the
+    path holds one of them whole (the one renamed last), nothing else is left."""
+    path, real_fsync = str(tmp_path / "report.json"), os.fsync
+
+    def another_write_meanwhile(fd):
+        monkeypatch.setattr(C.os, "fsync", real_fsync)
+        C.write_atomic(path, json.dumps({"writer": "B"}))
+        real_fsync(fd)
+    monkeypatch.setattr(C.os, "fsync", another_write_meanwhile)
+    C.write_atomic(path, json.dumps({"writer": "A", "pad": "A" * 100_000}))
+    assert json.load(open(path))["writer"] == "A" and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_a_write_whose_rename_fails_leaves_no_temporary_file(tmp_path):
+    os.makedirs(tmp_path / "latest")                  # a folder where the file goes
+    with pytest.raises(IsADirectoryError):
+        C.write_atomic(str(tmp_path / "latest"), "step-000004")
+    assert os.listdir(tmp_path) == ["latest"]
+
+
+def test_a_runs_leftovers_are_removed_its_checkpoints_kept(tmp_path):
+    """What killed writes leave in checkpoints/: a step folder being built, a `latest` being
+    written (write_atomic's temporary file); removed when a run takes the folder again."""
+    for folder in ("step-000002", ".tmp-step-000004"):
+        os.makedirs(tmp_path / folder)
+    for name in ("latest", "latest.k2j_3xq9.tmp"):
+        (tmp_path / name).write_text("step-000002")
+    C.remove_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-000002"]
 
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_path, monkeypatch,
