@@ -72,9 +72,9 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def first_line(e: BaseException, limit: int) -> str:
-    """The first line of an exception's message, at most `limit` characters ("" if it has none):
-    a library's long message, quoted inside one of our one-line errors."""
-    return (str(e).splitlines() or [""])[0][:limit]
+    """The first line of an exception's message that holds text, at most `limit` characters (""
+    if it has none): a library's long message, quoted inside one of our one-line errors."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:limit]
 
 
 def port_in_use(e: BaseException, master: tuple) -> str:

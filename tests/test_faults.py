@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import cli
 import data
 import generate as G
 import model as M
@@ -1059,3 +1060,11 @@ def test_an_exported_model_file_gets_the_mode_of_any_new_file(tmp_path, tok_path
     os.umask(umask)
     for name in os.listdir(tmp_path / "hf"):                   # safetensors writes 0600
         assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_library_message_that_opens_with_a_blank_line_is_quoted_from_its_first_text():
+    """safetensors' errors begin with a newline: the quote inside our one line is its text."""
+    e = RuntimeError("\n   Error while serializing: I/O error (os error 28)\n  details")
+    assert cli.first_line(e, 200) == "Error while serializing: I/O error (os error 28)"
+    assert cli.first_line(e, 5) == "Error"
+    assert cli.first_line(RuntimeError(""), 10) == ""
