@@ -33,6 +33,7 @@ What this file leaves out:
 
 import io
 import os
+import re
 import sys
 import tempfile
 from typing import Iterable, List, Union
@@ -200,9 +201,15 @@ def check_writable(out: str):
 def trainer_reason(e: RuntimeError) -> str:
     """SentencePiece's own words for a failed training, its C++ source location dropped: they
     say what to change ("Vocabulary size is too high (32000). Please set it to a value <= 1234.").
-    Some failures carry no words, only the check that failed: those are said here."""
+    Some failures carry no words, only the check that failed: those are said here; and one
+    carries advice for a flag of SentencePiece's own (--character_coverage), said in ours."""
     text = str(e)
     reason = text.rsplit("] ", 1)[-1].strip()
+    if short := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason):
+        given, needed = short.groups()
+        return (f"--vocab-size {given} is less than the {needed} pieces it needs (256 bytes, "
+                f"<unk> <s> </s>, and one for each character of the text); give --vocab-size "
+                f"{needed} or more")
     if reason:
         return reason
     if "sentences_.empty()" in text:

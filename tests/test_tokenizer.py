@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -132,11 +133,30 @@ def test_text_without_a_sentence_says_so(tmp_path):
      "Vocabulary size is too high (32000). Please set it to a value <= 1234."),
     ("Internal: src/trainer_interface.cc(429) [!sentences_.empty()] ",
      "it holds no sentence to learn from (every line is empty); give it some text"),
+    ("INTERNAL: src/trainer_interface.cc(638) [(static_cast<int>(required_chars_.size() + "
+     "meta_pieces_.size())) <= (trainer_spec_.vocab_size())] Vocabulary size is smaller than "
+     "required_chars. 260 vs 269. Increase vocab_size or decrease character_coverage with "
+     "--character_coverage option.",                  # a flag neither script has: ours instead
+     "--vocab-size 260 is less than the 269 pieces it needs (256 bytes, <unk> <s> </s>, and one "
+     "for each character of the text); give --vocab-size 269 or more"),
     ("Internal: src/trainer_interface.cc(100) [some_check()] ",      # any other wordless one
      "its check `some_check()` failed")])
 def test_a_failed_training_is_said_in_sentencepiece_words_or_by_its_check(raised, said):
     """SentencePiece's own words, its source location dropped; where it has none, the check."""
     assert tk.trainer_reason(RuntimeError(raised)) == said
+
+def test_too_small_a_vocabulary_for_the_texts_characters_names_the_size_that_trains(tmp_path):
+    text = "".join(chr(c) for c in range(0x3b1, 0x3c9)) * 20 + "\nabc def\n"   # Greek + Latin
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        tk.main(["--train", str(tmp_path / "t.txt"), "--vocab-size", "260",
+                 "--out", str(tmp_path / "x.model")])
+    needed = int(re.search(r"give --vocab-size (\d+) or more$", e.value.code).group(1))
+    assert needed > 260 and not (tmp_path / "x.model").exists()
+    tk.main(["--train", str(tmp_path / "t.txt"), "--vocab-size", str(needed),
+             "--out", str(tmp_path / "x.model")])                    # the size it names trains
+    assert tk.Tokenizer(str(tmp_path / "x.model")).n_words == needed
+
 
 def test_a_fifo_to_train_on_is_named_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "pipe.txt")                      # SentencePiece would wait forever
