@@ -50,13 +50,14 @@ Shape legend: B global batch (B/dp rows per rank), T sequence length. A window h
 the model reads window[:-1] and predicts window[1:].
 
 What this file leaves out: fastText language identification and CCNet's perplexity and
-"Wikipedia-reference" filters (they need downloaded models; `language_id` and `quality` are
-hooks of the ccnet and web kinds, and an English heuristic stands in); metadata a record does
-not carry (Wikipedia's 20 languages, GitHub's licenses); dedup across sources; splitting one
-huge file (a source kept in one file is cleaned by one core: `split -l 100000 big.jsonl part-`
-first); threads (workers are processes forked from this one: Linux, macOS); near dedup of more
-documents than one merge holds (see merge); zstd-compressed sources (RedPajama's common_crawl is
-.jsonl.zst: `zstd -d` them first; zstandard is no dependency).
+"Wikipedia-reference" filters (they need downloaded models; `language_id` and `quality` are hooks
+of the ccnet and web kinds, and an English heuristic stands in); metadata a record does not carry
+(Wikipedia's 20 languages, GitHub's licenses); dedup across sources; splitting one huge file (a
+source kept in one file is cleaned by one core: first `split -l 100000 --additional-suffix=.jsonl
+big.jsonl part-`, and move big.jsonl out of the folder); threads (workers are processes forked from
+this one: Linux, macOS); near dedup of more documents than one merge holds (see merge);
+zstd-compressed sources (RedPajama's common_crawl is .jsonl.zst: `zstd -d` them first; zstandard is
+no dependency).
 
 Papers: LLaMA (arXiv 2302.13971) §2.1 and Table 1; CCNet (1911.00359) §3; C4 in the T5 paper
 (1910.10683) §2.2; Codex (2107.03374) §3.1 for code heuristics; MinHash (Broder 1997) with LSH
@@ -149,7 +150,9 @@ class MixtureSampler:
     share one token, so each token but a last partial window is predicted once per epoch); an
     epoch visits all of them in an order reshuffled from (seed, source, epoch). Which source
     serves the next window is not random: it is the one furthest below its target share,
-    weight * windows served so far. The realized shares are then exact to within one window, and
+    weight * windows served so far. The realized shares then stay within about one window of the target (within one at
+    every step for Table 1's weights, tested; some mixes of many small weights lag by a little
+    more), and
     the whole stream is a function of the counts of windows served per source -- which is all
     `state_dict` needs to hold.
 
@@ -200,7 +203,7 @@ class MixtureSampler:
         for _ in range(n):
             total += 1
             # PAPER: deficit scheduling: serve the source furthest below weight * total, which
-            # keeps every share within one window of Table 1's proportions [LLaMA Table 1].
+            # keeps every share within about one window of its target [LLaMA Table 1].
             s = max(range(len(self.names)), key=lambda i: self.weights[i] * total - self.served[i])
             epoch, position = divmod(self.served[s], len(self.windows[s]))
             picks.append((s, int(self._order(s, epoch)[position])))
@@ -278,7 +281,8 @@ DIGIT, PUNCTUATION = re.compile(r"\d"), re.compile(r"[\W_]+")  # PERF: compiled 
 
 
 def web_line_dedup(text: str, seen: set) -> str:
-    """Drop every line already seen earlier in this file; blank lines stay as separators.
+    """Drop every line already seen earlier in this file; blank lines, and lines of
+    punctuation alone (`* * *`, `|---|`), stay as separators.
     PAPER: CCNet removes duplicated paragraphs within a shard, one of the 5 GB pieces a dump is
     cut into: menus, cookie banners, footers repeated on every page of a site [CCNet §3]. Here a
     shard is one input file, so files are cleaned independently, in parallel. Lines are compared
@@ -1192,7 +1196,7 @@ def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict
                    val_every: int, vocab_size: int = 260,
                    workers: Optional[int] = None) -> Optional[Tokenizer]:
     """Refuse, before any work starts, a mixture that names unknown sources, a val_every that
-    would hold nothing out, a vocabulary too small to train or a worker count below 1; return
+    would hold nothing out, a vocabulary too small to train or a worker count below 0 (0: every core); return
     the given tokenizer, loaded (so checked), or None. The command line checks the numbers as
     flags; this is for the calls from Python."""
     unknown = sorted(set(weights or {}) - set(names))

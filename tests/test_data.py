@@ -1203,6 +1203,20 @@ def test_epochs_match_table1(tmp_path):
         assert epochs == pytest.approx(data.TABLE1[name][1], rel=0.03), name
 
 
+def test_table1_shares_stay_within_one_window_of_their_targets_at_every_step(tmp_path):
+    # Deficit scheduling: after t windows, source s has served within one window of w_s * t.
+    # The source of a window is read from its tokens (make_dataset numbers source k from
+    # k * 100000), so the check does not trust the sampler's own counts.
+    folder = make_dataset(tmp_path, {n: 10 * 8 + 1 for n in data.TABLE1},
+                          {n: v[0] for n, v in data.TABLE1.items()})
+    rows = data.MixtureSampler(folder, seq_len=8).next_batch(20000)
+    source = rows[:, 0] // 100000                                         # (windows,)
+    served = torch.nn.functional.one_hot(source, len(data.TABLE1)).cumsum(0).double()
+    share = torch.tensor([v[0] / 100 for v in data.TABLE1.values()], dtype=torch.double)
+    target = torch.arange(1, len(rows) + 1, dtype=torch.double)[:, None] * share
+    assert (served - target).abs().max() < 1
+
+
 def test_global_batch_identical_for_dp_1_2_4(mix):
     def global_batches(dp):
         ranks = [data.MixtureSampler(mix, seq_len=16, seed=3) for _ in range(dp)]
