@@ -759,8 +759,9 @@ def checkpoint_paths(flag: str, ckpt: str) -> list:
 def check_outputs(outputs: list, inputs: list):
     """Refuse, in one line, an output that is an input or lies inside one: a report written over
     its benchmark, an export inside the checkpoint it reads. outputs and inputs are (flag, path)
-    pairs; paths are compared as the files they name (symlinks resolved). Every script calls it
-    before any work."""
+    pairs; paths are compared as the files they name (symlinks resolved). data.py, train.py,
+    generate.py and eval.py call it before any work (tokenizer.py refuses any --out that
+    exists)."""
     for out_flag, out in outputs:
         where = os.path.realpath(out)
         for in_flag, source in inputs:
@@ -1019,7 +1020,7 @@ def building(out_dir: str):
 # /dev/zero never end, and a 50 GB file would be read into memory before anything failed.
 
 TEXT_LIMIT = 1 << 30        # a benchmark, a text to score, a .txt document: 1 GiB at most
-JSON_LIMIT = 64 << 20       # params.json, manifest.json, train_config.json, latest...
+JSON_LIMIT = 64 << 20       # params.json, manifest.json, train_config.json, dataset.json...
 
 
 def regular_file(path: str, what: str = "file") -> os.stat_result:

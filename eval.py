@@ -752,7 +752,7 @@ def read_task(name: str, path: str, limit=None) -> list:
     the file, the line or record, and the field."""
     task = TASKS[name]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"task file {path} does not exist; see eval.py's docstring for "
+        raise FileNotFoundError(f"task file {path} does not exist; eval.py's section 6 names "
                                 f"which {name} file to download")
     if os.path.isdir(path) and name != "mmlu":      # only MMLU's CSV files come in a folder
         raise ValueError(f"task file {path} is a folder; give {name}'s file itself (eval.py's "

@@ -2,10 +2,10 @@
 generate.py -- sample from any LLaMA checkpoint (ours, Meta's, Hugging Face's), fast.
 
 Two jobs live here: turning a folder of weights into a `Transformer` plus its `Tokenizer` on a
-device (load_model, which eval.py and train.py's `--init-from` share), and decoding text from it
-with the preallocated KV cache of model.py. Reading a folder in any of the three layouts, and
-writing the Hugging Face export, are checkpoint.py's. It does not train and does not score
-benchmarks (eval.py does).
+device (load_model, which eval.py uses; train.py's `--init-from` reads its folder through
+checkpoint.read_checkpoint, as load_model does), and decoding text from it with the preallocated KV
+cache of model.py. Reading a folder in any of the three layouts, and writing the Hugging Face
+export, are checkpoint.py's. It does not train and does not score benchmarks (eval.py does).
 
     python generate.py --ckpt out/demo/checkpoints/latest --prompt "The capital of France is"
     python generate.py --ckpt llama/7B --prompt "Hi" --prompt "A longer prompt" --temperature 0

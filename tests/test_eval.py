@@ -791,7 +791,7 @@ def test_bad_files_and_outputs(ckpt, tmp_path):
     assert refused(base + [fixture("piqa.jsonl"), "--task", "gsm8k"], tmp_path).startswith(
         "error: unknown task 'gsm8k'; choose one of boolq, piqa")
     assert refused(base + [str(tmp_path / "no.jsonl"), "--task", "piqa"], tmp_path) == (
-        f"error: task file {tmp_path / 'no.jsonl'} does not exist; see eval.py's docstring for "
+        f"error: task file {tmp_path / 'no.jsonl'} does not exist; eval.py's section 6 names "
         "which piqa file to download")
     np.save(tmp_path / "bad.npy", np.array([5, 9999]))                    # ids beyond 320
     assert "another tokenizer" in refused(base + [str(tmp_path / "bad.npy"), "--task",
