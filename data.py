@@ -347,8 +347,11 @@ def looks_english(text: str) -> bool:
 
 # --- code: GitHub ---
 
-LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|permission is hereby granted|all rights reserved",
-                           re.I)
+# A notice's paragraphs: the copyright line, the grant ("Permission to use ... is hereby granted")
+# and the disclaimer (THE SOFTWARE IS PROVIDED "AS IS" ... WARRANTIES), each its own paragraph in
+# ISC's and 0BSD's headers.
+LICENSE_WORDS = re.compile(r"copyright|licen[cs]e|hereby granted|all rights reserved"
+                           r"|provided\W+as\W+is|warrant", re.I)
 # A line comment; not Rust's #[attribute] or #![crate_attribute], which are code. A line that
 # starts with * is a comment only inside a /* */ block (in Markdown it is a bullet).
 LINE_COMMENT = re.compile(r"\s*(#(?![\[!])|//|--)")
@@ -414,8 +417,10 @@ def code_alnum_share(text: str) -> Optional[str]:
 
 # A page of raw wikitext holds [[links]], {{templates}}, '''bold''', <ref>s or {| tables |};
 # RedPajama's wiki.jsonl is plain text already, where "<int>", "{{ name }}" or 2'' are text, and a
-# record without any of these marks meets no wikitext rule (clean_document).
-WIKITEXT = re.compile(r"\[\[|\{\{[^\s{}]|'''|<ref|\{\|")
+# record without any of these marks meets no wikitext rule (clean_document). NOTE: a table's {|
+# and |} count only at the start of a line, as MediaWiki reads them: 2^{|S|} is TeX.
+WIKITEXT = re.compile(r"\[\[|\{\{[^\s{}]|'''|<ref|^[ \t]*\{\|", re.M)
+WIKI_TABLE = re.compile(r"^[ \t]*\{\|(?:(?!^[ \t]*\{\|).)*?^[ \t]*\|\}[^\n]*\n?", re.M | re.S)
 
 
 def wiki_comments(text: str) -> str:
@@ -436,10 +441,11 @@ def wiki_templates(text: str) -> str:
 
 def wiki_tables(text: str) -> str:
     """{| tables |} are formatting boilerplate [LLaMA §2.1]: removed with their cells, and the
-    line break after them; tables nest, so the innermost are removed until none is left."""
+    line break after them; tables nest, so the innermost are removed until none is left. A {|
+    and a |} each begin a line (WIKI_TABLE): inside a line they are text, <math>2^{|S|}</math>."""
     count = 1
     while count:
-        text, count = re.subn(r"\{\|(?:(?!\{\|).)*?\|\}\n?", "", text, flags=re.S)
+        text, count = WIKI_TABLE.subn("", text)
     return text
 
 

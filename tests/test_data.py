@@ -134,8 +134,19 @@ def test_a_redpajama_wikipedia_record_of_plain_text_meets_no_wikitext_rule():
 
 def test_a_wikitext_table_is_removed_with_its_cells():
     text = ("'''Ada Lovelace''' was a [[mathematician]].\n== Works ==\n{| class=\"wikitable\"\n"
-            "|-\n! Year !! Title\n|-\n| 1843 || Notes {| \n| nested\n|}\n|}\nShe died in 1852.")
+            "|-\n! Year !! Title\n|-\n| 1843 || Notes\n{| \n| nested\n|}\n|}\nShe died in 1852.")
     assert _wiki(text) == ("Ada Lovelace was a mathematician.\nWorks\nShe died in 1852.", None)
+
+
+def test_a_table_mark_inside_a_line_is_text_as_tex_in_math():
+    # MediaWiki opens and closes a table only at the start of a line; inside one, {| and |} are
+    # TeX's braces around |x|, and the text between two of them is article text.
+    text = ("'''Laplace''' tails are heavier than a Gaussian's <math>e^{|x|^2}</math>.\n"
+            "Its characteristic function decays like <math>\\frac{1}{1+|t|}</math>.")
+    assert _wiki(text)[0] == ("Laplace tails are heavier than a Gaussian's e^{|x|^2}.\n"
+                              "Its characteristic function decays like \\frac{1}{1+|t|}.")
+    plain = "A set S with n elements has 2^{|S|-1} subsets of even size, and n^{1/|S|} <a> b."
+    assert _wiki(plain) == (plain, None)                     # no wikitext mark: no rule at all
 
 
 def test_web_line_dedup_across_the_source():
@@ -228,6 +239,17 @@ def test_the_files_own_comment_after_the_license_and_a_blank_line_stays():
     two_notices = ("# ElementPath\n# Copyright (c) 2003 Fredrik Lundh.\n\n# Licensed to PSF.\n\n"
                    "# XPath support.\nimport re\n")
     assert data.code_license_header(two_notices) == "# XPath support.\nimport re\n"
+
+
+def test_an_isc_header_in_three_paragraphs_is_removed_whole():
+    # ISC and 0BSD write the copyright, the grant and the disclaimer as three paragraphs; the
+    # grant and the disclaimer are notices too, not the file's own description.
+    source = ("// Copyright (c) 2018 Example Authors\n\n"
+              "// Permission to use, copy, modify, and distribute this software for any\n"
+              "// purpose with or without fee is hereby granted.\n\n"
+              "// THE SOFTWARE IS PROVIDED \"AS IS\" AND THE AUTHOR DISCLAIMS ALL WARRANTIES.\n"
+              "// IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR ANY DAMAGES.\n\npackage main\n")
+    assert data.code_license_header(source) == "package main\n"
 
 
 def test_rust_attributes_right_after_a_license_comment_are_code():
