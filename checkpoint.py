@@ -971,7 +971,7 @@ def remove_leftovers(folder: str):
     for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
         if os.path.isdir(path):
             remove_unread(path)
-    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.????????.tmp")):  # mkstemp's
         if os.path.isfile(path):
             with contextlib.suppress(OSError):
                 os.remove(path)

@@ -176,10 +176,10 @@ def test_a_runs_leftovers_are_removed_its_checkpoints_kept(tmp_path):
     written (write_atomic's temporary file); removed when a run takes the folder again."""
     for folder in ("step-000002", ".tmp-step-000004"):
         os.makedirs(tmp_path / folder)
-    for name in ("latest", "latest.k2j_3xq9.tmp"):
+    for name in ("latest", "latest.k2j_3xq9.tmp", "notes.tmp"):   # the last: no write_atomic's
         (tmp_path / name).write_text("step-000002")
     C.remove_leftovers(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["latest", "step-000002"]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "notes.tmp", "step-000002"]
 
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_latest(demo_data, tmp_path, monkeypatch,
