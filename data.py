@@ -309,9 +309,17 @@ def c4_boilerplate_lines(text: str) -> str:
     return "\n".join(l for l in text.split("\n") if not any(b in l.lower() for b in C4_BOILERPLATE))
 
 
+C4_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.I)
+
+
 def c4_terminal_punctuation(text: str) -> str:
-    """PAPER: C4 keeps only lines that end in . ! ? or a closing quote [C4 §2.2]."""
-    return "\n".join(l for l in text.split("\n") if l.rstrip().endswith(('.', '!', '?', '"', '”')))
+    """PAPER: C4 keeps only lines that end in . ! ? or a closing quote, and not in "..." (a
+    teaser: "read the rest of this story...") [C4 §2.2]. Citation marks, [1], [edit] and
+    [citation needed], are cut from each line first, as C4's code does, so a cited sentence ends
+    in its own full stop."""
+    lines = (C4_CITATION.sub("", l).rstrip() for l in text.split("\n"))
+    return "\n".join(l for l in lines
+                     if l.endswith(('.', '!', '?', '"', '”')) and not l.endswith("..."))
 
 
 def c4_min_words(text: str, n: int = 5) -> str:
@@ -335,8 +343,9 @@ ENGLISH_WORDS = frozenset("the of and to a in is that for it as was with be by o
 
 def looks_english(text: str) -> bool:
     """The stand-in for fastText language id [CCNet §3]: English prose is written in ASCII
-    letters, and about a third of its words are among some 30 very common English words; German
-    or French text scores under 10% on the second test, lists of names and numbers lower still."""
+    letters, and about a third of its words are among some 30 very common English words (15% at
+    least). NOTE: a heuristic: German and French text mostly fail one test or the other, lists
+    of names and numbers the second; Dutch, which shares "in", "is", "was", can pass both."""
     words = re.findall(r"[^\W\d_]+", text.lower())
     if not words:
         return False
@@ -402,7 +411,7 @@ def code_license_header(text: str) -> str:
 def code_line_length(text: str) -> Optional[str]:
     """PAPER: drop files whose longest line exceeds 1000 characters or whose mean line exceeds
     100: minified or generated code [Codex §3.1; LLaMA §2.1]."""
-    lengths = [len(l) for l in text.split("\n")]
+    lengths = [len(l) for l in text.rstrip("\n").split("\n")]   # a final newline ends a line
     return None if max(lengths) > 1000 or sum(lengths) / len(lengths) > 100 else text
 
 

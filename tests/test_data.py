@@ -1317,3 +1317,20 @@ def test_demo_builds_small_and_is_idempotent(tmp_path, capsys):
     data.main(["stats", out])
     printed = capsys.readouterr().out
     assert all(name in printed for name in data.DEMO_WEIGHTS)
+
+
+def test_c4_cuts_citation_marks_before_it_asks_for_a_full_stop_and_drops_a_teaser():
+    page = ("The Golden Gate Bridge opened to traffic in May 1937.[1]\n"
+            "It was the longest suspension span in the world.[citation needed]\n"
+            "Click here to read the rest of this story...")
+    assert data.c4_terminal_punctuation(page) == (
+        "The Golden Gate Bridge opened to traffic in May 1937.\n"
+        "It was the longest suspension span in the world.")
+
+
+def test_a_files_final_newline_does_not_lower_its_mean_line_length():
+    line = "x = " + "1" * 196                                       # 200 characters
+    assert len(line) == 200
+    assert data.code_line_length(line) is None
+    assert data.code_line_length(line + "\n") is None              # still a mean of 200
+    assert data.code_line_length("x = 1\n" * 3) == "x = 1\n" * 3
