@@ -264,10 +264,12 @@ SUITES = {"common_sense": ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "
 FEWSHOT_SEED = 1234     # the harness's; the paper does not say how its shots were drawn
 
 
-def add_prompts(name: str, examples: list, pool: list, shots: int):
+def add_prompts(name: str, examples: list, pool: list, shots: int, same_file: bool = False):
     """Write the context of each QA or MMLU example: zero-shot, or `shots` solved examples of
     `pool` (the train / dev file) first. MMLU takes the first of the same subject, in file order
-    (its dev split has 5 a subject); QA draws its own shots for each question."""
+    (its dev split has 5 a subject); QA draws its own shots for each question, from one seeded
+    generator as the harness does: `shots` of them from another file, and one more from the file
+    scored (same_file), so that the question itself can be left out if drawn."""
     if name == "mmlu":
         dev = defaultdict(list)
         for s in pool or []:
@@ -280,8 +282,8 @@ def add_prompts(name: str, examples: list, pool: list, shots: int):
         return
     rng = random.Random(FEWSHOT_SEED)
     for e in examples:
-        # NOTE: one more than needed, so that the question itself can be left out if drawn.
-        drawn = rng.sample(pool, min(shots + 1, len(pool))) if shots else []
+        # NOTE: the number drawn moves the generator on: the harness's draws need the harness's.
+        drawn = rng.sample(pool, min(shots + same_file, len(pool))) if shots else []
         solved = [s for s in drawn if s.question != e.question][:shots]
         if len(solved) < shots:
             raise ValueError(f"--shots-from holds {len(pool)} questions, too few for "
@@ -988,7 +990,8 @@ def read_examples(job) -> list:
     examples = read_task(job.task, job.data, job.limit)
     if TASKS[job.task].max_shots != 0:                 # QA and MMLU: the prompts
         pool = read_task(job.task, job.shots_from) if job.shots else None
-        add_prompts(job.task, examples, pool, job.shots)
+        same = job.shots and os.path.realpath(job.shots_from) == os.path.realpath(job.data)
+        add_prompts(job.task, examples, pool, job.shots, same_file=bool(same))
     return examples
 
 

@@ -155,10 +155,25 @@ def test_qa_prompts_byte_for_byte():
         "Q: Who wrote the book the origin of species?\nA:")
     # The shots come from the pool, never the question itself: here only one shot can be drawn.
     examples = E.read_task("nq", fixture("nq.jsonl"))
-    E.add_prompts("nq", examples[2:], [examples[2], sinatra], 1)
+    E.add_prompts("nq", examples[2:], [examples[2], sinatra], 1, same_file=True)
     assert examples[2].contexts == [E.qa_prompt(darwin.question, [sinatra])]
     with pytest.raises(ValueError, match="holds 2 questions, too few for 2-shot"):
-        E.add_prompts("nq", examples[2:], [examples[2], sinatra], 2)
+        E.add_prompts("nq", examples[2:], [examples[2], sinatra], 2, same_file=True)
+
+
+def test_qa_shots_are_the_harness_draws_from_its_seeded_generator():
+    # lm-evaluation-harness: one random.Random(1234) for the whole task; per question it draws
+    # n shots from a separate split, n + 1 from the split scored (then leaves the question out).
+    pool = [E.Example([], [], answers=[f"answer {i}"], question=f"Train question {i}?")
+            for i in range(100)]
+    for same_file in (False, True):
+        questions = [E.Example([], [], answers=["x"], question=f"Dev question {i}?")
+                     for i in range(5)]
+        E.add_prompts("nq", questions, pool, 5, same_file=same_file)
+        rng = random.Random(1234)
+        for q in questions:
+            shots = [s for s in rng.sample(pool, 5 + same_file) if s.question != q.question][:5]
+            assert q.contexts == [E.qa_prompt(q.question, shots)]
 
 
 def test_mmlu_prompt_byte_for_byte_and_limit_per_subject():
