@@ -217,7 +217,8 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
             val_losses[step] = validation_loss(model, val.to(device), cfg, grid, amp)
             say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
             if world.is_main:
-                C.log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
+                loss = val_losses[step] if math.isfinite(val_losses[step]) else None   # no NaN
+                C.log_metrics(metrics, dict(step=step, val_loss=loss))              # in JSON
 
         def save(step: int):
             nonlocal last_saved
@@ -251,10 +252,6 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                     optimizer.step()
                 else:                                         # skip: weights stay as they were
                     say(f"\nstep {step}: non-finite loss {loss} or grad norm {grad_norm}; skipped")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step "
-                                         f"{step}: lower --lr, or resume from an earlier "
-                                         "checkpoint")
                 optimizer.zero_grad(set_to_none=True)
                 synchronize(device)
                 losses[step], tps = loss, global_batch * cfg.seq_len / (time.perf_counter() - t0)
@@ -265,8 +262,12 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                 if world.is_main:
                     C.log_metrics(metrics, dict(
                         step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                        grad_norm=grad_norm, tokens_per_s=tps, mfu=tps / peak_tps,
-                        skipped=not finite, tokens_by_source=sampler.tokens_by_source()))
+                        grad_norm=grad_norm if math.isfinite(grad_norm) else None, # JSON has no NaN
+                        tokens_per_s=tps, mfu=tps / peak_tps, skipped=not finite,
+                        tokens_by_source=sampler.tokens_by_source()))
+                if bad_in_a_row >= cfg.max_bad_steps:             # its row is written first
+                    raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
+                                     "lower --lr, or resume from an earlier checkpoint")
                 if step % cfg.log_every == 0 or step in (1, cfg.steps):
                     bar.show(step, f"step {step}/{cfg.steps} loss {loss:.4f} lr {lr:.2e} |g| "
                              f"{grad_norm:.3f} {tps:,.0f} tok/s MFU {100 * tps / peak_tps:.1f}%")
@@ -628,7 +629,7 @@ def restore_config(cfg: TrainConfig, given: dict, ckpt: str) -> TrainConfig:
     restored = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given,
                               "resume": cfg.resume, "out": cfg.out})
     try:
-        check_flags(restored)
+        check_flags(dataclasses.replace(restored, resume=False))    # its init_from is its own
     except ConfigError as e:
         raise ConfigError(f"{ckpt}/train_config.json: {e}; fix the value there, or copy the file "
                           "from another checkpoint of the run") from None

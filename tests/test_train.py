@@ -34,7 +34,11 @@ def base_argv(data_dir, out, *extra):
 
 
 def read_metrics(out):
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    """metrics.jsonl's rows, read as strict JSON: NaN and Infinity are no JSON."""
+    def no_constant(name):
+        raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+    return [json.loads(l, parse_constant=no_constant)
+            for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
 # --- the schedule ------------------------------------------------------------------------------
@@ -161,6 +165,23 @@ def test_resume_after_crash_equals_uninterrupted(demo_data, tmp_path, monkeypatc
         assert loss == pytest.approx(straight["losses"][step], rel=1e-6, abs=0)
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == list(range(1, 13))        # step 7 of the crashed run is logged once
+
+
+def test_a_run_started_from_other_weights_resumes_with_out_and_resume_alone(demo_data, tmp_path):
+    # The saved options hold --init-from: the run's own, not a flag given beside --resume.
+    T.main(base_argv(demo_data, tmp_path / "base", "--steps", "2", "--warmup", "1",
+                     "--save-every", "2"))
+    ckpt = str(tmp_path / "base" / "checkpoints" / "step-000002")
+    straight = T.main(base_argv(demo_data, tmp_path / "straight", "--steps", "4",
+                                "--init-from", ckpt))
+    out = tmp_path / "tuned"
+    T.main(base_argv(demo_data, out, "--steps", "4", "--save-every", "2", "--init-from", ckpt))
+    shutil.rmtree(out / "checkpoints" / "step-000004")             # as if it crashed at step 3
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    resumed = T.main(["--out", str(out), "--resume"])
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step, loss in resumed["losses"].items():
+        assert loss == pytest.approx(straight["losses"][step], rel=1e-6, abs=0)
 
 
 def test_a_run_resumes_exactly_on_its_data_moved_and_refuses_other_data(demo_data, tmp_path,
@@ -310,7 +331,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     assert e.value.code == 1 and asked == [1]
     assert capsys.readouterr().err == ("error: 3 non-finite steps in a row at step 3: lower --lr, "
                                        "or resume from an earlier checkpoint\n")
-    assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == [1, 2]
+    rows = [r for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]          # the step that stops it has its row
+    assert [(r["loss"], r["grad_norm"], r["skipped"]) for r in rows] == [(None, None, True)] * 3
 
 
 # --- refused before any work -------------------------------------------------------------------
