@@ -150,11 +150,10 @@ class MixtureSampler:
     share one token, so each token but a last partial window is predicted once per epoch); an
     epoch visits all of them in an order reshuffled from (seed, source, epoch). Which source
     serves the next window is not random: it is the one furthest below its target share,
-    weight * windows served so far. The realized shares then stay within about one window of the target (within one at
-    every step for Table 1's weights, tested; some mixes of many small weights lag by a little
-    more), and
-    the whole stream is a function of the counts of windows served per source -- which is all
-    `state_dict` needs to hold.
+    weight * windows served so far. The realized shares then stay within about one window of
+    the target (within one at every step for Table 1's weights, tested; some mixes of many small
+    weights lag by a little more), and the whole stream is a function of the counts of windows
+    served per source -- which is all `state_dict` needs to hold.
 
     Documents are packed: a window may end one document (</s>) and begin the next (<s>), so no
     token is padding. The global batch is the next B windows of that one stream; rank r takes rows
@@ -1211,9 +1210,9 @@ def _check_options(names: list, tokenizer: Optional[str], weights: Optional[dict
                    val_every: int, vocab_size: int = 260,
                    workers: Optional[int] = None) -> Optional[Tokenizer]:
     """Refuse, before any work starts, a mixture that names unknown sources, a val_every that
-    would hold nothing out, a vocabulary too small to train or a worker count below 0 (0: every core); return
-    the given tokenizer, loaded (so checked), or None. The command line checks the numbers as
-    flags; this is for the calls from Python."""
+    would hold nothing out, a vocabulary too small to train or a worker count below 0 (0: every
+    core); return the given tokenizer, loaded (so checked), or None. The command line checks the
+    numbers as flags; this is for the calls from Python."""
     unknown = sorted(set(weights or {}) - set(names))
     check([(workers is None or workers >= 0,                   # None or 0: every core
             f"workers={workers} must be at least 1 (or 0: every core)"),

@@ -675,7 +675,8 @@ def main(argv=None):
             runs = check_published()
             lines = [name + ": " + "; ".join(
                 f"{k} {f['predicted']:.1f}, published {f['published']} "
-                f"({100 * (f['predicted'] / f['published'] - 1):+.0f}%)" for k, f in figures.items())
+                f"({100 * (f['predicted'] / f['published'] - 1):+.0f}%)"
+                for k, f in figures.items())
                 for name, figures in runs.items()]
             print(json.dumps(runs, indent=2) if a.json else "\n".join(lines))
             return runs
