@@ -53,6 +53,7 @@ import errno
 import fcntl
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -508,6 +509,10 @@ def saved_dataset(folder: str) -> Optional[dict]:
 
 
 def log_metrics(path: str, record: dict):
+    """One line of metrics.jsonl: a value that is not finite (a skipped step's loss) is written
+    as null, since NaN and Infinity are no JSON."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
     with open(path, "a") as fh:                      # closed (and flushed) at once: a full disk
         fh.write(json.dumps(record) + "\n")          # raises here, not at exit
 

@@ -990,8 +990,8 @@ def read_examples(job) -> list:
     examples = read_task(job.task, job.data, job.limit)
     if TASKS[job.task].max_shots != 0:                 # QA and MMLU: the prompts
         pool = read_task(job.task, job.shots_from) if job.shots else None
-        same = job.shots and os.path.realpath(job.shots_from) == os.path.realpath(job.data)
-        add_prompts(job.task, examples, pool, job.shots, same_file=bool(same))
+        same = bool(job.shots) and os.path.realpath(job.shots_from) == os.path.realpath(job.data)
+        add_prompts(job.task, examples, pool, job.shots, same_file=same)
     return examples
 
 

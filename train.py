@@ -217,8 +217,7 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
             val_losses[step] = validation_loss(model, val.to(device), cfg, grid, amp)
             say(f"\nstep {step}: validation loss {val_losses[step]:.4f}")
             if world.is_main:
-                loss = val_losses[step] if math.isfinite(val_losses[step]) else None   # no NaN
-                C.log_metrics(metrics, dict(step=step, val_loss=loss))              # in JSON
+                C.log_metrics(metrics, dict(step=step, val_loss=val_losses[step]))
 
         def save(step: int):
             nonlocal last_saved
@@ -261,9 +260,8 @@ def train(cfg: TrainConfig, world, given: Optional[dict] = None) -> dict:
                     say(f"\npeak timed again, as step {step} ran faster: {formula}")
                 if world.is_main:
                     C.log_metrics(metrics, dict(
-                        step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                        grad_norm=grad_norm if math.isfinite(grad_norm) else None, # JSON has no NaN
-                        tokens_per_s=tps, mfu=tps / peak_tps, skipped=not finite,
+                        step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
+                        mfu=tps / peak_tps, skipped=not finite,   # NaN: null (C.log_metrics)
                         tokens_by_source=sampler.tokens_by_source()))
                 if bad_in_a_row >= cfg.max_bad_steps:             # its row is written first
                     raise RunStopped(f"{bad_in_a_row} non-finite steps in a row at step {step}: "
